@@ -1,0 +1,167 @@
+//! The one error type of `keel-queue`.
+
+use std::time::Duration;
+
+/// A boxed error from a backend library, kept as the [`std::error::Error::source`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What went wrong in a queue operation.
+///
+/// Every variant says whether trying again can help: see [`Error::is_retryable`].
+/// Backend errors are classified into these variants in exactly one place per
+/// backend; no backend library type appears here.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The backend could not be reached or dropped the connection.
+    ///
+    /// The operation may or may not have taken effect; the queue is
+    /// at-least-once, so retrying an `enqueue` can create a duplicate unless
+    /// the job carries an idempotency key.
+    #[error("queue backend unavailable: {message}")]
+    Unavailable {
+        /// What was being attempted, and what failed.
+        message: String,
+        /// The underlying cause.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The backend did not answer within the configured operation timeout.
+    #[error("queue operation timed out after {0:?}; the backend is slow or unreachable")]
+    Timeout(Duration),
+    /// The queue holds its configured maximum of jobs; the job was not enqueued.
+    ///
+    /// This is backpressure: slow the producer down and try again later.
+    #[error("queue is full ({capacity} jobs); retry later or raise `capacity`")]
+    Full {
+        /// The configured capacity.
+        capacity: u64,
+    },
+    /// The receipt no longer names a job leased to the caller: the lease
+    /// expired (the job went back to the queue or to the dead letters), or the
+    /// job was already acked or nacked.
+    #[error("receipt is not valid: {0}")]
+    InvalidReceipt(String),
+    /// The backend does not support this operation or option; see
+    /// [`Capabilities`](crate::Capabilities).
+    #[error("unsupported by the {backend} backend: {what}")]
+    Unsupported {
+        /// The backend's name.
+        backend: &'static str,
+        /// The operation or option.
+        what: String,
+    },
+    /// A payload or stored record could not be encoded or decoded.
+    #[error("codec error: {message}")]
+    Codec {
+        /// What could not be decoded, and why.
+        message: String,
+        /// The underlying cause.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// An argument is out of range (for example a priority above the
+    /// configured levels).
+    #[error("invalid argument `{name}`: {reason}")]
+    InvalidArgument {
+        /// The argument's name.
+        name: &'static str,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A configuration field is invalid; the component was not built.
+    #[error("invalid queue config `{field}`: {reason}")]
+    InvalidConfig {
+        /// The field's name.
+        field: &'static str,
+        /// Why it was refused and what is accepted.
+        reason: String,
+    },
+    /// The backend answered with an error we did not expect.
+    #[error("queue backend error: {message}")]
+    Backend {
+        /// What was being attempted.
+        message: String,
+        /// The underlying cause.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// The operation was already retried by an inner layer; outer layers
+    /// must not retry it again.
+    #[error("gave up after {attempts} attempts")]
+    RetriesExhausted {
+        /// How many attempts were made.
+        attempts: u32,
+        /// The last error.
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+impl Error {
+    /// Whether trying the same operation again may succeed.
+    ///
+    /// An exhaustive match with no `_` arm: a new variant forces a decision.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Unavailable { .. } => true,
+            Error::Timeout(_) => true,
+            Error::Full { .. } => true,
+            Error::InvalidReceipt(_) => false,
+            Error::Unsupported { .. } => false,
+            Error::Codec { .. } => false,
+            Error::InvalidArgument { .. } => false,
+            Error::InvalidConfig { .. } => false,
+            Error::Backend { .. } => false,
+            Error::RetriesExhausted { .. } => false,
+        }
+    }
+
+    #[allow(dead_code)] // used by the network backends
+    pub(crate) fn unavailable(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Unavailable {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    #[allow(dead_code)] // used by the network backends
+    pub(crate) fn codec(message: impl Into<String>) -> Self {
+        Error::Codec {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidConfig {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// `Result` with the queue's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_is_retryable_and_config_is_not() {
+        assert!(Error::Full { capacity: 3 }.is_retryable());
+        assert!(!Error::config("capacity", "must be > 0").is_retryable());
+        let wrapped = Error::RetriesExhausted {
+            attempts: 3,
+            source: Box::new(Error::Timeout(Duration::from_secs(1))),
+        };
+        assert!(!wrapped.is_retryable());
+    }
+
+    #[test]
+    fn config_error_names_the_field() {
+        let msg = Error::config("priority_levels", "must be between 1 and 16").to_string();
+        assert!(msg.contains("priority_levels"), "{msg}");
+    }
+}

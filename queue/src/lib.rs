@@ -1,0 +1,23 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod config;
+mod error;
+mod ext;
+mod memory;
+pub mod metrics;
+mod queue;
+mod types;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use config::{MAX_PRIORITY_LEVELS, QueueConfig};
+pub use error::{BoxError, Error, Result};
+pub use ext::{CONTENT_TYPE, JSON, QueueExt, TypedDelivery, deliveries_of};
+pub use memory::MemoryQueue;
+pub use queue::Queue;
+pub use types::{
+    Capabilities, DeadLetter, Delivery, DequeueOptions, Enqueued, Headers, Job, JobId, Nack,
+    Priority, QueueStats, Receipt,
+};

@@ -1,0 +1,634 @@
+//! The in-memory backend: the embedded default, always built.
+//!
+//! # What `Ok` from `enqueue` promises
+//!
+//! The job is in this process's memory. It survives consumer crashes (leases
+//! expire and the job comes back) but **not** a restart of the process:
+//! use the Redis or RabbitMQ backend when jobs must outlive the process.
+//!
+//! # Leases
+//!
+//! Leases run on `tokio::time`, so tests can pause and advance time. An
+//! expired lease puts the job back at the tail of its priority level with
+//! `attempt + 1`, or dead-letters it when that was its last attempt.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::config::QueueConfig;
+use crate::error::{Error, Result};
+use crate::metrics::QueueMetrics;
+use crate::queue::Queue;
+use crate::types::{
+    Capabilities, DeadLetter, Delivery, DequeueOptions, Enqueued, Headers, Job, JobId, Nack,
+    Priority, QueueStats, Receipt,
+};
+
+const BACKEND: &str = "memory";
+
+/// A queue in this process's memory: the embedded default.
+///
+/// # What `Ok` from `enqueue` promises
+///
+/// The job is in this process's memory. It survives consumer crashes (leases
+/// expire and the job comes back) but **not** a restart of the process: use
+/// the Redis or RabbitMQ backend when jobs must outlive the process.
+///
+/// # Leases
+///
+/// Leases run on `tokio::time`, so tests can pause and advance time. An
+/// expired lease puts the job back at the tail of its priority level with
+/// `attempt + 1`, or dead-letters it when that was its last attempt.
+///
+/// Cloning is cheap and every clone is the same queue.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> keel_queue::Result<()> {
+/// use keel_queue::{DequeueOptions, Job, MemoryQueue, Queue, QueueConfig};
+///
+/// let queue = MemoryQueue::new(QueueConfig::new("jobs").capacity(1_000))?;
+/// queue.enqueue(Job::new("hello")).await?;
+/// let deliveries = queue.dequeue(DequeueOptions::new(10)).await?;
+/// assert_eq!(&deliveries[0].payload[..], b"hello");
+/// queue.ack(&deliveries[0].receipt).await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct MemoryQueue {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: QueueConfig,
+    /// Random per queue instance, so ids never repeat across queues.
+    id_prefix: String,
+    metrics: QueueMetrics,
+    state: Mutex<State>,
+    /// Woken whenever work may have become available sooner.
+    changed: Notify,
+}
+
+#[derive(Debug)]
+struct Record {
+    id: JobId,
+    payload: Bytes,
+    headers: Headers,
+    priority: Priority,
+    /// Deliveries made so far.
+    attempts: u32,
+    enqueued_at: SystemTime,
+    deadline: Option<SystemTime>,
+    /// When it last became ready (for the oldest-ready age).
+    ready_since: Instant,
+    place: Place,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Ready,
+    Delayed,
+    Leased { token: u64, expires: Instant },
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_seq: u64,
+    next_token: u64,
+    jobs: HashMap<u64, Record>,
+    /// One FIFO per priority level, index = level.
+    ready: Vec<VecDeque<u64>>,
+    delayed: BinaryHeap<Reverse<(Instant, u64)>>,
+    delayed_count: u64,
+    /// Lease expiries; stale entries (acked, extended) are skipped lazily.
+    leases: BinaryHeap<Reverse<(Instant, u64, u64)>>,
+    leased_count: u64,
+    dead: VecDeque<DeadLetter>,
+    dedup: HashMap<String, (JobId, Instant)>,
+    dedup_expiry: BinaryHeap<Reverse<(Instant, String)>>,
+}
+
+impl MemoryQueue {
+    /// Builds a queue from `config`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the bad field.
+    pub fn new(config: QueueConfig) -> Result<Self> {
+        config.validate()?;
+        let levels = usize::from(config.priority_levels);
+        let state = State {
+            ready: (0..levels).map(|_| VecDeque::new()).collect(),
+            ..State::default()
+        };
+        Ok(MemoryQueue {
+            shared: Arc::new(Shared {
+                metrics: QueueMetrics::new(BACKEND, &config.name),
+                id_prefix: JobId::random().as_str()[..12].to_owned(),
+                config,
+                state: Mutex::new(state),
+                changed: Notify::new(),
+            }),
+        })
+    }
+
+    /// The configuration the queue was built with.
+    pub fn config(&self) -> &QueueConfig {
+        &self.shared.config
+    }
+
+    fn insert(&self, state: &mut State, job: Job, now: Instant) -> Result<Enqueued> {
+        let config = &self.shared.config;
+        config.check_priority(job.priority)?;
+        if let Some(key) = &job.idempotency_key {
+            state.expire_dedup(now);
+            if let Some((id, _)) = state.dedup.get(key) {
+                self.shared.metrics.duplicates.increment(1);
+                return Ok(Enqueued {
+                    id: id.clone(),
+                    duplicate: true,
+                });
+            }
+        }
+        if let Some(capacity) = config.capacity
+            && state.jobs.len() as u64 >= capacity
+        {
+            self.shared.metrics.full.increment(1);
+            return Err(Error::Full { capacity });
+        }
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        let id = {
+            use std::fmt::Write;
+            let mut text = String::with_capacity(self.shared.id_prefix.len() + 21);
+            text.push_str(&self.shared.id_prefix);
+            let _ = write!(text, "-{seq}");
+            JobId::from_string(text)
+        };
+        if let Some(key) = job.idempotency_key {
+            let expires = now + config.dedup_window;
+            state.dedup.insert(key.clone(), (id.clone(), expires));
+            state.dedup_expiry.push(Reverse((expires, key)));
+        }
+        let delay = job.delay.filter(|d| !d.is_zero());
+        let record = Record {
+            id: id.clone(),
+            payload: job.payload,
+            headers: job.headers,
+            priority: job.priority,
+            attempts: 0,
+            enqueued_at: SystemTime::now(),
+            deadline: job.deadline,
+            ready_since: now,
+            place: if delay.is_some() {
+                Place::Delayed
+            } else {
+                Place::Ready
+            },
+        };
+        match delay {
+            Some(delay) => {
+                state.delayed.push(Reverse((now + delay, seq)));
+                state.delayed_count += 1;
+            }
+            None => state.ready[usize::from(job.priority.0)].push_back(seq),
+        }
+        state.jobs.insert(seq, record);
+        self.shared.metrics.enqueued.increment(1);
+        Ok(Enqueued {
+            id,
+            duplicate: false,
+        })
+    }
+
+    /// Finds the leased record a receipt names, or says why it is invalid.
+    fn leased<'s>(
+        state: &'s mut State,
+        receipt: &Receipt,
+        now: Instant,
+    ) -> Result<(u64, &'s mut Record)> {
+        let (seq, token) = parse_receipt(receipt)?;
+        let record = state.jobs.get_mut(&seq).ok_or_else(|| {
+            Error::InvalidReceipt("the job was already acked, nacked or dead-lettered".into())
+        })?;
+        match record.place {
+            Place::Leased { token: t, expires } if t == token && expires > now => Ok((seq, record)),
+            Place::Leased { token: t, .. } if t == token => Err(Error::InvalidReceipt(
+                "the lease expired; the job is being redelivered".into(),
+            )),
+            _ => Err(Error::InvalidReceipt(
+                "the lease expired and the job was redelivered or settled".into(),
+            )),
+        }
+    }
+}
+
+fn receipt_for(seq: u64, token: u64) -> Receipt {
+    use std::fmt::Write;
+    let mut text = String::with_capacity(44);
+    let _ = write!(text, "m:{seq}:{token}");
+    Receipt::from_string(text)
+}
+
+fn parse_receipt(receipt: &Receipt) -> Result<(u64, u64)> {
+    let bad = || {
+        Error::InvalidReceipt(format!(
+            "`{}` is not a memory-queue receipt",
+            receipt.as_str()
+        ))
+    };
+    let rest = receipt.as_str().strip_prefix("m:").ok_or_else(bad)?;
+    let (seq, token) = rest.split_once(':').ok_or_else(bad)?;
+    Ok((
+        seq.parse().map_err(|_| bad())?,
+        token.parse().map_err(|_| bad())?,
+    ))
+}
+
+impl State {
+    fn expire_dedup(&mut self, now: Instant) {
+        while let Some(Reverse((expires, _))) = self.dedup_expiry.peek() {
+            if *expires > now {
+                break;
+            }
+            let Some(Reverse((expires, key))) = self.dedup_expiry.pop() else {
+                break;
+            };
+            if self.dedup.get(&key).is_some_and(|(_, e)| *e == expires) {
+                self.dedup.remove(&key);
+            }
+        }
+    }
+
+    fn make_ready(&mut self, seq: u64, now: Instant) {
+        if let Some(record) = self.jobs.get_mut(&seq) {
+            record.place = Place::Ready;
+            record.ready_since = now;
+            self.ready[usize::from(record.priority.0)].push_back(seq);
+        }
+    }
+
+    fn make_delayed(&mut self, seq: u64, due: Instant) {
+        if let Some(record) = self.jobs.get_mut(&seq) {
+            record.place = Place::Delayed;
+            self.delayed.push(Reverse((due, seq)));
+            self.delayed_count += 1;
+        }
+    }
+
+    fn kill(&mut self, seq: u64, reason: String, metrics: &QueueMetrics) {
+        if let Some(record) = self.jobs.remove(&seq) {
+            tracing::debug!(job = %record.id, %reason, "job dead-lettered");
+            metrics.dead_lettered.increment(1);
+            self.dead.push_back(DeadLetter {
+                id: record.id,
+                payload: record.payload,
+                headers: record.headers,
+                reason,
+                attempts: record.attempts,
+                priority: record.priority,
+                enqueued_at: record.enqueued_at,
+                failed_at: SystemTime::now(),
+            });
+        }
+    }
+
+    /// Promotes due delayed jobs and takes back expired leases.
+    fn maintain(&mut self, now: Instant, config: &QueueConfig, metrics: &QueueMetrics) {
+        while let Some(Reverse((due, seq))) = self.delayed.peek().copied() {
+            if due > now {
+                break;
+            }
+            self.delayed.pop();
+            self.delayed_count -= 1;
+            self.make_ready(seq, now);
+        }
+        while let Some(Reverse((expires, seq, token))) = self.leases.peek().copied() {
+            if expires > now {
+                break;
+            }
+            self.leases.pop();
+            let Some(record) = self.jobs.get(&seq) else {
+                continue;
+            };
+            if record.place != (Place::Leased { token, expires }) {
+                continue;
+            }
+            self.leased_count -= 1;
+            metrics.lease_expired.increment(1);
+            tracing::debug!(job = %record.id, attempt = record.attempts, "lease expired");
+            if record.attempts >= config.max_attempts {
+                let reason = config.exhausted_reason(&format!(
+                    "lease expired on attempt {} (consumer crashed or too slow)",
+                    record.attempts
+                ));
+                self.kill(seq, reason, metrics);
+            } else {
+                self.make_ready(seq, now);
+            }
+        }
+    }
+
+    /// When the next delayed job or lease becomes due.
+    fn next_event(&self) -> Option<Instant> {
+        let delayed = self.delayed.peek().map(|Reverse((due, _))| *due);
+        let lease = self.leases.peek().map(|Reverse((expires, _, _))| *expires);
+        match (delayed, lease) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn take_ready(
+        &mut self,
+        options: &DequeueOptions,
+        now: Instant,
+        metrics: &QueueMetrics,
+    ) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        let wall = SystemTime::now();
+        for level in (0..self.ready.len()).rev() {
+            while out.len() < options.max {
+                let Some(seq) = self.ready[level].pop_front() else {
+                    break;
+                };
+                let Some(record) = self.jobs.get(&seq) else {
+                    continue;
+                };
+                if record.deadline.is_some_and(|d| d <= wall) {
+                    self.kill(seq, "deadline exceeded before delivery".into(), metrics);
+                    continue;
+                }
+                let token = self.next_token;
+                self.next_token += 1;
+                let expires = now + options.lease;
+                let record = self.jobs.get_mut(&seq).expect("checked above");
+                record.attempts += 1;
+                record.place = Place::Leased { token, expires };
+                self.leases.push(Reverse((expires, seq, token)));
+                self.leased_count += 1;
+                out.push(Delivery {
+                    id: record.id.clone(),
+                    payload: record.payload.clone(),
+                    headers: record.headers.clone(),
+                    receipt: receipt_for(seq, token),
+                    attempt: record.attempts,
+                    enqueued_at: record.enqueued_at,
+                    priority: record.priority,
+                    deadline: record.deadline,
+                });
+            }
+        }
+        metrics.delivered.increment(out.len() as u64);
+        out
+    }
+}
+
+#[async_trait]
+impl Queue for MemoryQueue {
+    async fn enqueue(&self, job: Job) -> Result<Enqueued> {
+        let now = Instant::now();
+        let enqueued = self.insert(&mut self.shared.state.lock(), job, now)?;
+        if !enqueued.duplicate {
+            self.shared.changed.notify_waiters();
+        }
+        Ok(enqueued)
+    }
+
+    async fn enqueue_batch(&self, jobs: Vec<Job>) -> Result<Vec<Enqueued>> {
+        let now = Instant::now();
+        let mut out = Vec::with_capacity(jobs.len());
+        let result = {
+            let mut state = self.shared.state.lock();
+            jobs.into_iter()
+                .try_for_each(|job| self.insert(&mut state, job, now).map(|e| out.push(e)))
+        };
+        if !out.is_empty() {
+            self.shared.changed.notify_waiters();
+        }
+        result.map(|()| out)
+    }
+
+    async fn dequeue(&self, options: DequeueOptions) -> Result<Vec<Delivery>> {
+        if options.max == 0 {
+            return Err(Error::InvalidArgument {
+                name: "max",
+                reason: "must be at least 1".into(),
+            });
+        }
+        let shared = &self.shared;
+        let give_up = Instant::now() + options.wait;
+        loop {
+            // Register for wake-ups before looking, so a job enqueued between
+            // the look and the wait is not missed.
+            let changed = shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let now = Instant::now();
+            let (deliveries, next_event) = {
+                let mut state = shared.state.lock();
+                state.maintain(now, &shared.config, &shared.metrics);
+                let deliveries = state.take_ready(&options, now, &shared.metrics);
+                (deliveries, state.next_event())
+            };
+            if !deliveries.is_empty() || now >= give_up {
+                return Ok(deliveries);
+            }
+            let wake = next_event.map_or(give_up, |e| e.min(give_up));
+            tokio::select! {
+                () = &mut changed => {}
+                () = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    async fn ack(&self, receipt: &Receipt) -> Result<()> {
+        let now = Instant::now();
+        let mut state = self.shared.state.lock();
+        let (seq, _) = Self::leased(&mut state, receipt, now)?;
+        state.jobs.remove(&seq);
+        state.leased_count -= 1;
+        self.shared.metrics.acked.increment(1);
+        Ok(())
+    }
+
+    async fn ack_batch(&self, receipts: &[Receipt]) -> Result<()> {
+        let now = Instant::now();
+        let mut invalid = 0usize;
+        let mut first = None;
+        {
+            let mut state = self.shared.state.lock();
+            for receipt in receipts {
+                match Self::leased(&mut state, receipt, now) {
+                    Ok((seq, _)) => {
+                        state.jobs.remove(&seq);
+                        state.leased_count -= 1;
+                    }
+                    Err(Error::InvalidReceipt(why)) => {
+                        invalid += 1;
+                        first.get_or_insert(why);
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+        }
+        self.shared
+            .metrics
+            .acked
+            .increment((receipts.len() - invalid) as u64);
+        match first {
+            None => Ok(()),
+            Some(why) => Err(Error::InvalidReceipt(format!(
+                "{invalid} of {} receipts were not valid (the rest were acked); first: {why}",
+                receipts.len()
+            ))),
+        }
+    }
+
+    async fn nack(&self, receipt: &Receipt, action: Nack) -> Result<()> {
+        let now = Instant::now();
+        let config = &self.shared.config;
+        {
+            let mut state = self.shared.state.lock();
+            let (seq, record) = Self::leased(&mut state, receipt, now)?;
+            let attempts = record.attempts;
+            state.leased_count -= 1;
+            match action {
+                Nack::DeadLetter { reason } => {
+                    state.kill(seq, reason, &self.shared.metrics);
+                }
+                Nack::Retry { reason, .. } if attempts >= config.max_attempts => {
+                    state.kill(seq, config.exhausted_reason(&reason), &self.shared.metrics);
+                }
+                Nack::Retry { after, .. } => {
+                    self.shared.metrics.retried.increment(1);
+                    let delay = after.unwrap_or_else(|| config.backoff_for(attempts));
+                    if delay.is_zero() {
+                        state.make_ready(seq, now);
+                    } else {
+                        state.make_delayed(seq, now + delay);
+                    }
+                }
+            }
+        }
+        self.shared.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<()> {
+        let now = Instant::now();
+        let mut state = self.shared.state.lock();
+        let (seq, record) = Self::leased(&mut state, receipt, now)?;
+        let Place::Leased { token, .. } = record.place else {
+            unreachable!("leased() only answers leased records");
+        };
+        let expires = now + lease;
+        record.place = Place::Leased { token, expires };
+        state.leases.push(Reverse((expires, seq, token)));
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<QueueStats> {
+        let now = Instant::now();
+        let stats = {
+            let mut state = self.shared.state.lock();
+            state.maintain(now, &self.shared.config, &self.shared.metrics);
+            let ready: usize = state.ready.iter().map(VecDeque::len).sum();
+            let oldest = state
+                .ready
+                .iter()
+                .filter_map(|level| level.front())
+                .filter_map(|seq| state.jobs.get(seq))
+                .map(|record| record.ready_since)
+                .min();
+            QueueStats {
+                ready: ready as u64,
+                delayed: state.delayed_count,
+                in_flight: state.leased_count,
+                dead: state.dead.len() as u64,
+                oldest_ready_age: oldest.map(|since| now.saturating_duration_since(since)),
+            }
+        };
+        self.shared.metrics.record_stats(&stats);
+        Ok(stats)
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
+        let state = self.shared.state.lock();
+        Ok(state.dead.iter().take(limit).cloned().collect())
+    }
+
+    async fn replay_dead_letters(&self, ids: &[JobId]) -> Result<u64> {
+        let now = Instant::now();
+        let mut replayed = 0;
+        {
+            let mut state = self.shared.state.lock();
+            let (back, keep): (Vec<DeadLetter>, Vec<DeadLetter>) = state
+                .dead
+                .drain(..)
+                .partition(|dead| ids.contains(&dead.id));
+            state.dead = keep.into();
+            for dead in back {
+                let seq = state.next_seq;
+                state.next_seq += 1;
+                let priority =
+                    Priority(dead.priority.0.min(self.shared.config.priority_levels - 1));
+                state.jobs.insert(
+                    seq,
+                    Record {
+                        id: dead.id,
+                        payload: dead.payload,
+                        headers: dead.headers,
+                        priority,
+                        attempts: 0,
+                        enqueued_at: dead.enqueued_at,
+                        deadline: None,
+                        ready_since: now,
+                        place: Place::Ready,
+                    },
+                );
+                state.ready[usize::from(priority.0)].push_back(seq);
+                replayed += 1;
+            }
+        }
+        if replayed > 0 {
+            self.shared.changed.notify_waiters();
+        }
+        Ok(replayed)
+    }
+
+    async fn purge_dead_letters(&self) -> Result<u64> {
+        let mut state = self.shared.state.lock();
+        let purged = state.dead.len() as u64;
+        state.dead.clear();
+        Ok(purged)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            backend: BACKEND,
+            delay: true,
+            priority_levels: self.shared.config.priority_levels,
+            idempotency: true,
+            lease_expiry: true,
+            capacity: true,
+            exact_stats: true,
+            dead_letter_admin: true,
+            durable: false,
+        }
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+}

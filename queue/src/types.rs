@@ -1,0 +1,351 @@
+//! The values that cross the [`Queue`](crate::Queue) trait: jobs, deliveries,
+//! receipts, options and statistics.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+/// String headers carried with a job (content type, trace context, tenant…).
+pub type Headers = BTreeMap<String, String>;
+
+/// The identity of one job, stable across retries, lease expiries and replays.
+///
+/// Opaque: compare and print it, but do not parse it.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct JobId(String);
+
+impl JobId {
+    /// Wraps a backend-chosen identifier. For backend implementors.
+    pub fn from_string(id: impl Into<String>) -> Self {
+        JobId(id.into())
+    }
+
+    /// A new random identifier (UUID v4, simple form).
+    pub fn random() -> Self {
+        JobId(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    /// The identifier as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JobId({})", self.0)
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Proof of one lease on one delivery; pass it back to `ack`, `nack` or
+/// `extend_lease`.
+///
+/// A receipt is valid from `dequeue` until the lease expires or the job is
+/// acked or nacked. Opaque: each backend encodes what it needs.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Receipt(String);
+
+impl Receipt {
+    /// Wraps a backend-encoded receipt. For backend implementors.
+    pub fn from_string(receipt: impl Into<String>) -> Self {
+        Receipt(receipt.into())
+    }
+
+    /// The encoded receipt.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Receipt({})", self.0)
+    }
+}
+
+/// A job's priority level: higher is served first.
+///
+/// A queue has `priority_levels` levels (see
+/// [`QueueConfig::priority_levels`](crate::QueueConfig::priority_levels)),
+/// numbered `0..levels`; the default of three gives [`Priority::LOW`],
+/// [`Priority::NORMAL`] and [`Priority::HIGH`]. Within one level jobs are
+/// served first in, first out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Priority(pub u8);
+
+impl Priority {
+    /// Level 0, served last.
+    pub const LOW: Priority = Priority(0);
+    /// Level 1, the default.
+    pub const NORMAL: Priority = Priority(1);
+    /// Level 2, served first on a queue with the default three levels.
+    pub const HIGH: Priority = Priority(2);
+}
+
+impl Default for Priority {
+    fn default() -> Self {
+        Priority::NORMAL
+    }
+}
+
+/// A job to enqueue: a payload, headers and delivery options.
+///
+/// ```
+/// use std::time::Duration;
+/// use keel_queue::{Job, Priority};
+///
+/// let job = Job::new("embed this")
+///     .header("tenant", "acme")
+///     .priority(Priority::HIGH)
+///     .delay(Duration::from_secs(5))
+///     .idempotency_key("req-42");
+/// assert_eq!(job.headers["tenant"], "acme");
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Job {
+    /// The opaque payload.
+    pub payload: Bytes,
+    /// String headers delivered with the payload.
+    pub headers: Headers,
+    /// Deliver no earlier than this long after `enqueue` returns.
+    pub delay: Option<Duration>,
+    /// The priority level.
+    pub priority: Priority,
+    /// A key that makes a second enqueue inside the queue's dedup window a
+    /// no-op (it answers the first job's id with `duplicate: true`).
+    pub idempotency_key: Option<String>,
+    /// Past this instant the job is not delivered; it goes to the dead
+    /// letters with the reason `deadline exceeded`.
+    pub deadline: Option<SystemTime>,
+}
+
+impl Job {
+    /// A job with this payload and default options.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Job {
+            payload: payload.into(),
+            ..Job::default()
+        }
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Delays the first delivery.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+
+    /// Sets the priority level.
+    pub fn priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Sets the idempotency key.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Sets the deadline after which the job must not run.
+    pub fn deadline(mut self, deadline: SystemTime) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+}
+
+/// The answer to an enqueue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The job's id (the earlier job's id for a duplicate).
+    pub id: JobId,
+    /// `true` when the idempotency key was seen inside the dedup window and
+    /// nothing new was enqueued.
+    pub duplicate: bool,
+}
+
+/// A leased job handed to a consumer.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    /// The job's id.
+    pub id: JobId,
+    /// The payload, as enqueued.
+    pub payload: Bytes,
+    /// The headers, as enqueued.
+    pub headers: Headers,
+    /// The lease; pass it to `ack`, `nack` or `extend_lease`.
+    pub receipt: Receipt,
+    /// Which delivery this is: 1 the first time, +1 after every nack-retry
+    /// or lease expiry.
+    pub attempt: u32,
+    /// When the job was first enqueued (wall clock).
+    pub enqueued_at: SystemTime,
+    /// The job's priority level.
+    pub priority: Priority,
+    /// The job's deadline, if any.
+    pub deadline: Option<SystemTime>,
+}
+
+/// How to receive: how many, how long to wait, how long to lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DequeueOptions {
+    /// At most this many deliveries (at least 1).
+    pub max: usize,
+    /// Wait at most this long for the first job (a long poll); zero returns
+    /// at once.
+    pub wait: Duration,
+    /// Lease every delivery for this long; unacked jobs come back after it.
+    pub lease: Duration,
+}
+
+impl DequeueOptions {
+    /// Up to `max` jobs, waiting up to one second, leased for 30 seconds.
+    pub fn new(max: usize) -> Self {
+        DequeueOptions {
+            max,
+            ..DequeueOptions::default()
+        }
+    }
+
+    /// Sets how long to wait for the first job.
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// Sets the lease.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+}
+
+impl Default for DequeueOptions {
+    fn default() -> Self {
+        DequeueOptions {
+            max: 1,
+            wait: Duration::from_secs(1),
+            lease: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What to do with a job that was not processed successfully.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Nack {
+    /// Deliver it again. `after: None` uses the queue's exponential backoff
+    /// with jitter. Past the queue's `max_attempts` the job is dead-lettered
+    /// instead.
+    Retry {
+        /// Redeliver after this long instead of the queue's backoff.
+        after: Option<Duration>,
+        /// Why it failed, kept if the job ends up dead-lettered.
+        reason: String,
+    },
+    /// Give up on it now: move it to the dead letters with this reason.
+    DeadLetter {
+        /// Why it was abandoned.
+        reason: String,
+    },
+}
+
+impl Nack {
+    /// Retry with the queue's backoff.
+    pub fn retry(reason: impl Into<String>) -> Self {
+        Nack::Retry {
+            after: None,
+            reason: reason.into(),
+        }
+    }
+
+    /// Retry after a fixed delay.
+    pub fn retry_after(after: Duration, reason: impl Into<String>) -> Self {
+        Nack::Retry {
+            after: Some(after),
+            reason: reason.into(),
+        }
+    }
+
+    /// Dead-letter at once.
+    pub fn dead_letter(reason: impl Into<String>) -> Self {
+        Nack::DeadLetter {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A job in the dead-letter store.
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    /// The job's id.
+    pub id: JobId,
+    /// The payload, as enqueued.
+    pub payload: Bytes,
+    /// The headers, as enqueued.
+    pub headers: Headers,
+    /// Why the job was dead-lettered.
+    pub reason: String,
+    /// How many deliveries were made.
+    pub attempts: u32,
+    /// The job's priority level.
+    pub priority: Priority,
+    /// When the job was first enqueued.
+    pub enqueued_at: SystemTime,
+    /// When it was dead-lettered.
+    pub failed_at: SystemTime,
+}
+
+/// A snapshot of a queue's size.
+///
+/// Backends say in [`Capabilities::exact_stats`] whether the counts are exact.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Jobs ready for delivery now.
+    pub ready: u64,
+    /// Jobs waiting for their delay or retry backoff.
+    pub delayed: u64,
+    /// Jobs leased to consumers.
+    pub in_flight: u64,
+    /// Jobs in the dead-letter store.
+    pub dead: u64,
+    /// How long the oldest ready job has waited since it was enqueued.
+    pub oldest_ready_age: Option<Duration>,
+}
+
+/// What a backend supports; the conformance suite gates its cases on these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// The backend's name (`memory`, `redis`, `amqp`).
+    pub backend: &'static str,
+    /// Delayed delivery and retry-after delays.
+    pub delay: bool,
+    /// Number of priority levels.
+    pub priority_levels: u8,
+    /// Idempotency keys with a dedup window.
+    pub idempotency: bool,
+    /// Leases expire on their own (consumer crash, network cut) and
+    /// `extend_lease` works.
+    pub lease_expiry: bool,
+    /// Bounded capacity answering `Full`.
+    pub capacity: bool,
+    /// `stats` counts are exact rather than estimates.
+    pub exact_stats: bool,
+    /// The dead-letter store can be listed, replayed and purged.
+    pub dead_letter_admin: bool,
+    /// Jobs survive a process restart.
+    pub durable: bool,
+}

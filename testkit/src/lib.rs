@@ -1,0 +1,68 @@
+//! Test support for Keel: a fault-injecting TCP proxy, a disposable
+//! `redis-server`, per-test namespaces and checks for the shared servers.
+//!
+//! Keel's tests run against real Redis and RabbitMQ and break the network on
+//! purpose. This crate holds the pieces every crate's tests share:
+//!
+//! - [`require_redis`] / [`require_amqp`]: call first in a test that needs a
+//!   server. They return its URL (from `REDIS_URL` / `AMQP_URL`, or the local
+//!   defaults) and panic with the command that starts it when it is missing,
+//!   so a test never passes because its server was not there.
+//! - [`Namespace`]: a unique prefix per test for keys, streams and queues,
+//!   with clean-up on drop ([`Namespace::with_redis_cleanup`] deletes every
+//!   key containing the prefix).
+//! - [`FaultProxy`]: a TCP proxy in front of a server whose behaviour the test
+//!   switches while traffic flows: [latency](FaultProxy::set_latency) per
+//!   chunk, [`cut`](FaultProxy::cut) open connections,
+//!   [`refuse`](FaultProxy::refuse) or [`blackhole`](FaultProxy::blackhole)
+//!   new ones, then [`restore`](FaultProxy::restore).
+//! - [`RedisServer`]: a `redis-server` of the test's own, on a free port, that
+//!   it can [`kill`](RedisServer::kill) and
+//!   [`restart`](RedisServer::restart).
+//!
+//! Faults are deterministic: they happen exactly when the test calls for
+//! them, never at random.
+//!
+//! # Example
+//!
+//! A Redis client that sees its connection cut, then reconnects:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use keel_testkit::{require_redis, Direction, FaultProxy, Latency, Namespace};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let url = require_redis().await;
+//! let ns = Namespace::new("reconnects_after_cut").with_redis_cleanup(url.clone());
+//! let proxy = FaultProxy::start_for_url(&url).await?;
+//! let client = redis::Client::open(proxy.url_for(&url))?;
+//!
+//! let mut con = client.get_multiplexed_async_connection().await?;
+//! redis::cmd("SET").arg(ns.name("k")).arg("v").query_async::<()>(&mut con).await?;
+//!
+//! proxy.set_latency(Direction::Both, Latency::fixed(Duration::from_millis(20)));
+//! proxy.cut();
+//! assert!(redis::cmd("PING").query_async::<String>(&mut con).await.is_err());
+//!
+//! proxy.restore();
+//! let mut con = client.get_multiplexed_async_connection().await?;
+//! let value: String = redis::cmd("GET").arg(ns.name("k")).query_async(&mut con).await?;
+//! assert_eq!(value, "v");
+//! # Ok(()) }
+//! ```
+//!
+//! The shared servers can be started with [`START_REDIS`] and
+//! [`START_RABBITMQ`]; the repository's `.ci/run` starts both.
+
+mod namespace;
+mod proxy;
+mod redis_server;
+mod servers;
+
+pub use namespace::{Namespace, redis_cleanup};
+pub use proxy::{Direction, FaultProxy, Latency};
+pub use redis_server::RedisServer;
+pub use servers::{
+    DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, START_RABBITMQ, START_REDIS, amqp_url, redis_url,
+    require_amqp, require_redis,
+};
