@@ -91,6 +91,107 @@ async fn raw_memory_cycle(jobs: usize, batch: usize) -> f64 {
     jobs as f64 / start.elapsed().as_secs_f64()
 }
 
+/// The same cycle with raw `XADD` / `XREADGROUP` / `XACK` pipelines through
+/// deadpool-redis.
+#[cfg(feature = "redis")]
+async fn raw_redis_cycle(url: &str, key: &str, jobs: usize, batch: usize) -> f64 {
+    let pool = deadpool_redis::Config::from_url(url)
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .expect("pool");
+    {
+        let mut conn = pool.get().await.expect("redis connection");
+        let _: Result<(), _> = deadpool_redis::redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(key)
+            .arg("g")
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async(&mut *conn)
+            .await;
+    }
+    let payload = vec![7u8; 256];
+    let start = Instant::now();
+    let producer = {
+        let pool = pool.clone();
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < jobs {
+                let n = batch.min(jobs - sent);
+                let mut pipe = deadpool_redis::redis::pipe();
+                for _ in 0..n {
+                    pipe.cmd("XADD")
+                        .arg(&key)
+                        .arg("*")
+                        .arg("p")
+                        .arg(&payload[..])
+                        .ignore();
+                }
+                let mut conn = pool.get().await.expect("redis connection");
+                let () = pipe.query_async(&mut *conn).await.expect("xadd");
+                sent += n;
+            }
+        })
+    };
+    let mut acked = 0;
+    while acked < jobs {
+        type Reply = Vec<(String, Vec<(String, Vec<(String, Vec<u8>)>)>)>;
+        let mut conn = pool.get().await.expect("redis connection");
+        let reply: Option<Reply> = deadpool_redis::redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg("c")
+            .arg("COUNT")
+            .arg(batch)
+            .arg("BLOCK")
+            .arg(5000)
+            .arg("STREAMS")
+            .arg(key)
+            .arg(">")
+            .query_async(&mut *conn)
+            .await
+            .expect("xreadgroup");
+        let entries = reply
+            .and_then(|mut r| r.pop())
+            .map(|(_, e)| e)
+            .unwrap_or_default();
+        assert!(!entries.is_empty(), "raw consumer starved for 5 s");
+        let ids: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
+        let () = deadpool_redis::redis::cmd("XACK")
+            .arg(key)
+            .arg("g")
+            .arg(&ids)
+            .query_async(&mut *conn)
+            .await
+            .expect("xack");
+        acked += entries.len();
+    }
+    producer.await.expect("producer");
+    let rate = jobs as f64 / start.elapsed().as_secs_f64();
+    let mut conn = pool.get().await.expect("redis connection");
+    let _: Result<(), _> = deadpool_redis::redis::cmd("DEL")
+        .arg(key)
+        .query_async(&mut *conn)
+        .await;
+    rate
+}
+
+#[cfg(feature = "redis")]
+async fn redis_keel_queue(url: &str, name: &str) -> Result<Arc<dyn Queue>, String> {
+    let queue = keel_queue::RedisQueue::connect(keel_queue::RedisQueueConfig::new(
+        url,
+        QueueConfig::new(name).capacity(10_000_000),
+    ))
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok(Arc::new(queue))
+}
+
+#[cfg(feature = "redis")]
+fn redis_cleanup(url: &str, name: &str) {
+    let _ = keel_testkit::redis_cleanup(url, name);
+}
+
 async fn measure(args: &Args) -> Result<(f64, f64), String> {
     let mut best_keel = 0f64;
     let mut best_raw = 0f64;
@@ -104,6 +205,23 @@ async fn measure(args: &Args) -> Result<(f64, f64), String> {
                     keel_cycle(Arc::new(queue), args.jobs, args.batch).await,
                     raw_memory_cycle(args.jobs, args.batch).await,
                 )
+            }
+            #[cfg(feature = "redis")]
+            "redis" => {
+                let url =
+                    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+                let name = format!("keel-bench-{}-{run}", std::process::id());
+                let queue = redis_keel_queue(&url, &name).await?;
+                let keel = keel_cycle(queue, args.jobs, args.batch).await;
+                redis_cleanup(&url, &name);
+                let raw = raw_redis_cycle(
+                    &url,
+                    &format!("keel-bench-raw-{}-{run}", std::process::id()),
+                    args.jobs,
+                    args.batch,
+                )
+                .await;
+                (keel, raw)
             }
             other => {
                 return Err(format!(

@@ -4,10 +4,16 @@
 mod config;
 mod error;
 mod ext;
+mod ids;
 mod memory;
 pub mod metrics;
 mod queue;
 mod types;
+
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "redis")]
+pub use crate::redis::{RedisQueue, RedisQueueConfig};
 
 #[cfg(feature = "conformance")]
 pub mod conformance;

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use crate::config::QueueConfig;
 use crate::error::{Error, Result};
+use crate::ids::IdGen;
 use crate::metrics::QueueMetrics;
 use crate::queue::Queue;
 use crate::types::{
@@ -71,8 +72,7 @@ pub struct MemoryQueue {
 #[derive(Debug)]
 struct Shared {
     config: QueueConfig,
-    /// Random per queue instance, so ids never repeat across queues.
-    id_prefix: String,
+    ids: IdGen,
     metrics: QueueMetrics,
     state: Mutex<State>,
     /// Woken whenever work may have become available sooner.
@@ -134,7 +134,7 @@ impl MemoryQueue {
         Ok(MemoryQueue {
             shared: Arc::new(Shared {
                 metrics: QueueMetrics::new(BACKEND, &config.name),
-                id_prefix: JobId::random().as_str()[..12].to_owned(),
+                ids: IdGen::new(),
                 config,
                 state: Mutex::new(state),
                 changed: Notify::new(),
@@ -168,13 +168,7 @@ impl MemoryQueue {
         }
         let seq = state.next_seq;
         state.next_seq += 1;
-        let id = {
-            use std::fmt::Write;
-            let mut text = String::with_capacity(self.shared.id_prefix.len() + 21);
-            text.push_str(&self.shared.id_prefix);
-            let _ = write!(text, "-{seq}");
-            JobId::from_string(text)
-        };
+        let id = self.shared.ids.next();
         if let Some(key) = job.idempotency_key {
             let expires = now + config.dedup_window;
             state.dedup.insert(key.clone(), (id.clone(), expires));

@@ -1,0 +1,49 @@
+//! Job ids shared by every backend: a random per-instance prefix and a
+//! counter, so ids are unique across processes without a syscall per job.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::types::JobId;
+
+/// Makes unique [`JobId`]s.
+#[derive(Debug)]
+pub(crate) struct IdGen {
+    prefix: String,
+    counter: AtomicU64,
+}
+
+impl IdGen {
+    pub(crate) fn new() -> Self {
+        IdGen {
+            prefix: uuid::Uuid::new_v4().simple().to_string()[..16].to_owned(),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    /// The random part, also usable as an instance name.
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub(crate) fn next(&self) -> JobId {
+        use std::fmt::Write;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut text = String::with_capacity(self.prefix.len() + 21);
+        text.push_str(&self.prefix);
+        let _ = write!(text, "-{n}");
+        JobId::from_string(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_across_generators() {
+        let (a, b) = (IdGen::new(), IdGen::new());
+        let ids: std::collections::HashSet<JobId> =
+            (0..100).flat_map(|_| [a.next(), b.next()]).collect();
+        assert_eq!(ids.len(), 200);
+    }
+}
