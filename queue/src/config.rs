@@ -184,6 +184,21 @@ impl QueueConfig {
     }
 }
 
+/// Hides the password of a URL.
+#[cfg_attr(not(any(feature = "redis", feature = "amqp")), allow(dead_code))]
+pub(crate) fn redacted_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +219,13 @@ mod tests {
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains(field), "{err} should name {field}");
         }
+    }
+
+    #[test]
+    fn hides_passwords() {
+        assert_eq!(redacted_url("redis://:pw@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(redacted_url("amqp://u:pw@h:1/%2f"), "amqp://u:***@h:1/%2f");
+        assert_eq!(redacted_url("redis://h:1"), "redis://h:1");
     }
 
     #[test]

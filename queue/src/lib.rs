@@ -10,8 +10,12 @@ pub mod metrics;
 mod queue;
 mod types;
 
+#[cfg(feature = "amqp")]
+mod amqp;
 #[cfg(feature = "redis")]
 mod redis;
+#[cfg(feature = "amqp")]
+pub use crate::amqp::{AmqpQueue, AmqpQueueConfig, AmqpQueueType};
 #[cfg(feature = "redis")]
 pub use crate::redis::{RedisQueue, RedisQueueConfig};
 

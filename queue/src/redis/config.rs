@@ -113,24 +113,10 @@ impl RedisQueueConfig {
     }
 }
 
-/// Hides the password of a URL.
-pub(crate) fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 impl fmt::Debug for RedisQueueConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisQueueConfig")
-            .field("url", &redacted(&self.url))
+            .field("url", &crate::config::redacted_url(&self.url))
             .field("queue", &self.queue)
             .field("pool_size", &self.pool_size)
             .field("blocking_connections", &self.blocking_connections)
@@ -143,13 +129,6 @@ impl fmt::Debug for RedisQueueConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hides_passwords() {
-        assert_eq!(redacted("redis://:pw@h:1/0"), "redis://:***@h:1/0");
-        assert_eq!(redacted("redis://u:pw@h:1"), "redis://u:***@h:1");
-        assert_eq!(redacted("redis://h:1"), "redis://h:1");
-    }
 
     #[test]
     fn refuses_bad_fields_by_name() {

@@ -264,7 +264,7 @@ impl RedisQueue {
             Error::Unavailable { message, source } => Error::Unavailable {
                 message: format!(
                     "redis at {} does not answer ({message}); is it running?",
-                    config::redacted(&queue.inner.config.url)
+                    crate::config::redacted_url(&queue.inner.config.url)
                 ),
                 source,
             },

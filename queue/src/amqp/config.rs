@@ -1,0 +1,124 @@
+//! Settings of the RabbitMQ backend.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::QueueConfig;
+use crate::error::{Error, Result};
+
+/// The RabbitMQ queue type for a queue's ready and dead-letter queues.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum AmqpQueueType {
+    /// Replicated Raft queues: the durable choice, and the faster one with
+    /// confirms and persistent messages on RabbitMQ 3.10. The default.
+    #[default]
+    Quorum,
+    /// Classic durable queues, for brokers without quorum queues.
+    Classic,
+}
+
+/// Settings of [`AmqpQueue`](crate::AmqpQueue).
+///
+/// ```
+/// use keel_queue::{AmqpQueueConfig, QueueConfig};
+///
+/// let config = AmqpQueueConfig::new("amqp://guest:guest@127.0.0.1:5672/%2f", QueueConfig::new("jobs"));
+/// assert!(config.validate().is_ok());
+/// assert!(!format!("{config:?}").contains("guest:guest"));
+/// ```
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct AmqpQueueConfig {
+    /// The broker, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub url: String,
+    /// Settings shared by every backend.
+    pub queue: QueueConfig,
+    /// Quorum (default) or classic queues.
+    pub queue_type: AmqpQueueType,
+    /// Unacked messages the broker pushes ahead to this handle, per priority
+    /// level. Higher is faster; those messages wait in this process until a
+    /// `dequeue` takes them (and return to the broker if the process dies).
+    /// Default 64.
+    pub prefetch: u16,
+    /// Longest any one broker operation (connect, publish and confirm,
+    /// declare) may take before it fails with `Timeout`. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub operation_timeout: Duration,
+}
+
+impl Default for AmqpQueueConfig {
+    fn default() -> Self {
+        AmqpQueueConfig {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            queue: QueueConfig::default(),
+            queue_type: AmqpQueueType::Quorum,
+            prefetch: 64,
+            operation_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl AmqpQueueConfig {
+    /// Defaults for this broker and queue.
+    pub fn new(url: impl Into<String>, queue: QueueConfig) -> Self {
+        AmqpQueueConfig {
+            url: url.into(),
+            queue,
+            ..AmqpQueueConfig::default()
+        }
+    }
+
+    /// Sets [`queue_type`](Self::queue_type).
+    pub fn queue_type(mut self, queue_type: AmqpQueueType) -> Self {
+        self.queue_type = queue_type;
+        self
+    }
+
+    /// Sets [`prefetch`](Self::prefetch).
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// Sets [`operation_timeout`](Self::operation_timeout).
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// Checks every field, naming the first bad one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        self.queue.validate()?;
+        if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
+            return Err(Error::config("url", "must be an amqp:// or amqps:// URL"));
+        }
+        if self.prefetch == 0 {
+            return Err(Error::config("prefetch", "must be at least 1"));
+        }
+        if self.operation_timeout < Duration::from_millis(1) {
+            return Err(Error::config("operation_timeout", "must be at least 1 ms"));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for AmqpQueueConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpQueueConfig")
+            .field("url", &crate::config::redacted_url(&self.url))
+            .field("queue", &self.queue)
+            .field("queue_type", &self.queue_type)
+            .field("prefetch", &self.prefetch)
+            .field("operation_timeout", &self.operation_timeout)
+            .finish()
+    }
+}
