@@ -192,6 +192,133 @@ fn redis_cleanup(url: &str, name: &str) {
     let _ = keel_testkit::redis_cleanup(url, name);
 }
 
+/// The same cycle with raw lapin: confirm-publish in batches to a durable
+/// quorum queue, and a consumer with the same prefetch acking each delivery.
+#[cfg(feature = "amqp")]
+async fn raw_amqp_cycle(url: &str, queue: &str, jobs: usize, batch: usize) -> f64 {
+    use futures::StreamExt;
+    use lapin::options::*;
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .expect("rabbitmq connection");
+    let publisher = conn.create_channel().await.expect("channel");
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from(b"quorum".to_vec())),
+    );
+    publisher
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .expect("declare");
+    let consumer_channel = conn.create_channel().await.expect("channel");
+    consumer_channel
+        .basic_qos(64, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = consumer_channel
+        .basic_consume(
+            queue.into(),
+            "raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let payload = vec![7u8; 256];
+    let start = Instant::now();
+    let producer = {
+        let queue = queue.to_owned();
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < jobs {
+                let n = batch.min(jobs - sent);
+                let mut confirms = Vec::with_capacity(n);
+                for _ in 0..n {
+                    confirms.push(
+                        publisher
+                            .basic_publish(
+                                "".into(),
+                                queue.as_str().into(),
+                                BasicPublishOptions {
+                                    mandatory: true,
+                                    ..Default::default()
+                                },
+                                &payload,
+                                lapin::BasicProperties::default().with_delivery_mode(2),
+                            )
+                            .await
+                            .expect("publish"),
+                    );
+                }
+                for confirm in confirms {
+                    confirm.await.expect("confirm");
+                }
+                sent += n;
+            }
+            publisher
+        })
+    };
+    let mut acked = 0;
+    while acked < jobs {
+        let delivery = consumer
+            .next()
+            .await
+            .expect("consumer ended")
+            .expect("delivery");
+        delivery.ack(BasicAckOptions::default()).await.expect("ack");
+        acked += 1;
+    }
+    let publisher = producer.await.expect("producer");
+    let rate = jobs as f64 / start.elapsed().as_secs_f64();
+    let _ = publisher
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
+    let _ = conn.close(200, "bench done".into()).await;
+    rate
+}
+
+/// Deletes the queues and exchange an `AmqpQueue` named `name` declared.
+#[cfg(feature = "amqp")]
+async fn delete_amqp_topology(url: &str, name: &str) {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let Ok(conn) = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await
+    else {
+        return;
+    };
+    let Ok(channel) = conn.create_channel().await else {
+        return;
+    };
+    for queue in ["p0", "p1", "p2", "dead"] {
+        let _ = channel
+            .queue_delete(
+                format!("{name}.{queue}").as_str().into(),
+                QueueDeleteOptions::default(),
+            )
+            .await;
+    }
+    let _ = channel
+        .exchange_delete(
+            format!("{name}.dlx").as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+    let _ = conn.close(200, "bench done".into()).await;
+}
+
 async fn measure(args: &Args) -> Result<(f64, f64), String> {
     let mut best_keel = 0f64;
     let mut best_raw = 0f64;
@@ -215,6 +342,29 @@ async fn measure(args: &Args) -> Result<(f64, f64), String> {
                 let keel = keel_cycle(queue, args.jobs, args.batch).await;
                 redis_cleanup(&url, &name);
                 let raw = raw_redis_cycle(
+                    &url,
+                    &format!("keel-bench-raw-{}-{run}", std::process::id()),
+                    args.jobs,
+                    args.batch,
+                )
+                .await;
+                (keel, raw)
+            }
+            #[cfg(feature = "amqp")]
+            "amqp" => {
+                let url = std::env::var("AMQP_URL")
+                    .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+                let name = format!("keel-bench-{}-{run}", std::process::id());
+                let queue = keel_queue::AmqpQueue::connect(keel_queue::AmqpQueueConfig::new(
+                    url.as_str(),
+                    QueueConfig::new(name.as_str()),
+                ))
+                .await
+                .map_err(|e| e.to_string())?;
+                let keel = keel_cycle(Arc::new(queue.clone()), args.jobs, args.batch).await;
+                drop(queue);
+                delete_amqp_topology(&url, &name).await;
+                let raw = raw_amqp_cycle(
                     &url,
                     &format!("keel-bench-raw-{}-{run}", std::process::id()),
                     args.jobs,
