@@ -63,6 +63,7 @@
 
 mod config;
 mod error;
+mod lanes;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -76,6 +77,7 @@ use tokio::time::Instant;
 
 pub use self::config::RedisQueueConfig;
 use self::error::RedisFailure;
+use self::lanes::Lanes;
 use crate::error::{Error, Result};
 use crate::ids::IdGen;
 use crate::metrics::QueueMetrics;
@@ -141,7 +143,7 @@ struct Inner {
     size_key: String,
     consumer: String,
     ids: IdGen,
-    pool: deadpool_redis::Pool,
+    lanes: Lanes,
     blocking: deadpool_redis::Pool,
     scripts: Scripts,
     metrics: QueueMetrics,
@@ -253,7 +255,7 @@ impl RedisQueue {
                 consumer: format!("c-{}", ids.prefix()),
                 prefix,
                 ids,
-                pool,
+                lanes: Lanes::new(pool, config.pool_size),
                 blocking,
                 scripts: Scripts::new(),
                 metrics: QueueMetrics::new(BACKEND, &config.queue.name),
@@ -319,11 +321,19 @@ impl RedisQueue {
         let mut invocation = script.prepare_invoke();
         invocation.key(&self.inner.size_key).arg(&self.inner.prefix);
         args(&mut invocation);
-        self.timed(async {
-            let mut conn = self.inner.pool.get().await?;
-            Ok(invocation.invoke_async(&mut *conn).await?)
-        })
-        .await
+        let lanes = &self.inner.lanes;
+        let mut used = None;
+        let result = self
+            .timed(async {
+                let mut lane = lanes.get().await?;
+                used = Some(lane.index);
+                Ok(invocation.invoke_async(&mut lane.conn).await?)
+            })
+            .await;
+        if let (Err(Error::Unavailable { .. } | Error::Timeout(_)), Some(index)) = (&result, used) {
+            lanes.forget(index);
+        }
+        result
     }
 
     async fn enqueue_chunk(&self, jobs: Vec<Job>) -> Result<Vec<Enqueued>> {
@@ -645,7 +655,7 @@ impl Queue for RedisQueue {
         let key = format!("{}:dead", self.inner.prefix);
         let entries: Vec<(String, Vec<Vec<u8>>)> = self
             .timed(async {
-                let mut conn = self.inner.pool.get().await?;
+                let mut conn = self.inner.lanes.pool().get().await?;
                 Ok(::redis::cmd("XRANGE")
                     .arg(&key)
                     .arg("-")
@@ -720,7 +730,7 @@ impl Queue for RedisQueue {
 
     async fn ping(&self) -> Result<()> {
         self.timed(async {
-            let mut conn = self.inner.pool.get().await?;
+            let mut conn = self.inner.lanes.pool().get().await?;
             let _: String = ::redis::cmd("PING").query_async(&mut *conn).await?;
             Ok(())
         })

@@ -40,9 +40,7 @@ for level = levels - 1, 0, -1 do
       break
     end
     local entries = read(sk, want)
-    if #entries == 0 then
-      break
-    end
+    local killed = 0
     for _, e in ipairs(entries) do
       local eid, f = e[1], e[2]
       local deadline = entry_deadline(f)
@@ -50,12 +48,17 @@ for level = levels - 1, 0, -1 do
         redis.call('XACK', sk, GROUP, eid)
         redis.call('XDEL', sk, eid)
         kill(parse_entry(f), 'deadline exceeded before delivery', now)
+        killed = killed + 1
       else
         local member = level .. ':' .. eid
         leases[#leases + 1] = now + lease_ms
         leases[#leases + 1] = member
         out[#out + 1] = {member, f}
       end
+    end
+    -- Only read again when expired jobs took the place of live ones.
+    if #entries < want or killed == 0 then
+      break
     end
   end
   if #out >= count then
