@@ -771,6 +771,53 @@ pub async fn many_producers_and_consumers<
     );
 }
 
+/// A backlog of 20,000 jobs that all come due at once drains completely
+/// (a peer library's known trap: unpacking every due job in one script).
+pub async fn large_due_backlog_drains<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
+    make: F,
+) {
+    const TOTAL: usize = 20_000;
+    let s = subject(&make, "backlog", |c| c).await;
+    let delay = if caps(&s).delay {
+        Some(Duration::from_millis(300))
+    } else {
+        None
+    };
+    let start = Instant::now();
+    for chunk in (0..TOTAL).collect::<Vec<_>>().chunks(500) {
+        let jobs = chunk
+            .iter()
+            .map(|i| {
+                let job = Job::new(format!("{i}"));
+                match delay {
+                    Some(d) => job.delay(d),
+                    None => job,
+                }
+            })
+            .collect();
+        s.queue.enqueue_batch(jobs).await.unwrap();
+    }
+    let enqueued_in = start.elapsed();
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < TOTAL && start.elapsed() < Duration::from_secs(60) {
+        let got = s
+            .queue
+            .dequeue(opts(500, Duration::from_secs(2), Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let receipts: Vec<_> = got.iter().map(|d| d.receipt.clone()).collect();
+        for d in got {
+            seen.insert(d.payload);
+        }
+        s.queue.ack_batch(&receipts).await.unwrap();
+    }
+    assert_eq!(seen.len(), TOTAL, "backlog did not drain");
+    println!(
+        "conformance backlog: {TOTAL} due jobs enqueued in {enqueued_in:?}, drained in {:?}",
+        start.elapsed()
+    );
+}
+
 /// Expands the whole suite into one `#[tokio::test]` per case in a module
 /// named `$module`, for the queue built by `$make`: a closure from
 /// [`QueueConfig`] to a future of [`Subject`].
@@ -787,7 +834,8 @@ macro_rules! queue_conformance {
                 fifo_within_priority, priority_order, delayed_delivery,
                 expired_deadline_is_not_delivered, capacity_full, stats_exact,
                 namespace_isolation, poison_payload_is_dead_lettered,
-                cancelled_dequeue_loses_nothing, many_producers_and_consumers);
+                cancelled_dequeue_loses_nothing, many_producers_and_consumers,
+                large_due_backlog_drains);
         }
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {$(
