@@ -18,7 +18,9 @@
 //!   new ones, then [`restore`](FaultProxy::restore).
 //! - [`RedisServer`]: a `redis-server` of the test's own, on a free port, that
 //!   it can [`kill`](RedisServer::kill) and
-//!   [`restart`](RedisServer::restart).
+//!   [`restart`](RedisServer::restart): empty, or, started
+//!   [with persistence on](RedisServer::start_with_args), with every write it
+//!   acknowledged.
 //!
 //! Faults are deterministic: they happen exactly when the test calls for
 //! them, never at random.

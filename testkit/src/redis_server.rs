@@ -3,7 +3,7 @@
 use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -31,6 +31,11 @@ const INSTALL_HINT: &str = "apt-get install -y redis-server";
 /// on the same port, empty. Dropping it kills the process and removes the
 /// directory.
 ///
+/// A server started [with extra arguments](Self::start_with_args) keeps them
+/// across restarts, and every restart reuses the same directory, so a server
+/// with persistence on (`--appendonly yes --appendfsync always`) reloads
+/// what it had acknowledged before a `SIGKILL`.
+///
 /// [`kill`]: Self::kill
 /// [`restart`]: Self::restart
 ///
@@ -44,12 +49,20 @@ const INSTALL_HINT: &str = "apt-get install -y redis-server";
 /// let url = server.url(); // redis://127.0.0.1:<port>/
 /// server.kill(); // connections to `url` are now refused
 /// server.restart().await?; // same port, empty data set
+///
+/// // With persistence, a restart replays the append-only file.
+/// let mut durable =
+///     RedisServer::start_with_args(["--appendonly", "yes", "--appendfsync", "always"]).await?;
+/// durable.kill();
+/// durable.restart().await?; // same port, same data
 /// # Ok(()) }
 /// ```
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// Passed after the defaults on every start and restart.
+    extra_args: Vec<String>,
 }
 
 impl fmt::Debug for RedisServer {
@@ -58,6 +71,7 @@ impl fmt::Debug for RedisServer {
             .field("port", &self.port)
             .field("pid", &self.child.as_ref().map(Child::id))
             .field("dir", &self.dir.path())
+            .field("extra_args", &self.extra_args)
             .finish()
     }
 }
@@ -79,11 +93,37 @@ impl RedisServer {
     ///
     /// Cancelling the future kills any process it spawned.
     pub async fn start() -> io::Result<RedisServer> {
+        Self::start_with_args(std::iter::empty::<&str>()).await
+    }
+
+    /// Like [`start`](Self::start), with `args` appended to the command line
+    /// after the defaults, so they override them (the last value of a
+    /// setting wins). They are kept for every [`restart`](Self::restart).
+    ///
+    /// `["--appendonly", "yes", "--appendfsync", "always"]` turns on
+    /// persistence that survives a `SIGKILL`: every write the server
+    /// acknowledged is on disk in the server's directory, and a restart
+    /// replays it. `--port`, `--dir` and `--logfile` are the kit's to set.
+    ///
+    /// # Errors
+    ///
+    /// As for [`start`](Self::start); an argument `redis-server` rejects
+    /// makes it exit at start, and the error includes its log.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancelling the future kills any process it spawned.
+    pub async fn start_with_args<I, S>(args: I) -> io::Result<RedisServer>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
         let dir = tempfile::Builder::new().prefix("keel-redis-").tempdir()?;
         let mut server = RedisServer {
             port: 0,
             child: None,
             dir,
+            extra_args: args.into_iter().map(|a| a.as_ref().to_owned()).collect(),
         };
         let mut last_error = None;
         for _ in 0..SPAWN_ATTEMPTS {
@@ -116,6 +156,21 @@ impl RedisServer {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
     }
 
+    /// The server's working directory (`--dir`): where its log, and with
+    /// persistence on its data files, live. It stays the same across
+    /// [`restart`](Self::restart) and is removed on drop.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The arguments given to [`start_with_args`](Self::start_with_args)
+    /// (empty for [`start`](Self::start)).
+    #[must_use]
+    pub fn extra_args(&self) -> &[String] {
+        &self.extra_args
+    }
+
     /// Whether the process is still running (it was not killed and has not
     /// exited on its own).
     pub fn is_running(&mut self) -> bool {
@@ -137,9 +192,12 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port (killing it first if it is
-    /// still running) and waits until it answers `PING`. The data set starts
-    /// empty, since persistence is off.
+    /// Starts the server again on the same port, in the same directory and
+    /// with the same arguments (killing it first if it is still running),
+    /// and waits until it answers `PING`. With the default arguments the
+    /// data set starts empty, since persistence is off; a server started
+    /// with persistence on reloads its data files first (`PING` answers
+    /// only once they are loaded).
     ///
     /// # Errors
     ///
@@ -175,6 +233,10 @@ impl RedisServer {
         let log = self.log_path();
         // A fresh log per attempt, so errors show this attempt's lines.
         let _ = std::fs::remove_file(&log);
+        // What the server prints before its log is open (a rejected
+        // argument, say) goes to its own file, also fresh per attempt.
+        let output = std::fs::File::create(self.output_path()).map_err(SpawnError::Fatal)?;
+        let output_err = output.try_clone().map_err(SpawnError::Fatal)?;
         let child = Command::new("redis-server")
             .arg("--port")
             .arg(self.port.to_string())
@@ -183,9 +245,10 @@ impl RedisServer {
             .arg(self.dir.path())
             .arg("--logfile")
             .arg(&log)
+            .args(&self.extra_args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(output)
+            .stderr(output_err)
             .spawn()
             .map_err(|error| {
                 SpawnError::Fatal(if error.kind() == io::ErrorKind::NotFound {
@@ -240,13 +303,26 @@ impl RedisServer {
         }
     }
 
+    /// Where the server's standard output and error go.
+    fn output_path(&self) -> PathBuf {
+        self.dir.path().join("redis.out")
+    }
+
+    /// The last lines of the log, after anything the server printed.
     fn log_tail(&self) -> String {
-        match std::fs::read_to_string(self.log_path()) {
-            Ok(log) => {
-                let lines: Vec<&str> = log.lines().collect();
-                lines[lines.len().saturating_sub(20)..].join("\n")
-            }
+        let tail = |text: &str| {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        };
+        let printed = std::fs::read_to_string(self.output_path()).unwrap_or_default();
+        let log = match std::fs::read_to_string(self.log_path()) {
+            Ok(log) => tail(&log),
             Err(error) => format!("(no log: {error})"),
+        };
+        if printed.trim().is_empty() {
+            log
+        } else {
+            format!("{}\n{log}", tail(&printed))
         }
     }
 }

@@ -98,3 +98,65 @@ async fn two_servers_get_different_ports() {
     assert!(connect(&b.url()).await.is_ok());
     assert!(format!("{a:?}").contains(&a.port().to_string()));
 }
+
+#[tokio::test]
+async fn restart_with_persistence_keeps_acknowledged_writes() {
+    let args = ["--appendonly", "yes", "--appendfsync", "always"];
+    let mut server = RedisServer::start_with_args(args).await.unwrap();
+    assert_eq!(server.extra_args(), args);
+    let (url, port, dir) = (server.url(), server.port(), server.dir().to_owned());
+
+    let ns = Namespace::new("redis_server_persistence");
+    let key = ns.name("k");
+    let mut con = connect(&url).await.unwrap();
+    for i in 0..100 {
+        redis::cmd("RPUSH")
+            .arg(&key)
+            .arg(i)
+            .query_async::<()>(&mut con)
+            .await
+            .unwrap();
+    }
+
+    // SIGKILL: no shutdown hook gets to flush anything.
+    server.kill();
+    assert!(!server.is_running());
+    server.restart().await.unwrap();
+    assert_eq!(server.port(), port);
+    assert_eq!(server.dir(), dir, "a restart reuses the directory");
+    assert_eq!(server.extra_args(), args, "a restart reuses the arguments");
+
+    let mut con = connect(&url).await.unwrap();
+    let kept: Vec<u32> = redis::cmd("LRANGE")
+        .arg(&key)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(
+        kept,
+        (0..100).collect::<Vec<u32>>(),
+        "every acknowledged write survives"
+    );
+    let appendonly: (String, String) = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendonly")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(
+        appendonly.1, "yes",
+        "the restarted server has the same arguments"
+    );
+    assert!(format!("{server:?}").contains("appendfsync"));
+}
+
+#[tokio::test]
+async fn bad_extra_args_fail_with_the_log() {
+    let error = RedisServer::start_with_args(["--no-such-option", "1"])
+        .await
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("no-such-option"), "{message}");
+}

@@ -39,7 +39,13 @@ impl From<RedisFailure> for Error {
                     || err.is_io_error()
                     || err.is_connection_dropped()
                     || err.is_connection_refusal()
-                    || err.is_unrecoverable_error() =>
+                    || err.is_unrecoverable_error()
+                    // LOADING, TRYAGAIN, MASTERDOWN, CLUSTERDOWN: the server
+                    // is coming back; waiting helps.
+                    || matches!(
+                        err.retry_method(),
+                        ::redis::RetryMethod::WaitAndRetry | ::redis::RetryMethod::RetryImmediately
+                    ) =>
             {
                 Error::unavailable(
                     "redis connection failed; it will be re-established on the next call",

@@ -3,8 +3,10 @@
 //! `deadpool-redis` checks a connection's health with a `PING` round trip on
 //! every checkout. Redis connections here are multiplexed (one socket carries
 //! concurrent, pipelined commands), so the queue instead keeps a few
-//! checked-out connections as *lanes* and spreads operations over them; a
-//! lane whose connection fails is emptied, and its next use takes a fresh
+//! connections checked out as *lanes* and spreads operations over them. A
+//! lane whose connection failed or timed out is emptied and its connection
+//! taken out of the pool for good (a reply may still be owed on it, which
+//! would poison the next user); the lane's next use takes a fresh
 //! (health-checked or newly created) connection from the pool.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +18,10 @@ use super::error::RedisFailure;
 
 pub(crate) struct Lanes {
     pool: deadpool_redis::Pool,
-    lanes: Mutex<Vec<Option<MultiplexedConnection>>>,
+    lanes: Mutex<Vec<Option<deadpool_redis::Connection>>>,
+    /// One filler at a time per lane, so an empty lane never takes more
+    /// than its one connection from the pool.
+    fillers: Vec<tokio::sync::Mutex<()>>,
     next: AtomicUsize,
 }
 
@@ -30,13 +35,12 @@ impl Lanes {
     pub(crate) fn new(pool: deadpool_redis::Pool, count: usize) -> Self {
         Lanes {
             pool,
-            lanes: Mutex::new(vec![None; count.max(1)]),
+            lanes: Mutex::new((0..count.max(1)).map(|_| None).collect()),
+            fillers: (0..count.max(1))
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
             next: AtomicUsize::new(0),
         }
-    }
-
-    pub(crate) fn pool(&self) -> &deadpool_redis::Pool {
-        &self.pool
     }
 
     /// A connection for one operation.
@@ -45,17 +49,31 @@ impl Lanes {
             let lanes = self.lanes.lock();
             self.next.fetch_add(1, Ordering::Relaxed) % lanes.len()
         };
-        if let Some(conn) = self.lanes.lock()[index].clone() {
-            return Ok(Lane { index, conn });
+        if let Some(lane) = self.current(index) {
+            return Ok(lane);
+        }
+        let _filling = self.fillers[index].lock().await;
+        if let Some(lane) = self.current(index) {
+            return Ok(lane);
         }
         let pooled = self.pool.get().await?;
         let conn = (*pooled).clone();
-        self.lanes.lock()[index] = Some(conn.clone());
+        self.lanes.lock()[index] = Some(pooled);
         Ok(Lane { index, conn })
     }
 
-    /// Empties a lane after its connection failed or hung.
+    fn current(&self, index: usize) -> Option<Lane> {
+        self.lanes.lock()[index].as_ref().map(|pooled| Lane {
+            index,
+            conn: (**pooled).clone(),
+        })
+    }
+
+    /// Empties a lane after its connection failed or hung, and removes that
+    /// connection from the pool.
     pub(crate) fn forget(&self, index: usize) {
-        self.lanes.lock()[index] = None;
+        if let Some(pooled) = self.lanes.lock()[index].take() {
+            drop(deadpool_redis::Connection::take(pooled));
+        }
     }
 }

@@ -290,7 +290,11 @@ impl RedisQueue {
             .runtime(deadpool_redis::Runtime::Tokio1)
             .wait_timeout(Some(config.operation_timeout))
             .create_timeout(Some(config.operation_timeout))
-            .recycle_timeout(Some(config.operation_timeout))
+            // A health check that hangs means a dead connection: give up on
+            // it quickly and make a new one within the operation's budget.
+            .recycle_timeout(Some(
+                (config.operation_timeout / 4).max(Duration::from_millis(10)),
+            ))
             .build()
             .map_err(|err| Error::config("pool_size", format!("could not build the pool: {err}")))
     }
@@ -310,6 +314,23 @@ impl RedisQueue {
             Ok(result) => result.map_err(Error::from),
             Err(_) => Err(Error::Timeout(limit)),
         }
+    }
+
+    /// Runs one plain command on a lane.
+    async fn command<T: ::redis::FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T> {
+        let lanes = &self.inner.lanes;
+        let mut used = None;
+        let result = self
+            .timed(async {
+                let mut lane = lanes.get().await?;
+                used = Some(lane.index);
+                Ok(cmd.query_async(&mut lane.conn).await?)
+            })
+            .await;
+        if let (Err(Error::Unavailable { .. } | Error::Timeout(_)), Some(index)) = (&result, used) {
+            lanes.forget(index);
+        }
+        result
     }
 
     /// Invokes one of our scripts with the queue's key and prefix first.
@@ -654,17 +675,14 @@ impl Queue for RedisQueue {
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>> {
         let key = format!("{}:dead", self.inner.prefix);
         let entries: Vec<(String, Vec<Vec<u8>>)> = self
-            .timed(async {
-                let mut conn = self.inner.lanes.pool().get().await?;
-                Ok(::redis::cmd("XRANGE")
+            .command(
+                ::redis::cmd("XRANGE")
                     .arg(&key)
                     .arg("-")
                     .arg("+")
                     .arg("COUNT")
-                    .arg(limit.max(1))
-                    .query_async(&mut *conn)
-                    .await?)
-            })
+                    .arg(limit.max(1)),
+            )
             .await?;
         let mut out = Vec::with_capacity(entries.len());
         for (_, fields) in entries.into_iter().take(limit) {
@@ -729,11 +747,7 @@ impl Queue for RedisQueue {
     }
 
     async fn ping(&self) -> Result<()> {
-        self.timed(async {
-            let mut conn = self.inner.lanes.pool().get().await?;
-            let _: String = ::redis::cmd("PING").query_async(&mut *conn).await?;
-            Ok(())
-        })
-        .await
+        let _: String = self.command(&::redis::cmd("PING")).await?;
+        Ok(())
     }
 }
