@@ -21,6 +21,7 @@ impl IdGen {
     }
 
     /// The random part, also usable as an instance name.
+    #[cfg_attr(not(any(feature = "redis", feature = "amqp")), allow(dead_code))]
     pub(crate) fn prefix(&self) -> &str {
         &self.prefix
     }
