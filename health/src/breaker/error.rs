@@ -1,0 +1,35 @@
+//! The errors the breaker itself answers with, all variants of the crate's
+//! [`Error`], boxed as the service's `BoxError`:
+//!
+//! | when | error | retryable |
+//! | --- | --- | --- |
+//! | open | [`Error::Unavailable`] with `retry_after` = time until half-open | yes |
+//! | half-open, every trial slot taken | [`Error::Unavailable`] without `retry_after` | yes |
+//! | a trial ran past `trial_timeout` | [`Error::Timeout`] | yes |
+//!
+//! Errors of the inner service pass through unchanged (boxed). The default
+//! classifier records the refusals as [`Outcome::Ignored`](crate::Outcome)
+//! (the endpoint never saw the request), so an outlier layer outside the
+//! breaker does not count them against the endpoint.
+
+use std::time::Duration;
+
+use crate::error::Error;
+
+pub(super) fn open(retry_after: Duration) -> Error {
+    Error::Unavailable {
+        message: "circuit breaker open".to_owned(),
+        retry_after: Some(retry_after),
+    }
+}
+
+pub(super) fn trials_taken() -> Error {
+    Error::Unavailable {
+        message: "circuit breaker half-open and every trial slot is taken".to_owned(),
+        retry_after: None,
+    }
+}
+
+pub(super) fn trial_timeout(after: Duration) -> Error {
+    Error::Timeout(after)
+}
