@@ -1,10 +1,25 @@
-//! # keel-balancer (not yet built)
-//!
-//! Node selection for inference fleets: P2C over peak-EWMA latency,
-//! least-outstanding, weighted, consistent hashing with bounded load and
-//! prefix affinity; retries bounded by a budget, hedging, deadlines; and a
-//! deterministic fleet simulator.
-//!
-//! **Status:** this crate has no public API yet; its work is tracked in the
-//! issue "keel-balancer: latency-, load- and cache-aware node selection".
-//! Nothing here should be depended on until it lands.
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod balance;
+mod classify;
+mod config;
+pub mod deadline;
+mod endpoint;
+mod error;
+pub mod hedge;
+pub mod metrics;
+mod policy;
+mod request;
+pub mod retry;
+#[cfg(feature = "sim")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
+pub mod sim;
+
+pub use balance::{Balancer, BalancerBuilder, LoadReports, ResponseFuture, Weights};
+pub use classify::{Classify, DefaultClassifier, HttpClassifier, Outcome};
+pub use config::{BalancerConfig, HashConfig, Policy, PrefixConfig};
+pub use deadline::DeadlineLayer;
+pub use endpoint::{EndpointId, EndpointSnapshot, Handle, LoadReport};
+pub use error::{BoxError, Error, GiveUp, Result};
+pub use request::{AffinityKey, AvoidEndpoints, Deadline, Prompt, RequestExtensions};

@@ -1,0 +1,518 @@
+//! The balancer's response future: pick, maybe wait for a slot, drive the
+//! endpoint's service, classify its answer.
+
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use futures::future::{Either, select};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep, sleep_until};
+use tower::load::TrackCompletion;
+use tower_service::Service;
+
+use super::{Balancer, Shared, Snapshot};
+use crate::classify::{Classify, Outcome};
+use crate::config::{BalancerConfig, Policy};
+use crate::endpoint::{Common, Handle, LazyNow, Recorded};
+use crate::error::{BoxError, Error, FailedResponse};
+use crate::policy::{Choice, Hints, Picker, choose};
+use crate::request::{
+    AffinityKey, AvoidEndpoints, Deadline, DispatchTrace, Prompt, RequestExtensions,
+};
+
+/// The longest busy cooldown honoured, whatever `Retry-After` says.
+const MAX_BUSY_COOLDOWN: Duration = Duration::from_secs(60);
+
+type WaitFuture<S, Req> = Pin<Box<dyn Future<Output = Result<Dispatched<S, Req>, Error>> + Send>>;
+
+/// A request that got a slot.
+pub(crate) struct Dispatched<S, Req> {
+    svc: S,
+    request: Req,
+    handle: Handle,
+    timer: Option<Timer>,
+}
+
+/// The attempt timeout or the deadline, whichever comes first.
+struct Timer {
+    sleep: Pin<Box<Sleep>>,
+    kind: TimerKind,
+}
+
+#[derive(Clone, Copy)]
+enum TimerKind {
+    Attempt(Duration),
+    Deadline,
+}
+
+pin_project! {
+    /// The [`Balancer`]'s response future.
+    ///
+    /// Dropping it cancels the request: the endpoint's future is dropped and
+    /// its slot freed, or, while it still waits for a slot, it leaves the
+    /// queue.
+    pub struct ResponseFuture<S, Req, C, T>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S, Req, S::Future>,
+        handle: Option<Handle>,
+        timer: Option<Timer>,
+        classifier: C,
+        completion: T,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, Req, F> {
+        Waiting { wait: WaitFuture<S, Req> },
+        Ready { svc: S, request: Option<Req> },
+        Called { #[pin] future: F },
+        Failed { error: Option<Error> },
+        Done,
+    }
+}
+
+impl<S, Req, C, T> fmt::Debug for ResponseFuture<S, Req, C, T>
+where
+    S: Service<Req>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Waiting { .. } => "waiting for a slot",
+            State::Ready { .. } => "waiting for the endpoint to be ready",
+            State::Called { .. } => "called",
+            State::Failed { .. } => "failed",
+            State::Done => "done",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .field("handle", &self.handle)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Acquired {
+    Slot(usize),
+    Full,
+    Empty,
+}
+
+/// Picks and takes a slot; retries a pick that lost a race for the last slot.
+fn pick_and_acquire<K, S>(
+    policy: &Policy,
+    snapshot: &Snapshot<K, S>,
+    hints: &Hints<'_>,
+    picker: &mut Picker,
+    now: &mut LazyNow<'_>,
+) -> Acquired {
+    for _ in 0..3 {
+        match choose(
+            policy,
+            &snapshot.states,
+            snapshot.ring.as_ref(),
+            hints,
+            picker,
+            now,
+        ) {
+            Choice::Pick(i) => {
+                if snapshot.states[i].try_acquire() {
+                    return Acquired::Slot(i);
+                }
+            }
+            Choice::Full => return Acquired::Full,
+            Choice::Empty => return Acquired::Empty,
+        }
+    }
+    Acquired::Full
+}
+
+fn hints<'a, Req: RequestExtensions>(policy: &Policy, request: &'a Req) -> Hints<'a> {
+    let ext = request.extensions();
+    if ext.is_empty() {
+        return Hints::default();
+    }
+    Hints {
+        avoid: ext.get::<AvoidEndpoints>(),
+        key: match policy {
+            Policy::ConsistentHash(_) => AffinityKey::get(request),
+            _ => None,
+        },
+        blocks: match policy {
+            Policy::PrefixAffinity(config) => {
+                Prompt::get(request).map(|p| p.block_hashes(config.block_bytes))
+            }
+            _ => None,
+        },
+    }
+}
+
+fn timer(
+    config: &BalancerConfig,
+    deadline: Option<Deadline>,
+    now: &mut LazyNow<'_>,
+) -> Option<Timer> {
+    let attempt = config.attempt_timeout.map(|t| (now.instant() + t, t));
+    let (at, kind) = match (attempt, deadline) {
+        (None, None) => return None,
+        (Some((at, t)), Some(d)) if at <= d.instant() => (at, TimerKind::Attempt(t)),
+        (Some((at, t)), None) => (at, TimerKind::Attempt(t)),
+        (_, Some(d)) => (d.instant(), TimerKind::Deadline),
+    };
+    Some(Timer {
+        sleep: Box::pin(sleep_until(at)),
+        kind,
+    })
+}
+
+fn record_dispatch<Req: RequestExtensions>(request: &Req, handle: &Handle) {
+    if let Some(trace) = request.extensions().get::<DispatchTrace>() {
+        trace.record(handle.endpoint());
+    }
+}
+
+/// `Balancer::call`.
+pub(super) fn dispatch<K, S, C, T, Req>(
+    balancer: &mut Balancer<K, S, C, T>,
+    request: Req,
+) -> ResponseFuture<S, Req, C, T>
+where
+    K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+    S: Service<Req> + Clone + Send + Sync + 'static,
+    C: Clone,
+    T: Clone,
+    Req: RequestExtensions + Send + 'static,
+{
+    let shared = &balancer.shared;
+    let config = &shared.config;
+    let common = &shared.common;
+    let mut now = LazyNow::new(common);
+    let deadline = Deadline::of(&request);
+    if let Some(deadline) = deadline
+        && deadline.instant() <= now.instant()
+    {
+        common.metrics.deadline_exceeded.increment(1);
+        return balancer.failed(Error::DeadlineExceeded);
+    }
+    let acquired = {
+        let hints = hints(&config.policy, &request);
+        pick_and_acquire(
+            &config.policy,
+            &balancer.snapshot,
+            &hints,
+            &mut balancer.picker,
+            &mut now,
+        )
+    };
+    match acquired {
+        Acquired::Slot(i) => {
+            let handle = Handle::new(balancer.snapshot.states[i].clone(), now.ns());
+            record_dispatch(&request, &handle);
+            let timer = timer(config, deadline, &mut now);
+            ResponseFuture {
+                state: State::Ready {
+                    svc: balancer.snapshot.services[i].clone(),
+                    request: Some(request),
+                },
+                handle: Some(handle),
+                timer,
+                classifier: balancer.classifier.clone(),
+                completion: balancer.completion.clone(),
+            }
+        }
+        Acquired::Empty => {
+            common.metrics.no_endpoints.increment(1);
+            balancer.failed(Error::NoEndpoints)
+        }
+        Acquired::Full => {
+            if config.max_wait.is_zero()
+                || common.waiters.load(Ordering::Relaxed) >= config.max_waiters
+            {
+                common.metrics.overloaded.increment(1);
+                tracing::debug!(balancer = %config.name, "every endpoint is at capacity; rejecting");
+                return balancer.failed(Error::Overloaded {
+                    waited: Duration::ZERO,
+                });
+            }
+            let picker = shared.picker();
+            let wait = Box::pin(wait_for_slot(shared.clone(), request, picker, deadline));
+            ResponseFuture {
+                state: State::Waiting { wait },
+                handle: None,
+                timer: None,
+                classifier: balancer.classifier.clone(),
+                completion: balancer.completion.clone(),
+            }
+        }
+    }
+}
+
+impl<K, S, C, T> Balancer<K, S, C, T>
+where
+    C: Clone,
+    T: Clone,
+{
+    fn failed<Req>(&self, error: Error) -> ResponseFuture<S, Req, C, T>
+    where
+        S: Service<Req>,
+    {
+        ResponseFuture {
+            state: State::Failed { error: Some(error) },
+            handle: None,
+            timer: None,
+            classifier: self.classifier.clone(),
+            completion: self.completion.clone(),
+        }
+    }
+}
+
+struct Waiting<'a>(&'a Common);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Every usable endpoint is full: wait for a slot to free (or the set to
+/// change), bounded by `max_wait` and the deadline.
+async fn wait_for_slot<K, S, Req>(
+    shared: Arc<Shared<K, S>>,
+    request: Req,
+    mut picker: Picker,
+    deadline: Option<Deadline>,
+) -> Result<Dispatched<S, Req>, Error>
+where
+    K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+    S: Clone + Send + Sync + 'static,
+    Req: RequestExtensions + Send + 'static,
+{
+    let common = &*shared.common;
+    let config = &shared.config;
+    common.waiters.fetch_add(1, Ordering::Relaxed);
+    let _waiting = Waiting(common);
+    common.metrics.waited.increment(1);
+    let started = Instant::now();
+    let wait_until = started + config.max_wait;
+    let (until, by_deadline) = match deadline {
+        Some(d) if d.instant() < wait_until => (d.instant(), true),
+        _ => (wait_until, false),
+    };
+    let mut sleep = pin!(sleep_until(until));
+    loop {
+        let mut notified = pin!(common.notify.notified());
+        notified.as_mut().enable();
+        shared.sync_discover();
+        let snapshot = shared.current();
+        {
+            let mut now = LazyNow::new(common);
+            let acquired = {
+                let hints = hints(&config.policy, &request);
+                pick_and_acquire(&config.policy, &snapshot, &hints, &mut picker, &mut now)
+            };
+            match acquired {
+                Acquired::Slot(i) => {
+                    let handle = Handle::new(snapshot.states[i].clone(), now.ns());
+                    record_dispatch(&request, &handle);
+                    let timer = timer(config, deadline, &mut now);
+                    return Ok(Dispatched {
+                        svc: snapshot.services[i].clone(),
+                        request,
+                        handle,
+                        timer,
+                    });
+                }
+                Acquired::Empty => {
+                    common.metrics.no_endpoints.increment(1);
+                    return Err(Error::NoEndpoints);
+                }
+                Acquired::Full => {}
+            }
+        }
+        drop(snapshot);
+        if let Either::Right(_) = select(notified, sleep.as_mut()).await {
+            return Err(if by_deadline {
+                common.metrics.deadline_exceeded.increment(1);
+                Error::DeadlineExceeded
+            } else {
+                common.metrics.overloaded.increment(1);
+                tracing::debug!(balancer = %config.name, waited = ?config.max_wait, "no slot freed in time; rejecting");
+                Error::Overloaded {
+                    waited: started.elapsed(),
+                }
+            });
+        }
+    }
+}
+
+/// Classifies an attempt's result and releases (or hands on) its slot.
+fn finish<Res, E, C, T>(
+    mut handle: Handle,
+    classifier: &C,
+    completion: &T,
+    result: Result<Res, E>,
+) -> Result<T::Output, Error>
+where
+    E: Into<BoxError>,
+    C: Classify<Res, E>,
+    T: TrackCompletion<Handle, Res>,
+{
+    let endpoint = handle.endpoint();
+    match classifier.classify(&result) {
+        Outcome::Success => {
+            handle.set_outcome(Recorded::Success);
+            match result {
+                Ok(response) => Ok(completion.track_completion(handle, response)),
+                Err(error) => Err(Error::Failed {
+                    endpoint,
+                    retryable: false,
+                    source: error.into(),
+                }),
+            }
+        }
+        Outcome::Busy { retry_after } => {
+            let cooldown = retry_after
+                .unwrap_or_else(|| handle.common().busy_cooldown())
+                .min(MAX_BUSY_COOLDOWN);
+            handle.set_outcome(Recorded::Busy(cooldown));
+            tracing::debug!(%endpoint, ?cooldown, "endpoint busy; routing around it");
+            Err(Error::Busy {
+                endpoint,
+                retry_after,
+            })
+        }
+        Outcome::Failure { retryable } => {
+            handle.set_outcome(Recorded::Failure);
+            let source = match result {
+                Err(error) => error.into(),
+                Ok(_) => Box::new(FailedResponse) as BoxError,
+            };
+            Err(Error::Failed {
+                endpoint,
+                retryable,
+                source,
+            })
+        }
+    }
+}
+
+/// `Some` when the attempt timeout or the deadline fired.
+fn poll_timer(
+    timer: &mut Option<Timer>,
+    handle: &mut Option<Handle>,
+    cx: &mut Context<'_>,
+) -> Option<Error> {
+    let t = timer.as_mut()?;
+    if t.sleep.as_mut().poll(cx).is_pending() {
+        return None;
+    }
+    let mut handle = handle.take().expect("a dispatched request holds a handle");
+    let endpoint = handle.endpoint();
+    Some(match t.kind {
+        TimerKind::Attempt(after) => {
+            handle.set_outcome(Recorded::TimedOut);
+            tracing::debug!(%endpoint, ?after, "attempt timed out; cancelling it");
+            Error::Timeout { endpoint, after }
+        }
+        TimerKind::Deadline => {
+            handle.common().metrics.deadline_exceeded.increment(1);
+            Error::DeadlineExceeded
+        }
+    })
+}
+
+impl<S, Req, C, T> Future for ResponseFuture<S, Req, C, T>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response, S::Error>,
+    T: TrackCompletion<Handle, S::Response>,
+{
+    type Output = Result<T::Output, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Waiting { wait } => match ready!(wait.as_mut().poll(cx)) {
+                    Ok(dispatched) => {
+                        *this.handle = Some(dispatched.handle);
+                        *this.timer = dispatched.timer;
+                        this.state.set(State::Ready {
+                            svc: dispatched.svc,
+                            request: Some(dispatched.request),
+                        });
+                    }
+                    Err(error) => {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(error));
+                    }
+                },
+                StateProj::Ready { svc, request } => match svc.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {
+                        let request = request.take().expect("request is sent once");
+                        let future = svc.call(request);
+                        this.state.set(State::Called { future });
+                    }
+                    Poll::Ready(Err(error)) => {
+                        let handle = this
+                            .handle
+                            .take()
+                            .expect("a dispatched request holds a handle");
+                        this.state.set(State::Done);
+                        return Poll::Ready(finish(
+                            handle,
+                            this.classifier,
+                            this.completion,
+                            Err(error),
+                        ));
+                    }
+                    Poll::Pending => {
+                        if let Some(error) = poll_timer(this.timer, this.handle, cx) {
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error));
+                        }
+                        return Poll::Pending;
+                    }
+                },
+                StateProj::Called { future } => match future.poll(cx) {
+                    Poll::Ready(result) => {
+                        let handle = this
+                            .handle
+                            .take()
+                            .expect("a dispatched request holds a handle");
+                        this.state.set(State::Done);
+                        return Poll::Ready(finish(
+                            handle,
+                            this.classifier,
+                            this.completion,
+                            result,
+                        ));
+                    }
+                    Poll::Pending => {
+                        if let Some(error) = poll_timer(this.timer, this.handle, cx) {
+                            // Dropping the endpoint's future cancels the call.
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error));
+                        }
+                        return Poll::Pending;
+                    }
+                },
+                StateProj::Failed { error } => {
+                    let error = error.take().expect("polled after completion");
+                    this.state.set(State::Done);
+                    return Poll::Ready(Err(error));
+                }
+                StateProj::Done => panic!("keel_balancer::ResponseFuture polled after completion"),
+            }
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The deadline layer's response future.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use pin_project_lite::pin_project;
+use tokio::time::{Sleep, sleep_until};
+
+use crate::error::Error;
+use crate::request::Deadline;
+
+pin_project! {
+    /// The response future of [`EnforceDeadline`](super::EnforceDeadline):
+    /// the inner future, cancelled with
+    /// [`Error::DeadlineExceeded`](crate::Error::DeadlineExceeded) when the
+    /// deadline passes.
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: Option<F>,
+        #[pin]
+        sleep: Option<Sleep>,
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    pub(crate) fn new(inner: F, deadline: Option<Deadline>) -> Self {
+        ResponseFuture {
+            inner: Some(inner),
+            sleep: deadline.map(|d| sleep_until(d.instant())),
+        }
+    }
+
+    pub(crate) fn expired() -> Self {
+        ResponseFuture {
+            inner: None,
+            sleep: None,
+        }
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<Error>,
+{
+    type Output = Result<T, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+            return Poll::Ready(Err(Error::DeadlineExceeded));
+        };
+        if let Poll::Ready(result) = inner.poll(cx) {
+            return Poll::Ready(result.map_err(Into::into));
+        }
+        if let Some(sleep) = this.sleep.as_pin_mut()
+            && sleep.poll(cx).is_ready()
+        {
+            // Dropping the inner future cancels whatever it was doing.
+            this.inner.set(None);
+            return Poll::Ready(Err(Error::DeadlineExceeded));
+        }
+        Poll::Pending
+    }
+}

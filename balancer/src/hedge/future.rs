@@ -1,0 +1,28 @@
+//! The hedge layer's response future.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use crate::error::Error;
+
+/// The response future of [`Hedge`](super::Hedge). Dropping it cancels both
+/// copies.
+pub struct ResponseFuture<R> {
+    pub(crate) inner: Pin<Box<dyn Future<Output = Result<R, Error>> + Send>>,
+}
+
+impl<R> fmt::Debug for ResponseFuture<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<R> Future for ResponseFuture<R> {
+    type Output = Result<R, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}

@@ -1,0 +1,398 @@
+//! The retry policy: what to retry, when, and where not to.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::{Instant, Sleep};
+
+use super::budget::{BudgetConfig, RetryBudget};
+use crate::balance::mix;
+use crate::error::{Error, GiveUp, Result};
+use crate::metrics::RetryMetrics;
+use crate::request::{AvoidEndpoints, Deadline, RequestExtensions};
+
+/// Settings of the [retry layer](super).
+///
+/// ```
+/// use std::time::Duration;
+/// use keel_balancer::retry::{BudgetConfig, RetryConfig};
+///
+/// let config = RetryConfig::default()
+///     .max_attempts(3)
+///     .backoff(Duration::from_millis(10), Duration::from_millis(500))
+///     .budget(BudgetConfig::default().ratio(0.1).floor(10));
+/// assert!(config.validate().is_ok());
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct RetryConfig {
+    /// The `retry` label on this layer's metrics. Default `"default"`.
+    pub name: String,
+    /// Attempts per request, the first one included. At least 1. Default 3.
+    pub max_attempts: u32,
+    /// Backoff before the first retry is drawn from [0, `backoff_base`];
+    /// the range doubles per retry ("full jitter"). Default 25 ms.
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    /// The largest backoff range. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// The retry budget, one per layer (per client). Default: 10% of
+    /// requests plus 10 retries per 10 s window.
+    pub budget: BudgetConfig,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            name: "default".to_owned(),
+            max_attempts: 3,
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_secs(1),
+            budget: BudgetConfig::default(),
+        }
+    }
+}
+
+impl RetryConfig {
+    /// Sets [`name`](Self::name).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets [`max_attempts`](Self::max_attempts).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts;
+        self
+    }
+
+    /// Sets [`backoff_base`](Self::backoff_base) and [`backoff_max`](Self::backoff_max).
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.backoff_base = base;
+        self.backoff_max = max;
+        self
+    }
+
+    /// Sets [`budget`](Self::budget).
+    pub fn budget(mut self, budget: BudgetConfig) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// Checks every field, naming the first bad one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.name.is_empty() {
+            return Err(Error::config("name", "must not be empty"));
+        }
+        if self.max_attempts == 0 {
+            return Err(Error::config("max_attempts", "must be at least 1"));
+        }
+        if self.backoff_base > self.backoff_max {
+            return Err(Error::config(
+                "backoff_base",
+                "must not exceed `backoff_max`",
+            ));
+        }
+        self.budget.validate()
+    }
+
+    /// The backoff range before retry number `retry` (1-based):
+    /// `min(backoff_max, backoff_base × 2^(retry-1))`.
+    pub fn backoff_cap(&self, retry: u32) -> Duration {
+        let exp = retry.saturating_sub(1).min(31);
+        self.backoff_base
+            .saturating_mul(1u32 << exp)
+            .min(self.backoff_max)
+    }
+}
+
+struct Shared {
+    config: RetryConfig,
+    budget: RetryBudget,
+    seed: u64,
+    sessions: AtomicU64,
+    metrics: RetryMetrics,
+}
+
+/// The [`tower::retry::Policy`] behind [`RetryLayer`](super::RetryLayer).
+///
+/// For each failed attempt, in order:
+///
+/// 1. errors that are not [retryable](crate::Error::is_retryable) pass
+///    through untouched (including an inner layer's `RetriesExhausted`);
+/// 2. after `max_attempts`, give up;
+/// 3. draw a full-jitter backoff; if sleeping it would pass the request's
+///    [`Deadline`], give up;
+/// 4. withdraw one retry from the budget; if it is empty, give up;
+/// 5. add the failed endpoint to the request's [`AvoidEndpoints`] and retry
+///    after the backoff.
+///
+/// Giving up returns [`Error::RetriesExhausted`] (never retryable) with the
+/// reason, so outer layers do not multiply attempts. Each request deposits
+/// once into the budget, when it enters the layer. Once a request has failed
+/// on every endpoint, a further attempt is answered
+/// [`Error::NoEndpoints`] by the balancer without any upstream call; keep
+/// `max_attempts` at or below the fleet size to avoid spending budget on it.
+///
+/// Requests must be `Clone` to be retried (an `http::Request<Bytes>` is).
+#[derive(Clone)]
+pub struct RetryPolicy {
+    shared: Arc<Shared>,
+    session: u64,
+    attempts: u32,
+    rng: Option<fastrand::Rng>,
+}
+
+impl std::fmt::Debug for RetryPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RetryPolicy")
+            .field("config", &self.shared.config)
+            .field("budget", &self.shared.budget)
+            .field("attempts", &self.attempts)
+            .finish()
+    }
+}
+
+impl RetryPolicy {
+    /// A policy with its own budget.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the bad field.
+    pub fn new(config: RetryConfig) -> Result<Self> {
+        Self::with_seed(config, fastrand::u64(..))
+    }
+
+    /// A policy whose backoff jitter is drawn from `seed` (for reproducible
+    /// simulations): request *n* gets the *n*-th stream.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the bad field.
+    pub fn with_seed(config: RetryConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        Ok(RetryPolicy {
+            shared: Arc::new(Shared {
+                budget: RetryBudget::new(&config.budget)?,
+                metrics: RetryMetrics::new(&config.name),
+                config,
+                seed,
+                sessions: AtomicU64::new(0),
+            }),
+            session: 0,
+            attempts: 0,
+            rng: None,
+        })
+    }
+
+    /// The budget every request of this policy shares.
+    pub fn budget(&self) -> &RetryBudget {
+        &self.shared.budget
+    }
+
+    /// The policy's configuration.
+    pub fn config(&self) -> &RetryConfig {
+        &self.shared.config
+    }
+
+    fn backoff(&mut self) -> Duration {
+        let cap = self.shared.config.backoff_cap(self.attempts);
+        let (seed, session) = (self.shared.seed, self.session);
+        let rng = self
+            .rng
+            .get_or_insert_with(|| fastrand::Rng::with_seed(mix(seed, session)));
+        let nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(rng.u64(0..=nanos))
+    }
+
+    fn give_up<Res>(&self, result: &mut Result<Res, Error>, reason: GiveUp) {
+        let metrics = &self.shared.metrics;
+        match reason {
+            GiveUp::Budget => metrics.gave_up_budget.increment(1),
+            GiveUp::Deadline => metrics.gave_up_deadline.increment(1),
+            GiveUp::MaxAttempts => metrics.gave_up_max_attempts.increment(1),
+        }
+        if let Err(error) = std::mem::replace(result, Err(Error::NoEndpoints)) {
+            tracing::debug!(attempts = self.attempts, %reason, %error, "not retrying");
+            *result = Err(Error::RetriesExhausted {
+                attempts: self.attempts,
+                reason,
+                source: Box::new(error),
+            });
+        }
+    }
+}
+
+impl<Req, Res> tower::retry::Policy<Req, Res, Error> for RetryPolicy
+where
+    Req: RequestExtensions + Clone,
+{
+    type Future = Sleep;
+
+    fn retry(&mut self, request: &mut Req, result: &mut Result<Res, Error>) -> Option<Sleep> {
+        let error = match result {
+            Ok(_) => return None,
+            Err(error) => error,
+        };
+        self.attempts += 1;
+        if !error.is_retryable() {
+            return None;
+        }
+        if self.attempts >= self.shared.config.max_attempts {
+            self.give_up(result, GiveUp::MaxAttempts);
+            return None;
+        }
+        let backoff = self.backoff();
+        let resume = Instant::now() + backoff;
+        if Deadline::of(request).is_some_and(|d| resume >= d.instant()) {
+            self.give_up(result, GiveUp::Deadline);
+            return None;
+        }
+        if !self.shared.budget.withdraw() {
+            self.give_up(result, GiveUp::Budget);
+            return None;
+        }
+        let failed = result.as_ref().err().and_then(Error::endpoint);
+        if let Some(endpoint) = failed {
+            AvoidEndpoints::add(request, endpoint);
+        }
+        self.shared.metrics.retries.increment(1);
+        tracing::debug!(attempt = self.attempts + 1, ?backoff, avoid = ?failed, "retrying");
+        Some(tokio::time::sleep_until(resume))
+    }
+
+    fn clone_request(&mut self, request: &Req) -> Option<Req> {
+        if self.attempts == 0 {
+            // First attempt of a new request (tower calls this on the
+            // layer's template policy before cloning it for the request).
+            self.session = self.shared.sessions.fetch_add(1, Ordering::Relaxed);
+            self.shared.budget.deposit();
+            self.shared.metrics.requests.increment(1);
+        }
+        Some(request.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::EndpointId;
+    use tower::retry::Policy;
+
+    fn failed(endpoint: u64) -> Result<(), Error> {
+        Err(Error::Busy {
+            endpoint: EndpointId::new(endpoint),
+            retry_after: None,
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_avoid_the_failed_endpoint_and_stop_at_max_attempts() {
+        let mut template =
+            RetryPolicy::with_seed(RetryConfig::default().max_attempts(3), 1).unwrap();
+        let mut request = http::Extensions::new();
+        let _ = Policy::<_, (), Error>::clone_request(&mut template, &request);
+        let mut session = template.clone();
+        let mut result = failed(4);
+        assert!(session.retry(&mut request, &mut result).is_some());
+        assert!(
+            AvoidEndpoints::get(&request)
+                .unwrap()
+                .contains(EndpointId::new(4))
+        );
+        let mut result = failed(5);
+        assert!(session.retry(&mut request, &mut result).is_some());
+        let mut result = failed(6);
+        assert!(session.retry(&mut request, &mut result).is_none());
+        let avoided = AvoidEndpoints::get(&request).unwrap();
+        assert_eq!(
+            avoided.as_slice(),
+            &[EndpointId::new(4), EndpointId::new(5)]
+        );
+        match result {
+            Err(Error::RetriesExhausted {
+                attempts: 3,
+                reason: GiveUp::MaxAttempts,
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_sleeps_past_the_deadline() {
+        let config = RetryConfig::default().backoff(Duration::from_secs(5), Duration::from_secs(5));
+        let mut template = RetryPolicy::with_seed(config, 9).unwrap();
+        let mut request = http::Extensions::new();
+        Deadline::after(Duration::from_millis(1)).apply(&mut request);
+        let _ = Policy::<_, (), Error>::clone_request(&mut template, &request);
+        let mut session = template.clone();
+        // A backoff drawn from [0, 5 s] lands past a 1 ms deadline unless it
+        // is under 1 ms; seed 9 draws a long one.
+        let mut result = failed(0);
+        assert!(session.retry(&mut request, &mut result).is_none());
+        assert!(matches!(
+            result,
+            Err(Error::RetriesExhausted {
+                reason: GiveUp::Deadline,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn non_retryable_errors_pass_through() {
+        let mut session = RetryPolicy::with_seed(RetryConfig::default(), 2).unwrap();
+        let mut request = http::Extensions::new();
+        let mut result: Result<(), Error> = Err(Error::DeadlineExceeded);
+        assert!(session.retry(&mut request, &mut result).is_none());
+        assert!(matches!(result, Err(Error::DeadlineExceeded)));
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_under_the_cap() {
+        let config =
+            RetryConfig::default().backoff(Duration::from_millis(10), Duration::from_millis(300));
+        assert_eq!(config.backoff_cap(1), Duration::from_millis(10));
+        assert_eq!(config.backoff_cap(3), Duration::from_millis(40));
+        assert_eq!(config.backoff_cap(30), Duration::from_millis(300));
+        let mut policy = RetryPolicy::with_seed(config, 3).unwrap();
+        policy.attempts = 2;
+        let draws: Vec<_> = (0..1000).map(|_| policy.backoff()).collect();
+        assert!(draws.iter().all(|d| *d <= Duration::from_millis(20)));
+        assert!(
+            draws.iter().any(|d| *d < Duration::from_millis(2)),
+            "reaches near zero"
+        );
+        assert!(
+            draws.iter().any(|d| *d > Duration::from_millis(18)),
+            "reaches near the cap"
+        );
+    }
+
+    #[test]
+    fn refuses_bad_fields_by_name() {
+        for (config, field) in [
+            (RetryConfig::default().max_attempts(0), "max_attempts"),
+            (
+                RetryConfig::default().backoff(Duration::from_secs(2), Duration::from_secs(1)),
+                "backoff_base",
+            ),
+            (
+                RetryConfig::default().budget(BudgetConfig::default().ratio(-0.5)),
+                "budget.ratio",
+            ),
+        ] {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{err} should name {field}");
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! A deterministic fleet simulator (feature `sim`).
+//!
+//! N [simulated nodes](SimNode) with batch slots, log-normal latencies, an
+//! optional prefix (KV) cache where a hit costs less than prefill, and
+//! [scripted faults](Script) over time (slow, down, failing, error rate,
+//! busy-503, flapping, recovery). An open-loop [load generator](Workload)
+//! sends Poisson arrivals from tenants and sessions with prefix-sharing
+//! prompts through any [`Router`] — a Keel stack, tower's p2c, a naive retry
+//! loop — and [`run`] reports goodput, latency percentiles, attempts per
+//! request, per-node load and errors by kind.
+//!
+//! Runs under paused tokio time on a current-thread runtime: a simulated
+//! minute takes about a second of wall time (less in release builds), and
+//! a run is a pure function of its seeds.
+//!
+//! ```
+//! use keel_balancer::{BalancerConfig, Policy};
+//! use keel_balancer::sim::{self, Fleet, Scenario};
+//!
+//! # fn main() -> keel_balancer::Result<()> {
+//! let scenario = Scenario::slow_node().seconds(5);
+//! let report = sim::block_on(async {
+//!     let fleet = Fleet::new(&scenario.fleet, &scenario.script);
+//!     let (router, _balancer) = sim::keel_router(&fleet, BalancerConfig::default().policy(Policy::PeakEwma), None, 7)?;
+//!     Ok::<_, keel_balancer::Error>(sim::run(router, &fleet, &scenario.workload).await)
+//! })?;
+//! assert!(report.success_rate() > 0.99);
+//! println!("{}", report.summary());
+//! # Ok(())
+//! # }
+//! ```
+
+mod fleet;
+mod report;
+mod scenario;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tower::util::BoxCloneService;
+use tower_layer::Layer;
+
+pub use fleet::{
+    Fault, Fleet, FleetConfig, LatencyModel, NodeReport, Script, SimClassifier, SimError,
+    SimFuture, SimNode, SimRequest, SimResponse,
+};
+pub use report::Report;
+pub use scenario::{PromptShape, Scenario, Workload};
+
+use crate::balance::{Balancer, mix};
+use crate::config::{BalancerConfig, Policy};
+use crate::error::{BoxError, Error, Result};
+use crate::request::{AffinityKey, Prompt};
+use crate::retry::{RetryConfig, RetryLayer};
+
+/// Any routing stack under test, boxed: a `tower::Service` from
+/// [`SimRequest`] to [`SimResponse`].
+pub type Router = BoxCloneService<SimRequest, SimResponse, BoxError>;
+
+/// Runs `future` on a current-thread tokio runtime with paused time, the
+/// way every simulation runs.
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a current-thread runtime builds")
+        .block_on(future)
+}
+
+/// A Keel stack over `fleet`: a [`Balancer`] with `config` (seeded, with
+/// the [`SimClassifier`]), under a [`RetryLayer`] when `retry` is given.
+/// Returns the router and the balancer (to inspect its endpoints).
+///
+/// # Errors
+///
+/// [`Error::InvalidConfig`] naming the bad field.
+pub fn keel_router(
+    fleet: &Fleet,
+    config: BalancerConfig,
+    retry: Option<RetryConfig>,
+    seed: u64,
+) -> Result<(Router, Balancer<usize, SimNode, SimClassifier>)> {
+    let balancer = Balancer::builder()
+        .config(config)
+        .classifier(SimClassifier)
+        .seed(seed)
+        .build(fleet.discover())?;
+    let router = match retry {
+        Some(retry) => Router::new(
+            RetryLayer::with_seed(retry, mix(seed, 1))?
+                .layer(balancer.clone())
+                .map_err(BoxError::from),
+        ),
+        None => Router::new(balancer.clone().map_err(BoxError::from)),
+    };
+    Ok((router, balancer))
+}
+
+/// A naive client: round-robin, and every error retried at once, up to
+/// `retries` times, to whichever endpoint comes next — the retry storm the
+/// budget exists to prevent.
+///
+/// # Errors
+///
+/// Never in practice; the balancer config is the default round-robin one.
+pub fn naive_router(fleet: &Fleet, retries: u32, seed: u64) -> Result<Router> {
+    let balancer = Balancer::builder()
+        .policy(Policy::RoundRobin)
+        .classifier(SimClassifier)
+        .seed(seed)
+        .build(fleet.discover())?;
+    Ok(Router::new(
+        tower::retry::Retry::new(NaiveRetry { left: retries }, balancer).map_err(BoxError::from),
+    ))
+}
+
+/// Retries every error immediately, `left` more times.
+#[derive(Clone, Copy, Debug)]
+pub struct NaiveRetry {
+    /// Retries left for this request.
+    pub left: u32,
+}
+
+impl<Res> tower::retry::Policy<SimRequest, Res, Error> for NaiveRetry {
+    type Future = std::future::Ready<()>;
+
+    fn retry(
+        &mut self,
+        _: &mut SimRequest,
+        result: &mut Result<Res, Error>,
+    ) -> Option<Self::Future> {
+        if result.is_err() && self.left > 0 {
+            self.left -= 1;
+            Some(std::future::ready(()))
+        } else {
+            None
+        }
+    }
+
+    fn clone_request(&mut self, request: &SimRequest) -> Option<SimRequest> {
+        Some(request.clone())
+    }
+}
+
+/// tower's own p2c balancer with `PeakEwma` over `fleet` (seeded), behind a
+/// `Buffer` so clones share it, with no retries: the baseline Keel is
+/// compared against.
+pub fn tower_p2c_router(fleet: &Fleet, seed: u64) -> Router {
+    let discover = tower::load::PeakEwmaDiscover::new(
+        fleet.discover(),
+        Duration::from_secs(1),
+        Duration::from_secs(10),
+        tower::load::CompleteOnResponse::default(),
+    );
+    let balance =
+        tower::balance::p2c::Balance::from_rng(discover, SeededRng(fastrand::Rng::with_seed(seed)));
+    Router::new(tower::buffer::Buffer::new(balance, 4096))
+}
+
+/// fastrand behind tower's `Rng` trait, so tower's p2c is reproducible.
+struct SeededRng(fastrand::Rng);
+
+impl tower::util::rng::Rng for SeededRng {
+    fn next_u64(&mut self) -> u64 {
+        self.0.u64(..)
+    }
+}
+
+#[derive(Default)]
+struct Collector {
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    sessions: HashMap<u64, HashMap<usize, u64>>,
+}
+
+fn kind_of(error: &BoxError) -> String {
+    if let Some(e) = error.downcast_ref::<Error>() {
+        return e.kind().to_owned();
+    }
+    if let Some(e) = error.downcast_ref::<SimError>() {
+        return match e {
+            SimError::Failed(_) => "failed",
+            SimError::Busy(_) => "busy",
+        }
+        .to_owned();
+    }
+    "other".to_owned()
+}
+
+/// Drives `workload` through `router` against `fleet` and reports what
+/// happened. Each request is a spawned task that gives up (dropping, so
+/// cancelling, its request) after the workload's client timeout.
+///
+/// Run it on a paused current-thread runtime ([`block_on`] or
+/// `#[tokio::test(start_paused = true)]`).
+pub async fn run(router: Router, fleet: &Fleet, workload: &Workload) -> Report {
+    let collector = Arc::new(Mutex::new(Collector::default()));
+    let latencies = Arc::new(Mutex::new(
+        Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds"),
+    ));
+    let mut rng = fastrand::Rng::with_seed(workload.seed);
+    let start = Instant::now();
+    let mut arrival = start;
+    let mut tasks = Vec::new();
+    let mut id = 0u64;
+    loop {
+        let gap = -(1.0 - rng.f64()).ln() / workload.rate;
+        arrival += Duration::from_secs_f64(gap);
+        if arrival - start >= workload.duration {
+            break;
+        }
+        tokio::time::sleep_until(arrival).await;
+        let request = workload.request(id, &mut rng);
+        id += 1;
+        let router = router.clone();
+        let collector = collector.clone();
+        let latencies = latencies.clone();
+        let timeout = workload.client_timeout;
+        tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let session = request.session;
+            let outcome = tokio::time::timeout(timeout, router.oneshot(request)).await;
+            let mut c = collector.lock();
+            match outcome {
+                Ok(Ok(response)) => {
+                    c.ok += 1;
+                    *c.sessions
+                        .entry(session)
+                        .or_default()
+                        .entry(response.node)
+                        .or_default() += 1;
+                    let micros = sent.elapsed().as_micros().max(1) as u64;
+                    latencies.lock().saturating_record(micros);
+                }
+                Ok(Err(error)) => *c.errors.entry(kind_of(&error)).or_default() += 1,
+                Err(_) => *c.errors.entry("client_timeout".to_owned()).or_default() += 1,
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("a simulated request task panicked");
+    }
+    let collector = std::mem::take(&mut *collector.lock());
+    let latencies = latencies.lock().clone();
+    let nodes = fleet.report();
+    let dispatch_loads = std::mem::take(&mut *fleet.probe.dispatch_loads.lock());
+    Report::new(
+        id,
+        collector.ok,
+        collector.errors,
+        &collector.sessions,
+        &latencies,
+        nodes,
+        dispatch_loads,
+        workload.duration,
+    )
+}
+
+impl Workload {
+    fn request(&self, id: u64, rng: &mut fastrand::Rng) -> SimRequest {
+        let tenant = rng.u32(0..self.tenants.max(1));
+        let session = if self.sessions == 0 {
+            id
+        } else {
+            rng.u64(0..self.sessions)
+        };
+        let shape = &self.prompt;
+        let block = shape.block_bytes.max(1);
+        let mut prompt =
+            Vec::with_capacity(block * (shape.prefix_blocks + shape.suffix_blocks) as usize);
+        if shape.prefixes > 0 {
+            let group = rng.u32(0..shape.prefixes);
+            let mut prefix_rng = fastrand::Rng::with_seed(mix(0x5eed, u64::from(group)));
+            prompt.extend((0..block * shape.prefix_blocks as usize).map(|_| prefix_rng.u8(..)));
+        }
+        prompt.extend((0..block * shape.suffix_blocks as usize).map(|_| rng.u8(..)));
+        let prompt = Bytes::from(prompt);
+        let mut request = SimRequest::new(id, tenant, session, prompt.clone());
+        AffinityKey::of(&session).apply(&mut request);
+        Prompt(prompt).apply(&mut request);
+        request
+    }
+}

@@ -1,0 +1,256 @@
+//! The load generator's settings and the standard scenarios.
+
+use std::time::Duration;
+
+use super::fleet::{Fault, FleetConfig, LatencyModel, Script};
+
+/// The shape of generated prompts.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct PromptShape {
+    /// Distinct shared prefixes (system prompts, few-shot examples); each
+    /// request draws one uniformly. 0 (the default) means no sharing.
+    pub prefixes: u32,
+    /// Blocks in each shared prefix. Default 0.
+    pub prefix_blocks: u32,
+    /// Random blocks after the prefix, unique to the request. Default 4.
+    pub suffix_blocks: u32,
+    /// Bytes per block. Default 64.
+    pub block_bytes: usize,
+}
+
+impl Default for PromptShape {
+    fn default() -> Self {
+        PromptShape {
+            prefixes: 0,
+            prefix_blocks: 0,
+            suffix_blocks: 4,
+            block_bytes: 64,
+        }
+    }
+}
+
+impl PromptShape {
+    /// Prompts sharing `prefixes` prefixes of `prefix_blocks` blocks, then
+    /// `suffix_blocks` unique blocks.
+    pub fn shared(prefixes: u32, prefix_blocks: u32, suffix_blocks: u32) -> Self {
+        PromptShape {
+            prefixes,
+            prefix_blocks,
+            suffix_blocks,
+            ..PromptShape::default()
+        }
+    }
+}
+
+/// An open-loop load: Poisson arrivals at `rate`, for `duration`.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Workload {
+    /// Mean arrivals per simulated second. Default 200.
+    pub rate: f64,
+    /// How long requests keep arriving. Default 30 s.
+    pub duration: Duration,
+    /// Tenants, drawn uniformly per request. Default 4.
+    pub tenants: u32,
+    /// Sessions (affinity keys), drawn uniformly; 0 (the default) gives
+    /// every request its own.
+    pub sessions: u64,
+    /// Prompt shape.
+    pub prompt: PromptShape,
+    /// The client gives up on (and drops) a request after this. Default 10 s.
+    pub client_timeout: Duration,
+    /// Seed of arrivals, tenants, sessions and prompts. Default 1.
+    pub seed: u64,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            rate: 200.0,
+            duration: Duration::from_secs(30),
+            tenants: 4,
+            sessions: 0,
+            prompt: PromptShape::default(),
+            client_timeout: Duration::from_secs(10),
+            seed: 1,
+        }
+    }
+}
+
+impl Workload {
+    /// Sets [`rate`](Self::rate).
+    pub fn rate(mut self, rate: f64) -> Self {
+        self.rate = rate;
+        self
+    }
+
+    /// Sets [`duration`](Self::duration).
+    pub fn duration(mut self, duration: Duration) -> Self {
+        self.duration = duration;
+        self
+    }
+
+    /// Sets [`sessions`](Self::sessions).
+    pub fn sessions(mut self, sessions: u64) -> Self {
+        self.sessions = sessions;
+        self
+    }
+
+    /// Sets [`prompt`](Self::prompt).
+    pub fn prompt(mut self, prompt: PromptShape) -> Self {
+        self.prompt = prompt;
+        self
+    }
+
+    /// Sets [`client_timeout`](Self::client_timeout).
+    pub fn client_timeout(mut self, timeout: Duration) -> Self {
+        self.client_timeout = timeout;
+        self
+    }
+
+    /// Sets [`seed`](Self::seed).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+}
+
+/// A named fleet, fault script and workload.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Scenario {
+    /// Short name for tables.
+    pub name: &'static str,
+    /// The fleet.
+    pub fleet: FleetConfig,
+    /// The faults.
+    pub script: Script,
+    /// The load.
+    pub workload: Workload,
+}
+
+impl Scenario {
+    fn new(name: &'static str, fleet: FleetConfig, script: Script, workload: Workload) -> Self {
+        Scenario {
+            name,
+            fleet,
+            script,
+            workload,
+        }
+    }
+
+    /// Ten healthy nodes, 200 requests/s, 30 s.
+    pub fn healthy() -> Self {
+        Scenario::new(
+            "healthy",
+            FleetConfig::default(),
+            Script::new(),
+            Workload::default(),
+        )
+    }
+
+    /// One of ten nodes is 10× slower throughout.
+    pub fn slow_node() -> Self {
+        Scenario::new(
+            "slow node (1 of 10 at 10x)",
+            FleetConfig::default(),
+            Script::new().at(Duration::ZERO, 0, Fault::Slow(10.0)),
+            Workload::default(),
+        )
+    }
+
+    /// One of ten nodes stops answering after 5 s (requests to it hang).
+    pub fn dead_node() -> Self {
+        Scenario::new(
+            "dead node (1 of 10 hangs from 5s)",
+            FleetConfig::default(),
+            Script::new().at(Duration::from_secs(5), 0, Fault::Down),
+            Workload::default(),
+        )
+    }
+
+    /// Every node fails every request, throughout.
+    pub fn total_outage() -> Self {
+        Scenario::new(
+            "total outage (every node fails)",
+            FleetConfig::default(),
+            Script::new().all(Duration::ZERO, Fault::Failing),
+            Workload::default(),
+        )
+    }
+
+    /// One of ten nodes answers busy (503) from 5 s to 20 s, then recovers.
+    pub fn busy_node() -> Self {
+        Scenario::new(
+            "busy-503 node (5s-20s)",
+            FleetConfig::default(),
+            Script::new().at(Duration::from_secs(5), 0, Fault::Busy).at(
+                Duration::from_secs(20),
+                0,
+                Fault::Recover,
+            ),
+            Workload::default(),
+        )
+    }
+
+    /// One of ten nodes fails for 2 s out of every 4 s.
+    pub fn flapping_node() -> Self {
+        Scenario::new(
+            "flapping node (2s down, 2s up)",
+            FleetConfig::default(),
+            Script::new().at(
+                Duration::ZERO,
+                0,
+                Fault::Flapping {
+                    period: Duration::from_secs(2),
+                },
+            ),
+            Workload::default(),
+        )
+    }
+
+    /// Prompts share one of 32 long prefixes; each node caches 384 blocks
+    /// (about 6 prefixes), prefill costs 2 ms per uncached block and 0.1 ms
+    /// per cached one.
+    pub fn prefix_heavy() -> Self {
+        Scenario::new(
+            "prefix-heavy (32 prefixes, KV cache per node)",
+            FleetConfig::default().cache_blocks(384).latency(
+                LatencyModel::default()
+                    .decode(Duration::from_millis(30), 0.2)
+                    .prefill(Duration::from_millis(2), Duration::from_micros(100)),
+            ),
+            Script::new(),
+            Workload::default()
+                .rate(100.0)
+                .prompt(PromptShape::shared(32, 48, 8)),
+        )
+    }
+
+    /// 200 sessions, long generations (median 750 ms): about 15 requests
+    /// in flight per node, the regime bounded-load hashing is built for.
+    pub fn sessions() -> Self {
+        Scenario::new(
+            "sessions (200 keys, 750ms generations)",
+            FleetConfig::default()
+                .slots(64)
+                .latency(LatencyModel::default().decode(Duration::from_millis(750), 0.25)),
+            Script::new(),
+            Workload::default().sessions(200),
+        )
+    }
+
+    /// Shortens the load to `seconds` of arrivals.
+    pub fn seconds(mut self, seconds: u64) -> Self {
+        self.workload.duration = Duration::from_secs(seconds);
+        self
+    }
+
+    /// Reseeds the fleet and the workload.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.fleet.seed = seed;
+        self.workload.seed = seed;
+        self
+    }
+}

@@ -1,0 +1,221 @@
+//! The simulator tests: real assertions over seeded, simulated runs
+//! under paused time.
+
+use std::time::Duration;
+
+use keel_balancer::retry::RetryConfig;
+use keel_balancer::sim::{self, Fleet, Report, Scenario};
+use keel_balancer::{BalancerConfig, HashConfig, Policy, PrefixConfig};
+
+const SEED: u64 = 7;
+
+fn keel(scenario: &Scenario, policy: Policy) -> BalancerConfig {
+    BalancerConfig::default()
+        .policy(policy)
+        .max_outstanding_per_endpoint(scenario.fleet.slots)
+        .attempt_timeout(scenario.fleet.latency.base * 20)
+}
+
+async fn run_keel(scenario: &Scenario, config: BalancerConfig, retry: bool) -> Report {
+    let fleet = Fleet::new(&scenario.fleet, &scenario.script);
+    let retry = retry.then(RetryConfig::default);
+    let (router, _) = sim::keel_router(&fleet, config, retry, SEED).unwrap();
+    let report = sim::run(router, &fleet, &scenario.workload).await;
+    eprintln!("{}: {}", scenario.name, report.summary());
+    report
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_node_peak_ewma_p99_is_at_most_half_of_round_robin() {
+    let scenario = Scenario::slow_node().seed(SEED);
+    let ewma = run_keel(&scenario, keel(&scenario, Policy::PeakEwma), true).await;
+    let rr = run_keel(&scenario, keel(&scenario, Policy::RoundRobin), true).await;
+    assert!(ewma.success_rate() == 1.0 && rr.success_rate() == 1.0);
+    assert!(
+        ewma.p99.as_secs_f64() <= 0.5 * rr.p99.as_secs_f64(),
+        "peak-EWMA p99 {:?} vs round-robin p99 {:?}",
+        ewma.p99,
+        rr.p99
+    );
+    // Round-robin really does send the slow node its tenth.
+    let slow_share = rr.nodes[0].calls as f64 / rr.attempts as f64;
+    assert!((0.08..0.12).contains(&slow_share), "{slow_share}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn dead_node_retries_keep_success_above_99_9_percent_at_under_1_1_attempts() {
+    let scenario = Scenario::dead_node().seed(SEED);
+    for policy in [Policy::PeakEwma, Policy::RoundRobin] {
+        let report = run_keel(&scenario, keel(&scenario, policy.clone()), true).await;
+        assert!(
+            report.nodes[0].hung > 0,
+            "{policy:?}: the dead node was tried"
+        );
+        assert!(
+            report.success_rate() >= 0.999,
+            "{policy:?}: success {}",
+            report.success_rate()
+        );
+        assert!(
+            report.attempts_per_request() <= 1.1,
+            "{policy:?}: attempts/request {}",
+            report.attempts_per_request()
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn total_outage_budget_keeps_attempts_near_one_while_naive_retries_quadruple() {
+    let scenario = Scenario::total_outage().seed(SEED);
+    let budgeted = run_keel(&scenario, keel(&scenario, Policy::PeakEwma), true).await;
+    let fleet = Fleet::new(&scenario.fleet, &scenario.script);
+    let naive = sim::run(
+        sim::naive_router(&fleet, 3, SEED).unwrap(),
+        &fleet,
+        &scenario.workload,
+    )
+    .await;
+    eprintln!("naive: {}", naive.summary());
+    assert_eq!(budgeted.succeeded, 0);
+    assert_eq!(naive.requests, budgeted.requests, "the same trace");
+    assert!(
+        budgeted.attempts_per_request() <= 1.2,
+        "budgeted attempts/request {}",
+        budgeted.attempts_per_request()
+    );
+    assert!(
+        budgeted.attempts_per_request() > 1.0,
+        "the floor and ratio still allow some retries"
+    );
+    assert!(
+        naive.attempts_per_request() >= 3.9,
+        "naive attempts/request {}",
+        naive.attempts_per_request()
+    );
+    // Callers learn the layer gave up on the budget, not a raw failure.
+    assert_eq!(budgeted.errors.get("failed"), Some(&budgeted.requests));
+}
+
+#[tokio::test(start_paused = true)]
+async fn bounded_load_hashing_keeps_keys_sticky_within_the_load_bound() {
+    let scenario = Scenario::sessions().seed(SEED);
+    let c = 1.5;
+    let config = BalancerConfig::default()
+        .policy(Policy::ConsistentHash(HashConfig::default().load_factor(c)));
+    let hashed = run_keel(&scenario, config, false).await;
+    let nodes = scenario.fleet.nodes as f64;
+    assert_eq!(hashed.success_rate(), 1.0);
+    assert!(hashed.stickiness >= 0.9, "stickiness {}", hashed.stickiness);
+    // At every dispatch, the chosen node's load stays within ⌈c × mean⌉.
+    let violations: Vec<_> = hashed
+        .dispatch_loads
+        .iter()
+        .filter(|&&(node, total)| f64::from(node) > (c * f64::from(total) / nodes).ceil())
+        .collect();
+    assert!(
+        violations.is_empty(),
+        "{} violations, first {:?}",
+        violations.len(),
+        violations.first()
+    );
+    // Without the bound, hashing alone is sticky but lets nodes run hot;
+    // the bound costs little stickiness. Least-outstanding is not sticky.
+    let lo = run_keel(
+        &scenario,
+        BalancerConfig::default().policy(Policy::LeastOutstanding),
+        false,
+    )
+    .await;
+    assert!(
+        lo.stickiness < 0.5,
+        "least-outstanding stickiness {}",
+        lo.stickiness
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn prefix_affinity_gets_more_cache_hits_and_lower_p50_than_round_robin_and_least_outstanding()
+{
+    let scenario = Scenario::prefix_heavy().seed(SEED);
+    let prefix = run_keel(
+        &scenario,
+        keel(&scenario, Policy::PrefixAffinity(PrefixConfig::default())),
+        true,
+    )
+    .await;
+    for policy in [Policy::RoundRobin, Policy::LeastOutstanding] {
+        let other = run_keel(&scenario, keel(&scenario, policy.clone()), true).await;
+        assert!(
+            prefix.cache_hit_rate > other.cache_hit_rate + 0.2,
+            "{policy:?}: hit rate {} vs prefix affinity {}",
+            other.cache_hit_rate,
+            prefix.cache_hit_rate
+        );
+        assert!(
+            prefix.p50 < other.p50,
+            "{policy:?}: p50 {:?} vs {:?}",
+            other.p50,
+            prefix.p50
+        );
+    }
+    // Affinity did not pile everything onto a few nodes.
+    let busiest = prefix.nodes.iter().map(|n| n.served).max().unwrap();
+    let fair = prefix.succeeded / scenario.fleet.nodes as u64;
+    assert!(
+        busiest < 3 * fair,
+        "busiest node served {busiest}, a fair share is {fair}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn busy_node_is_routed_around_without_being_counted_as_failed() {
+    let scenario = Scenario::busy_node().seed(SEED);
+    let fleet = Fleet::new(&scenario.fleet, &scenario.script);
+    let config = keel(&scenario, Policy::PeakEwma);
+    let (router, balancer) =
+        sim::keel_router(&fleet, config, Some(RetryConfig::default()), SEED).unwrap();
+    let report = sim::run(router, &fleet, &scenario.workload).await;
+    eprintln!("busy: {}", report.summary());
+    assert!(
+        report.success_rate() >= 0.999,
+        "success {}",
+        report.success_rate()
+    );
+    let busy_node = &report.nodes[0];
+    // 15 s busy at a fair 20 requests/s would be ~300 busy answers; a 1 s
+    // cooldown per busy answer keeps it to a few dozen.
+    assert!(
+        busy_node.busy > 0 && busy_node.busy < 60,
+        "busy answers {}",
+        busy_node.busy
+    );
+    let endpoints = balancer.endpoints();
+    assert_eq!(endpoints.len(), scenario.fleet.nodes, "never ejected");
+    let node0 = endpoints.iter().find(|e| e.key == 0).unwrap();
+    assert_eq!(node0.failed, 0, "busy is not failure");
+    assert_eq!(node0.busy_responses, busy_node.busy);
+    // Back in rotation after recovery: 15 healthy seconds at a fair
+    // 20 requests/s is ~300 requests.
+    assert!(busy_node.served > 150, "served {}", busy_node.served);
+}
+
+#[tokio::test(start_paused = true)]
+async fn simulations_are_deterministic_for_a_seed() {
+    let scenario = Scenario::dead_node().seconds(10).seed(SEED);
+    let first = run_keel(&scenario, keel(&scenario, Policy::PeakEwma), true).await;
+    let second = run_keel(&scenario, keel(&scenario, Policy::PeakEwma), true).await;
+    assert_eq!(first, second);
+    let other_seed = Scenario::dead_node().seconds(10).seed(SEED + 1);
+    let third = run_keel(&other_seed, keel(&other_seed, Policy::PeakEwma), true).await;
+    assert_ne!(first.dispatch_loads, third.dispatch_loads);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_simulated_minute_runs_to_completion() {
+    // Speed is measured by benchmarks, not asserted here: under paused time
+    // the minute is simulated, so this finishes in about a second anyway.
+    let scenario = Scenario::healthy().seconds(60).seed(SEED);
+    let report = run_keel(&scenario, keel(&scenario, Policy::PeakEwma), true).await;
+    assert!(report.requests > 11_000);
+    assert_eq!(report.success_rate(), 1.0);
+}
