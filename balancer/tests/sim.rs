@@ -1,7 +1,6 @@
 //! The simulator tests: real assertions over seeded, simulated runs
 //! under paused time.
 
-use std::time::Duration;
 
 use keel_balancer::retry::RetryConfig;
 use keel_balancer::sim::{self, Fleet, Report, Scenario};
