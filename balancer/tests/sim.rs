@@ -1,7 +1,6 @@
 //! The simulator tests: real assertions over seeded, simulated runs
 //! under paused time.
 
-
 use keel_balancer::retry::RetryConfig;
 use keel_balancer::sim::{self, Fleet, Report, Scenario};
 use keel_balancer::{BalancerConfig, HashConfig, Policy, PrefixConfig};
