@@ -7,366 +7,33 @@
 //! timings do not depend on what else uses the shared server.
 //!
 //! Every test streams jobs through `RedisQueue` handles that are never
-//! rebuilt after the fault: the queue must recover on its own. Producers and
-//! consumers do what the error contract asks of callers: a retryable error
-//! (`Error::is_retryable`) means back off briefly and try again; producers
-//! give every job an idempotency key, so a retried enqueue whose first try
-//! landed is answered as a duplicate rather than enqueued twice.
+//! rebuilt after the fault: the queue must recover on its own. The
+//! producers, consumers, tally and figure line are the shared harness in
+//! `support/faults.rs` (its docs give the contract they follow and what the
+//! figure line counts); producers give every job an idempotency key, so a
+//! retried enqueue whose first try landed is answered as a duplicate rather
+//! than enqueued twice, and no job may be delivered as new twice.
 //!
-//! Each test prints one figure line,
-//! `fault=<name> sent=<n> acked=<n> lost=<n> redelivered=<n>`, where `sent`
-//! counts distinct jobs whose enqueue returned `Ok`, `acked` those of them
-//! that were acked, `lost = sent - acked` (asserted 0) and `redelivered`
-//! counts deliveries with `attempt > 1`. Details go to stderr.
-//!
-//! An ack is counted when it returned `Ok`, or when an ack sent while the
-//! lease was held ended without a confirmation (its reply was lost to the
-//! fault, then a retry found the lease gone). Such an unconfirmed ack either
-//! landed, and the job is gone, or did not, and the job comes back when its
-//! lease expires and is acked again. To tell these apart from a job the
-//! backend dropped, every stream test ends only when the queue is verifiably
-//! empty: no ready, delayed, leased or dead job, and the queue's job counter
-//! back at zero.
+//! On top of the harness's checks, every stream test ends only when the
+//! queue's job counter (`keel:{q}:size`) is back at zero.
 #![cfg(feature = "redis")]
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fmt;
+#[path = "support/faults.rs"]
+mod faults;
+
 use std::future::Future;
-use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_queue::{
-    Delivery, DequeueOptions, Error, Job, Queue, QueueConfig, QueueStats, Receipt, RedisQueue,
-    RedisQueueConfig,
+use faults::{
+    BATCH, Call, Figures, JOBS, Outcome, PROGRESS_LIMIT, Shared, StreamRun, TEST_LIMIT, Tally,
+    ack_delivered, drain_with_consumer, enqueue_until_ok, every_call_at_once, hold, is_empty, job,
+    long_poll, send_all, send_and_ack, sent_at_least, stream_with_fault, take, timed,
 };
+use keel_queue::{DequeueOptions, Error, Queue, QueueConfig, RedisQueue, RedisQueueConfig};
 use keel_testkit::{Direction, FaultProxy, Latency, Namespace, RedisServer};
 use parking_lot::Mutex;
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
-
-/// How long producers and consumers wait after a retryable error.
-const BACKOFF: Duration = Duration::from_millis(25);
-
-/// Hard bound on every test, well under the 30 s budget.
-const TEST_LIMIT: Duration = Duration::from_secs(20);
-
-/// Bound on waiting for a stream to reach a point where a fault is injected.
-const PROGRESS_LIMIT: Duration = Duration::from_secs(10);
-
-/// Jobs per stream test.
-const JOBS: u32 = 2_000;
-
-/// The producer sends at most one job per this interval, so the stream
-/// lasts long enough for faults to land in its middle (about two seconds).
-const PACE: Duration = Duration::from_millis(1);
-
-/// Deliveries per dequeue.
-const BATCH: usize = 20;
-
-// ---------------------------------------------------------------- tally --
-
-/// What producers and consumers saw, shared between their tasks.
-///
-/// Locked only for short, synchronous updates, never across an `.await`.
-#[derive(Default)]
-struct Tally {
-    /// Jobs whose enqueue returned `Ok` (new or duplicate).
-    sent: HashSet<u32>,
-    /// Jobs with an ack that returned `Ok`.
-    acked: HashSet<u32>,
-    /// Jobs with an ack sent under a held lease whose outcome is unknown.
-    unconfirmed: HashSet<u32>,
-    /// Deliveries with `attempt == 1`, per job: more than one means the job
-    /// was enqueued twice.
-    first_deliveries: HashMap<u32, u32>,
-    /// Deliveries with `attempt > 1`.
-    redelivered: u64,
-    /// Set once the fault is over; the counters below count from then on.
-    recovered: bool,
-    sent_after: u64,
-    delivered_after: u64,
-    /// Retryable errors seen, by operation and kind.
-    retryable: BTreeMap<String, u64>,
-    /// Each distinct retryable error, with its causes, and how often.
-    errors: BTreeMap<String, u64>,
-    /// Failures that end the test (non-retryable errors, giving up).
-    fatal: Vec<String>,
-}
-
-type Shared = Arc<Mutex<Tally>>;
-
-/// An error with its causes, for messages.
-fn chain(err: &Error) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
-}
-
-impl Tally {
-    fn note_retryable(&mut self, op: &str, err: &Error) {
-        let kind = match err {
-            Error::Timeout(_) => "timeout",
-            Error::Unavailable { .. } => "unavailable",
-            Error::Full { .. } => "full",
-            _ => "other",
-        };
-        let key = format!("{op}/{kind}");
-        *self
-            .errors
-            .entry(format!("{key}: {}", chain(err)))
-            .or_default() += 1;
-        *self.retryable.entry(key).or_default() += 1;
-    }
-
-    fn note_sent(&mut self, id: u32) {
-        if self.sent.insert(id) && self.recovered {
-            self.sent_after += 1;
-        }
-    }
-
-    fn note_delivery(&mut self, id: u32, attempt: u32) {
-        if attempt == 1 {
-            *self.first_deliveries.entry(id).or_default() += 1;
-        } else {
-            self.redelivered += 1;
-        }
-        if self.recovered {
-            self.delivered_after += 1;
-        }
-    }
-
-    /// Sent jobs with an ack (confirmed or not).
-    fn acked_count(&self) -> usize {
-        self.sent
-            .iter()
-            .filter(|id| self.acked.contains(id) || self.unconfirmed.contains(id))
-            .count()
-    }
-
-    fn unconfirmed_only(&self) -> usize {
-        self.unconfirmed.difference(&self.acked).count()
-    }
-
-    fn duplicated(&self) -> Vec<u32> {
-        let mut ids: Vec<u32> = self
-            .first_deliveries
-            .iter()
-            .filter(|&(_, &n)| n > 1)
-            .map(|(&id, _)| id)
-            .collect();
-        ids.sort_unstable();
-        ids
-    }
-
-    fn missing(&self) -> Vec<u32> {
-        let mut ids: Vec<u32> = self
-            .sent
-            .iter()
-            .filter(|id| !self.acked.contains(id) && !self.unconfirmed.contains(id))
-            .copied()
-            .collect();
-        ids.sort_unstable();
-        ids
-    }
-}
-
-/// The figure line of one test.
-struct Figures {
-    fault: &'static str,
-    sent: usize,
-    acked: usize,
-    redelivered: u64,
-}
-
-impl Figures {
-    fn from_tally(fault: &'static str, tally: &Tally) -> Self {
-        Figures {
-            fault,
-            sent: tally.sent.len(),
-            acked: tally.acked_count(),
-            redelivered: tally.redelivered,
-        }
-    }
-
-    fn lost(&self) -> usize {
-        self.sent - self.acked
-    }
-}
-
-impl fmt::Display for Figures {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "fault={} sent={} acked={} lost={} redelivered={}",
-            self.fault,
-            self.sent,
-            self.acked,
-            self.lost(),
-            self.redelivered
-        )
-    }
-}
-
-// ------------------------------------------------------------ producers --
-
-fn job(id: u32) -> Job {
-    Job::new(id.to_string()).idempotency_key(format!("job-{id}"))
-}
-
-fn job_id(delivery: &Delivery) -> u32 {
-    std::str::from_utf8(&delivery.payload)
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .unwrap_or_else(|| panic!("a payload this test never sent: {:?}", delivery.payload))
-}
-
-/// Enqueues `id`, retrying retryable errors until `give_up`.
-async fn enqueue_until_ok(queue: &RedisQueue, tally: &Shared, id: u32, give_up: Instant) -> bool {
-    loop {
-        match queue.enqueue(job(id)).await {
-            Ok(_) => {
-                tally.lock().note_sent(id);
-                return true;
-            }
-            Err(err) if err.is_retryable() && Instant::now() < give_up => {
-                tally.lock().note_retryable("enqueue", &err);
-                sleep(BACKOFF).await;
-            }
-            Err(err) => {
-                tally
-                    .lock()
-                    .fatal
-                    .push(format!("enqueue of job {id} failed: {}", chain(&err)));
-                return false;
-            }
-        }
-    }
-}
-
-/// Sends `ids` in order, one job per [`PACE`] at most.
-async fn produce(queue: RedisQueue, tally: Shared, ids: Range<u32>, give_up: Instant) {
-    let start = Instant::now();
-    for (n, id) in ids.enumerate() {
-        sleep_until(start + PACE * n as u32).await;
-        if !enqueue_until_ok(&queue, &tally, id, give_up).await {
-            return;
-        }
-    }
-}
-
-// ------------------------------------------------------------ consumers --
-
-/// Acks `deliveries`: one batch call, and after any error one call per
-/// receipt so each outcome is known where it can be.
-async fn settle(queue: &RedisQueue, tally: &Shared, deliveries: &[Delivery], lease_end: Instant) {
-    let receipts: Vec<Receipt> = deliveries.iter().map(|d| d.receipt.clone()).collect();
-    match queue.ack_batch(&receipts).await {
-        Ok(()) => {
-            let mut tally = tally.lock();
-            tally.acked.extend(deliveries.iter().map(job_id));
-            return;
-        }
-        // Some leases expired before the ack, or the reply was lost.
-        Err(Error::InvalidReceipt(_)) => {}
-        Err(err) if err.is_retryable() => tally.lock().note_retryable("ack", &err),
-        Err(err) => {
-            tally
-                .lock()
-                .fatal
-                .push(format!("ack_batch failed: {}", chain(&err)));
-            return;
-        }
-    }
-    for delivery in deliveries {
-        ack_one(queue, tally, delivery, lease_end).await;
-    }
-}
-
-/// Acks one delivery after its batch ack failed, retrying retryable errors
-/// while the lease lasts.
-async fn ack_one(queue: &RedisQueue, tally: &Shared, delivery: &Delivery, lease_end: Instant) {
-    let id = job_id(delivery);
-    loop {
-        match queue.ack(&delivery.receipt).await {
-            Ok(()) => {
-                tally.lock().acked.insert(id);
-                return;
-            }
-            // The batch ack may have landed, or the lease expired (then the
-            // job comes back): unknown.
-            Err(Error::InvalidReceipt(_)) => {
-                tally.lock().unconfirmed.insert(id);
-                return;
-            }
-            Err(err) if err.is_retryable() => {
-                let give_up = Instant::now() >= lease_end;
-                {
-                    let mut t = tally.lock();
-                    t.note_retryable("ack", &err);
-                    if give_up {
-                        t.unconfirmed.insert(id);
-                    }
-                }
-                if give_up {
-                    return;
-                }
-                sleep(BACKOFF).await;
-            }
-            Err(err) => {
-                tally
-                    .lock()
-                    .fatal
-                    .push(format!("ack of job {id} failed: {}", chain(&err)));
-                return;
-            }
-        }
-    }
-}
-
-/// Dequeues and acks until `stop`, sleeping briefly after retryable errors.
-async fn consume(queue: RedisQueue, tally: Shared, options: DequeueOptions, stop: Instant) {
-    while Instant::now() < stop {
-        let started = Instant::now();
-        let deliveries = match queue.dequeue(options).await {
-            Ok(deliveries) => deliveries,
-            Err(err) if err.is_retryable() => {
-                tally.lock().note_retryable("dequeue", &err);
-                sleep(BACKOFF).await;
-                continue;
-            }
-            Err(err) => {
-                tally
-                    .lock()
-                    .fatal
-                    .push(format!("dequeue failed: {}", chain(&err)));
-                return;
-            }
-        };
-        {
-            let mut tally = tally.lock();
-            for delivery in &deliveries {
-                tally.note_delivery(job_id(delivery), delivery.attempt);
-            }
-        }
-        if !deliveries.is_empty() {
-            settle(&queue, &tally, &deliveries, started + options.lease).await;
-        }
-    }
-}
-
-// ---------------------------------------------------------------- checks --
-
-/// Runs `fut` and answers its output with how long it took.
-async fn timed<T>(fut: impl Future<Output = T>) -> (T, Duration) {
-    let started = Instant::now();
-    let out = fut.await;
-    (out, started.elapsed())
-}
 
 /// Reads the queue's job counter straight from Redis (`keel:{q}:size`, see
 /// the backend's layout): it must return to zero once every job is acked.
@@ -378,57 +45,6 @@ async fn size_counter(url: &str, queue: &str) -> redis::RedisResult<i64> {
         .query_async(&mut con)
         .await?;
     Ok(size.unwrap_or(0))
-}
-
-fn is_empty(stats: &QueueStats) -> bool {
-    stats.ready == 0 && stats.delayed == 0 && stats.in_flight == 0 && stats.dead == 0
-}
-
-/// Waits until every sent job is acked and the queue is empty, or until
-/// `deadline`. Answers the last stats seen.
-async fn drained(queue: &RedisQueue, tally: &Shared, deadline: Instant) -> Option<QueueStats> {
-    let mut last = None;
-    while Instant::now() < deadline {
-        if !tally.lock().fatal.is_empty() {
-            // A producer or consumer gave up: the test fails; say so now.
-            break;
-        }
-        let all_acked = {
-            let t = tally.lock();
-            t.acked_count() == t.sent.len()
-        };
-        if all_acked {
-            // Stats also take back expired leases, so unconfirmed acks that
-            // did not land come back to the consumers.
-            match queue.stats().await {
-                Ok(stats) => {
-                    last = Some(stats);
-                    if is_empty(&stats) {
-                        return last;
-                    }
-                }
-                Err(err) if err.is_retryable() => tally.lock().note_retryable("stats", &err),
-                Err(err) => tally
-                    .lock()
-                    .fatal
-                    .push(format!("stats failed: {}", chain(&err))),
-            }
-        }
-        sleep(Duration::from_millis(50)).await;
-    }
-    last
-}
-
-/// Waits until at least `n` jobs were sent.
-async fn sent_at_least(tally: &Shared, n: usize) {
-    let wait = async {
-        while tally.lock().sent.len() < n {
-            sleep(Duration::from_millis(5)).await;
-        }
-    };
-    timeout(PROGRESS_LIMIT, wait)
-        .await
-        .unwrap_or_else(|_| panic!("the stream never reached {n} sent jobs"));
 }
 
 /// A `redis-server` of the test's own. These tests measure time and
@@ -451,118 +67,24 @@ async fn connect(url: &str, name: &str, operation_timeout: Duration) -> RedisQue
         .unwrap_or_else(|err| panic!("connect to {url}: {err}"))
 }
 
-struct StreamRun<'a> {
-    fault: &'static str,
-    /// The queue producers and consumers use (through the fault).
-    queue: RedisQueue,
-    /// The server itself, for the final counter check.
-    direct_url: &'a str,
-    name: &'a str,
-    lease: Duration,
-    consumers: usize,
-}
-
-/// What a stream test saw.
-struct Outcome {
-    tally: Tally,
-    /// From the end of the fault until every job was acked.
-    after_fault: Duration,
-}
-
-/// Streams [`JOBS`] jobs through `run.queue` with one producer and
-/// `run.consumers` consumers while `fault` runs (it returns when its fault
-/// is over; progress from then on counts as recovery). Waits until every
-/// job is acked and the queue is empty, prints the figure line and checks
-/// everything.
-async fn stream_with_fault<F, Fut>(run: StreamRun<'_>, fault: F) -> Outcome
+/// [`stream_with_fault`], then the Redis-only check: the queue's job
+/// counter, read from the server itself at `direct_url`, is back at zero.
+async fn stream_and_count<F, Fut>(
+    run: StreamRun<RedisQueue>,
+    direct_url: &str,
+    name: &str,
+    fault: F,
+) -> Outcome
 where
     F: FnOnce(Shared) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let started = Instant::now();
-    let stop = started + TEST_LIMIT - Duration::from_secs(4);
-    let tally: Shared = Arc::default();
-    let options = DequeueOptions::new(BATCH)
-        .wait(Duration::from_millis(200))
-        .lease(run.lease);
-
-    let mut producer = tokio::spawn(produce(run.queue.clone(), tally.clone(), 0..JOBS, stop));
-    let consumers: Vec<JoinHandle<()>> = (0..run.consumers)
-        .map(|_| tokio::spawn(consume(run.queue.clone(), tally.clone(), options, stop)))
-        .collect();
-
-    fault(tally.clone()).await;
-    tally.lock().recovered = true;
-    let recovered_at = Instant::now();
-
-    match timeout(
-        stop.saturating_duration_since(Instant::now()),
-        &mut producer,
-    )
-    .await
-    {
-        Ok(done) => done.expect("the producer panicked"),
-        Err(_) => {
-            producer.abort();
-            let _ = producer.await;
-            let mut t = tally.lock();
-            let sent = t.sent.len();
-            t.fatal.push(format!(
-                "the producer did not finish in time: {sent} of {JOBS} sent"
-            ));
-        }
-    }
-    let stats = drained(&run.queue, &tally, stop).await;
-    let finished = Instant::now();
-    for consumer in &consumers {
-        consumer.abort();
-    }
-    for consumer in consumers {
-        let _ = consumer.await;
-    }
-
-    let tally = Arc::into_inner(tally)
-        .expect("every task that held the tally has ended")
-        .into_inner();
-    let figures = Figures::from_tally(run.fault, &tally);
-    println!("{figures}");
-    eprintln!(
-        "fault={} elapsed={:?} after_fault={:?} unconfirmed_acks={} sent_after={} \
-         delivered_after={} retryable={:?}",
-        run.fault,
-        finished - started,
-        finished - recovered_at,
-        tally.unconfirmed_only(),
-        tally.sent_after,
-        tally.delivered_after,
-        tally.retryable,
-    );
-    for (error, n) in &tally.errors {
-        eprintln!("  {n} x {error}");
-    }
-
-    assert!(tally.fatal.is_empty(), "failures: {:#?}", tally.fatal);
-    assert_eq!(
-        figures.lost(),
-        0,
-        "{figures}: jobs never acked: {:?}; last stats {stats:?}",
-        tally.missing()
-    );
-    let stats = stats.expect("stats never answered after the fault");
-    assert!(
-        is_empty(&stats),
-        "the queue is not empty at the end: {stats:?}"
-    );
-    let size = size_counter(run.direct_url, run.name)
+    let outcome = stream_with_fault(run, fault).await;
+    let size = size_counter(direct_url, name)
         .await
         .expect("read the job counter");
     assert_eq!(size, 0, "the job counter is off after every job was acked");
-    assert_eq!(tally.duplicated(), Vec::<u32>::new(), "jobs enqueued twice");
-    assert_eq!(figures.sent, JOBS as usize);
-    Outcome {
-        tally,
-        after_fault: finished - recovered_at,
-    }
+    outcome
 }
 
 // ----------------------------------------------------------------- tests --
@@ -580,16 +102,15 @@ async fn connection_cut_mid_stream() {
         let run = StreamRun {
             fault: "connection_cut_mid_stream",
             queue,
-            direct_url: &url,
-            name: &name,
             lease: Duration::from_secs(2),
+            producers: 1,
             consumers: 2,
         };
         // The proxy must outlive the fault: dropping it closes its port.
         let fault_proxy = &proxy;
         let accepted_at_cut = Arc::new(Mutex::new(0));
         let at_cut = accepted_at_cut.clone();
-        let outcome = stream_with_fault(run, |tally| async move {
+        let outcome = stream_and_count(run, &url, &name, |tally| async move {
             sent_at_least(&tally, 500).await;
             assert!(fault_proxy.open_connections() > 0, "nothing to cut");
             *at_cut.lock() = fault_proxy.connections_accepted();
@@ -641,12 +162,11 @@ async fn redis_killed_and_restarted() {
         let run = StreamRun {
             fault: "redis_killed_and_restarted",
             queue,
-            direct_url: &url,
-            name: &name,
             lease: Duration::from_secs(2),
+            producers: 1,
             consumers: 2,
         };
-        let outcome = stream_with_fault(run, |tally| async move {
+        let outcome = stream_and_count(run, &url, &name, |tally| async move {
             sent_at_least(&tally, 600).await;
             restarted.kill();
             sleep(Duration::from_millis(500)).await;
@@ -697,16 +217,15 @@ async fn latency_spike() {
         let run = StreamRun {
             fault: "latency_spike",
             queue,
-            direct_url: &url,
-            name: &name,
             lease: Duration::from_secs(5),
+            producers: 1,
             consumers: 2,
         };
         // Jobs sent when the spike began and when it ended.
         let spike = Arc::new(Mutex::new((0usize, 0usize)));
         let at_spike = spike.clone();
         let fault_proxy = &proxy;
-        let outcome = stream_with_fault(run, |tally| async move {
+        let outcome = stream_and_count(run, &url, &name, |tally| async move {
             sent_at_least(&tally, 500).await;
             let begin = tally.lock().sent.len();
             let latency = Latency::fixed(Duration::from_millis(300));
@@ -758,70 +277,35 @@ async fn consumer_dropped_holding_leases() {
         let name = ns.name("q");
         let consumer_b = connect(&url, &name, Duration::from_secs(2)).await;
         let tally: Shared = Arc::default();
-        let give_up = Instant::now() + PROGRESS_LIMIT;
-        for id in 0..HELD {
-            assert!(enqueue_until_ok(&consumer_b, &tally, id, give_up).await);
-        }
+        send_all(&consumer_b, &tally, 0..HELD).await;
 
         let consumer_a = connect(&url, &name, Duration::from_secs(2)).await;
-        let (taken_tx, taken_rx) = tokio::sync::oneshot::channel();
-        let holder = tokio::spawn(async move {
-            let options = DequeueOptions::new(HELD as usize)
-                .wait(Duration::from_secs(2))
-                .lease(LEASE);
-            let deliveries = consumer_a.dequeue(options).await;
-            let _ = taken_tx.send(deliveries);
-            // Hold the leases (and the handle) until aborted, never acking.
-            std::future::pending::<()>().await;
-        });
-        let taken = taken_rx
-            .await
-            .expect("consumer A ended early")
-            .expect("consumer A dequeues");
-        let taken_at = Instant::now();
+        let (taken, holder) = hold(consumer_a, HELD as usize, LEASE).await;
         assert_eq!(
             taken.len(),
             HELD as usize,
             "consumer A takes the whole batch"
         );
         assert!(taken.iter().all(|d| d.attempt == 1));
+        // The crash: the task and its handle are dropped, the leases kept.
         holder.abort();
         assert!(holder.await.unwrap_err().is_cancelled());
 
-        let options = DequeueOptions::new(HELD as usize)
-            .wait(Duration::from_secs(3))
-            .lease(Duration::from_secs(10));
-        let mut first_back = None;
-        let mut received = 0;
-        while received < HELD as usize && taken_at.elapsed() < Duration::from_secs(10) {
-            let deliveries = match consumer_b.dequeue(options).await {
-                Ok(deliveries) => deliveries,
-                Err(err) => panic!("consumer B dequeue failed: {err}"),
-            };
-            if deliveries.is_empty() {
-                continue;
-            }
-            first_back.get_or_insert_with(|| taken_at.elapsed());
-            received += deliveries.len();
-            {
-                let mut t = tally.lock();
-                for delivery in &deliveries {
-                    assert_eq!(delivery.attempt, 2, "a job back from a dead consumer");
-                    t.note_delivery(job_id(delivery), delivery.attempt);
-                }
-            }
-            let receipts: Vec<Receipt> = deliveries.iter().map(|d| d.receipt.clone()).collect();
-            consumer_b
-                .ack_batch(&receipts)
-                .await
-                .expect("consumer B acks");
-            tally.lock().acked.extend(deliveries.iter().map(job_id));
+        let (back, first_back) = take(
+            &consumer_b,
+            HELD as usize,
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+        )
+        .await;
+        for delivery in &back {
+            assert_eq!(delivery.attempt, 2, "a job back from a dead consumer");
         }
+        ack_delivered(&consumer_b, &tally, &back).await;
+        let received = back.len();
 
         let stats = consumer_b.stats().await.expect("stats");
-        let tally = Arc::into_inner(tally)
-            .expect("no task holds the tally")
-            .into_inner();
+        let tally = Tally::take(tally);
         let figures = Figures::from_tally("consumer_dropped_holding_leases", &tally);
         println!("{figures}");
         eprintln!(
@@ -866,37 +350,10 @@ async fn blackhole_then_restore() {
         let lease = Duration::from_secs(2);
         let drain = DequeueOptions::new(BATCH).wait(Duration::ZERO).lease(lease);
 
-        // Before: jobs flow.
-        let give_up = Instant::now() + PROGRESS_LIMIT;
-        for id in 0..JOBS_EACH_SIDE {
-            assert!(enqueue_until_ok(&queue, &tally, id, give_up).await);
-        }
-
-        // Then they are consumed, and a consumer waits in a long poll on
-        // the empty queue when the network goes.
-        let deadline = Instant::now() + PROGRESS_LIMIT;
-        while tally.lock().acked_count() < JOBS_EACH_SIDE as usize && Instant::now() < deadline {
-            let deliveries = queue
-                .dequeue(drain)
-                .await
-                .expect("dequeue before the fault");
-            for delivery in &deliveries {
-                tally
-                    .lock()
-                    .note_delivery(job_id(delivery), delivery.attempt);
-            }
-            settle(&queue, &tally, &deliveries, Instant::now() + lease).await;
-        }
-        let waiting = {
-            let queue = queue.clone();
-            let poll = DequeueOptions::new(BATCH)
-                .wait(Duration::from_secs(1))
-                .lease(lease);
-            tokio::spawn(async move {
-                let started = Instant::now();
-                (queue.dequeue(poll).await, started.elapsed())
-            })
-        };
+        // Before: jobs flow, and are consumed. Then a consumer waits in a
+        // long poll on the empty queue when the network goes.
+        send_and_ack(&queue, &tally, 0..JOBS_EACH_SIDE, drain).await;
+        let waiting = long_poll(&queue, drain.wait(Duration::from_secs(1)));
         sleep(Duration::from_millis(100)).await;
 
         proxy.blackhole();
@@ -905,20 +362,7 @@ async fn blackhole_then_restore() {
         let mut failures = 0u32;
         let mut next = JOBS_EACH_SIDE;
         while Instant::now() < outage_ends {
-            // Every kind of call at once, each timed on its own.
-            let (enqueue, dequeue, ping, stats) = tokio::join!(
-                timed(queue.enqueue(job(next))),
-                timed(queue.dequeue(drain)),
-                timed(queue.ping()),
-                timed(queue.stats()),
-            );
-            let results = [
-                ("enqueue", enqueue.0.map(drop), enqueue.1),
-                ("dequeue", dequeue.0.map(drop), dequeue.1),
-                ("ping", ping.0, ping.1),
-                ("stats", stats.0.map(drop), stats.1),
-            ];
-            for (op, result, took) in results {
+            for Call { op, result, took } in every_call_at_once(&queue, next, drain).await {
                 let err = result.expect_err("an operation succeeded through a black hole");
                 assert!(
                     matches!(err, Error::Timeout(_) | Error::Unavailable { .. }),
@@ -946,21 +390,17 @@ async fn blackhole_then_restore() {
         for id in next..2 * JOBS_EACH_SIDE {
             assert!(enqueue_until_ok(&queue, &tally, id, give_up).await);
         }
-        let consumer = tokio::spawn(consume(
-            queue.clone(),
-            tally.clone(),
+        let stats = drain_with_consumer(
+            &queue,
+            &tally,
             DequeueOptions::new(BATCH)
                 .wait(Duration::from_millis(200))
                 .lease(lease),
             restored_at + Duration::from_secs(10),
-        ));
-        let stats = drained(&queue, &tally, restored_at + Duration::from_secs(10)).await;
-        consumer.abort();
-        let _ = consumer.await;
+        )
+        .await;
 
-        let tally = Arc::into_inner(tally)
-            .expect("no task holds the tally")
-            .into_inner();
+        let tally = Tally::take(tally);
         let figures = Figures::from_tally("blackhole_then_restore", &tally);
         println!("{figures}");
         eprintln!(
@@ -1038,7 +478,7 @@ async fn blackhole_with_a_command_in_flight() {
         // Reaches the server at once and waits there for the pause to end.
         let in_flight = {
             let queue = queue.clone();
-            tokio::spawn(async move { queue.enqueue(job(1)).await })
+            tokio::spawn(async move { queue.enqueue(job(&queue, 1)).await })
         };
         sleep_until(start + Duration::from_millis(300)).await;
         proxy.blackhole();
@@ -1054,7 +494,7 @@ async fn blackhole_with_a_command_in_flight() {
         tally.lock().note_retryable("enqueue", &err);
 
         // The network is back: the producer retries job 1 (same key).
-        let (first, first_took) = timed(queue.enqueue(job(1))).await;
+        let (first, first_took) = timed(queue.enqueue(job(&queue, 1))).await;
         let first = first.map_err(|err| err.to_string());
         match &first {
             // Either outcome is correct: the timed-out call's connection is
@@ -1065,21 +505,17 @@ async fn blackhole_with_a_command_in_flight() {
             Err(_) => assert!(enqueue_until_ok(&queue, &tally, 1, give_up).await),
         }
 
-        let consumer = tokio::spawn(consume(
-            queue.clone(),
-            tally.clone(),
+        let stats = drain_with_consumer(
+            &queue,
+            &tally,
             DequeueOptions::new(BATCH)
                 .wait(Duration::from_millis(200))
                 .lease(Duration::from_secs(2)),
             Instant::now() + Duration::from_secs(10),
-        ));
-        let stats = drained(&queue, &tally, Instant::now() + Duration::from_secs(10)).await;
-        consumer.abort();
-        let _ = consumer.await;
+        )
+        .await;
 
-        let tally = Arc::into_inner(tally)
-            .expect("no task holds the tally")
-            .into_inner();
+        let tally = Tally::take(tally);
         let figures = Figures::from_tally("blackhole_with_a_command_in_flight", &tally);
         println!("{figures}");
         eprintln!(

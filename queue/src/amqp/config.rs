@@ -49,6 +49,17 @@ pub struct AmqpQueueConfig {
     /// declare) may take before it fails with `Timeout`. Default 5 s.
     #[serde(with = "humantime_serde")]
     pub operation_timeout: Duration,
+    /// When no `dequeue` has asked for jobs for this long, the handle stops
+    /// consuming and gives its prefetched jobs back to the queue, so an idle
+    /// or stuck process never hoards work. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub release_idle_after: Duration,
+    /// AMQP heartbeat, unless the URL sets `heartbeat=`: how soon a silently
+    /// dead connection (a half-open TCP connection, a blackholed network) is
+    /// noticed by both sides, so the broker requeues what it had delivered
+    /// on it. Whole seconds. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
 }
 
 impl Default for AmqpQueueConfig {
@@ -59,6 +70,8 @@ impl Default for AmqpQueueConfig {
             queue_type: AmqpQueueType::Quorum,
             prefetch: 64,
             operation_timeout: Duration::from_secs(5),
+            release_idle_after: Duration::from_secs(1),
+            heartbeat: Duration::from_secs(10),
         }
     }
 }
@@ -85,6 +98,25 @@ impl AmqpQueueConfig {
         self
     }
 
+    /// Sets [`heartbeat`](Self::heartbeat).
+    pub fn heartbeat(mut self, heartbeat: Duration) -> Self {
+        self.heartbeat = heartbeat;
+        self
+    }
+
+    /// The URL with the heartbeat applied (unless it sets one itself).
+    pub(crate) fn connect_url(&self) -> String {
+        if self.url.contains("heartbeat=") {
+            return self.url.clone();
+        }
+        let sep = if self.url.contains('?') { '&' } else { '?' };
+        format!(
+            "{}{sep}heartbeat={}",
+            self.url,
+            self.heartbeat.as_secs().max(1)
+        )
+    }
+
     /// Sets [`operation_timeout`](Self::operation_timeout).
     pub fn operation_timeout(mut self, timeout: Duration) -> Self {
         self.operation_timeout = timeout;
@@ -107,6 +139,12 @@ impl AmqpQueueConfig {
         if self.operation_timeout < Duration::from_millis(1) {
             return Err(Error::config("operation_timeout", "must be at least 1 ms"));
         }
+        if self.heartbeat < Duration::from_secs(1) || self.heartbeat > Duration::from_secs(3600) {
+            return Err(Error::config("heartbeat", "must be between 1 s and 1 h"));
+        }
+        if self.release_idle_after < Duration::from_millis(1) {
+            return Err(Error::config("release_idle_after", "must be at least 1 ms"));
+        }
         Ok(())
     }
 }
@@ -119,6 +157,8 @@ impl fmt::Debug for AmqpQueueConfig {
             .field("queue_type", &self.queue_type)
             .field("prefetch", &self.prefetch)
             .field("operation_timeout", &self.operation_timeout)
+            .field("release_idle_after", &self.release_idle_after)
+            .field("heartbeat", &self.heartbeat)
             .finish()
     }
 }

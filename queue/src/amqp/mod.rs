@@ -27,12 +27,16 @@
 //! # Leases and crashed consumers
 //!
 //! Deliveries are consumed with manual acks and a prefetch per level. A
-//! lease is kept by this handle: when it expires unacked, the handle
-//! requeues the message (`basic.nack` with requeue) and the broker delivers
-//! it again, to any consumer, with `attempt + 1` (from the quorum queue's
-//! `x-delivery-count`). When a consumer process dies or its connection
-//! drops, the broker requeues everything it held at once. Deliveries past
-//! `max_attempts` are dead-lettered with their reason instead of delivered.
+//! lease is kept by this handle: when it expires unacked, the handle puts
+//! the job back at the tail of its level as a fresh message that counts the
+//! attempt (confirmed before the original is acked), so it reaches any
+//! consumer with `attempt + 1`. When a consumer process dies or its
+//! connection drops, the broker requeues everything it held at once (the
+//! quorum queue's `x-delivery-count` counts that as an attempt). A handle
+//! that nobody has called `dequeue` on for `release_idle_after` stops
+//! consuming and gives its prefetched jobs back, so an idle or stuck process
+//! never hoards work. Deliveries past `max_attempts` are dead-lettered with
+//! their reason instead of delivered.
 //!
 //! # Differences from the other backends
 //!
@@ -46,8 +50,9 @@
 //!
 //! # Failures
 //!
-//! Every broker operation is bounded by `operation_timeout`. After the
-//! connection drops, the next call reconnects, redeclares the topology and
+//! Every broker operation is bounded by `operation_timeout`; a broker that
+//! misses it is not trusted again (the connection is closed). After the
+//! connection drops or times out, the next call reconnects, redeclares the topology and
 //! restarts consumption: publishing and consuming resume on their own.
 //! Receipts from before the drop answer `InvalidReceipt` (the broker has
 //! already requeued those jobs).
@@ -58,7 +63,7 @@ mod error;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -66,9 +71,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions, QueuePurgeOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
@@ -137,7 +142,17 @@ struct Link {
     connection: Arc<Connection>,
     publisher: Channel,
     declared_delays: Mutex<HashSet<String>>,
-    consumers: tokio::sync::OnceCell<Vec<Channel>>,
+    /// One consumer channel per level, created on first demand.
+    channels: tokio::sync::OnceCell<Vec<Channel>>,
+    /// The running consumers (tag and pump task per level); empty while
+    /// consumption is paused.
+    consumers: tokio::sync::Mutex<Vec<(String, tokio::task::JoinHandle<()>)>>,
+    /// Set while consumers run; a consumer that ends while it is set means
+    /// the channel or connection failed.
+    consuming: AtomicBool,
+    /// `dequeue` calls in progress, and when demand was last seen.
+    waiting: AtomicUsize,
+    last_demand: Mutex<Instant>,
     buffers: Mutex<Vec<VecDeque<lapin::message::Delivery>>>,
     arrived: Notify,
     broken: AtomicBool,
@@ -380,7 +395,17 @@ impl AmqpQueue {
         let limit = self.inner.config.operation_timeout;
         match tokio::time::timeout(limit, fut).await {
             Ok(result) => result.map_err(Error::from),
-            Err(_) => Err(Error::Timeout(limit)),
+            Err(_) => {
+                // A broker that does not answer in time is not trusted again:
+                // an abandoned publish would also shift the channel's confirm
+                // numbering. The next call reconnects.
+                if let Ok(mut slot) = self.inner.link.try_lock()
+                    && let Some(link) = slot.take()
+                {
+                    link.retire();
+                }
+                Err(Error::Timeout(limit))
+            }
         }
     }
 
@@ -419,7 +444,7 @@ impl AmqpQueue {
         let generation = self.inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
         self.timed(async {
             let connection = Connection::connect(
-                &config.url,
+                &config.connect_url(),
                 ConnectionProperties::default()
                     .with_connection_name(format!("keel-queue {}", self.name()).into()),
             )
@@ -493,7 +518,11 @@ impl AmqpQueue {
                 connection: Arc::new(connection),
                 publisher,
                 declared_delays: Mutex::new(HashSet::new()),
-                consumers: tokio::sync::OnceCell::new(),
+                channels: tokio::sync::OnceCell::new(),
+                consumers: tokio::sync::Mutex::new(Vec::new()),
+                consuming: AtomicBool::new(false),
+                waiting: AtomicUsize::new(0),
+                last_demand: Mutex::new(Instant::now()),
                 buffers: Mutex::new((0..levels).map(|_| VecDeque::new()).collect()),
                 arrived: Notify::new(),
                 broken: AtomicBool::new(false),
@@ -512,11 +541,11 @@ impl AmqpQueue {
         })
     }
 
-    /// Starts one consumer per level on this link (once), then waits briefly
-    /// until messages already queued have arrived, so the first `dequeue`
-    /// sees every level and serves priorities in order.
+    /// Starts one consumer per level on this link unless they run, then
+    /// waits briefly until messages already queued have arrived, so a
+    /// `dequeue` sees every level and serves priorities in order.
     async fn ensure_consumers(&self, link: &Arc<Link>) -> Result<()> {
-        if link.consumers.initialized() {
+        if link.consuming.load(Ordering::Acquire) {
             return Ok(());
         }
         // In a task of its own, so a dequeue dropped mid-setup cannot leave
@@ -531,61 +560,140 @@ impl AmqpQueue {
     }
 
     async fn start_consumers(&self, link: &Arc<Link>) -> Result<()> {
-        link.consumers
+        let mut running = link.consumers.lock().await;
+        if !running.is_empty() {
+            return Ok(());
+        }
+        let levels = usize::from(self.inner.config.queue.priority_levels);
+        let channels = link
+            .channels
             .get_or_try_init(|| async {
-                let levels = usize::from(self.inner.config.queue.priority_levels);
                 let mut channels = Vec::with_capacity(levels);
-                let mut expected = Vec::with_capacity(levels);
-                for level in 0..levels {
-                    let (channel, count) = self
+                for _ in 0..levels {
+                    let channel = self
                         .timed(async {
                             let channel = link.connection.create_channel().await?;
                             channel
                                 .basic_qos(self.inner.config.prefetch, BasicQosOptions::default())
                                 .await?;
-                            let declared = channel
-                                .queue_declare(
-                                    self.ready_queue(level).as_str().into(),
-                                    QueueDeclareOptions {
-                                        passive: true,
-                                        ..QueueDeclareOptions::default()
-                                    },
-                                    FieldTable::default(),
-                                )
-                                .await?;
-                            let consumer = channel
-                                .basic_consume(
-                                    self.ready_queue(level).as_str().into(),
-                                    format!("keel-{}-p{level}", self.inner.ids.prefix()).into(),
-                                    BasicConsumeOptions::default(),
-                                    FieldTable::default(),
-                                )
-                                .await?;
-                            tokio::spawn(pump(Arc::downgrade(link), level, consumer));
-                            Ok((channel, declared.message_count()))
+                            Ok(channel)
                         })
                         .await?;
                     channels.push(channel);
-                    expected.push(count.min(u32::from(self.inner.config.prefetch)) as usize);
-                }
-                let settle = Instant::now() + Duration::from_millis(500);
-                while Instant::now() < settle {
-                    let arrived = link.arrived.notified();
-                    tokio::pin!(arrived);
-                    arrived.as_mut().enable();
-                    let ready = {
-                        let buffers = link.buffers.lock();
-                        buffers.iter().zip(&expected).all(|(b, e)| b.len() >= *e)
-                    };
-                    if ready {
-                        break;
-                    }
-                    let _ = tokio::time::timeout_at(settle, arrived).await;
                 }
                 Ok::<_, Error>(channels)
             })
             .await?;
+        let mut expected = Vec::with_capacity(levels);
+        link.consuming.store(true, Ordering::Release);
+        for (level, channel) in channels.iter().enumerate() {
+            let tag = format!(
+                "keel-{}-p{level}-{}",
+                self.inner.ids.prefix(),
+                self.inner.ids.next()
+            );
+            let started = self
+                .timed(async {
+                    let declared = channel
+                        .queue_declare(
+                            self.ready_queue(level).as_str().into(),
+                            QueueDeclareOptions {
+                                passive: true,
+                                ..QueueDeclareOptions::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await?;
+                    let consumer = channel
+                        .basic_consume(
+                            self.ready_queue(level).as_str().into(),
+                            tag.as_str().into(),
+                            BasicConsumeOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await?;
+                    Ok((declared.message_count(), consumer))
+                })
+                .await;
+            let (count, consumer) = match started {
+                Ok(started) => started,
+                Err(err) => {
+                    link.mark_broken();
+                    return Err(err);
+                }
+            };
+            running.push((
+                tag,
+                tokio::spawn(pump(Arc::downgrade(link), level, consumer)),
+            ));
+            expected.push(count.min(u32::from(self.inner.config.prefetch)) as usize);
+        }
+        let settle = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < settle {
+            let arrived = link.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            let ready = {
+                let buffers = link.buffers.lock();
+                buffers.iter().zip(&expected).all(|(b, e)| b.len() >= *e)
+            };
+            if ready {
+                break;
+            }
+            let _ = tokio::time::timeout_at(settle, arrived).await;
+        }
         Ok(())
+    }
+
+    /// Pauses consumption when no `dequeue` has asked for jobs for
+    /// `release_idle_after`, giving prefetched jobs back to the queue, so an
+    /// idle (or stuck) handle never hoards jobs other consumers could run.
+    async fn release_if_idle(&self, link: &Arc<Link>) {
+        let idle = self.inner.config.release_idle_after;
+        let is_idle = || {
+            link.waiting.load(Ordering::Acquire) == 0 && link.last_demand.lock().elapsed() >= idle
+        };
+        if !link.consuming.load(Ordering::Acquire) || !is_idle() {
+            return;
+        }
+        let mut running = link.consumers.lock().await;
+        if running.is_empty() || !is_idle() {
+            return;
+        }
+        link.consuming.store(false, Ordering::Release);
+        let channels = link.channels.get().cloned().unwrap_or_default();
+        for ((tag, pump), channel) in running.drain(..).zip(&channels) {
+            let _ = self
+                .timed(async {
+                    Ok(channel
+                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                        .await?)
+                })
+                .await;
+            let _ = tokio::time::timeout(self.inner.config.operation_timeout, pump).await;
+        }
+        let buffered: Vec<(usize, lapin::message::Delivery)> = {
+            let mut buffers = link.buffers.lock();
+            buffers
+                .iter_mut()
+                .enumerate()
+                .flat_map(|(level, buffer)| buffer.drain(..).map(move |raw| (level, raw)))
+                .collect()
+        };
+        if !buffered.is_empty() {
+            tracing::debug!(
+                count = buffered.len(),
+                "idle handle: giving prefetched jobs back"
+            );
+        }
+        for (level, raw) in buffered {
+            let props = without_broker_headers(&raw.properties);
+            let stored = self
+                .store(link, level, None, &raw.data, props)
+                .await
+                .is_ok();
+            let _ = self.settle_raw(link, level, raw.delivery_tag, stored).await;
+        }
     }
 
     /// Publishes and waits for the broker's confirm.
@@ -781,7 +889,7 @@ impl AmqpQueue {
 
     /// Acks (`true`) or requeues (`false`) a raw delivery on its level's channel.
     async fn settle_raw(&self, link: &Link, level: usize, tag: u64, ack: bool) -> Result<()> {
-        let Some(channel) = link.consumers.get().and_then(|c| c.get(level)) else {
+        let Some(channel) = link.channels.get().and_then(|c| c.get(level)) else {
             return Err(Error::InvalidReceipt(
                 "no consumer channel for this delivery".into(),
             ));
@@ -803,6 +911,26 @@ impl AmqpQueue {
             Ok(())
         })
         .await
+    }
+
+    /// Puts a job whose lease expired back at the tail of its level as a
+    /// fresh message counting the attempt, then drops the original; if that
+    /// fails, hands the original back to the broker.
+    async fn requeue_expired(&self, link: &Link, lease: Lease) {
+        let d = &lease.delivery;
+        let props = properties(
+            &d.id,
+            &d.headers,
+            u64::from(d.attempt),
+            epoch_ms(d.enqueued_at),
+            d.deadline.map(epoch_ms),
+            d.priority.0,
+        );
+        let stored = self
+            .store(link, lease.level, None, &d.payload, props)
+            .await
+            .is_ok();
+        let _ = self.settle_raw(link, lease.level, lease.tag, stored).await;
     }
 
     /// Removes a valid lease, or says why the receipt is not valid.
@@ -889,6 +1017,41 @@ impl AmqpQueue {
     }
 }
 
+/// Marks a `dequeue` in progress on a link, and when it ended.
+struct Demand<'l>(&'l Link);
+
+impl<'l> Demand<'l> {
+    fn new(link: &'l Link) -> Self {
+        link.waiting.fetch_add(1, Ordering::AcqRel);
+        *link.last_demand.lock() = Instant::now();
+        Demand(link)
+    }
+}
+
+impl Drop for Demand<'_> {
+    fn drop(&mut self) {
+        *self.0.last_demand.lock() = Instant::now();
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How often the lease keeper looks for idle prefetch to give back.
+const IDLE_TICK: Duration = Duration::from_millis(250);
+
+/// A received message's properties without the headers the broker added
+/// (`x-delivery-count`, `x-death`), for publishing it again as new.
+fn without_broker_headers(properties: &BasicProperties) -> BasicProperties {
+    let mut table = FieldTable::default();
+    if let Some(headers) = properties.headers() {
+        for (key, value) in headers.inner() {
+            if key.as_str() != "x-delivery-count" && key.as_str() != "x-death" {
+                table.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    properties.clone().with_headers(table)
+}
+
 /// How a confirmed publish ended.
 enum Stored {
     Yes,
@@ -920,13 +1083,17 @@ async fn pump(link: Weak<Link>, level: usize, mut consumer: lapin::Consumer) {
                 link.arrived.notify_waiters();
             }
             Err(err) => {
-                tracing::warn!(error = %err, level, "rabbitmq consumer failed; reconnecting on the next call");
-                link.mark_broken();
+                if link.consuming.load(Ordering::Acquire) {
+                    tracing::warn!(error = %err, level, "rabbitmq consumer failed; reconnecting on the next call");
+                    link.mark_broken();
+                }
                 return;
             }
         }
     }
-    if let Some(link) = link.upgrade() {
+    if let Some(link) = link.upgrade()
+        && link.consuming.load(Ordering::Acquire)
+    {
         link.mark_broken();
     }
 }
@@ -958,22 +1125,24 @@ async fn lease_keeper(inner: Weak<Inner>) {
             }
             (expired, leases.expiry.peek().map(|Reverse((at, _))| *at))
         };
-        if !expired.is_empty() {
-            let queue = AmqpQueue {
-                inner: strong.clone(),
-            };
-            let link = strong.link.lock().await.clone();
-            for lease in expired {
-                strong.metrics.lease_expired.increment(1);
-                tracing::debug!(job = %lease.delivery.id, "lease expired; requeueing");
-                if let Some(link) = link.as_ref().filter(|l| l.generation == lease.generation) {
-                    let _ = queue.settle_raw(link, lease.level, lease.tag, false).await;
-                }
+        let queue = AmqpQueue {
+            inner: strong.clone(),
+        };
+        let link = strong.link.lock().await.clone();
+        if let Some(link) = link.as_ref() {
+            queue.release_if_idle(link).await;
+        }
+        for lease in expired {
+            strong.metrics.lease_expired.increment(1);
+            tracing::debug!(job = %lease.delivery.id, "lease expired; requeueing");
+            if let Some(link) = link.as_ref().filter(|l| l.generation == lease.generation) {
+                queue.requeue_expired(link, lease).await;
             }
         }
+        drop(queue);
         // Hold only a weak reference while sleeping, so dropping the queue
-        // ends this task.
-        let wake = next.unwrap_or_else(|| now + Duration::from_secs(3600));
+        // ends this task. Wake at least every tick to release idle prefetch.
+        let wake = next.map_or(now + IDLE_TICK, |at| at.min(now + IDLE_TICK));
         drop(strong);
         tokio::select! {
             () = &mut changed => {}
@@ -1049,6 +1218,7 @@ impl Queue for AmqpQueue {
         }
         let give_up = Instant::now() + options.wait;
         let link = self.link().await?;
+        let _demand = Demand::new(&link);
         self.ensure_consumers(&link).await?;
         loop {
             let arrived = link.arrived.notified();
@@ -1339,13 +1509,12 @@ impl Queue for AmqpQueue {
 
     async fn ping(&self) -> Result<()> {
         let link = self.link().await?;
-        if link.usable() {
+        // A round trip: open and close a channel.
+        self.timed(async {
+            let channel = link.connection.create_channel().await?;
+            channel.close(200, "ping".into()).await?;
             Ok(())
-        } else {
-            Err(Error::Unavailable {
-                message: "the rabbitmq connection is down".into(),
-                source: None,
-            })
-        }
+        })
+        .await
     }
 }
