@@ -1,11 +1,37 @@
-//! # keel-cache (not yet built)
-//!
-//! The cache tier of Keel: a `Cache` trait with moka (L1) and Redis (L2)
-//! backends, a tiered cache with request coalescing, stale-while-revalidate,
-//! negative caching and cross-instance invalidation, that never turns a cache
-//! outage into a failed request.
-//!
-//! **Status:** this crate has no public API yet. Its design is in the
-//! workspace's `DESIGN.md` and its work is tracked in the issue
-//! "keel-cache: moka L1, Redis L2, a tiered cache…". Nothing here should be
-//! depended on until it lands.
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod cache;
+mod error;
+mod ext;
+mod invalidation;
+mod keys;
+pub mod metrics;
+mod prefix;
+
+#[cfg(feature = "moka")]
+mod layer;
+#[cfg(feature = "moka")]
+mod moka;
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "moka")]
+mod tiered;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use cache::{Cache, Capabilities, MAX_TTL, normalize_ttl};
+pub use error::{BoxError, Error, LoadError, Result};
+pub use ext::CacheExt;
+pub use invalidation::{BusEvent, InvalidationBus, LocalBus};
+pub use keys::InferenceKey;
+#[cfg(feature = "moka")]
+pub use layer::{CacheLayer, CacheService, ResponseFuture};
+#[cfg(feature = "moka")]
+pub use moka::{MokaCache, MokaCacheConfig};
+pub use prefix::PrefixCache;
+#[cfg(feature = "redis")]
+pub use redis::{RedisCache, RedisCacheConfig, RedisInvalidationBus, RedisInvalidationConfig};
+#[cfg(feature = "moka")]
+pub use tiered::{Tiered, TieredBuilder, TieredConfig};

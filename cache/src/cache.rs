@@ -1,0 +1,279 @@
+//! The [`Cache`] trait every backend and decorator implements.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+
+/// The longest TTL any backend accepts: 10 years. Longer TTLs are refused
+/// with [`Error::InvalidArgument`] rather than overflowing a clock.
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// What a backend can do, so the conformance suite and callers can adapt
+/// instead of a backend emulating badly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Writes through one handle are visible to other handles and other
+    /// processes opened on the same namespace (Redis: yes; moka: only to
+    /// clones of the same handle).
+    pub shared: bool,
+    /// [`Cache::get_many`] and [`Cache::set_many`] are one round trip
+    /// (`MGET`, a pipeline) rather than a loop.
+    pub native_batch: bool,
+}
+
+impl Capabilities {
+    /// Sets [`shared`](Self::shared).
+    #[must_use]
+    pub fn shared(mut self, shared: bool) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    /// Sets [`native_batch`](Self::native_batch).
+    #[must_use]
+    pub fn native_batch(mut self, native_batch: bool) -> Self {
+        self.native_batch = native_batch;
+        self
+    }
+}
+
+/// Checks a TTL the way every backend must: zero is an error, sub-millisecond
+/// TTLs round up to 1 ms, TTLs above [`MAX_TTL`] are refused. Returns the TTL
+/// to store, a whole number of milliseconds.
+///
+/// ```
+/// use std::time::Duration;
+/// use keel_cache::normalize_ttl;
+///
+/// assert!(normalize_ttl(Duration::ZERO).is_err());
+/// assert_eq!(normalize_ttl(Duration::from_micros(10)).unwrap(), Duration::from_millis(1));
+/// assert_eq!(normalize_ttl(Duration::from_micros(1500)).unwrap(), Duration::from_millis(2));
+/// ```
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] naming `ttl`.
+pub fn normalize_ttl(ttl: Duration) -> Result<Duration> {
+    if ttl.is_zero() {
+        return Err(Error::argument(
+            "ttl",
+            "must be greater than zero (delete the key instead)",
+        ));
+    }
+    if ttl > MAX_TTL {
+        return Err(Error::argument(
+            "ttl",
+            format!("must be at most {}", humantime::format_duration(MAX_TTL)),
+        ));
+    }
+    // u64 arithmetic only: this runs on every `get_or_load`. `ttl` is at
+    // most 10 years here, so nothing overflows.
+    let ms = ttl.as_secs() * 1000 + u64::from(ttl.subsec_nanos().div_ceil(1_000_000));
+    Ok(Duration::from_millis(ms))
+}
+
+/// A key-value cache of [`Bytes`] with per-entry TTLs.
+///
+/// The trait is small and object safe (used as `Arc<dyn Cache>`); typed
+/// (serde) conveniences live on [`CacheExt`](crate::CacheExt), which every
+/// `Cache` gets for free. Decorators such as [`PrefixCache`](crate::PrefixCache)
+/// and [`Tiered`](crate::Tiered) implement it too.
+///
+/// A cache is never the source of truth: a backend may drop any entry at any
+/// time (capacity eviction, a restarted server), so callers must be able to
+/// recompute every value.
+///
+/// # Keys
+///
+/// Keys are arbitrary UTF-8 strings, including the empty string, spaces,
+/// newlines, braces and glob characters; backends store them verbatim (after
+/// their namespace prefix) and never interpret them.
+///
+/// # TTLs
+///
+/// Every TTL goes through [`normalize_ttl`]: zero is an error, a
+/// sub-millisecond TTL rounds up to 1 ms, and more than [`MAX_TTL`] is an
+/// error.
+///
+/// # Cancel safety
+///
+/// Every method is cancel safe in the sense that dropping its future leaves
+/// the cache usable and consistent: a dropped `set` may or may not have
+/// stored its value, a dropped `delete` may or may not have deleted it.
+#[async_trait]
+pub trait Cache: Debug + Send + Sync + 'static {
+    /// The value stored at `key`, if any and not expired.
+    ///
+    /// # Behavior
+    ///
+    /// Returns exactly the bytes last `set` at `key` while its TTL has not
+    /// elapsed, and `None` after it has, after a `delete`, or when the
+    /// backend evicted it. Bytes in the backend that this crate did not
+    /// write (another program, a truncated or foreign value) read as `None`
+    /// and are counted (`keel_cache_corrupt_total`), never a panic.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unavailable`] or [`Error::Timeout`] when a remote backend
+    /// cannot answer in time.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    async fn get(&self, key: &str) -> Result<Option<Bytes>>;
+
+    /// Stores `value` at `key` for `ttl`, replacing any previous value.
+    ///
+    /// # Behavior
+    ///
+    /// A `get` after `Ok` returns `value` until `ttl` has elapsed (or the
+    /// entry is evicted or deleted) and `None` after.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a zero or too long TTL (see
+    /// [`normalize_ttl`]); [`Error::Unavailable`] or [`Error::Timeout`] when
+    /// a remote backend cannot answer in time (the value may or may not be
+    /// stored).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the value may or may not be stored.
+    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()>;
+
+    /// Removes `key`. Removing a missing key is not an error.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unavailable`] or [`Error::Timeout`] when a remote backend
+    /// cannot answer in time (the key may or may not be removed).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the key may or may not be removed.
+    async fn delete(&self, key: &str) -> Result<()>;
+
+    /// The values at `keys`, in the same order, `None` where missing.
+    ///
+    /// # Behavior
+    ///
+    /// The same answers as one [`get`](Self::get) per key. Backends with
+    /// [`Capabilities::native_batch`] answer in one round trip; the default
+    /// is a loop.
+    ///
+    /// # Errors
+    ///
+    /// As [`get`](Self::get); one failure fails the whole batch.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(self.get(key).await?);
+        }
+        Ok(out)
+    }
+
+    /// Stores every `(key, value)` pair for `ttl`.
+    ///
+    /// # Errors
+    ///
+    /// As [`set`](Self::set); the TTL is checked before anything is stored.
+    /// A remote failure may leave some pairs stored and others not.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: any subset of the pairs may be stored.
+    async fn set_many(&self, entries: &[(&str, Bytes)], ttl: Duration) -> Result<()> {
+        normalize_ttl(ttl)?;
+        for (key, value) in entries {
+            self.set(key, value.clone(), ttl).await?;
+        }
+        Ok(())
+    }
+
+    /// What this backend can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Checks that the backend answers.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unavailable`] or [`Error::Timeout`] when it does not.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    async fn ping(&self) -> Result<()>;
+}
+
+macro_rules! forward {
+    ($ptr:ident) => {
+        #[async_trait]
+        impl<T: Cache + ?Sized> Cache for $ptr<T> {
+            async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+                (**self).get(key).await
+            }
+            async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {
+                (**self).set(key, value, ttl).await
+            }
+            async fn delete(&self, key: &str) -> Result<()> {
+                (**self).delete(key).await
+            }
+            async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
+                (**self).get_many(keys).await
+            }
+            async fn set_many(&self, entries: &[(&str, Bytes)], ttl: Duration) -> Result<()> {
+                (**self).set_many(entries, ttl).await
+            }
+            fn capabilities(&self) -> Capabilities {
+                (**self).capabilities()
+            }
+            async fn ping(&self) -> Result<()> {
+                (**self).ping().await
+            }
+        }
+    };
+}
+
+forward!(Arc);
+forward!(Box);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_edges() {
+        assert!(matches!(
+            normalize_ttl(Duration::ZERO),
+            Err(Error::InvalidArgument { name: "ttl", .. })
+        ));
+        assert_eq!(
+            normalize_ttl(Duration::from_nanos(1)).unwrap(),
+            Duration::from_millis(1)
+        );
+        assert_eq!(
+            normalize_ttl(Duration::from_millis(7)).unwrap(),
+            Duration::from_millis(7)
+        );
+        assert_eq!(normalize_ttl(MAX_TTL).unwrap(), MAX_TTL);
+        assert!(normalize_ttl(MAX_TTL + Duration::from_millis(1)).is_err());
+        assert!(normalize_ttl(Duration::MAX).is_err());
+    }
+
+    #[test]
+    fn dyn_cache_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync + ?Sized>() {}
+        assert_send_sync::<dyn Cache>();
+        assert_send_sync::<Arc<dyn Cache>>();
+    }
+}

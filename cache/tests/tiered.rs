@@ -1,0 +1,665 @@
+//! `Tiered` behaviour: coalescing, stale-while-revalidate, timeouts,
+//! negative caching, jitter, early refresh, L2 fill, invalidation and
+//! outages of L2, under paused time where we own the clock.
+#![cfg(feature = "moka")]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use keel_cache::{
+    Cache, Capabilities, Error, LoadError, LocalBus, MokaCache, Tiered, TieredConfig,
+};
+use tokio::time::Instant;
+
+mod support;
+use support::Counting;
+
+/// Counts loader calls and answers `value` after `delay`.
+#[derive(Clone, Default)]
+struct Origin {
+    calls: Arc<AtomicUsize>,
+}
+
+impl Origin {
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn loader(
+        &self,
+        value: &'static str,
+        delay: Duration,
+    ) -> impl FnOnce() -> futures::future::BoxFuture<'static, Result<Bytes, LoadError>> + Send + 'static
+    {
+        let calls = self.calls.clone();
+        move || {
+            Box::pin(async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
+                Ok(Bytes::from_static(value.as_bytes()))
+            })
+        }
+    }
+
+    fn failing(
+        &self,
+        kind: Option<&'static str>,
+    ) -> impl FnOnce() -> futures::future::BoxFuture<'static, Result<Bytes, LoadError>> + Send + 'static
+    {
+        let calls = self.calls.clone();
+        move || {
+            Box::pin(async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let err = LoadError::msg("model does not exist");
+                Err(match kind {
+                    Some(kind) => err.kind(kind),
+                    None => err,
+                })
+            })
+        }
+    }
+}
+
+fn config() -> TieredConfig {
+    TieredConfig::new("test")
+        .ttl(Duration::from_secs(10))
+        .l1_ttl(Duration::from_secs(10))
+        .ttl_jitter(0.0)
+}
+
+fn tiered(config: TieredConfig) -> Tiered {
+    Tiered::builder(config)
+        .l2(MokaCache::new(Default::default()).unwrap())
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stampede_of_1000_costs_one_origin_call() {
+    let counts = Counting::default();
+    let cache = counts.install(|| tiered(config()));
+    let origin = Origin::default();
+    let mut tasks = Vec::new();
+    for _ in 0..1_000 {
+        let cache = cache.clone();
+        let loader = origin.loader("expensive", Duration::from_millis(50));
+        tasks.push(tokio::spawn(async move {
+            cache.get_or_load("cold", loader).await
+        }));
+    }
+    for task in tasks {
+        assert_eq!(&task.await.unwrap().unwrap()[..], b"expensive");
+    }
+    assert_eq!(origin.calls(), 1);
+    let c = [("cache", "test")];
+    assert_eq!(counts.get("keel_cache_loads_total", &c), 1);
+    let coalesced = counts.get("keel_cache_coalesced_waits_total", &c);
+    let l1_hits = counts.get(
+        "keel_cache_hits_total",
+        &[("cache", "test"), ("tier", "l1")],
+    );
+    assert_eq!(coalesced + l1_hits, 999, "every other caller waited or hit");
+}
+
+#[tokio::test(start_paused = true)]
+async fn stampede_under_paused_time_and_errors_are_shared() {
+    let cache = tiered(config());
+    let origin = Origin::default();
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let cache = cache.clone();
+        let loader = origin.failing(None);
+        tasks.push(tokio::spawn(
+            async move { cache.get_or_load("k", loader).await },
+        ));
+    }
+    for task in tasks {
+        let err = task.await.unwrap().unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::Load {
+                    cached: false,
+                    source: Some(_),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+    assert_eq!(origin.calls(), 1, "one load for 100 waiters");
+    // Not cached: the next call loads again.
+    let _ = cache.get_or_load("k", origin.failing(None)).await;
+    assert_eq!(origin.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
+    let cache = tiered(config().stale_for(Duration::from_secs(60)));
+    let origin = Origin::default();
+    cache
+        .get_or_load("k", origin.loader("v1", Duration::ZERO))
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(11)).await;
+
+    // Stale: every caller gets v1 at once; one refresh runs.
+    let start = Instant::now();
+    for _ in 0..10 {
+        let got = cache
+            .get_or_load("k", origin.loader("v2", Duration::from_secs(1)))
+            .await
+            .unwrap();
+        assert_eq!(&got[..], b"v1");
+    }
+    assert_eq!(start.elapsed(), Duration::ZERO, "stale hits do not wait");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(origin.calls(), 2, "one refresh for ten stale hits");
+    let got = cache
+        .get_or_load("k", origin.loader("v3", Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(&got[..], b"v2");
+
+    // Past stale-until it is a miss: the caller waits for the load.
+    tokio::time::advance(Duration::from_secs(75)).await;
+    let start = Instant::now();
+    let got = cache
+        .get_or_load("k", origin.loader("v4", Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert_eq!(&got[..], b"v4");
+    assert!(start.elapsed() >= Duration::from_secs(1));
+    assert_eq!(origin.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn soft_timeout_waits_a_little_for_fresh_data() {
+    let cache = tiered(
+        config()
+            .stale_for(Duration::from_secs(60))
+            .soft_timeout(Duration::from_millis(100)),
+    );
+    let origin = Origin::default();
+    cache
+        .get_or_load("k", origin.loader("v1", Duration::ZERO))
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(11)).await;
+
+    // A quick refresh arrives within the soft timeout: fresh data.
+    let got = cache
+        .get_or_load("k", origin.loader("v2", Duration::from_millis(50)))
+        .await
+        .unwrap();
+    assert_eq!(&got[..], b"v2");
+
+    // A slow refresh: stale data after the soft timeout, refresh goes on.
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let start = Instant::now();
+    let got = cache
+        .get_or_load("k", origin.loader("v3", Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(&got[..], b"v2");
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let got = cache.get("k").await.unwrap();
+    assert_eq!(got.as_deref(), Some(&b"v3"[..]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn hard_timeout_bounds_a_miss_and_stale_survives_a_hung_refresh() {
+    let cache = tiered(
+        config()
+            .stale_for(Duration::from_secs(60))
+            .soft_timeout(Duration::from_millis(200))
+            .load_timeout(Duration::from_secs(1)),
+    );
+    let origin = Origin::default();
+    let start = Instant::now();
+    let err = cache
+        .get_or_load("k", origin.loader("never", Duration::from_secs(3600)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::LoadTimeout(_)), "{err:?}");
+    assert!(err.is_retryable());
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+
+    cache
+        .get_or_load("k", origin.loader("v1", Duration::ZERO))
+        .await
+        .unwrap();
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let got = cache
+        .get_or_load("k", origin.loader("hung", Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    assert_eq!(&got[..], b"v1");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The hung refresh was abandoned at the hard timeout; stale still serves.
+    let got = cache
+        .get_or_load("k", origin.loader("v2", Duration::ZERO))
+        .await
+        .unwrap();
+    assert!(&got[..] == b"v1" || &got[..] == b"v2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn negative_caching_only_for_configured_kinds() {
+    let cache = tiered(config().negative_ttl("not_found", Duration::from_secs(5)));
+    let origin = Origin::default();
+
+    let err = cache
+        .get_or_load("missing", origin.failing(Some("not_found")))
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, Error::Load { cached: false, .. }), "{err:?}");
+    let err = cache
+        .get_or_load("missing", origin.failing(Some("not_found")))
+        .await
+        .unwrap_err();
+    match &err {
+        Error::Load {
+            kind,
+            cached: true,
+            message,
+            ..
+        } => {
+            assert_eq!(kind.as_deref(), Some("not_found"));
+            assert_eq!(message, "model does not exist");
+        }
+        other => panic!("expected a cached load error, got {other:?}"),
+    }
+    assert!(!err.is_retryable());
+    assert_eq!(origin.calls(), 1);
+    assert_eq!(cache.get("missing").await.unwrap(), None);
+
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let got = cache
+        .get_or_load("missing", origin.loader("now exists", Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(&got[..], b"now exists");
+    assert_eq!(origin.calls(), 2);
+
+    // Other kinds, and errors without a kind, are never cached.
+    for kind in [Some("overloaded"), None] {
+        let before = origin.calls();
+        for _ in 0..2 {
+            let _ = cache
+                .get_or_load("flaky", origin.failing(kind))
+                .await
+                .unwrap_err();
+        }
+        assert_eq!(origin.calls(), before + 2, "{kind:?} was cached");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn ttl_jitter_spreads_expiry() {
+    let cache = tiered(
+        config()
+            .ttl(Duration::from_secs(100))
+            .l1_ttl(Duration::from_secs(100))
+            .ttl_jitter(0.2),
+    );
+    let origin = Origin::default();
+    for i in 0..100 {
+        cache
+            .get_or_load(&format!("k{i}"), origin.loader("v", Duration::ZERO))
+            .await
+            .unwrap();
+    }
+    // TTLs are spread over 80..100 s: at 90 s about half are gone.
+    tokio::time::advance(Duration::from_secs(90)).await;
+    let mut reloaded = 0;
+    for i in 0..100 {
+        let before = origin.calls();
+        cache
+            .get_or_load(&format!("k{i}"), origin.loader("v", Duration::ZERO))
+            .await
+            .unwrap();
+        reloaded += origin.calls() - before;
+    }
+    assert!(
+        (15..=85).contains(&reloaded),
+        "{reloaded} of 100 keys expired at 90 s"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn early_refresh_renews_a_hot_key_before_it_expires() {
+    let cache = tiered(config().early_refresh_beta(1.0));
+    let origin = Origin::default();
+    cache
+        .get_or_load("hot", origin.loader("v1", Duration::from_secs(1)))
+        .await
+        .unwrap();
+    // 0.5 s before expiry, a load of 1 s: most hits trigger a refresh.
+    tokio::time::advance(Duration::from_millis(9_500)).await;
+    for _ in 0..20 {
+        let got = cache
+            .get_or_load("hot", origin.loader("v2", Duration::from_secs(1)))
+            .await
+            .unwrap();
+        assert_eq!(&got[..], b"v1", "an early refresh never makes a hit wait");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(origin.calls(), 2, "one early refresh");
+    // The key never went missing: it was renewed before its expiry.
+    let got = cache
+        .get_or_load("hot", origin.loader("v3", Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(&got[..], b"v2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_instance_reads_what_the_first_loaded_through_l2() {
+    let l2 = Arc::new(MokaCache::new(Default::default()).unwrap());
+    let a = Tiered::builder(config()).l2(l2.clone()).build().unwrap();
+    let b = Tiered::builder(config()).l2(l2.clone()).build().unwrap();
+    let origin = Origin::default();
+    a.get_or_load("k", origin.loader("from a", Duration::ZERO))
+        .await
+        .unwrap();
+    let got = b
+        .get_or_load("k", origin.loader("from b", Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(&got[..], b"from a");
+    assert_eq!(origin.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn foreign_bytes_in_l2_are_a_counted_miss() {
+    let l2 = Arc::new(MokaCache::new(Default::default()).unwrap());
+    let cache = Tiered::builder(config()).l2(l2.clone()).build().unwrap();
+    let origin = Origin::default();
+    for garbage in [
+        &b""[..],
+        b"plain text",
+        b"KT\x01",
+        b"KT\x09garbage-version-000000000",
+    ] {
+        l2.set(
+            "k",
+            Bytes::copy_from_slice(garbage),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+        cache.flush_l1();
+        assert_eq!(cache.get("k").await.unwrap(), None, "{garbage:?}");
+    }
+    let got = cache
+        .get_or_load("k", origin.loader("fresh", Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(&got[..], b"fresh");
+    assert_eq!(origin.calls(), 1);
+}
+
+fn loader_bug() -> Bytes {
+    panic!("a loader bug")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_loader_is_a_load_error_and_the_key_recovers() {
+    let cache = tiered(config());
+    let err = cache
+        .get_or_load("k", || async { Ok(loader_bug()) })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Load { .. }), "{err:?}");
+    let origin = Origin::default();
+    let got = cache
+        .get_or_load("k", origin.loader("ok", Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(&got[..], b"ok");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_caller_does_not_cancel_the_load() {
+    let cache = tiered(config());
+    let origin = Origin::default();
+    let caller = cache.get_or_load("k", origin.loader("v", Duration::from_secs(1)));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), caller)
+            .await
+            .is_err()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(cache.get("k").await.unwrap().as_deref(), Some(&b"v"[..]));
+    assert_eq!(origin.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn typed_loads_round_trip() {
+    let cache = tiered(config());
+    let got: Vec<u32> = cache
+        .get_or_load_json("v", || async { Ok(vec![1, 2, 3]) })
+        .await
+        .unwrap();
+    assert_eq!(got, vec![1, 2, 3]);
+    let again: Vec<u32> = cache
+        .get_or_load_json("v", || async { Ok(vec![9]) })
+        .await
+        .unwrap();
+    assert_eq!(again, vec![1, 2, 3]);
+}
+
+/// Waits (in small real-time steps) until `check` holds.
+async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..200 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{what} did not happen within 2 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidation_reaches_a_second_instance() {
+    let l2 = Arc::new(MokaCache::new(Default::default()).unwrap());
+    let bus = LocalBus::new(1024).unwrap();
+    let a = Tiered::builder(config())
+        .l2(l2.clone())
+        .invalidation(bus.clone())
+        .build()
+        .unwrap();
+    let b = Tiered::builder(config())
+        .l2(l2.clone())
+        .invalidation(bus.clone())
+        .build()
+        .unwrap();
+    // Let both listeners subscribe (their first event flushes L1).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let origin = Origin::default();
+    a.get_or_load("k", origin.loader("v1", Duration::ZERO))
+        .await
+        .unwrap();
+    b.get_or_load("k", origin.loader("unused", Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(origin.calls(), 1, "b filled its L1 from L2");
+
+    a.set("k", "v2".into(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    eventually("b sees v2", async || {
+        b.get("k").await.unwrap().as_deref() == Some(&b"v2"[..])
+    })
+    .await;
+
+    a.invalidate("k").await.unwrap();
+    eventually("b misses", async || b.get("k").await.unwrap().is_none()).await;
+    let got = b
+        .get_or_load("k", origin.loader("v3", Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(&got[..], b"v3");
+}
+
+/// An L2 that fails (or hangs) on demand and counts the calls it gets.
+#[derive(Debug, Default)]
+struct Flaky {
+    inner: Option<Arc<MokaCache>>,
+    down: AtomicBool,
+    hang: AtomicBool,
+    calls: AtomicUsize,
+}
+
+impl Flaky {
+    fn new() -> Arc<Self> {
+        Arc::new(Flaky {
+            inner: Some(Arc::new(MokaCache::new(Default::default()).unwrap())),
+            ..Flaky::default()
+        })
+    }
+
+    async fn enter(&self) -> keel_cache::Result<&MokaCache> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if self.down.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable {
+                message: "connection refused".into(),
+                source: None,
+            });
+        }
+        Ok(self.inner.as_deref().expect("inner"))
+    }
+}
+
+#[async_trait]
+impl Cache for Flaky {
+    async fn get(&self, key: &str) -> keel_cache::Result<Option<Bytes>> {
+        self.enter().await?.get(key).await
+    }
+    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> keel_cache::Result<()> {
+        self.enter().await?.set(key, value, ttl).await
+    }
+    async fn delete(&self, key: &str) -> keel_cache::Result<()> {
+        self.enter().await?.delete(key).await
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default().shared(true)
+    }
+    async fn ping(&self) -> keel_cache::Result<()> {
+        self.enter().await.map(drop)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn l2_outage_falls_through_to_origin_and_the_breaker_comes_back() {
+    let l2 = Flaky::new();
+    let cache = Tiered::builder(
+        config()
+            .l2_timeout(Duration::from_millis(50))
+            .breaker(3, Duration::from_secs(5)),
+    )
+    .l2(l2.clone())
+    .build()
+    .unwrap();
+    let origin = Origin::default();
+
+    // L2 hangs: every request still succeeds, each within the L2 timeout
+    // (a get and a set per load until the breaker opens).
+    l2.hang.store(true, Ordering::SeqCst);
+    for i in 0..10 {
+        let start = Instant::now();
+        let got = cache
+            .get_or_load(&format!("k{i}"), origin.loader("origin", Duration::ZERO))
+            .await
+            .unwrap();
+        assert_eq!(&got[..], b"origin");
+        assert!(
+            start.elapsed() <= Duration::from_millis(100),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+    assert_eq!(origin.calls(), 10);
+    assert!(cache.l2_breaker_open());
+    let calls_when_open = l2.calls.load(Ordering::SeqCst);
+    assert!(
+        calls_when_open <= 3,
+        "{calls_when_open} l2 calls before opening"
+    );
+
+    // Open: L2 is skipped entirely.
+    for i in 10..20 {
+        cache
+            .get_or_load(&format!("k{i}"), origin.loader("origin", Duration::ZERO))
+            .await
+            .unwrap();
+    }
+    assert_eq!(l2.calls.load(Ordering::SeqCst), calls_when_open);
+
+    // L2 fails fast instead: after the cooldown the probe fails, it stays open.
+    l2.hang.store(false, Ordering::SeqCst);
+    l2.down.store(true, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    cache
+        .get_or_load("probe-1", origin.loader("origin", Duration::ZERO))
+        .await
+        .unwrap();
+    assert!(cache.l2_breaker_open());
+
+    // L2 is back: the next probe closes the breaker and L2 fills again.
+    l2.down.store(false, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(5)).await;
+    cache
+        .get_or_load("probe-2", origin.loader("origin", Duration::ZERO))
+        .await
+        .unwrap();
+    assert!(!cache.l2_breaker_open());
+    cache
+        .set("after", "v".into(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let stored = l2.inner.as_ref().unwrap().get("after").await.unwrap();
+    assert!(stored.is_some(), "writes reach L2 again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn writes_to_a_dead_l2_are_dropped_not_failed() {
+    let l2 = Flaky::new();
+    l2.down.store(true, Ordering::SeqCst);
+    let cache = Tiered::builder(config()).l2(l2.clone()).build().unwrap();
+    cache
+        .set("k", "v".into(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(cache.get("k").await.unwrap().as_deref(), Some(&b"v"[..]));
+    // Deletion reports that L2 did not take it, after clearing L1.
+    let err = cache.invalidate("k").await.unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    assert_eq!(cache.get("k").await.unwrap(), None);
+}
+
+#[test]
+fn public_futures_are_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    let cache = tiered(config());
+    let origin = Origin::default();
+    assert_send(&cache.get_or_load("k", origin.loader("v", Duration::ZERO)));
+    assert_send(&cache.get_or_load_json::<u32, _, _>("k", || async { Ok(1) }));
+    assert_send(&cache.invalidate("k"));
+    assert_send(&cache.get("k"));
+    let dyn_cache: Arc<dyn Cache> = Arc::new(cache.clone());
+    assert_send(&dyn_cache.get("k"));
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Tiered>();
+    assert_send_sync::<MokaCache>();
+    assert_send_sync::<LocalBus>();
+}
