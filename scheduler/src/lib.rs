@@ -1,9 +1,32 @@
-//! # keel-scheduler (not yet built)
-//!
-//! What runs next and when: the worker runtime that consumes `keel-queue`
-//! queues, and an admission scheduler with priorities, per-tenant fairness,
-//! deadlines, rate and concurrency limits, load shedding and micro-batching.
-//!
-//! **Status:** this crate has no public API yet; its work is tracked in the
-//! issue "keel-scheduler: the worker runtime, priorities, tenant fairness…".
-//! Nothing here should be depended on until it lands.
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod admission;
+mod batch;
+mod error;
+mod future;
+mod layer;
+pub mod metrics;
+mod rate;
+mod service;
+mod ticket;
+mod worker;
+
+pub use admission::{
+    AimdConfig, ClassConfig, ConcurrencyConfig, Scheduler, SchedulerBuilder, SchedulerConfig,
+    SchedulerStats, SheddingConfig, TenantConfig,
+};
+pub use batch::{BatchConfig, BatchFuture, Batcher};
+pub use error::{BoxError, Error, Rejection, Result};
+pub use future::ResponseFuture;
+pub use keel_queue::Priority;
+pub use layer::AdmissionLayer;
+pub use rate::{LocalRateLimiter, Rate, RateDecision, RateLimit, RateLimitConfig, TenantRates};
+#[cfg(feature = "redis")]
+pub use rate::{RedisRateLimitConfig, RedisRateLimiter};
+pub use service::Admission;
+pub use ticket::{TenantId, Ticket};
+pub use worker::{
+    Outcome, RetryBudgetConfig, ShutdownReport, WorkItem, Worker, WorkerConfig, WorkerHandle,
+    WorkerHealth, WorkerState, WorkerStats,
+};

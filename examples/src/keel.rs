@@ -1,0 +1,347 @@
+//! The Keel pipeline of the demo, composed only from the crates' public
+//! APIs: response cache → admission scheduler (tenants, priorities,
+//! deadlines, rate and concurrency limits, shedding) → budgeted retries →
+//! balancer (peak-EWMA, node capacity, busy-aware) over health-checked
+//! endpoints → the nodes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use keel_balancer::retry::{RetryConfig, RetryLayer};
+use keel_balancer::{Balancer, Deadline, HttpClassifier, Policy};
+use keel_cache::{LoadError, Tiered};
+use keel_health::{ActiveConfig, Endpoint, Health, HealthConfig, HealthState, OutlierConfig};
+use keel_scheduler::{
+    ConcurrencyConfig, LocalRateLimiter, Priority, Rate, RateLimitConfig, SchedulerBuilder,
+    SchedulerConfig, TenantRates, Ticket,
+};
+use parking_lot::Mutex;
+use tokio::time::Instant;
+use tower::ServiceBuilder;
+
+use crate::fleet::{FakeNode, Fleet, InferenceRequest, InferenceResponse, NodeError};
+use crate::report::{Ledger, Outcome};
+
+/// How long an interactive request may take, end to end.
+pub const INTERACTIVE_DEADLINE: Duration = Duration::from_secs(2);
+/// How long a batch request may take, end to end.
+pub const BATCH_DEADLINE: Duration = Duration::from_secs(8);
+
+/// Counts node calls for one request (carried in its extensions).
+#[derive(Clone, Debug, Default)]
+struct Attempts(Arc<AtomicU32>);
+
+/// A node behind an HTTP-shaped interface, as a gateway sees it: 200 with
+/// the answer, 503 with `Retry-After`, 500.
+#[derive(Clone, Debug)]
+struct HttpNode(FakeNode);
+
+type NodeRequest = http::Request<InferenceRequest>;
+type NodeResponse = http::Response<Option<InferenceResponse>>;
+
+impl tower::Service<NodeRequest> for HttpNode {
+    type Response = NodeResponse;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<NodeResponse, std::io::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: NodeRequest) -> Self::Future {
+        let node = self.0.clone();
+        Box::pin(async move {
+            if let Some(attempts) = request.extensions().get::<Attempts>() {
+                attempts.0.fetch_add(1, Ordering::Relaxed);
+            }
+            let answer = node.infer(request.into_body()).await;
+            Ok(match answer {
+                Ok(response) => http::Response::new(Some(response)),
+                Err(NodeError::Busy { retry_after }) => http::Response::builder()
+                    .status(503)
+                    .header("retry-after", retry_after.as_secs().max(1).to_string())
+                    .body(None)
+                    .expect("valid response"),
+                Err(NodeError::Failed) => http::Response::builder()
+                    .status(500)
+                    .body(None)
+                    .expect("valid response"),
+            })
+        })
+    }
+}
+
+type Admission = keel_scheduler::Scheduler<NodeRequest, NodeResponse>;
+
+/// The Keel gateway.
+#[derive(Clone)]
+pub struct KeelPipeline {
+    cache: Arc<Tiered>,
+    scheduler: Admission,
+    health: Health,
+    ledger: Arc<Ledger>,
+    in_rotation: Arc<Mutex<HashMap<String, bool>>>,
+}
+
+impl std::fmt::Debug for KeelPipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeelPipeline").finish_non_exhaustive()
+    }
+}
+
+/// What the `--cache` flag chose, built.
+pub type CacheTier = Tiered;
+
+impl KeelPipeline {
+    /// Builds the pipeline over `fleet` with `cache`, recording into `ledger`.
+    pub fn start(
+        fleet: &Fleet,
+        cache: Tiered,
+        ledger: Arc<Ledger>,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let nodes: HashMap<String, FakeNode> = fleet
+            .nodes
+            .iter()
+            .map(|n| (format!("node-{}", n.index()), n.clone()))
+            .collect();
+        let probe_nodes = nodes.clone();
+        let health = Health::builder(
+            HealthConfig::new("demo-fleet")
+                .active(
+                    ActiveConfig::default()
+                        .interval(Duration::from_millis(250))
+                        .unhealthy_interval(Duration::from_millis(250))
+                        .timeout(Duration::from_millis(150))
+                        .unhealthy_threshold(2)
+                        .healthy_threshold(2),
+                )
+                .outlier(
+                    OutlierConfig::default()
+                        .consecutive_failures(Some(3))
+                        .ejection(Duration::from_secs(2), Duration::from_secs(10)),
+                ),
+        )
+        .probe_fn(move |endpoint: Endpoint| {
+            let node = probe_nodes.get(endpoint.id().as_str()).cloned();
+            async move {
+                match node {
+                    Some(node) => node.health().await,
+                    None => Err(std::io::Error::other("unknown node")),
+                }
+            }
+        })
+        .build()?;
+        for id in nodes.keys() {
+            health.insert(Endpoint::new(id.as_str(), id.as_str()))?;
+        }
+        let make_nodes = nodes.clone();
+        let discover = health.discover(move |endpoint: &Endpoint| {
+            HttpNode(make_nodes[endpoint.id().as_str()].clone())
+        });
+        // Health's weights (slow start, busy dampening) into the balancer.
+        let (weights_tx, weights_rx) = tokio::sync::watch::channel(HashMap::new());
+        let mut snapshots = health.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let weights: HashMap<_, f64> = {
+                    let snapshot = snapshots.borrow_and_update();
+                    snapshot
+                        .iter()
+                        .map(|status| (status.endpoint.id().clone(), status.weight))
+                        .collect()
+                };
+                if weights_tx.send(weights).is_err() || snapshots.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let balancer = Balancer::builder()
+            .policy(Policy::PeakEwma)
+            .max_outstanding_per_endpoint(8)
+            .max_wait(Duration::from_millis(300))
+            .attempt_timeout(Duration::from_millis(1_500))
+            .classifier(HttpClassifier::default())
+            .weights(weights_rx)
+            .build(discover)?;
+        let service = ServiceBuilder::new()
+            .layer(RetryLayer::new(RetryConfig::default())?)
+            .service(balancer);
+        let limiter = LocalRateLimiter::new(
+            RateLimitConfig::new("demo")
+                .default_rates(TenantRates::default().requests(Rate::per_second(400).burst(100))),
+        )?;
+        let scheduler = SchedulerBuilder::new(
+            SchedulerConfig::new("demo-gateway")
+                .max_queued(400)
+                .max_queued_per_tenant(200)
+                .concurrency(ConcurrencyConfig::default().max_in_flight(5 * 8)),
+        )
+        .rate_limit(limiter)
+        .build(service)?;
+        Ok(KeelPipeline {
+            cache: Arc::new(cache),
+            scheduler,
+            health,
+            ledger,
+            in_rotation: Arc::default(),
+        })
+    }
+
+    /// Requests waiting in the admission queue.
+    pub fn depth(&self) -> u64 {
+        self.scheduler.stats().queued as u64
+    }
+
+    /// Counts endpoints taken out of rotation (ejected by outlier
+    /// detection, or failing their health checks) since the last call.
+    pub fn note_ejections(&self, phase: usize) {
+        let snapshot = self.health.snapshot();
+        let mut seen = self.in_rotation.lock();
+        let mut fresh = 0;
+        for status in snapshot.iter() {
+            let serving = matches!(status.state, HealthState::Healthy | HealthState::Degraded);
+            let id = status.endpoint.id().as_str().to_owned();
+            if seen.insert(id, serving) == Some(true) && !serving {
+                fresh += 1;
+            }
+        }
+        if fresh > 0 {
+            self.ledger.ejections(phase, fresh);
+        }
+    }
+
+    /// Serves one request to its single outcome.
+    pub async fn serve(&self, request: InferenceRequest, phase: usize) {
+        let offered_at = Instant::now();
+        let deadline = if request.priority == 1 {
+            INTERACTIVE_DEADLINE
+        } else {
+            BATCH_DEADLINE
+        };
+        let key = format!(
+            "llm:v1:{}:{}:{}",
+            request.prefix, request.suffix, request.max_tokens
+        );
+        let attempts = Attempts::default();
+        let outcome_slot: Arc<Mutex<Option<Outcome>>> = Arc::default();
+        let ran_loader = Arc::new(AtomicU32::new(0));
+        let loaded = {
+            let (scheduler, attempts, slot, ran) = (
+                self.scheduler.clone(),
+                attempts.clone(),
+                outcome_slot.clone(),
+                ran_loader.clone(),
+            );
+            let request = request.clone();
+            self.cache
+                .get_or_load(&key, move || async move {
+                    ran.fetch_add(1, Ordering::Relaxed);
+                    let ticket = Ticket::new(request.tenant.as_str())
+                        .priority(if request.priority == 1 {
+                            Priority::HIGH
+                        } else {
+                            Priority::LOW
+                        })
+                        .timeout(deadline)
+                        .cost(u64::from(request.max_tokens));
+                    let mut http_request = http::Request::new(request);
+                    Deadline::after(deadline).apply(&mut http_request);
+                    http_request.extensions_mut().insert(attempts.clone());
+                    let tries = || attempts.0.load(Ordering::Relaxed);
+                    match scheduler.submit(ticket, http_request).await {
+                        Ok(response) => match response.into_body() {
+                            Some(answer) => Ok(answer.text.into_bytes().into()),
+                            None => {
+                                *slot.lock() = Some(Outcome::Failed { attempts: tries() });
+                                Err(LoadError::msg("node error").kind("failed"))
+                            }
+                        },
+                        Err(err) => {
+                            let outcome = classify(&err, tries());
+                            *slot.lock() = Some(outcome);
+                            Err(LoadError::msg(err.to_string()).kind("rejected"))
+                        }
+                    }
+                })
+                .await
+        };
+        let attempts_made = attempts.0.load(Ordering::Relaxed);
+        let outcome = match loaded {
+            Ok(_) => Outcome::Completed {
+                latency: offered_at.elapsed(),
+                attempts: attempts_made,
+                cache_hit: ran_loader.load(Ordering::Relaxed) == 0,
+            },
+            Err(err) => outcome_slot
+                .lock()
+                .take()
+                .unwrap_or_else(|| Outcome::Rejected {
+                    // A coalesced wait on another request's failed load.
+                    reason: format!("shared-load-failed: {}", short(&err.to_string())),
+                    attempts: attempts_made,
+                }),
+        };
+        self.ledger.record(phase, &outcome);
+    }
+}
+
+impl KeelPipeline {
+    /// Runs one job's inference through admission and the balancer (no
+    /// response cache); answers whether it succeeded.
+    pub async fn run_job(&self, request: InferenceRequest) -> bool {
+        let ticket = Ticket::new(request.tenant.as_str())
+            .priority(Priority::LOW)
+            .timeout(BATCH_DEADLINE)
+            .cost(u64::from(request.max_tokens));
+        let mut http_request = http::Request::new(request);
+        Deadline::after(BATCH_DEADLINE).apply(&mut http_request);
+        matches!(
+            self.scheduler.submit(ticket, http_request).await,
+            Ok(response) if response.body().is_some()
+        )
+    }
+}
+
+fn short(text: &str) -> String {
+    text.split(':').next().unwrap_or(text).trim().to_owned()
+}
+
+fn classify(err: &keel_scheduler::Error, attempts: u32) -> Outcome {
+    use keel_scheduler::{Error, Rejection};
+    match err {
+        Error::DeadlineExceeded { .. } => Outcome::Expired { attempts },
+        Error::Rejected(Rejection::RateLimited { .. }) => Outcome::Rejected {
+            reason: "rate-limited".into(),
+            attempts,
+        },
+        Error::Rejected(Rejection::Overloaded { .. }) => Outcome::Rejected {
+            reason: "overloaded".into(),
+            attempts,
+        },
+        Error::Rejected(Rejection::QueueFull) => Outcome::Rejected {
+            reason: "queue-full".into(),
+            attempts,
+        },
+        Error::Service(source) => {
+            let text = source.to_string();
+            if text.contains("deadline") {
+                Outcome::Expired { attempts }
+            } else if text.contains("overloaded") || text.contains("no endpoint") {
+                Outcome::Rejected {
+                    reason: "no-capacity".into(),
+                    attempts,
+                }
+            } else {
+                Outcome::Failed { attempts }
+            }
+        }
+        _ => Outcome::Failed { attempts },
+    }
+}

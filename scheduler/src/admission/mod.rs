@@ -1,0 +1,983 @@
+//! The admission scheduler; see [`Scheduler`].
+
+mod codel;
+mod config;
+mod limit;
+mod pending;
+mod signal;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tower::Service;
+
+use self::codel::Codel;
+pub use self::config::{
+    AimdConfig, ClassConfig, ConcurrencyConfig, SchedulerConfig, SheddingConfig, TenantConfig,
+};
+use self::limit::Limit;
+use self::pending::{Entry, Key, Loc, Pending};
+use self::signal::Signal;
+use crate::error::{BoxError, Error, Rejection, Result};
+use crate::metrics::SchedulerMetrics;
+use crate::rate::{RateDecision, RateLimit};
+use crate::ticket::{TenantHash, TenantId, Ticket};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Requests without a deadline are checked against `max_queue_time` this
+/// many times per `max_queue_time`, so they wait at most 1/8 longer.
+const SWEEPS_PER_MAX_QUEUE_TIME: u32 = 8;
+
+/// Back-to-back dispatches reuse the latest clock reading at most this many
+/// times before the dispatcher reads the clock itself.
+const CLOCK_REUSE: u32 = 32;
+
+/// The most requests the dispatcher takes from the queue per lock.
+const STAGE: usize = 16;
+
+/// An admission scheduler in front of one service: every submitted request
+/// waits in one ordered queue and ends in exactly one outcome.
+///
+/// Cheap to clone; every clone submits to the same queue. The dispatcher
+/// task stops when every handle is dropped and the queue is empty.
+///
+///
+/// # Outcomes
+///
+/// [`Scheduler::submit`] answers exactly once, with one of:
+///
+/// - the service's response (or its error, [`Error::Service`]): the request
+///   was dispatched;
+/// - [`Error::Rejected`]: refused before it reached the service —
+///   [`RateLimited`](crate::Rejection::RateLimited) by the tenant's rate
+///   limit, [`QueueFull`](crate::Rejection::QueueFull) by the queue bounds,
+///   or [`Overloaded`](crate::Rejection::Overloaded) by queueing-delay
+///   shedding, each with `retry_after` where known;
+/// - [`Error::DeadlineExceeded`]: its deadline (or
+///   [`max_queue_time`](SchedulerConfig::max_queue_time)) passed while it
+///   waited; it was never sent;
+/// - [`Error::Closed`]: the service failed in `poll_ready` and the
+///   scheduler stopped.
+///
+/// Dropping the future returned by `submit` takes the request out of the
+/// queue, or, once dispatched, drops the service's response future
+/// (cancelling the call).
+///
+/// # Order
+///
+/// One dispatcher task owns the service. Whenever the service is ready and
+/// the in-flight limits allow, it takes the next request:
+///
+/// 1. **class**: a class owed its minimum share first, otherwise the highest
+///    priority class with work;
+/// 2. **tenant**: within the class, deficit round robin over tenants, each
+///    credited `quantum × weight` cost per round, so tenants are served
+///    cost in proportion to their weights however much each one offers;
+///    tenants at their in-flight limit are skipped until a request ends;
+/// 3. **request**: within the tenant, earliest deadline first.
+///
+/// The service's response future runs in the submitter's task, so a slow
+/// response never holds up dispatching.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use keel_scheduler::{Priority, Scheduler, SchedulerConfig, Ticket};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), keel_scheduler::Error> {
+/// let echo = tower::service_fn(|prompt: String| async move {
+///     Ok::<_, std::convert::Infallible>(prompt.len())
+/// });
+/// let scheduler = Scheduler::new(SchedulerConfig::new("gateway"), echo)?;
+///
+/// let ticket = Ticket::new("acme").priority(Priority::HIGH).timeout(Duration::from_secs(1));
+/// assert_eq!(scheduler.submit(ticket, "hello".to_owned()).await?, 5);
+/// # Ok(())
+/// # }
+/// ```
+pub struct Scheduler<Req, Resp> {
+    handle: Arc<Handle<Req, Resp>>,
+}
+
+impl<Req, Resp> Clone for Scheduler<Req, Resp> {
+    fn clone(&self) -> Self {
+        Scheduler {
+            handle: self.handle.clone(),
+        }
+    }
+}
+
+impl<Req, Resp> fmt::Debug for Scheduler<Req, Resp> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shared = &self.handle.shared;
+        f.debug_struct("Scheduler")
+            .field("name", &shared.config.name)
+            .field("queued", &shared.state.lock().pending.len())
+            .field("in_flight", &shared.in_flight.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A snapshot of a scheduler's queue and limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SchedulerStats {
+    /// Requests waiting.
+    pub queued: usize,
+    /// Requests waiting, per class (index 0 is the lowest priority).
+    pub queued_per_class: Vec<usize>,
+    /// Requests dispatched and not yet answered.
+    pub in_flight: usize,
+    /// The current in-flight limit (`usize::MAX` when unlimited).
+    pub concurrency_limit: usize,
+    /// Which classes are shedding (queueing delay above target).
+    pub shedding: Vec<bool>,
+}
+
+/// Builds a [`Scheduler`], with an optional rate limiter.
+#[derive(Debug)]
+pub struct SchedulerBuilder {
+    config: SchedulerConfig,
+    limiter: Option<Arc<dyn RateLimit>>,
+}
+
+impl SchedulerBuilder {
+    /// A builder for a scheduler with `config`.
+    pub fn new(config: SchedulerConfig) -> Self {
+        SchedulerBuilder {
+            config,
+            limiter: None,
+        }
+    }
+
+    /// Charges every submitted request to its tenant's rate limits before
+    /// it is queued; limited requests are answered
+    /// [`RateLimited`](crate::Rejection::RateLimited). Pass an `Arc` to
+    /// share one limiter between several schedulers.
+    pub fn rate_limit(mut self, limiter: impl RateLimit) -> Self {
+        self.limiter = Some(Arc::new(limiter));
+        self
+    }
+
+    /// Validates the config and starts the dispatcher task that owns
+    /// `service`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the bad field.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime (the dispatcher is spawned).
+    pub fn build<S, Req>(self, service: S) -> Result<Scheduler<Req, S::Response>>
+    where
+        S: Service<Req> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Response: Send + 'static,
+        Req: Send + 'static,
+    {
+        self.config.validate()?;
+        let config = self.config;
+        let classes = config.classes.len();
+        let now = Instant::now();
+        let limit = Limit::new(&config.concurrency);
+        let metrics = SchedulerMetrics::new(&config.name, classes);
+        metrics
+            .limit
+            .set(limit.current().min(u32::MAX as usize) as f64);
+        let sweep_every =
+            (config.max_queue_time / SWEEPS_PER_MAX_QUEUE_TIME).max(Duration::from_millis(1));
+        let shared = Arc::new(Shared {
+            sweep_every,
+            limit_now: AtomicUsize::new(limit.current()),
+            in_flight: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            track_tenants: config.limits_tenants(),
+            state: Mutex::new(State {
+                pending: Pending::new(
+                    config.classes.iter().map(|c| c.min_share).collect(),
+                    config.quantum,
+                ),
+                tenant_in_flight: HashMap::default(),
+                limit,
+                codel: Codel::new(config.shedding.clone(), classes, now),
+                closed: None,
+                handles_gone: false,
+                dispatcher_gone: false,
+                next_sweep: now + sweep_every,
+                clock: now,
+                clock_uses: 0,
+            }),
+            wake: Signal::default(),
+            limiter: self.limiter,
+            metrics,
+            config,
+        });
+        tokio::spawn(dispatch(shared.clone(), service));
+        Ok(Scheduler {
+            handle: Arc::new(Handle { shared }),
+        })
+    }
+}
+
+impl<Req, Resp> Scheduler<Req, Resp>
+where
+    Req: Send + 'static,
+    Resp: Send + 'static,
+{
+    /// A scheduler without rate limits in front of `service`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming the bad field.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime (the dispatcher is spawned).
+    pub fn new<S>(config: SchedulerConfig, service: S) -> Result<Self>
+    where
+        S: Service<Req, Response = Resp> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+    {
+        SchedulerBuilder::new(config).build(service)
+    }
+
+    /// Submits one request and waits for its one outcome (see the
+    /// [type docs](Scheduler#outcomes)).
+    ///
+    /// The request is charged to the tenant's rate limits, checked against
+    /// the queue bounds and shedding, queued in order, dispatched when its
+    /// turn comes, and its response awaited in the caller's task. The rate
+    /// limit is charged first: a request then refused for a full queue or
+    /// shedding has still used its share of the rate.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Rejected`], [`Error::DeadlineExceeded`], [`Error::Service`],
+    /// [`Error::Closed`], or [`Error::RateLimiter`] when a shared limiter
+    /// cannot be reached and is configured to fail closed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before dispatch takes the request out of the
+    /// queue: it is never sent. After dispatch, dropping it drops the
+    /// service's response future.
+    pub fn submit(
+        &self,
+        ticket: Ticket,
+        request: Req,
+    ) -> impl Future<Output = Result<Resp>> + Send + 'static {
+        let shared = self.handle.shared.clone();
+        async move { Shared::submit(shared, ticket, request).await }
+    }
+
+    /// A snapshot of the queue and limits.
+    pub fn stats(&self) -> SchedulerStats {
+        let shared = &self.handle.shared;
+        let state = shared.state.lock();
+        let classes = state.pending.classes();
+        SchedulerStats {
+            queued: state.pending.len(),
+            queued_per_class: (0..classes).map(|c| state.pending.class_len(c)).collect(),
+            in_flight: shared.in_flight.load(Ordering::Relaxed),
+            concurrency_limit: state.limit.current(),
+            shedding: (0..classes)
+                .map(|c| state.codel.shedding(c).is_some())
+                .collect(),
+        }
+    }
+
+    /// The configuration the scheduler was built with.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.handle.shared.config
+    }
+}
+
+/// Dropped with the last [`Scheduler`] clone: tells the dispatcher to stop
+/// once the queue is empty.
+struct Handle<Req, Resp> {
+    shared: Arc<Shared<Req, Resp>>,
+}
+
+impl<Req, Resp> Drop for Handle<Req, Resp> {
+    fn drop(&mut self) {
+        self.shared.state.lock().handles_gone = true;
+        self.shared.wake.notify();
+    }
+}
+
+/// What the dispatcher answers a waiting submitter.
+enum Verdict<Req, Resp> {
+    /// Dispatched: await this, holding the permit.
+    Run {
+        response: BoxFuture<std::result::Result<Resp, BoxError>>,
+        permit: Permit<Req, Resp>,
+    },
+    /// The deadline passed before dispatch.
+    Expired,
+    /// Shed by queueing-delay control.
+    Shed { retry_after: Duration },
+    /// The scheduler stopped.
+    Closed(String),
+}
+
+/// A queued request and the way back to its submitter.
+struct Waiting<Req, Resp> {
+    request: Req,
+    reply: oneshot::Sender<Verdict<Req, Resp>>,
+}
+
+impl<Req, Resp> fmt::Debug for Waiting<Req, Resp> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Waiting")
+            .field("closed", &self.reply.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared<Req, Resp> {
+    config: SchedulerConfig,
+    state: Mutex<State<Req, Resp>>,
+    /// Wakes the dispatcher: new work, freed capacity, last handle gone.
+    wake: Signal,
+    limiter: Option<Arc<dyn RateLimit>>,
+    metrics: SchedulerMetrics,
+    in_flight: AtomicUsize,
+    /// The queue length, readable without the lock.
+    queued: AtomicUsize,
+    /// The in-flight limit, readable without the lock.
+    limit_now: AtomicUsize,
+    /// Whether some tenant has an in-flight limit.
+    track_tenants: bool,
+    /// How often waiting requests are checked against `max_queue_time`.
+    sweep_every: Duration,
+}
+
+/// Everything behind the lock. Held only for short, synchronous work.
+struct State<Req, Resp> {
+    pending: Pending<Waiting<Req, Resp>>,
+    tenant_in_flight: HashMap<TenantId, usize, TenantHash>,
+    limit: Limit,
+    codel: Codel,
+    /// Set when the service failed; no more requests are taken.
+    closed: Option<String>,
+    handles_gone: bool,
+    dispatcher_gone: bool,
+    /// When requests are next checked against `max_queue_time`.
+    next_sweep: Instant,
+    /// The latest clock reading (submits and dispatches record theirs).
+    clock: Instant,
+    /// Dispatches since the dispatcher last read the clock itself.
+    clock_uses: u32,
+}
+
+impl<Req, Resp> State<Req, Resp> {
+    /// Reads the clock and records the reading.
+    fn read_clock(&mut self) -> Instant {
+        let now = Instant::now();
+        self.clock = self.clock.max(now);
+        self.clock_uses = 0;
+        now
+    }
+
+    /// The latest reading, without reading the clock.
+    fn reuse_clock(&mut self) -> Instant {
+        self.clock_uses += 1;
+        self.clock
+    }
+
+    fn tenant_eligible(&self, config: &SchedulerConfig, tenant: &TenantId) -> bool {
+        match config.max_in_flight_of(tenant.as_str()) {
+            None => true,
+            Some(max) => self.tenant_in_flight.get(tenant).copied().unwrap_or(0) < max,
+        }
+    }
+}
+
+impl<Req, Resp> Shared<Req, Resp> {
+    /// Mirrors the queue length for lock-free checks and the gauge.
+    fn set_queued(&self, state: &State<Req, Resp>) {
+        let len = state.pending.len();
+        self.queued.store(len, Ordering::Release);
+        self.metrics.queued.set(len as f64);
+    }
+}
+
+impl<Req, Resp> Shared<Req, Resp>
+where
+    Req: Send + 'static,
+    Resp: Send + 'static,
+{
+    async fn submit(this: Arc<Self>, ticket: Ticket, request: Req) -> Result<Resp> {
+        let metrics = &this.metrics;
+        metrics.submitted.increment(1);
+        let mut now = Instant::now();
+        if ticket.deadline.is_some_and(|d| d <= now) {
+            metrics.expired.increment(1);
+            return Err(Error::DeadlineExceeded {
+                waited: Duration::ZERO,
+            });
+        }
+        if let Some(limiter) = &this.limiter {
+            match limiter.acquire(&ticket.tenant, ticket.cost).await? {
+                RateDecision::Allow => {}
+                RateDecision::Limited { retry_after } => {
+                    metrics.rate_limited.increment(1);
+                    return Err(Rejection::RateLimited { retry_after }.into());
+                }
+            }
+            now = Instant::now();
+        }
+        let class = this.config.class_of(ticket.priority);
+        let weight = this.config.weight_of(ticket.tenant.as_str());
+        let max_queued = this.config.max_queued_of(ticket.tenant.as_str());
+        let (tx, mut rx) = oneshot::channel();
+        let loc = {
+            let mut state = this.state.lock();
+            state.clock = state.clock.max(now);
+            if let Some(reason) = &state.closed {
+                return Err(Error::closed(reason.clone()));
+            }
+            if state.dispatcher_gone {
+                return Err(Error::closed("the dispatcher stopped"));
+            }
+            if let Some(retry_after) = state.codel.shedding(class)
+                && state.pending.nonempty_since(class).is_some_and(|since| {
+                    now.saturating_duration_since(since) > state.codel.target()
+                })
+            {
+                metrics.overloaded.increment(1);
+                return Err(Rejection::Overloaded { retry_after }.into());
+            }
+            if state.pending.len() >= this.config.max_queued
+                || state.pending.tenant_len(&ticket.tenant) >= max_queued
+            {
+                metrics.queue_full.increment(1);
+                return Err(Rejection::QueueFull.into());
+            }
+            let eligible =
+                !this.track_tenants || state.tenant_eligible(&this.config, &ticket.tenant);
+            let loc = state.pending.push(
+                class,
+                &ticket.tenant,
+                weight,
+                eligible,
+                Entry {
+                    value: Waiting { request, reply: tx },
+                    cost: ticket.cost,
+                    enqueued: now,
+                    deadline: ticket.deadline,
+                },
+            );
+            this.set_queued(&state);
+            loc
+        };
+        this.wake.notify();
+
+        let mut queued = Queued {
+            shared: &this,
+            loc: Some(loc),
+        };
+        // A request with a deadline keeps its own timer, so it is answered
+        // the moment the deadline passes. Without one, the dispatcher's
+        // periodic sweep enforces `max_queue_time` (no timer per request).
+        let verdict = match ticket.deadline {
+            Some(deadline) => {
+                let give_up = deadline.min(now + this.config.max_queue_time);
+                tokio::select! {
+                    biased;
+                    verdict = &mut rx => verdict,
+                    () = tokio::time::sleep_until(give_up) => {
+                        if queued.take_back() {
+                            metrics.expired.increment(1);
+                            return Err(Error::DeadlineExceeded { waited: now.elapsed() });
+                        }
+                        // Dispatched at the same moment: its verdict is on the way.
+                        rx.await
+                    }
+                }
+            }
+            None => rx.await,
+        };
+        queued.loc = None;
+        match verdict {
+            Ok(Verdict::Run {
+                response,
+                mut permit,
+            }) => {
+                let result = response.await;
+                if permit.shared.config.concurrency.adaptive.is_some() {
+                    permit.latency = Some(permit.dispatched.elapsed());
+                }
+                drop(permit);
+                result.map_err(Error::Service)
+            }
+            Ok(Verdict::Expired) => Err(Error::DeadlineExceeded {
+                waited: now.elapsed(),
+            }),
+            Ok(Verdict::Shed { retry_after }) => Err(Rejection::Overloaded { retry_after }.into()),
+            Ok(Verdict::Closed(reason)) => Err(Error::closed(reason)),
+            Err(_) => Err(Error::closed("the dispatcher stopped")),
+        }
+    }
+
+    /// Housekeeping under the lock: requests past `max_queue_time`, the
+    /// CoDel interval, shedding.
+    fn maintain(&self, state: &mut State<Req, Resp>, now: Instant) {
+        if now < state.next_sweep
+            && !(self.config.shedding.enabled && now >= state.codel.next_eval())
+        {
+            return;
+        }
+        if now >= state.next_sweep {
+            state.next_sweep = now + self.sweep_every;
+            let max_wait = self.config.max_queue_time;
+            for class in 0..state.pending.classes() {
+                let expired = state.pending.drain_older_than(class, now, max_wait);
+                self.metrics.expired.increment(expired.len() as u64);
+                for entry in expired {
+                    let _ = entry.value.reply.send(Verdict::Expired);
+                }
+            }
+        }
+        let State { pending, codel, .. } = state;
+        let evaluated = codel.evaluate(now, |c| pending.nonempty_since(c));
+        if !evaluated {
+            self.set_queued(state);
+            return;
+        }
+        for class in 0..pending.classes() {
+            let Some(retry_after) = codel.shedding(class) else {
+                self.metrics.shedding[class].set(0.0);
+                continue;
+            };
+            self.metrics.shedding[class].set(1.0);
+            let shed = pending.drain_older_than(class, now, codel.target());
+            if !shed.is_empty() {
+                tracing::debug!(
+                    scheduler = %self.config.name,
+                    class,
+                    shed = shed.len(),
+                    ?retry_after,
+                    "queueing delay above target; shedding"
+                );
+                self.metrics.shed[class].increment(shed.len() as u64);
+                self.metrics.overloaded.increment(shed.len() as u64);
+            }
+            for entry in shed {
+                let _ = entry.value.reply.send(Verdict::Shed { retry_after });
+            }
+        }
+        self.set_queued(state);
+    }
+
+    /// Takes up to `max` requests to dispatch, in order, answering expired
+    /// and abandoned ones on the way, and counts them in flight. Answers
+    /// how many it took.
+    fn take(
+        self: &Arc<Self>,
+        fresh: bool,
+        max: usize,
+        out: &mut VecDeque<Staged<Req, Resp>>,
+    ) -> usize {
+        let mut state = self.state.lock();
+        // Reading the clock is not free: back to back dispatches use the
+        // latest reading (every submit records one), refreshed after any
+        // wait, every few dispatches, and for every request with a
+        // deadline, so deadlines are checked against the exact time.
+        let mut exact =
+            fresh || state.clock_uses >= CLOCK_REUSE || self.config.concurrency.adaptive.is_some();
+        let mut now = if exact {
+            state.read_clock()
+        } else {
+            state.reuse_clock()
+        };
+        self.maintain(&mut state, now);
+        let mut taken = 0;
+        while taken < max && self.in_flight.load(Ordering::Acquire) < state.limit.current() {
+            let popped = {
+                let State {
+                    pending,
+                    tenant_in_flight,
+                    ..
+                } = &mut *state;
+                let config = &self.config;
+                let track = self.track_tenants;
+                pending.pop(|tenant| {
+                    !track
+                        || config.max_in_flight_of(tenant.as_str()).is_none_or(|max| {
+                            tenant_in_flight.get(tenant).copied().unwrap_or(0) < max
+                        })
+                })
+            };
+            let Some(popped) = popped else {
+                break;
+            };
+            let entry = popped.entry;
+            if entry.value.reply.is_closed() {
+                // Its submitter is going away; its guard will find nothing.
+                continue;
+            }
+            if entry.deadline.is_some() && !exact {
+                now = state.read_clock();
+                exact = true;
+            }
+            if entry.deadline.is_some_and(|d| d <= now) {
+                self.metrics.expired.increment(1);
+                let _ = entry.value.reply.send(Verdict::Expired);
+                continue;
+            }
+            let sojourn = now.saturating_duration_since(entry.enqueued);
+            state.codel.record(popped.class, sojourn);
+            self.metrics.queue_delay[popped.class].record(sojourn.as_secs_f64());
+            let counted = if self.track_tenants {
+                *state
+                    .tenant_in_flight
+                    .entry(popped.tenant.clone())
+                    .or_default() += 1;
+                Some(popped.tenant.clone())
+            } else {
+                None
+            };
+            let in_flight = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+            self.metrics.in_flight.set(in_flight as f64);
+            out.push_back(Staged {
+                permit: Permit {
+                    shared: self.clone(),
+                    tenant: counted,
+                    dispatched: now,
+                    latency: None,
+                },
+                class: popped.class,
+                tenant: popped.tenant,
+                key: popped.key,
+                entry,
+            });
+            taken += 1;
+        }
+        self.set_queued(&state);
+        taken
+    }
+
+    /// Whether requests wait and the in-flight limit has room (lock-free,
+    /// a hint: `next` decides under the lock).
+    fn has_work(&self) -> bool {
+        self.queued.load(Ordering::Acquire) > 0
+            && self.in_flight.load(Ordering::Acquire) < self.limit_now.load(Ordering::Acquire)
+    }
+
+    /// When housekeeping is next due (the lock is held by the caller).
+    fn due(&self, state: &State<Req, Resp>) -> Instant {
+        if self.config.shedding.enabled {
+            state.next_sweep.min(state.codel.next_eval())
+        } else {
+            state.next_sweep
+        }
+    }
+
+    fn housekeeping_due(&self) -> Instant {
+        self.due(&self.state.lock())
+    }
+
+    fn housekeeping(&self) {
+        let mut state = self.state.lock();
+        let now = state.read_clock();
+        self.maintain(&mut state, now);
+    }
+
+    /// The service failed in `poll_ready`: close, answering the staged
+    /// requests too.
+    fn fail(&self, err: &BoxError, staged: VecDeque<Staged<Req, Resp>>) {
+        tracing::error!(scheduler = %self.config.name, error = %err, "service failed; closing the scheduler");
+        let reason = format!("the service failed: {err}");
+        for next in staged {
+            let _ = next.entry.value.reply.send(Verdict::Closed(reason.clone()));
+        }
+        self.close(reason);
+    }
+
+    /// Puts staged requests back in their places (the service turned out
+    /// not to be ready), releasing their permits.
+    fn put_back(&self, staged: &mut VecDeque<Staged<Req, Resp>>) {
+        if staged.is_empty() {
+            return;
+        }
+        let mut permits = Vec::with_capacity(staged.len());
+        {
+            let mut state = self.state.lock();
+            for next in staged.drain(..) {
+                let weight = self.config.weight_of(next.tenant.as_str());
+                state
+                    .pending
+                    .restore(next.class, &next.tenant, weight, next.key, next.entry);
+                permits.push(next.permit);
+            }
+            self.set_queued(&state);
+        }
+        // Released outside the lock (a permit takes it to count tenants).
+        drop(permits);
+    }
+
+    /// Nothing to send: housekeeping, then wait for a change. Answers
+    /// `false` when the dispatcher should stop (every handle gone, queue
+    /// empty).
+    async fn idle(&self, stalled: &mut bool, stale: &mut bool) -> bool {
+        let next_eval = {
+            let mut state = self.state.lock();
+            let now = if *stale {
+                state.read_clock()
+            } else {
+                state.reuse_clock()
+            };
+            self.maintain(&mut state, now);
+            if state.handles_gone && state.pending.is_empty() {
+                state.dispatcher_gone = true;
+                return false;
+            }
+            (!state.pending.is_empty()).then(|| self.due(&state))
+        };
+        if !*stalled && self.has_work() {
+            return true;
+        }
+        // Woken by a submit, the clock reading it recorded is fresh; woken
+        // by the timer, it is not.
+        if !wait(&self.wake, next_eval).await {
+            *stale = true;
+        }
+        *stalled = false;
+        true
+    }
+
+    /// Stops taking requests and answers every waiting one.
+    fn close(&self, reason: String) {
+        let drained = {
+            let mut state = self.state.lock();
+            state.closed = Some(reason.clone());
+            state.dispatcher_gone = true;
+            let drained = state.pending.drain_all();
+            self.set_queued(&state);
+            drained
+        };
+        for entry in drained {
+            let _ = entry.value.reply.send(Verdict::Closed(reason.clone()));
+        }
+    }
+}
+
+/// A request taken from the queue, about to be sent (or put back).
+struct Staged<Req, Resp> {
+    entry: Entry<Waiting<Req, Resp>>,
+    permit: Permit<Req, Resp>,
+    class: usize,
+    tenant: TenantId,
+    key: Key,
+}
+
+/// Takes the request back out of the queue if its submitter goes away.
+struct Queued<'a, Req, Resp> {
+    shared: &'a Shared<Req, Resp>,
+    loc: Option<Loc>,
+}
+
+impl<Req, Resp> Queued<'_, Req, Resp> {
+    /// Removes the request; answers whether it was still waiting.
+    fn take_back(&mut self) -> bool {
+        let Some(loc) = self.loc.take() else {
+            return false;
+        };
+        let removed = {
+            let mut state = self.shared.state.lock();
+            let removed = state.pending.remove(&loc);
+            self.shared.set_queued(&state);
+            removed
+        };
+        removed.is_some()
+    }
+}
+
+impl<Req, Resp> Drop for Queued<'_, Req, Resp> {
+    fn drop(&mut self) {
+        if self.loc.is_some() && self.take_back() {
+            self.shared.metrics.cancelled.increment(1);
+        }
+    }
+}
+
+/// One in-flight slot; released when the response is in or dropped.
+struct Permit<Req, Resp> {
+    shared: Arc<Shared<Req, Resp>>,
+    /// The tenant, when tenants are counted.
+    tenant: Option<TenantId>,
+    dispatched: Instant,
+    /// Set when the response came back (a sample for the adaptive limit).
+    latency: Option<Duration>,
+}
+
+impl<Req, Resp> Drop for Permit<Req, Resp> {
+    fn drop(&mut self) {
+        let shared = &self.shared;
+        let before = shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        shared.metrics.in_flight.set((before - 1) as f64);
+        let mut wake = before >= shared.limit_now.load(Ordering::Acquire);
+        if self.tenant.is_some()
+            || (self.latency.is_some() && shared.config.concurrency.adaptive.is_some())
+        {
+            let mut state = shared.state.lock();
+            if let Some(tenant) = &self.tenant
+                && let Some(count) = state.tenant_in_flight.get_mut(tenant)
+            {
+                *count -= 1;
+                let left = *count;
+                if left == 0 {
+                    state.tenant_in_flight.remove(tenant);
+                }
+                if shared
+                    .config
+                    .max_in_flight_of(tenant.as_str())
+                    .is_some_and(|max| left < max)
+                {
+                    state.pending.unpark(tenant);
+                    wake = true;
+                }
+            }
+            if let Some(latency) = self.latency
+                && state.limit.is_adaptive()
+            {
+                state
+                    .limit
+                    .sample(latency, self.dispatched, before, Instant::now());
+                let limit = state.limit.current();
+                let old = shared.limit_now.swap(limit, Ordering::AcqRel);
+                if old != limit {
+                    shared.metrics.limit.set(limit as f64);
+                    wake = true;
+                }
+            }
+        }
+        if wake {
+            shared.wake.notify();
+        }
+    }
+}
+
+/// The dispatcher: owns the service, hands out requests in order.
+///
+/// While the service answers `poll_ready` at once, it takes up to
+/// [`STAGE`] requests per lock (in order, with their in-flight permits)
+/// and sends them one `poll_ready` at a time. When the service is not
+/// ready, the staged requests go back to their places in the queue before
+/// the dispatcher waits, so staging never lets a request overtake another
+/// or sit outside the queue's expiry and shedding.
+async fn dispatch<S, Req>(shared: Arc<Shared<Req, S::Response>>, mut service: S)
+where
+    S: Service<Req> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Response: Send + 'static,
+    Req: Send + 'static,
+{
+    let mut staged: VecDeque<Staged<Req, S::Response>> = VecDeque::with_capacity(STAGE);
+    // Whether `poll_ready` answered `Ready` since the last `call`.
+    let mut ready = false;
+    // Whether the last look found requests but none eligible (tenants at
+    // their limits): wait for a change instead of looking again at once.
+    let mut stalled = false;
+    // Whether the dispatcher waited for the service since it last took
+    // requests (then it takes one at a time until the service keeps up).
+    let mut waited = true;
+    // Whether the latest clock reading may be old (after waiting for the
+    // service or a timer): the next take reads the clock itself.
+    let mut stale = true;
+    loop {
+        // Nothing to send: wait for work (polling the service only when
+        // there is work, since a service may reserve capacity when ready).
+        if staged.is_empty() && (stalled || !shared.has_work()) {
+            if !shared.idle(&mut stalled, &mut stale).await {
+                return;
+            }
+            continue;
+        }
+        if !ready {
+            let first: Poll<std::result::Result<(), BoxError>> =
+                poll_fn(|cx| Poll::Ready(service.poll_ready(cx).map_err(Into::into))).await;
+            match first {
+                Poll::Ready(Ok(())) => ready = true,
+                Poll::Ready(Err(err)) => return shared.fail(&err, staged),
+                Poll::Pending => {
+                    shared.put_back(&mut staged);
+                    waited = true;
+                    stale = true;
+                    // Wait for the service, waking for housekeeping (expiry
+                    // sweeps, shedding) meanwhile.
+                    let until = shared.housekeeping_due();
+                    tokio::select! {
+                        result = poll_fn(|cx| service.poll_ready(cx).map_err(Into::into)) => match result {
+                            Ok(()) => ready = true,
+                            Err(err) => return shared.fail(&err, staged),
+                        },
+                        () = tokio::time::sleep_until(until) => {
+                            shared.housekeeping();
+                            continue;
+                        }
+                    }
+                }
+            }
+        }
+        if staged.is_empty() {
+            // Right after a wait, take one (the service may be slow to get
+            // ready again); back to back, a stage.
+            let stage = if waited { 1 } else { STAGE };
+            if shared.take(stale, stage, &mut staged) == 0 {
+                stalled = true;
+            }
+            waited = false;
+            stale = false;
+            continue;
+        }
+        let next = staged.pop_front().expect("checked non-empty");
+        if next.entry.value.reply.is_closed() {
+            // Abandoned while staged: the permit goes with it.
+            continue;
+        }
+        ready = false;
+        shared.metrics.dispatched[next.class].increment(1);
+        let response = service.call(next.entry.value.request);
+        let response: BoxFuture<_> = Box::pin(async move { response.await.map_err(Into::into) });
+        // A submitter that left in the meantime drops the response future
+        // and the permit with it.
+        let _ = next.entry.value.reply.send(Verdict::Run {
+            response,
+            permit: next.permit,
+        });
+    }
+}
+
+/// Waits for a signal or `until`; answers whether it was the signal.
+async fn wait(signal: &Signal, until: Option<Instant>) -> bool {
+    match until {
+        Some(at) => {
+            tokio::select! {
+                () = signal.wait() => true,
+                () = tokio::time::sleep_until(at) => false,
+            }
+        }
+        None => {
+            signal.wait().await;
+            true
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! One job's life in a worker: run the handler, keep the lease, settle.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::FutureExt;
+use keel_queue::{Delivery, Nack, Queue, Receipt};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::{Service, ServiceExt};
+use tracing::Instrument;
+
+use super::Counters;
+use super::config::WorkerConfig;
+use super::item::{Outcome, WorkItem};
+use crate::error::{BoxError, Error};
+use crate::metrics::WorkerMetrics;
+
+/// What every job task of one worker shares.
+pub(super) struct JobContext {
+    pub(super) queue: Arc<dyn Queue>,
+    pub(super) config: WorkerConfig,
+    pub(super) metrics: WorkerMetrics,
+    pub(super) counters: Arc<Counters>,
+    pub(super) budget: TpsBudget,
+    /// Cancelled when the shutdown grace is over: release what still runs.
+    pub(super) release: CancellationToken,
+}
+
+/// How a job's run ended, before settling.
+enum Ended {
+    /// The handler answered (or panicked).
+    Handled(std::thread::Result<Result<Outcome, BoxError>>),
+    /// Shutdown's grace period ran out first.
+    Released,
+    /// The lease could not be kept; someone else may hold the job now.
+    LeaseLost(String),
+}
+
+/// What to tell the queue.
+enum Settle {
+    Ack,
+    Nack(Nack),
+}
+
+/// Runs one job: the handler (after waiting for readiness unless `ready`),
+/// lease renewal beside it, then the ack or nack.
+pub(super) async fn run<S>(
+    ctx: Arc<JobContext>,
+    service: S,
+    ready: bool,
+    delivery: Delivery,
+    permit: OwnedSemaphorePermit,
+) where
+    S: Service<WorkItem, Response = Outcome> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    let span = tracing::info_span!("job", worker = %ctx.config.name, id = %delivery.id, attempt = delivery.attempt);
+    run_inner(ctx, service, ready, delivery, permit)
+        .instrument(span)
+        .await;
+}
+
+async fn run_inner<S>(
+    ctx: Arc<JobContext>,
+    mut service: S,
+    ready: bool,
+    delivery: Delivery,
+    permit: OwnedSemaphorePermit,
+) where
+    S: Service<WorkItem, Response = Outcome> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    let receipt = delivery.receipt.clone();
+    let item = WorkItem::from(delivery);
+    ctx.metrics.started.increment(1);
+    ctx.counters.started.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.in_flight.increment(1.0);
+    ctx.budget.deposit();
+    let started = Instant::now();
+
+    let handler = async move {
+        if !ready {
+            ServiceExt::<WorkItem>::ready(&mut service)
+                .await
+                .map_err(Into::into)?;
+        }
+        service.call(item).await.map_err(Into::into)
+    };
+    // A panic anywhere in the handler (readiness, call or its future) is
+    // caught here and becomes a retry.
+    let handler = AssertUnwindSafe(handler).catch_unwind();
+    let renew = keep_lease(&ctx, &receipt);
+    let ended = tokio::select! {
+        biased;
+        result = handler => Ended::Handled(result),
+        () = ctx.release.cancelled() => Ended::Released,
+        lost = renew => Ended::LeaseLost(lost),
+    };
+    ctx.metrics.in_flight.decrement(1.0);
+    ctx.metrics
+        .job_seconds
+        .record(started.elapsed().as_secs_f64());
+
+    let settle = match ended {
+        Ended::Handled(Ok(Ok(Outcome::Ack))) => Settle::Ack,
+        Ended::Handled(Ok(Ok(Outcome::Retry { after, reason }))) => retry(&ctx, after, reason),
+        Ended::Handled(Ok(Ok(Outcome::Abort { reason }))) => {
+            Settle::Nack(Nack::dead_letter(reason))
+        }
+        Ended::Handled(Ok(Err(err))) => from_error(&ctx, &err),
+        Ended::Handled(Err(panic)) => {
+            let message = panic_message(&*panic);
+            tracing::error!(panic = %message, "job handler panicked; the job will be retried");
+            ctx.metrics.panics.increment(1);
+            ctx.counters.panics.fetch_add(1, Ordering::Relaxed);
+            retry(&ctx, None, format!("handler panicked: {message}"))
+        }
+        Ended::Released => {
+            tracing::info!("shutdown grace over; releasing the job to the queue");
+            ctx.metrics.released.increment(1);
+            ctx.counters.released.fetch_add(1, Ordering::Relaxed);
+            Settle::Nack(Nack::retry_after(
+                Duration::ZERO,
+                "released at worker shutdown",
+            ))
+        }
+        Ended::LeaseLost(why) => {
+            tracing::warn!(reason = %why, "lease lost while the handler ran; cancelled it (the job is redelivered)");
+            ctx.metrics.lease_lost.increment(1);
+            ctx.counters.lease_lost.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    // The handler slot is free once the handler is done; settling does not
+    // hold it.
+    drop(permit);
+    settle_job(&ctx, &receipt, settle).await;
+}
+
+/// A retry, delayed when the retry budget is spent.
+fn retry(ctx: &JobContext, after: Option<Duration>, reason: String) -> Settle {
+    let after = if ctx.budget.withdraw() {
+        after
+    } else {
+        ctx.metrics.budget_exhausted.increment(1);
+        ctx.counters
+            .budget_exhausted
+            .fetch_add(1, Ordering::Relaxed);
+        let floor = ctx.config.budget_exhausted_delay;
+        tracing::debug!(delay = ?floor, "retry budget spent; delaying the retry");
+        Some(after.map_or(floor, |a| a.max(floor)))
+    };
+    Settle::Nack(Nack::Retry { after, reason })
+}
+
+/// The settlement of a handler error.
+fn from_error(ctx: &JobContext, err: &BoxError) -> Settle {
+    match err.downcast_ref::<Error>() {
+        Some(Error::Rejected(rejection)) => retry(
+            ctx,
+            rejection.retry_after(),
+            format!("admission: {rejection}"),
+        ),
+        Some(Error::DeadlineExceeded { .. }) => Settle::Nack(Nack::dead_letter(
+            "deadline exceeded before the job was dispatched",
+        )),
+        _ => {
+            tracing::debug!(error = %chain(&**err), "job handler failed; the job will be retried");
+            retry(ctx, None, chain(&**err))
+        }
+    }
+}
+
+/// An error and its causes, on one line.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a non-string panic payload".to_owned()
+    }
+}
+
+/// Extends the lease every `renew_every` while the handler runs. Returns
+/// only when the lease is lost.
+async fn keep_lease(ctx: &JobContext, receipt: &Receipt) -> String {
+    let every = ctx.config.renew_every();
+    let mut next = Instant::now() + every;
+    loop {
+        tokio::time::sleep_until(next).await;
+        next += every;
+        match ctx.queue.extend_lease(receipt, ctx.config.lease).await {
+            Ok(()) => ctx.metrics.renewals.increment(1),
+            Err(keel_queue::Error::InvalidReceipt(why)) => return why,
+            Err(keel_queue::Error::Unsupported { backend, .. }) => {
+                tracing::warn!(%backend, "the queue cannot extend leases; jobs longer than the lease may run twice");
+                std::future::pending::<()>().await;
+            }
+            Err(err) => {
+                // Try again sooner: the lease has two thirds left.
+                tracing::warn!(error = %err, "could not extend the lease; trying again");
+                next = Instant::now() + every / 3;
+            }
+        }
+    }
+}
+
+/// Acks or nacks, retrying retryable failures a few times.
+async fn settle_job(ctx: &JobContext, receipt: &Receipt, settle: Settle) {
+    let queue = &ctx.queue;
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1..=ctx.config.settle_attempts {
+        let result = match &settle {
+            Settle::Ack => queue.ack(receipt).await,
+            Settle::Nack(nack) => queue.nack(receipt, nack.clone()).await,
+        };
+        match result {
+            Ok(()) => {
+                let (metric, counter) = match &settle {
+                    Settle::Ack => (&ctx.metrics.acked, &ctx.counters.acked),
+                    Settle::Nack(Nack::Retry { .. }) => {
+                        (&ctx.metrics.retried, &ctx.counters.retried)
+                    }
+                    Settle::Nack(Nack::DeadLetter { .. }) => {
+                        (&ctx.metrics.dead_lettered, &ctx.counters.dead_lettered)
+                    }
+                };
+                metric.increment(1);
+                counter.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(keel_queue::Error::InvalidReceipt(why)) => {
+                tracing::warn!(reason = %why, "lease gone before the job was settled; it will be redelivered");
+                break;
+            }
+            Err(err) if err.is_retryable() && attempt < ctx.config.settle_attempts => {
+                tracing::debug!(error = %err, attempt, "settling failed; trying again");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "settling failed; the job comes back after its lease");
+                break;
+            }
+        }
+    }
+    ctx.metrics.settle_errors.increment(1);
+    ctx.counters.settle_errors.fetch_add(1, Ordering::Relaxed);
+}

@@ -1,0 +1,139 @@
+//! The Redis-shared GCRA limit holds across two scheduler instances, and a
+//! limiter whose Redis is gone fails open or closed as configured. Real
+//! Redis (the shared test server, and one of the test's own to kill).
+#![cfg(feature = "redis")]
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_scheduler::{
+    Error, Rate, RateDecision, RateLimit, RateLimitConfig, RedisRateLimitConfig, RedisRateLimiter,
+    Rejection, Scheduler, SchedulerBuilder, SchedulerConfig, TenantId, TenantRates, Ticket,
+};
+use keel_testkit::{Namespace, RedisServer, require_redis};
+use tokio::time::{Instant, timeout};
+
+const RATE: u32 = 200;
+const BURST: u32 = 20;
+const RUN: Duration = Duration::from_secs(2);
+
+async fn instance(url: &str, name: &str) -> Scheduler<(), ()> {
+    let limits = RateLimitConfig::new(name)
+        .default_rates(TenantRates::default().requests(Rate::per_second(RATE).burst(BURST)));
+    let limiter = RedisRateLimiter::connect(RedisRateLimitConfig::new(url, limits))
+        .await
+        .expect("connect the limiter");
+    let noop = tower::service_fn(|()| async { Ok::<_, Infallible>(()) });
+    SchedulerBuilder::new(SchedulerConfig::new(name))
+        .rate_limit(limiter)
+        .build(noop)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_limit_holds_across_two_instances() {
+    timeout(Duration::from_secs(20), async {
+        let url = require_redis().await;
+        let ns = Namespace::new("shared_limit_two_instances").with_redis_cleanup(url.clone());
+        let (a, b) = (instance(&url, ns.prefix()).await, instance(&url, ns.prefix()).await);
+        let start = Instant::now();
+        let stop = start + RUN;
+        // Eight callers per instance, as fast as they can, for one tenant.
+        let callers: Vec<_> = [a, b]
+            .into_iter()
+            .flat_map(|s| (0..8).map(move |_| s.clone()))
+            .map(|scheduler| {
+                tokio::spawn(async move {
+                    let tenant = TenantId::new("tenant");
+                    let (mut allowed, mut limited) = (0u64, 0u64);
+                    while Instant::now() < stop {
+                        match scheduler.submit(Ticket::new(&tenant), ()).await {
+                            Ok(()) => allowed += 1,
+                            Err(Error::Rejected(Rejection::RateLimited { retry_after })) => {
+                                assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_millis(6));
+                                limited += 1;
+                            }
+                            Err(other) => panic!("unexpected {other:?}"),
+                        }
+                    }
+                    (allowed, limited)
+                })
+            })
+            .collect();
+        let (mut allowed, mut limited) = (0, 0);
+        for caller in callers {
+            let (a, l) = caller.await.unwrap();
+            allowed += a;
+            limited += l;
+        }
+        let elapsed = start.elapsed();
+        let expected = f64::from(BURST) + f64::from(RATE) * elapsed.as_secs_f64();
+        let off = (allowed as f64 - expected).abs() / expected;
+        println!(
+            "instances=2 allowed={allowed} limited={limited} expected={expected:.0} elapsed={elapsed:?} off={:.2}%",
+            off * 100.0
+        );
+        assert!(limited > allowed, "the callers offered far more than the limit");
+        assert!(off <= 0.05, "allowed {allowed}, expected {expected:.0} ({:.1}% off)", off * 100.0);
+    })
+    .await
+    .expect("the test took too long");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
+    timeout(Duration::from_secs(20), async {
+        let mut server = RedisServer::start().await.expect("start redis-server");
+        let limits = RateLimitConfig::new("outage")
+            .default_rates(TenantRates::default().requests(Rate::per_second(1).burst(1)));
+        let open =
+            RedisRateLimiter::connect(RedisRateLimitConfig::new(server.url(), limits.clone()))
+                .await
+                .unwrap();
+        let closed = Arc::new(
+            RedisRateLimiter::connect(
+                RedisRateLimitConfig::new(server.url(), limits).fail_open(false),
+            )
+            .await
+            .unwrap(),
+        );
+        let tenant = TenantId::new("t");
+        assert_eq!(open.acquire(&tenant, 1).await.unwrap(), RateDecision::Allow);
+        assert!(matches!(
+            open.acquire(&tenant, 1).await.unwrap(),
+            RateDecision::Limited { .. }
+        ));
+        server.kill();
+        let started = Instant::now();
+        assert_eq!(
+            open.acquire(&tenant, 1).await.unwrap(),
+            RateDecision::Allow,
+            "fails open"
+        );
+        let err = closed.acquire(&tenant, 1).await.unwrap_err();
+        assert!(matches!(err, Error::RateLimiter { .. }), "{err:?}");
+        assert!(err.is_retryable());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "failures are bounded by the timeout"
+        );
+        // Back: the state was lost with the server, so the tenant starts fresh.
+        server.restart().await.expect("restart");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match closed.acquire(&tenant, 1).await {
+                Ok(decision) => {
+                    assert_eq!(decision, RateDecision::Allow);
+                    break;
+                }
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(err) => panic!("the limiter did not reconnect: {err}"),
+            }
+        }
+    })
+    .await
+    .expect("the test took too long");
+}
