@@ -6,7 +6,7 @@
 //! cargo run --release -p keel-balancer --features sim --example scenarios
 //! ```
 //!
-//! Prints one markdown table (the one in `BENCH_RESULTS.md`) and the wall
+//! Prints one markdown table (the one in the root `BENCHMARKS.md`) and the wall
 //! time each simulated run took.
 
 use std::time::{Duration, SystemTime};
