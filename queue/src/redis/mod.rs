@@ -364,12 +364,15 @@ impl RedisQueue {
             queue.check_priority(job.priority)?;
             encoded.push((self.inner.ids.next(), encode_headers(&job.headers)?));
         }
-        let rows: Vec<(String, String)> = self
+        let rows: Vec<String> = self
             .invoke(&self.inner.scripts.enqueue, |inv| {
+                let now = epoch_ms(SystemTime::now());
                 inv.arg(queue.capacity.unwrap_or(0))
                     .arg(ms(queue.dedup_window))
+                    .arg(now)
                     .arg(jobs.len());
                 for (job, (id, headers)) in jobs.iter().zip(&encoded) {
+                    let meta = format!("{id}|0|{now}|{}", job.priority.0);
                     inv.arg(id.as_str())
                         .arg(job.priority.0)
                         .arg(job.delay.map_or(0, ms))
@@ -380,34 +383,34 @@ impl RedisQueue {
                             job.deadline
                                 .map(|d| epoch_ms(d).to_string())
                                 .unwrap_or_default(),
-                        );
+                        )
+                        .arg(meta);
                 }
             })
             .await?;
         let mut out = Vec::with_capacity(rows.len());
-        for (status, id) in rows {
+        for (status, (id, _)) in rows.into_iter().zip(encoded) {
             match status.as_str() {
-                "ok" => {
+                "" => {
                     self.inner.metrics.enqueued.increment(1);
                     out.push(Enqueued {
-                        id: JobId::from_string(id),
+                        id,
                         duplicate: false,
                     });
                 }
-                "dup" => {
-                    self.inner.metrics.duplicates.increment(1);
-                    out.push(Enqueued {
-                        id: JobId::from_string(id),
-                        duplicate: true,
-                    });
-                }
-                "full" => {
+                "!" => {
                     self.inner.metrics.full.increment(1);
                     return Err(Error::Full {
                         capacity: queue.capacity.unwrap_or(0),
                     });
                 }
-                other => return Err(protocol(format!("enqueue status `{other}`"))),
+                existing => {
+                    self.inner.metrics.duplicates.increment(1);
+                    out.push(Enqueued {
+                        id: JobId::from_string(existing),
+                        duplicate: true,
+                    });
+                }
             }
         }
         Ok(out)
@@ -573,16 +576,29 @@ impl Queue for RedisQueue {
         let mut members = Vec::with_capacity(receipts.len());
         let mut malformed = 0usize;
         for receipt in receipts {
-            match parse_receipt(receipt) {
-                Ok((member, _)) => members.push(member),
-                Err(_) => malformed += 1,
+            match parse_receipt(receipt).ok().and_then(|(member, _)| {
+                member
+                    .split_once(':')
+                    .map(|(level, eid)| (member, level, eid))
+            }) {
+                Some(parts) => members.push(parts),
+                None => malformed += 1,
             }
         }
         let (mut acked, mut invalid) = (0u64, 0u64);
         for chunk in members.chunks(ACK_CHUNK) {
             let (a, i): (u64, u64) = self
                 .invoke(&self.inner.scripts.settle, |inv| {
-                    inv.arg("ack").arg(chunk.len()).arg(chunk);
+                    inv.arg("ack").arg(chunk.len());
+                    for (member, _, _) in chunk {
+                        inv.arg(*member);
+                    }
+                    for (_, level, _) in chunk {
+                        inv.arg(*level);
+                    }
+                    for (_, _, eid) in chunk {
+                        inv.arg(*eid);
+                    }
                 })
                 .await?;
             acked += a;

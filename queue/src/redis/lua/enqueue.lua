@@ -1,11 +1,15 @@
--- ARGV: prefix, capacity (0 = unbounded), dedup window ms, job count, then per
--- job: id, level, delay ms, idempotency key ('' = none), payload, headers,
--- deadline ms ('' = none).
--- Answers one {status, id} per job, stopping after the first 'full'.
+-- ARGV: prefix, capacity (0 = unbounded), dedup window ms, enqueue time ms
+-- (the client's clock), job count, then per job: id, level, delay ms,
+-- idempotency key ('' = none), payload, headers, deadline ms ('' = none),
+-- and the entry's meta field, built by the client.
+-- Answers one string per job: '' when enqueued, the first job's id for a
+-- duplicate, '!' when full (and stops there). Flat, to keep the reply cheap.
 local capacity = tonumber(ARGV[2])
 local dedup_ms = tonumber(ARGV[3])
-local n = tonumber(ARGV[4])
-local now = tostring(now_ms())
+local now = ARGV[4]
+local n = tonumber(ARGV[5])
+local server_now = now_ms()
+local stream_keys = {}
 local room = -1
 if capacity > 0 then
   room = capacity - tonumber(redis.call('GET', K_SIZE) or '0')
@@ -13,16 +17,16 @@ end
 local added = 0
 local out = {}
 for i = 0, n - 1 do
-  local b = 5 + i * 7
+  local b = 6 + i * 8
   local id, level, delay_ms, idem = ARGV[b], ARGV[b + 1], tonumber(ARGV[b + 2]), ARGV[b + 3]
   local existing = false
   if idem ~= '' then
     existing = redis.call('GET', prefix .. ':idem:' .. idem)
   end
   if existing then
-    out[#out + 1] = {'dup', existing}
+    out[#out + 1] = existing
   elseif room >= 0 and added >= room then
-    out[#out + 1] = {'full', ''}
+    out[#out + 1] = '!'
     break
   else
     if idem ~= '' then
@@ -31,14 +35,19 @@ for i = 0, n - 1 do
     added = added + 1
     local h, d = ARGV[b + 5], ARGV[b + 6]
     if delay_ms > 0 then
-      push_delayed({id = id, p = ARGV[b + 4], h = h, a = '0', t = now, r = level, d = d}, tonumber(now) + delay_ms)
+      push_delayed({id = id, p = ARGV[b + 4], h = h, a = '0', t = now, r = level, d = d}, server_now + delay_ms)
     elseif h == '' and d == '' then
-      -- The common case, without building a table.
-      redis.call('XADD', stream_key(level), '*', 'm', id .. '|0|' .. now .. '|' .. level, 'p', ARGV[b + 4])
+      -- The common case, without building a table or a string.
+      local sk = stream_keys[level]
+      if not sk then
+        sk = stream_key(level)
+        stream_keys[level] = sk
+      end
+      redis.call('XADD', sk, '*', 'm', ARGV[b + 7], 'p', ARGV[b + 4])
     else
       push_ready({id = id, p = ARGV[b + 4], h = h, a = '0', t = now, r = level, d = d})
     end
-    out[#out + 1] = {'ok', id}
+    out[#out + 1] = ''
   end
 end
 if added > 0 then

@@ -7,30 +7,30 @@
 local action = ARGV[2]
 local now = now_ms()
 if action == 'ack' then
+  -- ARGV after the action: n, then n lease members, n levels, n entry ids
+  -- (split by the client, so no pattern matching here).
   local n = tonumber(ARGV[3])
   local members = {}
-  local seen = {}
   for i = 1, n do
-    local member = ARGV[3 + i]
-    if not seen[member] then
-      seen[member] = true
-      members[#members + 1] = member
-    end
+    members[i] = ARGV[3 + i]
   end
-  n = #members
   local scores = redis.call('ZMSCORE', K_LEASES, unpack(members))
   local valid = {}
+  local seen = {}
   local by_level = {}
   for i = 1, n do
     local score = scores[i]
-    if score and tonumber(score) > now then
-      local member = members[i]
-      local level, eid = string.match(member, '^(%d+):(.+)$')
-      if level then
-        valid[#valid + 1] = member
-        by_level[level] = by_level[level] or {}
-        table.insert(by_level[level], eid)
+    local member = members[i]
+    if score and tonumber(score) > now and not seen[member] then
+      seen[member] = true
+      local level = ARGV[3 + n + i]
+      valid[#valid + 1] = member
+      local eids = by_level[level]
+      if not eids then
+        eids = {}
+        by_level[level] = eids
       end
+      eids[#eids + 1] = ARGV[3 + 2 * n + i]
     end
   end
   if #valid > 0 then
