@@ -217,6 +217,56 @@ pub async fn nack_retry_redelivers<F: Fn(QueueConfig) -> Fut, Fut: Future<Output
     s.queue.ack(&again.receipt).await.unwrap();
 }
 
+/// `nack` with `Release` hands a job back at once without spending an
+/// attempt: after two releases it is still on attempt 1, and with
+/// `max_attempts(1)` a release never dead-letters it.
+pub async fn release_keeps_attempt<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
+    make: F,
+) {
+    let s = subject(&make, "release", |c| c.max_attempts(1)).await;
+    let sent = s.queue.enqueue(Job::new("untried")).await.unwrap();
+    let mut got = one(&*s.queue, SLACK, SHORT_LEASE).await;
+    assert_eq!(got.attempt, 1);
+    for _ in 0..2 {
+        s.queue
+            .nack(&got.receipt, Nack::release("worker shutting down"))
+            .await
+            .unwrap();
+        let err = s
+            .queue
+            .nack(&got.receipt, Nack::release("again"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidReceipt(_)),
+            "second release of one delivery: {err:?}"
+        );
+        got = one(&*s.queue, SLACK, SHORT_LEASE).await;
+        assert_eq!(got.id, sent.id);
+        assert_eq!(got.attempt, 1, "a release spent an attempt");
+        assert_eq!(&got.payload[..], b"untried");
+    }
+    if caps(&s).dead_letter_admin {
+        let dead = s.queue.dead_letters(10).await.unwrap();
+        assert!(dead.is_empty(), "a release dead-lettered: {dead:?}");
+    }
+    // The attempt was not spent, so a failure now is the last one.
+    s.queue
+        .nack(
+            &got.receipt,
+            Nack::retry_after(Duration::ZERO, "really failed"),
+        )
+        .await
+        .unwrap();
+    nothing(&*s.queue, Duration::from_millis(200)).await;
+    if caps(&s).dead_letter_admin {
+        let dead = s.queue.dead_letters(10).await.unwrap();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!(dead[0].id, sent.id);
+        assert_eq!(dead[0].attempts, 1, "{dead:?}");
+    }
+}
+
 /// An unacked job comes back after its lease with `attempt + 1`.
 pub async fn lease_expiry_redelivers<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
     make: F,
@@ -829,9 +879,10 @@ macro_rules! queue_conformance {
             use super::*;
             $crate::queue_conformance!(@cases $make;
                 round_trip, empty_dequeue_waits, waiting_dequeue_wakes_on_enqueue, ack_is_final,
-                nack_retry_redelivers, lease_expiry_redelivers, expired_receipt_is_invalid,
-                extend_lease_keeps_job, max_attempts_dead_letters, replay_and_purge, dedup_window,
-                fifo_within_priority, priority_order, delayed_delivery,
+                nack_retry_redelivers, release_keeps_attempt, lease_expiry_redelivers,
+                expired_receipt_is_invalid, extend_lease_keeps_job, max_attempts_dead_letters,
+                replay_and_purge, dedup_window, fifo_within_priority, priority_order,
+                delayed_delivery,
                 expired_deadline_is_not_delivered, capacity_full, stats_exact,
                 namespace_isolation, poison_payload_is_dead_lettered,
                 cancelled_dequeue_loses_nothing, many_producers_and_consumers,

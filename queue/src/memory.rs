@@ -10,7 +10,9 @@
 //!
 //! Leases run on `tokio::time`, so tests can pause and advance time. An
 //! expired lease puts the job back at the tail of its priority level with
-//! `attempt + 1`, or dead-letters it when that was its last attempt.
+//! `attempt + 1`, or dead-letters it when that was its last attempt. A
+//! [`Nack::Release`] puts it back at the tail at once with the same
+//! `attempt`.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -47,7 +49,9 @@ const BACKEND: &str = "memory";
 ///
 /// Leases run on `tokio::time`, so tests can pause and advance time. An
 /// expired lease puts the job back at the tail of its priority level with
-/// `attempt + 1`, or dead-letters it when that was its last attempt.
+/// `attempt + 1`, or dead-letters it when that was its last attempt. A
+/// [`Nack::Release`] puts it back at the tail at once with the same
+/// `attempt`.
 ///
 /// Cloning is cheap and every clone is the same queue.
 ///
@@ -503,6 +507,15 @@ impl Queue for MemoryQueue {
                 }
                 Nack::Retry { reason, .. } if attempts >= config.max_attempts => {
                     state.kill(seq, config.exhausted_reason(&reason), &self.shared.metrics);
+                }
+                Nack::Release { reason } => {
+                    // The delivery is not counted: the next one repeats its
+                    // attempt number.
+                    let record = state.jobs.get_mut(&seq).expect("leased() found it");
+                    record.attempts = record.attempts.saturating_sub(1);
+                    tracing::debug!(job = %record.id, %reason, "job released");
+                    self.shared.metrics.released.increment(1);
+                    state.make_ready(seq, now);
                 }
                 Nack::Retry { after, .. } => {
                     self.shared.metrics.retried.increment(1);

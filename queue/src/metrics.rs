@@ -8,6 +8,7 @@
 //! | `keel_queue_delivered_total` | counter | deliveries handed to consumers |
 //! | `keel_queue_acked_total` | counter | deliveries acked |
 //! | `keel_queue_retried_total` | counter | deliveries nacked for a retry |
+//! | `keel_queue_released_total` | counter | deliveries released untried (`Nack::Release`, no attempt spent) |
 //! | `keel_queue_lease_expired_total` | counter | leases that expired unacked |
 //! | `keel_queue_dead_lettered_total` | counter | jobs moved to the dead letters |
 //! | `keel_queue_ready` | gauge | ready jobs, set by `stats` |
@@ -33,6 +34,7 @@ pub(crate) struct QueueMetrics {
     pub(crate) delivered: Counter,
     pub(crate) acked: Counter,
     pub(crate) retried: Counter,
+    pub(crate) released: Counter,
     pub(crate) lease_expired: Counter,
     pub(crate) dead_lettered: Counter,
     ready: Gauge,
@@ -52,6 +54,7 @@ impl QueueMetrics {
             delivered: metrics::counter!("keel_queue_delivered_total", &labels),
             acked: metrics::counter!("keel_queue_acked_total", &labels),
             retried: metrics::counter!("keel_queue_retried_total", &labels),
+            released: metrics::counter!("keel_queue_released_total", &labels),
             lease_expired: metrics::counter!("keel_queue_lease_expired_total", &labels),
             dead_lettered: metrics::counter!("keel_queue_dead_lettered_total", &labels),
             ready: metrics::gauge!("keel_queue_ready", &labels),

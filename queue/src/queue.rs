@@ -151,14 +151,17 @@ pub trait Queue: Debug + Send + Sync + 'static {
         }
     }
 
-    /// Settles a delivery that failed: retry it later or dead-letter it.
+    /// Settles a delivery that was not processed: retry it later,
+    /// dead-letter it, or release it untried.
     ///
     /// # Behavior
     ///
     /// `Retry` makes the job ready again after the given delay or the
     /// queue's backoff, with `attempt + 1`; if this delivery was the last of
     /// `max_attempts`, the job is dead-lettered instead. `DeadLetter` moves
-    /// it to the dead letters now.
+    /// it to the dead letters now. `Release` makes it ready again at once, at
+    /// the tail of its priority level, with the **same** `attempt` (the
+    /// delivery is not counted), and never dead-letters it.
     ///
     /// # Errors
     ///

@@ -189,7 +189,7 @@ pub struct Delivery {
     /// The lease; pass it to `ack`, `nack` or `extend_lease`.
     pub receipt: Receipt,
     /// Which delivery this is: 1 the first time, +1 after every nack-retry
-    /// or lease expiry.
+    /// or lease expiry (a [`Nack::Release`] does not count).
     pub attempt: u32,
     /// When the job was first enqueued (wall clock).
     pub enqueued_at: SystemTime,
@@ -260,6 +260,18 @@ pub enum Nack {
         /// Why it was abandoned.
         reason: String,
     },
+    /// Hand it back unprocessed, without spending an attempt: the job is
+    /// ready again at once, at the tail of its priority level, and its next
+    /// delivery carries the same `attempt` as this one. A release never
+    /// dead-letters a job, whatever its attempt count.
+    ///
+    /// For a consumer that gives work back without trying it (graceful
+    /// shutdown, a rebalance), not for a handler failure: a consumer that
+    /// releases the same job forever keeps it in circulation forever.
+    Release {
+        /// Why it was handed back, for logs.
+        reason: String,
+    },
 }
 
 impl Nack {
@@ -282,6 +294,13 @@ impl Nack {
     /// Dead-letter at once.
     pub fn dead_letter(reason: impl Into<String>) -> Self {
         Nack::DeadLetter {
+            reason: reason.into(),
+        }
+    }
+
+    /// Hand back at once without spending an attempt; see [`Nack::Release`].
+    pub fn release(reason: impl Into<String>) -> Self {
+        Nack::Release {
             reason: reason.into(),
         }
     }

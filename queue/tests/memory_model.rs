@@ -19,6 +19,7 @@ enum Op {
     Ack { pick: usize },
     Retry { pick: usize },
     DeadLetter { pick: usize },
+    Release { pick: usize },
     Advance { ms: u64 },
 }
 
@@ -29,6 +30,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<usize>().prop_map(|pick| Op::Ack { pick }),
         1 => any::<usize>().prop_map(|pick| Op::Retry { pick }),
         1 => any::<usize>().prop_map(|pick| Op::DeadLetter { pick }),
+        1 => any::<usize>().prop_map(|pick| Op::Release { pick }),
         2 => (0u64..1_500).prop_map(|ms| Op::Advance { ms }),
     ]
 }
@@ -188,13 +190,14 @@ proptest! {
                             held.push((p, d.receipt));
                         }
                     }
-                    Op::Ack { pick } | Op::Retry { pick } | Op::DeadLetter { pick } if !held.is_empty() => {
+                    Op::Ack { pick } | Op::Retry { pick } | Op::DeadLetter { pick } | Op::Release { pick } if !held.is_empty() => {
                         let (p, receipt) = held.remove(pick % held.len());
                         model.maintain();
                         let valid = model.leased_valid(p);
                         let result = match op {
                             Op::Ack { .. } => queue.ack(&receipt).await,
                             Op::Retry { .. } => queue.nack(&receipt, Nack::retry_after(RETRY_AFTER, "model says retry")).await,
+                            Op::Release { .. } => queue.nack(&receipt, Nack::release("model says release")).await,
                             _ => queue.nack(&receipt, Nack::dead_letter("model says die")).await,
                         };
                         if !valid {
@@ -214,13 +217,19 @@ proptest! {
                             Op::Retry { .. } => {
                                 job.place = Where::Delayed { due: model.now + RETRY_AFTER.as_millis() as u64 };
                             }
+                            // Ready at once at the tail, the delivery not counted, never dead.
+                            Op::Release { .. } => {
+                                job.attempts -= 1;
+                                job.place = Where::Ready;
+                                model.ready[job.priority as usize].push_back(p);
+                            }
                             _ => {
                                 model.jobs.remove(&p);
                                 model.dead += 1;
                             }
                         }
                     }
-                    Op::Ack { .. } | Op::Retry { .. } | Op::DeadLetter { .. } => {}
+                    Op::Ack { .. } | Op::Retry { .. } | Op::DeadLetter { .. } | Op::Release { .. } => {}
                     Op::Advance { ms } => {
                         tokio::time::advance(Duration::from_millis(ms)).await;
                         model.now += ms;

@@ -320,6 +320,61 @@ async fn shutdown_lets_short_jobs_finish_and_releases_long_ones() {
     assert_eq!((stats.ready, stats.in_flight), (1, 0), "{stats:?}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_job_released_at_shutdown_on_its_last_attempt_is_not_dead_lettered() {
+    let queue = queue(2);
+    let id = queue.enqueue(Job::new("job")).await.unwrap().id;
+    // Attempt 1 fails; attempt 2, the last, is still running at shutdown.
+    let handler = tower::service_fn(|item: WorkItem| async move {
+        if item.attempt == 1 {
+            return Ok::<_, Infallible>(Outcome::retry_after(Duration::ZERO, "flaky"));
+        }
+        sleep(Duration::from_secs(3600)).await;
+        Ok(Outcome::Ack)
+    });
+    let a = Worker::new(
+        queue.clone(),
+        config("a").shutdown_grace(Duration::from_secs(1)),
+        handler,
+    )
+    .unwrap()
+    .spawn();
+    until(Duration::from_secs(5), "the last attempt started", || {
+        a.stats().started == 2
+    })
+    .await;
+    let stats = a.stats();
+    assert_eq!((stats.retried, stats.released), (1, 0), "{stats:?}");
+    let report = timeout(Duration::from_secs(30), a.shutdown())
+        .await
+        .expect("shutdown is bounded");
+    assert_eq!((report.finished, report.released), (0, 1), "{report:?}");
+    // Back at once, not dead-lettered, not delayed.
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(
+        (stats.ready, stats.delayed, stats.in_flight, stats.dead),
+        (1, 0, 0, 0),
+        "{stats:?}"
+    );
+
+    // The next worker gets it on the same attempt, and can still finish it.
+    let attempts: Arc<Mutex<Vec<(JobId, u32)>>> = Arc::default();
+    let seen = attempts.clone();
+    let ok = tower::service_fn(move |item: WorkItem| {
+        seen.lock().push((item.id.clone(), item.attempt));
+        async { Ok::<_, Infallible>(Outcome::Ack) }
+    });
+    let b = Worker::new(queue.clone(), config("b"), ok).unwrap().spawn();
+    until(Duration::from_secs(5), "B completed the job", || {
+        b.stats().acked == 1
+    })
+    .await;
+    assert_eq!(*attempts.lock(), vec![(id, 2)]);
+    assert!(queue.dead_letters(10).await.unwrap().is_empty());
+    assert!(queue_is_empty(&queue).await);
+    b.shutdown().await;
+}
+
 /// A queue whose `dequeue` fails while `down` is set, like a broker outage.
 #[derive(Debug, Clone)]
 struct Flaky {

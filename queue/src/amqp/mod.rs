@@ -30,7 +30,8 @@
 //! lease is kept by this handle: when it expires unacked, the handle puts
 //! the job back at the tail of its level as a fresh message that counts the
 //! attempt (confirmed before the original is acked), so it reaches any
-//! consumer with `attempt + 1`. When a consumer process dies or its
+//! consumer with `attempt + 1`; a `Nack::Release` does the same at once
+//! without counting the attempt. When a consumer process dies or its
 //! connection drops, the broker requeues everything it held at once (the
 //! quorum queue's `x-delivery-count` counts that as an attempt). A handle
 //! that nobody has called `dequeue` on for `release_idle_after` stops
@@ -1004,6 +1005,28 @@ impl AmqpQueue {
                     .await;
                 if result.is_ok() {
                     self.inner.metrics.retried.increment(1);
+                }
+                result
+            }
+            Nack::Release { reason } => {
+                // Untried: a fresh message at the tail of its ready queue
+                // that does not count this delivery, so the next one
+                // repeats its attempt number. Never dead-lettered.
+                let d = &lease.delivery;
+                let props = properties(
+                    &d.id,
+                    &d.headers,
+                    u64::from(attempt.saturating_sub(1)),
+                    epoch_ms(d.enqueued_at),
+                    d.deadline.map(epoch_ms),
+                    d.priority.0,
+                );
+                let result = self
+                    .store(&link, lease.level, None, &d.payload, props)
+                    .await;
+                if result.is_ok() {
+                    self.inner.metrics.released.increment(1);
+                    tracing::debug!(job = %d.id, %reason, "job released");
                 }
                 result
             }

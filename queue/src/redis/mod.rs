@@ -38,8 +38,10 @@
 //! consumers with skewed clocks agree. When the lease expires, the next
 //! `dequeue` or `stats` call from any process moves the job back to the tail
 //! of its priority (a new entry, `attempt + 1`) or to the dead letters after
-//! `max_attempts`. A consumer that crashed holding jobs therefore loses
-//! nothing: its jobs reach another consumer one lease later. Leases are kept
+//! `max_attempts`. A `Nack::Release` moves it back to the tail at once as a
+//! new entry with its attempt count unchanged. A consumer that crashed
+//! holding jobs therefore loses nothing: its jobs reach another consumer one
+//! lease later. Leases are kept
 //! in our own sorted set rather than reclaimed with `XAUTOCLAIM` because
 //! every `dequeue` may ask for its own lease length, which one
 //! `XAUTOCLAIM` idle threshold cannot express.
@@ -639,10 +641,25 @@ impl Queue for RedisQueue {
                 })
                 .await?
             }
+            Nack::Release { reason } => {
+                let status = self
+                    .settle_one(|inv| {
+                        inv.arg("release").arg(member);
+                    })
+                    .await?;
+                if status == "released" {
+                    tracing::debug!(receipt = receipt.as_str(), %reason, "job released");
+                }
+                status
+            }
         };
         match status.as_str() {
             "retry" => {
                 self.inner.metrics.retried.increment(1);
+                Ok(())
+            }
+            "released" => {
+                self.inner.metrics.released.increment(1);
                 Ok(())
             }
             "dead" => {

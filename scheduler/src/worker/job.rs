@@ -123,13 +123,11 @@ async fn run_inner<S>(
             retry(&ctx, None, format!("handler panicked: {message}"))
         }
         Ended::Released => {
+            // Not a failure of the job: hand it back without spending an
+            // attempt, so a clean shutdown never dead-letters a job on its
+            // last attempt.
             tracing::info!("shutdown grace over; releasing the job to the queue");
-            ctx.metrics.released.increment(1);
-            ctx.counters.released.fetch_add(1, Ordering::Relaxed);
-            Settle::Nack(Nack::retry_after(
-                Duration::ZERO,
-                "released at worker shutdown",
-            ))
+            Settle::Nack(Nack::release("released at worker shutdown"))
         }
         Ended::LeaseLost(why) => {
             tracing::warn!(reason = %why, "lease lost while the handler ran; cancelled it (the job is redelivered)");
@@ -242,6 +240,9 @@ async fn settle_job(ctx: &JobContext, receipt: &Receipt, settle: Settle) {
                     }
                     Settle::Nack(Nack::DeadLetter { .. }) => {
                         (&ctx.metrics.dead_lettered, &ctx.counters.dead_lettered)
+                    }
+                    Settle::Nack(Nack::Release { .. }) => {
+                        (&ctx.metrics.released, &ctx.counters.released)
                     }
                 };
                 metric.increment(1);

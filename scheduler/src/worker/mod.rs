@@ -74,7 +74,8 @@ pub struct WorkerStats {
     pub dead_lettered: u64,
     /// Handler panics caught.
     pub panics: u64,
-    /// Jobs released at shutdown.
+    /// Jobs released to the queue at shutdown (without spending an
+    /// attempt).
     pub released: u64,
     /// Leases lost while a handler ran.
     pub lease_lost: u64,
@@ -129,7 +130,9 @@ impl Counters {
 pub struct ShutdownReport {
     /// In-flight jobs that finished within the grace period.
     pub finished: u64,
-    /// In-flight jobs cancelled after it and released to the queue.
+    /// In-flight jobs cancelled after it and released to the queue, ready
+    /// again at once with their attempt number unchanged. A job whose
+    /// release failed is not counted: it comes back after its lease.
     pub released: u64,
 }
 
@@ -163,8 +166,10 @@ pub struct ShutdownReport {
 ///
 /// [`WorkerHandle::shutdown`] stops pulling at once, lets in-flight jobs
 /// finish within the grace period, then cancels the rest and releases them
-/// to the queue (a nack with no delay), so another worker picks them up
-/// without waiting for their leases. [`WorkerHandle::kill`] stops
+/// to the queue ([`Nack::Release`](keel_queue::Nack::Release)): they are
+/// ready again at once, so another worker picks them up without waiting for
+/// their leases, and they keep their attempt number (a shutdown never
+/// spends an attempt, so it never dead-letters a job on its last one). [`WorkerHandle::kill`] stops
 /// everything without settling, like a crash: leases bring the jobs back.
 ///
 /// # Example

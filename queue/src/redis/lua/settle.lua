@@ -3,6 +3,7 @@
 --   'ack', n, member...                      -> {acked, invalid}
 --   'retry', member, after ms, reason, max attempts -> {status}
 --   'dead', member, reason                   -> {status}
+--   'release', member                        -> {status}
 --   'extend', member, lease ms               -> {status}
 local action = ARGV[2]
 local now = now_ms()
@@ -56,6 +57,12 @@ end
 local m = take_leased(member)
 if not m then
   return {'invalid'}
+end
+if action == 'release' then
+  -- Untried: back to the tail of its level without counting the delivery,
+  -- so the next one repeats its attempt number. Never dead-letters.
+  push_ready(m)
+  return {'released'}
 end
 m.a = tostring(tonumber(m.a) + 1)
 if action == 'dead' then
