@@ -26,12 +26,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use faults::{
-    BATCH, Call, Figures, JOBS, Outcome, PROGRESS_LIMIT, Shared, StreamRun, TEST_LIMIT, Tally,
-    ack_delivered, drain_with_consumer, enqueue_until_ok, every_call_at_once, hold, is_empty, job,
-    long_poll, send_all, send_and_ack, sent_at_least, stream_with_fault, take, timed,
+    BATCH, Call, Figures, Outcome, PROGRESS_LIMIT, Shared, StreamRun, TEST_LIMIT, Tally,
+    ack_delivered, assert_spike_and_recovery, drain_with_consumer, enqueue_until_ok,
+    every_call_at_once, hold, is_empty, job, long_poll, send_all, send_and_ack, sent_at_least,
+    spike_latency, stream_with_fault, take, timed,
 };
 use keel_queue::{DequeueOptions, Error, Queue, QueueConfig, RedisQueue, RedisQueueConfig};
-use keel_testkit::{Direction, FaultProxy, Latency, Namespace, RedisServer};
+use keel_testkit::{FaultProxy, Namespace, RedisServer};
 use parking_lot::Mutex;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
@@ -221,44 +222,15 @@ async fn latency_spike() {
             producers: 1,
             consumers: 2,
         };
-        // Jobs sent when the spike began and when it ended.
         let spike = Arc::new(Mutex::new((0usize, 0usize)));
         let at_spike = spike.clone();
         let fault_proxy = &proxy;
         let outcome = stream_and_count(run, &url, &name, |tally| async move {
-            sent_at_least(&tally, 500).await;
-            let begin = tally.lock().sent.len();
-            let latency = Latency::fixed(Duration::from_millis(300));
-            fault_proxy.set_latency(Direction::Both, latency);
-            sleep(Duration::from_millis(1_500)).await;
-            fault_proxy.restore();
-            *at_spike.lock() = (begin, tally.lock().sent.len());
+            *at_spike.lock() = spike_latency(fault_proxy, &tally).await;
         })
         .await;
-        let (begin, end) = *spike.lock();
-        let after = JOBS as usize - end;
-        let rate_after = after as f64 / outcome.after_fault.as_secs_f64();
-        eprintln!(
-            "fault=latency_spike sent_during_spike={} sent_after_spike={after} \
-             drained_in={:?} ({rate_after:.0} jobs/s)",
-            end - begin,
-            outcome.after_fault
-        );
-        // The spike was real: at 600 ms a round trip, a sequential producer
-        // sends a handful of jobs in 1.5 s instead of 1,500.
-        assert!(
-            end - begin < 100,
-            "{} jobs sent during the spike",
-            end - begin
-        );
-        assert!(outcome.tally.sent_after > 0, "no enqueue after the spike");
-        // Throughput recovered: the rest (about 1,500 jobs, a 1.5 s stream
-        // at the producer's pace) was sent and acked soon after.
-        assert!(
-            outcome.after_fault < Duration::from_secs(6),
-            "throughput did not recover: {after} jobs took {:?} after the spike",
-            outcome.after_fault
-        );
+        let spike = *spike.lock();
+        assert_spike_and_recovery(&outcome, spike, "");
     })
     .await
     .expect("the test took too long");

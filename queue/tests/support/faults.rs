@@ -806,3 +806,50 @@ where
         after_fault: finished - recovered_at,
     }
 }
+
+/// The latency-spike fault: once 500 jobs are sent, 300 ms each way through
+/// `proxy` for 1.5 s, then restored. Answers how many jobs had been sent
+/// when the spike began and when it ended.
+pub(crate) async fn spike_latency(
+    proxy: &keel_testkit::FaultProxy,
+    tally: &Shared,
+) -> (usize, usize) {
+    sent_at_least(tally, 500).await;
+    let begin = tally.lock().sent.len();
+    let latency = keel_testkit::Latency::fixed(Duration::from_millis(300));
+    proxy.set_latency(keel_testkit::Direction::Both, latency);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    proxy.restore();
+    (begin, tally.lock().sent.len())
+}
+
+/// Checks a latency-spike run: the spike was real (few jobs got through at
+/// 600 ms a round trip) and throughput recovered soon after it.
+pub(crate) fn assert_spike_and_recovery(
+    outcome: &Outcome,
+    (begin, end): (usize, usize),
+    details: &str,
+) {
+    let after = JOBS as usize - end;
+    let rate_after = after as f64 / outcome.after_fault.as_secs_f64();
+    eprintln!(
+        "fault=latency_spike sent_during_spike={} sent_after_spike={after} \
+         drained_in={:?} ({rate_after:.0} jobs/s) {details}",
+        end - begin,
+        outcome.after_fault
+    );
+    // The producers send a handful of jobs in 1.5 s instead of 1,500.
+    assert!(
+        end - begin < 100,
+        "{} jobs sent during the spike",
+        end - begin
+    );
+    assert!(outcome.tally.sent_after > 0, "no enqueue after the spike");
+    // The rest (about 1,500 jobs, a 1.5 s stream at the producers' pace)
+    // was sent and acked soon after.
+    assert!(
+        outcome.after_fault < Duration::from_secs(6),
+        "throughput did not recover: {after} jobs took {:?} after the spike",
+        outcome.after_fault
+    );
+}
