@@ -35,9 +35,9 @@ use std::time::Duration;
 use amqp_support::{BrokerCounts, DeleteTopology, settled_broker_counts};
 use faults::{
     BATCH, Call, Figures, PROGRESS_LIMIT, Shared, StreamRun, TEST_LIMIT, Tally, ack_delivered,
-    assert_spike_and_recovery, chain, drain_with_consumer, enqueue_until_ok, every_call_at_once,
-    hold, is_empty, job, long_poll, send_all, send_and_ack, sent_at_least, spike_latency,
-    stream_with_fault, take, timed,
+    assert_spike_and_recovery, chain, crash_holding, drain_with_consumer, enqueue_until_ok,
+    every_call_at_once, is_empty, job, long_poll, send_all, send_and_ack, sent_at_least,
+    spike_latency, stream_with_fault, take, timed,
 };
 use keel_queue::{AmqpQueue, AmqpQueueConfig, DequeueOptions, Error, Queue, QueueConfig};
 use keel_testkit::{FaultProxy, Namespace, require_amqp};
@@ -198,25 +198,9 @@ async fn consumer_dropped_holding_leases() {
         send_all(&consumer_b, &tally, 0..HELD).await;
 
         let consumer_a = connect(&url, &name, Duration::from_secs(2)).await;
-        let (taken, holder) = hold(consumer_a, HELD as usize, LEASE).await;
-        let taken_at = Instant::now();
-        assert_eq!(
-            taken.len(),
-            HELD as usize,
-            "consumer A takes the whole batch"
-        );
-        assert!(taken.iter().all(|d| d.attempt == 1));
-        // The crash: the task and its handle (the only one) are dropped.
-        holder.abort();
-        assert!(holder.await.unwrap_err().is_cancelled());
-
-        let (back, first_back) = take(
-            &consumer_b,
-            HELD as usize,
-            Duration::from_secs(10),
-            Duration::from_secs(10),
-        )
-        .await;
+        let comeback = crash_holding(consumer_a, &consumer_b, HELD as usize, LEASE).await;
+        let (back, first_back) = (comeback.back, comeback.first_back);
+        let taken_at = comeback.crashed_at;
         let all_back = taken_at.elapsed();
         ack_delivered(&consumer_b, &tally, &back).await;
         let stats = consumer_b.stats().await.expect("stats");

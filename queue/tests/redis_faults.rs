@@ -27,9 +27,9 @@ use std::time::Duration;
 
 use faults::{
     BATCH, Call, Figures, Outcome, PROGRESS_LIMIT, Shared, StreamRun, TEST_LIMIT, Tally,
-    ack_delivered, assert_spike_and_recovery, drain_with_consumer, enqueue_until_ok,
-    every_call_at_once, hold, is_empty, job, long_poll, send_all, send_and_ack, sent_at_least,
-    spike_latency, stream_with_fault, take, timed,
+    ack_delivered, assert_spike_and_recovery, crash_holding, drain_with_consumer, enqueue_until_ok,
+    every_call_at_once, is_empty, job, long_poll, send_all, send_and_ack, sent_at_least,
+    spike_latency, stream_with_fault, timed,
 };
 use keel_queue::{DequeueOptions, Error, Queue, QueueConfig, RedisQueue, RedisQueueConfig};
 use keel_testkit::{FaultProxy, Namespace, RedisServer};
@@ -252,24 +252,8 @@ async fn consumer_dropped_holding_leases() {
         send_all(&consumer_b, &tally, 0..HELD).await;
 
         let consumer_a = connect(&url, &name, Duration::from_secs(2)).await;
-        let (taken, holder) = hold(consumer_a, HELD as usize, LEASE).await;
-        assert_eq!(
-            taken.len(),
-            HELD as usize,
-            "consumer A takes the whole batch"
-        );
-        assert!(taken.iter().all(|d| d.attempt == 1));
-        // The crash: the task and its handle are dropped, the leases kept.
-        holder.abort();
-        assert!(holder.await.unwrap_err().is_cancelled());
-
-        let (back, first_back) = take(
-            &consumer_b,
-            HELD as usize,
-            Duration::from_secs(10),
-            Duration::from_secs(10),
-        )
-        .await;
+        let comeback = crash_holding(consumer_a, &consumer_b, HELD as usize, LEASE).await;
+        let (back, first_back) = (comeback.back, comeback.first_back);
         for delivery in &back {
             assert_eq!(delivery.attempt, 2, "a job back from a dead consumer");
         }

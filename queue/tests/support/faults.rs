@@ -853,3 +853,31 @@ pub(crate) fn assert_spike_and_recovery(
         outcome.after_fault
     );
 }
+
+/// What came back after a consumer died holding jobs.
+pub(crate) struct Comeback {
+    /// The deliveries the second consumer received.
+    pub(crate) back: Vec<Delivery>,
+    /// When the first of them arrived, after the crash.
+    pub(crate) first_back: Option<Duration>,
+    /// When the crash happened.
+    pub(crate) crashed_at: Instant,
+}
+
+/// Consumer `a` takes `held` jobs with `lease` and dies (its task and its
+/// handle are dropped without acking); answers what `b` then receives
+/// within 10 s.
+pub(crate) async fn crash_holding<Q: Queue>(a: Q, b: &Q, held: usize, lease: Duration) -> Comeback {
+    let (taken, holder) = hold(a, held, lease).await;
+    assert_eq!(taken.len(), held, "consumer A takes the whole batch");
+    assert!(taken.iter().all(|d| d.attempt == 1));
+    holder.abort();
+    assert!(holder.await.unwrap_err().is_cancelled());
+    let crashed_at = Instant::now();
+    let (back, first_back) = take(b, held, Duration::from_secs(10), Duration::from_secs(10)).await;
+    Comeback {
+        back,
+        first_back,
+        crashed_at,
+    }
+}
