@@ -175,7 +175,7 @@ impl KeelPipeline {
             .service(balancer);
         let limiter = LocalRateLimiter::new(
             RateLimitConfig::new("demo")
-                .default_rates(TenantRates::default().requests(Rate::per_second(400).burst(100))),
+                .default_rates(TenantRates::default().requests(Rate::per_second(180).burst(60))),
         )?;
         let scheduler = SchedulerBuilder::new(
             SchedulerConfig::new("demo-gateway")
