@@ -9,6 +9,9 @@ local lease_ms = tonumber(ARGV[4])
 local max_attempts = tonumber(ARGV[5])
 local levels = tonumber(ARGV[6])
 local now = now_ms()
+-- One lease expiry for the whole batch, formatted once (a Lua number passed
+-- to redis.call is formatted per argument).
+local expiry = string.format('%d', now + lease_ms)
 maintain(now, max_attempts)
 
 local function read(sk, want)
@@ -51,7 +54,7 @@ for level = levels - 1, 0, -1 do
         killed = killed + 1
       else
         local member = level .. ':' .. eid
-        leases[#leases + 1] = now + lease_ms
+        leases[#leases + 1] = expiry
         leases[#leases + 1] = member
         out[#out + 1] = {member, f}
       end
