@@ -26,12 +26,18 @@ impl IdGen {
         &self.prefix
     }
 
+    #[cfg_attr(not(any(feature = "redis", feature = "amqp")), allow(dead_code))]
     pub(crate) fn next(&self) -> JobId {
-        use std::fmt::Write;
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        self.id(self.counter.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The id for sequence number `n`, for callers that already count
+    /// under a lock (no shared atomic on the hot path).
+    pub(crate) fn id(&self, n: u64) -> JobId {
         let mut text = String::with_capacity(self.prefix.len() + 21);
         text.push_str(&self.prefix);
-        let _ = write!(text, "-{n}");
+        text.push('-');
+        text.push_str(itoa::Buffer::new().format(n));
         JobId::from_string(text)
     }
 }

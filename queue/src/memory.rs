@@ -109,7 +109,8 @@ enum Place {
 struct State {
     next_seq: u64,
     next_token: u64,
-    jobs: HashMap<u64, Record>,
+    /// Keyed by our own sequence numbers, so a fast non-keyed hash is safe.
+    jobs: HashMap<u64, Record, foldhash::fast::RandomState>,
     /// One FIFO per priority level, index = level.
     ready: Vec<VecDeque<u64>>,
     delayed: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -172,7 +173,7 @@ impl MemoryQueue {
         }
         let seq = state.next_seq;
         state.next_seq += 1;
-        let id = self.shared.ids.next();
+        let id = self.shared.ids.id(seq);
         if let Some(key) = job.idempotency_key {
             let expires = now + config.dedup_window;
             state.dedup.insert(key.clone(), (id.clone(), expires));
@@ -232,9 +233,11 @@ impl MemoryQueue {
 }
 
 fn receipt_for(seq: u64, token: u64) -> Receipt {
-    use std::fmt::Write;
     let mut text = String::with_capacity(44);
-    let _ = write!(text, "m:{seq}:{token}");
+    text.push_str("m:");
+    text.push_str(itoa::Buffer::new().format(seq));
+    text.push(':');
+    text.push_str(itoa::Buffer::new().format(token));
     Receipt::from_string(text)
 }
 
