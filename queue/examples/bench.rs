@@ -29,6 +29,12 @@ struct Args {
     /// Jobs per enqueue batch and per dequeue.
     #[arg(long, default_value_t = 64)]
     batch: usize,
+    /// Bound the Keel queue to this many jobs (default: unbounded, the
+    /// `QueueConfig` default). On Redis a bounded queue enqueues through a
+    /// Lua script that checks the bound; an unbounded one with plain jobs
+    /// uses an atomic pipeline.
+    #[arg(long)]
+    capacity: Option<u64>,
     /// Measured runs of each side (alternating); the best run of each counts.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -177,13 +183,10 @@ async fn raw_redis_cycle(url: &str, key: &str, jobs: usize, batch: usize) -> f64
 }
 
 #[cfg(feature = "redis")]
-async fn redis_keel_queue(url: &str, name: &str) -> Result<Arc<dyn Queue>, String> {
-    let queue = keel_queue::RedisQueue::connect(keel_queue::RedisQueueConfig::new(
-        url,
-        QueueConfig::new(name).capacity(10_000_000),
-    ))
-    .await
-    .map_err(|e| e.to_string())?;
+async fn redis_keel_queue(url: &str, config: QueueConfig) -> Result<Arc<dyn Queue>, String> {
+    let queue = keel_queue::RedisQueue::connect(keel_queue::RedisQueueConfig::new(url, config))
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(Arc::new(queue))
 }
 
@@ -319,6 +322,15 @@ async fn delete_amqp_topology(url: &str, name: &str) {
     let _ = conn.close(200, "bench done".into()).await;
 }
 
+/// The Keel queue's settings for one run.
+fn queue_config(args: &Args, name: &str) -> QueueConfig {
+    let config = QueueConfig::new(name);
+    match args.capacity {
+        Some(capacity) => config.capacity(capacity),
+        None => config,
+    }
+}
+
 async fn measure(args: &Args) -> Result<(f64, f64), String> {
     let mut best_keel = 0f64;
     let mut best_raw = 0f64;
@@ -338,7 +350,7 @@ async fn measure(args: &Args) -> Result<(f64, f64), String> {
                 let url =
                     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
                 let name = format!("keel-bench-{}-{run}", std::process::id());
-                let queue = redis_keel_queue(&url, &name).await?;
+                let queue = redis_keel_queue(&url, queue_config(args, &name)).await?;
                 let keel = keel_cycle(queue, args.jobs, args.batch).await;
                 redis_cleanup(&url, &name);
                 let raw = raw_redis_cycle(
@@ -357,7 +369,7 @@ async fn measure(args: &Args) -> Result<(f64, f64), String> {
                 let name = format!("keel-bench-{}-{run}", std::process::id());
                 let queue = keel_queue::AmqpQueue::connect(keel_queue::AmqpQueueConfig::new(
                     url.as_str(),
-                    QueueConfig::new(name.as_str()),
+                    queue_config(args, &name),
                 ))
                 .await
                 .map_err(|e| e.to_string())?;
@@ -403,8 +415,13 @@ async fn measure(args: &Args) -> Result<(f64, f64), String> {
 async fn main() -> Result<(), String> {
     let args = Args::parse();
     println!(
-        "backend {}: {} jobs of 256 bytes per run, batches of {}, 1 producer + 1 consumer, best of {} runs",
-        args.backend, args.jobs, args.batch, args.runs
+        "backend {}: {} jobs of 256 bytes per run, batches of {}, 1 producer + 1 consumer, best of {} runs, capacity {}",
+        args.backend,
+        args.jobs,
+        args.batch,
+        args.runs,
+        args.capacity
+            .map_or("unbounded".to_owned(), |c| c.to_string())
     );
     let (keel, raw) = measure(&args).await?;
     println!(
