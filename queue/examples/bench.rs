@@ -337,9 +337,8 @@ async fn measure(args: &Args) -> Result<(f64, f64), String> {
     for run in 0..args.runs + 1 {
         let (keel, raw) = match args.backend.as_str() {
             "memory" => {
-                let queue =
-                    MemoryQueue::new(QueueConfig::new(format!("bench-{run}")).capacity(1_000_000))
-                        .map_err(|e| e.to_string())?;
+                let queue = MemoryQueue::new(queue_config(args, &format!("bench-{run}")))
+                    .map_err(|e| e.to_string())?;
                 (
                     keel_cycle(Arc::new(queue), args.jobs, args.batch).await,
                     raw_memory_cycle(args.jobs, args.batch).await,
