@@ -26,7 +26,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::{
-    Capabilities, DequeueOptions, Error, Job, Nack, Priority, Queue, QueueConfig, QueueExt,
+    Capabilities, DequeueOptions, Error, Job, Nack, Priority, Queue, QueueConfig, QueueExt, Receipt,
 };
 
 /// A queue under test, with whatever must live as long as the test (a
@@ -98,6 +98,23 @@ async fn nothing(queue: &dyn Queue, wait: Duration) {
         .await
         .expect("dequeue");
     assert!(got.is_empty(), "expected no delivery, got {got:?}");
+}
+
+/// Whether the backend supports a feature. When it does not, it must refuse
+/// the feature with `Unsupported` rather than emulate it badly: `attempt`
+/// (an operation using the feature) is run and checked, and the case ends.
+async fn supported_or_refused<T: std::fmt::Debug>(
+    supported: bool,
+    attempt: impl Future<Output = crate::Result<T>>,
+) -> bool {
+    if !supported {
+        let answer = attempt.await;
+        assert!(
+            matches!(answer, Err(Error::Unsupported { .. })),
+            "an unsupported feature must answer Unsupported, got {answer:?}"
+        );
+    }
+    supported
 }
 
 fn caps(subject: &Subject) -> Capabilities {
@@ -194,7 +211,13 @@ pub async fn nack_retry_redelivers<F: Fn(QueueConfig) -> Fut, Fut: Future<Output
     make: F,
 ) {
     let s = subject(&make, "nack-retry", |c| c).await;
-    if !caps(&s).delay {
+    if !supported_or_refused(
+        caps(&s).delay,
+        s.queue
+            .enqueue(Job::new("later").delay(Duration::from_millis(1))),
+    )
+    .await
+    {
         return;
     }
     s.queue.enqueue(Job::new("flaky")).await.unwrap();
@@ -272,7 +295,13 @@ pub async fn lease_expiry_redelivers<F: Fn(QueueConfig) -> Fut, Fut: Future<Outp
     make: F,
 ) {
     let s = subject(&make, "lease-expiry", |c| c).await;
-    if !caps(&s).lease_expiry {
+    if !supported_or_refused(
+        caps(&s).lease_expiry,
+        s.queue
+            .extend_lease(&Receipt::from_string("none"), SHORT_LEASE),
+    )
+    .await
+    {
         return;
     }
     s.queue.enqueue(Job::new("abandoned")).await.unwrap();
@@ -297,7 +326,13 @@ pub async fn expired_receipt_is_invalid<
     make: F,
 ) {
     let s = subject(&make, "expired-receipt", |c| c).await;
-    if !caps(&s).lease_expiry {
+    if !supported_or_refused(
+        caps(&s).lease_expiry,
+        s.queue
+            .extend_lease(&Receipt::from_string("none"), SHORT_LEASE),
+    )
+    .await
+    {
         return;
     }
     s.queue.enqueue(Job::new("slow")).await.unwrap();
@@ -328,7 +363,13 @@ pub async fn extend_lease_keeps_job<F: Fn(QueueConfig) -> Fut, Fut: Future<Outpu
     make: F,
 ) {
     let s = subject(&make, "extend-lease", |c| c).await;
-    if !caps(&s).lease_expiry {
+    if !supported_or_refused(
+        caps(&s).lease_expiry,
+        s.queue
+            .extend_lease(&Receipt::from_string("none"), SHORT_LEASE),
+    )
+    .await
+    {
         return;
     }
     s.queue.enqueue(Job::new("long job")).await.unwrap();
@@ -360,7 +401,7 @@ pub async fn max_attempts_dead_letters<F: Fn(QueueConfig) -> Fut, Fut: Future<Ou
             .unwrap();
     }
     nothing(&*s.queue, Duration::from_millis(200)).await;
-    if !caps(&s).dead_letter_admin {
+    if !supported_or_refused(caps(&s).dead_letter_admin, s.queue.dead_letters(1)).await {
         return;
     }
     let dead = s.queue.dead_letters(10).await.unwrap();
@@ -382,7 +423,7 @@ pub async fn max_attempts_dead_letters<F: Fn(QueueConfig) -> Fut, Fut: Future<Ou
 /// Dead letters can be replayed as fresh jobs, and purged.
 pub async fn replay_and_purge<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(make: F) {
     let s = subject(&make, "replay", |c| c).await;
-    if !caps(&s).dead_letter_admin {
+    if !supported_or_refused(caps(&s).dead_letter_admin, s.queue.dead_letters(1)).await {
         return;
     }
     let a = s
@@ -422,7 +463,12 @@ pub async fn replay_and_purge<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Su
 /// A second enqueue with the same idempotency key inside the window is not enqueued.
 pub async fn dedup_window<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(make: F) {
     let s = subject(&make, "dedup", |c| c).await;
-    if !caps(&s).idempotency {
+    if !supported_or_refused(
+        caps(&s).idempotency,
+        s.queue.enqueue(Job::new("x").idempotency_key("refused")),
+    )
+    .await
+    {
         return;
     }
     let first = s
@@ -479,9 +525,11 @@ pub async fn fifo_within_priority<F: Fn(QueueConfig) -> Fut, Fut: Future<Output 
 /// Higher priorities are served first.
 pub async fn priority_order<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(make: F) {
     let s = subject(&make, "priority", |c| c).await;
-    if caps(&s).priority_levels < 3 {
-        return;
-    }
+    assert_eq!(
+        caps(&s).priority_levels,
+        3,
+        "the queue was built with the default three levels"
+    );
     for (payload, priority) in [
         ("low", Priority::LOW),
         ("normal", Priority::NORMAL),
@@ -528,7 +576,13 @@ pub async fn priority_order<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subj
 /// A delayed job is not delivered before its delay.
 pub async fn delayed_delivery<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(make: F) {
     let s = subject(&make, "delay", |c| c).await;
-    if !caps(&s).delay {
+    if !supported_or_refused(
+        caps(&s).delay,
+        s.queue
+            .enqueue(Job::new("later").delay(Duration::from_millis(1))),
+    )
+    .await
+    {
         return;
     }
     let delay = Duration::from_millis(600);
@@ -582,9 +636,10 @@ pub async fn expired_deadline_is_not_delivered<
 /// Past capacity `enqueue` answers `Full` (retryable) and stores nothing.
 pub async fn capacity_full<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(make: F) {
     let s = subject(&make, "capacity", |c| c.capacity(3)).await;
-    if !caps(&s).capacity {
-        return;
-    }
+    assert!(
+        caps(&s).capacity,
+        "bounded capacity is part of the queue contract for every backend"
+    );
     for i in 0..3 {
         s.queue.enqueue(Job::new(format!("{i}"))).await.unwrap();
     }
@@ -616,6 +671,10 @@ pub async fn capacity_full<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subje
 pub async fn stats_exact<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(make: F) {
     let s = subject(&make, "stats", |c| c).await;
     if !caps(&s).exact_stats {
+        // Estimates only: they must still answer, and a fresh queue has no
+        // dead letters.
+        let stats = s.queue.stats().await.unwrap();
+        assert_eq!(stats.dead, 0, "{stats:?}");
         return;
     }
     let empty = s.queue.stats().await.unwrap();
