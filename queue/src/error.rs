@@ -125,14 +125,6 @@ impl Error {
         }
     }
 
-    #[allow(dead_code)] // used by the network backends
-    pub(crate) fn codec(message: impl Into<String>) -> Self {
-        Error::Codec {
-            message: message.into(),
-            source: None,
-        }
-    }
-
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
         Error::InvalidConfig {
             field,

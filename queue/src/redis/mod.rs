@@ -318,15 +318,21 @@ impl RedisQueue {
         }
     }
 
-    /// Runs one plain command on a lane.
-    async fn command<T: ::redis::FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T> {
+    /// Runs `op` on a lane's connection under the operation timeout; a lane
+    /// whose connection failed or hung is emptied (and its connection taken
+    /// out of the pool).
+    async fn on_lane<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: FnOnce(::redis::aio::MultiplexedConnection) -> Fut,
+        Fut: Future<Output = std::result::Result<T, RedisFailure>>,
+    {
         let lanes = &self.inner.lanes;
         let mut used = None;
         let result = self
             .timed(async {
-                let mut lane = lanes.get().await?;
+                let lane = lanes.get().await?;
                 used = Some(lane.index);
-                Ok(cmd.query_async(&mut lane.conn).await?)
+                op(lane.conn).await
             })
             .await;
         if let (Err(Error::Unavailable { .. } | Error::Timeout(_)), Some(index)) = (&result, used) {
@@ -335,22 +341,19 @@ impl RedisQueue {
         result
     }
 
+    /// Runs one plain command on a lane.
+    async fn command<T: ::redis::FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T> {
+        self.on_lane(|mut conn| async move { Ok(cmd.query_async(&mut conn).await?) })
+            .await
+    }
+
     /// Runs a pipeline on a lane.
     async fn pipeline(&self, pipe: &::redis::Pipeline) -> Result<()> {
-        let lanes = &self.inner.lanes;
-        let mut used = None;
-        let result = self
-            .timed(async {
-                let mut lane = lanes.get().await?;
-                used = Some(lane.index);
-                let () = pipe.query_async(&mut lane.conn).await?;
-                Ok(())
-            })
-            .await;
-        if let (Err(Error::Unavailable { .. } | Error::Timeout(_)), Some(index)) = (&result, used) {
-            lanes.forget(index);
-        }
-        result
+        self.on_lane(|mut conn| async move {
+            let () = pipe.query_async(&mut conn).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Enqueues jobs that need no script: on a queue without a capacity
@@ -406,19 +409,9 @@ impl RedisQueue {
         let mut invocation = script.prepare_invoke();
         invocation.key(&self.inner.size_key).arg(&self.inner.prefix);
         args(&mut invocation);
-        let lanes = &self.inner.lanes;
-        let mut used = None;
-        let result = self
-            .timed(async {
-                let mut lane = lanes.get().await?;
-                used = Some(lane.index);
-                Ok(invocation.invoke_async(&mut lane.conn).await?)
-            })
-            .await;
-        if let (Err(Error::Unavailable { .. } | Error::Timeout(_)), Some(index)) = (&result, used) {
-            lanes.forget(index);
-        }
-        result
+        let invocation = &invocation;
+        self.on_lane(|mut conn| async move { Ok(invocation.invoke_async(&mut conn).await?) })
+            .await
     }
 
     async fn enqueue_chunk(&self, jobs: Vec<Job>) -> Result<Vec<Enqueued>> {
