@@ -313,6 +313,20 @@ fn short(text: &str) -> String {
     text.split(':').next().unwrap_or(text).trim().to_owned()
 }
 
+/// The balancer's answer, by kind (after retries, the last error counts).
+fn classify_balancer(err: &keel_balancer::Error, attempts: u32) -> Outcome {
+    use keel_balancer::Error;
+    match err {
+        Error::RetriesExhausted { source, .. } => classify_balancer(source, attempts),
+        Error::DeadlineExceeded => Outcome::Expired { attempts },
+        Error::Overloaded { .. } | Error::NoEndpoints => Outcome::Rejected {
+            reason: "no-capacity".into(),
+            attempts,
+        },
+        _ => Outcome::Failed { attempts },
+    }
+}
+
 fn classify(err: &keel_scheduler::Error, attempts: u32) -> Outcome {
     use keel_scheduler::{Error, Rejection};
     match err {
@@ -329,19 +343,10 @@ fn classify(err: &keel_scheduler::Error, attempts: u32) -> Outcome {
             reason: "queue-full".into(),
             attempts,
         },
-        Error::Service(source) => {
-            let text = source.to_string();
-            if text.contains("deadline") {
-                Outcome::Expired { attempts }
-            } else if text.contains("overloaded") || text.contains("no endpoint") {
-                Outcome::Rejected {
-                    reason: "no-capacity".into(),
-                    attempts,
-                }
-            } else {
-                Outcome::Failed { attempts }
-            }
-        }
+        Error::Service(source) => match source.downcast_ref::<keel_balancer::Error>() {
+            Some(err) => classify_balancer(err, attempts),
+            None => Outcome::Failed { attempts },
+        },
         _ => Outcome::Failed { attempts },
     }
 }
