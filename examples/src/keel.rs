@@ -220,11 +220,6 @@ impl KeelPipeline {
     /// Serves one request to its single outcome.
     pub async fn serve(&self, request: InferenceRequest, phase: usize) {
         let offered_at = Instant::now();
-        let deadline = if request.priority == 1 {
-            INTERACTIVE_DEADLINE
-        } else {
-            BATCH_DEADLINE
-        };
         let key = format!(
             "llm:v1:{}:{}:{}",
             request.prefix, request.suffix, request.max_tokens
@@ -243,16 +238,7 @@ impl KeelPipeline {
             self.cache
                 .get_or_load(&key, move || async move {
                     ran.fetch_add(1, Ordering::Relaxed);
-                    let ticket = Ticket::new(request.tenant.as_str())
-                        .priority(if request.priority == 1 {
-                            Priority::HIGH
-                        } else {
-                            Priority::LOW
-                        })
-                        .timeout(deadline)
-                        .cost(u64::from(request.max_tokens));
-                    let mut http_request = http::Request::new(request);
-                    Deadline::after(deadline).apply(&mut http_request);
+                    let (ticket, mut http_request) = admission(request);
                     http_request.extensions_mut().insert(attempts.clone());
                     let tries = || attempts.0.load(Ordering::Relaxed);
                     match scheduler.submit(ticket, http_request).await {
@@ -296,17 +282,38 @@ impl KeelPipeline {
     /// Runs one job's inference through admission and the balancer (no
     /// response cache); answers whether it succeeded.
     pub async fn run_job(&self, request: InferenceRequest) -> bool {
-        let ticket = Ticket::new(request.tenant.as_str())
-            .priority(Priority::LOW)
-            .timeout(BATCH_DEADLINE)
-            .cost(u64::from(request.max_tokens));
-        let mut http_request = http::Request::new(request);
-        Deadline::after(BATCH_DEADLINE).apply(&mut http_request);
+        let (ticket, http_request) = admission(request);
         matches!(
             self.scheduler.submit(ticket, http_request).await,
             Ok(response) if response.body().is_some()
         )
     }
+}
+
+/// How long a request may take, end to end, by its priority.
+fn deadline_of(request: &InferenceRequest) -> Duration {
+    if request.priority == 1 {
+        INTERACTIVE_DEADLINE
+    } else {
+        BATCH_DEADLINE
+    }
+}
+
+/// The admission ticket (tenant, class, deadline, cost) and the node request
+/// carrying the same deadline for the layers below.
+fn admission(request: InferenceRequest) -> (Ticket, NodeRequest) {
+    let deadline = deadline_of(&request);
+    let ticket = Ticket::new(request.tenant.as_str())
+        .priority(if request.priority == 1 {
+            Priority::HIGH
+        } else {
+            Priority::LOW
+        })
+        .timeout(deadline)
+        .cost(u64::from(request.max_tokens));
+    let mut http_request = http::Request::new(request);
+    Deadline::after(deadline).apply(&mut http_request);
+    (ticket, http_request)
 }
 
 fn short(text: &str) -> String {
