@@ -168,24 +168,22 @@ fn scan(
     }
 }
 
-fn round_robin(
+/// Walks the endpoints in ring order from `start` and takes the first
+/// usable one with weight, else the first usable one with weight zero.
+/// Answers the choice and, for a pick with weight, how many steps it took.
+fn walk_from(
     states: &[Arc<EndpointState>],
     hints: &Hints<'_>,
-    picker: &mut Picker,
     now: &mut LazyNow<'_>,
-) -> Choice {
+    start: usize,
+) -> (Choice, Option<usize>) {
     let n = states.len();
-    let start = picker.cursor;
-    picker.cursor = picker.cursor.wrapping_add(1);
     let mut zero_weight = None;
     let mut any_full = false;
     for step in 0..n {
         let i = start.wrapping_add(step) % n;
         match avail(&states[i], hints, now) {
-            Avail::Usable if states[i].weight() > 0.0 => {
-                picker.cursor = start.wrapping_add(step).wrapping_add(1);
-                return Choice::Pick(i);
-            }
+            Avail::Usable if states[i].weight() > 0.0 => return (Choice::Pick(i), Some(step)),
             Avail::Usable => {
                 zero_weight.get_or_insert(i);
             }
@@ -193,11 +191,27 @@ fn round_robin(
             Avail::Excluded => {}
         }
     }
-    match zero_weight {
+    let choice = match zero_weight {
         Some(i) => Choice::Pick(i),
         None if any_full => Choice::Full,
         None => Choice::Empty,
+    };
+    (choice, None)
+}
+
+fn round_robin(
+    states: &[Arc<EndpointState>],
+    hints: &Hints<'_>,
+    picker: &mut Picker,
+    now: &mut LazyNow<'_>,
+) -> Choice {
+    let start = picker.cursor;
+    picker.cursor = picker.cursor.wrapping_add(1);
+    let (choice, step) = walk_from(states, hints, now, start);
+    if let Some(step) = step {
+        picker.cursor = start.wrapping_add(step).wrapping_add(1);
     }
+    choice
 }
 
 fn random(
@@ -218,24 +232,7 @@ fn random(
     }
     // Unlucky draws or a crowded fleet: walk from a random start.
     let start = picker.rng.usize(..n);
-    let mut zero_weight = None;
-    let mut any_full = false;
-    for step in 0..n {
-        let i = (start + step) % n;
-        match avail(&states[i], hints, now) {
-            Avail::Usable if states[i].weight() > 0.0 => return Choice::Pick(i),
-            Avail::Usable => {
-                zero_weight.get_or_insert(i);
-            }
-            Avail::Full => any_full = true,
-            Avail::Excluded => {}
-        }
-    }
-    match zero_weight {
-        Some(i) => Choice::Pick(i),
-        None if any_full => Choice::Full,
-        None => Choice::Empty,
-    }
+    walk_from(states, hints, now, start).0
 }
 
 /// A usable endpoint with probability proportional to its weight.

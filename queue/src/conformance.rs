@@ -16,7 +16,6 @@
 //! run against real servers) and assert lower bounds on waits with generous
 //! upper bounds, so a loaded machine does not make them flake.
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -954,9 +953,4 @@ macro_rules! queue_conformance {
             $crate::conformance::$case($make).await;
         }
     )*};
-}
-
-#[allow(dead_code)]
-fn _assert_subject_send(s: Subject) -> impl Any + Send {
-    s
 }
