@@ -199,9 +199,8 @@ async fn consumer_dropped_holding_leases() {
 
         let consumer_a = connect(&url, &name, Duration::from_secs(2)).await;
         let comeback = crash_holding(consumer_a, &consumer_b, HELD as usize, LEASE).await;
+        let all_back = comeback.crashed_at.elapsed();
         let (back, first_back) = (comeback.back, comeback.first_back);
-        let taken_at = comeback.crashed_at;
-        let all_back = taken_at.elapsed();
         ack_delivered(&consumer_b, &tally, &back).await;
         let stats = consumer_b.stats().await.expect("stats");
         drop(consumer_b);

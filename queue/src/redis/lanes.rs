@@ -45,10 +45,7 @@ impl Lanes {
 
     /// A connection for one operation.
     pub(crate) async fn get(&self) -> Result<Lane, RedisFailure> {
-        let index = {
-            let lanes = self.lanes.lock();
-            self.next.fetch_add(1, Ordering::Relaxed) % lanes.len()
-        };
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.fillers.len();
         if let Some(lane) = self.current(index) {
             return Ok(lane);
         }
