@@ -88,14 +88,11 @@ impl RedisRateLimitConfig {
     /// [`Error::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
         self.limits.validate()?;
-        if !(self.url.starts_with("redis://")
-            || self.url.starts_with("rediss://")
-            || self.url.starts_with("redis+unix://")
-            || self.url.starts_with("unix://"))
-        {
+        // The client library's own parser decides what a usable URL is.
+        if let Err(err) = ::redis::IntoConnectionInfo::into_connection_info(self.url.as_str()) {
             return Err(Error::config(
                 "url",
-                "must be a redis://, rediss:// or unix:// URL",
+                format!("not a usable redis:// or rediss:// URL: {err}"),
             ));
         }
         if self.operation_timeout < Duration::from_millis(1) {
