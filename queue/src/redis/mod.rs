@@ -347,59 +347,6 @@ impl RedisQueue {
             .await
     }
 
-    /// Runs a pipeline on a lane.
-    async fn pipeline(&self, pipe: &::redis::Pipeline) -> Result<()> {
-        self.on_lane(|mut conn| async move {
-            let () = pipe.query_async(&mut conn).await?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Enqueues jobs that need no script: on a queue without a capacity
-    /// bound, jobs with no delay and no idempotency key are a `MULTI` of
-    /// `XADD`s and the job counter's `INCRBY` (atomic, one round trip, no
-    /// Lua), in the same entry format the scripts write.
-    async fn enqueue_plain(
-        &self,
-        jobs: &[Job],
-        encoded: Vec<(JobId, String)>,
-    ) -> Result<Vec<Enqueued>> {
-        let now = epoch_ms(SystemTime::now());
-        let mut pipe = ::redis::pipe();
-        pipe.atomic();
-        for (job, (id, headers)) in jobs.iter().zip(&encoded) {
-            let level = job.priority.0;
-            pipe.cmd("XADD")
-                .arg(format!("{}:p:{level}", self.inner.prefix))
-                .arg("*")
-                .arg("m")
-                .arg(format!("{id}|0|{now}|{level}"))
-                .arg("p")
-                .arg(&job.payload[..]);
-            if !headers.is_empty() {
-                pipe.arg("h").arg(headers.as_str());
-            }
-            if let Some(deadline) = job.deadline {
-                pipe.arg("d").arg(epoch_ms(deadline));
-            }
-            pipe.ignore();
-        }
-        pipe.cmd("INCRBY")
-            .arg(&self.inner.size_key)
-            .arg(jobs.len())
-            .ignore();
-        self.pipeline(&pipe).await?;
-        self.inner.metrics.enqueued.increment(jobs.len() as u64);
-        Ok(encoded
-            .into_iter()
-            .map(|(id, _)| Enqueued {
-                id,
-                duplicate: false,
-            })
-            .collect())
-    }
-
     /// Invokes one of our scripts with the queue's key and prefix first.
     async fn invoke<T: ::redis::FromRedisValue>(
         &self,
@@ -420,13 +367,6 @@ impl RedisQueue {
         for job in &jobs {
             queue.check_priority(job.priority)?;
             encoded.push((self.inner.ids.next(), encode_headers(&job.headers)?));
-        }
-        let plain = queue.capacity.is_none()
-            && jobs
-                .iter()
-                .all(|job| job.idempotency_key.is_none() && job.delay.is_none_or(|d| d.is_zero()));
-        if plain {
-            return self.enqueue_plain(&jobs, encoded).await;
         }
         let rows: Vec<String> = self
             .invoke(&self.inner.scripts.enqueue, |inv| {
