@@ -40,12 +40,7 @@ impl From<RedisFailure> for Error {
                     || err.is_connection_dropped()
                     || err.is_connection_refusal()
                     || err.is_unrecoverable_error()
-                    // LOADING, TRYAGAIN, MASTERDOWN, CLUSTERDOWN: the server
-                    // is coming back; waiting helps.
-                    || matches!(
-                        err.retry_method(),
-                        ::redis::RetryMethod::WaitAndRetry | ::redis::RetryMethod::RetryImmediately
-                    ) =>
+                    || coming_back(&err) =>
             {
                 Error::unavailable(
                     "redis connection failed; it will be re-established on the next call",
@@ -66,4 +61,22 @@ impl From<RedisFailure> for Error {
             },
         }
     }
+}
+
+/// LOADING, TRYAGAIN, MASTERDOWN, CLUSTERDOWN: the server is coming back and
+/// waiting helps, also when the answer came for a command inside a pipeline
+/// or an aborted transaction.
+fn coming_back(err: &::redis::RedisError) -> bool {
+    let transient = |err: &::redis::RedisError| {
+        matches!(
+            err.retry_method(),
+            ::redis::RetryMethod::WaitAndRetry | ::redis::RetryMethod::RetryImmediately
+        )
+    };
+    transient(err)
+        || err.clone().into_server_errors().is_some_and(|errors| {
+            errors
+                .iter()
+                .any(|(_, error)| transient(&error.clone().into()))
+        })
 }

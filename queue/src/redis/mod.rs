@@ -8,19 +8,20 @@
 //! | key | type | holds |
 //! | --- | --- | --- |
 //! | `keel:{q}:p:<level>` | stream, consumer group `keel` | ready and leased jobs, one stream per priority level |
-//! | `keel:{q}:leases` | sorted set | leased entries by lease expiry (server time) |
 //! | `keel:{q}:delayed` | sorted set | delayed and backing-off jobs by due time |
 //! | `keel:{q}:d:<id>` | hash | the body of one delayed job |
 //! | `keel:{q}:dead` | stream | dead letters with their reason |
 //! | `keel:{q}:dead-index` | hash | job id → dead-letter entry, for replay |
 //! | `keel:{q}:idem:<key>` | string with a TTL | idempotency keys (`SET NX PX`) |
-//! | `keel:{q}:size` | counter | jobs held, for the capacity bound |
 //!
-//! Every state change is one Lua script, so it is atomic: a job is always in
-//! exactly one place. Acked entries are deleted from their stream at once
-//! (`XACK` + `XDEL`), so streams do not grow with history. Work on due jobs
-//! and expired leases is bounded per call (256 of each), so a backlog of any
-//! size never turns one call into a long blocking script.
+//! A job is always in exactly one place: a stream entry (ready, or leased
+//! while it is in the group's pending list), a delayed hash, or a dead
+//! letter. Every move between places is one Lua script, so it is atomic.
+//! Acked entries are deleted from their stream at once (`XACK` + `XDEL`),
+//! so streams do not grow with history, and the jobs a queue holds (for the
+//! capacity bound) are its streams' lengths plus its delayed jobs. Work on
+//! due jobs and expired leases is bounded per call (256 of each), so a
+//! backlog of any size never turns one call into a long blocking script.
 //!
 //! # What `Ok` from `enqueue` promises
 //!
@@ -33,26 +34,38 @@
 //!
 //! # Leases and crashed consumers
 //!
-//! A delivered job keeps its stream entry (in the group's pending list) and
-//! gets a lease in `keel:{q}:leases`, timed by the **server's** clock so
-//! consumers with skewed clocks agree. When the lease expires, the next
-//! `dequeue` or `stats` call from any process moves the job back to the tail
-//! of its priority (a new entry, `attempt + 1`) or to the dead letters after
-//! `max_attempts`. A `Nack::Release` moves it back to the tail at once as a
-//! new entry with its attempt count unchanged. A consumer that crashed
-//! holding jobs therefore loses nothing: its jobs reach another consumer one
-//! lease later. Leases are kept
-//! in our own sorted set rather than reclaimed with `XAUTOCLAIM` because
-//! every `dequeue` may ask for its own lease length, which one
-//! `XAUTOCLAIM` idle threshold cannot express.
+//! `dequeue` is a plain `XREADGROUP` per priority level (highest first),
+//! pipelined after a short housekeeping script, so the hot path runs no
+//! per-job Lua. The lease lives in the group's pending entries list (PEL):
+//! a job read with a lease of `L` ms is pending under the consumer named
+//! `L`, and its lease has run out once its idle time (kept by the
+//! **server's** clock, so consumers with skewed clocks agree) reaches `L`.
+//! `extend_lease` moves the entry to the consumer of the new length with
+//! `XCLAIM`, which restarts its idle time. Expired leases are found per
+//! lease length with `XPENDING … IDLE L` (one `XAUTOCLAIM` threshold cannot
+//! serve several lease lengths) and the job goes back to the tail of its
+//! priority as a new entry with `attempt + 1`, or to the dead letters after
+//! `max_attempts`. Each handle does that at most every 500 ms while it is
+//! reading, and whenever a `dequeue` finds nothing; `stats` does it too. A
+//! `Nack::Release` moves the job back to the tail at once as a new entry
+//! with its attempt count unchanged. A consumer that crashed holding jobs
+//! therefore loses nothing: its jobs reach another consumer shortly after
+//! their lease runs out.
+//!
+//! A receipt carries the lease's end as read from the server clock just
+//! before the read, so an `ack` within it is one `XACK` + `XDEL`; an older
+//! receipt (its lease may have been extended) is checked against the
+//! pending list. An `ack` after the lease ran out is refused with
+//! `InvalidReceipt`, whether or not the job was taken back yet.
 //!
 //! # Waiting
 //!
 //! An empty `dequeue` blocks on a dedicated connection with `XREAD BLOCK`
-//! for entries newer than the streams' last ids (a long poll, never a busy
-//! loop), up to the next delayed job or lease expiry. Blocking connections
-//! come from their own small pool, so waiting consumers never starve
-//! producers of connections. A dropped `dequeue` future discards its
+//! for entries newer than the group's last delivered ids (a long poll,
+//! never a busy loop), up to the next delayed job or lease expiry (looked
+//! at again at least every second while jobs are leased). Blocking
+//! connections come from their own small pool, so waiting consumers never
+//! starve producers of connections. A dropped `dequeue` future discards its
 //! blocking connection rather than returning it mid-command.
 //!
 //! # Failures
@@ -60,8 +73,8 @@
 //! Every operation is bounded by `operation_timeout`. A dropped connection
 //! is reported as a retryable `Unavailable` and replaced on the next call
 //! (the pool checks connections before reuse). If the server restarts and
-//! loses its data, the consumer group is recreated on the next `dequeue`:
-//! a consumer never stays silently dead.
+//! loses its data, the consumer groups are recreated on the next `dequeue`
+//! (and the scripts loaded again): a consumer never stays silently dead.
 
 mod config;
 mod error;
@@ -70,9 +83,10 @@ mod lanes;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ::redis::{AsyncConnectionConfig, Script};
+use ::redis::{AsyncConnectionConfig, Script, Value};
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -90,6 +104,8 @@ use crate::types::{
 };
 
 const BACKEND: &str = "redis";
+/// The consumer group of every level's stream.
+const GROUP: &str = "keel";
 /// Jobs per enqueue script call.
 const ENQUEUE_CHUNK: usize = 256;
 
@@ -101,7 +117,7 @@ macro_rules! lua {
 
 struct Scripts {
     enqueue: Script,
-    dequeue: Script,
+    maintain: Script,
     settle: Script,
     admin: Script,
 }
@@ -110,7 +126,7 @@ impl Scripts {
     fn new() -> Self {
         Scripts {
             enqueue: Script::new(lua!("lua/enqueue.lua")),
-            dequeue: Script::new(lua!("lua/dequeue.lua")),
+            maintain: Script::new(lua!("lua/maintain.lua")),
             settle: Script::new(lua!("lua/settle.lua")),
             admin: Script::new(lua!("lua/admin.lua")),
         }
@@ -142,9 +158,18 @@ pub struct RedisQueue {
 struct Inner {
     config: RedisQueueConfig,
     prefix: String,
-    size_key: String,
-    consumer: String,
+    /// The key every script declares (routes it to the queue's slot).
+    route_key: String,
+    /// The stream of each priority level, lowest first.
+    streams: Vec<String>,
     ids: IdGen,
+    /// When this handle next takes back expired leases while reading (ms
+    /// since `started`).
+    next_reclaim_ms: AtomicU64,
+    started: Instant,
+    /// How far the server's clock is at most ahead of ours (ms), from the
+    /// last housekeeping answer; `i64::MAX` until known.
+    server_ahead_ms: AtomicI64,
     lanes: Lanes,
     blocking: deadpool_redis::Pool,
     scripts: Scripts,
@@ -156,18 +181,27 @@ impl fmt::Debug for RedisQueue {
         f.debug_struct("RedisQueue")
             .field("config", &self.inner.config)
             .field("prefix", &self.inner.prefix)
-            .field("consumer", &self.inner.consumer)
             .finish_non_exhaustive()
     }
 }
 
-/// One delivery row from `dequeue.lua`: the lease member and the raw entry
-/// fields (`m` meta, `p` payload, optional `h` headers and `d` deadline).
-type Row = (String, Vec<Vec<u8>>);
-/// Deliveries per `dequeue` call at most (keeps each script call short).
+/// One stream entry as `XREADGROUP` answers it: its id and raw fields (`m`
+/// meta, `p` payload, optional `h` headers and `d` deadline).
+type Entry = (String, Vec<Vec<u8>>);
+/// `XREADGROUP`'s answer for one stream.
+type ReadReply = Option<Vec<(String, Vec<Entry>)>>;
+/// Deliveries per `dequeue` call at most (keeps each read short).
 const DEQUEUE_MAX: usize = 1_000;
+/// How often a reading handle takes back expired leases.
+const RECLAIM_EVERY: Duration = Duration::from_millis(500);
+/// Reads of one level per `dequeue` when jobs past their deadline take the
+/// place of live ones.
+const READS_PER_LEVEL: usize = 4;
 /// Receipts per ack script call.
 const ACK_CHUNK: usize = 1_000;
+/// A receipt whose lease ends at least this long after our estimate of the
+/// server's clock is acked with plain `XACK` + `XDEL`, without a script.
+const ACK_MARGIN_MS: i64 = 100;
 
 fn ms(d: Duration) -> u64 {
     // Round up so sub-millisecond delays and leases are never zero.
@@ -205,16 +239,39 @@ fn decode_headers(text: &[u8]) -> Result<Headers> {
     })
 }
 
-/// Receipt text: `<lease member>|<attempt>`.
-fn parse_receipt(receipt: &Receipt) -> Result<(&str, u32)> {
+/// A receipt, parsed from `<level>:<entry id>|<attempt>|<lease end ms>`.
+#[derive(Clone, Copy)]
+struct Lease<'a> {
+    level: &'a str,
+    entry: &'a str,
+    attempt: u32,
+    /// The lease's end as known at delivery (server clock, epoch ms).
+    ends_ms: u64,
+}
+
+fn parse_receipt(receipt: &Receipt) -> Result<Lease<'_>> {
     let bad = || {
         Error::InvalidReceipt(format!(
             "`{}` is not a redis-queue receipt",
             receipt.as_str()
         ))
     };
-    let (member, attempt) = receipt.as_str().rsplit_once('|').ok_or_else(bad)?;
-    Ok((member, attempt.parse().map_err(|_| bad())?))
+    let (rest, ends_ms) = receipt.as_str().rsplit_once('|').ok_or_else(bad)?;
+    let (rest, attempt) = rest.rsplit_once('|').ok_or_else(bad)?;
+    let (level, entry) = rest.split_once(':').ok_or_else(bad)?;
+    let is_number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let entry_ok = entry
+        .split_once('-')
+        .is_some_and(|(ms, seq)| is_number(ms) && is_number(seq));
+    if !is_number(level) || !entry_ok {
+        return Err(bad());
+    }
+    Ok(Lease {
+        level,
+        entry,
+        attempt: attempt.parse().map_err(|_| bad())?,
+        ends_ms: ends_ms.parse().map_err(|_| bad())?,
+    })
 }
 
 fn protocol(what: impl Into<String>) -> Error {
@@ -253,10 +310,15 @@ impl RedisQueue {
         let prefix = format!("keel:{{{}}}", config.queue.name);
         let queue = RedisQueue {
             inner: Arc::new(Inner {
-                size_key: format!("{prefix}:size"),
-                consumer: format!("c-{}", ids.prefix()),
+                route_key: format!("{prefix}:delayed"),
+                streams: (0..config.queue.priority_levels)
+                    .map(|level| format!("{prefix}:p:{level}"))
+                    .collect(),
                 prefix,
                 ids,
+                next_reclaim_ms: AtomicU64::new(0),
+                started: Instant::now(),
+                server_ahead_ms: AtomicI64::new(i64::MAX),
                 lanes: Lanes::new(pool, config.pool_size),
                 blocking,
                 scripts: Scripts::new(),
@@ -354,7 +416,9 @@ impl RedisQueue {
         args: impl FnOnce(&mut ::redis::ScriptInvocation<'_>),
     ) -> Result<T> {
         let mut invocation = script.prepare_invoke();
-        invocation.key(&self.inner.size_key).arg(&self.inner.prefix);
+        invocation
+            .key(&self.inner.route_key)
+            .arg(&self.inner.prefix);
         args(&mut invocation);
         let invocation = &invocation;
         self.on_lane(|mut conn| async move { Ok(invocation.invoke_async(&mut conn).await?) })
@@ -368,10 +432,20 @@ impl RedisQueue {
             queue.check_priority(job.priority)?;
             encoded.push((self.inner.ids.next(), encode_headers(&job.headers)?));
         }
+        // Nothing to check or schedule: the entries go straight into their
+        // streams, atomically (MULTI/EXEC), without a script.
+        if queue.capacity.is_none()
+            && jobs
+                .iter()
+                .all(|job| job.delay.is_none() && job.idempotency_key.is_none())
+        {
+            return self.append_ready(&jobs, encoded).await;
+        }
         let rows: Vec<String> = self
             .invoke(&self.inner.scripts.enqueue, |inv| {
                 let now = epoch_ms(SystemTime::now());
                 inv.arg(queue.capacity.unwrap_or(0))
+                    .arg(queue.priority_levels)
                     .arg(ms(queue.dedup_window))
                     .arg(now)
                     .arg(jobs.len());
@@ -420,10 +494,84 @@ impl RedisQueue {
         Ok(out)
     }
 
-    fn delivery(&self, (member, fields): Row) -> Result<Delivery> {
+    /// Acks receipts whose leases are surely still running: `XACK` and
+    /// `XDEL` per level in one transaction (why that is safe for every id:
+    /// see the ack in `settle.lua`). Answers how many were pending.
+    async fn ack_live(&self, leases: &[Lease<'_>]) -> Result<u64> {
+        let mut by_level: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for lease in leases {
+            by_level.entry(lease.level).or_default().push(lease.entry);
+        }
+        let mut pipe = ::redis::pipe();
+        pipe.atomic();
+        for (level, entries) in &by_level {
+            let stream = format!("{}:p:{level}", self.inner.prefix);
+            pipe.cmd("XACK").arg(&stream).arg(GROUP).arg(entries);
+            pipe.cmd("XDEL").arg(&stream).arg(entries).ignore();
+        }
+        let pipe = &pipe;
+        let counts: Vec<u64> = self
+            .on_lane(|mut conn| async move { Ok(pipe.query_async(&mut conn).await?) })
+            .await?;
+        Ok(counts.into_iter().sum())
+    }
+
+    /// Appends plain jobs (no delay, no idempotency key, no bound to check)
+    /// to their streams in one transaction. The entry's fields are the ones
+    /// `entry_fields` in `common.lua` writes.
+    async fn append_ready(
+        &self,
+        jobs: &[Job],
+        encoded: Vec<(JobId, String)>,
+    ) -> Result<Vec<Enqueued>> {
+        let now = epoch_ms(SystemTime::now());
+        let mut pipe = ::redis::pipe();
+        pipe.atomic();
+        for (job, (id, headers)) in jobs.iter().zip(&encoded) {
+            let level = job.priority.0;
+            let cmd = pipe
+                .cmd("XADD")
+                .arg(&self.inner.streams[usize::from(level)])
+                .arg("*")
+                .arg("m")
+                .arg(format!("{id}|0|{now}|{level}"))
+                .arg("p")
+                .arg(&job.payload[..]);
+            if !headers.is_empty() {
+                cmd.arg("h").arg(headers.as_str());
+            }
+            if let Some(deadline) = job.deadline {
+                cmd.arg("d").arg(epoch_ms(deadline));
+            }
+            cmd.ignore();
+        }
+        let pipe = &pipe;
+        let () = self
+            .on_lane(|mut conn| async move { Ok(pipe.query_async(&mut conn).await?) })
+            .await?;
+        self.inner.metrics.enqueued.increment(jobs.len() as u64);
+        Ok(encoded
+            .into_iter()
+            .map(|(id, _)| Enqueued {
+                id,
+                duplicate: false,
+            })
+            .collect())
+    }
+
+    /// A delivery from one entry of `level` read under a lease that ends at
+    /// `lease_ends_ms`; `None` (with the entry's id) when its deadline has
+    /// passed by `now_ms`.
+    fn delivery(
+        &self,
+        level: usize,
+        (entry, fields): Entry,
+        lease_ends_ms: u64,
+        now_ms: u64,
+    ) -> Result<std::result::Result<Delivery, String>> {
         let mut meta = None;
         let mut payload = Vec::new();
-        let mut headers = Headers::new();
+        let mut headers = None;
         let mut deadline = None;
         let mut it = fields.into_iter();
         while let (Some(name), Some(value)) = (it.next(), it.next()) {
@@ -433,34 +581,254 @@ impl RedisQueue {
                         Some(String::from_utf8(value).map_err(|_| protocol("meta is not UTF-8"))?)
                 }
                 b"p" => payload = value,
-                b"h" => headers = decode_headers(&value)?,
-                b"d" => deadline = from_epoch_ms(&String::from_utf8_lossy(&value)),
+                b"h" => headers = Some(value),
+                b"d" => deadline = Some(String::from_utf8_lossy(&value).into_owned()),
                 _ => {}
             }
         }
+        if let Some(deadline) = &deadline
+            && deadline.parse::<u64>().is_ok_and(|d| d <= now_ms)
+        {
+            return Ok(Err(entry));
+        }
         let meta = meta.ok_or_else(|| protocol("entry without meta"))?;
         let mut parts = meta.rsplitn(4, '|');
-        let (level, enqueued, previous, id) =
+        let (_level, enqueued, previous, id) =
             (parts.next(), parts.next(), parts.next(), parts.next());
-        let (Some(level), Some(enqueued), Some(previous), Some(id)) =
-            (level, enqueued, previous, id)
-        else {
+        let (Some(enqueued), Some(previous), Some(id)) = (enqueued, previous, id) else {
             return Err(protocol(format!("entry meta `{meta}`")));
         };
         let attempt = previous
             .parse::<u32>()
             .map_err(|_| protocol(format!("attempt count `{previous}`")))?
             + 1;
-        Ok(Delivery {
+        Ok(Ok(Delivery {
             id: JobId::from_string(id),
             payload: Bytes::from(payload),
-            headers,
-            receipt: Receipt::from_string(format!("{member}|{attempt}")),
+            headers: headers
+                .as_deref()
+                .map_or_else(|| Ok(Headers::new()), decode_headers)?,
+            receipt: Receipt::from_string(format!("{level}:{entry}|{attempt}|{lease_ends_ms}")),
             attempt,
             enqueued_at: from_epoch_ms(enqueued).unwrap_or(UNIX_EPOCH),
-            priority: Priority(level.parse().unwrap_or(0)),
-            deadline,
+            priority: Priority(level as u8),
+            deadline: deadline.as_deref().and_then(from_epoch_ms),
+        }))
+    }
+
+    /// The housekeeping script as a plain command, for a pipeline.
+    fn maintain_cmd(&self, reclaim: bool, idle: bool) -> ::redis::Cmd {
+        let queue = &self.inner.config.queue;
+        let mut cmd = ::redis::cmd("EVALSHA");
+        cmd.arg(self.inner.scripts.maintain.get_hash())
+            .arg(1)
+            .arg(&self.inner.route_key)
+            .arg(&self.inner.prefix)
+            .arg(queue.max_attempts)
+            .arg(queue.priority_levels)
+            .arg(if reclaim { "1" } else { "0" })
+            .arg(if idle { "1" } else { "0" });
+        cmd
+    }
+
+    /// True when this handle should take back expired leases on this read
+    /// (at most every [`RECLAIM_EVERY`]).
+    fn reclaim_due(&self) -> bool {
+        let inner = &self.inner;
+        let now = inner.started.elapsed().as_millis() as u64;
+        let next = inner.next_reclaim_ms.load(Ordering::Relaxed);
+        now >= next
+            && inner
+                .next_reclaim_ms
+                .compare_exchange(
+                    next,
+                    now + RECLAIM_EVERY.as_millis() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// Creates the consumer group of every level that lacks one (first use,
+    /// or the server lost its data).
+    async fn create_groups(&self) -> Result<()> {
+        let mut pipe = ::redis::pipe();
+        pipe.ignore_errors();
+        for stream in &self.inner.streams {
+            pipe.cmd("XGROUP")
+                .arg("CREATE")
+                .arg(stream)
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM");
+        }
+        let pipe = &pipe;
+        let replies: Vec<Value> = self
+            .on_lane(|mut conn| async move { Ok(pipe.query_async(&mut conn).await?) })
+            .await?;
+        for reply in replies {
+            if let Value::ServerError(err) = reply
+                && err.code() != "BUSYGROUP"
+            {
+                return Err(RedisFailure::Redis(err.into()).into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads the housekeeping script after the server answered `NOSCRIPT`.
+    async fn load_maintain(&self) -> Result<()> {
+        let script = &self.inner.scripts.maintain;
+        self.on_lane(|mut conn| async move {
+            script.prepare_invoke().load_async(&mut conn).await?;
+            Ok(())
         })
+        .await
+    }
+
+    /// One read of up to `want` entries of `level` under `consumer` (the
+    /// lease length), after the housekeeping script when `maintain` is set.
+    /// Answers the server time the script reported (if it ran) and the
+    /// entries.
+    async fn read_level(
+        &self,
+        level: usize,
+        consumer: &str,
+        want: usize,
+        maintain: Option<bool>,
+    ) -> Result<(Option<u64>, Vec<Entry>)> {
+        let mut pipe = ::redis::pipe();
+        pipe.ignore_errors();
+        if let Some(reclaim) = maintain {
+            pipe.add_command(self.maintain_cmd(reclaim, false));
+        }
+        pipe.cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(want)
+            .arg("STREAMS")
+            .arg(&self.inner.streams[level])
+            .arg(">");
+        let pipe = &pipe;
+        for _ in 0..2 {
+            let sent_ms = epoch_ms(SystemTime::now());
+            let mut replies: Vec<Value> = self
+                .on_lane(|mut conn| async move { Ok(pipe.query_async(&mut conn).await?) })
+                .await?;
+            let read = replies.pop().ok_or_else(|| protocol("empty read answer"))?;
+            let mut now = None;
+            let mut housekeeping_failed = None;
+            match replies.pop() {
+                Some(Value::ServerError(err)) if err.code() == "NOSCRIPT" => {
+                    // The read after it still ran: keep its entries, and
+                    // load the script for the next call.
+                    self.load_maintain().await?;
+                }
+                Some(Value::ServerError(err)) => {
+                    housekeeping_failed = Some(Error::from(RedisFailure::Redis(err.into())));
+                }
+                Some(value) => {
+                    let (server_ms, _moved): (u64, u64) = ::redis::from_redis_value(value)
+                        .map_err(|err| protocol(format!("housekeeping answer: {err}")))?;
+                    now = Some(server_ms);
+                    // The server read its clock after we sent: this bounds
+                    // how far ahead of ours it is.
+                    self.inner
+                        .server_ahead_ms
+                        .store(server_ms as i64 - sent_ms as i64, Ordering::Relaxed);
+                }
+                None => {}
+            }
+            match read {
+                Value::ServerError(err) if err.code() == "NOGROUP" => {
+                    self.create_groups().await?;
+                }
+                Value::ServerError(err) => return Err(RedisFailure::Redis(err.into()).into()),
+                value => {
+                    let reply: ReadReply = ::redis::from_redis_value(value)
+                        .map_err(|err| protocol(format!("XREADGROUP answer: {err}")))?;
+                    let entries = reply
+                        .and_then(|mut streams| streams.pop())
+                        .map(|(_, entries)| entries)
+                        .unwrap_or_default();
+                    // Entries read are leased: hand them out even when the
+                    // housekeeping before them failed, and report it.
+                    match housekeeping_failed {
+                        Some(err) if entries.is_empty() => return Err(err),
+                        Some(err) => tracing::warn!(error = %err, "queue housekeeping failed"),
+                        None => {}
+                    }
+                    return Ok((now, entries));
+                }
+            }
+        }
+        Err(protocol(
+            "the consumer group vanished again right after it was created",
+        ))
+    }
+
+    /// Reads up to `max` jobs, highest priority first, leased for `lease`;
+    /// jobs found past their deadline go to the dead letters on the way.
+    async fn read(&self, max: usize, lease: Duration, reclaim: bool) -> Result<Vec<Delivery>> {
+        let consumer = ms(lease).to_string();
+        let mut out = Vec::new();
+        let mut expired = Vec::new();
+        let mut server_ms = None;
+        for level in (0..self.inner.streams.len()).rev() {
+            for _ in 0..READS_PER_LEVEL {
+                let want = max - out.len();
+                if want == 0 {
+                    break;
+                }
+                let maintain = server_ms.is_none().then_some(reclaim);
+                let (now, entries) = self.read_level(level, &consumer, want, maintain).await?;
+                // The server's clock just before the read bounds the
+                // delivery time from below, so the lease ends no earlier
+                // than this (0 when the script did not run: every ack
+                // then checks the pending list).
+                let now = *server_ms.get_or_insert(now.unwrap_or(0));
+                let lease_ends = if now == 0 { 0 } else { now + ms(lease) };
+                let deadline_now = if now == 0 {
+                    epoch_ms(SystemTime::now())
+                } else {
+                    now
+                };
+                let got = entries.len();
+                let mut late = 0;
+                for entry in entries {
+                    match self.delivery(level, entry, lease_ends, deadline_now)? {
+                        Ok(delivery) => out.push(delivery),
+                        Err(entry) => {
+                            late += 1;
+                            expired.push((level, entry));
+                        }
+                    }
+                }
+                // Read again only when late jobs took the place of live ones.
+                if got < want || late == 0 {
+                    break;
+                }
+            }
+            if out.len() >= max {
+                break;
+            }
+        }
+        for (level, entry) in expired {
+            let status = self
+                .settle_one(|inv| {
+                    inv.arg("dead")
+                        .arg(level)
+                        .arg(&entry)
+                        .arg("deadline exceeded before delivery");
+                })
+                .await?;
+            if status == "dead" {
+                self.inner.metrics.dead_lettered.increment(1);
+            }
+        }
+        Ok(out)
     }
 
     /// Waits up to `block` for an entry newer than `last_ids` in any level.
@@ -542,33 +910,41 @@ impl Queue for RedisQueue {
             });
         }
         let inner = &self.inner;
+        let max = options.max.min(DEQUEUE_MAX);
         let give_up = Instant::now() + options.wait;
+        let mut reclaim = self.reclaim_due();
         loop {
-            let (wake, last_ids, rows): (String, Vec<String>, Vec<Row>) = self
-                .invoke(&inner.scripts.dequeue, |inv| {
-                    inv.arg(&inner.consumer)
-                        .arg(options.max.min(DEQUEUE_MAX))
-                        .arg(ms(options.lease))
-                        .arg(inner.config.queue.max_attempts)
-                        .arg(inner.config.queue.priority_levels);
+            let deliveries = self.read(max, options.lease, reclaim).await?;
+            if !deliveries.is_empty() {
+                inner.metrics.delivered.increment(deliveries.len() as u64);
+                return Ok(deliveries);
+            }
+            // Nothing to read: take back expired leases, and learn how long
+            // to wait and from where.
+            let (_now, moved, wake, last_ids): (u64, u64, i64, Vec<String>) = self
+                .invoke(&inner.scripts.maintain, |inv| {
+                    inv.arg(inner.config.queue.max_attempts)
+                        .arg(inner.config.queue.priority_levels)
+                        .arg("1")
+                        .arg("1");
                 })
                 .await?;
-            if !rows.is_empty() {
-                inner.metrics.delivered.increment(rows.len() as u64);
-                return rows.into_iter().map(|row| self.delivery(row)).collect();
+            reclaim = false;
+            if moved > 0 {
+                continue;
             }
             let now = Instant::now();
             if now >= give_up {
                 return Ok(Vec::new());
             }
             let mut block = (give_up - now).min(inner.config.max_block);
-            if let Ok(wake_ms) = wake.parse::<i64>()
-                && wake_ms >= 0
-            {
-                block = block.min(Duration::from_millis(wake_ms as u64));
+            if wake >= 0 {
+                block = block.min(Duration::from_millis(wake as u64));
             }
             self.block_for_new(&last_ids, block.max(Duration::from_millis(1)))
                 .await?;
+            // A lease may have run out while we waited.
+            reclaim = wake >= 0;
         }
     }
 
@@ -577,31 +953,33 @@ impl Queue for RedisQueue {
     }
 
     async fn ack_batch(&self, receipts: &[Receipt]) -> Result<()> {
-        let mut members = Vec::with_capacity(receipts.len());
+        let mut leases = Vec::with_capacity(receipts.len());
         let mut malformed = 0usize;
         for receipt in receipts {
-            match parse_receipt(receipt).ok().and_then(|(member, _)| {
-                member
-                    .split_once(':')
-                    .map(|(level, eid)| (member, level, eid))
-            }) {
-                Some(parts) => members.push(parts),
-                None => malformed += 1,
+            match parse_receipt(receipt) {
+                Ok(lease) => leases.push(lease),
+                Err(_) => malformed += 1,
             }
         }
         let (mut acked, mut invalid) = (0u64, 0u64);
-        for chunk in members.chunks(ACK_CHUNK) {
+        let ahead = self.inner.server_ahead_ms.load(Ordering::Relaxed);
+        let server_now_max = (epoch_ms(SystemTime::now()) as i64).saturating_add(ahead);
+        if leases
+            .iter()
+            .all(|lease| lease.ends_ms as i64 > server_now_max.saturating_add(ACK_MARGIN_MS))
+        {
+            // Every lease is surely still running: acking is `XACK` (which
+            // counts the entries still pending) and `XDEL`, atomically.
+            acked = self.ack_live(&leases).await?;
+            invalid = leases.len() as u64 - acked;
+            leases.clear();
+        }
+        for chunk in leases.chunks(ACK_CHUNK) {
             let (a, i): (u64, u64) = self
                 .invoke(&self.inner.scripts.settle, |inv| {
                     inv.arg("ack").arg(chunk.len());
-                    for (member, _, _) in chunk {
-                        inv.arg(*member);
-                    }
-                    for (_, level, _) in chunk {
-                        inv.arg(*level);
-                    }
-                    for (_, _, eid) in chunk {
-                        inv.arg(*eid);
+                    for lease in chunk {
+                        inv.arg(lease.level).arg(lease.entry).arg(lease.ends_ms);
                     }
                 })
                 .await?;
@@ -623,14 +1001,15 @@ impl Queue for RedisQueue {
     }
 
     async fn nack(&self, receipt: &Receipt, action: Nack) -> Result<()> {
-        let (member, attempt) = parse_receipt(receipt)?;
+        let lease = parse_receipt(receipt)?;
         let queue = &self.inner.config.queue;
         let status = match action {
             Nack::Retry { after, reason } => {
-                let after = after.unwrap_or_else(|| queue.backoff_for(attempt));
+                let after = after.unwrap_or_else(|| queue.backoff_for(lease.attempt));
                 self.settle_one(|inv| {
                     inv.arg("retry")
-                        .arg(member)
+                        .arg(lease.level)
+                        .arg(lease.entry)
                         .arg(ms(after))
                         .arg(reason)
                         .arg(queue.max_attempts);
@@ -639,14 +1018,17 @@ impl Queue for RedisQueue {
             }
             Nack::DeadLetter { reason } => {
                 self.settle_one(|inv| {
-                    inv.arg("dead").arg(member).arg(reason);
+                    inv.arg("dead")
+                        .arg(lease.level)
+                        .arg(lease.entry)
+                        .arg(reason);
                 })
                 .await?
             }
             Nack::Release { reason } => {
                 let status = self
                     .settle_one(|inv| {
-                        inv.arg("release").arg(member);
+                        inv.arg("release").arg(lease.level).arg(lease.entry);
                     })
                     .await?;
                 if status == "released" {
@@ -674,10 +1056,13 @@ impl Queue for RedisQueue {
     }
 
     async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<()> {
-        let (member, _) = parse_receipt(receipt)?;
+        let held = parse_receipt(receipt)?;
         let status = self
             .settle_one(|inv| {
-                inv.arg("extend").arg(member).arg(ms(lease));
+                inv.arg("extend")
+                    .arg(held.level)
+                    .arg(held.entry)
+                    .arg(ms(lease).to_string());
             })
             .await?;
         match status.as_str() {

@@ -7,8 +7,10 @@ local action = ARGV[2]
 local now = now_ms()
 if action == 'stats' then
   local levels = tonumber(ARGV[3])
-  maintain(now, tonumber(ARGV[4]))
+  promote_due(now)
+  reclaim(now, tonumber(ARGV[4]), levels, false)
   local ready = 0
+  local in_flight = 0
   local oldest = -1
   for level = 0, levels - 1 do
     local sk = stream_key(level)
@@ -27,6 +29,7 @@ if action == 'stats' then
         end
       end
       ready = ready + len - pending
+      in_flight = in_flight + pending
       local first = redis.call('XRANGE', sk, '(' .. last_delivered, '+', 'COUNT', 1)
       if #first > 0 then
         local ms = tonumber(string.match(first[1][1], '^(%d+)-'))
@@ -37,7 +40,7 @@ if action == 'stats' then
       end
     end
   end
-  return {ready, redis.call('ZCARD', K_DELAYED), redis.call('ZCARD', K_LEASES), redis.call('XLEN', K_DEAD), oldest}
+  return {ready, redis.call('ZCARD', K_DELAYED), in_flight, redis.call('XLEN', K_DEAD), oldest}
 elseif action == 'replay' then
   local replayed = 0
   for i = 3, #ARGV do
@@ -50,7 +53,6 @@ elseif action == 'replay' then
       if #e > 0 then
         local m = fields_to_map(e[1][2])
         push_ready({id = m.id, p = m.p, h = m.h, a = '0', t = m.t, r = m.r})
-        redis.call('INCR', K_SIZE)
         replayed = replayed + 1
       end
     end

@@ -1,17 +1,22 @@
 -- Shared by every keel-queue script. ARGV[1] is the queue's key prefix,
 -- `keel:{<name>}`: every key below shares its hash tag, so one queue lives in
--- one slot of a Redis Cluster. KEYS[1] is always `<prefix>:size`, declared so
--- the script is routed to that slot.
+-- one slot of a Redis Cluster. KEYS[1] is always `<prefix>:delayed`,
+-- declared so the script is routed to that slot.
+--
+-- Leases live in the consumer group's pending entries list (PEL): a job
+-- delivered with a lease of L ms is pending under the consumer named `L`,
+-- and its lease has expired once its idle time reaches L.
 local prefix = ARGV[1]
 local GROUP = 'keel'
 local K_DELAYED = prefix .. ':delayed'
-local K_LEASES = prefix .. ':leases'
 local K_DEAD = prefix .. ':dead'
 local K_DEAD_INDEX = prefix .. ':dead-index'
-local K_SIZE = prefix .. ':size'
 -- Work done per call on due jobs and expired leases is bounded, so one call
 -- stays short however large the backlog.
 local MAINTAIN_BATCH = 256
+-- A lease class (consumer) with nothing pending and no use for this long is
+-- removed from the group, so one-off lease lengths do not pile up.
+local IDLE_CONSUMER_MS = 600000
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -52,16 +57,6 @@ local function entry_fields(m)
   return out
 end
 
--- The deadline of a raw entry, without building a table (hot path).
-local function entry_deadline(f)
-  for i = 5, #f, 2 do
-    if f[i] == 'd' then
-      return tonumber(f[i + 1])
-    end
-  end
-  return nil
-end
-
 local function push_ready(m)
   redis.call('XADD', stream_key(m.r), '*', unpack(entry_fields(m)))
 end
@@ -75,28 +70,45 @@ local function kill(m, reason, now)
   local eid = redis.call('XADD', K_DEAD, '*', 'id', m.id, 'p', m.p, 'h', m.h or '',
     'a', m.a, 't', m.t, 'r', m.r, 'reason', reason, 'f', tostring(now))
   redis.call('HSET', K_DEAD_INDEX, m.id, eid)
-  redis.call('DECR', K_SIZE)
 end
 
--- Removes a leased entry from its stream and answers its fields (nil if gone).
-local function take_leased(member)
-  local level, eid = string.match(member, '^(%d+):(.+)$')
-  if not level then
-    return nil
+-- True while entry `eid` of stream `sk` is pending under a lease that has
+-- not run out.
+local function live_lease(sk, eid)
+  local p = redis.call('XPENDING', sk, GROUP, eid, eid, 1)
+  if #p == 0 then
+    return false
   end
-  local sk = stream_key(level)
+  local lease = tonumber(p[1][2])
+  return lease ~= nil and p[1][3] < lease
+end
+
+-- Removes an entry from the pending list and its stream; answers its job
+-- (nil if the entry is gone).
+local function take(sk, eid)
   local e = redis.call('XRANGE', sk, eid, eid)
   redis.call('XACK', sk, GROUP, eid)
   redis.call('XDEL', sk, eid)
-  redis.call('ZREM', K_LEASES, member)
   if #e == 0 then
     return nil
   end
   return parse_entry(e[1][2])
 end
 
--- Promotes due delayed jobs and takes back expired leases.
-local function maintain(now, max_attempts)
+-- A lease ran out: the job goes back to the tail of its level with one more
+-- attempt counted, or to the dead letters after max attempts.
+local function expire(m, now, max_attempts)
+  m.a = tostring(tonumber(m.a) + 1)
+  if tonumber(m.a) >= max_attempts then
+    kill(m, 'max attempts (' .. max_attempts .. ') exceeded: lease expired on attempt ' .. m.a ..
+      ' (consumer crashed or too slow)', now)
+  else
+    push_ready(m)
+  end
+end
+
+-- Promotes due delayed jobs (bounded); answers how many moved.
+local function promote_due(now)
   local due = redis.call('ZRANGEBYSCORE', K_DELAYED, '-inf', now, 'LIMIT', 0, MAINTAIN_BATCH)
   for _, id in ipairs(due) do
     local k = prefix .. ':d:' .. id
@@ -107,25 +119,53 @@ local function maintain(now, max_attempts)
       push_ready(parse_entry(f))
     end
   end
-  local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', now, 'LIMIT', 0, MAINTAIN_BATCH)
-  for _, member in ipairs(expired) do
-    local m = take_leased(member)
-    if m then
-      m.a = tostring(tonumber(m.a) + 1)
-      if tonumber(m.a) >= max_attempts then
-        kill(m, 'max attempts (' .. max_attempts .. ') exceeded: lease expired on attempt ' .. m.a ..
-          ' (consumer crashed or too slow)', now)
-      else
-        push_ready(m)
+  return #due
+end
+
+-- Takes back expired leases of every level (bounded), scanning each lease
+-- class's pending entries with `XPENDING IDLE`. Answers how many moved and,
+-- when `estimate` is set, an estimate of ms until the next lease runs out
+-- (nil when nothing is leased): the oldest pending entry per class, which is
+-- exact unless a later entry's lease was shortened.
+local function reclaim(now, max_attempts, levels, estimate)
+  local moved = 0
+  local next_in = nil
+  local budget = MAINTAIN_BATCH
+  for level = 0, levels - 1 do
+    local sk = stream_key(level)
+    local consumers = redis.pcall('XINFO', 'CONSUMERS', sk, GROUP)
+    if type(consumers) == 'table' and not consumers.err then
+      for _, c in ipairs(consumers) do
+        local cm = fields_to_map(c)
+        local name, pending = cm['name'], tonumber(cm['pending'])
+        local lease = tonumber(name)
+        if pending > 0 and lease then
+          if budget > 0 then
+            local expired = redis.call('XPENDING', sk, GROUP, 'IDLE', lease, '-', '+', budget, name)
+            for _, row in ipairs(expired) do
+              local m = take(sk, row[1])
+              if m then
+                expire(m, now, max_attempts)
+              end
+            end
+            moved = moved + #expired
+            budget = budget - #expired
+            pending = pending - #expired
+          end
+          if estimate and pending > 0 then
+            local first = redis.call('XPENDING', sk, GROUP, '-', '+', 1, name)
+            if #first > 0 then
+              local left = math.max(lease - first[1][3], 1)
+              if not next_in or left < next_in then
+                next_in = left
+              end
+            end
+          end
+        elseif pending == 0 and tonumber(cm['idle']) > IDLE_CONSUMER_MS then
+          redis.call('XGROUP', 'DELCONSUMER', sk, GROUP, name)
+        end
       end
     end
   end
-  return #expired
+  return moved, next_in
 end
-
--- A lease is valid while its member is in the lease set with a future expiry.
-local function lease_valid(member, now)
-  local score = redis.call('ZSCORE', K_LEASES, member)
-  return score and tonumber(score) > now
-end
-

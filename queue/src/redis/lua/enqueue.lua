@@ -1,23 +1,30 @@
--- ARGV: prefix, capacity (0 = unbounded), dedup window ms, enqueue time ms
--- (the client's clock), job count, then per job: id, level, delay ms,
+-- ARGV: prefix, capacity (0 = unbounded), priority levels, dedup window ms,
+-- enqueue time ms (the client's clock), job count, then per job: id, level, delay ms,
 -- idempotency key ('' = none), payload, headers, deadline ms ('' = none),
 -- and the entry's meta field, built by the client.
 -- Answers one string per job: '' when enqueued, the first job's id for a
 -- duplicate, '!' when full (and stops there). Flat, to keep the reply cheap.
 local capacity = tonumber(ARGV[2])
-local dedup_ms = tonumber(ARGV[3])
-local now = ARGV[4]
-local n = tonumber(ARGV[5])
+local levels = tonumber(ARGV[3])
+local dedup_ms = tonumber(ARGV[4])
+local now = ARGV[5]
+local n = tonumber(ARGV[6])
 local server_now = now_ms()
 local stream_keys = {}
 local room = -1
 if capacity > 0 then
-  room = capacity - tonumber(redis.call('GET', K_SIZE) or '0')
+  -- Jobs held: every stream entry (acked entries are deleted at once, so
+  -- these are ready or leased) and every delayed job.
+  local held = redis.call('ZCARD', K_DELAYED)
+  for level = 0, levels - 1 do
+    held = held + redis.call('XLEN', stream_key(level))
+  end
+  room = capacity - held
 end
 local added = 0
 local out = {}
 for i = 0, n - 1 do
-  local b = 6 + i * 8
+  local b = 7 + i * 8
   local id, level, delay_ms, idem = ARGV[b], ARGV[b + 1], tonumber(ARGV[b + 2]), ARGV[b + 3]
   local existing = false
   if idem ~= '' then
@@ -49,8 +56,5 @@ for i = 0, n - 1 do
     end
     out[#out + 1] = ''
   end
-end
-if added > 0 then
-  redis.call('INCRBY', K_SIZE, added)
 end
 return out

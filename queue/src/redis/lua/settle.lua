@@ -1,60 +1,53 @@
 -- ack / nack / extend on leases.
 -- ARGV: prefix, action, then:
---   'ack', n, member...                      -> {acked, invalid}
---   'retry', member, after ms, reason, max attempts -> {status}
---   'dead', member, reason                   -> {status}
---   'release', member                        -> {status}
---   'extend', member, lease ms               -> {status}
+--   'ack', n, then n triples level, entry id, receipt expiry ms -> {acked, invalid}
+--   'retry', level, entry id, after ms, reason, max attempts   -> {status}
+--   'dead', level, entry id, reason                            -> {status}
+--   'release', level, entry id                                 -> {status}
+--   'extend', level, entry id, lease ms                        -> {status}
 local action = ARGV[2]
 local now = now_ms()
 if action == 'ack' then
-  -- ARGV after the action: n, then n lease members, n levels, n entry ids
-  -- (split by the client, so no pattern matching here).
+  -- A receipt whose expiry (taken from the server clock just before the
+  -- read) is still ahead is live if its entry is pending: XACK tells. An
+  -- entry id is delivered only once, and anything that takes an entry back
+  -- (nack, lease reclaim) deletes it, so XDEL after XACK is safe for every
+  -- id. Older receipts may have had their lease extended: those check the
+  -- pending list.
   local n = tonumber(ARGV[3])
-  local members = {}
-  for i = 1, n do
-    members[i] = ARGV[3 + i]
-  end
-  local scores = redis.call('ZMSCORE', K_LEASES, unpack(members))
-  local valid = {}
-  local seen = {}
   local by_level = {}
-  for i = 1, n do
-    local score = scores[i]
-    local member = members[i]
-    if score and tonumber(score) > now and not seen[member] then
-      seen[member] = true
-      local level = ARGV[3 + n + i]
-      valid[#valid + 1] = member
+  for i = 0, n - 1 do
+    local b = 4 + i * 3
+    local level, eid = ARGV[b], ARGV[b + 1]
+    if tonumber(ARGV[b + 2]) > now or live_lease(stream_key(level), eid) then
       local eids = by_level[level]
       if not eids then
         eids = {}
         by_level[level] = eids
       end
-      eids[#eids + 1] = ARGV[3 + 2 * n + i]
+      eids[#eids + 1] = eid
     end
   end
-  if #valid > 0 then
-    for level, eids in pairs(by_level) do
-      local sk = stream_key(level)
-      redis.call('XACK', sk, GROUP, unpack(eids))
-      redis.call('XDEL', sk, unpack(eids))
-    end
-    redis.call('ZREM', K_LEASES, unpack(valid))
-    redis.call('DECRBY', K_SIZE, #valid)
+  local acked = 0
+  for level, eids in pairs(by_level) do
+    local sk = stream_key(level)
+    acked = acked + redis.call('XACK', sk, GROUP, unpack(eids))
+    redis.call('XDEL', sk, unpack(eids))
   end
-  return {#valid, n - #valid}
+  return {acked, n - acked}
 end
 
-local member = ARGV[3]
-if not lease_valid(member, now) then
+local sk, eid = stream_key(ARGV[3]), ARGV[4]
+if not live_lease(sk, eid) then
   return {'invalid'}
 end
 if action == 'extend' then
-  redis.call('ZADD', K_LEASES, 'XX', now + tonumber(ARGV[4]), member)
+  -- Moves the entry to the lease class of the new length and restarts its
+  -- idle clock (JUSTID: the delivery count stays).
+  redis.call('XCLAIM', sk, GROUP, ARGV[5], 0, eid, 'JUSTID')
   return {'ok'}
 end
-local m = take_leased(member)
+local m = take(sk, eid)
 if not m then
   return {'invalid'}
 end
@@ -66,14 +59,14 @@ if action == 'release' then
 end
 m.a = tostring(tonumber(m.a) + 1)
 if action == 'dead' then
-  kill(m, ARGV[4], now)
+  kill(m, ARGV[5], now)
   return {'dead'}
 end
 -- retry
-local after = tonumber(ARGV[4])
-local max_attempts = tonumber(ARGV[6])
+local after = tonumber(ARGV[5])
+local max_attempts = tonumber(ARGV[7])
 if tonumber(m.a) >= max_attempts then
-  kill(m, 'max attempts (' .. max_attempts .. ') exceeded: ' .. ARGV[5], now)
+  kill(m, 'max attempts (' .. max_attempts .. ') exceeded: ' .. ARGV[6], now)
   return {'dead'}
 end
 if after > 0 then
