@@ -83,7 +83,7 @@ mod lanes;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ::redis::{AsyncConnectionConfig, Script, Value};
@@ -167,6 +167,9 @@ struct Inner {
     /// since `started`).
     next_reclaim_ms: AtomicU64,
     started: Instant,
+    /// The highest level that had jobs at this handle's last read: reads
+    /// start with every level from the top down to it in one round trip.
+    read_down_to: AtomicUsize,
     /// How far the server's clock is at most ahead of ours (ms), from the
     /// last housekeeping answer; `i64::MAX` until known.
     server_ahead_ms: AtomicI64,
@@ -274,6 +277,25 @@ fn parse_receipt(receipt: &Receipt) -> Result<Lease<'_>> {
     })
 }
 
+/// The stream id just before `id` (`<ms>-<seq>`), for rewinding a group.
+fn id_before(id: &str) -> Option<String> {
+    let (ms, seq) = id.split_once('-')?;
+    let (ms, seq) = (ms.parse::<u64>().ok()?, seq.parse::<u64>().ok()?);
+    Some(match seq.checked_sub(1) {
+        Some(seq) => format!("{ms}-{seq}"),
+        None => format!("{}-{}", ms.checked_sub(1)?, u64::MAX),
+    })
+}
+
+/// Deliveries collected by one `dequeue`.
+struct Batch {
+    out: Vec<Delivery>,
+    /// Entries found past their deadline, to dead-letter.
+    late: Vec<(usize, String)>,
+    lease_ends: u64,
+    deadline_now: u64,
+}
+
 fn protocol(what: impl Into<String>) -> Error {
     RedisFailure::Protocol(what.into()).into()
 }
@@ -319,6 +341,7 @@ impl RedisQueue {
                 next_reclaim_ms: AtomicU64::new(0),
                 started: Instant::now(),
                 server_ahead_ms: AtomicI64::new(i64::MAX),
+                read_down_to: AtomicUsize::new(0),
                 lanes: Lanes::new(pool, config.pool_size),
                 blocking,
                 scripts: Scripts::new(),
@@ -686,43 +709,47 @@ impl RedisQueue {
         .await
     }
 
-    /// One read of up to `want` entries of `level` under `consumer` (the
-    /// lease length), after the housekeeping script when `maintain` is set.
-    /// Answers the server time the script reported (if it ran) and the
-    /// entries.
-    async fn read_level(
+    /// Reads up to `want` entries of each of `levels` under `consumer` (the
+    /// lease length) in one round trip, after the housekeeping script when
+    /// `maintain` is set. Answers the server time the script reported (if
+    /// it ran) and each level's entries, in the order asked. A level
+    /// without its consumer group reads as empty (the group is created for
+    /// the next read).
+    async fn read_levels(
         &self,
-        level: usize,
+        levels: &[usize],
         consumer: &str,
         want: usize,
         maintain: Option<bool>,
-    ) -> Result<(Option<u64>, Vec<Entry>)> {
+    ) -> Result<(Option<u64>, Vec<Vec<Entry>>)> {
         let mut pipe = ::redis::pipe();
         pipe.ignore_errors();
         if let Some(reclaim) = maintain {
             pipe.add_command(self.maintain_cmd(reclaim, false));
         }
-        pipe.cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(GROUP)
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(want)
-            .arg("STREAMS")
-            .arg(&self.inner.streams[level])
-            .arg(">");
+        for &level in levels {
+            pipe.cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(GROUP)
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(want)
+                .arg("STREAMS")
+                .arg(&self.inner.streams[level])
+                .arg(">");
+        }
         let pipe = &pipe;
-        for _ in 0..2 {
-            let sent_ms = epoch_ms(SystemTime::now());
-            let mut replies: Vec<Value> = self
-                .on_lane(|mut conn| async move { Ok(pipe.query_async(&mut conn).await?) })
-                .await?;
-            let read = replies.pop().ok_or_else(|| protocol("empty read answer"))?;
-            let mut now = None;
-            let mut housekeeping_failed = None;
-            match replies.pop() {
+        let sent_ms = epoch_ms(SystemTime::now());
+        let replies: Vec<Value> = self
+            .on_lane(|mut conn| async move { Ok(pipe.query_async(&mut conn).await?) })
+            .await?;
+        let mut replies = replies.into_iter();
+        let mut now = None;
+        let mut housekeeping_failed = None;
+        if maintain.is_some() {
+            match replies.next() {
                 Some(Value::ServerError(err)) if err.code() == "NOSCRIPT" => {
-                    // The read after it still ran: keep its entries, and
+                    // The reads after it still ran: keep their entries, and
                     // load the script for the next call.
                     self.load_maintain().await?;
                 }
@@ -739,83 +766,159 @@ impl RedisQueue {
                         .server_ahead_ms
                         .store(server_ms as i64 - sent_ms as i64, Ordering::Relaxed);
                 }
-                None => {}
+                None => return Err(protocol("empty read answer")),
             }
-            match read {
+        }
+        let mut out = Vec::with_capacity(levels.len());
+        let mut missing_group = false;
+        let mut failed = None;
+        for reply in replies {
+            match reply {
                 Value::ServerError(err) if err.code() == "NOGROUP" => {
-                    self.create_groups().await?;
+                    missing_group = true;
+                    out.push(Vec::new());
                 }
-                Value::ServerError(err) => return Err(RedisFailure::Redis(err.into()).into()),
+                Value::ServerError(err) => {
+                    failed.get_or_insert(Error::from(RedisFailure::Redis(err.into())));
+                    out.push(Vec::new());
+                }
                 value => {
                     let reply: ReadReply = ::redis::from_redis_value(value)
                         .map_err(|err| protocol(format!("XREADGROUP answer: {err}")))?;
-                    let entries = reply
-                        .and_then(|mut streams| streams.pop())
-                        .map(|(_, entries)| entries)
-                        .unwrap_or_default();
-                    // Entries read are leased: hand them out even when the
-                    // housekeeping before them failed, and report it.
-                    match housekeeping_failed {
-                        Some(err) if entries.is_empty() => return Err(err),
-                        Some(err) => tracing::warn!(error = %err, "queue housekeeping failed"),
-                        None => {}
-                    }
-                    return Ok((now, entries));
+                    out.push(
+                        reply
+                            .and_then(|mut streams| streams.pop())
+                            .map(|(_, entries)| entries)
+                            .unwrap_or_default(),
+                    );
                 }
             }
         }
-        Err(protocol(
-            "the consumer group vanished again right after it was created",
-        ))
+        if out.len() != levels.len() {
+            return Err(protocol("short read answer"));
+        }
+        if missing_group {
+            self.create_groups().await?;
+        }
+        // Entries read are leased: hand them out even when something else
+        // failed, and report it.
+        if let Some(err) = failed.or(housekeeping_failed) {
+            if out.iter().all(Vec::is_empty) {
+                return Err(err);
+            }
+            tracing::warn!(error = %err, "part of a queue read failed");
+        }
+        Ok((now, out))
+    }
+
+    /// Gives back entries of `level` read past what a `dequeue` could hand
+    /// out: the group is rewound when nobody read after them, else they go
+    /// back to the tail as untried.
+    async fn unread(&self, level: usize, entries: &[String]) {
+        let Some(before) = entries.first().and_then(|first| id_before(first)) else {
+            return;
+        };
+        let result = self
+            .settle_one(|inv| {
+                inv.arg("unread").arg(level).arg(&before).arg(entries);
+            })
+            .await;
+        if let Err(err) = result {
+            tracing::warn!(
+                error = %err,
+                jobs = entries.len(),
+                "could not give back jobs read ahead; they return when their lease runs out"
+            );
+        }
     }
 
     /// Reads up to `max` jobs, highest priority first, leased for `lease`;
     /// jobs found past their deadline go to the dead letters on the way.
+    ///
+    /// The levels from the top down to the one that had jobs at the last
+    /// read are read in one round trip (the ones above it were empty then,
+    /// so reading them is cheap); whatever a higher level's jobs left no
+    /// room for is given back at once. Lower levels are read one by one.
     async fn read(&self, max: usize, lease: Duration, reclaim: bool) -> Result<Vec<Delivery>> {
         let consumer = ms(lease).to_string();
-        let mut out = Vec::new();
-        let mut expired = Vec::new();
-        let mut server_ms = None;
-        for level in (0..self.inner.streams.len()).rev() {
-            for _ in 0..READS_PER_LEVEL {
-                let want = max - out.len();
-                if want == 0 {
-                    break;
-                }
-                let maintain = server_ms.is_none().then_some(reclaim);
-                let (now, entries) = self.read_level(level, &consumer, want, maintain).await?;
-                // The server's clock just before the read bounds the
-                // delivery time from below, so the lease ends no earlier
-                // than this (0 when the script did not run: every ack
-                // then checks the pending list).
-                let now = *server_ms.get_or_insert(now.unwrap_or(0));
-                let lease_ends = if now == 0 { 0 } else { now + ms(lease) };
-                let deadline_now = if now == 0 {
-                    epoch_ms(SystemTime::now())
-                } else {
-                    now
-                };
-                let got = entries.len();
-                let mut late = 0;
-                for entry in entries {
-                    match self.delivery(level, entry, lease_ends, deadline_now)? {
-                        Ok(delivery) => out.push(delivery),
-                        Err(entry) => {
-                            late += 1;
-                            expired.push((level, entry));
-                        }
-                    }
-                }
-                // Read again only when late jobs took the place of live ones.
-                if got < want || late == 0 {
-                    break;
-                }
+        let levels = self.inner.streams.len();
+        let hint = self
+            .inner
+            .read_down_to
+            .load(Ordering::Relaxed)
+            .min(levels - 1);
+        let first: Vec<usize> = (hint..levels).rev().collect();
+        let (now, replies) = self
+            .read_levels(&first, &consumer, max, Some(reclaim))
+            .await?;
+        // The server's clock just before the read bounds the delivery time
+        // from below, so the lease ends no earlier than this (0 when the
+        // script did not run: every ack then checks the pending list).
+        let (lease_ends, deadline_now) = match now {
+            Some(now) => (now + ms(lease), now),
+            None => (0, epoch_ms(SystemTime::now())),
+        };
+        let mut batch = Batch {
+            out: Vec::new(),
+            late: Vec::new(),
+            lease_ends,
+            deadline_now,
+        };
+        let mut found_at = None;
+        let mut resume = hint.checked_sub(1);
+        let mut give_back = Vec::new();
+        let mut stop = false;
+        for (level, entries) in first.iter().copied().zip(replies) {
+            if !entries.is_empty() {
+                found_at.get_or_insert(level);
             }
-            if out.len() >= max {
-                break;
+            if stop || batch.out.len() >= max {
+                if !entries.is_empty() {
+                    give_back.push((level, entries.into_iter().map(|(id, _)| id).collect()));
+                }
+                continue;
+            }
+            let got = entries.len();
+            let (late, rest) = self.take_into(&mut batch, level, entries, max)?;
+            if !rest.is_empty() {
+                give_back.push((level, rest));
+            }
+            // A full read that lost jobs to their deadlines may have left
+            // more at this level: read on from here, one level at a time.
+            if got == max && late > 0 && batch.out.len() < max {
+                resume = Some(level);
+                stop = true;
             }
         }
-        for (level, entry) in expired {
+        for (level, entries) in give_back {
+            self.unread(level, &entries).await;
+        }
+        if let Some(resume) = resume {
+            'levels: for level in (0..=resume).rev() {
+                for _ in 0..READS_PER_LEVEL {
+                    let want = max - batch.out.len();
+                    if want == 0 {
+                        break 'levels;
+                    }
+                    let (_, mut replies) =
+                        self.read_levels(&[level], &consumer, want, None).await?;
+                    let entries = replies.pop().unwrap_or_default();
+                    if !entries.is_empty() {
+                        found_at.get_or_insert(level);
+                    }
+                    let got = entries.len();
+                    let (late, _) = self.take_into(&mut batch, level, entries, max)?;
+                    // Read again only when late jobs took the place of live ones.
+                    if got < want || late == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        self.inner
+            .read_down_to
+            .store(found_at.unwrap_or(0), Ordering::Relaxed);
+        for (level, entry) in batch.late {
             let status = self
                 .settle_one(|inv| {
                     inv.arg("dead")
@@ -828,7 +931,35 @@ impl RedisQueue {
                 self.inner.metrics.dead_lettered.increment(1);
             }
         }
-        Ok(out)
+        Ok(batch.out)
+    }
+
+    /// Turns `entries` of `level` into deliveries until `batch` holds
+    /// `max`. Answers how many were past their deadline and the ids of the
+    /// entries there was no room for.
+    fn take_into(
+        &self,
+        batch: &mut Batch,
+        level: usize,
+        entries: Vec<Entry>,
+        max: usize,
+    ) -> Result<(usize, Vec<String>)> {
+        let mut late = 0;
+        let mut rest = Vec::new();
+        for entry in entries {
+            if batch.out.len() >= max {
+                rest.push(entry.0);
+                continue;
+            }
+            match self.delivery(level, entry, batch.lease_ends, batch.deadline_now)? {
+                Ok(delivery) => batch.out.push(delivery),
+                Err(entry) => {
+                    late += 1;
+                    batch.late.push((level, entry));
+                }
+            }
+        }
+        Ok((late, rest))
     }
 
     /// Waits up to `block` for an entry newer than `last_ids` in any level.

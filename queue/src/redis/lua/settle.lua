@@ -5,6 +5,7 @@
 --   'dead', level, entry id, reason                            -> {status}
 --   'release', level, entry id                                 -> {status}
 --   'extend', level, entry id, lease ms                        -> {status}
+--   'unread', level, id before the first, entry ids...         -> {status}
 local action = ARGV[2]
 local now = now_ms()
 if action == 'ack' then
@@ -35,6 +36,39 @@ if action == 'ack' then
     redis.call('XDEL', sk, unpack(eids))
   end
   return {acked, n - acked}
+end
+
+if action == 'unread' then
+  -- ARGV after the action: level, the id just before the first entry, then
+  -- the entries (ascending) a read took past what it could hand out.
+  local sk = stream_key(ARGV[3])
+  local entries = {}
+  for i = 5, #ARGV do
+    entries[#entries + 1] = ARGV[i]
+  end
+  local last = nil
+  local groups = redis.call('XINFO', 'GROUPS', sk)
+  for _, g in ipairs(groups) do
+    local gm = fields_to_map(g)
+    if gm['name'] == GROUP then
+      last = gm['last-delivered-id']
+    end
+  end
+  if last == entries[#entries] then
+    -- Nobody read after them: forget the deliveries and rewind the group,
+    -- so they are read again in their place.
+    redis.call('XACK', sk, GROUP, unpack(entries))
+    redis.call('XGROUP', 'SETID', sk, GROUP, ARGV[4])
+    return {'rewound'}
+  end
+  -- Others read on since: back to the tail, untried.
+  for _, eid in ipairs(entries) do
+    local m = take(sk, eid)
+    if m then
+      push_ready(m)
+    end
+  end
+  return {'released'}
 end
 
 local sk, eid = stream_key(ARGV[3]), ARGV[4]
