@@ -34,11 +34,17 @@ impl IdGen {
     /// The id for sequence number `n`, for callers that already count
     /// under a lock (no shared atomic on the hot path).
     pub(crate) fn id(&self, n: u64) -> JobId {
-        let mut text = String::with_capacity(self.prefix.len() + 21);
-        text.push_str(&self.prefix);
-        text.push('-');
-        text.push_str(itoa::Buffer::new().format(n));
-        JobId::from_string(text)
+        // prefix (16) + '-' + at most 20 digits: built on the stack, one
+        // allocation for the id itself.
+        let mut text = [0u8; 40];
+        let mut buffer = itoa::Buffer::new();
+        let digits = buffer.format(n).as_bytes();
+        let prefix = self.prefix.as_bytes();
+        let len = prefix.len() + 1 + digits.len();
+        text[..prefix.len()].copy_from_slice(prefix);
+        text[prefix.len()] = b'-';
+        text[prefix.len() + 1..len].copy_from_slice(digits);
+        JobId::from_str(std::str::from_utf8(&text[..len]).expect("ASCII"))
     }
 }
 

@@ -105,6 +105,34 @@ enum Place {
     Leased { token: u64, expires: Instant },
 }
 
+/// Leases that were handed out together and expire together.
+#[derive(Debug)]
+struct LeaseBatch {
+    expires: Instant,
+    /// `(seq, token)` of each lease.
+    members: Vec<(u64, u64)>,
+}
+
+impl PartialEq for LeaseBatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.expires == other.expires
+    }
+}
+
+impl Eq for LeaseBatch {}
+
+impl PartialOrd for LeaseBatch {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for LeaseBatch {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.expires.cmp(&other.expires)
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     next_seq: u64,
@@ -115,8 +143,9 @@ struct State {
     ready: Vec<VecDeque<u64>>,
     delayed: BinaryHeap<Reverse<(Instant, u64)>>,
     delayed_count: u64,
-    /// Lease expiries; stale entries (acked, extended) are skipped lazily.
-    leases: BinaryHeap<Reverse<(Instant, u64, u64)>>,
+    /// Lease expiries, one entry per batch handed out together; stale
+    /// members (acked, extended) are skipped when the batch comes due.
+    leases: BinaryHeap<Reverse<LeaseBatch>>,
     leased_count: u64,
     dead: VecDeque<DeadLetter>,
     dedup: HashMap<String, (JobId, Instant)>,
@@ -152,7 +181,14 @@ impl MemoryQueue {
         &self.shared.config
     }
 
-    fn insert(&self, state: &mut State, job: Job, now: Instant) -> Result<Enqueued> {
+    /// Adds one job; `now` and `wall` are read once per batch.
+    fn insert(
+        &self,
+        state: &mut State,
+        job: Job,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Enqueued> {
         let config = &self.shared.config;
         config.check_priority(job.priority)?;
         if let Some(key) = &job.idempotency_key {
@@ -186,7 +222,7 @@ impl MemoryQueue {
             headers: job.headers,
             priority: job.priority,
             attempts: 0,
-            enqueued_at: SystemTime::now(),
+            enqueued_at: wall,
             deadline: job.deadline,
             ready_since: now,
             place: if delay.is_some() {
@@ -314,36 +350,65 @@ impl State {
             self.delayed_count -= 1;
             self.make_ready(seq, now);
         }
-        while let Some(Reverse((expires, seq, token))) = self.leases.peek().copied() {
-            if expires > now {
+        // Expired leases go back in expiry order, then enqueue order, however
+        // they were batched.
+        let mut due = Vec::new();
+        while self
+            .leases
+            .peek()
+            .is_some_and(|Reverse(batch)| batch.expires <= now)
+        {
+            let Some(Reverse(batch)) = self.leases.pop() else {
                 break;
-            }
-            self.leases.pop();
-            let Some(record) = self.jobs.get(&seq) else {
-                continue;
             };
-            if record.place != (Place::Leased { token, expires }) {
-                continue;
-            }
-            self.leased_count -= 1;
-            metrics.lease_expired.increment(1);
-            tracing::debug!(job = %record.id, attempt = record.attempts, "lease expired");
-            if record.attempts >= config.max_attempts {
-                let reason = config.exhausted_reason(&format!(
-                    "lease expired on attempt {} (consumer crashed or too slow)",
-                    record.attempts
-                ));
-                self.kill(seq, reason, metrics);
-            } else {
-                self.make_ready(seq, now);
-            }
+            due.extend(
+                batch
+                    .members
+                    .into_iter()
+                    .map(|(seq, token)| (batch.expires, seq, token)),
+            );
+        }
+        due.sort_unstable();
+        for (expires, seq, token) in due {
+            self.expire_lease(seq, token, expires, now, config, metrics);
+        }
+    }
+
+    /// Takes back one lease of an expired batch, unless it was settled or
+    /// extended since.
+    fn expire_lease(
+        &mut self,
+        seq: u64,
+        token: u64,
+        expires: Instant,
+        now: Instant,
+        config: &QueueConfig,
+        metrics: &QueueMetrics,
+    ) {
+        let Some(record) = self.jobs.get(&seq) else {
+            return;
+        };
+        if record.place != (Place::Leased { token, expires }) {
+            return;
+        }
+        self.leased_count -= 1;
+        metrics.lease_expired.increment(1);
+        tracing::debug!(job = %record.id, attempt = record.attempts, "lease expired");
+        if record.attempts >= config.max_attempts {
+            let reason = config.exhausted_reason(&format!(
+                "lease expired on attempt {} (consumer crashed or too slow)",
+                record.attempts
+            ));
+            self.kill(seq, reason, metrics);
+        } else {
+            self.make_ready(seq, now);
         }
     }
 
     /// When the next delayed job or lease becomes due.
     fn next_event(&self) -> Option<Instant> {
         let delayed = self.delayed.peek().map(|Reverse((due, _))| *due);
-        let lease = self.leases.peek().map(|Reverse((expires, _, _))| *expires);
+        let lease = self.leases.peek().map(|Reverse(batch)| batch.expires);
         match (delayed, lease) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -357,6 +422,8 @@ impl State {
         metrics: &QueueMetrics,
     ) -> Vec<Delivery> {
         let mut out = Vec::new();
+        let mut leased = Vec::new();
+        let expires = now + options.lease;
         let wall = SystemTime::now();
         for level in (0..self.ready.len()).rev() {
             while out.len() < options.max {
@@ -372,12 +439,10 @@ impl State {
                 }
                 let token = self.next_token;
                 self.next_token += 1;
-                let expires = now + options.lease;
                 let record = self.jobs.get_mut(&seq).expect("checked above");
                 record.attempts += 1;
                 record.place = Place::Leased { token, expires };
-                self.leases.push(Reverse((expires, seq, token)));
-                self.leased_count += 1;
+                leased.push((seq, token));
                 out.push(Delivery {
                     id: record.id.clone(),
                     payload: record.payload.clone(),
@@ -390,6 +455,13 @@ impl State {
                 });
             }
         }
+        if !leased.is_empty() {
+            self.leased_count += leased.len() as u64;
+            self.leases.push(Reverse(LeaseBatch {
+                expires,
+                members: leased,
+            }));
+        }
         metrics.delivered.increment(out.len() as u64);
         out
     }
@@ -399,7 +471,7 @@ impl State {
 impl Queue for MemoryQueue {
     async fn enqueue(&self, job: Job) -> Result<Enqueued> {
         let now = Instant::now();
-        let enqueued = self.insert(&mut self.shared.state.lock(), job, now)?;
+        let enqueued = self.insert(&mut self.shared.state.lock(), job, now, SystemTime::now())?;
         if !enqueued.duplicate {
             self.shared.changed.notify_waiters();
         }
@@ -407,12 +479,12 @@ impl Queue for MemoryQueue {
     }
 
     async fn enqueue_batch(&self, jobs: Vec<Job>) -> Result<Vec<Enqueued>> {
-        let now = Instant::now();
+        let (now, wall) = (Instant::now(), SystemTime::now());
         let mut out = Vec::with_capacity(jobs.len());
         let result = {
             let mut state = self.shared.state.lock();
             jobs.into_iter()
-                .try_for_each(|job| self.insert(&mut state, job, now).map(|e| out.push(e)))
+                .try_for_each(|job| self.insert(&mut state, job, now, wall).map(|e| out.push(e)))
         };
         if !out.is_empty() {
             self.shared.changed.notify_waiters();
@@ -544,7 +616,10 @@ impl Queue for MemoryQueue {
         };
         let expires = now + lease;
         record.place = Place::Leased { token, expires };
-        state.leases.push(Reverse((expires, seq, token)));
+        state.leases.push(Reverse(LeaseBatch {
+            expires,
+            members: vec![(seq, token)],
+        }));
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -13,18 +14,29 @@ pub type Headers = BTreeMap<String, String>;
 /// The identity of one job, stable across retries, lease expiries and replays.
 ///
 /// Opaque: compare and print it, but do not parse it.
+///
+/// Cloning is cheap (a shared string), as every delivery carries one.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct JobId(String);
+pub struct JobId(Arc<str>);
 
 impl JobId {
     /// Wraps a backend-chosen identifier. For backend implementors.
     pub fn from_string(id: impl Into<String>) -> Self {
-        JobId(id.into())
+        JobId(Arc::from(id.into()))
+    }
+
+    /// Copies `id` into a new identifier (one allocation).
+    pub(crate) fn from_str(id: &str) -> Self {
+        JobId(Arc::from(id))
     }
 
     /// A new random identifier (UUID v4, simple form).
     pub fn random() -> Self {
-        JobId(uuid::Uuid::new_v4().simple().to_string())
+        JobId::from_str(
+            uuid::Uuid::new_v4()
+                .simple()
+                .encode_lower(&mut uuid::Uuid::encode_buffer()),
+        )
     }
 
     /// The identifier as text.
