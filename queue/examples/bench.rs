@@ -15,8 +15,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
-use keel_queue::{DequeueOptions, Job, MemoryQueue, Queue, QueueConfig};
+use keel_queue::{DequeueOptions, Job, MemoryQueue, Priority, Queue, QueueConfig};
 use tokio::time::Instant;
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Priorities {
+    Normal,
+    Mixed,
+}
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -35,13 +41,23 @@ struct Args {
     /// uses an atomic pipeline.
     #[arg(long)]
     capacity: Option<u64>,
+    /// Priorities of Keel's jobs: `normal` (all at the default level) or
+    /// `mixed` (jobs cycle through the three levels; the raw side has no
+    /// priorities, so this shows what serving them costs).
+    #[arg(long, default_value = "normal")]
+    priorities: Priorities,
     /// Measured runs of each side (alternating); the best run of each counts.
     #[arg(long, default_value_t = 3)]
     runs: usize,
 }
 
 /// One full cycle through a Keel queue; answers jobs per second.
-async fn keel_cycle(queue: Arc<dyn Queue>, jobs: usize, batch: usize) -> f64 {
+async fn keel_cycle(
+    queue: Arc<dyn Queue>,
+    jobs: usize,
+    batch: usize,
+    priorities: Priorities,
+) -> f64 {
     let payload = Bytes::from(vec![7u8; 256]);
     let start = Instant::now();
     let producer = {
@@ -50,7 +66,15 @@ async fn keel_cycle(queue: Arc<dyn Queue>, jobs: usize, batch: usize) -> f64 {
             let mut sent = 0;
             while sent < jobs {
                 let n = batch.min(jobs - sent);
-                let batch: Vec<Job> = (0..n).map(|_| Job::new(payload.clone())).collect();
+                let batch: Vec<Job> = (sent..sent + n)
+                    .map(|k| {
+                        let job = Job::new(payload.clone());
+                        match priorities {
+                            Priorities::Normal => job,
+                            Priorities::Mixed => job.priority(Priority((k % 3) as u8)),
+                        }
+                    })
+                    .collect();
                 match queue.enqueue_batch(batch).await {
                     Ok(_) => sent += n,
                     Err(err) if err.is_retryable() => tokio::task::yield_now().await,
@@ -340,7 +364,7 @@ async fn measure(args: &Args) -> Result<(f64, f64), String> {
                 let queue = MemoryQueue::new(queue_config(args, &format!("bench-{run}")))
                     .map_err(|e| e.to_string())?;
                 (
-                    keel_cycle(Arc::new(queue), args.jobs, args.batch).await,
+                    keel_cycle(Arc::new(queue), args.jobs, args.batch, args.priorities).await,
                     raw_memory_cycle(args.jobs, args.batch).await,
                 )
             }
@@ -350,7 +374,7 @@ async fn measure(args: &Args) -> Result<(f64, f64), String> {
                     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
                 let name = format!("keel-bench-{}-{run}", std::process::id());
                 let queue = redis_keel_queue(&url, queue_config(args, &name)).await?;
-                let keel = keel_cycle(queue, args.jobs, args.batch).await;
+                let keel = keel_cycle(queue, args.jobs, args.batch, args.priorities).await;
                 redis_cleanup(&url, &name);
                 let raw = raw_redis_cycle(
                     &url,
@@ -372,7 +396,13 @@ async fn measure(args: &Args) -> Result<(f64, f64), String> {
                 ))
                 .await
                 .map_err(|e| e.to_string())?;
-                let keel = keel_cycle(Arc::new(queue.clone()), args.jobs, args.batch).await;
+                let keel = keel_cycle(
+                    Arc::new(queue.clone()),
+                    args.jobs,
+                    args.batch,
+                    args.priorities,
+                )
+                .await;
                 drop(queue);
                 delete_amqp_topology(&url, &name).await;
                 let raw = raw_amqp_cycle(
@@ -414,11 +444,12 @@ async fn measure(args: &Args) -> Result<(f64, f64), String> {
 async fn main() -> Result<(), String> {
     let args = Args::parse();
     println!(
-        "backend {}: {} jobs of 256 bytes per run, batches of {}, 1 producer + 1 consumer, best of {} runs, capacity {}",
+        "backend {}: {} jobs of 256 bytes per run, batches of {}, 1 producer + 1 consumer, best of {} runs, priorities {:?}, capacity {}",
         args.backend,
         args.jobs,
         args.batch,
         args.runs,
+        args.priorities,
         args.capacity
             .map_or("unbounded".to_owned(), |c| c.to_string())
     );

@@ -34,9 +34,16 @@
 //!
 //! # Leases and crashed consumers
 //!
-//! `dequeue` is a plain `XREADGROUP` per priority level (highest first),
-//! pipelined after a short housekeeping script, so the hot path runs no
-//! per-job Lua. The lease lives in the group's pending entries list (PEL):
+//! `dequeue` is plain `XREADGROUP`s, pipelined after a short housekeeping
+//! script (due delayed jobs, and expired leases at most every 500 ms), so
+//! the hot path runs no per-job Lua. Levels are read highest first; the
+//! levels from the top down to the one that had jobs at the handle's last
+//! read go in one round trip, and entries a higher level left no room for
+//! are given back at once (the group is rewound when nobody read after
+//! them, otherwise they go back to the tail untried). Plain jobs on an
+//! unbounded queue are enqueued as `XADD`s in one `MULTI`; delays,
+//! idempotency keys and the capacity bound go through a script. The lease
+//! lives in the group's pending entries list (PEL):
 //! a job read with a lease of `L` ms is pending under the consumer named
 //! `L`, and its lease has run out once its idle time (kept by the
 //! **server's** clock, so consumers with skewed clocks agree) reaches `L`.
@@ -46,17 +53,22 @@
 //! serve several lease lengths) and the job goes back to the tail of its
 //! priority as a new entry with `attempt + 1`, or to the dead letters after
 //! `max_attempts`. Each handle does that at most every 500 ms while it is
-//! reading, and whenever a `dequeue` finds nothing; `stats` does it too. A
+//! reading, and whenever a `dequeue` finds nothing; `stats` does it too.
+//! Lease lengths are consumer names, so use a few distinct lengths, not one
+//! per job; a length unused for ten minutes is removed from the group. A
 //! `Nack::Release` moves the job back to the tail at once as a new entry
 //! with its attempt count unchanged. A consumer that crashed holding jobs
 //! therefore loses nothing: its jobs reach another consumer shortly after
 //! their lease runs out.
 //!
 //! A receipt carries the lease's end as read from the server clock just
-//! before the read, so an `ack` within it is one `XACK` + `XDEL`; an older
-//! receipt (its lease may have been extended) is checked against the
-//! pending list. An `ack` after the lease ran out is refused with
-//! `InvalidReceipt`, whether or not the job was taken back yet.
+//! before the read. An `ack` of receipts whose leases surely run for
+//! another 100 ms (by the server clock as last seen) is one `XACK` + `XDEL`
+//! in a `MULTI`; others go through a script that checks the pending list
+//! (the lease may have been extended). An `ack` after the lease ran out is
+//! refused with `InvalidReceipt`, whether or not the job was taken back
+//! yet; a lease *shortened* by `extend_lease` may still take an ack until
+//! it is taken back.
 //!
 //! # Waiting
 //!
