@@ -48,9 +48,11 @@
 //! `L`, and its lease has run out once its idle time (kept by the
 //! **server's** clock, so consumers with skewed clocks agree) reaches `L`.
 //! `extend_lease` moves the entry to the consumer of the new length with
-//! `XCLAIM`, which restarts its idle time. Expired leases are found per
-//! lease length with `XPENDING … IDLE L` (one `XAUTOCLAIM` threshold cannot
-//! serve several lease lengths) and the job goes back to the tail of its
+//! `XCLAIM`, which restarts its idle time. Expired leases are reclaimed
+//! with `XAUTOCLAIM`, its idle threshold the lease length, when a level has
+//! leases of one length pending (the usual case); with several lengths
+//! pending one threshold would also catch longer leases, so each length is
+//! scanned on its own with `XPENDING … IDLE L`. The job goes back to the tail of its
 //! priority as a new entry with `attempt + 1`, or to the dead letters after
 //! `max_attempts`. Each handle does that at most every 500 ms while it is
 //! reading, and whenever a `dequeue` finds nothing; `stats` does it too.

@@ -122,11 +122,57 @@ local function promote_due(now)
   return #due
 end
 
--- Takes back expired leases of every level (bounded), scanning each lease
--- class's pending entries with `XPENDING IDLE`. Answers how many moved and,
--- when `estimate` is set, an estimate of ms until the next lease runs out
--- (nil when nothing is leased): the oldest pending entry per class, which is
--- exact unless a later entry's lease was shortened.
+-- Removes entries of stream `sk` from the pending list and the stream.
+local function drop(sk, eids)
+  if #eids > 0 then
+    redis.call('XACK', sk, GROUP, unpack(eids))
+    redis.call('XDEL', sk, unpack(eids))
+  end
+end
+
+-- Takes back the expired leases of lease class `name` (`lease` ms) in
+-- stream `sk`, at most `budget`; answers how many. When it is the only
+-- class with pending entries, one `XAUTOCLAIM` with the lease as its idle
+-- threshold finds them and hands over their fields; otherwise that
+-- threshold would also catch longer leases, so `XPENDING … IDLE` scans this
+-- class alone.
+local function reclaim_class(sk, name, lease, budget, only_class, now, max_attempts)
+  local moved = 0
+  if only_class then
+    local cursor = '0-0'
+    for _ = 1, 4 do
+      local r = redis.call('XAUTOCLAIM', sk, GROUP, name, lease, cursor, 'COUNT', budget - moved)
+      local eids = {}
+      for _, e in ipairs(r[2]) do
+        eids[#eids + 1] = e[1]
+        -- (Redis 6.2 reports an entry deleted meanwhile with no fields.)
+        if e[2] then
+          expire(parse_entry(e[2]), now, max_attempts)
+        end
+      end
+      drop(sk, eids)
+      moved = moved + #eids
+      cursor = r[1]
+      if cursor == '0-0' or moved >= budget then
+        break
+      end
+    end
+    return moved
+  end
+  local expired = redis.call('XPENDING', sk, GROUP, 'IDLE', lease, '-', '+', budget, name)
+  for _, row in ipairs(expired) do
+    local m = take(sk, row[1])
+    if m then
+      expire(m, now, max_attempts)
+    end
+  end
+  return #expired
+end
+
+-- Takes back expired leases of every level (bounded). Answers how many
+-- moved and, when `estimate` is set, an estimate of ms until the next lease
+-- runs out (nil when nothing is leased): the oldest pending entry per class,
+-- which is exact unless a later entry's lease was shortened.
 local function reclaim(now, max_attempts, levels, estimate)
   local moved = 0
   local next_in = nil
@@ -135,34 +181,32 @@ local function reclaim(now, max_attempts, levels, estimate)
     local sk = stream_key(level)
     local consumers = redis.pcall('XINFO', 'CONSUMERS', sk, GROUP)
     if type(consumers) == 'table' and not consumers.err then
+      local classes = {}
       for _, c in ipairs(consumers) do
         local cm = fields_to_map(c)
         local name, pending = cm['name'], tonumber(cm['pending'])
         local lease = tonumber(name)
         if pending > 0 and lease then
-          if budget > 0 then
-            local expired = redis.call('XPENDING', sk, GROUP, 'IDLE', lease, '-', '+', budget, name)
-            for _, row in ipairs(expired) do
-              local m = take(sk, row[1])
-              if m then
-                expire(m, now, max_attempts)
-              end
-            end
-            moved = moved + #expired
-            budget = budget - #expired
-            pending = pending - #expired
-          end
-          if estimate and pending > 0 then
-            local first = redis.call('XPENDING', sk, GROUP, '-', '+', 1, name)
-            if #first > 0 then
-              local left = math.max(lease - first[1][3], 1)
-              if not next_in or left < next_in then
-                next_in = left
-              end
-            end
-          end
+          classes[#classes + 1] = {name = name, lease = lease, pending = pending}
         elseif pending == 0 and tonumber(cm['idle']) > IDLE_CONSUMER_MS then
           redis.call('XGROUP', 'DELCONSUMER', sk, GROUP, name)
+        end
+      end
+      for _, class in ipairs(classes) do
+        if budget > 0 then
+          local n = reclaim_class(sk, class.name, class.lease, budget, #classes == 1, now, max_attempts)
+          moved = moved + n
+          budget = budget - n
+          class.pending = class.pending - n
+        end
+        if estimate and class.pending > 0 then
+          local first = redis.call('XPENDING', sk, GROUP, '-', '+', 1, class.name)
+          if #first > 0 then
+            local left = math.max(class.lease - first[1][3], 1)
+            if not next_in or left < next_in then
+              next_in = left
+            end
+          end
         end
       end
     end
