@@ -31,6 +31,23 @@ async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
         .expect("raw redis connection")
 }
 
+/// The group's pending entries of `stream`: (entry id, consumer, idle ms,
+/// deliveries).
+async fn pending(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+) -> Vec<(String, String, u64, u64)> {
+    redis::cmd("XPENDING")
+        .arg(stream)
+        .arg("keel")
+        .arg("-")
+        .arg("+")
+        .arg(10)
+        .query_async(conn)
+        .await
+        .expect("XPENDING")
+}
+
 fn options(max: usize, lease: Duration) -> DequeueOptions {
     DequeueOptions::new(max)
         .wait(Duration::from_millis(500))
@@ -106,15 +123,7 @@ async fn each_lease_length_expires_on_its_own() {
     // The leases are pending entries under consumers named by their length.
     let mut conn = raw(&url).await;
     let stream = format!("keel:{{{}}}:p:1", queue.config().queue.name);
-    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(&stream)
-        .arg("keel")
-        .arg("-")
-        .arg("+")
-        .arg(10)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let pending = pending(&mut conn, &stream).await;
     let mut holders: Vec<&str> = pending.iter().map(|p| p.1.as_str()).collect();
     holders.sort_unstable();
     assert_eq!(holders, ["300", "30000"]);
@@ -147,15 +156,7 @@ async fn extend_moves_the_lease_and_ack_deletes_the_entry() {
         .unwrap();
     let mut conn = raw(&url).await;
     let stream = format!("keel:{{{}}}:p:1", queue.config().queue.name);
-    let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(&stream)
-        .arg("keel")
-        .arg("-")
-        .arg("+")
-        .arg(10)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let pending = pending(&mut conn, &stream).await;
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].1, "20000");
     assert_eq!(pending[0].3, 1, "extending is not a new delivery");

@@ -16,18 +16,9 @@ if action == 'stats' then
     local sk = stream_key(level)
     local len = redis.call('XLEN', sk)
     if len > 0 then
-      local pending = 0
-      local last_delivered = '0-0'
-      local groups = redis.pcall('XINFO', 'GROUPS', sk)
-      if type(groups) == 'table' and not groups.err then
-        for _, g in ipairs(groups) do
-          local gm = fields_to_map(g)
-          if gm['name'] == GROUP then
-            pending = gm['pending']
-            last_delivered = gm['last-delivered-id']
-          end
-        end
-      end
+      local info = group_info(sk) or {}
+      local pending = info['pending'] or 0
+      local last_delivered = info['last-delivered-id'] or '0-0'
       ready = ready + len - pending
       in_flight = in_flight + pending
       local first = redis.call('XRANGE', sk, '(' .. last_delivered, '+', 'COUNT', 1)

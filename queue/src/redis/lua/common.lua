@@ -72,6 +72,28 @@ local function kill(m, reason, now)
   redis.call('HSET', K_DEAD_INDEX, m.id, eid)
 end
 
+-- XINFO GROUPS of our group on stream `sk` as a map, or nil when the
+-- stream or the group does not exist.
+local function group_info(sk)
+  local groups = redis.pcall('XINFO', 'GROUPS', sk)
+  if type(groups) ~= 'table' or groups.err then
+    return nil
+  end
+  for _, g in ipairs(groups) do
+    local gm = fields_to_map(g)
+    if gm['name'] == GROUP then
+      return gm
+    end
+  end
+  return nil
+end
+
+-- The id of the last entry the group handed out from stream `sk`, or nil.
+local function last_delivered(sk)
+  local info = group_info(sk)
+  return info and info['last-delivered-id']
+end
+
 -- True while entry `eid` of stream `sk` is pending under a lease that has
 -- not run out.
 local function live_lease(sk, eid)

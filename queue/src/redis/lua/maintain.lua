@@ -34,16 +34,6 @@ if #d > 0 then
 end
 local last_ids = {}
 for level = 0, levels - 1 do
-  local last = '0-0'
-  local groups = redis.pcall('XINFO', 'GROUPS', stream_key(level))
-  if type(groups) == 'table' and not groups.err then
-    for _, g in ipairs(groups) do
-      local gm = fields_to_map(g)
-      if gm['name'] == GROUP then
-        last = gm['last-delivered-id']
-      end
-    end
-  end
-  last_ids[#last_ids + 1] = last
+  last_ids[#last_ids + 1] = last_delivered(stream_key(level)) or '0-0'
 end
 return {now, moved, wake or -1, last_ids}

@@ -46,15 +46,7 @@ if action == 'unread' then
   for i = 5, #ARGV do
     entries[#entries + 1] = ARGV[i]
   end
-  local last = nil
-  local groups = redis.call('XINFO', 'GROUPS', sk)
-  for _, g in ipairs(groups) do
-    local gm = fields_to_map(g)
-    if gm['name'] == GROUP then
-      last = gm['last-delivered-id']
-    end
-  end
-  if last == entries[#entries] then
+  if last_delivered(sk) == entries[#entries] then
     -- Nobody read after them: forget the deliveries and rewind the group,
     -- so they are read again in their place.
     redis.call('XACK', sk, GROUP, unpack(entries))
