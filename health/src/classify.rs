@@ -147,17 +147,26 @@ impl<B> ResponseStatus for http::Response<B> {
         Some(self.status().as_u16())
     }
 
-    /// Reads `Retry-After` in its delta-seconds form; the HTTP-date form is
-    /// ignored (a clock-skewed date is worse than the configured cooldown).
+    /// Reads `Retry-After` in both of its forms (RFC 9110 §10.2.3):
+    /// delta-seconds, or an HTTP-date taken as the time left until then by
+    /// this host's clock (zero when it is past). Either way the dampening
+    /// is capped by the configured maximum, so a skewed date costs at most
+    /// that.
     fn retry_after(&self) -> Option<Duration> {
-        self.headers()
+        let value = self
+            .headers()
             .get(http::header::RETRY_AFTER)?
             .to_str()
             .ok()?
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .map(Duration::from_secs)
+            .trim();
+        if let Ok(seconds) = value.parse::<u64>() {
+            return Some(Duration::from_secs(seconds));
+        }
+        let at = httpdate::parse_http_date(value).ok()?;
+        Some(
+            at.duration_since(std::time::SystemTime::now())
+                .unwrap_or(Duration::ZERO),
+        )
     }
 }
 
@@ -316,6 +325,30 @@ mod tests {
             classify(Err(elapsed)),
             Outcome::Failure(FailureKind::Timeout)
         );
+    }
+
+    #[cfg(feature = "http")]
+    #[test]
+    fn http_retry_after_as_a_date() {
+        let busy = |date: std::time::SystemTime| {
+            let response = http::Response::builder()
+                .status(429)
+                .header("retry-after", httpdate::fmt_http_date(date))
+                .body(())
+                .unwrap();
+            match DefaultClassifier.classify(&Ok::<_, std::io::Error>(response)) {
+                Outcome::Busy { retry_after } => retry_after,
+                other => panic!("429 classified as {other:?}"),
+            }
+        };
+        let now = std::time::SystemTime::now();
+        let ahead = busy(now + Duration::from_secs(120)).expect("a date is read");
+        // HTTP dates have whole seconds.
+        assert!(
+            ahead > Duration::from_secs(118) && ahead <= Duration::from_secs(120),
+            "{ahead:?}"
+        );
+        assert_eq!(busy(now - Duration::from_secs(60)), Some(Duration::ZERO));
     }
 
     #[cfg(feature = "http")]
