@@ -147,6 +147,47 @@ pub async fn round_trip<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>
     s.queue.ack(&got.receipt).await.unwrap();
 }
 
+/// Out-of-range options are refused naming the field, and a refused
+/// `extend_lease` leaves the lease as it was.
+pub async fn bad_options_are_refused<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
+    make: F,
+) {
+    let s = subject(&make, "bad-options", |c| c).await;
+    let refused = |result: crate::Result<Vec<crate::Delivery>>| match result {
+        Err(Error::InvalidArgument { name, .. }) => name,
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    };
+    let base = DequeueOptions::new(1).wait(Duration::ZERO);
+    assert_eq!(
+        refused(s.queue.dequeue(DequeueOptions { max: 0, ..base }).await),
+        "max"
+    );
+    assert_eq!(
+        refused(s.queue.dequeue(base.lease(Duration::ZERO)).await),
+        "lease"
+    );
+    assert_eq!(
+        refused(s.queue.dequeue(base.lease(Duration::MAX)).await),
+        "lease"
+    );
+    assert_eq!(
+        refused(s.queue.dequeue(base.wait(Duration::MAX)).await),
+        "wait"
+    );
+
+    s.queue.enqueue(Job::new("job")).await.unwrap();
+    let got = one(&*s.queue, SLACK, Duration::from_secs(30)).await;
+    if caps(&s).lease_expiry {
+        for lease in [Duration::ZERO, crate::MAX_LEASE + Duration::from_secs(1)] {
+            match s.queue.extend_lease(&got.receipt, lease).await {
+                Err(Error::InvalidArgument { name: "lease", .. }) => {}
+                other => panic!("extend_lease({lease:?}) answered {other:?}"),
+            }
+        }
+    }
+    s.queue.ack(&got.receipt).await.unwrap();
+}
+
 /// An empty dequeue waits about `wait` (a long poll) and then returns empty.
 pub async fn empty_dequeue_waits<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
     make: F,
@@ -936,7 +977,7 @@ macro_rules! queue_conformance {
             #[allow(unused_imports)]
             use super::*;
             $crate::queue_conformance!(@cases $make;
-                round_trip, empty_dequeue_waits, waiting_dequeue_wakes_on_enqueue, ack_is_final,
+                round_trip, bad_options_are_refused, empty_dequeue_waits, waiting_dequeue_wakes_on_enqueue, ack_is_final,
                 nack_retry_redelivers, release_keeps_attempt, lease_expiry_redelivers,
                 expired_receipt_is_invalid, extend_lease_keeps_job, max_attempts_dead_letters,
                 replay_and_purge, dedup_window, fifo_within_priority, priority_order,

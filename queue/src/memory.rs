@@ -493,12 +493,7 @@ impl Queue for MemoryQueue {
     }
 
     async fn dequeue(&self, options: DequeueOptions) -> Result<Vec<Delivery>> {
-        if options.max == 0 {
-            return Err(Error::InvalidArgument {
-                name: "max",
-                reason: "must be at least 1".into(),
-            });
-        }
+        options.validate()?;
         let shared = &self.shared;
         let give_up = Instant::now() + options.wait;
         loop {
@@ -608,6 +603,7 @@ impl Queue for MemoryQueue {
     }
 
     async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<()> {
+        crate::types::check_lease(lease)?;
         let now = Instant::now();
         let mut state = self.shared.state.lock();
         let (seq, record) = Self::leased(&mut state, receipt, now)?;

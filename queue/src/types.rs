@@ -245,6 +245,50 @@ impl DequeueOptions {
     }
 }
 
+/// The longest lease (and the longest wait) a `dequeue` or `extend_lease`
+/// accepts: a year. A longer one would mean "never expire", which leaves a
+/// crashed consumer's jobs stuck for good.
+pub const MAX_LEASE: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+impl DequeueOptions {
+    /// Checks the options, naming the bad field: `max` at least 1, `lease`
+    /// above zero and at most [`MAX_LEASE`], `wait` at most [`MAX_LEASE`].
+    /// Every backend's `dequeue` calls it first.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) naming the field.
+    pub fn validate(&self) -> crate::Result<()> {
+        if self.max == 0 {
+            return Err(crate::Error::InvalidArgument {
+                name: "max",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.wait > MAX_LEASE {
+            return Err(crate::Error::InvalidArgument {
+                name: "wait",
+                reason: format!("{:?} is longer than the most allowed, a year", self.wait),
+            });
+        }
+        check_lease(self.lease)
+    }
+}
+
+/// Checks a lease length for `dequeue` and `extend_lease`.
+pub(crate) fn check_lease(lease: Duration) -> crate::Result<()> {
+    if lease.is_zero() || lease > MAX_LEASE {
+        return Err(crate::Error::InvalidArgument {
+            name: "lease",
+            reason: format!(
+                "{lease:?} is out of range: a lease is above zero and at most a year \
+                 (extend a long job's lease as it runs instead)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl Default for DequeueOptions {
     fn default() -> Self {
         DequeueOptions {

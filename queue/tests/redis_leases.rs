@@ -1,5 +1,6 @@
-//! How the Redis backend keeps leases in the consumer group's pending list
-//! and reads several priority levels in one round trip, checked against the
+//! Behaviour particular to the Redis backend: leases in the consumer group's
+//! pending list, several priority levels read in one round trip, the
+//! capacity bound, entries the library did not write. Checked against the
 //! real server at `REDIS_URL` (default `redis://127.0.0.1:6379`).
 #![cfg(feature = "redis")]
 
@@ -10,6 +11,13 @@ use keel_testkit::{Namespace, redis_cleanup, require_redis};
 
 /// A queue in its own namespace, deleted when the guard drops.
 async fn queue(test: &str) -> (RedisQueue, Namespace, String) {
+    queue_with(test, |config| config).await
+}
+
+async fn queue_with(
+    test: &str,
+    tune: impl FnOnce(QueueConfig) -> QueueConfig,
+) -> (RedisQueue, Namespace, String) {
     let url = require_redis().await;
     let ns = Namespace::new(test);
     let name = ns.name("q");
@@ -17,9 +25,12 @@ async fn queue(test: &str) -> (RedisQueue, Namespace, String) {
     ns.on_drop(move || {
         let _ = redis_cleanup(&cleanup_url, &cleanup_name);
     });
-    let queue = RedisQueue::connect(RedisQueueConfig::new(url.clone(), QueueConfig::new(&name)))
-        .await
-        .expect("connect to redis");
+    let queue = RedisQueue::connect(RedisQueueConfig::new(
+        url.clone(),
+        tune(QueueConfig::new(&name)),
+    ))
+    .await
+    .expect("connect to redis");
     (queue, ns, url)
 }
 
@@ -271,4 +282,153 @@ async fn read_ahead_under_contention_delivers_each_job_once() {
     assert_eq!(all, (0..JOBS).collect::<Vec<_>>(), "some jobs were lost");
     let stats = queue.stats().await.unwrap();
     assert_eq!((stats.ready, stats.in_flight), (0, 0), "{stats:?}");
+}
+
+/// A replayed dead letter can leave a bounded queue over its capacity; it
+/// then refuses every enqueue until consumers bring it back under.
+#[tokio::test]
+async fn over_capacity_refuses_until_back_under() {
+    let (queue, _ns, _url) = queue_with("redis-over-capacity", |c| c.capacity(2)).await;
+    queue.enqueue(Job::new("a")).await.unwrap();
+    queue.enqueue(Job::new("b")).await.unwrap();
+    let a = queue
+        .dequeue(options(1, Duration::from_secs(30)))
+        .await
+        .unwrap();
+    queue
+        .nack(&a[0].receipt, keel_queue::Nack::dead_letter("bad input"))
+        .await
+        .unwrap();
+    queue.enqueue(Job::new("c")).await.unwrap();
+    assert_eq!(
+        queue.replay_dead_letters(&[a[0].id.clone()]).await.unwrap(),
+        1
+    );
+    for _ in 0..3 {
+        match queue.enqueue(Job::new("d")).await {
+            Err(keel_queue::Error::Full { capacity: 2 }) => {}
+            other => panic!("a queue over its bound took a job: {other:?}"),
+        }
+    }
+    let drained = queue
+        .dequeue(options(10, Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(drained.len(), 3);
+    let receipts: Vec<_> = drained.iter().map(|d| d.receipt.clone()).collect();
+    queue.ack_batch(&receipts).await.unwrap();
+    queue.enqueue(Job::new("d")).await.unwrap();
+}
+
+/// An entry some other program wrote into a level's stream is dead-lettered
+/// with a reason instead of failing every read.
+#[tokio::test]
+async fn foreign_entries_are_dead_lettered() {
+    let (queue, _ns, url) = queue("redis-foreign-entry").await;
+    queue.enqueue(Job::new("before")).await.unwrap();
+    let mut conn = raw(&url).await;
+    let stream = format!("keel:{{{}}}:p:1", queue.config().queue.name);
+    let _: String = redis::cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg("foo")
+        .arg("bar")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    queue.enqueue(Job::new("after")).await.unwrap();
+    let got = queue
+        .dequeue(options(10, Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(payloads(&got), ["before", "after"]);
+    let dead = queue.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].reason.contains("malformed"), "{:?}", dead[0].reason);
+    let receipts: Vec<_> = got.iter().map(|d| d.receipt.clone()).collect();
+    queue.ack_batch(&receipts).await.unwrap();
+}
+
+/// A consumer waiting on an empty queue wakes when another read gives jobs
+/// back by rewinding the group (their ids are older than what it waits
+/// after), not only when its next look at leases comes round (a second).
+#[tokio::test]
+async fn a_rewind_wakes_waiting_consumers() {
+    let (queue, _ns, url) = queue("redis-rewind-wakes").await;
+    // Create the groups, then stand in for a reader that takes a job and
+    // then gives it back by rewinding.
+    assert!(
+        queue
+            .dequeue(options(1, Duration::from_secs(30)).wait(Duration::ZERO))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    queue.enqueue(Job::new("job")).await.unwrap();
+    let name = queue.config().queue.name.clone();
+    let stream = format!("keel:{{{name}}}:p:1");
+    let mut conn = raw(&url).await;
+    type Read = Vec<(String, Vec<(String, Vec<(String, String)>)>)>;
+    let read: Read = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("keel")
+        .arg("30000")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let entry = read[0].1[0].0.clone();
+
+    let waiter = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let got = queue
+                .dequeue(options(1, Duration::from_secs(30)).wait(Duration::from_secs(5)))
+                .await
+                .unwrap();
+            (got, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (ms, seq) = entry.split_once('-').unwrap();
+    let before = match seq.parse::<u64>().unwrap() {
+        0 => format!("{}-{}", ms.parse::<u64>().unwrap() - 1, u64::MAX),
+        n => format!("{ms}-{}", n - 1),
+    };
+    let _: () = redis::pipe()
+        .atomic()
+        .cmd("XACK")
+        .arg(&stream)
+        .arg("keel")
+        .arg(&entry)
+        .ignore()
+        .cmd("XGROUP")
+        .arg("SETID")
+        .arg(&stream)
+        .arg("keel")
+        .arg(&before)
+        .ignore()
+        .cmd("XADD")
+        .arg(format!("keel:{{{name}}}:wake"))
+        .arg("MAXLEN")
+        .arg(1)
+        .arg("*")
+        .arg("w")
+        .arg("1")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (got, waited) = waiter.await.unwrap();
+    assert_eq!(payloads(&got), ["job"]);
+    assert!(
+        waited < Duration::from_millis(900),
+        "the waiting consumer noticed the rewind only after {waited:?}"
+    );
+    queue.ack(&got[0].receipt).await.unwrap();
 }

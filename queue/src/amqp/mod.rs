@@ -1233,12 +1233,7 @@ impl Queue for AmqpQueue {
     }
 
     async fn dequeue(&self, options: DequeueOptions) -> Result<Vec<Delivery>> {
-        if options.max == 0 {
-            return Err(Error::InvalidArgument {
-                name: "max",
-                reason: "must be at least 1".into(),
-            });
-        }
+        options.validate()?;
         let give_up = Instant::now() + options.wait;
         let link = self.link().await?;
         let _demand = Demand::new(&link);
@@ -1330,6 +1325,7 @@ impl Queue for AmqpQueue {
     }
 
     async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<()> {
+        crate::types::check_lease(lease)?;
         let mut held = self.take_lease(receipt)?;
         let token = receipt.as_str()[2..]
             .parse::<u64>()

@@ -13,6 +13,7 @@
 //! | `keel:{q}:dead` | stream | dead letters with their reason |
 //! | `keel:{q}:dead-index` | hash | job id → dead-letter entry, for replay |
 //! | `keel:{q}:idem:<key>` | string with a TTL | idempotency keys (`SET NX PX`) |
+//! | `keel:{q}:wake` | stream of one entry | touched when a read gives jobs back by rewinding its group, to wake waiting consumers |
 //!
 //! A job is always in exactly one place: a stream entry (ready, or leased
 //! while it is in the group's pending list), a delayed hash, or a dead
@@ -75,12 +76,19 @@
 //! # Waiting
 //!
 //! An empty `dequeue` blocks on a dedicated connection with `XREAD BLOCK`
-//! for entries newer than the group's last delivered ids (a long poll,
-//! never a busy loop), up to the next delayed job or lease expiry (looked
+//! for entries newer than the group's last delivered ids, or a touch of the
+//! wake stream (a read elsewhere gave jobs back by rewinding), a long poll,
+//! never a busy loop, up to the next delayed job or lease expiry (looked
 //! at again at least every second while jobs are leased). Blocking
 //! connections come from their own small pool, so waiting consumers never
 //! starve producers of connections. A dropped `dequeue` future discards its
 //! blocking connection rather than returning it mid-command.
+//!
+//! # Entries it did not write
+//!
+//! A stream entry without Keel's fields (another program's `XADD`) is
+//! dead-lettered with the reason "malformed stream entry" when a read meets
+//! it, like a job found past its deadline; it never fails the read.
 //!
 //! # Failures
 //!
@@ -304,10 +312,18 @@ fn id_before(id: &str) -> Option<String> {
 /// Deliveries collected by one `dequeue`.
 struct Batch {
     out: Vec<Delivery>,
-    /// Entries found past their deadline, to dead-letter.
-    late: Vec<(usize, String)>,
+    /// Entries read that cannot be delivered, by level: to dead-letter.
+    undeliverable: Vec<(usize, Undeliverable)>,
     lease_ends: u64,
     deadline_now: u64,
+}
+
+/// Why an entry read cannot be delivered.
+enum Undeliverable {
+    /// Its deadline passed (the entry id).
+    Late(String),
+    /// It is not an entry this library wrote (the entry id, and why).
+    Malformed(String, String),
 }
 
 fn protocol(what: impl Into<String>) -> Error {
@@ -597,15 +613,16 @@ impl RedisQueue {
     }
 
     /// A delivery from one entry of `level` read under a lease that ends at
-    /// `lease_ends_ms`; `None` (with the entry's id) when its deadline has
-    /// passed by `now_ms`.
+    /// `lease_ends_ms`, or why the entry cannot be delivered: its deadline
+    /// passed by `now_ms`, or it is not an entry this library wrote.
     fn delivery(
         &self,
         level: usize,
         (entry, fields): Entry,
         lease_ends_ms: u64,
         now_ms: u64,
-    ) -> Result<std::result::Result<Delivery, String>> {
+    ) -> std::result::Result<Delivery, Undeliverable> {
+        let malformed = |why: String| Undeliverable::Malformed(entry.clone(), why);
         let mut meta = None;
         let mut payload = Vec::new();
         let mut headers = None;
@@ -613,10 +630,7 @@ impl RedisQueue {
         let mut it = fields.into_iter();
         while let (Some(name), Some(value)) = (it.next(), it.next()) {
             match name.as_slice() {
-                b"m" => {
-                    meta =
-                        Some(String::from_utf8(value).map_err(|_| protocol("meta is not UTF-8"))?)
-                }
+                b"m" => meta = Some(value),
                 b"p" => payload = value,
                 b"h" => headers = Some(value),
                 b"d" => deadline = Some(String::from_utf8_lossy(&value).into_owned()),
@@ -626,31 +640,37 @@ impl RedisQueue {
         if let Some(deadline) = &deadline
             && deadline.parse::<u64>().is_ok_and(|d| d <= now_ms)
         {
-            return Ok(Err(entry));
+            return Err(Undeliverable::Late(entry));
         }
-        let meta = meta.ok_or_else(|| protocol("entry without meta"))?;
+        let meta = meta.ok_or_else(|| malformed("the entry has no `m` field".into()))?;
+        let meta = std::str::from_utf8(&meta)
+            .map_err(|_| malformed("its `m` field is not UTF-8".into()))?;
         let mut parts = meta.rsplitn(4, '|');
         let (_level, enqueued, previous, id) =
             (parts.next(), parts.next(), parts.next(), parts.next());
         let (Some(enqueued), Some(previous), Some(id)) = (enqueued, previous, id) else {
-            return Err(protocol(format!("entry meta `{meta}`")));
+            return Err(malformed(format!(
+                "its `m` field `{meta}` is not id|attempts|ms|level"
+            )));
         };
         let attempt = previous
             .parse::<u32>()
-            .map_err(|_| protocol(format!("attempt count `{previous}`")))?
+            .map_err(|_| malformed(format!("attempt count `{previous}` in `{meta}`")))?
             + 1;
-        Ok(Ok(Delivery {
+        let headers = match headers {
+            Some(text) => decode_headers(&text).map_err(|err| malformed(err.to_string()))?,
+            None => Headers::new(),
+        };
+        Ok(Delivery {
             id: JobId::from_string(id),
             payload: Bytes::from(payload),
-            headers: headers
-                .as_deref()
-                .map_or_else(|| Ok(Headers::new()), decode_headers)?,
+            headers,
             receipt: Receipt::from_string(format!("{level}:{entry}|{attempt}|{lease_ends_ms}")),
             attempt,
             enqueued_at: from_epoch_ms(enqueued).unwrap_or(UNIX_EPOCH),
             priority: Priority(level as u8),
             deadline: deadline.as_deref().and_then(from_epoch_ms),
-        }))
+        })
     }
 
     /// The housekeeping script as a plain command, for a pipeline.
@@ -765,21 +785,26 @@ impl RedisQueue {
                 Some(Value::ServerError(err)) if err.code() == "NOSCRIPT" => {
                     // The reads after it still ran: keep their entries, and
                     // load the script for the next call.
-                    self.load_maintain().await?;
+                    if let Err(err) = self.load_maintain().await {
+                        housekeeping_failed = Some(err);
+                    }
                 }
                 Some(Value::ServerError(err)) => {
                     housekeeping_failed = Some(Error::from(RedisFailure::Redis(err.into())));
                 }
-                Some(value) => {
-                    let (server_ms, _moved): (u64, u64) = ::redis::from_redis_value(value)
-                        .map_err(|err| protocol(format!("housekeeping answer: {err}")))?;
-                    now = Some(server_ms);
-                    // The server read its clock after we sent: this bounds
-                    // how far ahead of ours it is.
-                    self.inner
-                        .server_ahead_ms
-                        .store(server_ms as i64 - sent_ms as i64, Ordering::Relaxed);
-                }
+                Some(value) => match ::redis::from_redis_value::<(u64, u64)>(value) {
+                    Ok((server_ms, _moved)) => {
+                        now = Some(server_ms);
+                        // The server read its clock after we sent: this
+                        // bounds how far ahead of ours it is.
+                        self.inner
+                            .server_ahead_ms
+                            .store(server_ms as i64 - sent_ms as i64, Ordering::Relaxed);
+                    }
+                    Err(err) => {
+                        housekeeping_failed = Some(protocol(format!("housekeeping answer: {err}")));
+                    }
+                },
                 None => return Err(protocol("empty read answer")),
             }
         }
@@ -811,8 +836,8 @@ impl RedisQueue {
         if out.len() != levels.len() {
             return Err(protocol("short read answer"));
         }
-        if missing_group {
-            self.create_groups().await?;
+        if missing_group && let Err(err) = self.create_groups().await {
+            failed.get_or_insert(err);
         }
         // Entries read are leased: hand them out even when something else
         // failed, and report it.
@@ -874,7 +899,7 @@ impl RedisQueue {
         };
         let mut batch = Batch {
             out: Vec::new(),
-            late: Vec::new(),
+            undeliverable: Vec::new(),
             lease_ends,
             deadline_now,
         };
@@ -893,13 +918,13 @@ impl RedisQueue {
                 continue;
             }
             let got = entries.len();
-            let (late, rest) = self.take_into(&mut batch, level, entries, max)?;
+            let (undeliverable, rest) = self.take_into(&mut batch, level, entries, max);
             if !rest.is_empty() {
                 give_back.push((level, rest));
             }
             // A full read that lost jobs to their deadlines may have left
             // more at this level: read on from here, one level at a time.
-            if got == max && late > 0 && batch.out.len() < max {
+            if got == max && undeliverable > 0 && batch.out.len() < max {
                 resume = Some(level);
                 stop = true;
             }
@@ -909,21 +934,35 @@ impl RedisQueue {
         }
         if let Some(resume) = resume {
             'levels: for level in (0..=resume).rev() {
-                for _ in 0..READS_PER_LEVEL {
+                let mut rounds = 0;
+                loop {
                     let want = max - batch.out.len();
                     if want == 0 {
                         break 'levels;
                     }
-                    let (_, mut replies) =
-                        self.read_levels(&[level], &consumer, want, None).await?;
-                    let entries = replies.pop().unwrap_or_default();
+                    if rounds == READS_PER_LEVEL {
+                        // Still undeliverable jobs at this level: do not
+                        // serve lower levels before it; the next read goes on.
+                        break 'levels;
+                    }
+                    rounds += 1;
+                    let entries = match self.read_levels(&[level], &consumer, want, None).await {
+                        Ok((_, mut replies)) => replies.pop().unwrap_or_default(),
+                        // What was read so far is leased: hand it out.
+                        Err(err) if !batch.out.is_empty() || !batch.undeliverable.is_empty() => {
+                            tracing::warn!(error = %err, "queue read failed part way");
+                            break 'levels;
+                        }
+                        Err(err) => return Err(err),
+                    };
                     if !entries.is_empty() {
                         found_at.get_or_insert(level);
                     }
                     let got = entries.len();
-                    let (late, _) = self.take_into(&mut batch, level, entries, max)?;
-                    // Read again only when late jobs took the place of live ones.
-                    if got < want || late == 0 {
+                    let (undeliverable, _) = self.take_into(&mut batch, level, entries, max);
+                    // Read again only when undeliverable jobs took the place
+                    // of live ones.
+                    if got < want || undeliverable == 0 {
                         break;
                     }
                 }
@@ -932,24 +971,12 @@ impl RedisQueue {
         self.inner
             .read_down_to
             .store(found_at.unwrap_or(0), Ordering::Relaxed);
-        for (level, entry) in batch.late {
-            let status = self
-                .settle_one(|inv| {
-                    inv.arg("dead")
-                        .arg(level)
-                        .arg(&entry)
-                        .arg("deadline exceeded before delivery");
-                })
-                .await?;
-            if status == "dead" {
-                self.inner.metrics.dead_lettered.increment(1);
-            }
-        }
+        self.reject(std::mem::take(&mut batch.undeliverable)).await;
         Ok(batch.out)
     }
 
     /// Turns `entries` of `level` into deliveries until `batch` holds
-    /// `max`. Answers how many were past their deadline and the ids of the
+    /// `max`. Answers how many could not be delivered and the ids of the
     /// entries there was no room for.
     fn take_into(
         &self,
@@ -957,26 +984,76 @@ impl RedisQueue {
         level: usize,
         entries: Vec<Entry>,
         max: usize,
-    ) -> Result<(usize, Vec<String>)> {
-        let mut late = 0;
+    ) -> (usize, Vec<String>) {
+        let mut undeliverable = 0;
         let mut rest = Vec::new();
         for entry in entries {
             if batch.out.len() >= max {
                 rest.push(entry.0);
                 continue;
             }
-            match self.delivery(level, entry, batch.lease_ends, batch.deadline_now)? {
+            match self.delivery(level, entry, batch.lease_ends, batch.deadline_now) {
                 Ok(delivery) => batch.out.push(delivery),
-                Err(entry) => {
-                    late += 1;
-                    batch.late.push((level, entry));
+                Err(why) => {
+                    undeliverable += 1;
+                    batch.undeliverable.push((level, why));
                 }
             }
         }
-        Ok((late, rest))
+        (undeliverable, rest)
     }
 
-    /// Waits up to `block` for an entry newer than `last_ids` in any level.
+    /// Dead-letters entries a read could not deliver, in one call per
+    /// reason. Failures are logged: those entries come back when their
+    /// lease runs out and are looked at again.
+    async fn reject(&self, undeliverable: Vec<(usize, Undeliverable)>) {
+        let mut late = Vec::new();
+        let mut malformed = Vec::new();
+        for (level, why) in undeliverable {
+            match why {
+                Undeliverable::Late(entry) => late.push((level, entry)),
+                Undeliverable::Malformed(entry, why) => {
+                    tracing::warn!(level, entry, %why, "stream entry is not a keel job; dead-lettering it");
+                    malformed.push((level, entry));
+                }
+            }
+        }
+        for (reason, entries) in [
+            ("deadline exceeded before delivery", late),
+            (
+                "malformed stream entry (not written by keel-queue)",
+                malformed,
+            ),
+        ] {
+            if entries.is_empty() {
+                continue;
+            }
+            let result: Result<Vec<u64>> = self
+                .invoke(&self.inner.scripts.settle, |inv| {
+                    inv.arg("reject").arg(reason);
+                    for (level, entry) in &entries {
+                        inv.arg(*level).arg(entry);
+                    }
+                })
+                .await;
+            match result {
+                Ok(n) => self
+                    .inner
+                    .metrics
+                    .dead_lettered
+                    .increment(n.first().copied().unwrap_or(0)),
+                Err(err) => tracing::warn!(
+                    error = %err,
+                    jobs = entries.len(),
+                    reason,
+                    "could not dead-letter undeliverable jobs; they come back when their lease runs out"
+                ),
+            }
+        }
+    }
+
+    /// Waits up to `block` for an entry newer than `last_ids` in any level,
+    /// or for a read elsewhere to give entries back (the wake stream).
     async fn block_for_new(&self, last_ids: &[String], block: Duration) -> Result<()> {
         let inner = &self.inner;
         let conn = match tokio::time::timeout(inner.config.operation_timeout, inner.blocking.get())
@@ -997,10 +1074,15 @@ impl RedisQueue {
             .arg("BLOCK")
             .arg(ms(block).max(1))
             .arg("STREAMS");
-        for level in 0..last_ids.len() {
-            cmd.arg(format!("{}:p:{level}", inner.prefix));
+        // Every level's stream, then the wake stream (see `maintain.lua`).
+        if last_ids.len() != inner.streams.len() + 1 {
+            return Err(protocol(
+                "housekeeping answered the wrong number of stream ids",
+            ));
         }
-        cmd.arg(last_ids);
+        cmd.arg(&inner.streams)
+            .arg(format!("{}:wake", inner.prefix))
+            .arg(last_ids);
         let limit = block + inner.config.operation_timeout;
         let conn = guard.0.as_mut().expect("just set");
         match tokio::time::timeout(limit, cmd.query_async::<::redis::Value>(&mut **conn)).await {
@@ -1048,12 +1130,7 @@ impl Queue for RedisQueue {
     }
 
     async fn dequeue(&self, options: DequeueOptions) -> Result<Vec<Delivery>> {
-        if options.max == 0 {
-            return Err(Error::InvalidArgument {
-                name: "max",
-                reason: "must be at least 1".into(),
-            });
-        }
+        options.validate()?;
         let inner = &self.inner;
         let max = options.max.min(DEQUEUE_MAX);
         let give_up = Instant::now() + options.wait;
@@ -1201,6 +1278,7 @@ impl Queue for RedisQueue {
     }
 
     async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<()> {
+        crate::types::check_lease(lease)?;
         let held = parse_receipt(receipt)?;
         let status = self
             .settle_one(|inv| {

@@ -11,6 +11,9 @@ local GROUP = 'keel'
 local K_DELAYED = prefix .. ':delayed'
 local K_DEAD = prefix .. ':dead'
 local K_DEAD_INDEX = prefix .. ':dead-index'
+-- Gets an entry when a read gave entries back by rewinding its group (an
+-- XREAD on the streams would not see them: their ids are old).
+local K_WAKE = prefix .. ':wake'
 -- Work done per call on due jobs and expired leases is bounded, so one call
 -- stays short however large the backlog.
 local MAINTAIN_BATCH = 256
@@ -97,8 +100,9 @@ end
 -- True while entry `eid` of stream `sk` is pending under a lease that has
 -- not run out.
 local function live_lease(sk, eid)
-  local p = redis.call('XPENDING', sk, GROUP, eid, eid, 1)
-  if #p == 0 then
+  -- (No group or stream: the server lost the queue's data; nothing is live.)
+  local p = redis.pcall('XPENDING', sk, GROUP, eid, eid, 1)
+  if type(p) ~= 'table' or p.err or #p == 0 then
     return false
   end
   local lease = tonumber(p[1][2])
@@ -176,10 +180,12 @@ local function reclaim_class(sk, name, lease, budget, only_class, now, max_attem
       moved = moved + #eids
       cursor = r[1]
       if cursor == '0-0' or moved >= budget then
-        break
+        return moved
       end
     end
-    return moved
+    -- XAUTOCLAIM looks at ten entries per one asked for, so a long run of
+    -- live leases can hide expired ones behind it: scan for those instead.
+    budget = budget - moved
   end
   local expired = redis.call('XPENDING', sk, GROUP, 'IDLE', lease, '-', '+', budget, name)
   for _, row in ipairs(expired) do
@@ -188,7 +194,7 @@ local function reclaim_class(sk, name, lease, budget, only_class, now, max_attem
       expire(m, now, max_attempts)
     end
   end
-  return #expired
+  return moved + #expired
 end
 
 -- Takes back expired leases of every level (bounded). Answers how many

@@ -11,7 +11,9 @@ local now = ARGV[5]
 local n = tonumber(ARGV[6])
 local server_now = now_ms()
 local stream_keys = {}
-local room = -1
+-- How many more jobs fit; nil when unbounded. It may be negative (a
+-- replay or a lowered bound left the queue over capacity): then none fit.
+local room = nil
 if capacity > 0 then
   -- Jobs held: every stream entry (acked entries are deleted at once, so
   -- these are ready or leased) and every delayed job.
@@ -32,7 +34,7 @@ for i = 0, n - 1 do
   end
   if existing then
     out[#out + 1] = existing
-  elseif room >= 0 and added >= room then
+  elseif room and added >= room then
     out[#out + 1] = '!'
     break
   else

@@ -3,7 +3,8 @@
 -- ARGV: prefix, max attempts, levels, reclaim ('1' or '0'), idle ('1' or '0').
 -- Answers {now ms, moved}; with idle set (the caller found nothing to read)
 -- also the ms until the next delayed job or lease expiry (-1 when none) and
--- each level's last delivered id, from which the caller blocks with XREAD.
+-- each level's last delivered id and the last id of the wake stream, from
+-- which the caller blocks with XREAD.
 local max_attempts = tonumber(ARGV[2])
 local levels = tonumber(ARGV[3])
 local idle = ARGV[5] == '1'
@@ -36,4 +37,6 @@ local last_ids = {}
 for level = 0, levels - 1 do
   last_ids[#last_ids + 1] = last_delivered(stream_key(level)) or '0-0'
 end
+local wake_entry = redis.call('XREVRANGE', K_WAKE, '+', '-', 'COUNT', 1)
+last_ids[#last_ids + 1] = (wake_entry[1] and wake_entry[1][1]) or '0-0'
 return {now, moved, wake or -1, last_ids}

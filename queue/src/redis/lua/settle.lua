@@ -6,6 +6,7 @@
 --   'release', level, entry id                                 -> {status}
 --   'extend', level, entry id, lease ms                        -> {status}
 --   'unread', level, id before the first, entry ids...         -> {status}
+--   'reject', reason, (level, entry id)...                     -> {dead-lettered}
 local action = ARGV[2]
 local now = now_ms()
 if action == 'ack' then
@@ -51,6 +52,7 @@ if action == 'unread' then
     -- so they are read again in their place.
     redis.call('XACK', sk, GROUP, unpack(entries))
     redis.call('XGROUP', 'SETID', sk, GROUP, ARGV[4])
+    redis.call('XADD', K_WAKE, 'MAXLEN', 1, '*', 'w', '1')
     return {'rewound'}
   end
   -- Others read on since: back to the tail, untried.
@@ -61,6 +63,23 @@ if action == 'unread' then
     end
   end
   return {'released'}
+end
+
+if action == 'reject' then
+  -- ARGV after the action: the reason, then pairs of level and entry id
+  -- just read by the caller and not deliverable (past their deadline, or
+  -- not a job this library wrote). No lease check: the reader holds them.
+  local n = 0
+  for i = 4, #ARGV, 2 do
+    local level, eid = ARGV[i], ARGV[i + 1]
+    local m = take(stream_key(level), eid)
+    if m then
+      m.id, m.a, m.t, m.r, m.p = m.id or eid, m.a or '0', m.t or '0', m.r or level, m.p or ''
+      kill(m, ARGV[3], now)
+      n = n + 1
+    end
+  end
+  return {n}
 end
 
 local sk, eid = stream_key(ARGV[3]), ARGV[4]
