@@ -15,7 +15,8 @@
 //! than enqueued twice, and no job may be delivered as new twice.
 //!
 //! On top of the harness's checks, every stream test ends only when the
-//! queue's job counter (`keel:{q}:size`) is back at zero.
+//! jobs the queue holds by its own keys (what its capacity bound counts:
+//! every level's stream plus the delayed set) are back at zero.
 #![cfg(feature = "redis")]
 
 #[path = "support/faults.rs"]
@@ -36,16 +37,20 @@ use keel_testkit::{FaultProxy, Namespace, RedisServer};
 use parking_lot::Mutex;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
-/// Reads the queue's job counter straight from Redis (`keel:{q}:size`, see
-/// the backend's layout): it must return to zero once every job is acked.
-async fn size_counter(url: &str, queue: &str) -> redis::RedisResult<i64> {
+/// Counts the jobs the queue holds straight from Redis, as its capacity
+/// bound does (see the backend's layout): the entries of every level's
+/// stream (acked ones are deleted) plus the delayed set. It must be zero
+/// once every job is acked.
+async fn jobs_held(url: &str, queue: &str) -> redis::RedisResult<i64> {
     let client = redis::Client::open(url)?;
     let mut con = client.get_multiplexed_async_connection().await?;
-    let size: Option<i64> = redis::cmd("GET")
-        .arg(format!("keel:{{{queue}}}:size"))
-        .query_async(&mut con)
-        .await?;
-    Ok(size.unwrap_or(0))
+    let mut pipe = redis::pipe();
+    for level in 0..QueueConfig::new(queue).priority_levels {
+        pipe.cmd("XLEN").arg(format!("keel:{{{queue}}}:p:{level}"));
+    }
+    pipe.cmd("ZCARD").arg(format!("keel:{{{queue}}}:delayed"));
+    let counts: Vec<i64> = pipe.query_async(&mut con).await?;
+    Ok(counts.into_iter().sum())
 }
 
 /// A `redis-server` of the test's own. These tests measure time and
@@ -81,10 +86,10 @@ where
     Fut: Future<Output = ()>,
 {
     let outcome = stream_with_fault(run, fault).await;
-    let size = size_counter(direct_url, name)
+    let held = jobs_held(direct_url, name)
         .await
-        .expect("read the job counter");
-    assert_eq!(size, 0, "the job counter is off after every job was acked");
+        .expect("count the jobs held");
+    assert_eq!(held, 0, "jobs are still held after every job was acked");
     outcome
 }
 
@@ -280,7 +285,7 @@ async fn consumer_dropped_holding_leases() {
             back >= LEASE - Duration::from_millis(100),
             "jobs came back {back:?} after a {LEASE:?} lease"
         );
-        assert_eq!(size_counter(&url, &name).await.expect("job counter"), 0);
+        assert_eq!(jobs_held(&url, &name).await.expect("jobs held"), 0);
     })
     .await
     .expect("the test took too long");
@@ -387,7 +392,7 @@ async fn blackhole_then_restore() {
         let stats = stats.expect("stats answered after the restore");
         assert!(is_empty(&stats), "{stats:?}");
         assert_eq!(tally.duplicated(), Vec::<u32>::new(), "jobs enqueued twice");
-        assert_eq!(size_counter(&url, &name).await.expect("job counter"), 0);
+        assert_eq!(jobs_held(&url, &name).await.expect("jobs held"), 0);
     })
     .await
     .expect("the test took too long");
@@ -485,7 +490,7 @@ async fn blackhole_with_a_command_in_flight() {
         let stats = stats.expect("stats answered after the restore");
         assert!(is_empty(&stats), "{stats:?}");
         assert_eq!(tally.duplicated(), Vec::<u32>::new(), "jobs enqueued twice");
-        assert_eq!(size_counter(&url, &name).await.expect("job counter"), 0);
+        assert_eq!(jobs_held(&url, &name).await.expect("jobs held"), 0);
         assert!(
             first.is_ok(),
             "the first call after the network came back failed after {first_took:?} with: {}; \
