@@ -260,6 +260,10 @@ pub async fn typed_json<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(mak
 }
 
 /// Two namespaces never see each other's keys.
+///
+/// A real check where namespaces share storage (Redis, `PrefixCache`); a
+/// backend whose factory builds a new in-process cache per namespace (moka,
+/// `Tiered` over moka) passes it by construction.
 pub async fn namespace_isolation<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: F) {
     let a = make(namespace("iso-a")).await;
     let b = make(namespace("iso-b")).await;

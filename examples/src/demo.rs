@@ -281,6 +281,7 @@ pub async fn run(config: DemoConfig) -> Result<Report, DemoError> {
         acked,
         dead_lettered: dead,
         retried: worker_stats.retried,
+        unfinished: still_queued,
         lost: enqueued.saturating_sub(acked + dead + still_queued),
     };
 

@@ -229,7 +229,10 @@ pub struct JobFigures {
     pub dead_lettered: u64,
     /// Jobs retried at least once.
     pub retried: u64,
-    /// Jobs with no outcome (must be 0).
+    /// Jobs still queued (ready, delayed or leased) when the run ended
+    /// after its grace period (should be 0: the worker keeps up).
+    pub unfinished: u64,
+    /// Jobs with no outcome and not in the queue either (must be 0).
     pub lost: u64,
 }
 
@@ -317,8 +320,8 @@ impl Report {
         let j = &self.jobs;
         let _ = writeln!(
             out,
-            "\n== durable queue path ({}): enqueued {} acked {} dead-lettered {} retried {} lost {}",
-            self.queue, j.enqueued, j.acked, j.dead_lettered, j.retried, j.lost
+            "\n== durable queue path ({}): enqueued {} acked {} dead-lettered {} retried {} unfinished {} lost {}",
+            self.queue, j.enqueued, j.acked, j.dead_lettered, j.retried, j.unfinished, j.lost
         );
         out
     }

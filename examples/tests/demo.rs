@@ -66,6 +66,17 @@ fn check(report: &Report) {
         "durable path lost jobs: {:?}",
         report.jobs
     );
+    assert_eq!(
+        report.jobs.unfinished, 0,
+        "durable path left jobs in the queue: {:?}",
+        report.jobs
+    );
+    assert_eq!(
+        report.jobs.acked + report.jobs.dead_lettered,
+        report.jobs.enqueued,
+        "every durable job has exactly one outcome: {:?}",
+        report.jobs
+    );
     assert!(
         report.jobs.acked > 0,
         "durable path acked nothing: {:?}",

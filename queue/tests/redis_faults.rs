@@ -73,8 +73,9 @@ async fn connect(url: &str, name: &str, operation_timeout: Duration) -> RedisQue
         .unwrap_or_else(|err| panic!("connect to {url}: {err}"))
 }
 
-/// [`stream_with_fault`], then the Redis-only check: the queue's job
-/// counter, read from the server itself at `direct_url`, is back at zero.
+/// [`stream_with_fault`], then the Redis-only check: the jobs the queue
+/// holds (stream lengths plus the delayed set), read from the server itself
+/// at `direct_url`, are back at zero.
 async fn stream_and_count<F, Fut>(
     run: StreamRun<RedisQueue>,
     direct_url: &str,

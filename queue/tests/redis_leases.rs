@@ -78,7 +78,7 @@ fn payloads(deliveries: &[keel_queue::Delivery]) -> Vec<String> {
 /// the next read gets them in order, still on their first attempt.
 #[tokio::test]
 async fn jobs_read_ahead_are_given_back_in_place() {
-    let (queue, _ns, _url) = queue("redis-read-ahead").await;
+    let (queue, _ns, url) = queue("redis-read-ahead").await;
     let lease = Duration::from_secs(30);
     queue.enqueue(Job::new("warm-up")).await.unwrap();
     let warm = queue.dequeue(options(10, lease)).await.unwrap();
@@ -96,6 +96,15 @@ async fn jobs_read_ahead_are_given_back_in_place() {
         .unwrap();
     let first = queue.dequeue(options(2, lease)).await.unwrap();
     assert_eq!(payloads(&first), ["high", "normal-1"]);
+    // The read took normal-2 and normal-3 too and gave them back by
+    // rewinding the group, which touches the wake stream for waiters.
+    let mut conn = raw(&url).await;
+    let wake: u64 = redis::cmd("XLEN")
+        .arg(format!("keel:{{{}}}:wake", queue.config().queue.name))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(wake, 1, "the rewind did not touch the wake stream");
 
     let stats = queue.stats().await.unwrap();
     assert_eq!((stats.ready, stats.in_flight), (2, 2), "{stats:?}");
@@ -146,7 +155,10 @@ async fn each_lease_length_expires_on_its_own() {
         .unwrap();
     assert_eq!(payloads(&again), ["short"]);
     assert_eq!(again[0].attempt, 2);
-    assert!(queue.ack(&short[0].receipt).await.is_err());
+    assert!(matches!(
+        queue.ack(&short[0].receipt).await,
+        Err(keel_queue::Error::InvalidReceipt(_))
+    ));
     queue.ack(&long[0].receipt).await.unwrap();
     queue.ack(&again[0].receipt).await.unwrap();
 }
@@ -431,4 +443,39 @@ async fn a_rewind_wakes_waiting_consumers() {
         "the waiting consumer noticed the rewind only after {waited:?}"
     );
     queue.ack(&got[0].receipt).await.unwrap();
+}
+
+/// Receipts in another shape (an earlier build's `<level>:<id>|<attempt>`,
+/// or not ours at all) are refused as invalid, not sent to the server.
+#[tokio::test]
+async fn receipts_of_other_shapes_are_invalid() {
+    let (queue, _ns, _url) = queue("redis-receipt-shapes").await;
+    for text in [
+        "1:1700000000000-0|1",
+        "1:1700000000000-0|1|x",
+        "x:1700000000000-0|1|1700000000000",
+        "1:not-an-id|1|1700000000000",
+        "m:3:4",
+        "",
+    ] {
+        let receipt = keel_queue::Receipt::from_string(text);
+        for result in [
+            queue.ack(&receipt).await,
+            queue
+                .nack(&receipt, keel_queue::Nack::dead_letter("x"))
+                .await,
+            queue.extend_lease(&receipt, Duration::from_secs(1)).await,
+        ] {
+            assert!(
+                matches!(result, Err(keel_queue::Error::InvalidReceipt(_))),
+                "`{text}` answered {result:?}"
+            );
+        }
+    }
+    // A well-formed receipt for an entry that was never delivered.
+    let stale = keel_queue::Receipt::from_string("1:1700000000000-0|1|1700000000000");
+    assert!(matches!(
+        queue.ack(&stale).await,
+        Err(keel_queue::Error::InvalidReceipt(_))
+    ));
 }

@@ -17,7 +17,10 @@
 //!
 //! A job is always in exactly one place: a stream entry (ready, or leased
 //! while it is in the group's pending list), a delayed hash, or a dead
-//! letter. Every move between places is one Lua script, so it is atomic.
+//! letter. Every move between places is atomic: one `XREADGROUP` leases
+//! (the entry joins the pending list), a `MULTI` enqueues plain jobs or acks
+//! live leases, and a Lua script does everything else (delays, the bound,
+//! nacks, expired leases).
 //! Acked entries are deleted from their stream at once (`XACK` + `XDEL`),
 //! so streams do not grow with history, and the jobs a queue holds (for the
 //! capacity bound) are its streams' lengths plus its delayed jobs. Work on
