@@ -20,8 +20,9 @@ impl IdGen {
         }
     }
 
-    /// The random part, also usable as an instance name.
-    #[cfg_attr(not(any(feature = "redis", feature = "amqp")), allow(dead_code))]
+    /// The random part, also usable as an instance name (RabbitMQ consumer
+    /// tags).
+    #[cfg_attr(not(feature = "amqp"), allow(dead_code))]
     pub(crate) fn prefix(&self) -> &str {
         &self.prefix
     }
