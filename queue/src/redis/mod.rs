@@ -472,16 +472,26 @@ impl RedisQueue {
     /// `XDEL` per level in one transaction (why that is safe for every id:
     /// see the ack in `settle.lua`). Answers how many were pending.
     async fn ack_live(&self, leases: &[Lease<'_>]) -> Result<u64> {
-        let mut by_level: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        // A level this queue does not have acks nothing (counted invalid).
+        let mut by_stream: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for lease in leases {
-            by_level.entry(lease.level).or_default().push(lease.entry);
+            if let Some(stream) = lease
+                .level
+                .parse::<usize>()
+                .ok()
+                .and_then(|level| self.inner.streams.get(level))
+            {
+                by_stream.entry(stream).or_default().push(lease.entry);
+            }
+        }
+        if by_stream.is_empty() {
+            return Ok(0);
         }
         let mut pipe = ::redis::pipe();
         pipe.atomic();
-        for (level, entries) in &by_level {
-            let stream = format!("{}:p:{level}", self.inner.prefix);
-            pipe.cmd("XACK").arg(&stream).arg(GROUP).arg(entries);
-            pipe.cmd("XDEL").arg(&stream).arg(entries).ignore();
+        for (stream, entries) in &by_stream {
+            pipe.cmd("XACK").arg(stream).arg(GROUP).arg(entries);
+            pipe.cmd("XDEL").arg(stream).arg(entries).ignore();
         }
         let pipe = &pipe;
         let counts: Vec<u64> = self

@@ -109,12 +109,19 @@ local function live_lease(sk, eid)
   return lease ~= nil and p[1][3] < lease
 end
 
+-- Removes entries of stream `sk` from the pending list and the stream.
+local function drop(sk, eids)
+  if #eids > 0 then
+    redis.call('XACK', sk, GROUP, unpack(eids))
+    redis.call('XDEL', sk, unpack(eids))
+  end
+end
+
 -- Removes an entry from the pending list and its stream; answers its job
 -- (nil if the entry is gone).
 local function take(sk, eid)
   local e = redis.call('XRANGE', sk, eid, eid)
-  redis.call('XACK', sk, GROUP, eid)
-  redis.call('XDEL', sk, eid)
+  drop(sk, {eid})
   if #e == 0 then
     return nil
   end
@@ -146,14 +153,6 @@ local function promote_due(now)
     end
   end
   return #due
-end
-
--- Removes entries of stream `sk` from the pending list and the stream.
-local function drop(sk, eids)
-  if #eids > 0 then
-    redis.call('XACK', sk, GROUP, unpack(eids))
-    redis.call('XDEL', sk, unpack(eids))
-  end
 end
 
 -- Takes back the expired leases of lease class `name` (`lease` ms) in

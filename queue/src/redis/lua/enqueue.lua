@@ -9,7 +9,8 @@ local levels = tonumber(ARGV[3])
 local dedup_ms = tonumber(ARGV[4])
 local now = ARGV[5]
 local n = tonumber(ARGV[6])
-local server_now = now_ms()
+-- The server's clock, read only if a job is delayed.
+local server_now = nil
 local stream_keys = {}
 -- How many more jobs fit; nil when unbounded. It may be negative (a
 -- replay or a lowered bound left the queue over capacity): then none fit.
@@ -44,6 +45,7 @@ for i = 0, n - 1 do
     added = added + 1
     local h, d = ARGV[b + 5], ARGV[b + 6]
     if delay_ms > 0 then
+      server_now = server_now or now_ms()
       push_delayed({id = id, p = ARGV[b + 4], h = h, a = '0', t = now, r = level, d = d}, server_now + delay_ms)
     elseif h == '' and d == '' then
       -- The common case, without building a table or a string.
