@@ -1,0 +1,322 @@
+//! The retry budget: retries ≤ ratio × requests over a sliding window, plus
+//! a floor, counted in whole numbers.
+
+use std::fmt;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::error::ConfigError;
+
+/// Slots the window is divided into; the window slides one slot at a time.
+const SLOTS: usize = 10;
+const PPM: u128 = 1_000_000;
+
+/// Settings of a [`RetryBudget`].
+///
+/// ```
+/// use std::time::Duration;
+/// use keel_core::BudgetConfig;
+///
+/// let config = BudgetConfig::default().ratio(0.2).floor(5).window(Duration::from_secs(30));
+/// assert!(config.validate().is_ok());
+/// assert!(BudgetConfig::default().ratio(-1.0).validate().is_err());
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct BudgetConfig {
+    /// Retries allowed per request over the window: 0.1 allows one retry for
+    /// every ten requests. 0.0 to 1000.0, kept to six decimals. Default 0.1.
+    pub ratio: f64,
+    /// Retries allowed per window on top of the ratio, so a client with
+    /// little traffic can still retry. Default 10.
+    pub floor: u32,
+    /// The sliding window over which requests and retries are counted
+    /// (in tenths). Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        BudgetConfig {
+            ratio: 0.1,
+            floor: 10,
+            window: Duration::from_secs(10),
+        }
+    }
+}
+
+impl BudgetConfig {
+    /// Sets [`ratio`](Self::ratio).
+    pub fn ratio(mut self, ratio: f64) -> Self {
+        self.ratio = ratio;
+        self
+    }
+
+    /// Sets [`floor`](Self::floor).
+    pub fn floor(mut self, floor: u32) -> Self {
+        self.floor = floor;
+        self
+    }
+
+    /// Sets [`window`](Self::window).
+    pub fn window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self
+    }
+
+    /// Checks every field, naming the first bad one.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.ratio.is_finite() && (0.0..=1000.0).contains(&self.ratio)) {
+            return Err(ConfigError::new(
+                "budget.ratio",
+                "must be between 0.0 and 1000.0",
+            ));
+        }
+        if self.window < Duration::from_millis(10) {
+            return Err(ConfigError::new("budget.window", "must be at least 10ms"));
+        }
+        Ok(())
+    }
+}
+
+/// A retry budget: a retry is allowed only while, over the sliding window,
+/// `retries + 1 ≤ floor + ⌊ratio × requests⌋`.
+///
+/// Requests and retries are whole-number counts per tenth of the window;
+/// the ratio is held in parts per million, so the allowance is exact
+/// integer arithmetic: 1,000 requests at ratio 0.3 allow exactly 300
+/// retries (plus the floor). That is why Keel does not reuse
+/// [`tower::retry::budget::TpsBudget`]: it turns the ratio into an integer
+/// cost per retry, `⌊1 / ratio⌋` deposits, so a ratio of 0.3 costs 3
+/// deposits and allows 333 retries per 1,000 requests, 0.15 allows 166, and
+/// only ratios of the form 1/n are kept; its window is also limited to 1 to
+/// 60 s. Keel's budget implements tower's [`Budget`](tower::retry::budget::Budget)
+/// trait, so it plugs into tower-style policies too.
+///
+/// One budget is per client: share it (it is behind an `Arc` in the
+/// retry policy) across every request of one client
+/// process, not across clients.
+pub struct RetryBudget {
+    ratio_ppm: u128,
+    floor: u64,
+    slot: Duration,
+    state: Mutex<BudgetState>,
+}
+
+struct BudgetState {
+    requests: [u64; SLOTS],
+    retries: [u64; SLOTS],
+    head: usize,
+    head_start: Instant,
+}
+
+/// A [`RetryBudget`]'s counts over its current window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BudgetStats {
+    /// Requests deposited in the window.
+    pub requests: u64,
+    /// Retries withdrawn in the window.
+    pub retries: u64,
+    /// Retries still allowed now.
+    pub remaining: u64,
+}
+
+impl RetryBudget {
+    /// A budget with these settings.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the bad field.
+    pub fn new(config: &BudgetConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(RetryBudget {
+            ratio_ppm: (config.ratio * 1e6).round() as u128,
+            floor: u64::from(config.floor),
+            slot: config.window / SLOTS as u32,
+            state: Mutex::new(BudgetState {
+                requests: [0; SLOTS],
+                retries: [0; SLOTS],
+                head: 0,
+                head_start: Instant::now(),
+            }),
+        })
+    }
+
+    /// Counts one request (call it once per request, not per attempt).
+    pub fn deposit(&self) {
+        let mut state = self.state.lock();
+        self.advance(&mut state);
+        let head = state.head;
+        state.requests[head] += 1;
+    }
+
+    /// Takes one retry if the budget allows it; `false` means do not retry.
+    pub fn withdraw(&self) -> bool {
+        let mut state = self.state.lock();
+        self.advance(&mut state);
+        let (requests, retries) = totals(&state);
+        if retries < self.allowed(requests) {
+            let head = state.head;
+            state.retries[head] += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Counts over the current window.
+    pub fn stats(&self) -> BudgetStats {
+        let mut state = self.state.lock();
+        self.advance(&mut state);
+        let (requests, retries) = totals(&state);
+        BudgetStats {
+            requests,
+            retries,
+            remaining: self.allowed(requests).saturating_sub(retries),
+        }
+    }
+
+    fn allowed(&self, requests: u64) -> u64 {
+        let by_ratio = u128::from(requests) * self.ratio_ppm / PPM;
+        self.floor
+            .saturating_add(u64::try_from(by_ratio).unwrap_or(u64::MAX))
+    }
+
+    /// Slides the window to now, clearing slots that fell out of it.
+    fn advance(&self, state: &mut BudgetState) {
+        let elapsed = state.head_start.elapsed();
+        if elapsed < self.slot {
+            return;
+        }
+        let steps = elapsed.as_nanos() / self.slot.as_nanos().max(1);
+        for _ in 0..steps.min(SLOTS as u128) {
+            state.head = (state.head + 1) % SLOTS;
+            let head = state.head;
+            state.requests[head] = 0;
+            state.retries[head] = 0;
+        }
+        let remainder = elapsed.as_nanos() % self.slot.as_nanos().max(1);
+        state.head_start = Instant::now() - Duration::from_nanos(remainder as u64);
+    }
+}
+
+fn totals(state: &BudgetState) -> (u64, u64) {
+    (state.requests.iter().sum(), state.retries.iter().sum())
+}
+
+impl tower::retry::budget::Budget for RetryBudget {
+    fn deposit(&self) {
+        RetryBudget::deposit(self);
+    }
+
+    fn withdraw(&self) -> bool {
+        RetryBudget::withdraw(self)
+    }
+}
+
+impl fmt::Debug for RetryBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryBudget")
+            .field("ratio_ppm", &self.ratio_ppm)
+            .field("floor", &self.floor)
+            .field("window", &(self.slot * SLOTS as u32))
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tower::retry::budget::{Budget, TpsBudget};
+
+    fn budget(ratio: f64, floor: u32) -> RetryBudget {
+        RetryBudget::new(&BudgetConfig::default().ratio(ratio).floor(floor)).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn whole_number_ratio_unlike_tower_tps_budget() {
+        let ours = budget(0.3, 0);
+        let tower = TpsBudget::new(Duration::from_secs(10), 0, 0.3);
+        for _ in 0..1_000 {
+            ours.deposit();
+            Budget::deposit(&tower);
+        }
+        let ours_granted = (0..1_000).filter(|_| ours.withdraw()).count();
+        let tower_granted = (0..1_000).filter(|_| Budget::withdraw(&tower)).count();
+        assert_eq!(ours_granted, 300);
+        // tower charges ⌊1/0.3⌋ = 3 deposits per retry.
+        assert_eq!(tower_granted, 333);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn floor_allows_retries_without_traffic_and_the_window_slides() {
+        let b = budget(0.1, 2);
+        assert!(b.withdraw());
+        assert!(b.withdraw());
+        assert!(!b.withdraw(), "the floor is spent");
+        for _ in 0..10 {
+            b.deposit();
+        }
+        assert!(b.withdraw(), "ten requests earn one retry");
+        assert!(!b.withdraw());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let stats = b.stats();
+        assert_eq!((stats.requests, stats.retries, stats.remaining), (0, 0, 2));
+    }
+
+    #[test]
+    fn refuses_bad_fields_by_name() {
+        for (config, field) in [
+            (BudgetConfig::default().ratio(f64::NAN), "budget.ratio"),
+            (BudgetConfig::default().ratio(2000.0), "budget.ratio"),
+            (
+                BudgetConfig::default().window(Duration::from_millis(1)),
+                "budget.window",
+            ),
+        ] {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{err} should name {field}");
+        }
+    }
+
+    proptest! {
+        /// At every grant, the window's retries stay within floor + ⌊ratio × requests⌋.
+        #[test]
+        fn grants_never_pass_the_allowance(
+            ops in prop::collection::vec((0u8..3, 0u64..400), 1..400),
+            ratio_pct in 0u32..100,
+            floor in 0u32..5,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+            rt.block_on(async {
+                let ratio = f64::from(ratio_pct) / 100.0;
+                let b = budget(ratio, floor);
+                for (op, wait_ms) in ops {
+                    tokio::time::advance(Duration::from_millis(wait_ms)).await;
+                    if op == 0 {
+                        if b.withdraw() {
+                            let s = b.stats();
+                            let allowed = u64::from(floor) + s.requests * u64::from(ratio_pct) / 100;
+                            prop_assert!(s.retries <= allowed, "{s:?} allowed {allowed}");
+                        }
+                    } else {
+                        b.deposit();
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
