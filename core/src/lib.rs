@@ -4,6 +4,7 @@
 mod backoff;
 mod budget;
 mod deadline;
+mod endpoint;
 mod error;
 mod hash;
 #[cfg(feature = "http")]
@@ -15,6 +16,7 @@ mod retry_after;
 pub use backoff::{Backoff, Jitter};
 pub use budget::{BudgetConfig, BudgetStats, RetryBudget};
 pub use deadline::{Deadline, RequestExtensions};
+pub use endpoint::{EndpointId, EndpointKey};
 pub use error::{BoxError, ConfigError, ErrorKind, KeelError, KindProbe, find_kind, kind_of};
 pub use hash::{stable_hash, stable_hash_seeded};
 #[cfg(feature = "http")]
