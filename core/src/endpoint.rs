@@ -4,8 +4,14 @@
 use std::borrow::Borrow;
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use crate::outcome::Outcome;
+
+/// Where outcomes that routing imposed are reported; see
+/// [`EndpointId::set_reporter`].
+pub type Reporter = Arc<dyn Fn(&EndpointId, Outcome) + Send + Sync>;
 
 /// An endpoint's id: cheap to clone, compared, ordered and hashed as its
 /// name, and carrying two live cells that whoever discovers the endpoint
@@ -14,7 +20,12 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 /// - its **weight** in [0, 1] (keel-health writes slow start and busy
 ///   dampening here; the balancer scales the endpoint's share by it), and
 /// - its **capacity**, the requests it can serve at once (its batch slots;
-///   the balancer never sends more).
+///   the balancer never sends more),
+///
+/// and a **reporter**: outcomes the router imposed itself (an attempt
+/// timeout, a deadline that cancelled a call in flight) are reported
+/// through it to whoever keeps the endpoint's health, so a node that times
+/// out every request is ejected like one that fails.
 ///
 /// Clones share the cells; two ids built separately from the same name are
 /// equal but have cells of their own.
@@ -38,6 +49,7 @@ struct Cells {
     weight: AtomicU64,
     /// 0: not known.
     capacity: AtomicU32,
+    reporter: OnceLock<Reporter>,
 }
 
 impl EndpointId {
@@ -47,6 +59,7 @@ impl EndpointId {
             name: name.into(),
             weight: AtomicU64::new(1f64.to_bits()),
             capacity: AtomicU32::new(0),
+            reporter: OnceLock::new(),
         }))
     }
 
@@ -71,6 +84,14 @@ impl EndpointId {
             weight.clamp(0.0, 1.0)
         };
         self.0.weight.store(weight.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Installs the reporter [`EndpointKey::report`] calls (keel-health
+    /// installs one on the ids it publishes). Set once; returns `false`
+    /// when one was already set. The reporter runs on the request path and
+    /// must not block; hold the health registry weakly to avoid a cycle.
+    pub fn set_reporter(&self, reporter: Reporter) -> bool {
+        self.0.reporter.set(reporter).is_ok()
     }
 
     /// Sets the capacity (`None` or `Some(0)`: not known).
@@ -99,6 +120,13 @@ pub trait EndpointKey {
     fn capacity(&self) -> Option<u32> {
         None
     }
+
+    /// Reports an outcome the router imposed on a call to this endpoint (an
+    /// attempt timeout or a deadline that cancelled it in flight:
+    /// [`FailureKind::Timeout`](crate::FailureKind::Timeout)). Default: dropped.
+    fn report(&self, outcome: Outcome) {
+        let _ = outcome;
+    }
 }
 
 impl EndpointKey for EndpointId {
@@ -110,6 +138,12 @@ impl EndpointKey for EndpointId {
         match self.0.capacity.load(Ordering::Relaxed) {
             0 => None,
             slots => Some(slots),
+        }
+    }
+
+    fn report(&self, outcome: Outcome) {
+        if let Some(reporter) = self.0.reporter.get() {
+            reporter(self, outcome);
         }
     }
 }
@@ -136,6 +170,10 @@ impl<K: EndpointKey + ?Sized> EndpointKey for &K {
 
     fn capacity(&self) -> Option<u32> {
         (**self).capacity()
+    }
+
+    fn report(&self, outcome: Outcome) {
+        (**self).report(outcome);
     }
 }
 
@@ -214,7 +252,11 @@ mod tests {
         map.insert(id.clone(), 1);
         assert_eq!(map.get("a"), Some(&1));
         id.set_weight(0.5);
-        assert_eq!(map.keys().next().unwrap().weight(), 0.5, "clones share the cell");
+        assert_eq!(
+            map.keys().next().unwrap().weight(),
+            0.5,
+            "clones share the cell"
+        );
         id.set_weight(7.0);
         assert_eq!(id.weight(), 1.0, "clamped");
         id.set_weight(f64::NAN);
@@ -222,5 +264,26 @@ mod tests {
         id.set_capacity(Some(0));
         assert_eq!(id.capacity(), None);
         assert_eq!(3usize.weight(), 1.0);
+    }
+
+    #[test]
+    fn reports_reach_the_reporter_once_installed() {
+        use std::sync::atomic::AtomicUsize;
+        let id = EndpointId::new("a");
+        id.report(Outcome::Success); // no reporter: dropped
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = seen.clone();
+        assert!(id.set_reporter(Arc::new(move |id: &EndpointId, outcome| {
+            assert_eq!(id.as_str(), "a");
+            assert!(outcome.is_failure());
+            counter.fetch_add(1, Ordering::Relaxed);
+        })));
+        assert!(
+            !id.set_reporter(Arc::new(|_: &EndpointId, _| {})),
+            "set once"
+        );
+        id.clone()
+            .report(Outcome::failure(crate::FailureKind::Timeout));
+        assert_eq!(seen.load(Ordering::Relaxed), 1);
     }
 }

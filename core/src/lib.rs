@@ -16,7 +16,7 @@ mod retry_after;
 pub use backoff::{Backoff, Jitter};
 pub use budget::{BudgetConfig, BudgetStats, RetryBudget};
 pub use deadline::{Deadline, RequestExtensions};
-pub use endpoint::{EndpointId, EndpointKey};
+pub use endpoint::{EndpointId, EndpointKey, Reporter};
 pub use error::{BoxError, ConfigError, ErrorKind, KeelError, KindProbe, find_kind, kind_of};
 pub use hash::{stable_hash, stable_hash_seeded};
 #[cfg(feature = "http")]
