@@ -11,6 +11,9 @@ mod hash;
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 mod http;
 mod outcome;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 mod retry_after;
 
 pub use backoff::{Backoff, Jitter};

@@ -1,0 +1,207 @@
+//! Settings of a Redis connection pool.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// How to reach one Redis server, shared by every Keel component that
+/// talks to it.
+///
+/// Durations deserialize from human strings (`"50ms"`).
+///
+/// ```
+/// use std::time::Duration;
+/// use keel_core::redis::RedisConfig;
+///
+/// let config = RedisConfig::new("redis://:secret@127.0.0.1:6379")
+///     .pool_size(8)
+///     .operation_timeout(Duration::from_millis(200));
+/// assert!(config.validate().is_ok());
+/// assert!(!format!("{config:?}").contains("secret"));
+/// let err = config.clone().pool_size(0).validate().unwrap_err();
+/// assert_eq!(err.field, "redis.pool_size");
+/// ```
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct RedisConfig {
+    /// The server, e.g. `redis://127.0.0.1:6379` (`rediss://` for TLS).
+    /// Default `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// Multiplexed connections kept open and shared by all operations.
+    /// Default 8.
+    pub pool_size: usize,
+    /// Longest opening a connection (and waiting for one from the pool)
+    /// may take. Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest one command may wait for its answer before it fails as a
+    /// timeout. Default 2 s. Components with tighter budgets (a cache
+    /// tier) apply their own, shorter timeout on top.
+    #[serde(with = "humantime_serde")]
+    pub operation_timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(2),
+            operation_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RedisConfig {
+    /// Defaults for the server at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            ..RedisConfig::default()
+        }
+    }
+
+    /// Sets [`pool_size`](Self::pool_size).
+    #[must_use]
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// Sets [`connect_timeout`](Self::connect_timeout).
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets [`operation_timeout`](Self::operation_timeout).
+    #[must_use]
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// The URL with any password replaced by `***`, safe to log.
+    pub fn redacted_url(&self) -> String {
+        redacted_url(&self.url)
+    }
+
+    /// Checks every field, naming the first bad one (`redis.url`,
+    /// `redis.pool_size`, `redis.connect_timeout`,
+    /// `redis.operation_timeout`).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the field and what is accepted.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        // The client library's own parser decides what a usable URL is.
+        if let Err(err) = ::redis::IntoConnectionInfo::into_connection_info(self.url.as_str()) {
+            return Err(ConfigError::new(
+                "redis.url",
+                format!(
+                    "not a usable redis:// or rediss:// URL ({}): {err}",
+                    redacted_url(&self.url)
+                ),
+            ));
+        }
+        if self.pool_size == 0 {
+            return Err(ConfigError::new("redis.pool_size", "must be at least 1"));
+        }
+        if self.connect_timeout < Duration::from_millis(1) {
+            return Err(ConfigError::new(
+                "redis.connect_timeout",
+                "must be at least 1 ms",
+            ));
+        }
+        if self.operation_timeout < Duration::from_millis(1) {
+            return Err(ConfigError::new(
+                "redis.operation_timeout",
+                "must be at least 1 ms",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redacted_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("operation_timeout", &self.operation_timeout)
+            .finish()
+    }
+}
+
+impl fmt::Display for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redacted_url(&self.url))
+    }
+}
+
+/// `url` with any password replaced by `***` (an unparseable URL is shown
+/// as `<unparseable url>` rather than risk printing a secret).
+///
+/// ```
+/// use keel_core::redis::redacted_url;
+///
+/// assert_eq!(redacted_url("redis://user:pw@host:6379/0"), "redis://user:***@host:6379/0");
+/// assert_eq!(redacted_url("redis://host:6379"), "redis://host:6379");
+/// ```
+pub fn redacted_url(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => "<unparseable url>".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_bad_fields_by_name() {
+        for (config, field) in [
+            (RedisConfig::new("http://x"), "redis.url"),
+            (RedisConfig::default().pool_size(0), "redis.pool_size"),
+            (
+                RedisConfig::default().connect_timeout(Duration::ZERO),
+                "redis.connect_timeout",
+            ),
+            (
+                RedisConfig::default().operation_timeout(Duration::ZERO),
+                "redis.operation_timeout",
+            ),
+        ] {
+            assert_eq!(config.validate().unwrap_err().field, field);
+        }
+    }
+
+    #[test]
+    fn a_bad_url_error_does_not_leak_the_password() {
+        let err = RedisConfig::new("redis://:hunter2@[::1")
+            .validate()
+            .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn reads_human_durations_and_hides_the_password() {
+        let config: RedisConfig =
+            serde_json::from_str(r#"{"url":"redis://:pw@h:1","operation_timeout":"50ms"}"#)
+                .unwrap();
+        assert_eq!(config.operation_timeout, Duration::from_millis(50));
+        assert_eq!(config.to_string(), "redis://:***@h:1");
+        assert!(!format!("{config:?}").contains("pw"));
+    }
+}
