@@ -58,13 +58,20 @@
 
 mod namespace;
 mod proxy;
+#[cfg(feature = "redis")]
 mod redis_server;
 mod servers;
 
-pub use namespace::{Namespace, redis_cleanup};
+pub use namespace::Namespace;
+#[cfg(feature = "redis")]
+pub use namespace::redis_cleanup;
 pub use proxy::{Direction, FaultProxy, Latency};
+#[cfg(feature = "redis")]
 pub use redis_server::RedisServer;
+#[cfg(feature = "amqp")]
+pub use servers::require_amqp;
+#[cfg(feature = "redis")]
+pub use servers::require_redis;
 pub use servers::{
     DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, START_RABBITMQ, START_REDIS, amqp_url, redis_url,
-    require_amqp, require_redis,
 };

@@ -2,8 +2,10 @@
 //! keys and queues, and clean-up that runs when the test ends.
 
 use std::fmt;
+#[cfg(feature = "redis")]
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+#[cfg(feature = "redis")]
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -15,6 +17,7 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 const MAX_NAME_LEN: usize = 40;
 
 /// How long one step of [`redis_cleanup`] may block.
+#[cfg(feature = "redis")]
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(3);
 
 type CleanupFn = Box<dyn FnOnce() + Send + 'static>;
@@ -113,6 +116,7 @@ impl Namespace {
     /// Registers [`redis_cleanup`] of this prefix on the Redis at `url`, to
     /// run when the namespace is dropped. A failed clean-up is logged, not
     /// raised.
+    #[cfg(feature = "redis")]
     #[must_use]
     pub fn with_redis_cleanup(self, url: impl Into<String>) -> Self {
         let url = url.into();
@@ -147,6 +151,7 @@ impl Drop for Namespace {
 ///
 /// Fails if the URL is invalid, the server cannot be reached, or a command
 /// fails.
+#[cfg(feature = "redis")]
 pub fn redis_cleanup(url: &str, prefix: &str) -> io::Result<usize> {
     let fail = |error: redis::RedisError| {
         io::Error::other(format!(
@@ -190,6 +195,7 @@ pub fn redis_cleanup(url: &str, prefix: &str) -> io::Result<usize> {
 }
 
 /// Escapes the characters Redis glob patterns treat specially.
+#[cfg(feature = "redis")]
 fn escape_glob(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
     for c in text.chars() {
@@ -240,6 +246,7 @@ mod tests {
         assert_eq!(*log.lock(), vec![2, 1]);
     }
 
+    #[cfg(feature = "redis")]
     #[test]
     fn escapes_glob_characters() {
         assert_eq!(escape_glob(r"a*b?c[d]e\f"), r"a\*b\?c\[d\]e\\f");

@@ -1,6 +1,7 @@
 //! Where the shared test servers are, and checks that fail loudly when they
 //! are missing.
 
+#[cfg(any(feature = "redis", feature = "amqp"))]
 use std::time::Duration;
 
 /// The Redis URL used when `REDIS_URL` is not set.
@@ -19,9 +20,11 @@ pub const START_RABBITMQ: &str = "RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 ERL_EPMD_AD
                                   rabbitmq-server -detached && rabbitmqctl await_startup";
 
 /// How long [`require_redis`] waits for `PING`.
+#[cfg(feature = "redis")]
 const REDIS_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long [`require_amqp`] waits for a connection.
+#[cfg(feature = "amqp")]
 const AMQP_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The Redis the tests use: `REDIS_URL`, or [`DEFAULT_REDIS_URL`].
@@ -52,6 +55,7 @@ fn env_or(var: &str, default: &str) -> String {
 /// Panics when Redis does not answer, with the URL, the error, and the
 /// command that starts it ([`START_REDIS`]), so a test can never pass
 /// because its server was missing.
+#[cfg(feature = "redis")]
 pub async fn require_redis() -> String {
     let url = redis_url();
     if let Err(error) = crate::redis_server::ping(&url, REDIS_CHECK_TIMEOUT).await {
@@ -74,6 +78,7 @@ pub async fn require_redis() -> String {
 /// Panics when RabbitMQ does not accept the connection, with the URL, the
 /// error, and the command that starts it ([`START_RABBITMQ`]), so a test can
 /// never pass because its server was missing.
+#[cfg(feature = "amqp")]
 pub async fn require_amqp() -> String {
     let url = amqp_url();
     let connect = lapin::Connection::connect(&url, lapin::ConnectionProperties::default());

@@ -1,4 +1,5 @@
 //! Namespaces and their Redis clean-up, against the shared Redis.
+#![cfg(feature = "redis")]
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -1,4 +1,5 @@
 //! The fault proxy in front of the shared RabbitMQ.
+#![cfg(feature = "amqp")]
 
 use std::time::Duration;
 

@@ -1,4 +1,5 @@
 //! The fault proxy in front of the shared Redis.
+#![cfg(feature = "redis")]
 
 use std::time::Duration;
 

@@ -1,4 +1,5 @@
 //! A spawned `redis-server`: start, kill, restart, drop.
+#![cfg(feature = "redis")]
 
 use std::net::SocketAddr;
 use std::time::Duration;
