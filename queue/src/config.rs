@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rand::Rng;
+use keel_core::{Backoff, ConfigError, Jitter};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -40,10 +40,13 @@ pub struct QueueConfig {
     pub priority_levels: u8,
     /// Deliveries before a failing job is dead-lettered. Default 5.
     pub max_attempts: u32,
-    /// First retry delay; doubles each attempt. Default 1 s.
+    /// First retry delay; doubles each attempt (a [`keel_core::Backoff`]
+    /// with equal jitter, see [`retry_backoff`](Self::retry_backoff)).
+    /// Greater than zero. Default 1 s.
     #[serde(with = "humantime_serde")]
     pub backoff_base: Duration,
-    /// Longest retry delay. Default 5 min.
+    /// Longest retry delay; at least `backoff_base`, at most 24 h.
+    /// Default 5 min.
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
     /// How long an idempotency key is remembered. Default 1 h.
@@ -136,32 +139,46 @@ impl QueueConfig {
         if self.max_attempts == 0 {
             return Err(Error::config("max_attempts", "must be at least 1"));
         }
-        if self.backoff_base > self.backoff_max {
-            return Err(Error::config(
-                "backoff_base",
-                "must not exceed `backoff_max`",
-            ));
-        }
+        self.try_backoff()?;
         if self.dedup_window.is_zero() {
             return Err(Error::config("dedup_window", "must be greater than zero"));
         }
         Ok(())
     }
 
-    /// The retry delay after failed delivery number `attempt` (1-based):
-    /// exponential from `backoff_base`, capped at `backoff_max`, with equal
-    /// jitter (half fixed, half random) so retries of jobs that failed
-    /// together spread out instead of returning together.
+    /// The retry backoff: exponential from `backoff_base`, capped at
+    /// `backoff_max`, with [`Jitter::Equal`] (half fixed, half random), so
+    /// retries of jobs that failed together spread out instead of returning
+    /// together, and a failed job is never handed straight back.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming `backoff_base` or `backoff_max`.
+    pub fn retry_backoff(&self) -> Result<Backoff> {
+        self.try_backoff()
+    }
+
+    fn try_backoff(&self) -> Result<Backoff> {
+        Backoff::new(self.backoff_base, self.backoff_max)
+            .map(|backoff| backoff.jitter(Jitter::Equal))
+            .map_err(|err| {
+                // Name the field as this config spells it.
+                let field = match err.field {
+                    "backoff.base" => "backoff_base",
+                    "backoff.max" => "backoff_max",
+                    other => other,
+                };
+                Error::InvalidConfig(ConfigError::new(field, err.reason))
+            })
+    }
+
+    /// The retry delay after failed delivery number `attempt` (1-based),
+    /// drawn from [`retry_backoff`](Self::retry_backoff). Backends validate
+    /// their config when built; a config that fails
+    /// [`validate`](Self::validate) gets `backoff_base`.
     pub fn backoff_for(&self, attempt: u32) -> Duration {
-        let exp = attempt.saturating_sub(1).min(31);
-        let full = self
-            .backoff_base
-            .saturating_mul(1u32 << exp)
-            .min(self.backoff_max);
-        let half = full / 2;
-        let jitter_nanos =
-            rand::rng().random_range(0..=half.as_nanos().min(u64::MAX as u128) as u64);
-        half + Duration::from_nanos(jitter_nanos)
+        self.try_backoff()
+            .map_or(self.backoff_base, |backoff| backoff.delay(attempt))
     }
 
     /// The reason a job is dead-lettered after its last attempt failed.
@@ -184,20 +201,6 @@ impl QueueConfig {
     }
 }
 
-/// `url` with any password replaced by `***` (an unparseable URL is shown
-/// as such rather than risk printing a secret).
-#[cfg_attr(not(any(feature = "redis", feature = "amqp")), allow(dead_code))]
-pub(crate) fn redacted_url(text: &str) -> String {
-    match url::Url::parse(text) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        Ok(parsed) => parsed.to_string(),
-        Err(_) => "<unparseable url>".to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,6 +214,10 @@ mod tests {
             (QueueConfig::new("q{x}"), "name"),
             (
                 QueueConfig::new("q").backoff(Duration::from_secs(2), Duration::from_secs(1)),
+                "backoff_max",
+            ),
+            (
+                QueueConfig::new("q").backoff(Duration::ZERO, Duration::from_secs(1)),
                 "backoff_base",
             ),
         ];
@@ -218,13 +225,6 @@ mod tests {
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains(field), "{err} should name {field}");
         }
-    }
-
-    #[test]
-    fn hides_passwords() {
-        assert_eq!(redacted_url("redis://:pw@h:1/0"), "redis://:***@h:1/0");
-        assert_eq!(redacted_url("amqp://u:pw@h:1/%2f"), "amqp://u:***@h:1/%2f");
-        assert_eq!(redacted_url("redis://h:1"), "redis://h:1");
     }
 
     #[test]

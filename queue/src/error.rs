@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use keel_core::{ConfigError, ErrorKind, KeelError};
+
 /// A boxed error from a backend library, kept as the [`std::error::Error::source`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -9,7 +11,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 ///
 /// Every variant says whether trying again can help: see [`Error::is_retryable`].
 /// Backend errors are classified into these variants in exactly one place per
-/// backend; no backend library type appears here.
+/// backend; no backend library type appears here. It implements
+/// [`KeelError`], so an application maps it (and any Keel error) with one
+/// `match` over [`ErrorKind`]; it is registered with
+/// [`keel_core::kind_of`], so it keeps its kind inside a `BoxError`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -69,14 +74,10 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
-    /// A configuration field is invalid; the component was not built.
-    #[error("invalid queue config `{field}`: {reason}")]
-    InvalidConfig {
-        /// The field's name.
-        field: &'static str,
-        /// Why it was refused and what is accepted.
-        reason: String,
-    },
+    /// A configuration field is invalid; the component was not built. The
+    /// [`ConfigError`] names the field.
+    #[error(transparent)]
+    InvalidConfig(#[from] ConfigError),
     /// The backend answered with an error we did not expect.
     #[error("queue backend error: {message}")]
     Backend {
@@ -85,16 +86,6 @@ pub enum Error {
         /// The underlying cause.
         #[source]
         source: Option<BoxError>,
-    },
-    /// The operation was already retried by an inner layer; outer layers
-    /// must not retry it again.
-    #[error("gave up after {attempts} attempts")]
-    RetriesExhausted {
-        /// How many attempts were made.
-        attempts: u32,
-        /// The last error.
-        #[source]
-        source: Box<Error>,
     },
 }
 
@@ -111,9 +102,8 @@ impl Error {
             Error::Unsupported { .. } => false,
             Error::Codec { .. } => false,
             Error::InvalidArgument { .. } => false,
-            Error::InvalidConfig { .. } => false,
+            Error::InvalidConfig(_) => false,
             Error::Backend { .. } => false,
-            Error::RetriesExhausted { .. } => false,
         }
     }
 
@@ -126,12 +116,32 @@ impl Error {
     }
 
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidConfig {
-            field,
-            reason: reason.into(),
-        }
+        Error::InvalidConfig(ConfigError::new(field, reason))
     }
 }
+
+impl KeelError for Error {
+    /// An exhaustive match with no `_` arm: a new variant forces a decision.
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Unavailable { .. } => ErrorKind::Unavailable { retry_after: None },
+            Error::Timeout(_) => ErrorKind::DeadlineExceeded,
+            Error::Full { .. } => ErrorKind::QueueFull,
+            Error::InvalidReceipt(_) => ErrorKind::NotFound,
+            Error::Unsupported { .. } => ErrorKind::Internal,
+            Error::Codec { .. } => ErrorKind::InvalidInput,
+            Error::InvalidArgument { .. } => ErrorKind::InvalidInput,
+            Error::InvalidConfig(_) => ErrorKind::Internal,
+            Error::Backend { .. } => ErrorKind::Internal,
+        }
+    }
+
+    fn is_retryable(&self) -> bool {
+        Error::is_retryable(self)
+    }
+}
+
+keel_core::register_error_kind!(Error);
 
 /// `Result` with the queue's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -144,11 +154,28 @@ mod tests {
     fn full_is_retryable_and_config_is_not() {
         assert!(Error::Full { capacity: 3 }.is_retryable());
         assert!(!Error::config("capacity", "must be > 0").is_retryable());
-        let wrapped = Error::RetriesExhausted {
-            attempts: 3,
-            source: Box::new(Error::Timeout(Duration::from_secs(1))),
+        assert!(Error::Timeout(Duration::from_secs(1)).is_retryable());
+    }
+
+    #[test]
+    fn kinds_map_in_one_match() {
+        assert_eq!(Error::Full { capacity: 3 }.kind(), ErrorKind::QueueFull);
+        assert_eq!(
+            Error::Timeout(Duration::from_secs(1)).kind(),
+            ErrorKind::DeadlineExceeded
+        );
+        assert_eq!(
+            Error::config("capacity", "must be > 0").kind(),
+            ErrorKind::Internal
+        );
+        let codec = Error::Codec {
+            message: "bad".into(),
+            source: None,
         };
-        assert!(!wrapped.is_retryable());
+        assert_eq!(codec.kind(), ErrorKind::InvalidInput);
+        // Behind a BoxError (a tower stack), the kind is still found.
+        let boxed: BoxError = Box::new(Error::Full { capacity: 1 });
+        assert_eq!(keel_core::kind_of(boxed.as_ref()), ErrorKind::QueueFull);
     }
 
     #[test]

@@ -66,7 +66,7 @@ async fn own_server() -> RedisServer {
 /// Builds a queue on `url` with a short operation timeout.
 async fn connect(url: &str, name: &str, operation_timeout: Duration) -> RedisQueue {
     let mut config = RedisQueueConfig::new(url, QueueConfig::new(name).capacity(100_000));
-    config.operation_timeout = operation_timeout;
+    config.redis.operation_timeout = operation_timeout;
     config.max_block = Duration::from_secs(1);
     RedisQueue::connect(config)
         .await
@@ -417,8 +417,8 @@ async fn blackhole_with_a_command_in_flight() {
         let name = ns.name("q");
         let mut config =
             RedisQueueConfig::new(proxy.url_for(&url), QueueConfig::new(&name).capacity(1_000));
-        config.operation_timeout = OP_TIMEOUT;
-        config.pool_size = 1;
+        config.redis.operation_timeout = OP_TIMEOUT;
+        config.redis.pool_size = 1;
         let queue = RedisQueue::connect(config).await.expect("connect");
         let tally: Shared = Arc::default();
         let give_up = Instant::now() + PROGRESS_LIMIT;

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use keel_core::{ConfigError, ErrorKind, KeelError};
+
 /// A boxed error from a service or a backend, kept as the
 /// [`std::error::Error::source`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -63,7 +65,9 @@ impl std::fmt::Display for Rejection {
 /// [`Error::Rejected`], [`Error::DeadlineExceeded`], the service's own
 /// failure ([`Error::Service`]), or [`Error::Closed`] when the scheduler
 /// stops under it. Every variant says whether trying again can help: see
-/// [`Error::is_retryable`].
+/// [`Error::is_retryable`]. It implements [`KeelError`] (so an application
+/// maps it with one `match` over [`ErrorKind`]) and is registered with
+/// [`keel_core::kind_of`]; a service error inside keeps its own kind.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -91,7 +95,9 @@ pub enum Error {
     #[error("queue operation failed")]
     Queue(#[source] keel_queue::Error),
     /// A shared rate limiter's backend could not be reached or answered
-    /// something unexpected.
+    /// something unexpected. With the `redis` feature the source is a
+    /// [`keel_core::redis::RedisError`], whose classification decides
+    /// whether a retry can help.
     #[error("rate limiter unavailable: {message}")]
     RateLimiter {
         /// What was being attempted.
@@ -100,14 +106,10 @@ pub enum Error {
         #[source]
         source: Option<BoxError>,
     },
-    /// A configuration field is invalid; the component was not built.
-    #[error("invalid scheduler config `{field}`: {reason}")]
-    InvalidConfig {
-        /// The field's name.
-        field: &'static str,
-        /// Why it was refused and what is accepted.
-        reason: String,
-    },
+    /// A configuration field is invalid; the component was not built. The
+    /// [`ConfigError`] names the field.
+    #[error(transparent)]
+    InvalidConfig(#[from] ConfigError),
 }
 
 impl Error {
@@ -124,8 +126,11 @@ impl Error {
             Error::Service(_) => false,
             Error::Closed { .. } => false,
             Error::Queue(err) => err.is_retryable(),
-            Error::RateLimiter { .. } => true,
-            Error::InvalidConfig { .. } => false,
+            Error::RateLimiter { source, .. } => source
+                .as_deref()
+                .and_then(|source| keel_core::find_kind(source))
+                .is_none_or(|kind| kind.is_retryable()),
+            Error::InvalidConfig(_) => false,
         }
     }
 
@@ -146,10 +151,7 @@ impl Error {
     }
 
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidConfig {
-            field,
-            reason: reason.into(),
-        }
+        Error::InvalidConfig(ConfigError::new(field, reason))
     }
 
     pub(crate) fn closed(reason: impl Into<String>) -> Self {
@@ -158,6 +160,47 @@ impl Error {
         }
     }
 }
+
+impl Rejection {
+    /// The [`ErrorKind`] of this rejection.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Rejection::RateLimited { retry_after } => ErrorKind::RateLimited {
+                retry_after: Some(*retry_after),
+            },
+            Rejection::Overloaded { retry_after } => ErrorKind::Overloaded {
+                retry_after: Some(*retry_after),
+            },
+            Rejection::QueueFull => ErrorKind::QueueFull,
+        }
+    }
+}
+
+impl KeelError for Error {
+    /// An exhaustive match with no `_` arm: a new variant forces a decision.
+    /// A service error keeps its own kind ([`keel_core::kind_of`]: a
+    /// balancer's `Overloaded` stays `Overloaded`).
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Rejected(rejection) => rejection.kind(),
+            Error::DeadlineExceeded { .. } => ErrorKind::DeadlineExceeded,
+            Error::Service(source) => keel_core::kind_of(source.as_ref()),
+            Error::Closed { .. } => ErrorKind::Unavailable { retry_after: None },
+            Error::Queue(err) => err.kind(),
+            Error::RateLimiter { source, .. } => source
+                .as_deref()
+                .and_then(|source| keel_core::find_kind(source))
+                .unwrap_or(ErrorKind::Unavailable { retry_after: None }),
+            Error::InvalidConfig(_) => ErrorKind::Internal,
+        }
+    }
+
+    fn is_retryable(&self) -> bool {
+        Error::is_retryable(self)
+    }
+}
+
+keel_core::register_error_kind!(Error);
 
 impl From<Rejection> for Error {
     fn from(rejection: Rejection) -> Self {
@@ -200,6 +243,55 @@ mod tests {
         let err = Error::config("max_queued", "must be at least 1");
         assert!(!err.is_retryable());
         assert!(err.to_string().contains("max_queued"), "{err}");
+    }
+
+    #[test]
+    fn kinds_map_in_one_match() {
+        let limited = Error::from(Rejection::RateLimited {
+            retry_after: Duration::from_millis(250),
+        });
+        assert_eq!(
+            limited.kind(),
+            ErrorKind::RateLimited {
+                retry_after: Some(Duration::from_millis(250))
+            }
+        );
+        assert_eq!(
+            Error::from(Rejection::QueueFull).kind(),
+            ErrorKind::QueueFull
+        );
+        let expired = Error::DeadlineExceeded {
+            waited: Duration::ZERO,
+        };
+        assert_eq!(expired.kind(), ErrorKind::DeadlineExceeded);
+        assert_eq!(
+            Error::from(keel_queue::Error::Full { capacity: 1 }).kind(),
+            ErrorKind::QueueFull
+        );
+        assert_eq!(Error::config("name", "empty").kind(), ErrorKind::Internal);
+        // Behind a BoxError, as a tower stack hands it out.
+        let boxed: BoxError = Box::new(limited);
+        assert!(matches!(
+            keel_core::kind_of(boxed.as_ref()),
+            ErrorKind::RateLimited { .. }
+        ));
+    }
+
+    #[test]
+    fn a_service_error_keeps_its_own_kind() {
+        // A Keel error from below (here the queue's) keeps its kind.
+        let inner: BoxError = Box::new(keel_queue::Error::Full { capacity: 1 });
+        assert_eq!(Error::Service(inner).kind(), ErrorKind::QueueFull);
+        let inner: BoxError = Box::new(Error::from(Rejection::Overloaded {
+            retry_after: Duration::from_secs(1),
+        }));
+        assert!(matches!(
+            Error::Service(inner).kind(),
+            ErrorKind::Overloaded { .. }
+        ));
+        // Anything unknown is the upstream's failure.
+        let inner: BoxError = "boom".into();
+        assert_eq!(Error::Service(inner).kind(), ErrorKind::Upstream);
     }
 
     #[test]

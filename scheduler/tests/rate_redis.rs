@@ -137,3 +137,73 @@ async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
     .await
     .expect("the test took too long");
 }
+
+/// One `RedisPool` for the whole process: a queue and a rate limiter built
+/// over the same pool both work against the real server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_and_a_limiter_share_one_pool() {
+    use keel_core::redis::{RedisConfig, RedisPool};
+    use keel_queue::{Job, Queue, QueueConfig, RedisQueue, RedisQueueConfig};
+
+    timeout(Duration::from_secs(20), async {
+        let url = require_redis().await;
+        let ns = Namespace::new("queue_and_limiter_share_a_pool").with_redis_cleanup(url.clone());
+        let pool = RedisPool::connect(RedisConfig::new(url.clone()).pool_size(4))
+            .await
+            .expect("connect the pool");
+        let queue = RedisQueue::with_pool(
+            pool.clone(),
+            RedisQueueConfig::with_redis(
+                pool.config().clone(),
+                QueueConfig::new(ns.name("jobs")).capacity(100),
+            ),
+        )
+        .await
+        .expect("a queue over the shared pool");
+        let limits = RateLimitConfig::new(ns.name("limits"))
+            .default_rates(TenantRates::default().requests(Rate::per_minute(2).burst(2)));
+        let limiter = RedisRateLimiter::with_pool(
+            pool.clone(),
+            RedisRateLimitConfig::with_redis(pool.config().clone(), limits).fail_open(false),
+        )
+        .expect("a limiter over the shared pool");
+
+        // Interleave both, so they really share the connections.
+        let tenant = TenantId::new("t");
+        queue.enqueue(Job::new("one")).await.unwrap();
+        assert_eq!(
+            limiter.acquire(&tenant, 1).await.unwrap(),
+            RateDecision::Allow
+        );
+        queue.enqueue(Job::new("two")).await.unwrap();
+        assert_eq!(
+            limiter.acquire(&tenant, 1).await.unwrap(),
+            RateDecision::Allow
+        );
+        assert!(matches!(
+            limiter.acquire(&tenant, 1).await.unwrap(),
+            RateDecision::Limited { .. }
+        ));
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let batch = queue
+                .dequeue(keel_queue::DequeueOptions::new(2).wait(Duration::from_secs(1)))
+                .await
+                .unwrap();
+            assert!(!batch.is_empty(), "both jobs are ready");
+            got.extend(batch);
+        }
+        let mut payloads: Vec<_> = got.iter().map(|d| d.payload.clone()).collect();
+        payloads.sort();
+        assert_eq!(payloads, ["one", "two"]);
+        queue
+            .ack_batch(&got.iter().map(|d| d.receipt.clone()).collect::<Vec<_>>())
+            .await
+            .unwrap();
+        assert_eq!(queue.stats().await.unwrap().ready, 0);
+        // The limiter kept its keys in the namespace too (cleaned up on drop).
+        assert_eq!(limiter.config().redis, *pool.config());
+    })
+    .await
+    .expect("the test took too long");
+}

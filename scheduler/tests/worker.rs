@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_queue::{Job, JobId, MemoryQueue, Queue, QueueConfig};
-use keel_scheduler::{
-    Outcome, RetryBudgetConfig, WorkItem, Worker, WorkerConfig, WorkerHandle, WorkerState,
-};
+use keel_scheduler::{Outcome, WorkItem, Worker, WorkerConfig, WorkerHandle, WorkerState};
 use parking_lot::Mutex;
 use tokio::time::{Instant, sleep, timeout};
 use tower::ServiceBuilder;
@@ -263,7 +261,7 @@ async fn a_spent_retry_budget_delays_retries() {
     });
     // No retries allowed at all: every retry waits out the delay.
     let config = config("w")
-        .retry_budget(RetryBudgetConfig::new(0, 0.0))
+        .retry_budget(keel_core::BudgetConfig::default().ratio(0.0).floor(0))
         .budget_exhausted_delay(Duration::from_secs(60));
     let worker = Worker::new(queue.clone(), config, handler).unwrap().spawn();
     until(Duration::from_secs(5), "three retries", || {

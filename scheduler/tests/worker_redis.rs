@@ -34,7 +34,7 @@ async fn a_worker_resumes_after_redis_restarts() {
         let mut server = RedisServer::start().await.expect("start redis-server");
         let ns = Namespace::new("worker_resumes_after_restart");
         let mut config = RedisQueueConfig::new(server.url(), QueueConfig::new(ns.name("q")));
-        config.operation_timeout = Duration::from_millis(500);
+        config.redis.operation_timeout = Duration::from_millis(500);
         config.max_block = Duration::from_millis(500);
         let queue = RedisQueue::connect(config).await.expect("connect");
         let handler = tower::service_fn(|_: WorkItem| async { Ok::<_, Infallible>(Outcome::Ack) });

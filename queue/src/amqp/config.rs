@@ -152,7 +152,7 @@ impl AmqpQueueConfig {
 impl fmt::Debug for AmqpQueueConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpQueueConfig")
-            .field("url", &crate::config::redacted_url(&self.url))
+            .field("url", &redacted_url(&self.url))
             .field("queue", &self.queue)
             .field("queue_type", &self.queue_type)
             .field("prefetch", &self.prefetch)
@@ -160,5 +160,17 @@ impl fmt::Debug for AmqpQueueConfig {
             .field("release_idle_after", &self.release_idle_after)
             .field("heartbeat", &self.heartbeat)
             .finish()
+    }
+}
+/// `url` with any password replaced by `***` (an unparseable URL is shown
+/// as such rather than risk printing a secret).
+pub(crate) fn redacted_url(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => "<unparseable url>".to_owned(),
     }
 }

@@ -534,7 +534,7 @@ impl AmqpQueue {
             Error::Unavailable { message, source } => Error::Unavailable {
                 message: format!(
                     "rabbitmq at {} does not answer ({message}); is it running?",
-                    crate::config::redacted_url(&config.url)
+                    self::config::redacted_url(&config.url)
                 ),
                 source,
             },

@@ -1,82 +1,68 @@
-//! The Redis backend's private error, classified into [`crate::Error`] in one place.
+//! The Redis backend's failures: classified once, by
+//! [`keel_core::redis::RedisError`], then mapped into [`crate::Error`] here.
+
+use keel_core::redis::{RedisError, RedisErrorKind};
 
 use crate::error::Error;
 
-/// What can go wrong talking to Redis.
-#[derive(Debug)]
-pub(crate) enum RedisFailure {
-    /// The client library failed.
-    Redis(::redis::RedisError),
-    /// The pool could not hand out a connection.
-    Pool(deadpool_redis::PoolError),
-    /// Redis answered something our scripts never return.
-    Protocol(String),
+/// What can go wrong talking to Redis: the shared classification.
+pub(crate) type RedisFailure = RedisError;
+
+/// Redis answered something our scripts never return.
+pub(crate) fn protocol_failure(message: impl Into<String>) -> RedisFailure {
+    RedisError::new(
+        RedisErrorKind::Protocol,
+        format!("unexpected answer from redis: {}", message.into()),
+    )
 }
 
-impl From<::redis::RedisError> for RedisFailure {
-    fn from(err: ::redis::RedisError) -> Self {
-        RedisFailure::Redis(err)
-    }
-}
-
-impl From<deadpool_redis::PoolError> for RedisFailure {
-    fn from(err: deadpool_redis::PoolError) -> Self {
-        RedisFailure::Pool(err)
-    }
-}
-
-impl From<::redis::ParsingError> for RedisFailure {
-    fn from(err: ::redis::ParsingError) -> Self {
-        RedisFailure::Protocol(err.to_string())
-    }
-}
-
-impl From<RedisFailure> for Error {
-    fn from(failure: RedisFailure) -> Self {
-        match failure {
-            RedisFailure::Redis(err)
-                if err.is_timeout()
-                    || err.is_io_error()
-                    || err.is_connection_dropped()
-                    || err.is_connection_refusal()
-                    || err.is_unrecoverable_error()
-                    || coming_back(&err) =>
-            {
-                Error::unavailable(
-                    "redis connection failed; it will be re-established on the next call",
-                    err,
-                )
+impl From<RedisError> for Error {
+    /// `Unavailable` (connection refused, dropped or timed out, `LOADING`,
+    /// failover) is [`Error::Unavailable`] and retryable; anything else is
+    /// [`Error::Backend`]. The core error is kept as the source.
+    fn from(err: RedisError) -> Self {
+        if err.is_retryable() {
+            Error::Unavailable {
+                message: "redis connection failed; it will be re-established on the next call"
+                    .into(),
+                source: Some(err.into()),
             }
-            RedisFailure::Redis(err) => Error::Backend {
+        } else {
+            Error::Backend {
                 message: "redis answered with an error".into(),
                 source: Some(err.into()),
-            },
-            RedisFailure::Pool(deadpool_redis::PoolError::Backend(err)) => {
-                Error::from(RedisFailure::Redis(err))
             }
-            RedisFailure::Pool(err) => Error::unavailable("no redis connection available", err),
-            RedisFailure::Protocol(message) => Error::Backend {
-                message: format!("unexpected answer from redis: {message}"),
-                source: None,
-            },
         }
     }
 }
 
-/// LOADING, TRYAGAIN, MASTERDOWN, CLUSTERDOWN: the server is coming back and
-/// waiting helps, also when the answer came for a command inside a pipeline
-/// or an aborted transaction.
-fn coming_back(err: &::redis::RedisError) -> bool {
-    let transient = |err: &::redis::RedisError| {
-        matches!(
-            err.retry_method(),
-            ::redis::RetryMethod::WaitAndRetry | ::redis::RetryMethod::RetryImmediately
-        )
-    };
-    transient(err)
-        || err.clone().into_server_errors().is_some_and(|errors| {
-            errors
-                .iter()
-                .any(|(_, error)| transient(&error.clone().into()))
-        })
+#[cfg(test)]
+mod tests {
+    use keel_core::{ErrorKind, KeelError};
+
+    use super::*;
+
+    #[test]
+    fn loading_is_retryable_like_everywhere_else() {
+        let core = RedisError::new(
+            RedisErrorKind::Unavailable,
+            "LOADING Redis is loading the dataset in memory",
+        );
+        let err = Error::from(core);
+        assert!(err.is_retryable(), "{err:?}");
+        assert_eq!(err.kind(), ErrorKind::Unavailable { retry_after: None });
+        assert!(
+            std::error::Error::source(&err)
+                .and_then(|s| s.downcast_ref::<RedisError>())
+                .is_some(),
+            "the core error is the source"
+        );
+    }
+
+    #[test]
+    fn a_server_error_is_not_retryable() {
+        let err = Error::from(RedisError::new(RedisErrorKind::Server, "WRONGTYPE"));
+        assert!(!err.is_retryable());
+        assert!(!Error::from(protocol_failure("odd")).is_retryable());
+    }
 }

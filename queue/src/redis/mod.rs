@@ -113,13 +113,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ::redis::{AsyncConnectionConfig, Script};
+use ::redis::Script;
 use async_trait::async_trait;
 use bytes::Bytes;
+use keel_core::redis::RedisPool;
 use tokio::time::Instant;
 
 pub use self::config::RedisQueueConfig;
-use self::error::RedisFailure;
+use self::error::{RedisFailure, protocol_failure};
 use self::lanes::Lanes;
 use self::read::DEQUEUE_MAX;
 use self::receipt::{Lease, invalid_receipt, parse_receipt};
@@ -260,25 +261,69 @@ fn decode_headers(text: &[u8]) -> Result<Headers> {
 }
 
 fn protocol(what: impl Into<String>) -> Error {
-    RedisFailure::Protocol(what.into()).into()
+    protocol_failure(what).into()
 }
 
 impl RedisQueue {
-    /// Connects to Redis and checks that it answers.
+    /// Connects to Redis (a pool of its own, built from `config.redis`)
+    /// and checks that it answers.
     ///
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] naming a bad field; [`Error::Unavailable`]
     /// or [`Error::Timeout`] when the server does not answer.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: nothing is written.
     pub async fn connect(config: RedisQueueConfig) -> Result<Self> {
         config.validate()?;
-        let pool = Self::pool(
-            &config,
-            config.pool_size,
-            Some(config.operation_timeout + Duration::from_secs(1)),
-        )?;
+        let pool = RedisPool::new(config.redis.clone())?;
+        let lanes = config.redis.pool_size;
+        Self::open(pool, config, lanes).await
+    }
+
+    /// A queue over a shared [`RedisPool`] (one pool per server for the
+    /// queue, the cache and the rate limiter of one process). The
+    /// connection settings are the pool's: `config.redis` is replaced by
+    /// [`RedisPool::config`]. The queue keeps at most half of the pool's
+    /// connections (at least one) checked out for its commands, so give a
+    /// shared pool at least two; its blocking reads use
+    /// `blocking_connections` connections of their own.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> keel_queue::Result<()> {
+    /// use keel_core::redis::{RedisConfig, RedisPool};
+    /// use keel_queue::{QueueConfig, RedisQueue, RedisQueueConfig};
+    ///
+    /// let pool = RedisPool::new(RedisConfig::new("redis://127.0.0.1:6379"))?;
+    /// let queue = RedisQueue::with_pool(
+    ///     pool.clone(),
+    ///     RedisQueueConfig::with_redis(pool.config().clone(), QueueConfig::new("embeddings")),
+    /// )
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming a bad field; [`Error::Unavailable`]
+    /// or [`Error::Timeout`] when the server does not answer.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: nothing is written.
+    pub async fn with_pool(pool: RedisPool, mut config: RedisQueueConfig) -> Result<Self> {
+        config.redis = pool.config().clone();
+        config.queue.validate()?;
+        config.validate_own()?;
+        let lanes = (config.redis.pool_size / 2).max(1);
+        Self::open(pool, config, lanes).await
+    }
+
+    async fn open(pool: RedisPool, config: RedisQueueConfig, lanes: usize) -> Result<Self> {
         // Blocking reads take up to `max_block`; our own timeout bounds them.
-        let blocking = Self::pool(&config, config.blocking_connections, None)?;
+        let blocking = pool.blocking_pool(config.blocking_connections)?;
         let ids = IdGen::new();
         let prefix = format!("keel:{{{}}}", config.queue.name);
         let queue = RedisQueue {
@@ -293,7 +338,7 @@ impl RedisQueue {
                 started: Instant::now(),
                 server_ahead_ms: AtomicI64::new(i64::MAX),
                 read_down_to: AtomicUsize::new(0),
-                lanes: Lanes::new(pool, config.pool_size),
+                lanes: Lanes::new(pool.deadpool().clone(), lanes),
                 blocking,
                 scripts: Scripts::new(),
                 metrics: QueueMetrics::new(BACKEND, &config.queue.name),
@@ -304,37 +349,13 @@ impl RedisQueue {
             Error::Unavailable { message, source } => Error::Unavailable {
                 message: format!(
                     "redis at {} does not answer ({message}); is it running?",
-                    crate::config::redacted_url(&queue.inner.config.url)
+                    queue.inner.config.redis.redacted_url()
                 ),
                 source,
             },
             other => other,
         })?;
         Ok(queue)
-    }
-
-    fn pool(
-        config: &RedisQueueConfig,
-        size: usize,
-        response_timeout: Option<Duration>,
-    ) -> Result<deadpool_redis::Pool> {
-        let connection = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(config.operation_timeout))
-            .set_response_timeout(response_timeout);
-        let manager = deadpool_redis::Manager::new_with_config(config.url.as_str(), connection)
-            .map_err(|err| Error::config("url", format!("not a usable redis URL: {err}")))?;
-        deadpool_redis::Pool::builder(manager)
-            .max_size(size)
-            .runtime(deadpool_redis::Runtime::Tokio1)
-            .wait_timeout(Some(config.operation_timeout))
-            .create_timeout(Some(config.operation_timeout))
-            // A health check that hangs means a dead connection: give up on
-            // it quickly and make a new one within the operation's budget.
-            .recycle_timeout(Some(
-                (config.operation_timeout / 4).max(Duration::from_millis(10)),
-            ))
-            .build()
-            .map_err(|err| Error::config("pool_size", format!("could not build the pool: {err}")))
     }
 
     /// The configuration the queue was built with.
@@ -347,7 +368,7 @@ impl RedisQueue {
         &self,
         fut: impl Future<Output = std::result::Result<T, RedisFailure>>,
     ) -> Result<T> {
-        let limit = self.inner.config.operation_timeout;
+        let limit = self.inner.config.redis.operation_timeout;
         match tokio::time::timeout(limit, fut).await {
             Ok(result) => result.map_err(Error::from),
             Err(_) => Err(Error::Timeout(limit)),

@@ -172,7 +172,7 @@ impl RedisQueue {
             if let Value::ServerError(err) = reply
                 && err.code() != "BUSYGROUP"
             {
-                return Err(RedisFailure::Redis(err.into()).into());
+                return Err(RedisFailure::from(::redis::RedisError::from(err)).into());
             }
         }
         Ok(())
@@ -235,7 +235,9 @@ impl RedisQueue {
                     }
                 }
                 Some(Value::ServerError(err)) => {
-                    housekeeping_failed = Some(Error::from(RedisFailure::Redis(err.into())));
+                    housekeeping_failed = Some(Error::from(RedisFailure::from(
+                        ::redis::RedisError::from(err),
+                    )));
                 }
                 Some(value) => match ::redis::from_redis_value::<(u64, u64)>(value) {
                     Ok((server_ms, _moved)) => {
@@ -263,7 +265,9 @@ impl RedisQueue {
                     out.push(Vec::new());
                 }
                 Value::ServerError(err) => {
-                    failed.get_or_insert(Error::from(RedisFailure::Redis(err.into())));
+                    failed.get_or_insert(Error::from(RedisFailure::from(
+                        ::redis::RedisError::from(err),
+                    )));
                     out.push(Vec::new());
                 }
                 value => {
@@ -506,17 +510,18 @@ impl RedisQueue {
     /// or for a read elsewhere to give entries back (the wake stream).
     pub(super) async fn block_for_new(&self, last_ids: &[String], block: Duration) -> Result<()> {
         let inner = &self.inner;
-        let conn = match tokio::time::timeout(inner.config.operation_timeout, inner.blocking.get())
-            .await
-        {
-            Ok(Ok(conn)) => conn,
-            // Every blocking connection is busy (or Redis is unreachable):
-            // wait without one; the next look at the queue reports errors.
-            _ => {
-                tokio::time::sleep(block).await;
-                return Ok(());
-            }
-        };
+        let conn =
+            match tokio::time::timeout(inner.config.redis.operation_timeout, inner.blocking.get())
+                .await
+            {
+                Ok(Ok(conn)) => conn,
+                // Every blocking connection is busy (or Redis is unreachable):
+                // wait without one; the next look at the queue reports errors.
+                _ => {
+                    tokio::time::sleep(block).await;
+                    return Ok(());
+                }
+            };
         let mut guard = DetachOnDrop(Some(conn));
         let mut cmd = ::redis::cmd("XREAD");
         cmd.arg("COUNT")
@@ -533,14 +538,14 @@ impl RedisQueue {
         cmd.arg(&inner.streams)
             .arg(format!("{}:wake", inner.prefix))
             .arg(last_ids);
-        let limit = block + inner.config.operation_timeout;
+        let limit = block + inner.config.redis.operation_timeout;
         let conn = guard.0.as_mut().expect("just set");
         match tokio::time::timeout(limit, cmd.query_async::<::redis::Value>(&mut **conn)).await {
             Ok(Ok(_)) => {
                 guard.0.take(); // healthy: back to the pool
                 Ok(())
             }
-            Ok(Err(err)) => Err(RedisFailure::Redis(err).into()),
+            Ok(Err(err)) => Err(RedisFailure::from(err).into()),
             Err(_) => Err(Error::Timeout(limit)),
         }
     }

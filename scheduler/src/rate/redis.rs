@@ -5,16 +5,18 @@ use std::fmt;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use keel_core::redis::{RedisConfig, RedisError, RedisErrorKind, RedisPool};
 use serde::{Deserialize, Serialize};
 
 use super::config::{Rate, RateLimitConfig};
 use super::{RateDecision, RateLimit};
-use crate::error::{BoxError, Error, Result};
+use crate::error::{Error, Result};
 use crate::metrics::LimiterMetrics;
 use crate::ticket::TenantId;
 
-/// Settings of [`RedisRateLimiter`].
+/// Settings of [`RedisRateLimiter`]: the connection (a
+/// [`keel_core::redis::RedisConfig`], validated and redacted in one place
+/// for every Keel crate), the rates, and the limiter's own timeout.
 ///
 /// ```
 /// use keel_scheduler::{Rate, RateLimitConfig, RedisRateLimitConfig, TenantRates};
@@ -26,18 +28,20 @@ use crate::ticket::TenantId;
 /// assert!(config.validate().is_ok());
 /// assert!(!format!("{config:?}").contains("secret"));
 /// ```
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 #[non_exhaustive]
 pub struct RedisRateLimitConfig {
-    /// The server, e.g. `redis://127.0.0.1:6379`. Default
-    /// `redis://127.0.0.1:6379`.
-    pub url: String,
+    /// The server and its connection pool. Default:
+    /// [`RedisConfig::default`].
+    pub redis: RedisConfig,
     /// The rates. Its `name` is the key namespace: instances with the same
     /// name share their limits.
     pub limits: RateLimitConfig,
-    /// Longest one check may take before it counts as a failure. Default
-    /// 250 ms.
+    /// Longest one check may take (waiting for a pooled connection
+    /// included) before it counts as a failure; applied on top of the
+    /// connection's own `operation_timeout`, since a rate check must be
+    /// quicker than most commands. Default 250 ms.
     #[serde(with = "humantime_serde")]
     pub operation_timeout: Duration,
     /// What a check answers when Redis cannot be reached: `true` (the
@@ -51,7 +55,7 @@ pub struct RedisRateLimitConfig {
 impl Default for RedisRateLimitConfig {
     fn default() -> Self {
         RedisRateLimitConfig {
-            url: "redis://127.0.0.1:6379".to_owned(),
+            redis: RedisConfig::default(),
             limits: RateLimitConfig::default(),
             operation_timeout: Duration::from_millis(250),
             fail_open: true,
@@ -63,7 +67,16 @@ impl RedisRateLimitConfig {
     /// Defaults for this server and these rates.
     pub fn new(url: impl Into<String>, limits: RateLimitConfig) -> Self {
         RedisRateLimitConfig {
-            url: url.into(),
+            redis: RedisConfig::new(url),
+            limits,
+            ..RedisRateLimitConfig::default()
+        }
+    }
+
+    /// Defaults for this connection and these rates.
+    pub fn with_redis(redis: RedisConfig, limits: RateLimitConfig) -> Self {
+        RedisRateLimitConfig {
+            redis,
             limits,
             ..RedisRateLimitConfig::default()
         }
@@ -81,48 +94,23 @@ impl RedisRateLimitConfig {
         self
     }
 
-    /// Checks every field, naming the first bad one.
+    /// Checks every field, naming the first bad one (`redis.url`, … for
+    /// the connection).
     ///
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
+        self.redis.validate()?;
+        self.validate_own()
+    }
+
+    fn validate_own(&self) -> Result<()> {
         self.limits.validate()?;
-        // The client library's own parser decides what a usable URL is.
-        if let Err(err) = ::redis::IntoConnectionInfo::into_connection_info(self.url.as_str()) {
-            return Err(Error::config(
-                "url",
-                format!("not a usable redis:// or rediss:// URL: {err}"),
-            ));
-        }
         if self.operation_timeout < Duration::from_millis(1) {
             return Err(Error::config("operation_timeout", "must be at least 1 ms"));
         }
         Ok(())
-    }
-}
-
-impl fmt::Debug for RedisRateLimitConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisRateLimitConfig")
-            .field("url", &redacted_url(&self.url))
-            .field("limits", &self.limits)
-            .field("operation_timeout", &self.operation_timeout)
-            .field("fail_open", &self.fail_open)
-            .finish()
-    }
-}
-
-/// `url` with any password replaced by `***` (an unparseable URL is shown
-/// as such rather than risk printing a secret).
-fn redacted_url(text: &str) -> String {
-    match url::Url::parse(text) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        Ok(parsed) => parsed.to_string(),
-        Err(_) => "<unparseable url>".to_owned(),
     }
 }
 
@@ -142,8 +130,12 @@ fn redacted_url(text: &str) -> String {
 /// # Failures
 ///
 /// A check is bounded by `operation_timeout`. When Redis cannot be reached
-/// the answer follows [`fail_open`](RedisRateLimitConfig::fail_open); the
-/// connection is re-established in the background.
+/// the answer follows [`fail_open`](RedisRateLimitConfig::fail_open); a
+/// connection that failed or hung is taken out of the pool, and the next
+/// check makes a new one. Failures are classified by
+/// [`keel_core::redis::RedisError`] (the same rules as the queue and the
+/// cache: `LOADING` or a dropped connection is retryable), kept as the
+/// source of [`Error::RateLimiter`].
 ///
 /// ```no_run
 /// use keel_scheduler::{Rate, RateLimitConfig, RedisRateLimitConfig, RedisRateLimiter, TenantRates};
@@ -158,7 +150,7 @@ fn redacted_url(text: &str) -> String {
 /// ```
 pub struct RedisRateLimiter {
     config: RedisRateLimitConfig,
-    connection: ConnectionManager,
+    pool: RedisPool,
     script: redis::Script,
     metrics: LimiterMetrics,
 }
@@ -172,7 +164,8 @@ impl fmt::Debug for RedisRateLimiter {
 }
 
 impl RedisRateLimiter {
-    /// Connects to Redis.
+    /// Connects to Redis (a pool of its own, built from `config.redis`)
+    /// and checks that it answers.
     ///
     /// # Errors
     ///
@@ -184,36 +177,50 @@ impl RedisRateLimiter {
     /// Cancel safe: nothing is charged.
     pub async fn connect(config: RedisRateLimitConfig) -> Result<Self> {
         config.validate()?;
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|err| Error::config("url", format!("not a usable redis URL: {err}")))?;
-        let manager = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.operation_timeout))
-            .set_response_timeout(Some(config.operation_timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let connection = tokio::time::timeout(
-            config.operation_timeout * 4,
-            ConnectionManager::new_with_config(client, manager),
-        )
-        .await
-        .map_err(|_| {
-            unavailable(
-                format!("redis at {} did not answer", redacted_url(&config.url)),
-                None,
-            )
-        })?
-        .map_err(|err| {
-            unavailable(
-                format!("redis at {} does not answer", redacted_url(&config.url)),
-                Some(err.into()),
-            )
-        })?;
-        Ok(RedisRateLimiter {
+        let pool = RedisPool::new(config.redis.clone())?;
+        pool.ping()
+            .await
+            .map_err(|err| unavailable("redis does not answer", err))?;
+        Ok(Self::build(pool, config))
+    }
+
+    /// A limiter over a shared [`RedisPool`] (one pool per server for the
+    /// queue, the cache and the rate limiter of one process). The
+    /// connection settings are the pool's: `config.redis` is replaced by
+    /// [`RedisPool::config`]. Nothing touches the network until the first
+    /// check.
+    ///
+    /// ```no_run
+    /// use keel_core::redis::{RedisConfig, RedisPool};
+    /// use keel_scheduler::{Rate, RateLimitConfig, RedisRateLimitConfig, RedisRateLimiter, TenantRates};
+    ///
+    /// # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = RedisPool::new(RedisConfig::new("redis://127.0.0.1:6379"))?;
+    /// let limits = RateLimitConfig::new("gateway")
+    ///     .default_rates(TenantRates::default().requests(Rate::per_second(100)));
+    /// let limiter = RedisRateLimiter::with_pool(
+    ///     pool.clone(),
+    ///     RedisRateLimitConfig::with_redis(pool.config().clone(), limits),
+    /// )?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming a bad field.
+    pub fn with_pool(pool: RedisPool, mut config: RedisRateLimitConfig) -> Result<Self> {
+        config.redis = pool.config().clone();
+        config.validate_own()?;
+        Ok(Self::build(pool, config))
+    }
+
+    fn build(pool: RedisPool, config: RedisRateLimitConfig) -> Self {
+        RedisRateLimiter {
             metrics: LimiterMetrics::new(&config.limits.name),
             script: redis::Script::new(include_str!("lua/gcra.lua")),
-            connection,
+            pool,
             config,
-        })
+        }
     }
 
     /// The configuration the limiter was built with.
@@ -246,19 +253,33 @@ impl RedisRateLimiter {
                 .arg(interval.saturating_mul(u64::from(rate.burst)))
                 .arg(units);
         }
-        let mut connection = self.connection.clone();
-        let answer: (i64, i64) = tokio::time::timeout(
-            self.config.operation_timeout,
-            invocation.invoke_async(&mut connection),
-        )
-        .await
-        .map_err(|_| {
-            unavailable(
-                format!("no answer within {:?}", self.config.operation_timeout),
-                None,
-            )
-        })?
-        .map_err(|err| unavailable("the rate limit script failed", Some(err.into())))?;
+        let limit = self.config.operation_timeout;
+        let mut taken = None;
+        let attempt = async {
+            let connection = taken.insert(self.pool.deadpool().get().await?);
+            let answer: (i64, i64) = invocation.invoke_async(&mut **connection).await?;
+            Ok::<_, RedisError>(answer)
+        };
+        let result = tokio::time::timeout(limit, attempt).await;
+        let answer = match result {
+            Ok(Ok(answer)) => answer,
+            failed => {
+                // A connection that failed or hung may still owe a reply:
+                // take it out of the pool rather than hand it to the next
+                // caller.
+                if let Some(connection) = taken.take() {
+                    drop(deadpool_redis::Connection::take(connection));
+                }
+                let err = match failed {
+                    Ok(Err(err)) => err,
+                    _ => RedisError::new(
+                        RedisErrorKind::Unavailable,
+                        format!("no answer within {limit:?}"),
+                    ),
+                };
+                return Err(unavailable("the rate limit check failed", err));
+            }
+        };
         Ok(Some(match answer {
             (1, _) => RateDecision::Allow,
             (_, wait_us) => RateDecision::Limited {
@@ -272,10 +293,20 @@ fn micros(d: Duration) -> u64 {
     d.as_micros().clamp(1, u128::from(u64::MAX)) as u64
 }
 
-fn unavailable(message: impl Into<String>, source: Option<BoxError>) -> Error {
+/// The limiter's error, with the shared classification as its source.
+fn unavailable(message: &str, err: RedisError) -> Error {
     Error::RateLimiter {
-        message: message.into(),
-        source,
+        message: format!("{message} ({err})"),
+        source: Some(err.into()),
+    }
+}
+
+impl From<RedisError> for Error {
+    /// [`Error::RateLimiter`] with the core error as its source: retryable
+    /// when the core classification says waiting helps (`LOADING`, a
+    /// dropped connection), not for a script error.
+    fn from(err: RedisError) -> Self {
+        unavailable("redis failed", err)
     }
 }
 
@@ -305,12 +336,19 @@ impl RateLimit for RedisRateLimiter {
 
 #[cfg(test)]
 mod tests {
+    use keel_core::{ErrorKind, KeelError};
+
     use super::*;
 
     #[test]
     fn refuses_bad_fields_by_name() {
         let bad = RedisRateLimitConfig::new("http://x", RateLimitConfig::new("r"));
-        assert!(bad.validate().unwrap_err().to_string().contains("`url`"));
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`redis.url`")
+        );
         let bad = RedisRateLimitConfig::new("redis://x", RateLimitConfig::new("r"))
             .operation_timeout(Duration::ZERO);
         assert!(
@@ -323,7 +361,21 @@ mod tests {
 
     #[test]
     fn hides_passwords() {
-        assert_eq!(redacted_url("redis://:pw@h:1/0"), "redis://:***@h:1/0");
-        assert_eq!(redacted_url("redis://h:1"), "redis://h:1");
+        let config = RedisRateLimitConfig::new("redis://:pw@h:1/0", RateLimitConfig::new("r"));
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("pw") && shown.contains("***"), "{shown}");
+    }
+
+    #[test]
+    fn loading_is_retryable_and_a_script_error_is_not() {
+        let loading = Error::from(RedisError::new(
+            RedisErrorKind::Unavailable,
+            "LOADING Redis is loading the dataset in memory",
+        ));
+        assert!(loading.is_retryable(), "{loading:?}");
+        assert_eq!(loading.kind(), ErrorKind::Unavailable { retry_after: None });
+        let script = Error::from(RedisError::new(RedisErrorKind::Server, "ERR script"));
+        assert!(!script.is_retryable(), "{script:?}");
+        assert_eq!(script.kind(), ErrorKind::Internal);
     }
 }

@@ -2,51 +2,18 @@
 
 use std::time::Duration;
 
+use keel_core::{Backoff, BudgetConfig, ConfigError, Jitter};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// The retry budget: retries allowed as a share of recent jobs, plus a
-/// floor (tower's `TpsBudget`).
-///
-/// Every job handed to the handler deposits into the budget; every retry
-/// withdraws. When the budget is spent (a downstream outage makes every job
-/// fail), retries are delayed by
-/// [`WorkerConfig::budget_exhausted_delay`] instead of coming straight
-/// back, so a failing dependency sees a trickle instead of a retry storm.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-#[non_exhaustive]
-pub struct RetryBudgetConfig {
-    /// How long a deposit counts. Between 1 s and 60 s. Default 10 s.
-    #[serde(with = "humantime_serde")]
-    pub ttl: Duration,
-    /// Retries per second always allowed. Default 10.
-    pub min_per_sec: u32,
-    /// Retries allowed per job handled, between 0 and 1000. Default 0.2.
-    pub retry_ratio: f32,
-}
-
-impl Default for RetryBudgetConfig {
-    fn default() -> Self {
-        RetryBudgetConfig {
-            ttl: Duration::from_secs(10),
-            min_per_sec: 10,
-            retry_ratio: 0.2,
-        }
-    }
-}
-
-impl RetryBudgetConfig {
-    /// A budget of `retry_ratio` retries per job and `min_per_sec` retries
-    /// per second, over a 10 s window.
-    pub fn new(min_per_sec: u32, retry_ratio: f32) -> Self {
-        RetryBudgetConfig {
-            min_per_sec,
-            retry_ratio,
-            ..RetryBudgetConfig::default()
-        }
-    }
+/// The worker's default retry budget: 0.2 retries per job handled, plus a
+/// floor of 100 retries per 10 s window.
+fn default_budget() -> BudgetConfig {
+    BudgetConfig::default()
+        .ratio(0.2)
+        .floor(100)
+        .window(Duration::from_secs(10))
 }
 
 /// Settings of a [`Worker`](crate::Worker).
@@ -93,15 +60,26 @@ pub struct WorkerConfig {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// First delay before dequeuing again after a broker error; doubles,
-    /// with jitter, up to `reconnect_max`. Default 100 ms.
+    /// with equal jitter, up to `reconnect_max` (a [`keel_core::Backoff`],
+    /// see [`reconnect_backoff`](Self::reconnect_backoff)). Greater than
+    /// zero. Default 100 ms.
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
-    /// Longest delay between attempts while the broker is failing.
-    /// Default 5 s.
+    /// Longest delay between attempts while the broker is failing; at
+    /// least `reconnect_min`, at most 24 h. Default 5 s.
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
-    /// The retry budget.
-    pub retry_budget: RetryBudgetConfig,
+    /// The retry budget (a [`keel_core::RetryBudget`], exact whole-number
+    /// counts): every job handed to the handler deposits, every retry
+    /// withdraws, and a retry is made at once only while, over the
+    /// `window`, retries stay within `floor + ⌊ratio × jobs⌋`. When the
+    /// budget is spent (a downstream outage makes every job fail), retries
+    /// are delayed by [`budget_exhausted_delay`](Self::budget_exhausted_delay)
+    /// instead of coming straight back, so a failing dependency sees a
+    /// trickle instead of a retry storm. Validated as `retry_budget.ratio`
+    /// and `retry_budget.window`. Default: ratio 0.2, floor 100, window
+    /// 10 s.
+    pub retry_budget: BudgetConfig,
     /// The least delay of a retry made while the budget is spent.
     /// Default 60 s.
     #[serde(with = "humantime_serde")]
@@ -123,7 +101,7 @@ impl Default for WorkerConfig {
             shutdown_grace: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
-            retry_budget: RetryBudgetConfig::default(),
+            retry_budget: default_budget(),
             budget_exhausted_delay: Duration::from_secs(60),
             settle_attempts: 3,
         }
@@ -184,7 +162,7 @@ impl WorkerConfig {
     }
 
     /// Sets [`retry_budget`](Self::retry_budget).
-    pub fn retry_budget(mut self, budget: RetryBudgetConfig) -> Self {
+    pub fn retry_budget(mut self, budget: BudgetConfig) -> Self {
         self.retry_budget = budget;
         self
     }
@@ -193,6 +171,26 @@ impl WorkerConfig {
     pub fn budget_exhausted_delay(mut self, delay: Duration) -> Self {
         self.budget_exhausted_delay = delay;
         self
+    }
+
+    /// The backoff between `dequeue` attempts while the broker fails:
+    /// from `reconnect_min` doubling to `reconnect_max`, with
+    /// [`Jitter::Equal`] (never sooner than half the cap).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming `reconnect_min` or `reconnect_max`.
+    pub fn reconnect_backoff(&self) -> Result<Backoff> {
+        Backoff::new(self.reconnect_min, self.reconnect_max)
+            .map(|backoff| backoff.jitter(Jitter::Equal))
+            .map_err(|err| {
+                let field = match err.field {
+                    "backoff.base" => "reconnect_min",
+                    "backoff.max" => "reconnect_max",
+                    other => other,
+                };
+                Error::InvalidConfig(ConfigError::new(field, err.reason))
+            })
     }
 
     /// The effective renewal interval.
@@ -225,31 +223,16 @@ impl WorkerConfig {
                 "must be greater than zero and shorter than `lease`",
             ));
         }
-        if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
-            return Err(Error::config(
-                "reconnect_min",
-                "must be greater than zero and at most `reconnect_max`",
-            ));
-        }
-        let budget = &self.retry_budget;
-        if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&budget.ttl) {
-            return Err(Error::config(
-                "retry_budget.ttl",
-                "must be between 1 s and 60 s",
-            ));
-        }
-        if !(0.0..=1000.0).contains(&budget.retry_ratio) {
-            return Err(Error::config(
-                "retry_budget.retry_ratio",
-                "must be between 0 and 1000",
-            ));
-        }
-        if budget.min_per_sec >= i32::MAX as u32 {
-            return Err(Error::config(
-                "retry_budget.min_per_sec",
-                "must be below 2^31 - 1",
-            ));
-        }
+        self.reconnect_backoff()?;
+        self.retry_budget.validate().map_err(|err| {
+            let field = match err.field {
+                "budget.ratio" => "retry_budget.ratio",
+                "budget.window" => "retry_budget.window",
+                "budget.floor" => "retry_budget.floor",
+                other => other,
+            };
+            Error::InvalidConfig(ConfigError::new(field, err.reason))
+        })?;
         if self.settle_attempts == 0 {
             return Err(Error::config("settle_attempts", "must be at least 1"));
         }
@@ -274,11 +257,20 @@ mod tests {
             ),
             (
                 WorkerConfig::new("w").reconnect(Duration::from_secs(2), Duration::from_secs(1)),
+                "reconnect_max",
+            ),
+            (
+                WorkerConfig::new("w").reconnect(Duration::ZERO, Duration::from_secs(1)),
                 "reconnect_min",
             ),
             (
-                WorkerConfig::new("w").retry_budget(RetryBudgetConfig::new(1, -1.0)),
-                "retry_budget.retry_ratio",
+                WorkerConfig::new("w").retry_budget(BudgetConfig::default().ratio(-1.0)),
+                "retry_budget.ratio",
+            ),
+            (
+                WorkerConfig::new("w")
+                    .retry_budget(BudgetConfig::default().window(Duration::from_millis(1))),
+                "retry_budget.window",
             ),
         ];
         for (config, field) in cases {
@@ -295,6 +287,13 @@ mod tests {
         let config: WorkerConfig =
             serde_json::from_str(r#"{"name":"w","lease":"90s","renew_interval":"20s"}"#).unwrap();
         assert_eq!(config.lease, Duration::from_secs(90));
+        let budget: WorkerConfig = serde_json::from_str(
+            r#"{"name":"w","retry_budget":{"ratio":0.5,"floor":3,"window":"30s"}}"#,
+        )
+        .unwrap();
+        assert_eq!(budget.retry_budget.floor, 3);
+        assert_eq!(budget.retry_budget.window, Duration::from_secs(30));
+        budget.validate().unwrap();
         assert_eq!(config.renew_every(), Duration::from_secs(20));
         assert_eq!(
             WorkerConfig::default().renew_every(),

@@ -6,11 +6,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::FutureExt;
+use keel_core::{Backoff, RetryBudget};
 use keel_queue::{Delivery, Nack, Queue, Receipt};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
@@ -26,7 +26,9 @@ pub(super) struct JobContext {
     pub(super) config: WorkerConfig,
     pub(super) metrics: WorkerMetrics,
     pub(super) counters: Arc<Counters>,
-    pub(super) budget: TpsBudget,
+    pub(super) budget: RetryBudget,
+    /// The delay between failing `dequeue`s.
+    pub(super) reconnect: Backoff,
     /// Cancelled when the shutdown grace is over: release what still runs.
     pub(super) release: CancellationToken,
 }

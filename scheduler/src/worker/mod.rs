@@ -9,16 +9,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use keel_core::RetryBudget;
 use keel_queue::{DequeueOptions, Queue};
-use rand::Rng;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tower::retry::budget::TpsBudget;
 use tower::{Service, ServiceExt};
 
-pub use self::config::{RetryBudgetConfig, WorkerConfig};
+pub use self::config::WorkerConfig;
 pub use self::item::{Outcome, WorkItem};
 use self::job::JobContext;
 use crate::error::{BoxError, Result};
@@ -256,9 +255,13 @@ where
         });
         let metrics = WorkerMetrics::new(&self.config.name);
         metrics.connected.set(1.0);
-        let budget = &self.config.retry_budget;
         let ctx = Arc::new(JobContext {
-            budget: TpsBudget::new(budget.ttl, budget.min_per_sec, budget.retry_ratio),
+            budget: RetryBudget::new(&self.config.retry_budget)
+                .expect("the config was validated by Worker::new"),
+            reconnect: self
+                .config
+                .reconnect_backoff()
+                .expect("the config was validated by Worker::new"),
             queue: self.queue,
             config: self.config,
             metrics,
@@ -353,18 +356,6 @@ fn publish(
     });
 }
 
-/// The backoff before the `failures`-th retry: exponential, equal jitter.
-fn reconnect_delay(config: &WorkerConfig, failures: u32) -> Duration {
-    let exp = failures.saturating_sub(1).min(20);
-    let full = config
-        .reconnect_min
-        .saturating_mul(1 << exp)
-        .min(config.reconnect_max);
-    let half = full / 2;
-    let jitter = rand::rng().random_range(0..=half.as_micros().min(u128::from(u64::MAX)) as u64);
-    half + Duration::from_micros(jitter)
-}
-
 /// The worker's main loop, then its drain.
 async fn run<S>(
     ctx: Arc<JobContext>,
@@ -457,7 +448,7 @@ where
                 ctx.metrics.broker_errors.increment(1);
                 ctx.counters.broker_errors.fetch_add(1, Ordering::Relaxed);
                 ctx.metrics.connected.set(0.0);
-                let delay = reconnect_delay(config, failures);
+                let delay = ctx.reconnect.delay(failures);
                 tracing::warn!(worker = %config.name, error = %err, failures, retry_in = ?delay, "dequeue failed; reconnecting");
                 publish(
                     &health,
@@ -533,9 +524,10 @@ mod tests {
     fn reconnect_delay_grows_to_the_cap_with_jitter() {
         let config =
             WorkerConfig::new("w").reconnect(Duration::from_millis(100), Duration::from_secs(1));
-        let first = reconnect_delay(&config, 1);
+        let backoff = config.reconnect_backoff().unwrap();
+        let first = backoff.delay(1);
         assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
-        let late = reconnect_delay(&config, 30);
+        let late = backoff.delay(30);
         assert!(late >= Duration::from_millis(500) && late <= Duration::from_secs(1));
     }
 }
