@@ -1,16 +1,19 @@
 //! Per-endpoint state kept in atomics: outstanding requests, the peak-EWMA
-//! latency estimate, weight, busy cooldown, reported load.
+//! latency estimate, busy cooldown, reported load; weight and capacity are
+//! read live from the endpoint's discovery key.
 //!
 //! The hot path reads these without locks. The clock is read once when a
 //! request is dispatched (its timestamp doubles as "now" for the latency
 //! decay of both candidates) and once when it completes.
 
+use std::cell::Cell;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::task::Wake;
 use std::time::Duration;
 
+use keel_core::{EndpointKey, FailureKind, Outcome};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -19,28 +22,34 @@ use crate::config::BalancerConfig;
 use crate::metrics::{BalancerMetrics, EndpointMetrics};
 use crate::policy::PrefixIndex;
 
-/// The balancer's id for one endpoint it routes to.
+/// One balancer's number for one endpoint it routes to: the *n*-th service
+/// discovery handed it.
 ///
-/// Ids are assigned when discovery inserts an endpoint and never reused by
-/// that balancer; replacing a key's service gives it a new id. Errors from an
-/// endpoint carry its id ([`Error::endpoint`](crate::Error::endpoint)), and
-/// [`Balancer::endpoints`](crate::Balancer::endpoints) maps ids to keys.
+/// Not the endpoint's identity across crates (that is its discovery key,
+/// for keel-health a [`keel_core::EndpointId`]) and not a position in the
+/// endpoint list: indexes are assigned in order when discovery inserts an
+/// endpoint and never reused by that balancer, so replacing a key's
+/// service (a restarted node) gives it a new index and the old index's
+/// failures no longer exclude it. Errors from an endpoint carry its index
+/// ([`Error::endpoint`](crate::Error::endpoint)), so does
+/// [`AvoidEndpoints`](crate::AvoidEndpoints), and
+/// [`Balancer::key_of`](crate::Balancer::key_of) maps an index to its key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct EndpointId(u64);
+pub struct EndpointIndex(u64);
 
-impl EndpointId {
-    /// The id with this number.
+impl EndpointIndex {
+    /// The index with this number.
     pub const fn new(n: u64) -> Self {
-        EndpointId(n)
+        EndpointIndex(n)
     }
 
-    /// The id's number.
+    /// The index's number.
     pub const fn get(self) -> u64 {
         self.0
     }
 }
 
-impl fmt::Display for EndpointId {
+impl fmt::Display for EndpointIndex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "#{}", self.0)
     }
@@ -78,14 +87,22 @@ impl LoadReport {
 pub struct EndpointSnapshot<K> {
     /// The endpoint's discovery key.
     pub key: K,
-    /// The balancer's id for it.
-    pub id: EndpointId,
+    /// The balancer's index for it.
+    pub index: EndpointIndex,
     /// Requests dispatched to it and not finished.
     pub outstanding: u32,
-    /// The weight in force (1.0 unless a weights channel says otherwise).
+    /// The requests it may have outstanding now: its key's capacity, else
+    /// the configured `max_outstanding_per_endpoint`, lowered after a busy
+    /// answer; `None` when unbounded.
+    pub capacity: Option<u32>,
+    /// The weight in force, read from the key
+    /// ([`EndpointKey::weight`], clamped to [0, 1]).
     pub weight: f64,
-    /// The current peak-EWMA latency estimate.
+    /// The current peak-EWMA latency estimate (the fleet's, until the
+    /// endpoint's first response).
     pub latency_estimate: Duration,
+    /// Responses folded into the estimate.
+    pub samples: u64,
     /// Whether it is in a busy cooldown.
     pub busy: bool,
     /// Requests dispatched to it.
@@ -108,7 +125,14 @@ pub struct EndpointSnapshot<K> {
 pub(crate) struct Common {
     epoch: Instant,
     decay_ns: f64,
+    decay_samples: u64,
     default_rtt_ns: f64,
+    /// The fleet's estimate: an EWMA over every endpoint's successful
+    /// response times (f64 bits, ns, as of `fleet_stamp_ns`); what an
+    /// endpoint without a response of its own is assumed to take.
+    fleet_ns: AtomicU64,
+    fleet_stamp_ns: AtomicU64,
+    fleet_samples: AtomicU64,
     busy_cooldown: Duration,
     report_max_age_ns: f64,
     pub(crate) hard_cap: u32,
@@ -126,7 +150,11 @@ impl Common {
         Common {
             epoch: Instant::now(),
             decay_ns: nanos(config.decay),
+            decay_samples: u64::from(config.decay_samples.max(1)),
             default_rtt_ns: nanos(config.default_rtt),
+            fleet_ns: AtomicU64::new(nanos(config.default_rtt).to_bits()),
+            fleet_stamp_ns: AtomicU64::new(0),
+            fleet_samples: AtomicU64::new(0),
             busy_cooldown: config.busy_cooldown,
             report_max_age_ns: nanos(config.load_report_max_age),
             hard_cap: config.max_outstanding_per_endpoint.unwrap_or(u32::MAX),
@@ -144,6 +172,43 @@ impl Common {
 
     pub(crate) fn busy_cooldown(&self) -> Duration {
         self.busy_cooldown
+    }
+
+    /// The weight of the old estimate when a sample arrives `elapsed_ns`
+    /// after the previous one, the estimate having `samples` before it:
+    /// the time decay, but never more than `1 - 1/decay_samples` (and 0
+    /// for the first sample, which replaces the starting estimate).
+    fn keep(&self, elapsed_ns: u64, samples: u64) -> f64 {
+        let by_time = (-(elapsed_ns as f64) / self.decay_ns).exp();
+        let n = (samples + 1).min(self.decay_samples) as f64;
+        by_time.min(1.0 - 1.0 / n)
+    }
+
+    /// The fleet's estimate in ns, decayed to `now_ns`; `default_rtt`
+    /// until any endpoint answered.
+    pub(crate) fn fleet_ns(&self, now_ns: u64) -> f64 {
+        if self.fleet_samples.load(Relaxed) == 0 {
+            return self.default_rtt_ns;
+        }
+        let estimate = f64::from_bits(self.fleet_ns.load(Relaxed));
+        let elapsed = now_ns.saturating_sub(self.fleet_stamp_ns.load(Relaxed));
+        estimate * (-(elapsed as f64) / self.decay_ns).exp()
+    }
+
+    /// Folds one successful response time into the fleet's estimate.
+    fn observe_fleet(&self, rtt_ns: f64, now_ns: u64) {
+        let samples = self.fleet_samples.fetch_add(1, Relaxed);
+        let stamp = self.fleet_stamp_ns.swap(now_ns, Relaxed);
+        let keep = self.keep(now_ns.saturating_sub(stamp), samples);
+        let _ = self.fleet_ns.fetch_update(Relaxed, Relaxed, |bits| {
+            Some((f64::from_bits(bits) * keep + rtt_ns * (1.0 - keep)).to_bits())
+        });
+    }
+
+    /// The least latency a failure is recorded as: `default_rtt`, and twice
+    /// the fleet's estimate (so it fits fleets of any speed).
+    fn failure_floor_ns(&self, now_ns: u64) -> f64 {
+        self.default_rtt_ns.max(2.0 * self.fleet_ns(now_ns))
     }
 
     /// Wakes one waiter if any request waits for a slot.
@@ -173,35 +238,61 @@ impl Wake for Common {
 #[derive(Debug)]
 pub(crate) struct LazyNow<'a> {
     common: &'a Common,
-    now: Option<Instant>,
+    now: Cell<Option<Instant>>,
 }
 
 impl<'a> LazyNow<'a> {
     pub(crate) fn new(common: &'a Common) -> Self {
-        LazyNow { common, now: None }
+        LazyNow {
+            common,
+            now: Cell::new(None),
+        }
     }
 
-    pub(crate) fn instant(&mut self) -> Instant {
-        *self.now.get_or_insert_with(Instant::now)
+    pub(crate) fn instant(&self) -> Instant {
+        match self.now.get() {
+            Some(now) => now,
+            None => {
+                let now = Instant::now();
+                self.now.set(Some(now));
+                now
+            }
+        }
     }
 
-    pub(crate) fn ns(&mut self) -> u64 {
-        let now = self.instant();
-        self.common.ns_of(now)
+    pub(crate) fn ns(&self) -> u64 {
+        self.common.ns_of(self.instant())
+    }
+
+    /// The instant read so far, if any.
+    pub(crate) fn read(&self) -> Option<Instant> {
+        self.now.get()
+    }
+
+    /// The same "now", taking an instant read elsewhere (so the clock is
+    /// read once per request).
+    pub(crate) fn with(self, read: Option<Instant>) -> Self {
+        if self.now.get().is_none() {
+            self.now.set(read);
+        }
+        self
     }
 }
 
 /// One endpoint's live state.
 #[derive(Debug)]
 pub(crate) struct EndpointState {
-    pub(crate) id: EndpointId,
+    pub(crate) id: EndpointIndex,
     common: Arc<Common>,
+    /// The discovery key: live weight and capacity, and where timeouts the
+    /// balancer imposes are reported.
+    key: Key,
     outstanding: AtomicU32,
-    /// f64 bits: the peak-EWMA estimate in ns, as of `stamp_ns`.
+    /// f64 bits: the peak-EWMA estimate in ns, as of `stamp_ns`; unused
+    /// while `samples` is 0 (the fleet's estimate stands in).
     ewma_ns: AtomicU64,
     stamp_ns: AtomicU64,
-    /// f64 bits in [0, 1].
-    weight: AtomicU64,
+    samples: AtomicU64,
     /// 0 when not busy.
     busy_until_ns: AtomicU64,
     /// Concurrency allowed after a busy answer; `u32::MAX` when none.
@@ -218,24 +309,37 @@ pub(crate) struct EndpointState {
     timed_out: AtomicU64,
     cancelled: AtomicU64,
     metrics: EndpointMetrics,
-    pub(crate) prefix: Option<Mutex<PrefixIndex>>,
+    /// Created by the prefix-affinity policy on first use.
+    pub(crate) prefix: OnceLock<Mutex<PrefixIndex>>,
+}
+
+/// An endpoint's discovery key, type-erased.
+pub(crate) struct Key(Arc<dyn EndpointKey + Send + Sync>);
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Key")
+            .field("weight", &self.0.weight())
+            .field("capacity", &self.0.capacity())
+            .finish()
+    }
 }
 
 impl EndpointState {
     pub(crate) fn new(
-        id: EndpointId,
+        id: EndpointIndex,
         label: String,
-        weight: f64,
+        key: Arc<dyn EndpointKey + Send + Sync>,
         common: Arc<Common>,
-        prefix_blocks: Option<usize>,
     ) -> Self {
         let now = common.ns_of(Instant::now());
         EndpointState {
             id,
+            key: Key(key),
             outstanding: AtomicU32::new(0),
             ewma_ns: AtomicU64::new(common.default_rtt_ns.to_bits()),
             stamp_ns: AtomicU64::new(now),
-            weight: AtomicU64::new(clamp_weight(weight).to_bits()),
+            samples: AtomicU64::new(0),
             busy_until_ns: AtomicU64::new(0),
             soft_cap: AtomicU32::new(u32::MAX),
             busy_level: AtomicU32::new(0),
@@ -248,7 +352,7 @@ impl EndpointState {
             timed_out: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             metrics: EndpointMetrics::new(&common.metrics.name, label),
-            prefix: prefix_blocks.map(|blocks| Mutex::new(PrefixIndex::new(blocks))),
+            prefix: OnceLock::new(),
             common,
         }
     }
@@ -261,23 +365,28 @@ impl EndpointState {
         self.outstanding.load(Relaxed)
     }
 
+    /// The key's weight, clamped to [0, 1] (NaN: 1).
     pub(crate) fn weight(&self) -> f64 {
-        f64::from_bits(self.weight.load(Relaxed))
+        clamp_weight(self.key.0.weight())
     }
 
-    pub(crate) fn set_weight(&self, weight: f64) {
-        self.weight.store(clamp_weight(weight).to_bits(), Relaxed);
+    /// Other clients' reported load, aged.
+    pub(crate) fn reported_load(&self, now: &LazyNow<'_>) -> f64 {
+        let other = f64::from_bits(self.other_load.load(Relaxed));
+        if other <= 0.0 {
+            return 0.0;
+        }
+        let age = now.ns().saturating_sub(self.other_at_ns.load(Relaxed)) as f64;
+        other * (1.0 - age / self.common.report_max_age_ns).max(0.0)
     }
 
     /// Outstanding requests plus other clients' reported load, aged.
-    pub(crate) fn load(&self, now: &mut LazyNow<'_>) -> f64 {
-        let own = f64::from(self.outstanding());
-        let other = f64::from_bits(self.other_load.load(Relaxed));
-        if other <= 0.0 {
-            return own;
-        }
-        let age = now.ns().saturating_sub(self.other_at_ns.load(Relaxed)) as f64;
-        own + other * (1.0 - age / self.common.report_max_age_ns).max(0.0)
+    pub(crate) fn load(&self, now: &LazyNow<'_>) -> f64 {
+        f64::from(self.outstanding()) + self.reported_load(now)
+    }
+
+    pub(crate) fn samples(&self) -> u64 {
+        self.samples.load(Relaxed)
     }
 
     /// Records a load report: what the endpoint carries beyond our own
@@ -294,19 +403,24 @@ impl EndpointState {
     }
 
     /// Whether the endpoint is in a busy cooldown.
-    pub(crate) fn is_busy(&self, now: &mut LazyNow<'_>) -> bool {
+    pub(crate) fn is_busy(&self, now: &LazyNow<'_>) -> bool {
         let until = self.busy_until_ns.load(Relaxed);
         until != 0 && now.ns() < until
     }
 
-    /// The concurrency allowed now: the configured capacity, lowered after a
-    /// busy answer.
+    /// The concurrency allowed now: the key's capacity (else the
+    /// configured one), lowered after a busy answer.
     pub(crate) fn cap(&self) -> u32 {
-        self.common.hard_cap.min(self.soft_cap.load(Relaxed))
+        let hard = self.key.0.capacity().unwrap_or(self.common.hard_cap);
+        hard.min(self.soft_cap.load(Relaxed))
     }
 
-    /// The peak-EWMA estimate in ns, decayed to `now_ns`.
+    /// The peak-EWMA estimate in ns, decayed to `now_ns`: the fleet's until
+    /// the endpoint's first response.
     pub(crate) fn latency_ns(&self, now_ns: u64) -> f64 {
+        if self.samples.load(Relaxed) == 0 {
+            return self.common.fleet_ns(now_ns);
+        }
         let estimate = f64::from_bits(self.ewma_ns.load(Relaxed));
         let elapsed = now_ns.saturating_sub(self.stamp_ns.load(Relaxed));
         if elapsed == 0 {
@@ -334,20 +448,33 @@ impl EndpointState {
     }
 
     /// Folds one latency sample into the peak-EWMA estimate (Finagle's
-    /// formula: a sample above the decayed estimate replaces it; a lower one
-    /// is blended in by the time elapsed since the last sample).
+    /// peak rule: a sample above the decayed estimate replaces it; a lower
+    /// one is blended in, keeping at most `1 - 1/decay_samples` of the old
+    /// estimate and less the longer it has been since the last sample; the
+    /// first sample replaces the fleet's estimate the endpoint started
+    /// from).
     fn observe(&self, rtt_ns: f64, now_ns: u64) {
+        let samples = self.samples.load(Relaxed);
         let stamp = self.stamp_ns.swap(now_ns, Relaxed);
-        let decay = (-(now_ns.saturating_sub(stamp) as f64) / self.common.decay_ns).exp();
+        let elapsed = now_ns.saturating_sub(stamp);
+        let by_time = (-(elapsed as f64) / self.common.decay_ns).exp();
+        let keep = self.common.keep(elapsed, samples);
         let _ = self.ewma_ns.fetch_update(Relaxed, Relaxed, |bits| {
-            let decayed = f64::from_bits(bits) * decay;
-            let next = if decayed < rtt_ns {
+            let old = f64::from_bits(bits);
+            let next = if samples == 0 || old * by_time < rtt_ns {
                 rtt_ns
             } else {
-                decayed + rtt_ns * (1.0 - decay)
+                old * keep + rtt_ns * (1.0 - keep)
             };
             Some(next.to_bits())
         });
+        self.samples.fetch_add(1, Relaxed);
+    }
+
+    /// Reports a timeout the balancer imposed to the endpoint's key (so the
+    /// health checker that published it sees it).
+    pub(crate) fn report_timeout(&self) {
+        self.key.0.report(Outcome::failure(FailureKind::Timeout));
     }
 
     fn complete(&self, sent_ns: u64, outcome: Recorded) {
@@ -358,6 +485,7 @@ impl EndpointState {
         match outcome {
             Recorded::Success => {
                 self.observe(rtt, now_ns);
+                self.common.observe_fleet(rtt, now_ns);
                 self.succeeded.fetch_add(1, Relaxed);
                 self.metrics.succeeded.increment(1);
                 let soft = self.soft_cap.load(Relaxed);
@@ -372,12 +500,12 @@ impl EndpointState {
                 }
             }
             Recorded::Failure => {
-                self.observe(rtt.max(self.common.default_rtt_ns), now_ns);
+                self.observe(rtt.max(self.common.failure_floor_ns(now_ns)), now_ns);
                 self.failed.fetch_add(1, Relaxed);
                 self.metrics.failed.increment(1);
             }
             Recorded::TimedOut => {
-                self.observe(rtt.max(self.common.default_rtt_ns), now_ns);
+                self.observe(rtt.max(self.common.failure_floor_ns(now_ns)), now_ns);
                 self.timed_out.fetch_add(1, Relaxed);
                 self.metrics.timed_out.increment(1);
             }
@@ -403,15 +531,18 @@ impl EndpointState {
     }
 
     pub(crate) fn snapshot<K>(&self, key: K) -> EndpointSnapshot<K> {
-        let mut now = LazyNow::new(&self.common);
+        let now = LazyNow::new(&self.common);
         let now_ns = now.ns();
+        let cap = self.cap();
         EndpointSnapshot {
             key,
-            id: self.id,
+            index: self.id,
             outstanding: self.outstanding(),
+            capacity: (cap != u32::MAX).then_some(cap),
             weight: self.weight(),
             latency_estimate: Duration::from_nanos(self.latency_ns(now_ns) as u64),
-            busy: self.is_busy(&mut now),
+            samples: self.samples(),
+            busy: self.is_busy(&now),
             dispatched: self.dispatched.load(Relaxed),
             succeeded: self.succeeded.load(Relaxed),
             failed: self.failed.load(Relaxed),
@@ -440,23 +571,30 @@ pub(crate) enum Recorded {
 /// the default [`CompleteOnResponse`](tower::load::CompleteOnResponse) it is
 /// dropped when the response arrives; a streaming response can carry it in
 /// its body so the slot stays taken until the stream ends.
+///
+/// Dropped unfinished once the request's deadline has passed (the balancer's
+/// own deadline timer, or an outer layer that gave up at the deadline), it
+/// reports a [`FailureKind::Timeout`] to the endpoint's key, as an attempt
+/// timeout does: once per attempt.
 pub struct Handle {
     state: Arc<EndpointState>,
     sent_ns: u64,
+    deadline: Option<Instant>,
     outcome: Recorded,
 }
 
 impl Handle {
-    pub(crate) fn new(state: Arc<EndpointState>, sent_ns: u64) -> Self {
+    pub(crate) fn new(state: Arc<EndpointState>, sent_ns: u64, deadline: Option<Instant>) -> Self {
         Handle {
             state,
             sent_ns,
+            deadline,
             outcome: Recorded::Cancelled,
         }
     }
 
     /// The endpoint this handle holds a slot on.
-    pub fn endpoint(&self) -> EndpointId {
+    pub fn endpoint(&self) -> EndpointIndex {
         self.state.id
     }
 
@@ -480,6 +618,14 @@ impl fmt::Debug for Handle {
 
 impl Drop for Handle {
     fn drop(&mut self) {
+        let timed_out = match self.outcome {
+            Recorded::TimedOut => true,
+            Recorded::Cancelled => self.deadline.is_some_and(|d| Instant::now() >= d),
+            Recorded::Success | Recorded::Failure | Recorded::Busy(_) => false,
+        };
+        if timed_out {
+            self.state.report_timeout();
+        }
         self.state.complete(self.sent_ns, self.outcome);
     }
 }
@@ -500,31 +646,118 @@ pub(crate) fn nanos(d: Duration) -> f64 {
 mod tests {
     use super::*;
 
-    fn state(config: &BalancerConfig) -> EndpointState {
+    fn keyed(config: &BalancerConfig, key: keel_core::EndpointId) -> EndpointState {
         let common = Arc::new(Common::new(config));
-        EndpointState::new(EndpointId::new(0), "e0".into(), 1.0, common, None)
+        EndpointState::new(EndpointIndex::new(0), "e0".into(), Arc::new(key), common)
+    }
+
+    fn state(config: &BalancerConfig) -> EndpointState {
+        keyed(config, keel_core::EndpointId::new("e0"))
+    }
+
+    /// One request that takes `rtt` and ends `outcome`.
+    async fn sample(e: &Arc<EndpointState>, rtt: Duration, outcome: Recorded) {
+        assert!(e.try_acquire());
+        let sent = e.common.ns_of(Instant::now());
+        tokio::time::advance(rtt).await;
+        let mut h = Handle::new(e.clone(), sent, None);
+        h.set_outcome(outcome);
+    }
+
+    fn ms(e: &EndpointState) -> f64 {
+        e.latency_ns(e.common.ns_of(Instant::now())) / 1e6
     }
 
     #[tokio::test(start_paused = true)]
     async fn peak_replaces_and_lower_samples_decay_in() {
         let config = BalancerConfig::default().decay(Duration::from_secs(10));
         let e = Arc::new(state(&config));
-        let ms = 1e6;
-        assert!(e.try_acquire());
-        let sent = e.common.ns_of(Instant::now());
-        tokio::time::advance(Duration::from_secs(3)).await;
-        let mut h = Handle::new(e.clone(), sent);
-        h.set_outcome(Recorded::Success);
-        drop(h);
-        let now = e.common.ns_of(Instant::now());
-        // 3 s is above the decayed 1 s default: it becomes the estimate.
-        assert!((e.latency_ns(now) - 3000.0 * ms).abs() < 1.0);
+        assert_eq!(ms(&e), 1000.0, "default_rtt before anything answered");
+        sample(&e, Duration::from_secs(3), Recorded::Success).await;
+        // The first sample replaces the starting estimate.
+        assert!((ms(&e) - 3000.0).abs() < 1e-6);
         assert_eq!(e.outstanding(), 0);
         // Ten seconds later the estimate decayed by e^-1.
         tokio::time::advance(Duration::from_secs(10)).await;
-        let now = e.common.ns_of(Instant::now());
-        let expected = 3000.0 * ms * (-1f64).exp();
-        assert!((e.latency_ns(now) - expected).abs() / expected < 1e-9);
+        let expected = 3000.0 * (-1f64).exp();
+        assert!((ms(&e) - expected).abs() / expected < 1e-9);
+        // A peak replaces the estimate at once.
+        sample(&e, Duration::from_secs(5), Recorded::Success).await;
+        assert!((ms(&e) - 5000.0).abs() < 1e-6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_estimate_follows_a_faster_node_within_a_few_dozen_samples() {
+        // The trap: with a 1 s start and a 10 s time-only decay, a 35 ms
+        // node was still estimated at 368 ms after 10 s of traffic.
+        let e = Arc::new(state(&BalancerConfig::default()));
+        sample(&e, Duration::from_millis(35), Recorded::Success).await;
+        assert!(
+            (ms(&e) - 35.0).abs() < 1e-6,
+            "the first response replaces the 1 s start"
+        );
+        // A node that was slow and got fast: 90 % of the way in 22
+        // responses, within 10 % of its new latency in 52 (decay_samples 10).
+        for _ in 0..3 {
+            sample(&e, Duration::from_millis(800), Recorded::Success).await;
+        }
+        assert!((ms(&e) - 800.0).abs() < 1e-6, "the peak");
+        let mut samples = 0;
+        let mut most_of_the_way = None;
+        while ms(&e) > 38.5 {
+            sample(&e, Duration::from_millis(35), Recorded::Success).await;
+            samples += 1;
+            if most_of_the_way.is_none() && ms(&e) < 35.0 + 76.5 {
+                most_of_the_way = Some(samples);
+            }
+        }
+        assert!(most_of_the_way.unwrap() <= 22, "{most_of_the_way:?}");
+        assert!(samples <= 52, "{samples} samples to converge");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_endpoint_starts_from_the_fleet_and_failures_fit_the_fleet() {
+        let config = BalancerConfig::default();
+        let e = Arc::new(state(&config));
+        for _ in 0..30 {
+            sample(&e, Duration::from_secs(4), Recorded::Success).await;
+        }
+        let fresh = EndpointState::new(
+            EndpointIndex::new(1),
+            "e1".into(),
+            Arc::new(7usize),
+            e.common.clone(),
+        );
+        assert_eq!(fresh.samples(), 0);
+        assert!((ms(&fresh) - 4000.0).abs() < 1e-3, "{}", ms(&fresh));
+        // A fast failure on a fleet of 4 s nodes is recorded as at least
+        // twice the fleet's estimate, not as the 1 s `default_rtt`.
+        let fresh = Arc::new(fresh);
+        sample(&fresh, Duration::from_millis(2), Recorded::Failure).await;
+        assert!(ms(&fresh) >= 7990.0, "{}", ms(&fresh));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeouts_the_balancer_imposed_are_reported_to_the_key_once() {
+        use std::sync::atomic::AtomicUsize;
+        let key = keel_core::EndpointId::new("e0");
+        let reports = Arc::new(AtomicUsize::new(0));
+        let counter = reports.clone();
+        key.set_reporter(Arc::new(move |_: &keel_core::EndpointId, outcome| {
+            assert_eq!(outcome, Outcome::failure(FailureKind::Timeout));
+            counter.fetch_add(1, Relaxed);
+        }));
+        let e = Arc::new(keyed(&BalancerConfig::default(), key));
+        sample(&e, Duration::from_millis(5), Recorded::TimedOut).await;
+        assert_eq!(reports.load(Relaxed), 1);
+        sample(&e, Duration::from_millis(5), Recorded::Failure).await;
+        sample(&e, Duration::from_millis(5), Recorded::Cancelled).await;
+        assert_eq!(reports.load(Relaxed), 1, "a plain cancel is not a timeout");
+        // Dropped unfinished past the request's deadline: a timeout.
+        assert!(e.try_acquire());
+        let h = Handle::new(e.clone(), 0, Some(Instant::now()));
+        drop(h);
+        assert_eq!(reports.load(Relaxed), 2);
     }
 
     #[tokio::test(start_paused = true)]
@@ -533,15 +766,15 @@ mod tests {
         let handles: Vec<_> = (0..8)
             .map(|_| {
                 assert!(e.try_acquire());
-                Handle::new(e.clone(), 0)
+                Handle::new(e.clone(), 0, None)
             })
             .collect();
         let mut handles = handles.into_iter();
         let mut busy = handles.next().unwrap();
         busy.set_outcome(Recorded::Busy(Duration::from_secs(1)));
         drop(busy);
-        let mut now = LazyNow::new(&e.common);
-        assert!(e.is_busy(&mut now));
+        let now = LazyNow::new(&e.common);
+        assert!(e.is_busy(&now));
         assert_eq!(e.cap(), 4, "halved from the 8 outstanding");
         assert_eq!(e.snapshot("k").failed, 0, "busy is never a failure");
         for mut h in handles {
@@ -549,7 +782,7 @@ mod tests {
         }
         assert_eq!(e.cap(), u32::MAX, "back to the level it answered busy at");
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(!e.is_busy(&mut LazyNow::new(&e.common)));
+        assert!(!e.is_busy(&LazyNow::new(&e.common)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -558,36 +791,43 @@ mod tests {
         let e = state(&config);
         assert!(e.try_acquire());
         e.apply_report(&LoadReport::now(5.0));
-        assert_eq!(
-            e.load(&mut LazyNow::new(&e.common)),
-            5.0,
-            "1 ours + 4 others"
-        );
+        assert_eq!(e.load(&LazyNow::new(&e.common)), 5.0, "1 ours + 4 others");
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(
-            e.load(&mut LazyNow::new(&e.common)),
-            3.0,
-            "others aged by half"
-        );
+        assert_eq!(e.load(&LazyNow::new(&e.common)), 3.0, "others aged by half");
         tokio::time::advance(Duration::from_secs(3)).await;
         assert_eq!(
-            e.load(&mut LazyNow::new(&e.common)),
+            e.load(&LazyNow::new(&e.common)),
             1.0,
             "stale report ignored"
         );
         // A stale "idle" never hides our own outstanding requests.
         e.apply_report(&LoadReport::now(0.0));
-        assert_eq!(e.load(&mut LazyNow::new(&e.common)), 1.0);
+        assert_eq!(e.load(&LazyNow::new(&e.common)), 1.0);
     }
 
     #[test]
-    fn weights_are_clamped() {
-        let e = state(&BalancerConfig::default());
-        e.set_weight(3.0);
-        assert_eq!(e.weight(), 1.0);
-        e.set_weight(-1.0);
-        assert_eq!(e.weight(), 0.0);
-        e.set_weight(f64::NAN);
-        assert_eq!(e.weight(), 1.0);
+    fn weight_and_capacity_come_from_the_key() {
+        let key = keel_core::EndpointId::new("e0");
+        let config = BalancerConfig::default().max_outstanding_per_endpoint(8);
+        let e = keyed(&config, key.clone());
+        assert_eq!((e.weight(), e.cap()), (1.0, 8), "the config's capacity");
+        key.set_weight(0.25);
+        key.set_capacity(Some(2));
+        assert_eq!((e.weight(), e.cap()), (0.25, 2), "read live");
+        assert!(e.try_acquire() && e.try_acquire());
+        assert!(!e.try_acquire(), "at the key's capacity");
+        struct Odd;
+        impl EndpointKey for Odd {
+            fn weight(&self) -> f64 {
+                f64::NAN
+            }
+        }
+        let odd = EndpointState::new(
+            EndpointIndex::new(1),
+            "odd".into(),
+            Arc::new(Odd),
+            e.common.clone(),
+        );
+        assert_eq!(odd.weight(), 1.0, "NaN is taken as 1");
     }
 }

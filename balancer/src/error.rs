@@ -3,29 +3,32 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::endpoint::EndpointId;
+use keel_core::{BoxError, ConfigError, ErrorKind, KeelError};
 
-/// A boxed error from an endpoint service or a discovery stream, kept as the
-/// [`std::error::Error::source`].
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+use crate::endpoint::EndpointIndex;
 
 /// `Result` with the balancer's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What went wrong while routing a request.
 ///
-/// Every variant says whether trying again can help: see
-/// [`Error::is_retryable`]. Variants that come from one endpoint carry its
-/// [`EndpointId`] ([`Error::endpoint`]), which is how the
-/// [retry layer](crate::retry) avoids sending the retry to the endpoint that
-/// just failed.
+/// Every variant says whether trying again can help
+/// ([`Error::is_retryable`]) and what kind of failure it is in Keel's shared
+/// vocabulary ([`KeelError::kind`], so an application maps it to HTTP in
+/// the same `match` as every other Keel error). Variants that come from one
+/// endpoint carry its [`EndpointIndex`] ([`Error::endpoint`]), which is how
+/// the [retry layer](crate::retry) avoids sending the retry to the endpoint
+/// that just failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The balancer knows no endpoint it may use for this request: discovery
-    /// has not produced any yet, or every endpoint is excluded by the
-    /// request's [`AvoidEndpoints`](crate::AvoidEndpoints) (the endpoints
-    /// this request already failed on).
+    /// The balancer has no endpoint it may use for this request: discovery
+    /// produced none within `max_wait` (or its stream ended empty), or every
+    /// endpoint is excluded by the request's
+    /// [`AvoidEndpoints`](crate::AvoidEndpoints).
+    ///
+    /// Not retryable: a retry would find the same empty fleet. The retry
+    /// layer passes it through without spending budget.
     #[error("no endpoint available")]
     NoEndpoints,
     /// Every usable endpoint stayed at its capacity (or answered busy) for the
@@ -42,11 +45,12 @@ pub enum Error {
     #[error("the request's deadline passed")]
     DeadlineExceeded,
     /// One attempt did not finish within the balancer's `attempt_timeout`;
-    /// the upstream call was cancelled.
+    /// the upstream call was cancelled and the timeout reported to the
+    /// endpoint's key ([`EndpointKey::report`](keel_core::EndpointKey::report)).
     #[error("endpoint {endpoint} did not answer within {after:?}")]
     Timeout {
         /// The endpoint that did not answer.
-        endpoint: EndpointId,
+        endpoint: EndpointIndex,
         /// The attempt timeout.
         after: Duration,
     },
@@ -57,7 +61,7 @@ pub enum Error {
     #[error("endpoint {endpoint} is busy")]
     Busy {
         /// The busy endpoint.
-        endpoint: EndpointId,
+        endpoint: EndpointIndex,
         /// How long the endpoint asked us to stay away, if it said.
         retry_after: Option<Duration>,
     },
@@ -66,7 +70,7 @@ pub enum Error {
     #[error("endpoint {endpoint} failed the request")]
     Failed {
         /// The endpoint that failed.
-        endpoint: EndpointId,
+        endpoint: EndpointIndex,
         /// Whether the classifier said trying elsewhere may succeed.
         retryable: bool,
         /// The endpoint's error, or a description of the failed response.
@@ -75,25 +79,20 @@ pub enum Error {
     },
     /// The request was already retried (or hedged) by a Keel layer and the
     /// layer gave up. Never retryable, so outer layers do not multiply
-    /// attempts.
+    /// attempts; its [kind](KeelError::kind) is its source's.
     #[error("gave up after {attempts} attempts ({reason})")]
     RetriesExhausted {
         /// Attempts made, the first one included.
         attempts: u32,
         /// Why no further attempt was made.
         reason: GiveUp,
-        /// The last attempt's error.
+        /// The last failed attempt's error.
         #[source]
         source: Box<Error>,
     },
     /// A configuration field is invalid; the component was not built.
-    #[error("invalid balancer config `{field}`: {reason}")]
-    InvalidConfig {
-        /// The field's name.
-        field: &'static str,
-        /// Why it was refused and what is accepted.
-        reason: String,
-    },
+    #[error(transparent)]
+    InvalidConfig(#[from] ConfigError),
 }
 
 /// Why the [retry layer](crate::retry) stopped retrying.
@@ -107,6 +106,9 @@ pub enum GiveUp {
     Deadline,
     /// The configured maximum attempts were made.
     MaxAttempts,
+    /// Every endpoint had already failed this request: the next attempt
+    /// found no endpoint left to try.
+    NoEndpointLeft,
 }
 
 impl fmt::Display for GiveUp {
@@ -115,6 +117,7 @@ impl fmt::Display for GiveUp {
             GiveUp::Budget => "retry budget exhausted",
             GiveUp::Deadline => "the next attempt would pass the deadline",
             GiveUp::MaxAttempts => "max attempts reached",
+            GiveUp::NoEndpointLeft => "every endpoint already failed this request",
         })
     }
 }
@@ -126,19 +129,19 @@ impl Error {
     /// An exhaustive match with no `_` arm: a new variant forces a decision.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::NoEndpoints => true,
+            Error::NoEndpoints => false,
             Error::Overloaded { .. } => true,
             Error::DeadlineExceeded => false,
             Error::Timeout { .. } => true,
             Error::Busy { .. } => true,
             Error::Failed { retryable, .. } => *retryable,
             Error::RetriesExhausted { .. } => false,
-            Error::InvalidConfig { .. } => false,
+            Error::InvalidConfig(_) => false,
         }
     }
 
     /// The endpoint this error came from, when it came from one.
-    pub fn endpoint(&self) -> Option<EndpointId> {
+    pub fn endpoint(&self) -> Option<EndpointIndex> {
         match self {
             Error::Timeout { endpoint, .. }
             | Error::Busy { endpoint, .. }
@@ -147,13 +150,15 @@ impl Error {
             Error::NoEndpoints
             | Error::Overloaded { .. }
             | Error::DeadlineExceeded
-            | Error::InvalidConfig { .. } => None,
+            | Error::InvalidConfig(_) => None,
         }
     }
 
-    /// A short, stable, lowercase name for the variant, used as a metric
-    /// label and in the simulator's "errors by kind".
-    pub fn kind(&self) -> &'static str {
+    /// A short, stable, lowercase name for the variant (the source's for
+    /// [`Error::RetriesExhausted`]), used as a metric label and in the
+    /// simulator's "errors by kind". For the cross-crate classification,
+    /// see [`KeelError::kind`].
+    pub fn label(&self) -> &'static str {
         match self {
             Error::NoEndpoints => "no_endpoints",
             Error::Overloaded { .. } => "overloaded",
@@ -161,18 +166,45 @@ impl Error {
             Error::Timeout { .. } => "timeout",
             Error::Busy { .. } => "busy",
             Error::Failed { .. } => "failed",
-            Error::RetriesExhausted { source, .. } => source.kind(),
-            Error::InvalidConfig { .. } => "invalid_config",
+            Error::RetriesExhausted { source, .. } => source.label(),
+            Error::InvalidConfig(_) => "invalid_config",
         }
     }
 
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidConfig {
-            field,
-            reason: reason.into(),
-        }
+        Error::InvalidConfig(ConfigError::new(field, reason))
     }
 }
+
+/// Exhaustive, no `_` arm: `Overloaded` and `Busy` are
+/// [`ErrorKind::Overloaded`] (backpressure), `NoEndpoints`
+/// [`ErrorKind::Unavailable`], `DeadlineExceeded` and `Timeout`
+/// [`ErrorKind::DeadlineExceeded`], `Failed` [`ErrorKind::Upstream`],
+/// `RetriesExhausted` the kind of its source, `InvalidConfig`
+/// [`ErrorKind::Internal`]. [`KeelError::is_retryable`] is
+/// [`Error::is_retryable`] (an attempt timeout may succeed elsewhere; an
+/// exhausted retry never is).
+impl KeelError for Error {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Error::NoEndpoints => ErrorKind::Unavailable { retry_after: None },
+            Error::Overloaded { .. } => ErrorKind::Overloaded { retry_after: None },
+            Error::DeadlineExceeded | Error::Timeout { .. } => ErrorKind::DeadlineExceeded,
+            Error::Busy { retry_after, .. } => ErrorKind::Overloaded {
+                retry_after: *retry_after,
+            },
+            Error::Failed { .. } => ErrorKind::Upstream,
+            Error::RetriesExhausted { source, .. } => source.kind(),
+            Error::InvalidConfig(_) => ErrorKind::Internal,
+        }
+    }
+
+    fn is_retryable(&self) -> bool {
+        Error::is_retryable(self)
+    }
+}
+
+keel_core::register_error_kind!(Error);
 
 /// The source of [`Error::Failed`] when the endpoint answered with a response
 /// the classifier called a failure (the response itself is dropped).
@@ -187,37 +219,76 @@ mod tests {
     #[test]
     fn busy_is_retryable_and_exhausted_is_not() {
         let busy = Error::Busy {
-            endpoint: EndpointId::new(3),
-            retry_after: None,
+            endpoint: EndpointIndex::new(3),
+            retry_after: Some(Duration::from_secs(2)),
         };
         assert!(busy.is_retryable());
-        assert_eq!(busy.endpoint(), Some(EndpointId::new(3)));
+        assert_eq!(busy.endpoint(), Some(EndpointIndex::new(3)));
         let wrapped = Error::RetriesExhausted {
             attempts: 2,
             reason: GiveUp::Budget,
             source: Box::new(busy),
         };
         assert!(!wrapped.is_retryable());
-        assert_eq!(wrapped.kind(), "busy");
-        assert_eq!(wrapped.endpoint(), Some(EndpointId::new(3)));
+        assert!(!KeelError::is_retryable(&wrapped));
+        assert_eq!(wrapped.label(), "busy");
+        assert_eq!(
+            wrapped.kind(),
+            ErrorKind::Overloaded {
+                retry_after: Some(Duration::from_secs(2))
+            }
+        );
+        assert_eq!(wrapped.endpoint(), Some(EndpointIndex::new(3)));
         assert!(wrapped.to_string().contains("retry budget exhausted"));
     }
 
     #[test]
     fn failed_follows_the_classifier() {
         let failed = |retryable| Error::Failed {
-            endpoint: EndpointId::new(1),
+            endpoint: EndpointIndex::new(1),
             retryable,
             source: Box::new(FailedResponse),
         };
         assert!(failed(true).is_retryable());
         assert!(!failed(false).is_retryable());
+        assert_eq!(failed(true).kind(), ErrorKind::Upstream);
         assert!(!Error::DeadlineExceeded.is_retryable());
+        assert!(!Error::NoEndpoints.is_retryable(), "the same empty fleet");
+    }
+
+    #[test]
+    fn kinds_are_found_behind_a_box_error() {
+        let cases = [
+            (
+                Error::NoEndpoints,
+                ErrorKind::Unavailable { retry_after: None },
+            ),
+            (
+                Error::Overloaded {
+                    waited: Duration::ZERO,
+                },
+                ErrorKind::Overloaded { retry_after: None },
+            ),
+            (Error::DeadlineExceeded, ErrorKind::DeadlineExceeded),
+            (
+                Error::Timeout {
+                    endpoint: EndpointIndex::new(0),
+                    after: Duration::from_secs(1),
+                },
+                ErrorKind::DeadlineExceeded,
+            ),
+            (Error::config("max_wait", "bad"), ErrorKind::Internal),
+        ];
+        for (error, kind) in cases {
+            let boxed: BoxError = Box::new(error);
+            assert_eq!(keel_core::kind_of(boxed.as_ref()), kind);
+        }
     }
 
     #[test]
     fn config_error_names_the_field() {
-        let msg = Error::config("max_wait", "must be positive").to_string();
-        assert!(msg.contains("max_wait"), "{msg}");
+        let error = Error::config("max_wait", "must be positive");
+        assert!(error.to_string().contains("max_wait"), "{error}");
+        assert!(matches!(error, Error::InvalidConfig(ref c) if c.field == "max_wait"));
     }
 }

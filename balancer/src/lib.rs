@@ -2,7 +2,6 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod balance;
-mod classify;
 mod config;
 pub mod deadline;
 mod endpoint;
@@ -16,10 +15,16 @@ pub mod retry;
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
 pub mod sim;
 
-pub use balance::{Balancer, BalancerBuilder, LoadReports, ResponseFuture, Weights};
-pub use classify::{Classify, DefaultClassifier, HttpClassifier, Outcome};
+pub use balance::{Balancer, BalancerBuilder, LoadReports, ResponseFuture};
 pub use config::{BalancerConfig, HashConfig, Policy, PrefixConfig};
 pub use deadline::DeadlineLayer;
-pub use endpoint::{EndpointId, EndpointSnapshot, Handle, LoadReport};
-pub use error::{BoxError, Error, GiveUp, Result};
-pub use request::{AffinityKey, AvoidEndpoints, Deadline, Prompt, RequestExtensions};
+pub use endpoint::{EndpointIndex, EndpointSnapshot, Handle, LoadReport};
+pub use error::{Error, GiveUp, Result};
+/// The shared vocabulary the balancer speaks, re-exported from
+/// [`keel_core`] (defined there once, for every Keel crate).
+pub use keel_core::{
+    BoxError, Classify, Deadline, DefaultClassifier, EndpointKey, FailureKind, Outcome,
+    RequestExtensions, ResultClassifier,
+};
+pub use policy::{Candidate, Candidates, Pick};
+pub use request::{AffinityKey, AvoidEndpoints, Prompt};

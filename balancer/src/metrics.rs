@@ -7,12 +7,12 @@
 //! | `keel_balancer_attempts_total` | counter | `balancer`, `endpoint`, `outcome` | finished attempts; `outcome` is `success`, `failure`, `busy`, `timeout` or `cancelled` |
 //! | `keel_balancer_waited_total` | counter | `balancer` | requests that waited for a free slot |
 //! | `keel_balancer_overloaded_total` | counter | `balancer` | requests rejected `Overloaded` |
-//! | `keel_balancer_no_endpoints_total` | counter | `balancer` | requests rejected `NoEndpoints` |
+//! | `keel_balancer_no_endpoints_total` | counter | `balancer` | requests rejected `NoEndpoints` (after waiting up to `max_wait` for a first endpoint) |
 //! | `keel_balancer_deadline_exceeded_total` | counter | `balancer` | requests whose deadline passed in the balancer |
 //! | `keel_balancer_discover_errors_total` | counter | `balancer` | errors from the discovery stream (the set is kept) |
 //! | `keel_retry_requests_total` | counter | `retry` | requests entering the retry layer (budget deposits) |
 //! | `keel_retry_retries_total` | counter | `retry` | retries sent |
-//! | `keel_retry_gave_up_total` | counter | `retry`, `reason` | retryable errors returned without a retry; `reason` is `budget`, `deadline` or `max_attempts` |
+//! | `keel_retry_gave_up_total` | counter | `retry`, `reason` | retryable errors returned without a retry; `reason` is `budget`, `deadline`, `max_attempts` or `no_endpoint_left` |
 //! | `keel_hedge_requests_total` | counter | `hedge` | requests entering the hedge layer |
 //! | `keel_hedge_hedges_total` | counter | `hedge` | hedged copies sent |
 //! | `keel_hedge_wins_total` | counter | `hedge` | responses that came from the hedged copy |
@@ -91,6 +91,7 @@ pub(crate) struct RetryMetrics {
     pub(crate) gave_up_budget: Counter,
     pub(crate) gave_up_deadline: Counter,
     pub(crate) gave_up_max_attempts: Counter,
+    pub(crate) gave_up_no_endpoint_left: Counter,
 }
 
 impl RetryMetrics {
@@ -106,6 +107,7 @@ impl RetryMetrics {
             gave_up_budget: gave_up("budget"),
             gave_up_deadline: gave_up("deadline"),
             gave_up_max_attempts: gave_up("max_attempts"),
+            gave_up_no_endpoint_left: gave_up("no_endpoint_left"),
         }
     }
 }

@@ -1,46 +1,389 @@
-//! Picking an endpoint: the policies, the hash ring and the prefix index.
+//! Picking an endpoint: the open [`Pick`] trait, the view of the
+//! candidates it picks from, the built-in policies, the hash ring and the
+//! prefix index.
 
-use std::collections::HashSet;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use keel_core::{stable_hash, stable_hash_seeded};
+use parking_lot::{Mutex, RwLock};
 
 use crate::config::{HashConfig, Policy, PrefixConfig};
-use crate::endpoint::{EndpointState, LazyNow};
-use crate::request::{AffinityKey, AvoidEndpoints, stable_hash};
+use crate::endpoint::{Common, EndpointIndex, EndpointState, LazyNow};
+use crate::request::{AffinityKey, AvoidEndpoints, Prompt};
+
+/// How a [`Balancer`](crate::Balancer) picks an endpoint for a request: the
+/// open trait behind every [`Policy`], so a policy of your own (a KV-cache
+/// aware router that reads a cache index, a tenant pinning) plugs in with
+/// [`BalancerBuilder::pick`](crate::BalancerBuilder::pick).
+///
+/// The balancer calls [`pick`](Pick::pick) for each request with a view of
+/// every endpoint ([`Candidates`]): its key, outstanding requests, capacity,
+/// weight, peak-EWMA latency estimate and reported load, computed lazily so
+/// a policy pays only for what it reads. Return the position of an
+/// [available](Candidate::is_available) candidate; the balancer takes a
+/// slot on it and dispatches (if it lost a race for the last slot it asks
+/// again). Return `None` when nothing is acceptable now: the request waits
+/// for a slot or a new endpoint, up to `max_wait`.
+///
+/// ```
+/// use keel_balancer::{Balancer, Candidates, Pick};
+/// use tower::discover::ServiceList;
+///
+/// /// Always the first available endpoint (a toy; see the built-ins).
+/// struct First;
+///
+/// impl<K> Pick<K> for First {
+///     fn pick(
+///         &self,
+///         candidates: &Candidates<'_, K>,
+///         _request: &http::Extensions,
+///         _rng: &mut fastrand::Rng,
+///     ) -> Option<usize> {
+///         candidates.iter().find(|c| c.is_available()).map(|c| c.position())
+///     }
+/// }
+///
+/// # fn main() -> keel_balancer::Result<()> {
+/// let nodes = vec![tower::service_fn(|_: http::Request<()>| async { Ok::<_, std::io::Error>(()) })];
+/// let balancer = Balancer::builder().pick(First).build(ServiceList::new(nodes))?;
+/// # drop(balancer);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// One value per balancer: [`endpoints_changed`](Pick::endpoints_changed)
+/// tells it about that balancer's endpoint set.
+pub trait Pick<K>: Send + Sync + 'static {
+    /// The position in `candidates` of the endpoint to send the request
+    /// to, or `None` to make it wait. `request` holds the request's
+    /// extensions ([`AffinityKey`], [`Prompt`], your own hints); `rng` is the
+    /// balancer's seeded generator (reproducible runs draw from it only).
+    ///
+    /// Called on the request path, under no lock: keep it cheap.
+    fn pick(
+        &self,
+        candidates: &Candidates<'_, K>,
+        request: &http::Extensions,
+        rng: &mut fastrand::Rng,
+    ) -> Option<usize>;
+
+    /// The endpoint set changed; `endpoints` is the new set (its
+    /// per-request values are not meaningful here). Called once per change,
+    /// before any request sees the new set, under the balancer's discovery
+    /// lock. Default: nothing.
+    fn endpoints_changed(&self, endpoints: &Candidates<'_, K>) {
+        let _ = endpoints;
+    }
+
+    /// The policy's name, for logs. Default `"custom"`.
+    fn name(&self) -> &str {
+        "custom"
+    }
+}
+
+impl<K, P: Pick<K> + ?Sized> Pick<K> for Arc<P> {
+    fn pick(
+        &self,
+        candidates: &Candidates<'_, K>,
+        request: &http::Extensions,
+        rng: &mut fastrand::Rng,
+    ) -> Option<usize> {
+        (**self).pick(candidates, request, rng)
+    }
+
+    fn endpoints_changed(&self, endpoints: &Candidates<'_, K>) {
+        (**self).endpoints_changed(endpoints);
+    }
+
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+}
+
+impl<K, P: Pick<K> + ?Sized> Pick<K> for Box<P> {
+    fn pick(
+        &self,
+        candidates: &Candidates<'_, K>,
+        request: &http::Extensions,
+        rng: &mut fastrand::Rng,
+    ) -> Option<usize> {
+        (**self).pick(candidates, request, rng)
+    }
+
+    fn endpoints_changed(&self, endpoints: &Candidates<'_, K>) {
+        (**self).endpoints_changed(endpoints);
+    }
+
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+}
+
+impl Policy {
+    /// The built-in [`Pick`] this policy names, for one balancer: to
+    /// compose with a policy of your own (fall back to it), or to give to
+    /// [`BalancerBuilder::pick`](crate::BalancerBuilder::pick).
+    pub fn build<K: fmt::Debug + 'static>(&self) -> Box<dyn Pick<K>> {
+        match self {
+            Policy::RoundRobin => Box::new(RoundRobin::default()),
+            Policy::Random => Box::new(Random),
+            Policy::LeastOutstanding => Box::new(P2c {
+                name: "least_outstanding",
+                ewma: false,
+            }),
+            Policy::PeakEwma => Box::new(P2c {
+                name: "peak_ewma",
+                ewma: true,
+            }),
+            Policy::Weighted => Box::new(Weighted),
+            Policy::ConsistentHash(config) => Box::new(Hashed {
+                config: config.clone(),
+                ring: RwLock::new(Ring::default()),
+            }),
+            Policy::PrefixAffinity(config) => Box::new(PrefixAffinity {
+                config: config.clone(),
+            }),
+        }
+    }
+}
+
+/// Every endpoint of the balancer as one request sees it, for
+/// [`Pick::pick`]: positions `0..len()` in discovery order.
+///
+/// Values are read when asked for (the clock at most once per request), so
+/// a policy that compares two endpoints pays for two.
+pub struct Candidates<'a, K> {
+    keys: &'a [K],
+    states: &'a [Arc<EndpointState>],
+    positions: &'a HashMap<EndpointIndex, usize>,
+    avoid: Option<&'a AvoidEndpoints>,
+    now: LazyNow<'a>,
+}
+
+impl<'a, K> Candidates<'a, K> {
+    pub(crate) fn new(
+        keys: &'a [K],
+        states: &'a [Arc<EndpointState>],
+        positions: &'a HashMap<EndpointIndex, usize>,
+        avoid: Option<&'a AvoidEndpoints>,
+        common: &'a Common,
+    ) -> Self {
+        Candidates {
+            keys,
+            states,
+            positions,
+            avoid,
+            now: LazyNow::new(common),
+        }
+    }
+
+    /// How many endpoints the balancer has (available or not).
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    /// Whether the balancer has no endpoint at all.
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
+    /// The endpoint at `position`.
+    ///
+    /// # Panics
+    ///
+    /// If `position >= len()`.
+    pub fn get(&self, position: usize) -> Candidate<'_, K> {
+        let state = &*self.states[position];
+        Candidate {
+            position,
+            key: &self.keys[position],
+            state,
+            avoided: self.avoid.is_some_and(|a| a.contains(state.id)),
+            now: &self.now,
+        }
+    }
+
+    /// Every endpoint, in position order.
+    pub fn iter(&self) -> impl Iterator<Item = Candidate<'_, K>> + '_ {
+        (0..self.len()).map(move |i| self.get(i))
+    }
+
+    /// The position of the endpoint with this index, if it is in the set.
+    pub fn position_of(&self, index: EndpointIndex) -> Option<usize> {
+        self.positions.get(&index).copied()
+    }
+
+    /// The clock reading made while picking, if any.
+    pub(crate) fn read_clock(&self) -> Option<tokio::time::Instant> {
+        self.now.read()
+    }
+
+    /// Whether any endpoint is not excluded by the request's
+    /// [`AvoidEndpoints`] (so waiting may help).
+    pub(crate) fn any_allowed(&self) -> bool {
+        match self.avoid {
+            None => !self.is_empty(),
+            Some(avoid) => self.states.iter().any(|s| !avoid.contains(s.id)),
+        }
+    }
+}
+
+impl<K: fmt::Debug> fmt::Debug for Candidates<'_, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// One endpoint as [`Pick::pick`] sees it; see [`Candidates`].
+pub struct Candidate<'c, K> {
+    position: usize,
+    key: &'c K,
+    state: &'c EndpointState,
+    avoided: bool,
+    now: &'c LazyNow<'c>,
+}
+
+impl<'c, K> Candidate<'c, K> {
+    /// Its position in [`Candidates`]: what [`Pick::pick`] returns.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    /// The balancer's index for it (what errors and
+    /// [`AvoidEndpoints`] carry).
+    pub fn index(&self) -> EndpointIndex {
+        self.state.id
+    }
+
+    /// Its discovery key.
+    pub fn key(&self) -> &'c K {
+        self.key
+    }
+
+    /// Requests this balancer has outstanding on it.
+    pub fn outstanding(&self) -> u32 {
+        self.state.outstanding()
+    }
+
+    /// The requests it may have outstanding now: its key's capacity, else
+    /// the configured `max_outstanding_per_endpoint`, lowered after a busy
+    /// answer; `None` when unbounded.
+    pub fn capacity(&self) -> Option<u32> {
+        let cap = self.state.cap();
+        (cap != u32::MAX).then_some(cap)
+    }
+
+    /// Its weight in [0, 1], read live from its key (slow start, busy
+    /// dampening). Weight 0: send it nothing while anything else is usable.
+    pub fn weight(&self) -> f64 {
+        self.state.weight()
+    }
+
+    /// Its peak-EWMA latency estimate (the fleet's, until its first
+    /// response).
+    pub fn latency(&self) -> Duration {
+        Duration::from_nanos(self.latency_ns() as u64)
+    }
+
+    /// What other clients reported it carries, aged linearly to zero over
+    /// `load_report_max_age`
+    /// ([`BalancerBuilder::load_reports`](crate::BalancerBuilder::load_reports)).
+    pub fn reported_load(&self) -> f64 {
+        self.state.reported_load(self.now)
+    }
+
+    /// Its load: [`outstanding`](Self::outstanding) plus
+    /// [`reported_load`](Self::reported_load).
+    pub fn load(&self) -> f64 {
+        self.state.load(self.now)
+    }
+
+    /// Whether it is in a busy cooldown (it answered 429/503 recently).
+    pub fn is_busy(&self) -> bool {
+        self.state.is_busy(self.now)
+    }
+
+    /// Whether the request must not go there
+    /// ([`AvoidEndpoints`]: it already failed there).
+    pub fn is_avoided(&self) -> bool {
+        self.avoided
+    }
+
+    /// Whether it is at its [`capacity`](Self::capacity).
+    pub fn is_full(&self) -> bool {
+        self.state.outstanding() >= self.state.cap()
+    }
+
+    /// Whether the request may be sent there now: not avoided, not full,
+    /// not busy.
+    pub fn is_available(&self) -> bool {
+        !self.avoided && !self.is_full() && !self.is_busy()
+    }
+
+    pub(crate) fn latency_ns(&self) -> f64 {
+        self.state.latency_ns(self.now.ns())
+    }
+
+    fn avail(&self) -> Avail {
+        if self.avoided {
+            Avail::Excluded
+        } else if self.is_full() || self.is_busy() {
+            Avail::Full
+        } else {
+            Avail::Usable
+        }
+    }
+}
+
+impl<K: fmt::Debug> fmt::Debug for Candidate<'_, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Candidate")
+            .field("position", &self.position)
+            .field("index", &self.index())
+            .field("key", self.key)
+            .field("outstanding", &self.outstanding())
+            .field("capacity", &self.capacity())
+            .field("weight", &self.weight())
+            .field("latency", &self.latency())
+            .field("load", &self.load())
+            .field("available", &self.is_available())
+            .finish()
+    }
+}
 
 /// The result of one pick.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Choice {
-    /// Dispatch to this index.
+    /// Dispatch to this position.
     Pick(usize),
     /// Some endpoint could take the request later: all usable ones are at
-    /// capacity or busy.
+    /// capacity or busy (or the policy said wait).
     Full,
     /// No endpoint may take the request (none known, or all avoided).
     Empty,
 }
 
-/// Per-balancer-handle picking state.
-#[derive(Debug)]
-pub(crate) struct Picker {
-    pub(crate) rng: fastrand::Rng,
-    cursor: usize,
-}
-
-impl Picker {
-    pub(crate) fn new(seed: u64) -> Self {
-        let mut rng = fastrand::Rng::with_seed(seed);
-        let cursor = rng.usize(..);
-        Picker { rng, cursor }
+/// Asks `pick` and checks its answer: only an available candidate is a
+/// pick; otherwise the request waits if any endpoint is allowed at all.
+pub(crate) fn choose<K: 'static>(
+    pick: &dyn Pick<K>,
+    candidates: &Candidates<'_, K>,
+    request: &http::Extensions,
+    rng: &mut fastrand::Rng,
+) -> Choice {
+    if candidates.is_empty() {
+        return Choice::Empty;
     }
-}
-
-/// What the request says about routing.
-#[derive(Debug, Default)]
-pub(crate) struct Hints<'a> {
-    pub(crate) avoid: Option<&'a AvoidEndpoints>,
-    pub(crate) key: Option<AffinityKey>,
-    pub(crate) blocks: Option<Vec<u64>>,
+    match pick.pick(candidates, request, rng) {
+        Some(i) if i < candidates.len() && candidates.get(i).is_available() => Choice::Pick(i),
+        _ if candidates.any_allowed() => Choice::Full,
+        _ => Choice::Empty,
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,252 +393,243 @@ enum Avail {
     Excluded,
 }
 
-fn avail(e: &EndpointState, hints: &Hints<'_>, now: &mut LazyNow<'_>) -> Avail {
-    if hints.avoid.is_some_and(|a| a.contains(e.id)) {
-        Avail::Excluded
-    } else if e.outstanding() >= e.cap() || e.is_busy(now) {
-        Avail::Full
-    } else {
-        Avail::Usable
+type Cost<K> = fn(&Candidate<'_, K>) -> f64;
+
+fn least_outstanding_cost<K>(c: &Candidate<'_, K>) -> f64 {
+    (c.load() + 1.0) / c.weight()
+}
+
+fn peak_ewma_cost<K>(c: &Candidate<'_, K>) -> f64 {
+    c.latency_ns() * (c.load() + 1.0) / c.weight()
+}
+
+/// Power of two choices over a cost (least-outstanding, peak-EWMA).
+struct P2c {
+    name: &'static str,
+    ewma: bool,
+}
+
+impl<K: 'static> Pick<K> for P2c {
+    fn pick(
+        &self,
+        candidates: &Candidates<'_, K>,
+        _request: &http::Extensions,
+        rng: &mut fastrand::Rng,
+    ) -> Option<usize> {
+        if self.ewma {
+            p2c(candidates, rng, peak_ewma_cost)
+        } else {
+            p2c(candidates, rng, least_outstanding_cost)
+        }
     }
-}
 
-/// Picks an endpoint for one request.
-pub(crate) fn choose(
-    policy: &Policy,
-    states: &[Arc<EndpointState>],
-    ring: Option<&Ring>,
-    hints: &Hints<'_>,
-    picker: &mut Picker,
-    now: &mut LazyNow<'_>,
-) -> Choice {
-    match policy {
-        Policy::RoundRobin => round_robin(states, hints, picker, now),
-        Policy::Random => random(states, hints, picker, now),
-        Policy::LeastOutstanding => p2c(states, hints, picker, now, least_outstanding_cost),
-        Policy::PeakEwma => p2c(states, hints, picker, now, peak_ewma_cost),
-        Policy::Weighted => weighted(states, hints, picker, now),
-        Policy::ConsistentHash(config) => match (hints.key, ring) {
-            (Some(key), Some(ring)) => hashed(config, states, ring, key, hints, now),
-            _ => p2c(states, hints, picker, now, least_outstanding_cost),
-        },
-        Policy::PrefixAffinity(config) => match &hints.blocks {
-            Some(blocks) if !blocks.is_empty() => prefix(config, states, blocks, hints, now),
-            _ => p2c(states, hints, picker, now, least_outstanding_cost),
-        },
+    fn name(&self) -> &str {
+        self.name
     }
-}
-
-fn least_outstanding_cost(e: &EndpointState, now: &mut LazyNow<'_>) -> f64 {
-    (e.load(now) + 1.0) / e.weight()
-}
-
-fn peak_ewma_cost(e: &EndpointState, now: &mut LazyNow<'_>) -> f64 {
-    let latency = e.latency_ns(now.ns());
-    latency * (e.load(now) + 1.0) / e.weight()
 }
 
 /// Power of two choices: compare two distinct random endpoints, take the
 /// cheaper. Falls back to a scan when the sample is unusable.
-fn p2c(
-    states: &[Arc<EndpointState>],
-    hints: &Hints<'_>,
-    picker: &mut Picker,
-    now: &mut LazyNow<'_>,
-    cost: fn(&EndpointState, &mut LazyNow<'_>) -> f64,
-) -> Choice {
-    let n = states.len();
+fn p2c<K>(candidates: &Candidates<'_, K>, rng: &mut fastrand::Rng, cost: Cost<K>) -> Option<usize> {
+    let n = candidates.len();
     if n < 2 {
-        return scan(states, hints, now, cost);
+        return scan(candidates, cost);
     }
-    let a = picker.rng.usize(..n);
-    let mut b = picker.rng.usize(..n - 1);
+    let a = rng.usize(..n);
+    let mut b = rng.usize(..n - 1);
     if b >= a {
         b += 1;
     }
-    let (ea, eb) = (&states[a], &states[b]);
-    let best = match (avail(ea, hints, now), avail(eb, hints, now)) {
+    let (ea, eb) = (candidates.get(a), candidates.get(b));
+    let best = match (ea.avail(), eb.avail()) {
         (Avail::Usable, Avail::Usable) => {
-            let (ca, cb) = (cost(ea, now), cost(eb, now));
+            let (ca, cb) = (cost(&ea), cost(&eb));
             if ca <= cb { (a, ca) } else { (b, cb) }
         }
-        (Avail::Usable, _) => (a, cost(ea, now)),
-        (_, Avail::Usable) => (b, cost(eb, now)),
-        _ => return scan(states, hints, now, cost),
+        (Avail::Usable, _) => (a, cost(&ea)),
+        (_, Avail::Usable) => (b, cost(&eb)),
+        _ => return scan(candidates, cost),
     };
     if best.1.is_finite() {
-        Choice::Pick(best.0)
+        Some(best.0)
     } else {
         // A weight-0 endpoint: only if no positive-weight one is usable.
-        scan(states, hints, now, cost)
+        scan(candidates, cost)
     }
 }
 
 /// The cheapest usable endpoint; weight-0 ones (infinite cost) only if no
 /// other is usable, then by load.
-fn scan(
-    states: &[Arc<EndpointState>],
-    hints: &Hints<'_>,
-    now: &mut LazyNow<'_>,
-    cost: fn(&EndpointState, &mut LazyNow<'_>) -> f64,
-) -> Choice {
+fn scan<K>(candidates: &Candidates<'_, K>, cost: Cost<K>) -> Option<usize> {
     let mut best: Option<(usize, f64)> = None;
     let mut zero_weight: Option<(usize, f64)> = None;
-    let mut any_full = false;
-    for (i, e) in states.iter().enumerate() {
-        match avail(e, hints, now) {
-            Avail::Usable => {
-                let c = cost(e, now);
-                if c.is_finite() {
-                    if best.is_none_or(|(_, b)| c < b) {
-                        best = Some((i, c));
-                    }
-                } else {
-                    let load = e.load(now);
-                    if zero_weight.is_none_or(|(_, l)| load < l) {
-                        zero_weight = Some((i, load));
-                    }
-                }
+    for c in candidates.iter() {
+        if c.avail() != Avail::Usable {
+            continue;
+        }
+        let cost = cost(&c);
+        if cost.is_finite() {
+            if best.is_none_or(|(_, b)| cost < b) {
+                best = Some((c.position(), cost));
             }
-            Avail::Full => any_full = true,
-            Avail::Excluded => {}
+        } else {
+            let load = c.load();
+            if zero_weight.is_none_or(|(_, l)| load < l) {
+                zero_weight = Some((c.position(), load));
+            }
         }
     }
-    match best.or(zero_weight) {
-        Some((i, _)) => Choice::Pick(i),
-        None if any_full => Choice::Full,
-        None => Choice::Empty,
-    }
+    best.or(zero_weight).map(|(i, _)| i)
 }
 
-/// Walks the endpoints in ring order from `start` and takes the first
-/// usable one with weight, else the first usable one with weight zero.
-/// Answers the choice and, for a pick with weight, how many steps it took.
-fn walk_from(
-    states: &[Arc<EndpointState>],
-    hints: &Hints<'_>,
-    now: &mut LazyNow<'_>,
-    start: usize,
-) -> (Choice, Option<usize>) {
-    let n = states.len();
+/// Walks the endpoints in order from `start` and takes the first usable one
+/// with weight, else the first usable one with weight zero. Answers the
+/// pick and, for a pick with weight, how many steps it took.
+fn walk_from<K>(candidates: &Candidates<'_, K>, start: usize) -> (Option<usize>, Option<usize>) {
+    let n = candidates.len();
     let mut zero_weight = None;
-    let mut any_full = false;
     for step in 0..n {
-        let i = start.wrapping_add(step) % n;
-        match avail(&states[i], hints, now) {
-            Avail::Usable if states[i].weight() > 0.0 => return (Choice::Pick(i), Some(step)),
-            Avail::Usable => {
-                zero_weight.get_or_insert(i);
+        let c = candidates.get(start.wrapping_add(step) % n);
+        if c.avail() == Avail::Usable {
+            if c.weight() > 0.0 {
+                return (Some(c.position()), Some(step));
             }
-            Avail::Full => any_full = true,
-            Avail::Excluded => {}
+            zero_weight.get_or_insert(c.position());
         }
     }
-    let choice = match zero_weight {
-        Some(i) => Choice::Pick(i),
-        None if any_full => Choice::Full,
-        None => Choice::Empty,
-    };
-    (choice, None)
+    (zero_weight, None)
 }
 
-fn round_robin(
-    states: &[Arc<EndpointState>],
-    hints: &Hints<'_>,
-    picker: &mut Picker,
-    now: &mut LazyNow<'_>,
-) -> Choice {
-    let start = picker.cursor;
-    picker.cursor = picker.cursor.wrapping_add(1);
-    let (choice, step) = walk_from(states, hints, now, start);
-    if let Some(step) = step {
-        picker.cursor = start.wrapping_add(step).wrapping_add(1);
-    }
-    choice
+/// Each endpoint in turn (one cursor shared by every clone of the
+/// balancer).
+#[derive(Default)]
+struct RoundRobin {
+    cursor: AtomicUsize,
 }
 
-fn random(
-    states: &[Arc<EndpointState>],
-    hints: &Hints<'_>,
-    picker: &mut Picker,
-    now: &mut LazyNow<'_>,
-) -> Choice {
-    let n = states.len();
-    if n == 0 {
-        return Choice::Empty;
-    }
-    for _ in 0..n.min(8) {
-        let i = picker.rng.usize(..n);
-        if avail(&states[i], hints, now) == Avail::Usable && states[i].weight() > 0.0 {
-            return Choice::Pick(i);
+impl<K: 'static> Pick<K> for RoundRobin {
+    fn pick(
+        &self,
+        candidates: &Candidates<'_, K>,
+        _request: &http::Extensions,
+        _rng: &mut fastrand::Rng,
+    ) -> Option<usize> {
+        if candidates.is_empty() {
+            return None;
         }
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+        let (choice, step) = walk_from(candidates, start);
+        if let Some(step) = step.filter(|&s| s > 0) {
+            // Skipped full endpoints: continue after the one taken.
+            self.cursor
+                .store(start.wrapping_add(step).wrapping_add(1), Ordering::Relaxed);
+        }
+        choice
     }
-    // Unlucky draws or a crowded fleet: walk from a random start.
-    let start = picker.rng.usize(..n);
-    walk_from(states, hints, now, start).0
+
+    fn name(&self) -> &str {
+        "round_robin"
+    }
+}
+
+/// A uniformly random endpoint.
+struct Random;
+
+impl<K: 'static> Pick<K> for Random {
+    fn pick(
+        &self,
+        candidates: &Candidates<'_, K>,
+        _request: &http::Extensions,
+        rng: &mut fastrand::Rng,
+    ) -> Option<usize> {
+        let n = candidates.len();
+        if n == 0 {
+            return None;
+        }
+        for _ in 0..n.min(8) {
+            let c = candidates.get(rng.usize(..n));
+            if c.avail() == Avail::Usable && c.weight() > 0.0 {
+                return Some(c.position());
+            }
+        }
+        // Unlucky draws or a crowded fleet: walk from a random start.
+        walk_from(candidates, rng.usize(..n)).0
+    }
+
+    fn name(&self) -> &str {
+        "random"
+    }
 }
 
 /// A usable endpoint with probability proportional to its weight.
-fn weighted(
-    states: &[Arc<EndpointState>],
-    hints: &Hints<'_>,
-    picker: &mut Picker,
-    now: &mut LazyNow<'_>,
-) -> Choice {
-    let mut usable: Vec<(usize, f64)> = Vec::with_capacity(states.len());
-    let mut any_full = false;
-    let mut total = 0.0;
-    for (i, e) in states.iter().enumerate() {
-        match avail(e, hints, now) {
-            Avail::Usable => {
-                let w = e.weight();
+struct Weighted;
+
+impl<K: 'static> Pick<K> for Weighted {
+    fn pick(
+        &self,
+        candidates: &Candidates<'_, K>,
+        _request: &http::Extensions,
+        rng: &mut fastrand::Rng,
+    ) -> Option<usize> {
+        let mut usable: Vec<(usize, f64)> = Vec::with_capacity(candidates.len());
+        let mut total = 0.0;
+        for c in candidates.iter() {
+            if c.avail() == Avail::Usable {
+                let w = c.weight();
                 total += w;
-                usable.push((i, w));
+                usable.push((c.position(), w));
             }
-            Avail::Full => any_full = true,
-            Avail::Excluded => {}
         }
-    }
-    if usable.is_empty() {
-        return if any_full {
-            Choice::Full
-        } else {
-            Choice::Empty
-        };
-    }
-    if total <= 0.0 {
-        return Choice::Pick(usable[picker.rng.usize(..usable.len())].0);
-    }
-    let mut point = picker.rng.f64() * total;
-    for &(i, w) in &usable {
-        if point < w {
-            return Choice::Pick(i);
+        if usable.is_empty() {
+            return None;
         }
-        point -= w;
+        if total <= 0.0 {
+            return Some(usable[rng.usize(..usable.len())].0);
+        }
+        let mut point = rng.f64() * total;
+        for &(i, w) in &usable {
+            if point < w {
+                return Some(i);
+            }
+            point -= w;
+        }
+        // Rounding left the point past the end: the last positive weight.
+        usable
+            .iter()
+            .rev()
+            .find(|(_, w)| *w > 0.0)
+            .map(|u| u.0)
+            .or(Some(usable[0].0))
     }
-    // Rounding left the point past the end: the last positive weight.
-    let last = usable
-        .iter()
-        .rev()
-        .find(|(_, w)| *w > 0.0)
-        .map_or(usable[0].0, |u| u.0);
-    Choice::Pick(last)
+
+    fn name(&self) -> &str {
+        "weighted"
+    }
 }
 
 /// The hash ring of [`Policy::ConsistentHash`]: `vnodes` points per endpoint,
 /// sorted.
+///
+/// Endpoint *e*'s points are `stable_hash_seeded(v.to_le_bytes(), base)` for
+/// `v` in `0..vnodes`, where `base` is the [`stable_hash`] of its key's
+/// `Debug` form (its metric label: `3` for a `usize` key, `"node-1"` for a
+/// `String` or [`keel_core::EndpointId`]); so every balancer, in every
+/// version and on every platform, puts a key on the same endpoint.
 #[derive(Debug, Default)]
 pub(crate) struct Ring {
-    points: Vec<(u64, usize)>,
+    points: Vec<(u64, EndpointIndex)>,
 }
 
 impl Ring {
-    pub(crate) fn new<K: Hash>(keys: &[K], vnodes: u32) -> Self {
-        let mut points = Vec::with_capacity(keys.len() * vnodes as usize);
-        for (i, key) in keys.iter().enumerate() {
-            let base = stable_hash(key);
+    pub(crate) fn new<'k, K: fmt::Debug + 'k>(
+        endpoints: impl IntoIterator<Item = (&'k K, EndpointIndex)>,
+        vnodes: u32,
+    ) -> Self {
+        let mut points = Vec::new();
+        for (key, index) in endpoints {
+            let base = stable_hash(format!("{key:?}").as_bytes());
             for v in 0..vnodes {
-                points.push((stable_hash(&(base, v)), i));
+                points.push((stable_hash_seeded(&v.to_le_bytes(), base), index));
             }
         }
         points.sort_unstable();
@@ -303,102 +637,152 @@ impl Ring {
     }
 }
 
+/// Consistent hashing with bounded loads.
+struct Hashed {
+    config: HashConfig,
+    ring: RwLock<Ring>,
+}
+
+impl<K: fmt::Debug + 'static> Pick<K> for Hashed {
+    fn pick(
+        &self,
+        candidates: &Candidates<'_, K>,
+        request: &http::Extensions,
+        rng: &mut fastrand::Rng,
+    ) -> Option<usize> {
+        match request.get::<AffinityKey>() {
+            Some(key) => hashed(&self.config, candidates, &self.ring.read(), *key),
+            None => p2c(candidates, rng, least_outstanding_cost),
+        }
+    }
+
+    fn endpoints_changed(&self, endpoints: &Candidates<'_, K>) {
+        let ring = Ring::new(
+            endpoints.iter().map(|c| (c.key(), c.index())),
+            self.config.vnodes,
+        );
+        *self.ring.write() = ring;
+    }
+
+    fn name(&self) -> &str {
+        "consistent_hash"
+    }
+}
+
 /// Consistent hashing with bounded loads: walk the ring clockwise from the
 /// key's point to the first usable endpoint whose load after this request
 /// stays within `⌈c × (total + 1) / n⌉`.
-fn hashed(
+fn hashed<K>(
     config: &HashConfig,
-    states: &[Arc<EndpointState>],
+    candidates: &Candidates<'_, K>,
     ring: &Ring,
     key: AffinityKey,
-    hints: &Hints<'_>,
-    now: &mut LazyNow<'_>,
-) -> Choice {
+) -> Option<usize> {
     let mut total = 0.0;
     let mut counted = 0usize;
-    for e in states {
-        if !hints.avoid.is_some_and(|a| a.contains(e.id)) {
-            total += e.load(now);
+    for c in candidates.iter() {
+        if !c.is_avoided() {
+            total += c.load();
             counted += 1;
         }
     }
     if counted == 0 || ring.points.is_empty() {
-        return Choice::Empty;
+        return None;
     }
     let bound = (config.load_factor * (total + 1.0) / counted as f64).ceil();
     let start = ring.points.partition_point(|&(p, _)| p < key.0);
     let len = ring.points.len();
     let mut zero_weight = None;
     for step in 0..len {
-        let i = ring.points[(start + step) % len].1;
-        let e = &states[i];
-        if avail(e, hints, now) == Avail::Usable && e.load(now) + 1.0 <= bound {
-            if e.weight() > 0.0 {
-                return Choice::Pick(i);
+        let Some(i) = candidates.position_of(ring.points[(start + step) % len].1) else {
+            continue;
+        };
+        let c = candidates.get(i);
+        if c.avail() == Avail::Usable && c.load() + 1.0 <= bound {
+            if c.weight() > 0.0 {
+                return Some(i);
             }
             zero_weight.get_or_insert(i);
         }
     }
-    match zero_weight {
-        Some(i) => Choice::Pick(i),
-        // Nothing under the bound is usable (capacities, busy cooldowns):
-        // the least-loaded usable endpoint, or wait.
-        None => scan(states, hints, now, least_outstanding_cost),
+    // Nothing under the bound is usable (capacities, busy cooldowns): the
+    // least-loaded usable endpoint, or wait.
+    zero_weight.or_else(|| scan(candidates, least_outstanding_cost))
+}
+
+/// Prefix affinity (SGLang's cache-aware routing).
+struct PrefixAffinity {
+    config: PrefixConfig,
+}
+
+impl<K: 'static> Pick<K> for PrefixAffinity {
+    fn pick(
+        &self,
+        candidates: &Candidates<'_, K>,
+        request: &http::Extensions,
+        rng: &mut fastrand::Rng,
+    ) -> Option<usize> {
+        let blocks = request
+            .get::<Prompt>()
+            .map(|p| p.block_hashes(self.config.block_bytes))
+            .unwrap_or_default();
+        if blocks.is_empty() {
+            return p2c(candidates, rng, least_outstanding_cost);
+        }
+        prefix(&self.config, candidates, &blocks)
+    }
+
+    fn name(&self) -> &str {
+        "prefix_affinity"
     }
 }
 
 /// Prefix affinity: the longest cached prefix wins unless the fleet is
 /// imbalanced or the match is too short; then the least-loaded endpoint.
-fn prefix(
+fn prefix<K>(
     config: &PrefixConfig,
-    states: &[Arc<EndpointState>],
+    candidates: &Candidates<'_, K>,
     blocks: &[u64],
-    hints: &Hints<'_>,
-    now: &mut LazyNow<'_>,
-) -> Choice {
-    let mut candidates: Vec<(usize, f64)> = Vec::with_capacity(states.len());
-    let mut any_full = false;
+) -> Option<usize> {
+    let mut usable: Vec<(usize, f64, f64)> = Vec::with_capacity(candidates.len());
     let mut any_positive = false;
-    for (i, e) in states.iter().enumerate() {
-        match avail(e, hints, now) {
-            Avail::Usable => {
-                any_positive |= e.weight() > 0.0;
-                candidates.push((i, e.load(now)));
-            }
-            Avail::Full => any_full = true,
-            Avail::Excluded => {}
+    for c in candidates.iter() {
+        if c.avail() == Avail::Usable {
+            let weight = c.weight();
+            any_positive |= weight > 0.0;
+            usable.push((c.position(), c.load(), weight));
         }
     }
     if any_positive {
-        candidates.retain(|&(i, _)| states[i].weight() > 0.0);
+        usable.retain(|&(_, _, w)| w > 0.0);
     }
-    if candidates.is_empty() {
-        return if any_full {
-            Choice::Full
-        } else {
-            Choice::Empty
-        };
+    if usable.is_empty() {
+        return None;
     }
-    let max = candidates.iter().map(|c| c.1).fold(f64::MIN, f64::max);
-    let min = candidates.iter().map(|c| c.1).fold(f64::MAX, f64::min);
-    let least = candidates
+    let max = usable.iter().map(|c| c.1).fold(f64::MIN, f64::max);
+    let min = usable.iter().map(|c| c.1).fold(f64::MAX, f64::min);
+    let least = usable
         .iter()
         .min_by(|x, y| {
-            let cx = (x.1 + 1.0) / states[x.0].weight().max(f64::MIN_POSITIVE);
-            let cy = (y.1 + 1.0) / states[y.0].weight().max(f64::MIN_POSITIVE);
+            let cx = (x.1 + 1.0) / x.2.max(f64::MIN_POSITIVE);
+            let cy = (y.1 + 1.0) / y.2.max(f64::MIN_POSITIVE);
             cx.total_cmp(&cy)
         })
-        .map(|c| c.0)
-        .unwrap_or(candidates[0].0);
+        .map_or(usable[0].0, |c| c.0);
     let imbalanced = max - min > f64::from(config.balance_abs) && max > config.balance_rel * min;
+    let index_of = |i: usize| {
+        candidates.states[i]
+            .prefix
+            .get_or_init(|| Mutex::new(PrefixIndex::new(config.index_blocks)))
+    };
     let chosen = if imbalanced {
         least
     } else {
-        let mut best = (candidates[0].0, 0usize, f64::MAX);
-        for &(i, load) in &candidates {
-            let matched = states[i]
+        let mut best = (usable[0].0, 0usize, f64::MAX);
+        for &(i, load, _) in &usable {
+            let matched = candidates.states[i]
                 .prefix
-                .as_ref()
+                .get()
                 .map_or(0, |index| index.lock().matched(blocks));
             if matched > best.1 || (matched == best.1 && load < best.2) {
                 best = (i, matched, load);
@@ -410,10 +794,8 @@ fn prefix(
             least
         }
     };
-    if let Some(index) = &states[chosen].prefix {
-        index.lock().insert(blocks);
-    }
-    Choice::Pick(chosen)
+    index_of(chosen).lock().insert(blocks);
+    Some(chosen)
 }
 
 /// Block hashes are already uniform: use them as their own hash.
@@ -482,146 +864,218 @@ impl PrefixIndex {
 mod tests {
     use super::*;
     use crate::config::BalancerConfig;
-    use crate::endpoint::{Common, EndpointId, Handle};
+    use crate::endpoint::Handle;
+    use keel_core::EndpointId;
     use proptest::prelude::*;
 
-    fn fleet(n: usize, config: &BalancerConfig) -> Vec<Arc<EndpointState>> {
-        let common = Arc::new(Common::new(config));
-        (0..n)
-            .map(|i| {
-                Arc::new(EndpointState::new(
-                    EndpointId::new(i as u64),
-                    format!("e{i}"),
-                    1.0,
-                    common.clone(),
-                    Some(64),
-                ))
-            })
-            .collect()
+    struct Fleet {
+        keys: Vec<EndpointId>,
+        states: Vec<Arc<EndpointState>>,
+        positions: HashMap<EndpointIndex, usize>,
+        common: Arc<Common>,
     }
 
-    fn pick(
-        policy: &Policy,
-        states: &[Arc<EndpointState>],
-        hints: &Hints<'_>,
-        picker: &mut Picker,
-    ) -> Choice {
-        let common = states[0].common();
-        choose(
-            policy,
+    fn fleet(n: usize, config: &BalancerConfig) -> Fleet {
+        let common = Arc::new(Common::new(config));
+        let keys: Vec<_> = (0..n).map(|i| EndpointId::new(format!("e{i}"))).collect();
+        let states: Vec<_> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| {
+                Arc::new(EndpointState::new(
+                    EndpointIndex::new(i as u64),
+                    format!("{key:?}"),
+                    Arc::new(key.clone()),
+                    common.clone(),
+                ))
+            })
+            .collect();
+        let positions = states.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
+        Fleet {
+            keys,
             states,
-            None,
-            hints,
-            picker,
-            &mut LazyNow::new(common),
-        )
+            positions,
+            common,
+        }
     }
+
+    impl Fleet {
+        fn candidates<'a>(&'a self, ext: &'a http::Extensions) -> Candidates<'a, EndpointId> {
+            Candidates::new(
+                &self.keys,
+                &self.states,
+                &self.positions,
+                ext.get::<AvoidEndpoints>(),
+                &self.common,
+            )
+        }
+
+        fn pick(
+            &self,
+            pick: &dyn Pick<EndpointId>,
+            ext: &http::Extensions,
+            rng: &mut fastrand::Rng,
+        ) -> Choice {
+            choose(pick, &self.candidates(ext), ext, rng)
+        }
+
+        fn built(&self, policy: &Policy) -> Box<dyn Pick<EndpointId>> {
+            let pick = policy.build::<EndpointId>();
+            pick.endpoints_changed(&self.candidates(&http::Extensions::new()));
+            pick
+        }
+    }
+
+    const PLAIN: [Policy; 5] = [
+        Policy::RoundRobin,
+        Policy::Random,
+        Policy::LeastOutstanding,
+        Policy::PeakEwma,
+        Policy::Weighted,
+    ];
 
     #[test]
     fn round_robin_cycles_and_skips_full_endpoints() {
         let config = BalancerConfig::default().max_outstanding_per_endpoint(1);
-        let states = fleet(3, &config);
-        let mut picker = Picker::new(7);
-        let hints = Hints::default();
-        let first = match pick(&Policy::RoundRobin, &states, &hints, &mut picker) {
-            Choice::Pick(i) => i,
-            other => panic!("{other:?}"),
-        };
-        let second = pick(&Policy::RoundRobin, &states, &hints, &mut picker);
-        assert_eq!(second, Choice::Pick((first + 1) % 3));
+        let f = fleet(3, &config);
+        let rr = f.built(&Policy::RoundRobin);
+        let mut rng = fastrand::Rng::with_seed(7);
+        let ext = http::Extensions::new();
+        assert_eq!(f.pick(&*rr, &ext, &mut rng), Choice::Pick(0));
+        assert_eq!(f.pick(&*rr, &ext, &mut rng), Choice::Pick(1));
         // Fill the third endpoint: round-robin steps over it.
-        assert!(states[(first + 2) % 3].try_acquire());
-        assert_eq!(
-            pick(&Policy::RoundRobin, &states, &hints, &mut picker),
-            Choice::Pick(first)
-        );
-        for e in &states {
+        assert!(f.states[2].try_acquire());
+        assert_eq!(f.pick(&*rr, &ext, &mut rng), Choice::Pick(0));
+        assert_eq!(f.pick(&*rr, &ext, &mut rng), Choice::Pick(1));
+        for e in &f.states {
             let _ = e.try_acquire();
         }
-        assert_eq!(
-            pick(&Policy::RoundRobin, &states, &hints, &mut picker),
-            Choice::Full
-        );
-        let _handles: Vec<_> = states.iter().map(|e| Handle::new(e.clone(), 0)).collect();
+        assert_eq!(f.pick(&*rr, &ext, &mut rng), Choice::Full);
+        let _handles: Vec<_> = f
+            .states
+            .iter()
+            .map(|e| Handle::new(e.clone(), 0, None))
+            .collect();
     }
 
     #[test]
     fn avoided_endpoints_are_never_picked() {
-        let states = fleet(2, &BalancerConfig::default());
+        let f = fleet(2, &BalancerConfig::default());
         let mut ext = http::Extensions::new();
-        crate::AvoidEndpoints::add(&mut ext, EndpointId::new(0));
-        let hints = Hints {
-            avoid: ext.get::<AvoidEndpoints>(),
-            ..Hints::default()
-        };
-        let mut picker = Picker::new(1);
-        for policy in [
-            Policy::RoundRobin,
-            Policy::Random,
-            Policy::LeastOutstanding,
-            Policy::PeakEwma,
-            Policy::Weighted,
-        ] {
+        crate::AvoidEndpoints::add(&mut ext, EndpointIndex::new(0));
+        let mut rng = fastrand::Rng::with_seed(1);
+        for policy in PLAIN {
+            let pick = f.built(&policy);
             for _ in 0..20 {
-                assert_eq!(pick(&policy, &states, &hints, &mut picker), Choice::Pick(1));
+                assert_eq!(f.pick(&*pick, &ext, &mut rng), Choice::Pick(1));
             }
         }
-        crate::AvoidEndpoints::add(&mut ext, EndpointId::new(1));
-        let hints = Hints {
-            avoid: ext.get::<AvoidEndpoints>(),
-            ..Hints::default()
-        };
-        assert_eq!(
-            pick(&Policy::PeakEwma, &states, &hints, &mut picker),
-            Choice::Empty
-        );
+        crate::AvoidEndpoints::add(&mut ext, EndpointIndex::new(1));
+        let pick = f.built(&Policy::PeakEwma);
+        assert_eq!(f.pick(&*pick, &ext, &mut rng), Choice::Empty);
     }
 
     #[test]
     fn weight_zero_is_drained_unless_nothing_else_is_usable() {
-        let states = fleet(3, &BalancerConfig::default());
-        states[0].set_weight(0.0);
-        let mut picker = Picker::new(3);
-        let hints = Hints::default();
-        for policy in [
-            Policy::RoundRobin,
-            Policy::Random,
-            Policy::LeastOutstanding,
-            Policy::PeakEwma,
-            Policy::Weighted,
-        ] {
+        let f = fleet(3, &BalancerConfig::default());
+        f.keys[0].set_weight(0.0);
+        let mut rng = fastrand::Rng::with_seed(3);
+        let ext = http::Extensions::new();
+        for policy in PLAIN {
+            let pick = f.built(&policy);
             for _ in 0..50 {
                 assert_ne!(
-                    pick(&policy, &states, &hints, &mut picker),
+                    f.pick(&*pick, &ext, &mut rng),
                     Choice::Pick(0),
                     "{policy:?}"
                 );
             }
         }
-        for e in &states {
-            e.set_weight(0.0);
+        for key in &f.keys {
+            key.set_weight(0.0);
         }
-        assert!(matches!(
-            pick(&Policy::LeastOutstanding, &states, &hints, &mut picker),
-            Choice::Pick(_)
-        ));
+        let pick = f.built(&Policy::LeastOutstanding);
+        assert!(matches!(f.pick(&*pick, &ext, &mut rng), Choice::Pick(_)));
     }
 
     #[test]
-    fn weighted_follows_weights() {
-        let states = fleet(2, &BalancerConfig::default());
-        states[0].set_weight(0.25);
-        let mut picker = Picker::new(11);
-        let hints = Hints::default();
-        let mut first = 0;
-        for _ in 0..10_000 {
-            if pick(&Policy::Weighted, &states, &hints, &mut picker) == Choice::Pick(0) {
-                first += 1;
-            }
-        }
+    fn weighted_follows_the_keys_weights() {
+        let f = fleet(2, &BalancerConfig::default());
+        f.keys[0].set_weight(0.25);
+        let pick = f.built(&Policy::Weighted);
+        let mut rng = fastrand::Rng::with_seed(11);
+        let ext = http::Extensions::new();
+        let first = (0..10_000)
+            .filter(|_| f.pick(&*pick, &ext, &mut rng) == Choice::Pick(0))
+            .count();
         // 0.25 / 1.25 = 20%.
         assert!((1_700..2_300).contains(&first), "{first}");
     }
+
+    #[test]
+    fn a_pick_of_an_unavailable_endpoint_waits() {
+        struct Always(usize);
+        impl Pick<EndpointId> for Always {
+            fn pick(
+                &self,
+                _: &Candidates<'_, EndpointId>,
+                _: &http::Extensions,
+                _: &mut fastrand::Rng,
+            ) -> Option<usize> {
+                Some(self.0)
+            }
+        }
+        let f = fleet(
+            2,
+            &BalancerConfig::default().max_outstanding_per_endpoint(1),
+        );
+        let mut rng = fastrand::Rng::with_seed(1);
+        let ext = http::Extensions::new();
+        assert_eq!(f.pick(&Always(1), &ext, &mut rng), Choice::Pick(1));
+        assert!(f.states[1].try_acquire());
+        assert_eq!(f.pick(&Always(1), &ext, &mut rng), Choice::Full, "full");
+        assert_eq!(
+            f.pick(&Always(9), &ext, &mut rng),
+            Choice::Full,
+            "out of range"
+        );
+        let _handle = Handle::new(f.states[1].clone(), 0, None);
+    }
+
+    /// Pinned: the ring is built from `stable_hash` of each key's `Debug`
+    /// form, so these assignments hold in every build, version and
+    /// platform. Changing them breaks affinity across a rolling deploy.
+    #[test]
+    fn ring_assignments_are_pinned() {
+        let f = fleet(4, &BalancerConfig::default());
+        let pick = f.built(&Policy::ConsistentHash(HashConfig::default()));
+        let mut rng = fastrand::Rng::with_seed(0);
+        let homes: Vec<_> = [
+            "session-42",
+            "tenant-a",
+            "tenant-b",
+            "",
+            "You are a helpful assistant.",
+        ]
+        .iter()
+        .map(|key| {
+            let mut ext = http::Extensions::new();
+            ext.insert(AffinityKey::of(key));
+            match f.pick(&*pick, &ext, &mut rng) {
+                Choice::Pick(i) => f.keys[i].to_string(),
+                other => panic!("{other:?}"),
+            }
+        })
+        .collect();
+        assert_eq!(homes, PINNED_HOMES);
+        let ring = Ring::new(f.keys.iter().zip((0..4).map(EndpointIndex::new)), 160);
+        assert_eq!(ring.points.len(), 640);
+        assert_eq!(ring.points[0], PINNED_FIRST_POINT);
+    }
+
+    const PINNED_HOMES: [&str; 5] = ["e2", "e1", "e0", "e0", "e1"];
+    const PINNED_FIRST_POINT: (u64, EndpointIndex) =
+        (13_955_272_399_391_171, EndpointIndex::new(1));
 
     #[test]
     fn prefix_index_remembers_recent_chains() {
@@ -645,20 +1099,18 @@ mod tests {
         /// endpoint past ⌈c × (total + 1) / n⌉.
         #[test]
         fn hashing_never_exceeds_the_bound(loads in prop::collection::vec(0u32..20, 2..12), key: u64, c in 1.0f64..2.0) {
-            let states = fleet(loads.len(), &BalancerConfig::default());
+            let f = fleet(loads.len(), &BalancerConfig::default());
             let mut handles = Vec::new();
-            for (e, &load) in states.iter().zip(&loads) {
+            for (e, &load) in f.states.iter().zip(&loads) {
                 for _ in 0..load {
                     prop_assert!(e.try_acquire());
-                    handles.push(Handle::new(e.clone(), 0));
+                    handles.push(Handle::new(e.clone(), 0, None));
                 }
             }
-            let keys: Vec<usize> = (0..states.len()).collect();
-            let ring = Ring::new(&keys, 40);
-            let config = HashConfig::default().load_factor(c);
-            let hints = Hints { key: Some(AffinityKey(key)), ..Hints::default() };
-            let mut now = LazyNow::new(states[0].common());
-            let choice = hashed(&config, &states, &ring, AffinityKey(key), &hints, &mut now);
+            let pick = f.built(&Policy::ConsistentHash(HashConfig::default().load_factor(c).vnodes(40)));
+            let mut ext = http::Extensions::new();
+            ext.insert(AffinityKey(key));
+            let choice = f.pick(&*pick, &ext, &mut fastrand::Rng::with_seed(key));
             let total: u32 = loads.iter().sum();
             let bound = (c * f64::from(total + 1) / loads.len() as f64).ceil();
             match choice {

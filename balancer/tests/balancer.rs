@@ -9,8 +9,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use keel_balancer::{
-    AffinityKey, Balancer, BalancerConfig, Deadline, Error, HashConfig, LoadReport, Policy,
+    AffinityKey, Balancer, BalancerBuilder, BalancerConfig, Deadline, Error, HashConfig,
+    LoadReport, Policy,
 };
+use keel_core::EndpointId;
 use support::{Behavior, Node, classify, nodes, request};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -21,8 +23,7 @@ type Classifier = fn(&Result<usize, support::NodeError>) -> keel_balancer::Outco
 type TestBalancer = Balancer<usize, Node, Classifier>;
 
 fn balancer(nodes: &[Node], config: BalancerConfig) -> TestBalancer {
-    Balancer::builder()
-        .config(config)
+    BalancerBuilder::from_config(config)
         .classifier(classify as Classifier)
         .seed(3)
         .build(ServiceList::new(nodes.to_vec()))
@@ -220,15 +221,21 @@ async fn busy_endpoint_is_routed_around_for_its_cooldown_and_never_failed() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn weights_from_a_watch_channel_shape_traffic() {
+async fn weights_read_live_from_the_discovery_keys_shape_traffic() {
     let (nodes, log) = nodes(2, Behavior::Ok(Duration::ZERO));
-    let (tx, rx) = watch::channel(HashMap::from([(0usize, 0.25)]));
+    let keys = [EndpointId::new("node-0"), EndpointId::new("node-1")];
+    keys[0].set_weight(0.25);
+    let discover = futures::stream::iter(
+        keys.clone()
+            .into_iter()
+            .zip(nodes.clone())
+            .map(|(key, node)| Ok::<_, Infallible>(Change::Insert(key, node))),
+    );
     let mut b = Balancer::builder()
         .policy(Policy::Weighted)
         .classifier(classify as Classifier)
-        .weights(rx)
         .seed(5)
-        .build(ServiceList::new(nodes.clone()))
+        .build(discover)
         .unwrap();
     for n in 0..2_000 {
         b.ready().await.unwrap().call(request(n)).await.unwrap();
@@ -239,8 +246,8 @@ async fn weights_from_a_watch_channel_shape_traffic() {
         "0.25 / 1.25 = 20% of 2000: {first}"
     );
     assert_eq!(b.endpoints()[0].weight, 0.25);
-    // Weight 0 drains the endpoint.
-    tx.send_replace(HashMap::from([(0usize, 0.0)]));
+    // Weight 0 (set by whoever discovered the endpoint) drains it.
+    keys[0].set_weight(0.0);
     log.lock().clear();
     for n in 0..200 {
         b.ready().await.unwrap().call(request(n)).await.unwrap();
@@ -262,8 +269,7 @@ async fn a_stale_idle_load_report_cannot_attract_a_herd() {
     let config = BalancerConfig::default()
         .policy(Policy::LeastOutstanding)
         .load_report_max_age(Duration::from_secs(60));
-    let mut b = Balancer::builder()
-        .config(config)
+    let mut b = BalancerBuilder::from_config(config)
         .classifier(classify as Classifier)
         .load_reports(rx)
         .seed(9)
@@ -298,9 +304,12 @@ async fn discovery_changes_apply_and_in_flight_requests_finish() {
         .classifier(classify as Classifier)
         .build(discover)
         .unwrap();
-    // Nothing discovered yet: fail fast, retryably.
+    // Nothing discovered yet: wait up to `max_wait` (1 s) for a first
+    // endpoint, then fail, not retryably (the fleet is still empty).
+    let started = Instant::now();
     let err = b.ready().await.unwrap().call(request(0)).await.unwrap_err();
-    assert!(matches!(err, Error::NoEndpoints) && err.is_retryable());
+    assert!(matches!(err, Error::NoEndpoints) && !err.is_retryable());
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
     tx.send(Change::Insert(0, nodes[0].clone())).unwrap();
     tx.send(Change::Insert(1, nodes[1].clone())).unwrap();
     let in_flight = tokio::spawn(b.ready().await.unwrap().call(request(1)));
@@ -317,8 +326,8 @@ async fn discovery_changes_apply_and_in_flight_requests_finish() {
     assert_eq!(after.len(), 1);
     assert_eq!(after[0].key, other);
     assert_ne!(
-        after[0].id, endpoints[other].id,
-        "a replaced service gets a new id"
+        after[0].index, endpoints[other].index,
+        "a replaced service gets a new index"
     );
     assert_eq!(
         in_flight.await.unwrap().unwrap(),

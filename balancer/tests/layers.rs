@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use keel_balancer::hedge::{HedgeConfig, HedgeLayer};
 use keel_balancer::retry::{BudgetConfig, RetryConfig, RetryLayer};
-use keel_balancer::{Balancer, BalancerConfig, DeadlineLayer, Error, GiveUp, Policy};
+use keel_balancer::{Balancer, DeadlineLayer, Error, GiveUp, Policy};
 use support::{Behavior, Node, classify, nodes, request};
 use tokio::time::Instant;
 use tower::discover::ServiceList;
@@ -19,7 +19,7 @@ type TestBalancer = Balancer<usize, Node, Classifier>;
 
 fn balancer(nodes: &[Node], policy: Policy) -> TestBalancer {
     Balancer::builder()
-        .config(BalancerConfig::default().policy(policy))
+        .policy(policy)
         .classifier(classify as Classifier)
         .seed(11)
         .build(ServiceList::new(nodes.to_vec()))

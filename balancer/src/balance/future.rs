@@ -11,20 +11,18 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use futures::future::{Either, select};
+use keel_core::{BoxError, Classify, Deadline, EndpointKey, Outcome, RequestExtensions};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tower::load::TrackCompletion;
 use tower_service::Service;
 
 use super::{Balancer, Shared, Snapshot};
-use crate::classify::{Classify, Outcome};
-use crate::config::{BalancerConfig, Policy};
+use crate::config::BalancerConfig;
 use crate::endpoint::{Common, Handle, LazyNow, Recorded};
-use crate::error::{BoxError, Error, FailedResponse};
-use crate::policy::{Choice, Hints, Picker, choose};
-use crate::request::{
-    AffinityKey, AvoidEndpoints, Deadline, DispatchTrace, Prompt, RequestExtensions,
-};
+use crate::error::{Error, FailedResponse};
+use crate::policy::{Choice, Pick, choose};
+use crate::request::{AvoidEndpoints, DispatchTrace};
 
 /// The longest busy cooldown honoured, whatever `Retry-After` says.
 const MAX_BUSY_COOLDOWN: Duration = Duration::from_secs(60);
@@ -106,60 +104,32 @@ enum Acquired {
     Empty,
 }
 
-/// Picks and takes a slot; retries a pick that lost a race for the last slot.
-fn pick_and_acquire<K, S>(
-    policy: &Policy,
+/// Picks and takes a slot; retries a pick that lost a race for the last
+/// slot. Answers the clock reading it made (if any) with the result.
+fn pick_and_acquire<K: 'static, S, Req: RequestExtensions>(
+    pick: &dyn Pick<K>,
     snapshot: &Snapshot<K, S>,
-    hints: &Hints<'_>,
-    picker: &mut Picker,
-    now: &mut LazyNow<'_>,
-) -> Acquired {
+    common: &Common,
+    request: &Req,
+    rng: &mut fastrand::Rng,
+) -> (Acquired, Option<Instant>) {
+    let ext = request.extensions();
+    let candidates = snapshot.candidates(ext.get::<AvoidEndpoints>(), common);
     for _ in 0..3 {
-        match choose(
-            policy,
-            &snapshot.states,
-            snapshot.ring.as_ref(),
-            hints,
-            picker,
-            now,
-        ) {
+        match choose(pick, &candidates, ext, rng) {
             Choice::Pick(i) => {
                 if snapshot.states[i].try_acquire() {
-                    return Acquired::Slot(i);
+                    return (Acquired::Slot(i), candidates.read_clock());
                 }
             }
-            Choice::Full => return Acquired::Full,
-            Choice::Empty => return Acquired::Empty,
+            Choice::Full => return (Acquired::Full, candidates.read_clock()),
+            Choice::Empty => return (Acquired::Empty, candidates.read_clock()),
         }
     }
-    Acquired::Full
+    (Acquired::Full, candidates.read_clock())
 }
 
-fn hints<'a, Req: RequestExtensions>(policy: &Policy, request: &'a Req) -> Hints<'a> {
-    let ext = request.extensions();
-    if ext.is_empty() {
-        return Hints::default();
-    }
-    Hints {
-        avoid: ext.get::<AvoidEndpoints>(),
-        key: match policy {
-            Policy::ConsistentHash(_) => AffinityKey::get(request),
-            _ => None,
-        },
-        blocks: match policy {
-            Policy::PrefixAffinity(config) => {
-                Prompt::get(request).map(|p| p.block_hashes(config.block_bytes))
-            }
-            _ => None,
-        },
-    }
-}
-
-fn timer(
-    config: &BalancerConfig,
-    deadline: Option<Deadline>,
-    now: &mut LazyNow<'_>,
-) -> Option<Timer> {
+fn timer(config: &BalancerConfig, deadline: Option<Deadline>, now: &LazyNow<'_>) -> Option<Timer> {
     let attempt = config.attempt_timeout.map(|t| (now.instant() + t, t));
     let (at, kind) = match (attempt, deadline) {
         (None, None) => return None,
@@ -185,7 +155,7 @@ pub(super) fn dispatch<K, S, C, T, Req>(
     request: Req,
 ) -> ResponseFuture<S, Req, C, T>
 where
-    K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+    K: EndpointKey + Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
     S: Service<Req> + Clone + Send + Sync + 'static,
     C: Clone,
     T: Clone,
@@ -194,7 +164,7 @@ where
     let shared = &balancer.shared;
     let config = &shared.config;
     let common = &shared.common;
-    let mut now = LazyNow::new(common);
+    let now = LazyNow::new(common);
     let deadline = Deadline::of(&request);
     if let Some(deadline) = deadline
         && deadline.instant() <= now.instant()
@@ -202,21 +172,24 @@ where
         common.metrics.deadline_exceeded.increment(1);
         return balancer.failed(Error::DeadlineExceeded);
     }
-    let acquired = {
-        let hints = hints(&config.policy, &request);
-        pick_and_acquire(
-            &config.policy,
-            &balancer.snapshot,
-            &hints,
-            &mut balancer.picker,
-            &mut now,
-        )
-    };
+    let (acquired, read) = pick_and_acquire(
+        &*shared.pick,
+        &balancer.snapshot,
+        common,
+        &request,
+        &mut balancer.rng,
+    );
+    let now = now.with(read);
+    let empty_fleet = balancer.snapshot.states.is_empty();
     match acquired {
         Acquired::Slot(i) => {
-            let handle = Handle::new(balancer.snapshot.states[i].clone(), now.ns());
+            let handle = Handle::new(
+                balancer.snapshot.states[i].clone(),
+                now.ns(),
+                deadline.map(|d| d.instant()),
+            );
             record_dispatch(&request, &handle);
-            let timer = timer(config, deadline, &mut now);
+            let timer = timer(config, deadline, &now);
             ResponseFuture {
                 state: State::Ready {
                     svc: balancer.snapshot.services[i].clone(),
@@ -228,22 +201,29 @@ where
                 completion: balancer.completion.clone(),
             }
         }
-        Acquired::Empty => {
+        Acquired::Empty if !empty_fleet || shared.ended.load(Ordering::Acquire) => {
+            // Every endpoint is avoided, or discovery ended empty: waiting
+            // cannot help.
             common.metrics.no_endpoints.increment(1);
             balancer.failed(Error::NoEndpoints)
         }
-        Acquired::Full => {
+        Acquired::Empty | Acquired::Full => {
             if config.max_wait.is_zero()
                 || common.waiters.load(Ordering::Relaxed) >= config.max_waiters
             {
-                common.metrics.overloaded.increment(1);
-                tracing::debug!(balancer = %config.name, "every endpoint is at capacity; rejecting");
-                return balancer.failed(Error::Overloaded {
-                    waited: Duration::ZERO,
+                return balancer.failed(if empty_fleet {
+                    common.metrics.no_endpoints.increment(1);
+                    Error::NoEndpoints
+                } else {
+                    common.metrics.overloaded.increment(1);
+                    tracing::debug!(balancer = %config.name, "every endpoint is at capacity; rejecting");
+                    Error::Overloaded {
+                        waited: Duration::ZERO,
+                    }
                 });
             }
-            let picker = shared.picker();
-            let wait = Box::pin(wait_for_slot(shared.clone(), request, picker, deadline));
+            let rng = shared.rng();
+            let wait = Box::pin(wait_for_slot(shared.clone(), request, rng, deadline));
             ResponseFuture {
                 state: State::Waiting { wait },
                 handle: None,
@@ -282,16 +262,17 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// Every usable endpoint is full: wait for a slot to free (or the set to
-/// change), bounded by `max_wait` and the deadline.
+/// Every usable endpoint is full, or there is no endpoint yet: wait for a
+/// slot to free (or the set to change), bounded by `max_wait` and the
+/// deadline.
 async fn wait_for_slot<K, S, Req>(
     shared: Arc<Shared<K, S>>,
     request: Req,
-    mut picker: Picker,
+    mut rng: fastrand::Rng,
     deadline: Option<Deadline>,
 ) -> Result<Dispatched<S, Req>, Error>
 where
-    K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+    K: EndpointKey + Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
     S: Clone + Send + Sync + 'static,
     Req: RequestExtensions + Send + 'static,
 {
@@ -312,17 +293,20 @@ where
         notified.as_mut().enable();
         shared.sync_discover();
         let snapshot = shared.current();
+        let empty_fleet = snapshot.states.is_empty();
         {
-            let mut now = LazyNow::new(common);
-            let acquired = {
-                let hints = hints(&config.policy, &request);
-                pick_and_acquire(&config.policy, &snapshot, &hints, &mut picker, &mut now)
-            };
+            let (acquired, read) =
+                pick_and_acquire(&*shared.pick, &snapshot, common, &request, &mut rng);
+            let now = LazyNow::new(common).with(read);
             match acquired {
                 Acquired::Slot(i) => {
-                    let handle = Handle::new(snapshot.states[i].clone(), now.ns());
+                    let handle = Handle::new(
+                        snapshot.states[i].clone(),
+                        now.ns(),
+                        deadline.map(|d| d.instant()),
+                    );
                     record_dispatch(&request, &handle);
-                    let timer = timer(config, deadline, &mut now);
+                    let timer = timer(config, deadline, &now);
                     return Ok(Dispatched {
                         svc: snapshot.services[i].clone(),
                         request,
@@ -330,11 +314,11 @@ where
                         timer,
                     });
                 }
-                Acquired::Empty => {
+                Acquired::Empty if !empty_fleet || shared.ended.load(Ordering::Acquire) => {
                     common.metrics.no_endpoints.increment(1);
                     return Err(Error::NoEndpoints);
                 }
-                Acquired::Full => {}
+                Acquired::Empty | Acquired::Full => {}
             }
         }
         drop(snapshot);
@@ -342,6 +326,10 @@ where
             return Err(if by_deadline {
                 common.metrics.deadline_exceeded.increment(1);
                 Error::DeadlineExceeded
+            } else if shared.current().states.is_empty() {
+                common.metrics.no_endpoints.increment(1);
+                tracing::debug!(balancer = %config.name, waited = ?config.max_wait, "no endpoint discovered in time; rejecting");
+                Error::NoEndpoints
             } else {
                 common.metrics.overloaded.increment(1);
                 tracing::debug!(balancer = %config.name, waited = ?config.max_wait, "no slot freed in time; rejecting");
@@ -389,7 +377,7 @@ where
                 retry_after,
             })
         }
-        Outcome::Failure { retryable } => {
+        Outcome::Failure { retryable, .. } => {
             handle.set_outcome(Recorded::Failure);
             let source = match result {
                 Err(error) => error.into(),
@@ -400,6 +388,20 @@ where
                 retryable,
                 source,
             })
+        }
+        // Nothing to learn about the endpoint (a layer in front of it
+        // refused the request, say an open breaker): record nothing against
+        // it; an error may succeed elsewhere.
+        _ => {
+            handle.set_outcome(Recorded::Cancelled);
+            match result {
+                Ok(response) => Ok(completion.track_completion(handle, response)),
+                Err(error) => Err(Error::Failed {
+                    endpoint,
+                    retryable: true,
+                    source: error.into(),
+                }),
+            }
         }
     }
 }

@@ -8,28 +8,24 @@ use std::fmt;
 use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use futures::Stream;
+use keel_core::{BoxError, Classify, EndpointKey, RequestExtensions, ResultClassifier};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tower::discover::{Change, Discover};
 use tower::load::{CompleteOnResponse, TrackCompletion};
 use tower_service::Service;
 
 pub use self::future::ResponseFuture;
-use crate::classify::{Classify, DefaultClassifier};
 use crate::config::{BalancerConfig, Policy};
-use crate::endpoint::{Common, EndpointId, EndpointSnapshot, EndpointState, Handle, LoadReport};
-use crate::error::{BoxError, Error, Result};
-use crate::policy::{Picker, Ring};
-use crate::request::RequestExtensions;
-
-/// Per-key weights in [0, 1], published by whoever owns slow start and busy
-/// dampening (keel-health, or your own control loop). Keys missing from the
-/// map weigh 1.0.
-pub type Weights<K> = HashMap<K, f64>;
+use crate::endpoint::{Common, EndpointIndex, EndpointSnapshot, EndpointState, Handle, LoadReport};
+use crate::error::{Error, Result};
+use crate::policy::{Candidates, Pick};
 
 /// Per-key load reports; see [`BalancerBuilder::load_reports`].
 pub type LoadReports<K> = HashMap<K, LoadReport>;
@@ -37,9 +33,18 @@ pub type LoadReports<K> = HashMap<K, LoadReport>;
 type DiscoverStream<K, S> = Pin<Box<dyn Stream<Item = Result<Change<K, S>, BoxError>> + Send>>;
 
 /// Picks an endpoint for each request from a
-/// [`Discover`](tower::discover::Discover) set, by a [`Policy`], honouring
-/// per-endpoint capacity, busy signals, weights, the request's
-/// [`Deadline`](crate::Deadline) and [`AvoidEndpoints`](crate::AvoidEndpoints).
+/// [`Discover`](tower::discover::Discover) set, by a [`Policy`] (or any
+/// [`Pick`]), honouring per-endpoint capacity, busy signals, weights, the
+/// request's [`Deadline`](crate::Deadline) and
+/// [`AvoidEndpoints`](crate::AvoidEndpoints).
+///
+/// Each endpoint's weight and capacity are read live from its discovery
+/// key ([`EndpointKey`]): keel-health's `Discover` hands out
+/// [`keel_core::EndpointId`] keys whose weight it keeps current (slow
+/// start, busy dampening), so a balancer built over it follows health with
+/// no task of yours. Timeouts the balancer imposes (an attempt timeout, a
+/// deadline that passed while the call was in flight) are reported back
+/// through [`EndpointKey::report`], once per attempt.
 ///
 /// A `tower::Service` whose clones share one endpoint set, so it stacks
 /// under [`tower::retry::Retry`], [`Hedge`](crate::hedge::Hedge) or a
@@ -54,12 +59,11 @@ type DiscoverStream<K, S> = Pin<Box<dyn Stream<Item = Result<Change<K, S>, BoxEr
 /// endpoint's future — the upstream call is cancelled and its slot freed.
 ///
 /// Build one with [`Balancer::builder`].
-pub struct Balancer<K, S, C = DefaultClassifier, T = CompleteOnResponse> {
+pub struct Balancer<K, S, C = ResultClassifier, T = CompleteOnResponse> {
     shared: Arc<Shared<K, S>>,
     snapshot: Arc<Snapshot<K, S>>,
     version: u64,
-    picker: Picker,
-    weights: Option<watch::Receiver<Weights<K>>>,
+    rng: fastrand::Rng,
     reports: Option<watch::Receiver<LoadReports<K>>>,
     classifier: C,
     completion: T,
@@ -70,7 +74,7 @@ pub(crate) struct Snapshot<K, S> {
     pub(crate) keys: Vec<K>,
     pub(crate) states: Vec<Arc<EndpointState>>,
     pub(crate) services: Vec<S>,
-    pub(crate) ring: Option<Ring>,
+    pub(crate) positions: HashMap<EndpointIndex, usize>,
 }
 
 impl<K, S> Snapshot<K, S> {
@@ -79,15 +83,26 @@ impl<K, S> Snapshot<K, S> {
             keys: Vec::new(),
             states: Vec::new(),
             services: Vec::new(),
-            ring: None,
+            positions: HashMap::new(),
         }
+    }
+
+    pub(crate) fn candidates<'a>(
+        &'a self,
+        avoid: Option<&'a crate::AvoidEndpoints>,
+        common: &'a Common,
+    ) -> Candidates<'a, K> {
+        Candidates::new(&self.keys, &self.states, &self.positions, avoid, common)
     }
 }
 
 /// What every clone of one balancer shares.
 pub(crate) struct Shared<K, S> {
     pub(crate) config: BalancerConfig,
+    pub(crate) pick: Box<dyn Pick<K>>,
     pub(crate) common: Arc<Common>,
+    /// The discovery stream ended: the endpoint set is final.
+    pub(crate) ended: AtomicBool,
     control: Mutex<Control<K, S>>,
     snapshot: RwLock<Arc<Snapshot<K, S>>>,
     version: AtomicU64,
@@ -101,12 +116,11 @@ struct Control<K, S> {
     ended: bool,
     next_id: u64,
     waker: Waker,
-    weights: Option<watch::Receiver<Weights<K>>>,
 }
 
 impl<K, S> Shared<K, S>
 where
-    K: Hash + Eq + Clone + fmt::Debug,
+    K: EndpointKey + Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
     S: Clone,
 {
     /// Reads pending discovery changes, if the stream woke us. Whoever gets
@@ -138,6 +152,7 @@ where
                 Poll::Ready(None) => {
                     tracing::debug!(balancer = %self.config.name, "discovery stream ended; the endpoint set is final");
                     control.ended = true;
+                    self.ended.store(true, Ordering::Release);
                     break;
                 }
                 Poll::Pending => break,
@@ -148,6 +163,8 @@ where
         }
         let current = self.snapshot.read().clone();
         let next = self.apply(&mut control, &current, changes);
+        self.pick
+            .endpoints_changed(&next.candidates(None, &self.common));
         self.common.metrics.endpoints.set(next.states.len() as f64);
         tracing::debug!(balancer = %self.config.name, endpoints = next.states.len(), "endpoint set changed");
         *self.snapshot.write() = Arc::new(next);
@@ -172,26 +189,16 @@ where
             .enumerate()
             .map(|(i, k)| (k, i))
             .collect();
-        let prefix_blocks = match &self.config.policy {
-            Policy::PrefixAffinity(config) => Some(config.index_blocks),
-            _ => None,
-        };
         for change in changes {
             match change {
                 Change::Insert(key, service) => {
-                    let id = EndpointId::new(control.next_id);
+                    let id = EndpointIndex::new(control.next_id);
                     control.next_id += 1;
-                    let weight = control
-                        .weights
-                        .as_ref()
-                        .and_then(|rx| rx.borrow().get(&key).copied())
-                        .unwrap_or(1.0);
                     let state = Arc::new(EndpointState::new(
                         id,
                         format!("{key:?}"),
-                        weight,
+                        Arc::new(key.clone()),
                         self.common.clone(),
-                        prefix_blocks,
                     ));
                     tracing::debug!(balancer = %self.config.name, endpoint = ?key, %id, "endpoint inserted");
                     match index.get(&key) {
@@ -222,15 +229,12 @@ where
                 }
             }
         }
-        let ring = match &self.config.policy {
-            Policy::ConsistentHash(config) => Some(Ring::new(&keys, config.vnodes)),
-            _ => None,
-        };
+        let positions = states.iter().enumerate().map(|(i, s)| (s.id, i)).collect();
         Snapshot {
             keys,
             states,
             services,
-            ring,
+            positions,
         }
     }
 
@@ -238,9 +242,10 @@ where
         self.snapshot.read().clone()
     }
 
-    fn picker(&self) -> Picker {
+    /// A generator of its own for a new clone (or a waiting request).
+    pub(crate) fn rng(&self) -> fastrand::Rng {
         let n = self.clones.fetch_add(1, Ordering::Relaxed);
-        Picker::new(mix(self.seed, n))
+        fastrand::Rng::with_seed(mix(self.seed, n))
     }
 }
 
@@ -254,7 +259,7 @@ pub(crate) fn mix(seed: u64, n: u64) -> u64 {
 
 impl<K> Balancer<K, ()> {
     /// A builder with [`BalancerConfig::default`], the
-    /// [`DefaultClassifier`] and [`CompleteOnResponse`]; the endpoint
+    /// [`ResultClassifier`] and [`CompleteOnResponse`]; the endpoint
     /// service type comes from the `Discover` given to
     /// [`build`](BalancerBuilder::build).
     pub fn builder() -> BalancerBuilder<K> {
@@ -265,11 +270,31 @@ impl<K> Balancer<K, ()> {
 impl<K> BalancerBuilder<K> {
     /// Same as [`Balancer::builder`].
     pub fn new() -> Self {
+        BalancerBuilder::from_config(BalancerConfig::default())
+    }
+
+    /// A builder starting from `config` (read from a file, say); setters
+    /// called afterwards change single fields of it.
+    ///
+    /// This is the only way to hand the builder a whole config, so no
+    /// setter is ever silently undone by a config given after it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keel_balancer::{BalancerBuilder, BalancerConfig, Policy};
+    ///
+    /// let from_file: BalancerConfig = serde_json::from_str(r#"{"max_wait": "250ms"}"#).unwrap();
+    /// let builder = BalancerBuilder::<usize>::from_config(from_file)
+    ///     .policy(Policy::LeastOutstanding);
+    /// assert_eq!(builder.config().max_wait, Duration::from_millis(250));
+    /// assert_eq!(builder.config().policy, Policy::LeastOutstanding);
+    /// ```
+    pub fn from_config(config: BalancerConfig) -> Self {
         BalancerBuilder {
-            config: BalancerConfig::default(),
-            weights: None,
+            config,
+            pick: None,
             reports: None,
-            classifier: DefaultClassifier,
+            classifier: ResultClassifier,
             completion: CompleteOnResponse::default(),
             seed: None,
         }
@@ -284,7 +309,7 @@ impl<K> Default for BalancerBuilder<K> {
 
 impl<K, S, C, T> Balancer<K, S, C, T>
 where
-    K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+    K: EndpointKey + Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
     S: Clone + Send + Sync + 'static,
 {
     /// What every endpoint looks like now, in discovery order.
@@ -301,19 +326,34 @@ where
             .collect()
     }
 
-    /// The key of endpoint `id`, if it is still in the set.
-    pub fn key_of(&self, id: EndpointId) -> Option<K> {
+    /// The key of the endpoint with this index, if it is still in the set.
+    pub fn key_of(&self, index: EndpointIndex) -> Option<K> {
         let snapshot = self.shared.current();
         snapshot
-            .states
-            .iter()
-            .position(|s| s.id == id)
-            .map(|i| snapshot.keys[i].clone())
+            .positions
+            .get(&index)
+            .map(|&i| snapshot.keys[i].clone())
+    }
+
+    /// The fleet's latency estimate: an exponentially weighted average of
+    /// recent successful response times across every endpoint (each
+    /// response moving it at least `1 / decay_samples` of the way), decayed
+    /// like an endpoint's estimate while nothing answers; `default_rtt`
+    /// until anything answered. A new or restarted endpoint is assumed to
+    /// take this long until its own first response.
+    pub fn fleet_latency_estimate(&self) -> Duration {
+        let common = &self.shared.common;
+        Duration::from_nanos(common.fleet_ns(common.ns_of(Instant::now())) as u64)
     }
 
     /// The balancer's configuration.
     pub fn config(&self) -> &BalancerConfig {
         &self.shared.config
+    }
+
+    /// The name of the policy in use ([`Pick::name`]).
+    pub fn policy_name(&self) -> &str {
+        self.shared.pick.name()
     }
 
     /// Takes the latest endpoint set, weights and load reports.
@@ -325,14 +365,6 @@ where
             self.snapshot = self.shared.current();
             self.version = version;
             changed = true;
-        }
-        if let Some(rx) = &mut self.weights
-            && (changed || rx.has_changed().unwrap_or(false))
-        {
-            let weights = rx.borrow_and_update();
-            for (key, state) in self.snapshot.keys.iter().zip(&self.snapshot.states) {
-                state.set_weight(weights.get(key).copied().unwrap_or(1.0));
-            }
         }
         if let Some(rx) = &mut self.reports
             && (changed || rx.has_changed().unwrap_or(false))
@@ -349,7 +381,7 @@ where
 
 impl<K, S, C, T> Clone for Balancer<K, S, C, T>
 where
-    K: Hash + Eq + Clone + fmt::Debug,
+    K: EndpointKey + Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
     S: Clone,
     C: Clone,
     T: Clone,
@@ -359,8 +391,7 @@ where
             shared: self.shared.clone(),
             snapshot: self.snapshot.clone(),
             version: self.version,
-            picker: self.shared.picker(),
-            weights: self.weights.clone(),
+            rng: self.shared.rng(),
             reports: self.reports.clone(),
             classifier: self.classifier.clone(),
             completion: self.completion.clone(),
@@ -370,12 +401,12 @@ where
 
 impl<K, S, C, T> fmt::Debug for Balancer<K, S, C, T>
 where
-    K: fmt::Debug,
+    K: fmt::Debug + 'static,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Balancer")
             .field("name", &self.shared.config.name)
-            .field("policy", &self.shared.config.policy)
+            .field("policy", &self.shared.pick.name())
             .field("endpoints", &self.snapshot.keys)
             .finish_non_exhaustive()
     }
@@ -383,11 +414,11 @@ where
 
 impl<K, S, C, T, Req> Service<Req> for Balancer<K, S, C, T>
 where
-    K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+    K: EndpointKey + Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
     S: Service<Req> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send,
-    C: Classify<S::Response, S::Error>,
+    C: Classify<S::Response, S::Error> + Clone,
     T: TrackCompletion<Handle, S::Response>,
     Req: RequestExtensions + Send + 'static,
 {
@@ -408,76 +439,147 @@ where
 
 /// Builds a [`Balancer`].
 ///
+/// Every [`BalancerConfig`] field has a setter here, and setters may be
+/// called in any order; a whole config is given only up front
+/// ([`BalancerBuilder::from_config`]), so nothing undoes a setter.
+///
 /// ```
-/// use std::collections::HashMap;
 /// use keel_balancer::{Balancer, Policy};
-/// use tokio::sync::watch;
-/// use tower::discover::ServiceList;
+/// use keel_core::EndpointId;
+/// use tower::discover::Change;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> keel_balancer::Result<()> {
-/// let nodes: Vec<_> = (0..2)
-///     .map(|n| tower::service_fn(move |_: http::Request<()>| async move { Ok::<_, std::io::Error>(n) }))
+/// // Discovery keys carry each endpoint's live weight and capacity
+/// // (keel-health's `Discover` hands out such keys and keeps them current).
+/// let keys = [EndpointId::new("node-a").with_capacity(16), EndpointId::new("node-b")];
+/// let nodes: Vec<_> = keys
+///     .iter()
+///     .map(|key| {
+///         let name = key.to_string();
+///         let svc = tower::service_fn(move |_: http::Request<()>| {
+///             let name = name.clone();
+///             async move { Ok::<_, std::io::Error>(name) }
+///         });
+///         (key.clone(), svc)
+///     })
 ///     .collect();
-/// // Slow start and busy dampening from keel-health, or your own loop.
-/// let (weights, rx) = watch::channel(HashMap::new());
+/// let discover = futures::stream::iter(
+///     nodes.into_iter().map(|(key, svc)| Ok::<_, std::io::Error>(Change::Insert(key, svc))),
+/// );
 /// let balancer = Balancer::builder()
 ///     .policy(Policy::LeastOutstanding)
-///     .max_outstanding_per_endpoint(8)
-///     .weights(rx)
-///     .build(ServiceList::new(nodes))?;
-/// weights.send_replace(HashMap::from([(0usize, 0.1)]));
+///     .max_outstanding_per_endpoint(8) // node-b's capacity: its key says nothing
+///     .decay_samples(8)
+///     .build(discover)?;
+/// keys[1].set_weight(0.1); // slow start: node-b gets a tenth of its share
 /// # drop(balancer);
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Debug)]
-pub struct BalancerBuilder<K, C = DefaultClassifier, T = CompleteOnResponse> {
+pub struct BalancerBuilder<K, C = ResultClassifier, T = CompleteOnResponse> {
     config: BalancerConfig,
-    weights: Option<watch::Receiver<Weights<K>>>,
+    pick: Option<Box<dyn Pick<K>>>,
     reports: Option<watch::Receiver<LoadReports<K>>>,
     classifier: C,
     completion: T,
     seed: Option<u64>,
 }
 
+impl<K: fmt::Debug + 'static, C: fmt::Debug, T: fmt::Debug> fmt::Debug
+    for BalancerBuilder<K, C, T>
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BalancerBuilder")
+            .field("config", &self.config)
+            .field("pick", &self.pick.as_ref().map(|p| p.name().to_owned()))
+            .field("classifier", &self.classifier)
+            .field("completion", &self.completion)
+            .field("seed", &self.seed)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<K, C, T> BalancerBuilder<K, C, T> {
-    /// Replaces the whole configuration.
-    pub fn config(mut self, config: BalancerConfig) -> Self {
-        self.config = config;
+    /// The configuration as set so far.
+    pub fn config(&self) -> &BalancerConfig {
+        &self.config
+    }
+
+    /// Sets [`BalancerConfig::name`].
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = name.into();
         self
     }
 
-    /// Sets [`BalancerConfig::policy`].
+    /// Sets [`BalancerConfig::policy`], one of the built-in policies (and
+    /// drops a [`pick`](Self::pick) given before).
     pub fn policy(mut self, policy: Policy) -> Self {
         self.config.policy = policy;
+        self.pick = None;
         self
     }
 
-    /// Sets [`BalancerConfig::max_outstanding_per_endpoint`].
+    /// Picks endpoints with a policy of your own (a KV-cache aware router,
+    /// say) instead of [`BalancerConfig::policy`]; see [`Pick`]. A later
+    /// [`policy`](Self::policy) replaces it.
+    pub fn pick(mut self, pick: impl Pick<K>) -> Self {
+        self.pick = Some(Box::new(pick));
+        self
+    }
+
+    /// Sets [`BalancerConfig::max_outstanding_per_endpoint`]: the capacity
+    /// of endpoints whose key says nothing.
     pub fn max_outstanding_per_endpoint(mut self, slots: u32) -> Self {
         self.config.max_outstanding_per_endpoint = Some(slots);
         self
     }
 
     /// Sets [`BalancerConfig::max_wait`].
-    pub fn max_wait(mut self, wait: std::time::Duration) -> Self {
+    pub fn max_wait(mut self, wait: Duration) -> Self {
         self.config.max_wait = wait;
         self
     }
 
+    /// Sets [`BalancerConfig::max_waiters`].
+    pub fn max_waiters(mut self, waiters: usize) -> Self {
+        self.config.max_waiters = waiters;
+        self
+    }
+
     /// Sets [`BalancerConfig::attempt_timeout`].
-    pub fn attempt_timeout(mut self, timeout: std::time::Duration) -> Self {
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
         self.config.attempt_timeout = Some(timeout);
         self
     }
 
-    /// Per-key weights in [0, 1] (keel-health's slow start and busy
-    /// dampening, or any control loop). Read on every `poll_ready` when the
-    /// channel changed, and when an endpoint is inserted; keys missing from
-    /// the map weigh 1.0.
-    pub fn weights(mut self, weights: watch::Receiver<Weights<K>>) -> Self {
-        self.weights = Some(weights);
+    /// Sets [`BalancerConfig::default_rtt`].
+    pub fn default_rtt(mut self, rtt: Duration) -> Self {
+        self.config.default_rtt = rtt;
+        self
+    }
+
+    /// Sets [`BalancerConfig::decay`].
+    pub fn decay(mut self, decay: Duration) -> Self {
+        self.config.decay = decay;
+        self
+    }
+
+    /// Sets [`BalancerConfig::decay_samples`].
+    pub fn decay_samples(mut self, samples: u32) -> Self {
+        self.config.decay_samples = samples;
+        self
+    }
+
+    /// Sets [`BalancerConfig::busy_cooldown`].
+    pub fn busy_cooldown(mut self, cooldown: Duration) -> Self {
+        self.config.busy_cooldown = cooldown;
+        self
+    }
+
+    /// Sets [`BalancerConfig::load_report_max_age`].
+    pub fn load_report_max_age(mut self, age: Duration) -> Self {
+        self.config.load_report_max_age = age;
         self
     }
 
@@ -498,11 +600,14 @@ impl<K, C, T> BalancerBuilder<K, C, T> {
         self
     }
 
-    /// How endpoint results are classified; see [`Classify`].
+    /// How endpoint results are classified; see [`Classify`]. Default
+    /// [`ResultClassifier`] (every `Ok` a success); for HTTP responses use
+    /// [`DefaultClassifier`](keel_core::DefaultClassifier) (429/503 busy
+    /// with `Retry-After` in both forms, 5xx failures).
     pub fn classifier<C2>(self, classifier: C2) -> BalancerBuilder<K, C2, T> {
         BalancerBuilder {
             config: self.config,
-            weights: self.weights,
+            pick: self.pick,
             reports: self.reports,
             classifier,
             completion: self.completion,
@@ -517,7 +622,7 @@ impl<K, C, T> BalancerBuilder<K, C, T> {
     pub fn track_completion<T2>(self, completion: T2) -> BalancerBuilder<K, C, T2> {
         BalancerBuilder {
             config: self.config,
-            weights: self.weights,
+            pick: self.pick,
             reports: self.reports,
             classifier: self.classifier,
             completion,
@@ -525,7 +630,8 @@ impl<K, C, T> BalancerBuilder<K, C, T> {
         }
     }
 
-    /// Builds the balancer over `discover`.
+    /// Builds the balancer over `discover`, whose keys say each endpoint's
+    /// weight and capacity ([`EndpointKey`]).
     ///
     /// Nothing is read from `discover` until the first `poll_ready`.
     ///
@@ -537,14 +643,14 @@ impl<K, C, T> BalancerBuilder<K, C, T> {
         D: Discover<Key = K> + Send + 'static,
         D::Error: Into<BoxError>,
         D::Service: Clone,
-        K: Hash + Eq + Clone + fmt::Debug,
+        K: EndpointKey + Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
     {
         self.config.validate()?;
-        // Apply the channels' current values at the first `poll_ready`.
-        let weights = self.weights.map(|mut rx| {
-            rx.mark_changed();
-            rx
-        });
+        let pick = match self.pick {
+            Some(pick) => pick,
+            None => self.config.policy.build::<K>(),
+        };
+        // Apply the channel's current value at the first `poll_ready`.
         let reports = self.reports.map(|mut rx| {
             rx.mark_changed();
             rx
@@ -558,22 +664,22 @@ impl<K, C, T> BalancerBuilder<K, C, T> {
                 ended: false,
                 next_id: 0,
                 waker: Waker::from(common.clone()),
-                weights: weights.clone(),
             }),
             snapshot: RwLock::new(Arc::new(Snapshot::empty())),
             version: AtomicU64::new(0),
             seed,
             clones: AtomicU64::new(1),
+            pick,
+            ended: AtomicBool::new(false),
             common,
             config: self.config,
         });
         let snapshot = shared.current();
         Ok(Balancer {
-            picker: Picker::new(mix(seed, 0)),
+            rng: fastrand::Rng::with_seed(mix(seed, 0)),
             shared,
             snapshot,
             version: 0,
-            weights,
             reports,
             classifier: self.classifier,
             completion: self.completion,

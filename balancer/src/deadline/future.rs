@@ -8,7 +8,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Sleep, sleep_until};
 
 use crate::error::Error;
-use crate::request::Deadline;
+use keel_core::Deadline;
 
 pin_project! {
     /// The response future of [`EnforceDeadline`](super::EnforceDeadline):

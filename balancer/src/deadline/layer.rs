@@ -8,7 +8,7 @@ use tower_service::Service;
 
 use super::future::ResponseFuture;
 use crate::error::Error;
-use crate::request::{Deadline, RequestExtensions};
+use keel_core::{Deadline, RequestExtensions};
 
 /// Gives each request a [`Deadline`] (unless it carries an earlier one) and
 /// enforces it over everything below: retries, backoffs, hedges, waiting

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::retry::BudgetConfig;
+use keel_core::BudgetConfig;
 
 /// Settings of the [hedge layer](super).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -99,6 +99,6 @@ impl HedgeConfig {
         if self.window.is_zero() {
             return Err(Error::config("window", "must be greater than zero"));
         }
-        self.budget.validate()
+        Ok(self.budget.validate()?)
     }
 }

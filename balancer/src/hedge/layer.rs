@@ -7,7 +7,7 @@ use tower_layer::Layer;
 use super::config::HedgeConfig;
 use super::service::{Hedge, HedgeShared};
 use crate::error::Result;
-use crate::retry::RetryBudget;
+use keel_core::RetryBudget;
 
 /// Wraps a service (usually a [`Balancer`](crate::Balancer)) in [`Hedge`].
 ///

@@ -17,8 +17,9 @@ use super::config::HedgeConfig;
 use super::future::ResponseFuture;
 use crate::error::{Error, Result};
 use crate::metrics::HedgeMetrics;
-use crate::request::{AvoidEndpoints, Deadline, DispatchTrace, RequestExtensions};
-use crate::retry::RetryBudget;
+use keel_core::{Deadline, RequestExtensions, RetryBudget};
+
+use crate::request::{AvoidEndpoints, DispatchTrace};
 
 /// Recent latencies in microseconds, in two windows.
 struct Latencies {

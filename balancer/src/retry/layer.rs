@@ -2,9 +2,9 @@
 
 use tower_layer::Layer;
 
-use super::budget::RetryBudget;
 use super::policy::{RetryConfig, RetryPolicy};
 use crate::error::Result;
+use keel_core::RetryBudget;
 
 /// Wraps a service (usually a [`Balancer`](crate::Balancer)) in
 /// [`tower::retry::Retry`] with a Keel [`RetryPolicy`].

@@ -3,7 +3,8 @@
 //!
 //! The layer is tower's own [`tower::retry::Retry`] driven by Keel's
 //! [`RetryPolicy`]; what tower lacks and Keel adds is the policy: the
-//! whole-number [`RetryBudget`], full jitter (tower's
+//! whole-number [`RetryBudget`], full jitter through keel-core's
+//! [`Backoff`] (tower's
 //! [`ExponentialBackoff`](tower::retry::backoff::ExponentialBackoff) adds
 //! jitter on top of the exponential delay instead of drawing the whole
 //! delay at random), [`Deadline`](crate::Deadline) checks,
@@ -47,10 +48,11 @@
 //! # }
 //! ```
 
-mod budget;
 mod layer;
 mod policy;
 
-pub use budget::{BudgetConfig, BudgetStats, RetryBudget};
+/// The retry budget and backoff, from [`keel_core`] (one definition for
+/// every Keel crate).
+pub use keel_core::{Backoff, BudgetConfig, BudgetStats, Jitter, RetryBudget};
 pub use layer::RetryLayer;
 pub use policy::{RetryConfig, RetryPolicy};

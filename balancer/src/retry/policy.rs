@@ -4,26 +4,27 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use keel_core::{Backoff, BudgetConfig, Deadline, RequestExtensions, RetryBudget};
 use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, Sleep};
 
-use super::budget::{BudgetConfig, RetryBudget};
 use crate::balance::mix;
 use crate::error::{Error, GiveUp, Result};
 use crate::metrics::RetryMetrics;
-use crate::request::{AvoidEndpoints, Deadline, RequestExtensions};
+use crate::request::AvoidEndpoints;
 
 /// Settings of the [retry layer](super).
 ///
 /// ```
 /// use std::time::Duration;
-/// use keel_balancer::retry::{BudgetConfig, RetryConfig};
+/// use keel_balancer::retry::{Backoff, BudgetConfig, RetryConfig};
 ///
 /// let config = RetryConfig::default()
 ///     .max_attempts(3)
-///     .backoff(Duration::from_millis(10), Duration::from_millis(500))
+///     .backoff(Backoff::new(Duration::from_millis(10), Duration::from_millis(500))?)
 ///     .budget(BudgetConfig::default().ratio(0.1).floor(10));
 /// assert!(config.validate().is_ok());
+/// # Ok::<(), keel_core::ConfigError>(())
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -33,13 +34,12 @@ pub struct RetryConfig {
     pub name: String,
     /// Attempts per request, the first one included. At least 1. Default 3.
     pub max_attempts: u32,
-    /// Backoff before the first retry is drawn from [0, `backoff_base`];
-    /// the range doubles per retry ("full jitter"). Default 25 ms.
-    #[serde(with = "humantime_serde")]
-    pub backoff_base: Duration,
-    /// The largest backoff range. Default 1 s.
-    #[serde(with = "humantime_serde")]
-    pub backoff_max: Duration,
+    /// The delay before each retry: keel-core's [`Backoff`], validated when
+    /// built (or deserialized). The delay before retry *n* is drawn from
+    /// `[0, min(max, base × 2^(n-1))]` with the default
+    /// [`Jitter::Full`](keel_core::Jitter::Full). Default 25 ms doubling
+    /// to 1 s.
+    pub backoff: Backoff,
     /// The retry budget, one per layer (per client). Default: 10% of
     /// requests plus 10 retries per 10 s window.
     pub budget: BudgetConfig,
@@ -50,8 +50,8 @@ impl Default for RetryConfig {
         RetryConfig {
             name: "default".to_owned(),
             max_attempts: 3,
-            backoff_base: Duration::from_millis(25),
-            backoff_max: Duration::from_secs(1),
+            backoff: Backoff::new(Duration::from_millis(25), Duration::from_secs(1))
+                .expect("the default backoff is valid"),
             budget: BudgetConfig::default(),
         }
     }
@@ -70,10 +70,9 @@ impl RetryConfig {
         self
     }
 
-    /// Sets [`backoff_base`](Self::backoff_base) and [`backoff_max`](Self::backoff_max).
-    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
-        self.backoff_base = base;
-        self.backoff_max = max;
+    /// Sets [`backoff`](Self::backoff).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
         self
     }
 
@@ -95,22 +94,7 @@ impl RetryConfig {
         if self.max_attempts == 0 {
             return Err(Error::config("max_attempts", "must be at least 1"));
         }
-        if self.backoff_base > self.backoff_max {
-            return Err(Error::config(
-                "backoff_base",
-                "must not exceed `backoff_max`",
-            ));
-        }
-        self.budget.validate()
-    }
-
-    /// The backoff range before retry number `retry` (1-based):
-    /// `min(backoff_max, backoff_base × 2^(retry-1))`.
-    pub fn backoff_cap(&self, retry: u32) -> Duration {
-        let exp = retry.saturating_sub(1).min(31);
-        self.backoff_base
-            .saturating_mul(1u32 << exp)
-            .min(self.backoff_max)
+        Ok(self.budget.validate()?)
     }
 }
 
@@ -127,28 +111,46 @@ struct Shared {
 /// For each failed attempt, in order:
 ///
 /// 1. errors that are not [retryable](crate::Error::is_retryable) pass
-///    through untouched (including an inner layer's `RetriesExhausted`);
+///    through untouched, spending no budget (including an inner layer's
+///    `RetriesExhausted`, and [`Error::NoEndpoints`] on a first attempt:
+///    a retry would find the same empty fleet);
 /// 2. after `max_attempts`, give up;
-/// 3. draw a full-jitter backoff; if sleeping it would pass the request's
-///    [`Deadline`], give up;
+/// 3. draw a full-jitter backoff ([`Backoff`]); if sleeping it would pass
+///    the request's [`Deadline`], give up;
 /// 4. withdraw one retry from the budget; if it is empty, give up;
 /// 5. add the failed endpoint to the request's [`AvoidEndpoints`] and retry
 ///    after the backoff.
 ///
 /// Giving up returns [`Error::RetriesExhausted`] (never retryable) with the
-/// reason, so outer layers do not multiply attempts. Each request deposits
-/// once into the budget, when it enters the layer. Once a request has failed
-/// on every endpoint, a further attempt is answered
-/// [`Error::NoEndpoints`] by the balancer without any upstream call; keep
-/// `max_attempts` at or below the fleet size to avoid spending budget on it.
+/// reason and the last failure as its source, so outer layers do not
+/// multiply attempts and the caller sees the real cause. Each request
+/// deposits once into the budget, when it enters the layer. When a retry
+/// finds every endpoint already failed by this request (the balancer
+/// answers [`Error::NoEndpoints`] without any upstream call), the policy
+/// gives up with [`GiveUp::NoEndpointLeft`] and the previous attempt's
+/// error.
 ///
 /// Requests must be `Clone` to be retried (an `http::Request<Bytes>` is).
-#[derive(Clone)]
 pub struct RetryPolicy {
     shared: Arc<Shared>,
     session: u64,
     attempts: u32,
     rng: Option<fastrand::Rng>,
+    /// The last retried failure of this request (not cloned: a clone
+    /// starts a request of its own).
+    last: Option<Error>,
+}
+
+impl Clone for RetryPolicy {
+    fn clone(&self) -> Self {
+        RetryPolicy {
+            shared: self.shared.clone(),
+            session: self.session,
+            attempts: self.attempts,
+            rng: self.rng.clone(),
+            last: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for RetryPolicy {
@@ -190,6 +192,7 @@ impl RetryPolicy {
             session: 0,
             attempts: 0,
             rng: None,
+            last: None,
         })
     }
 
@@ -204,13 +207,11 @@ impl RetryPolicy {
     }
 
     fn backoff(&mut self) -> Duration {
-        let cap = self.shared.config.backoff_cap(self.attempts);
         let (seed, session) = (self.shared.seed, self.session);
         let rng = self
             .rng
             .get_or_insert_with(|| fastrand::Rng::with_seed(mix(seed, session)));
-        let nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(rng.u64(0..=nanos))
+        self.shared.config.backoff.delay_with(self.attempts, rng)
     }
 
     fn give_up<Res>(&self, result: &mut Result<Res, Error>, reason: GiveUp) {
@@ -219,6 +220,7 @@ impl RetryPolicy {
             GiveUp::Budget => metrics.gave_up_budget.increment(1),
             GiveUp::Deadline => metrics.gave_up_deadline.increment(1),
             GiveUp::MaxAttempts => metrics.gave_up_max_attempts.increment(1),
+            GiveUp::NoEndpointLeft => metrics.gave_up_no_endpoint_left.increment(1),
         }
         if let Err(error) = std::mem::replace(result, Err(Error::NoEndpoints)) {
             tracing::debug!(attempts = self.attempts, %reason, %error, "not retrying");
@@ -243,6 +245,16 @@ where
             Err(error) => error,
         };
         self.attempts += 1;
+        if matches!(error, Error::NoEndpoints)
+            && let Some(last) = self.last.take()
+        {
+            // A retry found every endpoint already failed: the cause is the
+            // last failure, not an empty fleet.
+            *result = Err(last);
+            self.attempts -= 1;
+            self.give_up(result, GiveUp::NoEndpointLeft);
+            return None;
+        }
         if !error.is_retryable() {
             return None;
         }
@@ -264,6 +276,9 @@ where
         if let Some(endpoint) = failed {
             AvoidEndpoints::add(request, endpoint);
         }
+        // Keep the failure (tower drops a retried result) to name it if the
+        // retry finds no endpoint left.
+        self.last = std::mem::replace(result, Err(Error::NoEndpoints)).err();
         self.shared.metrics.retries.increment(1);
         tracing::debug!(attempt = self.attempts + 1, ?backoff, avoid = ?failed, "retrying");
         Some(tokio::time::sleep_until(resume))
@@ -284,12 +299,12 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::endpoint::EndpointId;
+    use crate::endpoint::EndpointIndex;
     use tower::retry::Policy;
 
     fn failed(endpoint: u64) -> Result<(), Error> {
         Err(Error::Busy {
-            endpoint: EndpointId::new(endpoint),
+            endpoint: EndpointIndex::new(endpoint),
             retry_after: None,
         })
     }
@@ -306,7 +321,7 @@ mod tests {
         assert!(
             AvoidEndpoints::get(&request)
                 .unwrap()
-                .contains(EndpointId::new(4))
+                .contains(EndpointIndex::new(4))
         );
         let mut result = failed(5);
         assert!(session.retry(&mut request, &mut result).is_some());
@@ -315,7 +330,7 @@ mod tests {
         let avoided = AvoidEndpoints::get(&request).unwrap();
         assert_eq!(
             avoided.as_slice(),
-            &[EndpointId::new(4), EndpointId::new(5)]
+            &[EndpointIndex::new(4), EndpointIndex::new(5)]
         );
         match result {
             Err(Error::RetriesExhausted {
@@ -329,7 +344,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn never_sleeps_past_the_deadline() {
-        let config = RetryConfig::default().backoff(Duration::from_secs(5), Duration::from_secs(5));
+        let config = RetryConfig::default()
+            .backoff(Backoff::new(Duration::from_secs(5), Duration::from_secs(5)).unwrap());
         let mut template = RetryPolicy::with_seed(config, 9).unwrap();
         let mut request = http::Extensions::new();
         Deadline::after(Duration::from_millis(1)).apply(&mut request);
@@ -358,16 +374,14 @@ mod tests {
     }
 
     #[test]
-    fn backoff_is_full_jitter_under_the_cap() {
-        let config =
-            RetryConfig::default().backoff(Duration::from_millis(10), Duration::from_millis(300));
-        assert_eq!(config.backoff_cap(1), Duration::from_millis(10));
-        assert_eq!(config.backoff_cap(3), Duration::from_millis(40));
-        assert_eq!(config.backoff_cap(30), Duration::from_millis(300));
-        let mut policy = RetryPolicy::with_seed(config, 3).unwrap();
+    fn backoff_is_core_full_jitter_under_the_cap() {
+        let backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(300)).unwrap();
+        let mut policy =
+            RetryPolicy::with_seed(RetryConfig::default().backoff(backoff), 3).unwrap();
         policy.attempts = 2;
         let draws: Vec<_> = (0..1000).map(|_| policy.backoff()).collect();
-        assert!(draws.iter().all(|d| *d <= Duration::from_millis(20)));
+        assert!(draws.iter().all(|d| *d <= backoff.cap(2)));
+        assert_eq!(backoff.cap(2), Duration::from_millis(20));
         assert!(
             draws.iter().any(|d| *d < Duration::from_millis(2)),
             "reaches near zero"
@@ -376,16 +390,44 @@ mod tests {
             draws.iter().any(|d| *d > Duration::from_millis(18)),
             "reaches near the cap"
         );
+        // Seeded: the same session draws the same delays.
+        let mut again = RetryPolicy::with_seed(RetryConfig::default().backoff(backoff), 3).unwrap();
+        again.attempts = 2;
+        assert_eq!(again.backoff(), draws[0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_endpoints_spends_no_budget_and_no_endpoint_left_names_the_failure() {
+        let config = RetryConfig::default().budget(BudgetConfig::default().ratio(0.0).floor(5));
+        let mut template = RetryPolicy::with_seed(config, 4).unwrap();
+        let mut request = http::Extensions::new();
+        let _ = Policy::<_, (), Error>::clone_request(&mut template, &request);
+        let mut session = template.clone();
+        let mut result: Result<(), Error> = Err(Error::NoEndpoints);
+        assert!(session.retry(&mut request, &mut result).is_none());
+        assert!(matches!(result, Err(Error::NoEndpoints)), "passed through");
+        assert_eq!(template.budget().stats().retries, 0, "no budget spent");
+
+        // A retry that finds every endpoint already failed.
+        let mut session = template.clone();
+        let mut result = failed(1);
+        assert!(session.retry(&mut request, &mut result).is_some());
+        let mut result: Result<(), Error> = Err(Error::NoEndpoints);
+        assert!(session.retry(&mut request, &mut result).is_none());
+        match result {
+            Err(Error::RetriesExhausted {
+                attempts: 1,
+                reason: GiveUp::NoEndpointLeft,
+                source,
+            }) => assert!(matches!(*source, Error::Busy { .. }), "{source:?}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
     fn refuses_bad_fields_by_name() {
         for (config, field) in [
             (RetryConfig::default().max_attempts(0), "max_attempts"),
-            (
-                RetryConfig::default().backoff(Duration::from_secs(2), Duration::from_secs(1)),
-                "backoff_base",
-            ),
             (
                 RetryConfig::default().budget(BudgetConfig::default().ratio(-0.5)),
                 "budget.ratio",

@@ -17,8 +17,7 @@ use tokio::time::Instant;
 use tower::discover::ServiceList;
 use tower_service::Service;
 
-use crate::classify::{Classify, Outcome};
-use crate::request::{RequestExtensions, stable_hash};
+use keel_core::{Classify, FailureKind, Outcome, RequestExtensions, stable_hash_seeded};
 
 /// How long a node takes to serve one request.
 ///
@@ -259,7 +258,7 @@ pub enum SimError {
 }
 
 /// Classifies simulated answers: `Busy` is busy, `Failed` a retryable
-/// failure.
+/// server failure.
 #[derive(Clone, Copy, Debug, Default)]
 #[non_exhaustive]
 pub struct SimClassifier;
@@ -269,7 +268,7 @@ impl Classify<SimResponse, SimError> for SimClassifier {
         match result {
             Ok(_) => Outcome::Success,
             Err(SimError::Busy(_)) => Outcome::Busy { retry_after: None },
-            Err(SimError::Failed(_)) => Outcome::Failure { retryable: true },
+            Err(SimError::Failed(_)) => Outcome::failure(FailureKind::Server),
         }
     }
 }
@@ -529,7 +528,7 @@ fn chain(prompt: &[u8], block_bytes: usize) -> Vec<u64> {
     prompt
         .chunks(block_bytes.max(1))
         .map(|block| {
-            hash = stable_hash(&(hash, block));
+            hash = stable_hash_seeded(block, hash);
             hash
         })
         .collect()

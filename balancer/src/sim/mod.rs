@@ -54,9 +54,11 @@ pub use fleet::{
 pub use report::Report;
 pub use scenario::{PromptShape, Scenario, Workload};
 
-use crate::balance::{Balancer, mix};
+use keel_core::BoxError;
+
+use crate::balance::{Balancer, BalancerBuilder, mix};
 use crate::config::{BalancerConfig, Policy};
-use crate::error::{BoxError, Error, Result};
+use crate::error::{Error, Result};
 use crate::request::{AffinityKey, Prompt};
 use crate::retry::{RetryConfig, RetryLayer};
 
@@ -88,8 +90,7 @@ pub fn keel_router(
     retry: Option<RetryConfig>,
     seed: u64,
 ) -> Result<(Router, Balancer<usize, SimNode, SimClassifier>)> {
-    let balancer = Balancer::builder()
-        .config(config)
+    let balancer = BalancerBuilder::from_config(config)
         .classifier(SimClassifier)
         .seed(seed)
         .build(fleet.discover())?;
@@ -183,7 +184,7 @@ struct Collector {
 
 fn kind_of(error: &BoxError) -> String {
     if let Some(e) = error.downcast_ref::<Error>() {
-        return e.kind().to_owned();
+        return e.label().to_owned();
     }
     if let Some(e) = error.downcast_ref::<SimError>() {
         return match e {
@@ -284,7 +285,7 @@ impl Workload {
         prompt.extend((0..block * shape.suffix_blocks as usize).map(|_| rng.u8(..)));
         let prompt = Bytes::from(prompt);
         let mut request = SimRequest::new(id, tenant, session, prompt.clone());
-        AffinityKey::of(&session).apply(&mut request);
+        AffinityKey::of(session.to_le_bytes()).apply(&mut request);
         Prompt(prompt).apply(&mut request);
         request
     }

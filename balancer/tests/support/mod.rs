@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use keel_balancer::Outcome;
+use keel_balancer::{FailureKind, Outcome};
 use parking_lot::Mutex;
 use tower::Service;
 
@@ -131,7 +131,7 @@ pub fn classify(result: &Result<usize, NodeError>) -> Outcome {
     match result {
         Ok(_) => Outcome::Success,
         Err(NodeError::Busy(_)) => Outcome::Busy { retry_after: None },
-        Err(NodeError::Failed(_)) => Outcome::Failure { retryable: true },
+        Err(NodeError::Failed(_)) => Outcome::failure(FailureKind::Server),
     }
 }
 
