@@ -54,7 +54,7 @@ fn pattern(endpoints: usize, seed: u64) -> Arc<Vec<(usize, Outcome)>> {
                 let outcome = if roll < 980 {
                     Outcome::Success
                 } else if roll < 995 {
-                    Outcome::Failure(FailureKind::Transport)
+                    Outcome::failure(FailureKind::Transport)
                 } else {
                     Outcome::Busy { retry_after: None }
                 };

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::classify::FailureKind;
 use crate::error::{Error, Result};
+use keel_core::FailureKind;
 
 /// Settings of a [`Health`](crate::Health) registry.
 ///
@@ -631,7 +631,8 @@ impl ClassThresholds {
             FailureKind::Transport => self.transport,
             FailureKind::Timeout => self.timeout,
             FailureKind::Server => self.server,
-            FailureKind::Other => self.other,
+            // `Other`, and any kind a later keel-core adds.
+            _ => self.other,
         }
     }
 
@@ -640,7 +641,7 @@ impl ClassThresholds {
             FailureKind::Transport => &mut self.transport,
             FailureKind::Timeout => &mut self.timeout,
             FailureKind::Server => &mut self.server,
-            FailureKind::Other => &mut self.other,
+            _ => &mut self.other,
         }
     }
 }

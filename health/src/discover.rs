@@ -10,8 +10,10 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::WatchStream;
 use tower::discover::Change;
 
-use crate::classify::DefaultClassifier;
-use crate::endpoint::{Endpoint, EndpointId, Snapshot};
+use keel_core::DefaultClassifier;
+use keel_core::EndpointId;
+
+use crate::endpoint::{Endpoint, Snapshot};
 use crate::outlier::Outlier;
 use crate::registry::Health;
 
@@ -22,8 +24,16 @@ use crate::registry::Health;
 /// passed its probe, ejection over) is an `Insert` of a fresh service built
 /// by the `make` closure and wrapped in [`Outlier`]; one leaving it (ejected,
 /// failing its checks, removed) is a `Remove`. Changes in between two polls
-/// are coalesced: the balancer always converges on the latest set. Weights
-/// are not in the stream: read them from [`Health::subscribe`].
+/// are coalesced: the balancer always converges on the latest set.
+///
+/// Each key is the endpoint's own [`EndpointId`] (the value given to
+/// [`Health::insert`], clones sharing its cells), so a balancer reading
+/// [`EndpointKey`](keel_core::EndpointKey) from keys gets, with no task of
+/// its own, the endpoint's live weight (slow start, busy dampening, 0 once
+/// out of rotation; pushed every `tick`), its declared capacity
+/// ([`Endpoint::capacity`]), and a reporter: an outcome it reports through
+/// the key (its attempt timeout fired) is recorded by outlier detection
+/// like one the [`Outlier`] layer saw.
 ///
 /// The stream holds a [`Health`] handle, so the registry lives as long as
 /// the balancer that owns the stream. It never ends and never fails.

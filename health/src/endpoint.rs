@@ -1,6 +1,5 @@
 //! Endpoints and the published view of their health.
 
-use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
@@ -8,60 +7,29 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::classify::FailureKind;
+use keel_core::{EndpointId, FailureKind};
+
 use crate::error::{Error, Result};
 
-/// An endpoint's id: cheap to clone, compared and hashed as its string.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EndpointId(Arc<str>);
-
-impl EndpointId {
-    /// The id as a string.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for EndpointId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
-    }
-}
-
-impl fmt::Display for EndpointId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl Borrow<str> for EndpointId {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<&str> for EndpointId {
-    fn from(id: &str) -> Self {
-        EndpointId(Arc::from(id))
-    }
-}
-
-impl From<String> for EndpointId {
-    fn from(id: String) -> Self {
-        EndpointId(Arc::from(id))
-    }
-}
-
 /// An endpoint to keep healthy: an id, an address, a relative capacity
-/// weight and free-form metadata. Cheap to clone.
+/// weight, its batch slots and free-form metadata. Cheap to clone.
+///
+/// The id is keel-core's [`EndpointId`], and it is the very value (clones
+/// share its cells) that [`Health::discover`](crate::Health::discover)
+/// hands the balancer as the endpoint's key: the registry keeps its live
+/// weight current (slow start, busy dampening, 0 while out of rotation)
+/// and installs a reporter on it, so outcomes the balancer imposes (an
+/// attempt timeout) reach passive outlier detection.
 ///
 /// ```
-/// use keel_health::Endpoint;
+/// use keel_health::{Endpoint, EndpointKey};
 ///
 /// let endpoint = Endpoint::new("node-1", "10.0.0.7:8000")
 ///     .weight(2.0) // twice the GPUs of a weight-1 node
+///     .capacity(8) // serves 8 requests at once
 ///     .meta("zone", "eu-west-1a");
 /// assert_eq!(endpoint.id().as_str(), "node-1");
+/// assert_eq!(endpoint.id().capacity(), Some(8));
 /// assert_eq!(endpoint.metadata().get("zone").map(String::as_str), Some("eu-west-1a"));
 /// ```
 #[derive(Clone, Debug, PartialEq)]
@@ -85,8 +53,21 @@ impl Endpoint {
 
     /// Sets the relative capacity weight (finite, above 0; default 1).
     /// [`Health::insert`](crate::Health::insert) refuses other values.
+    /// The weight published for the endpoint (in its snapshot status and in
+    /// its id's weight cell) is this divided by the fleet's largest, times
+    /// slow start and busy dampening.
     pub fn weight(mut self, weight: f64) -> Self {
         self.weight = weight;
+        self
+    }
+
+    /// Sets the requests this endpoint serves at once (its batch slots); a
+    /// balancer reading discovery keys never sends more. Written into the
+    /// id's capacity cell ([`EndpointKey::capacity`](keel_core::EndpointKey::capacity)),
+    /// shared by every clone of the id. `0` means not known (the
+    /// balancer's configured capacity applies).
+    pub fn capacity(self, slots: u32) -> Self {
+        self.id.set_capacity(Some(slots));
         self
     }
 
@@ -96,7 +77,8 @@ impl Endpoint {
         self
     }
 
-    /// The id.
+    /// The id: the key the discover stream hands the balancer, with the
+    /// live weight, capacity and reporter health keeps on it.
     pub fn id(&self) -> &EndpointId {
         &self.id
     }
@@ -417,6 +399,11 @@ impl Snapshot {
     /// When this snapshot was built.
     pub fn taken_at(&self) -> Instant {
         self.taken_at
+    }
+
+    /// The very same snapshot (one built once and cloned).
+    pub(crate) fn is(&self, other: &Snapshot) -> bool {
+        Arc::ptr_eq(&self.endpoints, &other.endpoints)
     }
 
     /// Same endpoints in the same states with the same weights (ignores

@@ -2,12 +2,14 @@
 
 use std::time::Duration;
 
-/// A boxed error, the error type of tower middleware (`tower::BoxError`).
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+use keel_core::{ClassifyError, ConfigError, ErrorKind, FailureKind, KeelError};
 
 /// What went wrong in a health operation or in the circuit breaker.
 ///
-/// Every variant says whether trying again can help: see [`Error::is_retryable`].
+/// Every variant says whether trying again can help
+/// ([`Error::is_retryable`]) and what kind of failure it is in the terms
+/// every Keel crate shares ([`KeelError::kind`]), so an application maps it
+/// to HTTP in the same `match` as the other crates' errors.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -16,9 +18,12 @@ pub enum Error {
     /// endpoint.
     ///
     /// Cheap and retryable: another endpoint (or this one after
-    /// `retry_after`) may take it. The default classifier does not count it
-    /// as an endpoint failure.
-    #[error("endpoint unavailable: {message}")]
+    /// `retry_after`) may take it. Its kind is
+    /// [`ErrorKind::Unavailable`], which the default classifier records as
+    /// nothing against the endpoint.
+    #[error(
+        "endpoint unavailable: {message}; route the request to another endpoint or retry later"
+    )]
     Unavailable {
         /// Why the request was refused.
         message: String,
@@ -26,52 +31,91 @@ pub enum Error {
         retry_after: Option<Duration>,
     },
     /// A half-open trial request did not finish within the breaker's
-    /// `trial_timeout`; the breaker opened again.
-    #[error("trial request timed out after {0:?}; the endpoint is slow or hung")]
+    /// `trial_timeout`; the breaker opened again. Kind
+    /// [`ErrorKind::DeadlineExceeded`].
+    #[error(
+        "trial request timed out after {0:?}: the endpoint is slow or hung, so the circuit breaker opened again"
+    )]
     Timeout(Duration),
-    /// No endpoint with this id is registered.
-    #[error("unknown endpoint `{0}`")]
+    /// No endpoint with this id is registered. Kind [`ErrorKind::NotFound`].
+    #[error("unknown endpoint `{0}`: it was never inserted, or it was removed")]
     UnknownEndpoint(String),
-    /// An endpoint with this id is already registered; remove it first.
-    #[error("endpoint `{0}` is already registered")]
+    /// An endpoint with this id is already registered. Kind
+    /// [`ErrorKind::InvalidInput`].
+    #[error("endpoint `{0}` is already registered; remove it first to replace it")]
     EndpointExists(String),
     /// An argument is out of range (for example a non-positive weight).
+    /// Kind [`ErrorKind::InvalidInput`].
     #[error("invalid argument `{name}`: {reason}")]
     InvalidArgument {
         /// The argument's name.
         name: &'static str,
-        /// Why it was refused.
-        reason: String,
-    },
-    /// A configuration field is invalid; the component was not built.
-    #[error("invalid health config `{field}`: {reason}")]
-    InvalidConfig {
-        /// The field's name (dotted for nested sections, e.g. `outlier.window`).
-        field: &'static str,
         /// Why it was refused and what is accepted.
         reason: String,
     },
+    /// A configuration field is invalid; the component was not built. The
+    /// message names the field (dotted for nested sections, e.g.
+    /// `outlier.window`) and what is accepted. Kind [`ErrorKind::Internal`].
+    #[error(transparent)]
+    InvalidConfig(#[from] ConfigError),
 }
 
 impl Error {
-    /// Whether trying the same operation again may succeed.
-    ///
-    /// An exhaustive match with no `_` arm: a new variant forces a decision.
+    /// Whether trying the same operation again may succeed (the same
+    /// answer as [`KeelError::is_retryable`]).
     pub fn is_retryable(&self) -> bool {
-        match self {
-            Error::Unavailable { .. } => true,
-            Error::Timeout(_) => true,
-            Error::UnknownEndpoint(_) => false,
-            Error::EndpointExists(_) => false,
-            Error::InvalidArgument { .. } => false,
-            Error::InvalidConfig { .. } => false,
-        }
+        KeelError::is_retryable(self)
     }
 
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidConfig {
-            field,
-            reason: reason.into(),
+        Error::InvalidConfig(ConfigError::new(field, reason))
+    }
+}
+
+impl KeelError for Error {
+    /// An exhaustive match with no `_` arm: a new variant forces a decision.
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Unavailable { retry_after, .. } => ErrorKind::Unavailable {
+                retry_after: *retry_after,
+            },
+            Error::Timeout(_) => ErrorKind::DeadlineExceeded,
+            Error::UnknownEndpoint(_) => ErrorKind::NotFound,
+            Error::EndpointExists(_) | Error::InvalidArgument { .. } => ErrorKind::InvalidInput,
+            Error::InvalidConfig(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// A breaker refusal is retryable (elsewhere, or later); a hung trial
+    /// too (another endpoint may answer), although its kind,
+    /// `DeadlineExceeded`, is not retryable in general.
+    fn is_retryable(&self) -> bool {
+        match self {
+            Error::Unavailable { .. } | Error::Timeout(_) => true,
+            Error::UnknownEndpoint(_)
+            | Error::EndpointExists(_)
+            | Error::InvalidArgument { .. }
+            | Error::InvalidConfig(_) => false,
+        }
+    }
+}
+
+keel_core::register_error_kind!(Error);
+
+/// For services whose error type is this crate's [`Error`] (the same answer
+/// as [`ClassifyError`] for a `BoxError` holding it): an open breaker
+/// records nothing against the endpoint, a hung trial is a
+/// [`FailureKind::Timeout`], and the registry's own argument and config
+/// errors are not the endpoint's fault.
+impl ClassifyError for Error {
+    fn failure_kind(&self) -> Option<FailureKind> {
+        match self {
+            Error::Timeout(_) => Some(FailureKind::Timeout),
+            Error::Unavailable { .. }
+            | Error::UnknownEndpoint(_)
+            | Error::EndpointExists(_)
+            | Error::InvalidArgument { .. } => None,
+            Error::InvalidConfig(_) => Some(FailureKind::Other),
         }
     }
 }
@@ -81,18 +125,53 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests {
+    use keel_core::{BoxError, Classify, DefaultClassifier, Outcome, kind_of};
+
     use super::*;
+
+    fn open() -> Error {
+        Error::Unavailable {
+            message: "breaker open".into(),
+            retry_after: Some(Duration::from_secs(1)),
+        }
+    }
 
     #[test]
     fn unavailable_is_retryable_and_config_is_not() {
-        let open = Error::Unavailable {
-            message: "breaker open".into(),
-            retry_after: Some(Duration::from_secs(1)),
-        };
-        assert!(open.is_retryable());
+        assert!(open().is_retryable());
         assert!(Error::Timeout(Duration::from_secs(1)).is_retryable());
         assert!(!Error::config("tick", "must be > 0").is_retryable());
         assert!(!Error::UnknownEndpoint("a".into()).is_retryable());
+    }
+
+    #[test]
+    fn kinds_are_found_behind_a_box() {
+        let boxed: BoxError = Box::new(open());
+        assert_eq!(
+            kind_of(boxed.as_ref()),
+            ErrorKind::Unavailable {
+                retry_after: Some(Duration::from_secs(1))
+            }
+        );
+        let boxed: BoxError = Box::new(Error::Timeout(Duration::from_secs(1)));
+        assert_eq!(kind_of(boxed.as_ref()), ErrorKind::DeadlineExceeded);
+        let boxed: BoxError = Box::new(Error::config("tick", "must be > 0"));
+        assert_eq!(kind_of(boxed.as_ref()), ErrorKind::Internal);
+    }
+
+    #[test]
+    fn an_open_breaker_records_nothing_and_a_hung_trial_is_a_timeout() {
+        let classify = |err: Error| {
+            let boxed: Result<(), BoxError> = Err(Box::new(err));
+            DefaultClassifier.classify(&boxed)
+        };
+        assert_eq!(classify(open()), Outcome::Cancelled);
+        assert_eq!(
+            classify(Error::Timeout(Duration::from_secs(1))),
+            Outcome::failure(FailureKind::Timeout)
+        );
+        let direct: Result<(), Error> = Err(open());
+        assert_eq!(DefaultClassifier.classify(&direct), Outcome::Cancelled);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use crate::endpoint::Endpoint;
-use crate::error::BoxError;
+use keel_core::BoxError;
 
 /// The future a [`Probe`] returns.
 pub type ProbeFuture = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send + 'static>>;
@@ -124,7 +124,7 @@ mod http_probe {
 
     use super::{Probe, ProbeFuture};
     use crate::endpoint::Endpoint;
-    use crate::error::BoxError;
+    use keel_core::BoxError;
 
     /// An HTTP probe: `GET http://{address}{path}`, passing on any 2xx.
     ///

@@ -1,12 +1,14 @@
 //! The request path's side of passive outlier detection: per-endpoint
 //! atomic counters, written without any lock.
 
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed,
+};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use crate::classify::{FailureKind, Outcome};
-use crate::endpoint::EndpointId;
+use keel_core::{EndpointId, FailureKind, Outcome};
+
 use crate::registry::Shared;
 
 /// The sliding window's current bucket, advanced by the registry's driver
@@ -42,6 +44,8 @@ pub(crate) struct Bucket {
     success: AtomicU64,
     failure: AtomicU64,
     latency_us: AtomicU64,
+    /// Outcomes without a latency (reported through the endpoint's id).
+    untimed: AtomicU64,
 }
 
 /// Totals over an endpoint's window.
@@ -50,6 +54,7 @@ pub(crate) struct WindowStats {
     pub(crate) success: u64,
     pub(crate) failure: u64,
     pub(crate) latency_us: u64,
+    pub(crate) untimed: u64,
 }
 
 impl WindowStats {
@@ -57,9 +62,10 @@ impl WindowStats {
         self.success + self.failure
     }
 
+    /// The mean over the outcomes that carried a latency.
     pub(crate) fn mean_latency(&self) -> Option<Duration> {
-        let volume = self.volume();
-        (volume > 0).then(|| Duration::from_micros(self.latency_us / volume))
+        let timed = self.volume().saturating_sub(self.untimed);
+        (timed > 0).then(|| Duration::from_micros(self.latency_us / timed))
     }
 }
 
@@ -71,8 +77,10 @@ pub(crate) struct Slot {
     window: Arc<WindowClock>,
     buckets: Box<[Bucket]>,
     consecutive: AtomicU32,
-    /// The last failure's kind, as `FailureKind::index`.
+    /// The last failure's kind, as `FailureKind::index` (`u8::MAX`: none yet).
     last_kind: AtomicU8,
+    /// Set when this incarnation is removed from the registry.
+    pub(crate) retired: AtomicBool,
     /// Micros since the registry's epoch until which the endpoint is busy; 0
     /// when it never was.
     pub(crate) busy_until_us: AtomicU64,
@@ -98,7 +106,8 @@ impl Slot {
             window,
             buckets,
             consecutive: AtomicU32::new(0),
-            last_kind: AtomicU8::new(3),
+            last_kind: AtomicU8::new(u8::MAX),
+            retired: AtomicBool::new(false),
             busy_until_us: AtomicU64::new(0),
             threshold: threshold.unwrap_or(0),
             shared,
@@ -110,8 +119,10 @@ impl Slot {
         self.consecutive.load(Relaxed)
     }
 
-    pub(crate) fn last_failure_kind(&self) -> FailureKind {
-        FailureKind::ALL[usize::from(self.last_kind.load(Relaxed)) % FailureKind::ALL.len()]
+    pub(crate) fn last_failure_kind(&self) -> Option<FailureKind> {
+        FailureKind::ALL
+            .get(usize::from(self.last_kind.load(Relaxed)))
+            .copied()
     }
 
     /// Zeroes the bucket at `index` (about to become current).
@@ -120,6 +131,7 @@ impl Slot {
         bucket.success.store(0, Relaxed);
         bucket.failure.store(0, Relaxed);
         bucket.latency_us.store(0, Relaxed);
+        bucket.untimed.store(0, Relaxed);
     }
 
     /// Forgets everything (after an ejection or a re-admission).
@@ -142,6 +154,7 @@ impl Slot {
             stats.success += bucket.success.load(Relaxed);
             stats.failure += bucket.failure.load(Relaxed);
             stats.latency_us += bucket.latency_us.load(Relaxed);
+            stats.untimed += bucket.untimed.load(Relaxed);
         }
         stats
     }
@@ -175,25 +188,45 @@ impl Recorder {
 
     /// Records one request's outcome and latency.
     ///
-    /// [`Outcome::Busy`] dampens the endpoint's weight for the busy
-    /// cooldown and never counts as a failure; [`Outcome::Ignored`] records
-    /// nothing.
+    /// A [`Outcome::Failure`] counts toward ejection (its `retryable` flag
+    /// does not matter here); [`Outcome::Busy`] dampens the endpoint's
+    /// weight for the busy cooldown and never counts as a failure;
+    /// [`Outcome::Cancelled`] records nothing.
     pub fn record(&self, outcome: Outcome, latency: Duration) {
+        self.record_inner(outcome, Some(latency));
+    }
+
+    /// Records an outcome whose latency is not known (one the router
+    /// reported through the endpoint's id, such as an attempt timeout): it
+    /// counts like any other but leaves the latency mean alone.
+    pub(crate) fn record_untimed(&self, outcome: Outcome) {
+        self.record_inner(outcome, None);
+    }
+
+    fn record_inner(&self, outcome: Outcome, latency: Option<Duration>) {
         let slot = &*self.slot;
+        let bucket = || {
+            let bucket = &slot.buckets[slot.window.current()];
+            match latency {
+                Some(latency) => {
+                    bucket.latency_us.fetch_add(micros(latency), Relaxed);
+                }
+                None => {
+                    bucket.untimed.fetch_add(1, Relaxed);
+                }
+            }
+            bucket
+        };
         match outcome {
             Outcome::Success => {
-                let bucket = &slot.buckets[slot.window.current()];
-                bucket.success.fetch_add(1, Relaxed);
-                bucket.latency_us.fetch_add(micros(latency), Relaxed);
+                bucket().success.fetch_add(1, Relaxed);
                 // Read first: a success on a clean endpoint writes nothing shared.
                 if slot.consecutive.load(Relaxed) != 0 {
                     slot.consecutive.store(0, Relaxed);
                 }
             }
-            Outcome::Failure(kind) => {
-                let bucket = &slot.buckets[slot.window.current()];
-                bucket.failure.fetch_add(1, Relaxed);
-                bucket.latency_us.fetch_add(micros(latency), Relaxed);
+            Outcome::Failure { kind, .. } => {
+                bucket().failure.fetch_add(1, Relaxed);
                 slot.last_kind.store(kind.index() as u8, Relaxed);
                 let run = slot.consecutive.fetch_add(1, Relaxed) + 1;
                 if run == slot.threshold {
@@ -206,7 +239,9 @@ impl Recorder {
                     shared.on_busy(slot, retry_after);
                 }
             }
-            Outcome::Ignored => {}
+            // `Outcome` is non-exhaustive: what a later version adds
+            // records nothing until this crate learns it.
+            _ => {}
         }
     }
 

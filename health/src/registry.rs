@@ -10,11 +10,13 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, sleep_until};
 
-use crate::classify::{DefaultClassifier, FailureKind};
+use keel_core::{DefaultClassifier, EndpointId, EndpointKey, FailureKind, Outcome};
+
 use crate::config::HealthConfig;
 use crate::discover::HealthDiscover;
-use crate::endpoint::{Endpoint, EndpointId, EndpointStatus, HealthState, Reason, Snapshot};
+use crate::endpoint::{Endpoint, EndpointStatus, HealthState, Reason, Snapshot};
 use crate::error::{Error, Result};
+use crate::machine::{Check, Effect, Machine, Time, Window};
 use crate::metrics::HealthMetrics;
 use crate::outlier::OutlierLayer;
 use crate::probe::{Probe, probe_fn};
@@ -103,21 +105,31 @@ impl HealthBuilder {
         let now = Instant::now();
         let config = self.config;
         let metrics = HealthMetrics::new(&config.name);
-        let max = config.max_ejected(0);
-        let (tx, _) = watch::channel(Snapshot::new(HashMap::new(), false, max, now));
+        let snapshot = Snapshot::new(HashMap::new(), false, config.max_ejected(0), now);
+        let (tx, _) = watch::channel(snapshot.clone());
+        let machine = Machine::new(config.clone(), self.probe.is_some(), fastrand::Rng::new());
+        let publish = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
             window: Arc::new(WindowClock::new(config.outlier.buckets)),
             probe_permits: Arc::new(Semaphore::new(config.active.max_concurrent)),
             config,
             epoch: now,
-            fleet: Mutex::new(Fleet::default()),
+            fleet: Mutex::new(Fleet {
+                machine,
+                entries: HashMap::new(),
+                next_incarnation: 0,
+                snapshot,
+            }),
             tx,
+            publish: publish.clone(),
             probe: self.probe,
             metrics,
             runtime,
             driver: Mutex::new(None),
         });
-        let driver = shared.runtime.spawn(drive(Arc::downgrade(&shared)));
+        let driver = shared
+            .runtime
+            .spawn(drive(Arc::downgrade(&shared), publish));
         *shared.driver.lock() = Some(driver.abort_handle());
         Ok(Health { shared })
     }
@@ -163,62 +175,50 @@ impl Health {
     pub fn insert(&self, endpoint: Endpoint) -> Result<()> {
         endpoint.check()?;
         let shared = &self.shared;
-        let now = Instant::now();
-        let mut fleet = shared.fleet.lock();
-        if fleet.entries.contains_key(endpoint.id()) {
-            return Err(Error::EndpointExists(endpoint.id().to_string()));
-        }
-        fleet.next_incarnation += 1;
-        let incarnation = fleet.next_incarnation;
-        let id = endpoint.id().clone();
-        let slot = Arc::new(Slot::new(
-            id.clone(),
-            incarnation,
-            shared.window.clone(),
-            shared.config.outlier.consecutive_failures,
-            Arc::downgrade(shared),
-            shared.metrics.busy_counter(id.as_str()),
-        ));
-        let probing = shared.probe.is_some();
-        let wake = Arc::new(Notify::new());
-        let task = shared.runtime.spawn(endpoint_task(
-            Arc::downgrade(shared),
-            id.clone(),
-            incarnation,
-            wake.clone(),
-        ));
-        let entry = Entry {
-            endpoint,
-            slot,
-            state: if probing {
-                HealthState::Probing
-            } else {
-                HealthState::Healthy
-            },
-            reason: Reason::Added,
-            since: now,
-            counted: false,
-            ejections: 0,
-            eject_until: None,
-            admitted_at: now,
-            ramp_start: (!probing).then_some(now),
-            probe_passed: 0,
-            probe_failed: 0,
-            next_probe: probing.then_some(now),
-            wake,
-            task: task.abort_handle(),
-        };
-        tracing::info!(
-            health = %shared.config.name,
-            endpoint = %id,
-            state = %entry.state,
-            "endpoint added"
-        );
-        shared
-            .metrics
-            .state_change(id.as_str(), entry.state, &entry.reason);
-        fleet.entries.insert(id, entry);
-        shared.publish(&fleet, now);
+        let busy_total = shared.metrics.busy_counter(endpoint.id().as_str());
+        let (id, state, reason) = shared.with_fleet(|fleet, now| {
+            if fleet.entries.contains_key(endpoint.id()) {
+                return (
+                    Err(Error::EndpointExists(endpoint.id().to_string())),
+                    Vec::new(),
+                );
+            }
+            fleet.next_incarnation += 1;
+            let incarnation = fleet.next_incarnation;
+            let id = endpoint.id().clone();
+            let slot = Arc::new(Slot::new(
+                id.clone(),
+                incarnation,
+                shared.window.clone(),
+                shared.config.outlier.consecutive_failures,
+                Arc::downgrade(shared),
+                busy_total,
+            ));
+            // An id inserted before (the same value, added again) keeps the
+            // reporter it has, which finds the current incarnation by name.
+            id.set_reporter(reporter(Arc::downgrade(shared), Arc::downgrade(&slot)));
+            let wake = Arc::new(Notify::new());
+            let task = shared.runtime.spawn(endpoint_task(
+                Arc::downgrade(shared),
+                id.clone(),
+                incarnation,
+                wake.clone(),
+            ));
+            let node = fleet.machine.insert(id.clone(), shared.at(now));
+            let added = (id.clone(), node.state, node.reason.clone());
+            fleet.entries.insert(
+                id,
+                Entry {
+                    endpoint,
+                    slot,
+                    wake,
+                    task: task.abort_handle(),
+                },
+            );
+            (Ok(added), Vec::new())
+        })?;
+        tracing::info!(health = %shared.config.name, endpoint = %id, %state, "endpoint added");
+        shared.metrics.state_change(id.as_str(), state, &reason);
         Ok(())
     }
 
@@ -234,31 +234,44 @@ impl Health {
     /// [`Error::UnknownEndpoint`] if no endpoint has this id.
     pub fn remove(&self, id: &str) -> Result<Endpoint> {
         let shared = &self.shared;
-        let now = Instant::now();
-        let mut fleet = shared.fleet.lock();
-        let entry = fleet
-            .entries
-            .remove(id)
-            .ok_or_else(|| Error::UnknownEndpoint(id.to_owned()))?;
-        entry.task.abort();
+        let removed = shared.with_fleet(|fleet, now| {
+            let Some(entry) = fleet.entries.remove(id) else {
+                return (Err(Error::UnknownEndpoint(id.to_owned())), Vec::new());
+            };
+            entry.task.abort();
+            entry
+                .slot
+                .retired
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            entry.endpoint.id().set_weight(0.0);
+            let effects = fleet.machine.remove(id, shared.at(now));
+            (Ok(entry.endpoint), effects)
+        })?;
         tracing::info!(health = %shared.config.name, endpoint = %id, "endpoint removed");
-        shared.enforce_share(&mut fleet, now);
-        shared.publish(&fleet, now);
-        Ok(entry.endpoint)
+        Ok(removed)
     }
 
-    /// The latest snapshot.
+    /// The latest snapshot: always current, even before subscribers of
+    /// [`subscribe`](Self::subscribe) have been sent it.
+    ///
+    /// Never blocks on anything but a short internal lock, and never
+    /// deadlocks, whatever `watch` borrows are held.
     pub fn snapshot(&self) -> Snapshot {
-        self.shared.tx.borrow().clone()
+        self.shared.fleet.lock().snapshot.clone()
     }
 
     /// A watch of the snapshot: the balancer reads weights from it
     /// (`receiver.borrow().weight(id)`) and awaits `changed()` to react.
     ///
-    /// Don't hold the `borrow()` guard while calling or polling endpoint
-    /// services: recording an outcome can publish a new snapshot, which
-    /// waits for the guard (on the same thread, forever). Copy the weight
-    /// out, or clone the snapshot (an `Arc` clone).
+    /// The registry never sends on this channel from the caller's thread:
+    /// a state change (on the request path, in
+    /// [`insert`](Self::insert), [`remove`](Self::remove), ...) is
+    /// recorded at once (see [`snapshot`](Self::snapshot) and the ids'
+    /// weight cells) and sent by the registry's own task, which holds no
+    /// lock while sending. So holding a `borrow()` guard while calling
+    /// into health or into endpoint services cannot deadlock; it only
+    /// delays the next send until the guard is dropped. As for any
+    /// `watch`, don't hold the guard across an `.await`.
     pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
         self.shared.tx.subscribe()
     }
@@ -315,11 +328,44 @@ impl Health {
     /// window advances. Useful in tests and after a burst you want judged
     /// at once.
     pub fn evaluate(&self) {
-        let now = Instant::now();
-        let mut fleet = self.shared.fleet.lock();
-        self.shared.evaluate(&mut fleet, now);
-        self.shared.publish(&fleet, now);
+        let shared = &self.shared;
+        shared.with_fleet(|fleet, now| ((), shared.evaluate(fleet, now)));
     }
+}
+
+/// The reporter installed on every id the registry publishes: an outcome
+/// the router reports through [`EndpointKey::report`] is recorded like
+/// one the [`OutlierLayer`] saw (without a latency).
+///
+/// It runs on the request path: it holds the registry and the endpoint's
+/// counters weakly (no `Arc` cycle through the id), records with a few
+/// atomic operations, and takes the registry's lock only for the rare
+/// transitions recording can cause (or to find the current incarnation
+/// when its own was removed), never while calling out of the crate.
+fn reporter(shared: Weak<Shared>, slot: Weak<Slot>) -> keel_core::Reporter {
+    Arc::new(move |id: &EndpointId, outcome: Outcome| {
+        let slot = match slot.upgrade() {
+            Some(slot) if !slot.retired.load(std::sync::atomic::Ordering::Relaxed) => slot,
+            _ => {
+                // Removed and inserted again with this same id value: find
+                // the current incarnation (the lock is released at once).
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                let current = shared
+                    .fleet
+                    .lock()
+                    .entries
+                    .get(id.as_str())
+                    .map(|entry| entry.slot.clone());
+                match current {
+                    Some(slot) => slot,
+                    None => return,
+                }
+            }
+        };
+        Recorder::new(slot).record_untimed(outcome);
+    })
 }
 
 /// The registry's state shared by handles, recorders and tasks.
@@ -329,6 +375,8 @@ pub(crate) struct Shared {
     window: Arc<WindowClock>,
     fleet: Mutex<Fleet>,
     tx: watch::Sender<Snapshot>,
+    /// Wakes the driver to send the latest snapshot on `tx`.
+    publish: Arc<Notify>,
     probe: Option<Arc<dyn Probe>>,
     probe_permits: Arc<Semaphore>,
     metrics: HealthMetrics,
@@ -355,46 +403,22 @@ impl Drop for Shared {
     }
 }
 
-#[derive(Default)]
+/// Everything behind the registry's lock.
 struct Fleet {
+    /// Who is in rotation and why: the pure state machine.
+    machine: Machine,
+    /// What the registry keeps per endpoint besides its state.
     entries: HashMap<EndpointId, Entry>,
     next_incarnation: u64,
-}
-
-impl Fleet {
-    fn counted(&self) -> usize {
-        self.entries.values().filter(|e| e.counted).count()
-    }
+    /// The latest snapshot, ahead of (or equal to) the watch's.
+    snapshot: Snapshot,
 }
 
 struct Entry {
     endpoint: Endpoint,
     slot: Arc<Slot>,
-    state: HealthState,
-    reason: Reason,
-    since: Instant,
-    /// Out of rotation for health reasons after being admitted: counts
-    /// toward the max-ejection share.
-    counted: bool,
-    ejections: u32,
-    eject_until: Option<Instant>,
-    /// When it last entered rotation (for the ejection streak's reset).
-    admitted_at: Instant,
-    ramp_start: Option<Instant>,
-    probe_passed: u32,
-    probe_failed: u32,
-    next_probe: Option<Instant>,
     wake: Arc<Notify>,
     task: AbortHandle,
-}
-
-/// How an ejection takes the endpoint out.
-#[derive(Clone, Copy, PartialEq)]
-enum Via {
-    /// Passive detection: ejected for the (doubling) ejection time.
-    Passive,
-    /// Failed active checks: probing until it passes again.
-    Active,
 }
 
 /// What an endpoint's task does next.
@@ -409,173 +433,85 @@ enum Plan {
     },
 }
 
-/// How one active check ended.
-enum ProbeResult {
-    Passed,
-    Failed(String),
-    TimedOut,
-}
-
-fn jittered(base: Duration, jitter: f64) -> Duration {
-    if jitter == 0.0 {
-        return base;
-    }
-    base.mul_f64(1.0 + jitter * (fastrand::f64() * 2.0 - 1.0))
+/// What a publication leaves for after the lock: gauges to set, and
+/// whether the watch has something new.
+struct Published {
+    per_state: [usize; 4],
+    counted: usize,
+    panic: bool,
+    changed: bool,
 }
 
 impl Shared {
+    /// `now` as the machine's time.
+    fn at(&self, now: Instant) -> Time {
+        now.saturating_duration_since(self.epoch)
+    }
+
     fn micros(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
+        u64::try_from(self.at(at).as_micros()).unwrap_or(u64::MAX)
     }
 
-    /// Moves an entry to a new state, with tracing, metrics and a task wake-up
-    /// when its plan changes.
-    fn transition(&self, entry: &mut Entry, state: HealthState, reason: Reason, now: Instant) {
-        let from = entry.state;
-        if from == state && entry.reason == reason {
-            return;
-        }
-        if from != state {
-            entry.since = now;
-        }
-        let id = entry.endpoint.id();
-        if state == HealthState::Degraded && matches!(reason, Reason::PanicRetained(_)) {
-            tracing::warn!(health = %self.config.name, endpoint = %id, %from, to = %state, %reason, "endpoint state changed");
-        } else {
-            tracing::info!(health = %self.config.name, endpoint = %id, %from, to = %state, %reason, "endpoint state changed");
-        }
-        self.metrics.state_change(id.as_str(), state, &reason);
-        let replan = from.is_in_rotation() != state.is_in_rotation()
-            || (!from.is_in_rotation() && from != state);
-        entry.state = state;
-        entry.reason = reason;
-        if replan {
-            entry.wake.notify_one();
-        }
-    }
-
-    /// Takes an endpoint out of rotation unless that would eject more than
-    /// the allowed share; answers whether it was ejected.
-    fn try_eject(
-        &self,
-        fleet: &mut Fleet,
-        id: &str,
-        reason: Reason,
-        via: Via,
-        now: Instant,
-    ) -> bool {
-        let max = self.config.max_ejected(fleet.entries.len());
-        let counted = fleet.counted();
-        let Some(entry) = fleet.entries.get_mut(id) else {
-            return false;
+    /// Runs `f` on the fleet under its lock, then (still under the lock)
+    /// applies the effects that touch endpoint counters and tasks and
+    /// rebuilds the snapshot; then, with the lock released, traces and
+    /// counts the effects and wakes the driver to send the snapshot.
+    fn with_fleet<R>(&self, f: impl FnOnce(&mut Fleet, Instant) -> (R, Vec<Effect>)) -> R {
+        let now = Instant::now();
+        let (result, effects, published) = {
+            let mut fleet = self.fleet.lock();
+            let (result, effects) = f(&mut fleet, now);
+            apply(&fleet, &effects);
+            let published = self.publish(&mut fleet, now);
+            (result, effects, published)
         };
-        if !entry.state.is_in_rotation() {
-            return false;
-        }
-        if counted + 1 > max {
-            if !matches!(entry.reason, Reason::PanicRetained(_)) {
-                self.metrics.panic_refusal(&reason);
-                self.transition(
-                    entry,
-                    HealthState::Degraded,
-                    Reason::PanicRetained(Box::new(reason)),
-                    now,
-                );
-            }
-            return false;
-        }
-        if now.saturating_duration_since(entry.admitted_at) >= self.config.outlier.max_ejection {
-            entry.ejections = 0;
-        }
-        entry.ejections += 1;
-        entry.counted = true;
-        entry.ramp_start = None;
-        entry.probe_passed = 0;
-        entry.probe_failed = 0;
-        entry.slot.reset();
-        self.metrics.ejection(id, &reason);
-        match via {
-            Via::Passive => {
-                entry.eject_until = Some(now + self.config.outlier.ejection_for(entry.ejections));
-                self.transition(entry, HealthState::Ejected, reason, now);
-            }
-            Via::Active => {
-                entry.eject_until = None;
-                entry.next_probe = Some(
-                    now + jittered(
-                        self.config.active.unhealthy_interval,
-                        self.config.active.jitter,
-                    ),
-                );
-                self.transition(entry, HealthState::Probing, reason, now);
-            }
-        }
-        true
+        self.after(effects, published);
+        result
     }
 
-    /// Puts an endpoint back in rotation through slow start.
-    fn readmit(&self, entry: &mut Entry, reason: Reason, now: Instant) {
-        entry.counted = false;
-        entry.eject_until = None;
-        entry.admitted_at = now;
-        entry.ramp_start = (!self.config.slow_start.window.is_zero()).then_some(now);
-        entry.probe_passed = 0;
-        entry.probe_failed = 0;
-        entry.next_probe = self
-            .probe
-            .is_some()
-            .then(|| now + jittered(self.config.active.interval, self.config.active.jitter));
-        entry.slot.reset();
-        entry
-            .slot
-            .busy_until_us
-            .store(0, std::sync::atomic::Ordering::Relaxed);
-        self.transition(entry, HealthState::Healthy, reason, now);
-    }
-
-    /// After the fleet shrank: puts ejected endpoints back in rotation
-    /// (soonest to return first) until the share holds again.
-    fn enforce_share(&self, fleet: &mut Fleet, now: Instant) {
-        let max = self.config.max_ejected(fleet.entries.len());
-        let mut counted: Vec<(Option<Instant>, EndpointId)> = fleet
-            .entries
-            .values()
-            .filter(|e| e.counted)
-            .map(|e| (e.eject_until, e.endpoint.id().clone()))
-            .collect();
-        if counted.len() <= max {
-            return;
-        }
-        counted.sort();
-        let excess = counted.len() - max;
-        for (_, id) in counted.into_iter().take(excess) {
-            if let Some(entry) = fleet.entries.get_mut(&id) {
-                let why = entry.reason.clone();
-                self.metrics.panic_refusal(&why);
-                entry.counted = false;
-                entry.eject_until = None;
-                entry.admitted_at = now;
-                entry.slot.reset();
-                self.transition(
-                    entry,
-                    HealthState::Degraded,
-                    Reason::PanicRetained(Box::new(why)),
-                    now,
-                );
+    /// Traces and counts effects, sets gauges, wakes the driver: all with
+    /// no lock held.
+    fn after(&self, effects: Vec<Effect>, published: Published) {
+        for effect in effects {
+            match effect {
+                Effect::Changed {
+                    id,
+                    from,
+                    to,
+                    reason,
+                    ..
+                } => {
+                    if to == HealthState::Degraded && matches!(reason, Reason::PanicRetained(_)) {
+                        tracing::warn!(health = %self.config.name, endpoint = %id, %from, %to, %reason, "endpoint state changed");
+                    } else {
+                        tracing::info!(health = %self.config.name, endpoint = %id, %from, %to, %reason, "endpoint state changed");
+                    }
+                    self.metrics.state_change(id.as_str(), to, &reason);
+                }
+                Effect::Ejected { id, reason } => self.metrics.ejection(id.as_str(), &reason),
+                Effect::PanicRefused { reason } => self.metrics.panic_refusal(&reason),
+                Effect::Reset { .. } => {}
             }
+        }
+        self.metrics
+            .publish(published.per_state, published.counted, published.panic);
+        if published.changed {
+            self.publish.notify_one();
         }
     }
 
     /// The request path's slow path: a run of failures reached the threshold.
     pub(crate) fn on_consecutive_failures(&self, slot: &Arc<Slot>, run: u32, kind: FailureKind) {
-        let now = Instant::now();
-        let mut fleet = self.fleet.lock();
-        if !current(&fleet, slot) {
-            return;
-        }
-        let reason = Reason::ConsecutiveFailures { count: run, kind };
-        self.try_eject(&mut fleet, slot.id.as_str(), reason, Via::Passive, now);
-        self.publish(&fleet, now);
+        self.with_fleet(|fleet, now| {
+            if !current(fleet, slot) {
+                return ((), Vec::new());
+            }
+            let effects =
+                fleet
+                    .machine
+                    .consecutive_failures(slot.id.as_str(), run, kind, self.at(now));
+            ((), effects)
+        });
     }
 
     /// The request path's busy path: extends the cooldown, and on the first
@@ -595,43 +531,18 @@ impl Shared {
             // Already dampened; the driver sees the longer cooldown.
             return;
         }
-        let mut fleet = self.fleet.lock();
-        let Some(entry) = fleet.entries.get_mut(slot.id.as_str()) else {
-            return;
-        };
-        if entry.slot.incarnation != slot.incarnation {
-            return;
-        }
-        if entry.state == HealthState::Healthy {
-            self.transition(
-                entry,
-                HealthState::Degraded,
-                Reason::Busy { retry_after },
-                now,
-            );
-        }
-        self.publish(&fleet, now);
-    }
-
-    /// Each tick: busy cooldowns over, slow-start ramps done.
-    fn tick(&self, fleet: &mut Fleet, now: Instant) {
-        let now_us = self.micros(now);
-        for entry in fleet.entries.values_mut() {
-            if matches!(entry.reason, Reason::Busy { .. })
-                && entry
-                    .slot
-                    .busy_until_us
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    <= now_us
-            {
-                self.transition(entry, HealthState::Healthy, Reason::BusyCleared, now);
+        self.with_fleet(|fleet, now| {
+            let Some(entry) = fleet.entries.get(slot.id.as_str()) else {
+                return ((), Vec::new());
+            };
+            if entry.slot.incarnation != slot.incarnation {
+                return ((), Vec::new());
             }
-            if let Some(start) = entry.ramp_start
-                && now.saturating_duration_since(start) >= self.config.slow_start.window
-            {
-                entry.ramp_start = None;
-            }
-        }
+            let effects = fleet
+                .machine
+                .busy(slot.id.as_str(), retry_after, self.at(now));
+            ((), effects)
+        });
     }
 
     /// Advances the sliding window by one bucket.
@@ -645,96 +556,41 @@ impl Shared {
 
     /// Failure-rate and latency detection over the window, and re-checks of
     /// outliers kept in rotation by panic mode.
-    fn evaluate(&self, fleet: &mut Fleet, now: Instant) {
-        let outlier = &self.config.outlier;
-        let mut candidates: Vec<(EndpointId, Reason, Via)> = Vec::new();
-        let mut latencies: Vec<(EndpointId, Duration)> = Vec::new();
-        let mut retained: Vec<EndpointId> = Vec::new();
-        for (id, entry) in &fleet.entries {
-            if !entry.state.is_in_rotation() {
-                continue;
-            }
-            if matches!(entry.reason, Reason::PanicRetained(_)) {
-                retained.push(id.clone());
-            }
-            // Still failing its active checks (kept in rotation by panic mode).
-            if self.probe.is_some() && entry.probe_failed >= self.config.active.unhealthy_threshold
-            {
-                let consecutive = entry.probe_failed;
-                candidates.push((id.clone(), Reason::ProbeFailed { consecutive }, Via::Active));
-                continue;
-            }
-            let stats = entry.slot.stats();
-            let volume = stats.volume();
-            if let Some(threshold) = outlier.consecutive_failures {
-                let run = entry.slot.consecutive_failures();
-                if run >= threshold {
-                    candidates.push((
-                        id.clone(),
-                        Reason::ConsecutiveFailures {
-                            count: run,
-                            kind: entry.slot.last_failure_kind(),
-                        },
-                        Via::Passive,
-                    ));
-                    continue;
-                }
-            }
-            if volume >= outlier.min_volume {
-                let rate = stats.failure as f64 / volume as f64;
-                if let Some(threshold) = outlier.failure_rate
-                    && rate >= threshold
-                {
-                    candidates.push((
-                        id.clone(),
-                        Reason::FailureRate { rate, volume },
-                        Via::Passive,
-                    ));
-                    continue;
-                }
-                if let Some(mean) = stats.mean_latency() {
-                    latencies.push((id.clone(), mean));
-                }
-            }
-        }
-        if let Some(factor) = outlier.latency_factor
-            && latencies.len() >= outlier.latency_min_endpoints
-        {
-            let mut means: Vec<Duration> = latencies.iter().map(|(_, mean)| *mean).collect();
-            means.sort();
-            let median = if means.len() % 2 == 1 {
-                means[means.len() / 2]
-            } else {
-                (means[means.len() / 2 - 1] + means[means.len() / 2]) / 2
+    fn evaluate(&self, fleet: &mut Fleet, now: Instant) -> Vec<Effect> {
+        let entries = &fleet.entries;
+        fleet.machine.evaluate(self.at(now), |id| {
+            let Some(entry) = entries.get(id.as_str()) else {
+                return Window::default();
             };
-            for (id, mean) in latencies {
-                if mean >= outlier.latency_floor
-                    && mean.as_secs_f64() > factor * median.as_secs_f64()
-                {
-                    candidates.push((id, Reason::LatencyOutlier { mean, median }, Via::Passive));
-                }
+            let stats = entry.slot.stats();
+            Window {
+                consecutive: entry.slot.consecutive_failures(),
+                last_kind: entry.slot.last_failure_kind(),
+                success: stats.success,
+                failure: stats.failure,
+                mean_latency: stats.mean_latency(),
             }
-        }
-        // Worst first is not knowable across detectors; eject in id order so
-        // runs are reproducible.
-        candidates.sort_by(|a, b| a.0.cmp(&b.0));
-        for (id, reason, via) in &candidates {
-            self.try_eject(fleet, id.as_str(), reason.clone(), *via, now);
-        }
-        for id in retained {
-            if candidates.iter().any(|(c, _, _)| *c == id) {
-                continue;
-            }
-            if let Some(entry) = fleet.entries.get_mut(&id)
-                && matches!(entry.reason, Reason::PanicRetained(_))
-            {
-                self.transition(entry, HealthState::Healthy, Reason::Recovered, now);
-            }
-        }
+        })
     }
 
-    /// Builds and publishes the snapshot if anything changed.
-    fn publish(&self, fleet: &Fleet, now: Instant) {
+    /// Each tick: busy cooldowns over, slow-start ramps done.
+    fn tick(&self, fleet: &mut Fleet, now: Instant) -> Vec<Effect> {
+        let now_us = self.micros(now);
+        let entries = &fleet.entries;
+        fleet.machine.tick(self.at(now), |id| {
+            entries.get(id.as_str()).is_some_and(|entry| {
+                entry
+                    .slot
+                    .busy_until_us
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > now_us
+            })
+        })
+    }
+
+    /// Rebuilds the snapshot (kept if nothing changed) and writes every
+    /// endpoint's weight into its id.
+    fn publish(&self, fleet: &mut Fleet, now: Instant) -> Published {
         let now_us = self.micros(now);
         let max_weight = fleet
             .entries
@@ -744,78 +600,100 @@ impl Shared {
         let mut per_state = [0usize; 4];
         let mut panic = false;
         let mut counted = 0;
-        let endpoints: HashMap<EndpointId, EndpointStatus> = fleet
-            .entries
-            .iter()
-            .map(|(id, entry)| {
-                per_state[HealthMetrics::state_index(entry.state)] += 1;
-                panic |= matches!(entry.reason, Reason::PanicRetained(_));
-                counted += usize::from(entry.counted);
-                let weight = if entry.state.is_in_rotation() {
-                    let mut weight = entry.endpoint.configured_weight() / max_weight;
-                    if let Some(start) = entry.ramp_start {
-                        weight *= self
-                            .config
-                            .slow_start
-                            .factor(now.saturating_duration_since(start));
-                    }
-                    if entry
-                        .slot
-                        .busy_until_us
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                        > now_us
-                    {
-                        weight *= self.config.busy.weight;
-                    }
-                    weight.clamp(0.0, 1.0)
-                } else {
-                    0.0
-                };
-                let status = EndpointStatus {
-                    endpoint: entry.endpoint.clone(),
-                    state: entry.state,
-                    weight,
-                    reason: entry.reason.clone(),
-                    since: entry.since,
-                    ejections: entry.ejections,
-                    incarnation: entry.slot.incarnation,
-                    counted: entry.counted,
-                };
-                (id.clone(), status)
-            })
-            .collect();
-        let max = self.config.max_ejected(fleet.entries.len());
+        let mut endpoints: HashMap<EndpointId, EndpointStatus> =
+            HashMap::with_capacity(fleet.entries.len());
+        for (id, node) in fleet.machine.nodes() {
+            let Some(entry) = fleet.entries.get(id.as_str()) else {
+                continue;
+            };
+            per_state[HealthMetrics::state_index(node.state)] += 1;
+            panic |= matches!(node.reason, Reason::PanicRetained(_));
+            counted += usize::from(node.counted);
+            let weight = if node.state.is_in_rotation() {
+                let mut weight = entry.endpoint.configured_weight() / max_weight;
+                if let Some(start) = node.ramp_start {
+                    weight *= self
+                        .config
+                        .slow_start
+                        .factor(self.at(now).saturating_sub(start));
+                }
+                if entry
+                    .slot
+                    .busy_until_us
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > now_us
+                {
+                    weight *= self.config.busy.weight;
+                }
+                weight.clamp(0.0, 1.0)
+            } else {
+                0.0
+            };
+            // The id the discover stream hands out: balancers read this.
+            let key = entry.endpoint.id();
+            if key.weight() != weight {
+                key.set_weight(weight);
+            }
+            let status = EndpointStatus {
+                endpoint: entry.endpoint.clone(),
+                state: node.state,
+                weight,
+                reason: node.reason.clone(),
+                since: self.epoch + node.since,
+                ejections: node.ejections,
+                incarnation: entry.slot.incarnation,
+                counted: node.counted,
+            };
+            endpoints.insert(id.clone(), status);
+        }
+        let max = fleet.machine.max_ejected();
         debug_assert!(counted <= max, "{counted} ejected, max {max}");
         let snapshot = Snapshot::new(endpoints, panic, max, now);
+        let changed = !fleet.snapshot.same_as(&snapshot);
+        if changed {
+            fleet.snapshot = snapshot;
+        }
+        Published {
+            per_state,
+            counted,
+            panic,
+            changed,
+        }
+    }
+
+    /// Sends the latest snapshot to subscribers. Called by the driver only,
+    /// with no lock held: a subscriber's `borrow()` guard can delay it,
+    /// never deadlock it.
+    fn send_latest(&self) {
+        let latest = self.fleet.lock().snapshot.clone();
         self.tx.send_if_modified(|current| {
-            if current.same_as(&snapshot) {
+            if current.is(&latest) {
                 false
             } else {
-                *current = snapshot;
+                *current = latest;
                 true
             }
         });
-        self.metrics.publish(per_state, counted, panic);
     }
 
     /// What an endpoint's task should do next.
     fn plan(&self, id: &str, incarnation: u64) -> Plan {
         let fleet = self.fleet.lock();
-        let Some(entry) = fleet.entries.get(id) else {
+        let (Some(entry), Some(node)) = (fleet.entries.get(id), fleet.machine.get(id)) else {
             return Plan::Stop;
         };
         if entry.slot.incarnation != incarnation {
             return Plan::Stop;
         }
-        match entry.state {
-            HealthState::Ejected => match entry.eject_until {
-                Some(at) => Plan::Expire(at),
+        match node.state {
+            HealthState::Ejected => match node.eject_until {
+                Some(at) => Plan::Expire(self.epoch + at),
                 None => Plan::Wait,
             },
             HealthState::Healthy | HealthState::Degraded | HealthState::Probing => {
-                match (&self.probe, entry.next_probe) {
+                match (&self.probe, node.next_probe) {
                     (Some(probe), Some(at)) => Plan::Probe {
-                        at,
+                        at: self.epoch + at,
                         probe: probe.clone(),
                         endpoint: entry.endpoint.clone(),
                     },
@@ -827,93 +705,67 @@ impl Shared {
 
     /// An ejection's time is over: probe it back, or re-admit it.
     fn expire(&self, id: &str, incarnation: u64) {
-        let now = Instant::now();
-        let mut fleet = self.fleet.lock();
-        let Some(entry) = fleet.entries.get_mut(id) else {
-            return;
-        };
-        if entry.slot.incarnation != incarnation
-            || entry.state != HealthState::Ejected
-            || entry.eject_until.is_some_and(|at| at > now)
-        {
-            return;
-        }
-        entry.eject_until = None;
-        if self.probe.is_some() {
-            entry.probe_passed = 0;
-            entry.probe_failed = 0;
-            entry.next_probe = Some(now);
-            let reason = entry.reason.clone();
-            self.transition(entry, HealthState::Probing, reason, now);
-        } else {
-            self.readmit(entry, Reason::EjectionExpired, now);
-        }
-        self.publish(&fleet, now);
+        self.with_fleet(|fleet, now| {
+            if !live(fleet, id, incarnation) {
+                return ((), Vec::new());
+            }
+            ((), fleet.machine.expire(id, self.at(now)))
+        });
     }
 
     /// One active check ended.
-    fn on_probe(&self, id: &str, incarnation: u64, result: ProbeResult) {
-        let now = Instant::now();
-        let active = &self.config.active;
-        self.metrics.probe(match result {
-            ProbeResult::Passed => "passed",
-            ProbeResult::Failed(_) => "failed",
-            ProbeResult::TimedOut => "timeout",
+    fn on_probe(&self, id: &str, incarnation: u64, check: Check, error: Option<String>) {
+        self.metrics.probe(match check {
+            Check::Passed => "passed",
+            Check::Failed => "failed",
+            Check::TimedOut => "timeout",
         });
-        let mut fleet = self.fleet.lock();
-        let Some(entry) = fleet.entries.get_mut(id) else {
-            return;
-        };
-        if entry.slot.incarnation != incarnation {
-            return;
-        }
-        if let ProbeResult::Failed(error) = &result {
+        if let Some(error) = error {
             tracing::debug!(health = %self.config.name, endpoint = %id, %error, "active check failed");
         }
-        let passed = matches!(result, ProbeResult::Passed);
-        if passed {
-            entry.probe_passed += 1;
-            entry.probe_failed = 0;
-        } else {
-            entry.probe_failed += 1;
-            entry.probe_passed = 0;
-        }
-        let failure_reason = |consecutive| match result {
-            ProbeResult::TimedOut => Reason::ProbeTimeout { consecutive },
-            _ => Reason::ProbeFailed { consecutive },
-        };
-        let mut eject = None;
-        match entry.state {
-            HealthState::Healthy | HealthState::Degraded => {
-                entry.next_probe = Some(now + jittered(active.interval, active.jitter));
-                if !passed && entry.probe_failed >= active.unhealthy_threshold {
-                    eject = Some(failure_reason(entry.probe_failed));
-                }
+        self.with_fleet(|fleet, now| {
+            if !live(fleet, id, incarnation) {
+                return ((), Vec::new());
             }
-            HealthState::Probing => {
-                let needed = if entry.counted {
-                    active.healthy_threshold
-                } else {
-                    1
-                };
-                if passed && entry.probe_passed >= needed {
-                    self.readmit(entry, Reason::ProbePassed, now);
-                } else {
-                    entry.next_probe =
-                        Some(now + jittered(active.unhealthy_interval, active.jitter));
-                    if !passed {
-                        let reason = failure_reason(entry.probe_failed);
-                        self.transition(entry, HealthState::Probing, reason, now);
+            ((), fleet.machine.probe(id, check, self.at(now)))
+        });
+    }
+}
+
+/// Applies the effects that touch endpoint counters and tasks (under the
+/// fleet's lock: only atomics and wake-ups, no call out of the crate).
+fn apply(fleet: &Fleet, effects: &[Effect]) {
+    for effect in effects {
+        match effect {
+            Effect::Reset { id, busy } => {
+                if let Some(entry) = fleet.entries.get(id.as_str()) {
+                    entry.slot.reset();
+                    if *busy {
+                        entry
+                            .slot
+                            .busy_until_us
+                            .store(0, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
             }
-            HealthState::Ejected => {}
+            Effect::Changed {
+                id, replan: true, ..
+            } => {
+                if let Some(entry) = fleet.entries.get(id.as_str()) {
+                    entry.wake.notify_one();
+                }
+            }
+            Effect::Changed { .. } | Effect::Ejected { .. } | Effect::PanicRefused { .. } => {}
         }
-        if let Some(reason) = eject {
-            self.try_eject(&mut fleet, id, reason, Via::Active, now);
-        }
-        self.publish(&fleet, now);
     }
+}
+
+/// Whether `incarnation` of `id` is the registered one.
+fn live(fleet: &Fleet, id: &str, incarnation: u64) -> bool {
+    fleet
+        .entries
+        .get(id)
+        .is_some_and(|entry| entry.slot.incarnation == incarnation)
 }
 
 /// Whether `slot` is the registered incarnation of its endpoint.
@@ -924,8 +776,9 @@ fn current(fleet: &Fleet, slot: &Arc<Slot>) -> bool {
         .is_some_and(|entry| Arc::ptr_eq(&entry.slot, slot))
 }
 
-/// Rotates the window, evaluates it, and ticks ramps and cooldowns.
-async fn drive(weak: Weak<Shared>) {
+/// Rotates the window, evaluates it, ticks ramps and cooldowns, and sends
+/// new snapshots to subscribers (the only place that does).
+async fn drive(weak: Weak<Shared>, publish: Arc<Notify>) {
     let (tick, width, len) = match weak.upgrade() {
         Some(shared) => (
             shared.config.tick,
@@ -938,30 +791,38 @@ async fn drive(weak: Weak<Shared>) {
     let mut next_tick = start + tick;
     let mut next_rotate = start + width;
     loop {
-        sleep_until(next_tick.min(next_rotate)).await;
+        tokio::select! {
+            () = sleep_until(next_tick.min(next_rotate)) => {}
+            () = publish.notified() => {}
+        }
         let Some(shared) = weak.upgrade() else {
             return;
         };
         let now = Instant::now();
-        let mut fleet = shared.fleet.lock();
-        if now >= next_rotate {
-            let mut rotations = 0;
-            while next_rotate <= now {
-                if rotations < len {
-                    shared.rotate(&fleet);
-                    rotations += 1;
+        if now >= next_rotate || now >= next_tick {
+            shared.with_fleet(|fleet, now| {
+                let mut effects = Vec::new();
+                if now >= next_rotate {
+                    let mut rotations = 0;
+                    while next_rotate <= now {
+                        if rotations < len {
+                            shared.rotate(fleet);
+                            rotations += 1;
+                        }
+                        next_rotate += width;
+                    }
+                    effects.extend(shared.evaluate(fleet, now));
                 }
-                next_rotate += width;
-            }
-            shared.evaluate(&mut fleet, now);
+                if now >= next_tick {
+                    effects.extend(shared.tick(fleet, now));
+                    while next_tick <= now {
+                        next_tick += tick;
+                    }
+                }
+                ((), effects)
+            });
         }
-        if now >= next_tick {
-            shared.tick(&mut fleet, now);
-            while next_tick <= now {
-                next_tick += tick;
-            }
-        }
-        shared.publish(&fleet, now);
+        shared.send_latest();
     }
 }
 
@@ -997,14 +858,14 @@ async fn endpoint_task(shared: Weak<Shared>, id: EndpointId, incarnation: u64, w
                     sleep_until(at).await;
                     let _permit = permits.acquire_owned().await;
                     match tokio::time::timeout(timeout, probe.probe(&endpoint)).await {
-                        Ok(Ok(())) => ProbeResult::Passed,
-                        Ok(Err(error)) => ProbeResult::Failed(error.to_string()),
-                        Err(_) => ProbeResult::TimedOut,
+                        Ok(Ok(())) => (Check::Passed, None),
+                        Ok(Err(error)) => (Check::Failed, Some(error.to_string())),
+                        Err(_) => (Check::TimedOut, None),
                     }
                 };
                 tokio::select! {
-                    result = check => match shared.upgrade() {
-                        Some(shared) => shared.on_probe(id.as_str(), incarnation, result),
+                    (check, error) = check => match shared.upgrade() {
+                        Some(shared) => shared.on_probe(id.as_str(), incarnation, check, error),
                         None => return,
                     },
                     () = wake.notified() => {}

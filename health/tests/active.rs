@@ -32,8 +32,10 @@ async fn wait_for(
         .clone()
 }
 
-fn state(snapshot: &Snapshot, id: &str) -> HealthState {
-    snapshot.get(id).expect("endpoint").state
+/// The endpoint's state (`None`: not in this snapshot; a subscriber's watch
+/// catches up with an insertion a moment after it).
+fn state(snapshot: &Snapshot, id: &str) -> Option<HealthState> {
+    snapshot.get(id).map(|status| status.state)
 }
 
 const ALTERNATE: u8 = 0;
@@ -75,18 +77,18 @@ async fn flapping_endpoint_is_held_by_hysteresis() {
     let first = discover.next().await.unwrap().unwrap();
     assert!(matches!(first, Change::Insert(ref id, _) if id.as_str() == "flappy"));
     let mut rx = health.subscribe();
-    assert_eq!(state(&rx.borrow(), "flappy"), HealthState::Healthy);
+    assert_eq!(state(&rx.borrow(), "flappy"), Some(HealthState::Healthy));
 
     // A minute of flapping: no Remove ever reaches the balancer.
     let quiet = tokio::time::timeout(Duration::from_secs(60), discover.next()).await;
     assert!(quiet.is_err(), "a flapping endpoint left rotation");
     assert!(calls.load(Ordering::SeqCst) >= 50, "probes kept running");
-    assert_eq!(state(&rx.borrow(), "flappy"), HealthState::Healthy);
+    assert_eq!(state(&rx.borrow(), "flappy"), Some(HealthState::Healthy));
 
     // Three failures in a row take it out...
     mode.store(FAIL, Ordering::SeqCst);
     let out = wait_for(&mut rx, Duration::from_secs(5), |s| {
-        state(s, "flappy") == HealthState::Probing
+        state(s, "flappy") == Some(HealthState::Probing)
     })
     .await;
     assert_eq!(
@@ -99,12 +101,12 @@ async fn flapping_endpoint_is_held_by_hysteresis() {
     mode.store(ALTERNATE, Ordering::SeqCst);
     let stuck = tokio::time::timeout(Duration::from_secs(20), discover.next()).await;
     assert!(stuck.is_err(), "came back without two passes in a row");
-    assert_eq!(state(&rx.borrow(), "flappy"), HealthState::Probing);
+    assert_eq!(state(&rx.borrow(), "flappy"), Some(HealthState::Probing));
 
     // ...two passes do.
     mode.store(PASS, Ordering::SeqCst);
     let back = wait_for(&mut rx, Duration::from_secs(5), |s| {
-        state(s, "flappy") == HealthState::Healthy
+        state(s, "flappy") == Some(HealthState::Healthy)
     })
     .await;
     assert_eq!(back.get("flappy").unwrap().reason, Reason::ProbePassed);
@@ -136,13 +138,13 @@ async fn probe_timeouts_count_as_failures() {
     health.insert(Endpoint::new("a", "10.0.0.1:80")).unwrap();
     let mut rx = health.subscribe();
     wait_for(&mut rx, Duration::from_secs(1), |s| {
-        state(s, "a") == HealthState::Healthy
+        state(s, "a") == Some(HealthState::Healthy)
     })
     .await;
     let hung_at = tokio::time::Instant::now();
     hang.store(true, Ordering::SeqCst);
     let out = wait_for(&mut rx, Duration::from_secs(10), |s| {
-        state(s, "a") == HealthState::Probing
+        state(s, "a") == Some(HealthState::Probing)
     })
     .await;
     assert_eq!(
@@ -171,11 +173,14 @@ async fn new_endpoint_stays_out_until_its_first_probe_passes() {
         .unwrap();
     health.insert(Endpoint::new("dead", "dead:80")).unwrap();
     health.insert(Endpoint::new("live", "live:80")).unwrap();
-    assert_eq!(state(&health.snapshot(), "live"), HealthState::Probing);
+    assert_eq!(
+        state(&health.snapshot(), "live"),
+        Some(HealthState::Probing)
+    );
     tokio::time::sleep(Duration::from_secs(10)).await;
     let snapshot = health.snapshot();
-    assert_eq!(state(&snapshot, "live"), HealthState::Healthy);
-    assert_eq!(state(&snapshot, "dead"), HealthState::Probing);
+    assert_eq!(state(&snapshot, "live"), Some(HealthState::Healthy));
+    assert_eq!(state(&snapshot, "dead"), Some(HealthState::Probing));
     assert_eq!(snapshot.weight("dead"), 0.0);
     assert!(matches!(
         snapshot.get("dead").unwrap().reason,

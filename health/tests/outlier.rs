@@ -14,7 +14,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
-const FAIL: Outcome = Outcome::Failure(FailureKind::Transport);
+const FAIL: Outcome = Outcome::Failure {
+    kind: FailureKind::Transport,
+    retryable: true,
+};
 const MS: Duration = Duration::from_millis(1);
 
 fn fleet(config: HealthConfig, n: usize) -> Health {
@@ -68,6 +71,9 @@ async fn ejection_time_doubles_and_is_capped() {
             }
         );
         let ejected_at = Instant::now();
+        // Subscribers see the ejection a moment later (the registry's task
+        // sends it), then the return.
+        wait_state(&mut rx, "n0", HealthState::Ejected).await;
         wait_state(&mut rx, "n0", HealthState::Healthy).await;
         lengths.push(ejected_at.elapsed().as_secs());
         // No probe configured: back on expiry, through slow start.
@@ -82,6 +88,7 @@ async fn ejection_time_doubles_and_is_capped() {
     record(&health, "n0", FAIL, MS, 3);
     assert_eq!(health.snapshot().get("n0").unwrap().ejections, 1);
     let ejected_at = Instant::now();
+    wait_state(&mut rx, "n0", HealthState::Ejected).await;
     wait_state(&mut rx, "n0", HealthState::Healthy).await;
     assert_eq!(ejected_at.elapsed().as_secs(), 10);
 }

@@ -49,8 +49,8 @@ fn op() -> impl Strategy<Value = Op> {
 fn outcome(code: u8) -> Outcome {
     match code {
         0 => Outcome::Success,
-        1 => Outcome::Failure(FailureKind::Transport),
-        2 => Outcome::Failure(FailureKind::Timeout),
+        1 => Outcome::failure(FailureKind::Transport),
+        2 => Outcome::failure(FailureKind::Timeout),
         _ => Outcome::Busy { retry_after: None },
     }
 }

@@ -8,7 +8,7 @@
 //! | a trial ran past `trial_timeout` | [`Error::Timeout`] | yes |
 //!
 //! Errors of the inner service pass through unchanged (boxed). The default
-//! classifier records the refusals as [`Outcome::Ignored`](crate::Outcome)
+//! classifier records the refusals as [`Outcome::Cancelled`](crate::Outcome::Cancelled)
 //! (the endpoint never saw the request), so an outlier layer outside the
 //! breaker does not count them against the endpoint.
 

@@ -9,8 +9,9 @@ use pin_project_lite::pin_project;
 use tokio::time::{Sleep, sleep};
 
 use super::{Breaker, error};
-use crate::classify::Classify;
-use crate::error::{BoxError, Error};
+use crate::error::Error;
+use keel_core::BoxError;
+use keel_core::Classify;
 
 pin_project! {
     /// The response future of [`CircuitBreaker`](super::CircuitBreaker).

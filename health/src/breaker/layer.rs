@@ -3,9 +3,9 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::{Breaker, CircuitBreaker};
-use crate::classify::DefaultClassifier;
 use crate::config::BreakerConfig;
 use crate::error::Result;
+use keel_core::DefaultClassifier;
 
 /// Wraps a service in a [`CircuitBreaker`] with its own state.
 #[derive(Clone, Debug)]

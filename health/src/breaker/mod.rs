@@ -57,10 +57,10 @@ use tokio::time::Instant;
 pub use self::future::ResponseFuture;
 pub use self::layer::CircuitBreakerLayer;
 pub use self::service::CircuitBreaker;
-use crate::classify::{FailureKind, Outcome};
 use crate::config::BreakerConfig;
 use crate::error::Error;
 use crate::metrics::BreakerMetrics;
+use keel_core::{FailureKind, Outcome};
 
 /// Where a circuit breaker stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -185,7 +185,7 @@ impl Breaker {
         match (&mut inner.phase, trial) {
             (Phase::Closed, false) => match outcome {
                 Outcome::Success => inner.runs = [0; 4],
-                Outcome::Failure(kind) => {
+                Outcome::Failure { kind, .. } => {
                     let run = &mut inner.runs[kind.index()];
                     *run += 1;
                     if self.config.thresholds.get(kind).is_some_and(|t| *run >= t) {
@@ -193,7 +193,9 @@ impl Breaker {
                         self.open(&mut inner, Some(kind));
                     }
                 }
-                Outcome::Busy { .. } | Outcome::Ignored => {}
+                // Busy is backpressure, cancelled says nothing about the
+                // endpoint (as will anything `Outcome` gains later).
+                _ => {}
             },
             (
                 Phase::HalfOpen {
@@ -208,12 +210,12 @@ impl Breaker {
                         self.close(&mut inner);
                     }
                 }
-                Outcome::Failure(kind) => {
+                Outcome::Failure { kind, .. } => {
                     inner.reopens += 1;
                     self.open(&mut inner, Some(kind));
                 }
                 // Alive but full, or nothing learned: give the slot back.
-                Outcome::Busy { .. } | Outcome::Ignored => *admitted -= 1,
+                _ => *admitted -= 1,
             },
             _ => {}
         }
@@ -232,7 +234,7 @@ impl Breaker {
 
     /// A trial ran past `trial_timeout`: a failure.
     pub(crate) fn trial_timed_out(&self, generation: u64) {
-        self.record(true, generation, Outcome::Failure(FailureKind::Timeout));
+        self.record(true, generation, Outcome::failure(FailureKind::Timeout));
     }
 
     fn open(&self, inner: &mut Inner, kind: Option<FailureKind>) {

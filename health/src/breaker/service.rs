@@ -4,8 +4,8 @@ use std::task::{Context, Poll};
 use tower_service::Service;
 
 use super::{Admission, Breaker, BreakerState, ResponseFuture};
-use crate::classify::{Classify, DefaultClassifier};
-use crate::error::BoxError;
+use keel_core::BoxError;
+use keel_core::{Classify, DefaultClassifier};
 
 /// A service behind a circuit breaker; see the [module docs](super).
 ///

@@ -5,8 +5,8 @@ use std::task::{Context, Poll, ready};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
-use crate::classify::Classify;
 use crate::recorder::Recorder;
+use keel_core::Classify;
 
 pin_project! {
     /// The response future of [`Outlier`](super::Outlier): the inner future,

@@ -1,8 +1,8 @@
 use tower_layer::Layer;
 
 use super::Outlier;
-use crate::classify::DefaultClassifier;
 use crate::recorder::Recorder;
+use keel_core::DefaultClassifier;
 
 /// Wraps an endpoint's service in [`Outlier`], recording every request's
 /// outcome into the endpoint's [`Recorder`].

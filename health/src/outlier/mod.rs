@@ -18,7 +18,7 @@
 //! // Our responses are token counts, not HTTP: classify them ourselves.
 //! let layer = layer.classifier(|result: &Result<usize, std::io::Error>| match result {
 //!     Ok(_) => Outcome::Success,
-//!     Err(_) => Outcome::Failure(FailureKind::Transport),
+//!     Err(_) => Outcome::failure(FailureKind::Transport),
 //! });
 //! let mut node = ServiceBuilder::new()
 //!     .layer(layer)

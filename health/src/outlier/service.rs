@@ -5,8 +5,8 @@ use tower::load::Load;
 use tower_service::Service;
 
 use super::ResponseFuture;
-use crate::classify::{Classify, DefaultClassifier};
 use crate::recorder::Recorder;
+use keel_core::{Classify, DefaultClassifier};
 
 /// A service that records each completed request's outcome and latency
 /// into its endpoint's [`Recorder`]; built by
