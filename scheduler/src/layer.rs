@@ -17,6 +17,16 @@ use crate::ticket::Ticket;
 /// rate limited, queued in order and dispatched, or answered with a
 /// rejection or an expiry. See [`Scheduler`](crate::Scheduler) for the guarantees.
 ///
+/// Requests carry [`http::Extensions`] ([`keel_core::RequestExtensions`]:
+/// `http::Request`, or a type of yours with one field): the
+/// [`Deadline`](keel_core::Deadline) a request carries is read for expiry
+/// and earliest-deadline ordering, merged with the ticket's and the
+/// scheduler's [`request_timeout`](crate::SchedulerConfig::request_timeout)
+/// (counted from the call, so queueing time counts), and set on the request
+/// handed to the inner service, so retries and the balancer below enforce
+/// the same instant. Put timeouts here, not in a deadline layer below
+/// admission, whose clock would only start once the request left the queue.
+///
 /// The layered service is always ready: overload is answered per request
 /// (a [`Rejection`](crate::Rejection) or
 /// [`DeadlineExceeded`](crate::Error::DeadlineExceeded) boxed in the error,
@@ -24,19 +34,26 @@ use crate::ticket::Ticket;
 /// `poll_ready`. The inner service's own errors come through unchanged.
 ///
 /// ```
+/// use std::time::Duration;
 /// use keel_scheduler::{AdmissionLayer, SchedulerConfig, Ticket};
 /// use tower::{ServiceBuilder, ServiceExt};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), tower::BoxError> {
-/// // Requests are (tenant, prompt) pairs here; an HTTP service would read headers.
-/// let admission = AdmissionLayer::new(SchedulerConfig::new("gateway"), |(tenant, _): &(String, String)| {
-///     Ticket::new(tenant.as_str())
+/// // The tenant comes from a header; every request gets 30 s from the call.
+/// let config = SchedulerConfig::new("gateway").request_timeout(Duration::from_secs(30));
+/// let admission = AdmissionLayer::new(config, |request: &http::Request<String>| {
+///     let tenant = request.headers().get("x-tenant").and_then(|v| v.to_str().ok());
+///     Ticket::new(tenant.unwrap_or("anonymous"))
 /// })?;
 /// let service = ServiceBuilder::new()
 ///     .layer(admission)
-///     .service_fn(|(_, prompt): (String, String)| async move { Ok::<_, tower::BoxError>(prompt.len()) });
-/// assert_eq!(service.oneshot(("acme".into(), "hello".into())).await?, 5);
+///     .service_fn(|request: http::Request<String>| async move {
+///         assert!(keel_core::Deadline::of(&request).is_some());
+///         Ok::<_, tower::BoxError>(request.into_body().len())
+///     });
+/// let request = http::Request::builder().header("x-tenant", "acme").body("hello".to_owned())?;
+/// assert_eq!(service.oneshot(request).await?, 5);
 /// # Ok(())
 /// # }
 /// ```
@@ -101,7 +118,7 @@ where
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     S::Response: Send + 'static,
-    Req: Send + 'static,
+    Req: keel_core::RequestExtensions + Send + 'static,
     F: Fn(&Req) -> Ticket + Send + Sync + 'static,
 {
     type Service = Admission<Req, S::Response>;

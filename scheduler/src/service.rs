@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use keel_core::RequestExtensions;
 use tower::Service;
 
 use crate::admission::Scheduler;
@@ -54,9 +55,12 @@ impl<Req, Resp> Admission<Req, Resp> {
     }
 }
 
+/// Requests go through [`Scheduler::submit_request`]: the [`Deadline`](keel_core::Deadline)
+/// a request carries (or the scheduler's `request_timeout`, counted from
+/// the call) orders and expires it, and is set on it for the layers below.
 impl<Req, Resp> Service<Req> for Admission<Req, Resp>
 where
-    Req: Send + 'static,
+    Req: RequestExtensions + Send + 'static,
     Resp: Send + 'static,
 {
     type Response = Resp;
@@ -70,7 +74,7 @@ where
 
     fn call(&mut self, request: Req) -> Self::Future {
         let ticket = (self.classify)(&request);
-        ResponseFuture::new(Box::pin(self.scheduler.submit(ticket, request)))
+        ResponseFuture::new(Box::pin(self.scheduler.submit_request(ticket, request)))
     }
 }
 

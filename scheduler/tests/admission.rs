@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_core::{Deadline, ErrorKind};
 use keel_scheduler::{
     AdmissionLayer, AimdConfig, ClassConfig, ConcurrencyConfig, Error, LocalRateLimiter, Priority,
     Rate, RateLimitConfig, Rejection, Scheduler, SchedulerBuilder, SchedulerConfig, SheddingConfig,
@@ -393,20 +394,39 @@ async fn a_failing_service_closes_the_scheduler() {
     assert!(matches!(again, Error::Closed { .. }));
 }
 
+/// A request for the layer: the tenant in a header, `n` in the body.
+fn http(tenant: &str, n: u32) -> http::Request<u32> {
+    http::Request::builder()
+        .header("x-tenant", tenant)
+        .body(n)
+        .unwrap()
+}
+
+fn tenant_of(request: &http::Request<u32>) -> Ticket {
+    Ticket::new(
+        request
+            .headers()
+            .get("x-tenant")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("anonymous"),
+    )
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_layer_passes_inner_errors_through_and_boxes_its_own() {
     let layer = AdmissionLayer::new(
         SchedulerConfig::new("t")
             .max_queued_per_tenant(1)
             .concurrency(ConcurrencyConfig::default().max_in_flight(1)),
-        |(tenant, _): &(&'static str, u32)| Ticket::new(*tenant),
+        tenant_of,
     )
     .unwrap();
     let mut service =
         ServiceBuilder::new()
             .layer(layer)
-            .service_fn(|(_, n): (&'static str, u32)| async move {
+            .service_fn(|request: http::Request<u32>| async move {
                 sleep(Duration::from_millis(10)).await;
+                let n = *request.body();
                 if n == 0 {
                     Err(std::io::Error::other("zero"))
                 } else {
@@ -417,26 +437,150 @@ async fn the_layer_passes_inner_errors_through_and_boxes_its_own() {
         .ready()
         .await
         .unwrap()
-        .call(("a", 0))
+        .call(http("a", 0))
         .await
         .unwrap_err();
     assert!(inner.downcast_ref::<std::io::Error>().is_some(), "{inner}");
     // Response futures are lazy: spawn them so they queue.
-    let busy = tokio::spawn(service.ready().await.unwrap().call(("a", 1)));
+    let busy = tokio::spawn(service.ready().await.unwrap().call(http("a", 1)));
     sleep(Duration::from_millis(1)).await;
-    let waiting = tokio::spawn(service.ready().await.unwrap().call(("a", 2)));
+    let waiting = tokio::spawn(service.ready().await.unwrap().call(http("a", 2)));
     sleep(Duration::from_millis(1)).await;
     let full = service
         .ready()
         .await
         .unwrap()
-        .call(("a", 3))
+        .call(http("a", 3))
         .await
         .unwrap_err();
     let full = full.downcast_ref::<Error>().expect("an admission error");
     assert_eq!(full.rejection(), Some(&Rejection::QueueFull));
     assert_eq!(busy.await.unwrap().unwrap(), 1);
     assert_eq!(waiting.await.unwrap().unwrap(), 2);
+}
+
+/// What the inner service saw of each request: its body and its deadline.
+type SeenDeadlines = Arc<Mutex<Vec<(u32, Option<Deadline>)>>>;
+
+/// Behind one busy slot (request 0 holds it for `busy`), every other
+/// request waits in the admission queue.
+fn busy_slot(
+    config: SchedulerConfig,
+    busy: Duration,
+) -> (
+    impl Service<http::Request<u32>, Response = u32, Error = tower::BoxError, Future: Send>
+    + Clone
+    + Send
+    + 'static,
+    SeenDeadlines,
+) {
+    let seen: SeenDeadlines = Arc::default();
+    let log = seen.clone();
+    let layer = AdmissionLayer::new(
+        config.concurrency(ConcurrencyConfig::default().max_in_flight(1)),
+        tenant_of,
+    )
+    .unwrap();
+    let service =
+        ServiceBuilder::new()
+            .layer(layer)
+            .service_fn(move |request: http::Request<u32>| {
+                let n = *request.body();
+                log.lock().push((n, Deadline::of(&request)));
+                async move {
+                    if n == 0 {
+                        sleep(busy).await;
+                    }
+                    Ok::<_, Infallible>(n)
+                }
+            });
+    (service, seen)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_carried_deadline_expires_the_request_while_it_waits() {
+    let (service, seen) = busy_slot(SchedulerConfig::new("carried"), Duration::from_secs(10));
+    let busy = tokio::spawn(service.clone().oneshot(http("a", 0)));
+    sleep(Duration::from_millis(1)).await;
+    let start = Instant::now();
+    let mut request = http("a", 1);
+    Deadline::after(Duration::from_millis(50)).apply(&mut request);
+    let err = service.clone().oneshot(request).await.unwrap_err();
+    let waited = start.elapsed();
+    let err = err.downcast_ref::<Error>().expect("an admission error");
+    assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err:?}");
+    assert_eq!(keel_core::KeelError::kind(err), ErrorKind::DeadlineExceeded);
+    assert!(
+        waited >= Duration::from_millis(50) && waited <= Duration::from_millis(55),
+        "expired after {waited:?}"
+    );
+    assert_eq!(
+        seen.lock().iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        [0],
+        "the expired request never reached the service"
+    );
+    assert_eq!(busy.await.unwrap().unwrap(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_service_gets_the_deadline_admission_enforced() {
+    let (service, seen) = busy_slot(SchedulerConfig::new("passed"), Duration::from_millis(30));
+    let busy = tokio::spawn(service.clone().oneshot(http("a", 0)));
+    sleep(Duration::from_millis(1)).await;
+    let mut request = http("a", 1);
+    let deadline = Deadline::after(Duration::from_millis(500)).apply(&mut request);
+    assert_eq!(service.clone().oneshot(request).await.unwrap(), 1);
+    assert_eq!(busy.await.unwrap().unwrap(), 0);
+    let seen = seen.lock().clone();
+    assert_eq!(
+        seen[1],
+        (1, Some(deadline)),
+        "the same instant, not a new one"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_scheduler_timeout_counts_from_submit() {
+    // A 100 ms timeout of the scheduler's own, and a request that waits
+    // 30 ms in the queue: the service sees submit + 100 ms, not
+    // dispatch + 100 ms (the trap of a deadline layer under admission).
+    let config = SchedulerConfig::new("timeout").request_timeout(Duration::from_millis(100));
+    let (service, seen) = busy_slot(config, Duration::from_millis(30));
+    let busy = tokio::spawn(service.clone().oneshot(http("a", 0)));
+    sleep(Duration::from_millis(1)).await;
+    let submitted = Instant::now();
+    assert_eq!(service.clone().oneshot(http("a", 1)).await.unwrap(), 1);
+    assert_eq!(busy.await.unwrap().unwrap(), 0);
+    let (n, deadline) = seen.lock()[1];
+    assert_eq!(n, 1);
+    assert_eq!(
+        deadline.expect("the scheduler set its deadline").instant(),
+        submitted + Duration::from_millis(100)
+    );
+    // A tighter deadline the request carries wins over the timeout.
+    let mut tight = http("a", 2);
+    let carried = Deadline::after(Duration::from_millis(20)).apply(&mut tight);
+    assert_eq!(service.clone().oneshot(tight).await.unwrap(), 2);
+    assert_eq!(seen.lock()[2], (2, Some(carried)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_only_a_timeout_a_waiting_request_expires_at_submit_plus_timeout() {
+    let config = SchedulerConfig::new("timeout-expiry").request_timeout(Duration::from_millis(50));
+    let (service, _seen) = busy_slot(config, Duration::from_secs(10));
+    let _busy = tokio::spawn(service.clone().oneshot(http("a", 0)));
+    sleep(Duration::from_millis(1)).await;
+    let start = Instant::now();
+    let err = service.clone().oneshot(http("a", 1)).await.unwrap_err();
+    assert_eq!(
+        keel_core::kind_of(err.as_ref()),
+        ErrorKind::DeadlineExceeded
+    );
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(50) && waited <= Duration::from_millis(55),
+        "expired after {waited:?}"
+    );
 }
 
 #[test]

@@ -301,6 +301,17 @@ pub struct SchedulerConfig {
     /// per request). Default 30 s.
     #[serde(with = "humantime_serde")]
     pub max_queue_time: Duration,
+    /// The scheduler's own deadline for every request: a request submitted
+    /// at `t` gets the [`keel_core::Deadline`] `t + request_timeout`
+    /// (unless it carries an earlier one). Its clock starts at **submit**,
+    /// so the time spent queueing counts, and the deadline is set on
+    /// requests that carry extensions, so retries and the balancer below
+    /// enforce the same instant. Prefer it to a deadline layer *below*
+    /// admission, whose clock only starts once the request leaves the
+    /// queue. `None` (the default): only the caller's deadline and
+    /// [`max_queue_time`](Self::max_queue_time) apply.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
     /// The cost credited per round robin visit per unit of weight. It is
     /// raised to the largest cost seen, so each visit serves at least one
     /// request. Default 1.
@@ -327,6 +338,7 @@ impl Default for SchedulerConfig {
             max_queued: 10_000,
             max_queued_per_tenant: 1_000,
             max_queue_time: Duration::from_secs(30),
+            request_timeout: None,
             quantum: 1,
             default_weight: 1,
             tenants: BTreeMap::new(),
@@ -366,6 +378,12 @@ impl SchedulerConfig {
     /// Sets [`max_queue_time`](Self::max_queue_time).
     pub fn max_queue_time(mut self, max: Duration) -> Self {
         self.max_queue_time = max;
+        self
+    }
+
+    /// Sets [`request_timeout`](Self::request_timeout).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = Some(timeout);
         self
     }
 
@@ -438,6 +456,12 @@ impl SchedulerConfig {
         }
         if self.max_queue_time.is_zero() {
             return Err(Error::config("max_queue_time", "must be greater than zero"));
+        }
+        if self.request_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(Error::config(
+                "request_timeout",
+                "must be greater than zero (or unset)",
+            ));
         }
         if self.quantum == 0 {
             return Err(Error::config("quantum", "must be at least 1"));

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
+use keel_core::{Deadline, RequestExtensions};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -265,6 +266,13 @@ where
     /// limit is charged first: a request then refused for a full queue or
     /// shedding has still used its share of the rate.
     ///
+    /// Its deadline is the earlier of the ticket's and, when the scheduler
+    /// has a [`request_timeout`](SchedulerConfig::request_timeout), the
+    /// time of this call plus that timeout. A request that carries
+    /// extensions (an `http::Request`) should go through
+    /// [`submit_request`](Self::submit_request), which also reads and sets
+    /// its [`Deadline`].
+    ///
     /// # Errors
     ///
     /// [`Error::Rejected`], [`Error::DeadlineExceeded`], [`Error::Service`],
@@ -282,6 +290,65 @@ where
         request: Req,
     ) -> impl Future<Output = Result<Resp>> + Send + 'static {
         let shared = self.handle.shared.clone();
+        let ticket = shared.with_timeout(ticket);
+        async move { Shared::submit(shared, ticket, request).await }
+    }
+
+    /// Like [`submit`](Self::submit), for a request that carries
+    /// extensions: one [`Deadline`] for every layer.
+    ///
+    /// The request's deadline is the earliest of the [`Deadline`] it
+    /// carries, the ticket's, and this call's time plus the scheduler's
+    /// [`request_timeout`](SchedulerConfig::request_timeout). That instant
+    /// orders it (earliest deadline first within its tenant), expires it
+    /// while it waits, and is set on the request
+    /// ([`Deadline::apply`]) before it is handed to the service, so the
+    /// layers below (retries, the balancer) enforce the same instant.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keel_core::Deadline;
+    /// use keel_scheduler::{Scheduler, SchedulerConfig, Ticket};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), keel_scheduler::Error> {
+    /// let service = tower::service_fn(|request: http::Request<String>| async move {
+    ///     // The deadline admission enforced comes down with the request.
+    ///     assert!(Deadline::of(&request).is_some());
+    ///     Ok::<_, std::convert::Infallible>(request.into_body().len())
+    /// });
+    /// let scheduler = Scheduler::new(SchedulerConfig::new("gateway"), service)?;
+    /// let mut request = http::Request::new("hello".to_owned());
+    /// Deadline::after(Duration::from_secs(2)).apply(&mut request);
+    /// assert_eq!(scheduler.submit_request(Ticket::new("acme"), request).await?, 5);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`submit`](Self::submit).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`submit`](Self::submit).
+    pub fn submit_request(
+        &self,
+        ticket: Ticket,
+        mut request: Req,
+    ) -> impl Future<Output = Result<Resp>> + Send + 'static
+    where
+        Req: RequestExtensions,
+    {
+        let shared = self.handle.shared.clone();
+        let mut ticket = shared.with_timeout(ticket);
+        if let Some(carried) = Deadline::of(&request) {
+            let carried = carried.instant();
+            ticket.deadline = Some(ticket.deadline.map_or(carried, |d| d.min(carried)));
+        }
+        if let Some(deadline) = ticket.deadline {
+            Deadline::at(deadline).apply(&mut request);
+        }
         async move { Shared::submit(shared, ticket, request).await }
     }
 
@@ -409,6 +476,16 @@ impl<Req, Resp> State<Req, Resp> {
 }
 
 impl<Req, Resp> Shared<Req, Resp> {
+    /// The ticket with the scheduler's `request_timeout`, counted from now
+    /// (submit), folded into its deadline.
+    fn with_timeout(&self, mut ticket: Ticket) -> Ticket {
+        if let Some(timeout) = self.config.request_timeout {
+            let own = Deadline::after(timeout).instant();
+            ticket.deadline = Some(ticket.deadline.map_or(own, |d| d.min(own)));
+        }
+        ticket
+    }
+
     /// Mirrors the queue length for lock-free checks and the gauge.
     fn set_queued(&self, state: &State<Req, Resp>) {
         let len = state.pending.len();

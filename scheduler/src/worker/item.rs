@@ -3,8 +3,8 @@
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use keel_core::{Deadline, RequestExtensions};
 use keel_queue::{Delivery, Headers, JobId, Priority};
-use tokio::time::Instant;
 
 use crate::ticket::Ticket;
 
@@ -12,6 +12,11 @@ use crate::ticket::Ticket;
 ///
 /// The lease is the worker's business: the handler answers an
 /// [`Outcome`] and never acks or nacks itself.
+///
+/// It carries [`http::Extensions`] ([`RequestExtensions`]): a job with a
+/// deadline arrives with the matching [`keel_core::Deadline`] in them, so
+/// the layers of the handler (admission, retries, the balancer) enforce
+/// the job's deadline as they would a request's.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct WorkItem {
@@ -27,12 +32,38 @@ pub struct WorkItem {
     pub enqueued_at: SystemTime,
     /// The job's priority level.
     pub priority: Priority,
-    /// The job's deadline, if any.
+    /// The job's deadline, if any (also in the extensions, as a
+    /// [`Deadline`]).
     pub deadline: Option<SystemTime>,
+    extensions: http::Extensions,
+}
+
+impl RequestExtensions for WorkItem {
+    fn extensions(&self) -> &http::Extensions {
+        &self.extensions
+    }
+
+    fn extensions_mut(&mut self) -> &mut http::Extensions {
+        &mut self.extensions
+    }
+}
+
+/// The [`Deadline`] (on the Tokio clock) of a deadline on the wall clock.
+fn deadline_of(at: SystemTime) -> Deadline {
+    let left = at
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    Deadline::after(left)
 }
 
 impl From<Delivery> for WorkItem {
+    /// The delivery's fields, and its deadline as a [`Deadline`] in the
+    /// extensions.
     fn from(delivery: Delivery) -> Self {
+        let mut extensions = http::Extensions::new();
+        if let Some(at) = delivery.deadline {
+            extensions.insert(deadline_of(at));
+        }
         WorkItem {
             id: delivery.id,
             payload: delivery.payload,
@@ -41,6 +72,7 @@ impl From<Delivery> for WorkItem {
             enqueued_at: delivery.enqueued_at,
             priority: delivery.priority,
             deadline: delivery.deadline,
+            extensions,
         }
     }
 }
@@ -56,7 +88,15 @@ impl WorkItem {
             enqueued_at: SystemTime::now(),
             priority: Priority::NORMAL,
             deadline: None,
+            extensions: http::Extensions::new(),
         }
+    }
+
+    /// Sets the job's deadline (and the [`Deadline`] in the extensions).
+    pub fn with_deadline(mut self, at: SystemTime) -> Self {
+        self.deadline = Some(at);
+        self.extensions.insert(deadline_of(at));
+        self
     }
 
     /// A header's value.
@@ -79,11 +119,11 @@ impl WorkItem {
         {
             ticket = ticket.cost(cost);
         }
-        if let Some(deadline) = self.deadline {
-            let left = deadline
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO);
-            ticket = ticket.deadline(Instant::now() + left);
+        // The Deadline in the extensions (set from the job's when the item
+        // was made) is authoritative; else the wall-clock field.
+        let deadline = Deadline::of(self).or_else(|| self.deadline.map(deadline_of));
+        if let Some(deadline) = deadline {
+            ticket = ticket.deadline(deadline.instant());
         }
         ticket
     }
@@ -145,6 +185,8 @@ impl Outcome {
 
 #[cfg(test)]
 mod tests {
+    use tokio::time::Instant;
+
     use super::*;
 
     #[tokio::test(start_paused = true)]
@@ -163,5 +205,17 @@ mod tests {
         let bare = WorkItem::new(JobId::random(), "y").ticket("tenant", None);
         assert_eq!(bare.tenant.as_str(), "default");
         assert_eq!(bare.cost, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_deadline_arrives_as_a_deadline() {
+        let at = SystemTime::now() + Duration::from_secs(5);
+        let item = WorkItem::new(JobId::random(), "x").with_deadline(at);
+        let deadline = Deadline::of(&item).expect("the job's deadline is in the extensions");
+        assert!(deadline.remaining() > Duration::from_secs(4));
+        assert!(deadline.remaining() <= Duration::from_secs(5));
+        let ticket = item.ticket("tenant", None);
+        assert_eq!(ticket.deadline, Some(deadline.instant()));
+        assert!(Deadline::of(&WorkItem::new(JobId::random(), "y")).is_none());
     }
 }
