@@ -31,8 +31,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Parser;
 use keel_cache::{
-    Cache, LoadError, MokaCache, MokaCacheConfig, RedisCache, RedisCacheConfig, Tiered,
-    TieredConfig,
+    Cache, MokaCache, MokaCacheConfig, RedisCache, RedisCacheConfig, Tiered, TieredConfig,
 };
 use tokio::time::Instant;
 
@@ -285,7 +284,7 @@ async fn stampede(callers: usize, url: &str, prefix: &str) -> usize {
                 .get_or_load("stampede-cold-key", move || async move {
                     calls.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                    Ok::<_, LoadError>(value())
+                    Ok::<_, std::convert::Infallible>(value())
                 })
                 .await
         }));

@@ -1,24 +1,35 @@
-//! The one error type of `keel-cache`.
+//! The errors of `keel-cache`: the cache's own [`Error`], and
+//! [`LoadFailed`], what a loading read answers (the caller's own error,
+//! typed, or the cache's).
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A boxed error from a backend library, kept as the [`std::error::Error::source`].
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+use keel_core::{ConfigError, ErrorKind, KeelError};
+
+/// A boxed, thread-safe error, as tower passes them around (the same type
+/// as [`keel_core::BoxError`]).
+pub use keel_core::BoxError;
 
 /// What went wrong in a cache operation.
 ///
-/// Every variant says whether trying again can help: see [`Error::is_retryable`].
-/// Backend errors are classified into these variants in exactly one place per
-/// backend; no backend library type appears here.
+/// Every variant says whether trying again can help
+/// ([`Error::is_retryable`]) and what kind of failure it is in the terms
+/// every Keel crate shares ([`KeelError::kind`]). Backend errors are
+/// classified into these variants in exactly one place per backend; no
+/// backend library type appears here (a Redis failure is the `#[source]`,
+/// as a [`keel_core::redis::RedisError`]).
 ///
-/// Callers of [`Tiered::get_or_load`](crate::Tiered::get_or_load) only ever
-/// see [`Error::Load`], [`Error::LoadTimeout`] and [`Error::InvalidArgument`]:
-/// a failing cache tier costs latency, never a failed request.
+/// A loading read ([`Tiered::get_or_load`](crate::Tiered::get_or_load))
+/// answers [`LoadFailed`] instead: the loader's own error, typed, or one of
+/// these when the cache itself could not produce a value.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The backend could not be reached or dropped the connection.
+    /// The backend could not be reached, dropped the connection, or is
+    /// coming back (Redis `LOADING`, a failover). Kind
+    /// [`ErrorKind::Unavailable`]; retryable.
     #[error("cache backend unavailable: {message}")]
     Unavailable {
         /// What was being attempted, and what failed.
@@ -28,18 +39,22 @@ pub enum Error {
         source: Option<BoxError>,
     },
     /// The backend did not answer within the configured operation timeout.
+    /// Kind [`ErrorKind::DeadlineExceeded`]; retryable (the tier was slow
+    /// this time).
     #[error("cache operation timed out after {0:?}; the backend is slow or unreachable")]
     Timeout(Duration),
-    /// A value could not be encoded or decoded.
+    /// A value could not be encoded, or stored bytes could not be decoded
+    /// (see [`Codec`](crate::Codec)). Kind [`ErrorKind::Internal`].
     #[error("codec error: {message}")]
     Codec {
-        /// What could not be encoded or decoded, and why.
+        /// What could not be encoded or decoded.
         message: String,
         /// The underlying cause.
         #[source]
         source: Option<BoxError>,
     },
-    /// An argument is out of range (for example a zero TTL).
+    /// An argument is out of range (for example a zero TTL). Kind
+    /// [`ErrorKind::InvalidInput`].
     #[error("invalid argument `{name}`: {reason}")]
     InvalidArgument {
         /// The argument's name.
@@ -47,24 +62,13 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
-    /// A configuration field is invalid; the component was not built.
-    #[error("invalid cache config `{field}`: {reason}")]
-    InvalidConfig {
-        /// The field's name.
-        field: &'static str,
-        /// Why it was refused and what is accepted.
-        reason: String,
-    },
-    /// The backend does not support this operation; see
-    /// [`Capabilities`](crate::Capabilities).
-    #[error("unsupported by the {backend} backend: {what}")]
-    Unsupported {
-        /// The backend's name.
-        backend: &'static str,
-        /// The operation.
-        what: String,
-    },
-    /// The backend answered with an error we did not expect.
+    /// A configuration field is invalid; the component was not built. The
+    /// message names the field and what is accepted. Kind
+    /// [`ErrorKind::Internal`].
+    #[error(transparent)]
+    InvalidConfig(#[from] ConfigError),
+    /// The backend answered with an error that waiting does not fix (a
+    /// wrong type, a script error). Kind [`ErrorKind::Internal`].
     #[error("cache backend error: {message}")]
     Backend {
         /// What was being attempted.
@@ -73,53 +77,39 @@ pub enum Error {
         #[source]
         source: Option<BoxError>,
     },
-    /// The loader of a [`get_or_load`](crate::Tiered::get_or_load) failed.
-    ///
-    /// Every caller coalesced onto the same load sees the same error (the
-    /// cause is shared). When negative caching is configured for the error's
-    /// `kind`, later callers get this error from the cache (`cached`) until
-    /// the negative TTL lapses, without calling the loader.
-    #[error("loading the value failed{}: {message}", kind.as_ref().map(|k| format!(" ({k})")).unwrap_or_default())]
-    Load {
-        /// The error kind the loader gave, if any (see [`LoadError::kind`]).
-        kind: Option<String>,
-        /// The loader's message.
-        message: String,
-        /// Whether this answer came from the negative cache rather than from
-        /// a loader call.
-        cached: bool,
-        /// The loader's error, when this process ran the loader.
-        #[source]
-        source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
-    },
-    /// The loader did not finish within the hard load timeout, and there was
-    /// no stale value to serve instead.
+    /// A loader did not finish within the hard load timeout
+    /// ([`TieredConfig::load_timeout`](crate::TieredConfig::load_timeout)),
+    /// and there was no stale value to serve instead. Kind
+    /// [`ErrorKind::DeadlineExceeded`]; retryable.
     #[error("loading the value took longer than the hard timeout of {0:?}")]
     LoadTimeout(Duration),
+    /// A loader panicked. Every caller waiting on that load gets this; the
+    /// next call for the key loads again. Kind [`ErrorKind::Internal`].
+    #[error("the loader panicked")]
+    LoaderPanicked,
 }
 
 impl Error {
     /// Whether trying the same operation again may succeed.
     ///
     /// An exhaustive match with no `_` arm: a new variant forces a decision.
-    /// A [`Load`](Error::Load) error is retryable unless it came from the
-    /// negative cache (a retry gets the same cached answer until its TTL
-    /// lapses).
+    /// Timeouts are retryable although their [kind](KeelError::kind) is
+    /// [`ErrorKind::DeadlineExceeded`]: the cache tier (or the origin) was
+    /// slow this time, and the caller's deadline is the caller's to check.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Unavailable { .. } => true,
             Error::Timeout(_) => true,
             Error::Codec { .. } => false,
             Error::InvalidArgument { .. } => false,
-            Error::InvalidConfig { .. } => false,
-            Error::Unsupported { .. } => false,
+            Error::InvalidConfig(_) => false,
             Error::Backend { .. } => false,
-            Error::Load { cached, .. } => !cached,
             Error::LoadTimeout(_) => true,
+            Error::LoaderPanicked => false,
         }
     }
 
-    #[allow(dead_code)] // used by the network backends
+    #[allow(dead_code)] // used by the network backends and the chaos decorator
     pub(crate) fn unavailable(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
         Error::Unavailable {
             message: message.into(),
@@ -142,136 +132,274 @@ impl Error {
     }
 
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidConfig {
-            field,
-            reason: reason.into(),
-        }
+        Error::InvalidConfig(ConfigError::new(field, reason))
     }
 }
+
+impl KeelError for Error {
+    /// An exhaustive match with no `_` arm: a new variant forces a decision.
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Unavailable { .. } => ErrorKind::Unavailable { retry_after: None },
+            Error::Timeout(_) | Error::LoadTimeout(_) => ErrorKind::DeadlineExceeded,
+            Error::InvalidArgument { .. } => ErrorKind::InvalidInput,
+            Error::Codec { .. }
+            | Error::InvalidConfig(_)
+            | Error::Backend { .. }
+            | Error::LoaderPanicked => ErrorKind::Internal,
+        }
+    }
+
+    fn is_retryable(&self) -> bool {
+        Error::is_retryable(self)
+    }
+}
+
+keel_core::register_error_kind!(Error);
 
 /// `Result` with the cache's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// What a loader passed to [`get_or_load`](crate::Tiered::get_or_load)
-/// fails with.
+/// Why a loading read ([`Tiered::get_or_load`](crate::Tiered::get_or_load)
+/// and its variants) produced no value: the loader's own error `E`, typed,
+/// a failure remembered by negative caching, or the cache's own [`Error`].
+/// Never a string standing in for your error.
 ///
-/// Any `std::error::Error` converts into it with `?`; give it a
-/// [`kind`](Self::kind) to make it eligible for negative caching (see
-/// [`TieredConfig::negative_ttl`](crate::TieredConfig::negative_ttl)).
-/// Errors without a kind, or with a kind that is not configured, are never
-/// cached.
+/// `E` is shared: every caller coalesced onto one load gets the same
+/// `Arc<E>` (as moka's `try_get_with` does).
 ///
-/// Like `anyhow::Error`, it does not implement `std::error::Error` itself,
-/// so that the blanket conversion can exist.
+/// It implements [`KeelError`]: the kind of a [`Loader`](Self::Loader)
+/// error is whatever [`keel_core::kind_of`] finds in it (a registered Keel
+/// error in its chain, else [`ErrorKind::Upstream`]).
 ///
 /// ```
-/// use keel_cache::LoadError;
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> keel_cache::Result<()> {
+/// use keel_cache::{LoadFailed, Tiered, TieredConfig};
 ///
-/// let err = LoadError::msg("model `gpt-x` does not exist").kind("not_found");
-/// assert_eq!(err.kind_name(), Some("not_found"));
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("model `{0}` is not deployed")]
+/// struct NoSuchModel(String);
+///
+/// let cache = Tiered::builder(TieredConfig::new("completions")).build()?;
+/// let err = cache
+///     .get_or_load("k", || async { Err::<bytes::Bytes, _>(NoSuchModel("m@1".into())) })
+///     .await
+///     .unwrap_err();
+/// match &err {
+///     LoadFailed::Loader(own) => assert_eq!(own.0, "m@1"), // our type, not a string
+///     other => panic!("{other:?}"),
+/// }
+/// # Ok(()) }
 /// ```
 #[derive(Debug)]
-pub struct LoadError {
-    kind: Option<String>,
-    source: Arc<dyn std::error::Error + Send + Sync + 'static>,
+#[non_exhaustive]
+pub enum LoadFailed<E> {
+    /// The loader failed with this error: this caller's loader or, when the
+    /// caller was coalesced onto another caller's load of the same key,
+    /// that loader's (shared, hence the `Arc`).
+    Loader(Arc<E>),
+    /// A loader error remembered by negative caching (see
+    /// [`TieredConfig::negative_ttl`](crate::TieredConfig::negative_ttl)),
+    /// answered without calling the loader. It may have been stored by
+    /// another process through L2, so only its kind and message remain.
+    Cached(CachedFailure),
+    /// The cache could not produce a value: the loader exceeded the hard
+    /// timeout ([`Error::LoadTimeout`]) or panicked
+    /// ([`Error::LoaderPanicked`]), an argument was invalid
+    /// ([`Error::InvalidArgument`]), or a value did not encode or decode
+    /// ([`Error::Codec`]). Never an L2 failure: those are misses.
+    Cache(Error),
 }
 
-impl LoadError {
-    /// A load error with only a message.
-    pub fn msg(message: impl Into<String>) -> Self {
-        LoadError {
-            kind: None,
-            source: Arc::new(Message(message.into())),
+impl<E> LoadFailed<E> {
+    /// The loader's error, if that is what this is.
+    pub fn loader_error(&self) -> Option<&E> {
+        match self {
+            LoadFailed::Loader(err) => Some(err),
+            LoadFailed::Cached(_) | LoadFailed::Cache(_) => None,
         }
     }
 
-    /// A load error wrapping a boxed error.
-    pub fn boxed(source: BoxError) -> Self {
-        LoadError {
-            kind: None,
-            source: Arc::from(source),
+    /// The loader's error (shared with the other coalesced callers), if
+    /// that is what this is.
+    pub fn into_loader_error(self) -> Option<Arc<E>> {
+        match self {
+            LoadFailed::Loader(err) => Some(err),
+            LoadFailed::Cached(_) | LoadFailed::Cache(_) => None,
         }
     }
 
-    /// Sets the error's kind (a short stable name such as `"not_found"`),
-    /// which negative caching is configured by.
-    #[must_use]
-    pub fn kind(mut self, kind: impl Into<String>) -> Self {
-        self.kind = Some(kind.into());
-        self
+    /// The cache's own error, if that is what this is.
+    pub fn cache_error(&self) -> Option<&Error> {
+        match self {
+            LoadFailed::Cache(err) => Some(err),
+            LoadFailed::Loader(_) | LoadFailed::Cached(_) => None,
+        }
     }
 
-    /// The kind, if one was set.
-    pub fn kind_name(&self) -> Option<&str> {
-        self.kind.as_deref()
-    }
-
-    pub(crate) fn into_parts(
-        self,
-    ) -> (
-        Option<String>,
-        Arc<dyn std::error::Error + Send + Sync + 'static>,
-    ) {
-        (self.kind, self.source)
+    /// Whether this answer came from the negative cache.
+    pub fn is_cached(&self) -> bool {
+        matches!(self, LoadFailed::Cached(_))
     }
 }
 
-impl<E: std::error::Error + Send + Sync + 'static> From<E> for LoadError {
-    fn from(err: E) -> Self {
-        LoadError {
-            kind: None,
-            source: Arc::new(err),
+impl<E: std::error::Error + Send + Sync + 'static> LoadFailed<E> {
+    /// Whether trying again can help: the loader error's kind says (see
+    /// [`KeelError::is_retryable`]); a cached failure is not retryable (the
+    /// same answer comes back until its negative TTL lapses); the cache's
+    /// own error says for itself ([`Error::is_retryable`]).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            LoadFailed::Loader(err) => loader_retryable(err.as_ref()),
+            LoadFailed::Cached(_) => false,
+            LoadFailed::Cache(err) => err.is_retryable(),
         }
     }
 }
 
-impl std::fmt::Display for LoadError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.kind {
-            Some(kind) => write!(f, "{} ({kind})", self.source),
-            None => self.source.fmt(f),
+/// A loader error's retryability: its own when it is a registered Keel
+/// error's chain, else by kind.
+fn loader_retryable(err: &(dyn std::error::Error + 'static)) -> bool {
+    keel_core::kind_of(err).is_retryable()
+}
+
+impl<E> fmt::Display for LoadFailed<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadFailed::Loader(_) => f.write_str("loading the value failed"),
+            LoadFailed::Cached(_) => f.write_str("loading the value failed recently"),
+            LoadFailed::Cache(_) => f.write_str("the cache could not load the value"),
         }
     }
 }
 
-/// A plain message as an error.
-#[derive(Debug)]
-struct Message(String);
-
-impl std::fmt::Display for Message {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+impl<E: std::error::Error + Send + Sync + 'static> std::error::Error for LoadFailed<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LoadFailed::Loader(err) => Some(err.as_ref()),
+            LoadFailed::Cached(cached) => Some(cached),
+            LoadFailed::Cache(err) => Some(err),
+        }
     }
 }
 
-impl std::error::Error for Message {}
+impl<E: std::error::Error + Send + Sync + 'static> KeelError for LoadFailed<E> {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            LoadFailed::Loader(err) => keel_core::kind_of(err.as_ref()),
+            LoadFailed::Cached(cached) => cached.kind,
+            LoadFailed::Cache(err) => err.kind(),
+        }
+    }
+
+    fn is_retryable(&self) -> bool {
+        LoadFailed::is_retryable(self)
+    }
+}
+
+/// A loader error remembered by negative caching: its kind and its message
+/// (the error's `Display` and those of its sources, joined by `": "`).
+///
+/// Kind: the remembered one. Never retryable: the same answer comes back
+/// until the negative TTL lapses.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message} (remembered as `{kind}` by negative caching)")]
+pub struct CachedFailure {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl CachedFailure {
+    pub(crate) fn new(kind: ErrorKind, message: String) -> Self {
+        CachedFailure { kind, message }
+    }
+
+    /// The kind the original error had.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The original error's message, with those of its sources.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl KeelError for CachedFailure {
+    fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+keel_core::register_error_kind!(CachedFailure);
+
+/// `err`'s message followed by its sources', joined by `": "`.
+pub(crate) fn chain_message(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // Some errors repeat their source in their own message.
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
+/// Every [`ErrorKind`] by its [`as_str`](ErrorKind::as_str) name, for
+/// negative caching by kind name in configs and in the L2 envelope. A
+/// kind's `retry_after`, if any, is not kept.
+pub(crate) const KINDS: [ErrorKind; 10] = [
+    ErrorKind::RateLimited { retry_after: None },
+    ErrorKind::Overloaded { retry_after: None },
+    ErrorKind::QueueFull,
+    ErrorKind::DeadlineExceeded,
+    ErrorKind::Unavailable { retry_after: None },
+    ErrorKind::Upstream,
+    ErrorKind::InvalidInput,
+    ErrorKind::NotFound,
+    ErrorKind::Cancelled,
+    ErrorKind::Internal,
+];
+
+/// The kind named `name` (an [`ErrorKind::as_str`]).
+pub(crate) fn kind_named(name: &str) -> Option<ErrorKind> {
+    KINDS.into_iter().find(|kind| kind.as_str() == name)
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn retryability() {
+    fn retryability_and_kinds() {
         assert!(Error::Timeout(Duration::from_millis(50)).is_retryable());
-        assert!(!Error::config("ttl", "must be > 0").is_retryable());
-        let fresh = Error::Load {
-            kind: None,
-            message: "boom".into(),
-            cached: false,
-            source: None,
-        };
-        assert!(fresh.is_retryable());
-        let cached = Error::Load {
-            kind: Some("not_found".into()),
-            message: "boom".into(),
-            cached: true,
-            source: None,
-        };
-        assert!(!cached.is_retryable());
         assert_eq!(
-            cached.to_string(),
-            "loading the value failed (not_found): boom"
+            Error::Timeout(Duration::from_millis(50)).kind(),
+            ErrorKind::DeadlineExceeded
         );
+        let config = Error::config("ttl", "must be > 0");
+        assert!(!config.is_retryable());
+        assert_eq!(config.kind(), ErrorKind::Internal);
+        let boxed: BoxError = Box::new(Error::unavailable("down", "refused"));
+        assert_eq!(
+            keel_core::kind_of(boxed.as_ref()),
+            ErrorKind::Unavailable { retry_after: None }
+        );
+        assert_eq!(
+            Error::argument("ttl", "zero").kind(),
+            ErrorKind::InvalidInput
+        );
+        assert!(Error::LoadTimeout(Duration::from_secs(1)).is_retryable());
+        assert!(!Error::LoaderPanicked.is_retryable());
     }
 
     #[test]
@@ -280,14 +408,60 @@ mod tests {
         assert!(msg.contains("`l1_ttl`"), "{msg}");
     }
 
-    #[test]
-    fn any_error_converts_into_a_load_error() {
-        fn load() -> std::result::Result<u32, LoadError> {
-            let n: u32 = "x".parse()?;
-            Ok(n)
+    #[derive(Debug, thiserror::Error)]
+    #[error("no such model")]
+    struct NoSuchModel;
+
+    impl KeelError for NoSuchModel {
+        fn kind(&self) -> ErrorKind {
+            ErrorKind::NotFound
         }
-        let err = load().unwrap_err();
-        assert!(err.kind_name().is_none());
-        assert!(err.to_string().contains("invalid digit"), "{err}");
+    }
+    keel_core::register_error_kind!(NoSuchModel);
+
+    #[test]
+    fn load_failures_keep_the_loaders_type_and_kind() {
+        let failed: LoadFailed<NoSuchModel> = LoadFailed::Loader(Arc::new(NoSuchModel));
+        assert!(failed.loader_error().is_some());
+        assert_eq!(failed.kind(), ErrorKind::NotFound);
+        assert!(!failed.is_retryable());
+        let boxed: BoxError = Box::new(failed);
+        assert_eq!(keel_core::kind_of(boxed.as_ref()), ErrorKind::NotFound);
+
+        let io: LoadFailed<std::io::Error> =
+            LoadFailed::Loader(Arc::new(std::io::Error::other("reset")));
+        assert_eq!(io.kind(), ErrorKind::Upstream);
+        assert!(io.is_retryable());
+
+        let cached: LoadFailed<NoSuchModel> = LoadFailed::Cached(CachedFailure::new(
+            ErrorKind::NotFound,
+            "no such model".into(),
+        ));
+        assert!(cached.is_cached() && !cached.is_retryable());
+        let boxed: BoxError = Box::new(cached);
+        assert_eq!(keel_core::kind_of(boxed.as_ref()), ErrorKind::NotFound);
+
+        let timeout: LoadFailed<NoSuchModel> =
+            LoadFailed::Cache(Error::LoadTimeout(Duration::from_secs(1)));
+        assert_eq!(timeout.kind(), ErrorKind::DeadlineExceeded);
+        assert!(timeout.is_retryable());
+        assert!(matches!(timeout.cache_error(), Some(Error::LoadTimeout(_))));
+    }
+
+    #[test]
+    fn kind_names_round_trip() {
+        for kind in KINDS {
+            assert_eq!(kind_named(kind.as_str()), Some(kind));
+        }
+        assert_eq!(kind_named("nope"), None);
+    }
+
+    #[test]
+    fn chain_messages_join_sources() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer")]
+        struct Outer(#[source] std::io::Error);
+        let err = Outer(std::io::Error::other("inner"));
+        assert_eq!(chain_message(&err), "outer: inner");
     }
 }

@@ -2,6 +2,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod cache;
+mod codec;
 mod error;
 mod ext;
 mod invalidation;
@@ -18,16 +19,21 @@ mod redis;
 #[cfg(feature = "moka")]
 mod tiered;
 
+#[cfg(feature = "chaos")]
+#[cfg_attr(docsrs, doc(cfg(feature = "chaos")))]
+pub mod chaos;
 #[cfg(feature = "conformance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 
 pub use cache::{Cache, Capabilities, MAX_TTL, normalize_ttl};
-pub use error::{BoxError, Error, LoadError, Result};
+pub use codec::{BytesCodec, Codec, HttpCodec, JsonCodec};
+pub use error::{BoxError, CachedFailure, Error, LoadFailed, Result};
 pub use ext::CacheExt;
 pub use invalidation::{BusEvent, InvalidationBus, LocalBus};
 pub use keys::InferenceKey;
 #[cfg(feature = "moka")]
-pub use layer::{CacheLayer, CacheService, ResponseFuture};
+pub use layer::{CacheLayer, CacheService, ResponseFuture, ServiceError};
 #[cfg(feature = "moka")]
 pub use moka::{MokaCache, MokaCacheConfig};
 pub use prefix::PrefixCache;

@@ -3,6 +3,7 @@
 //! `RedisServer`, and invalidation over pub/sub with resubscribe-and-flush.
 #![cfg(all(feature = "redis", feature = "moka"))]
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -10,8 +11,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use keel_cache::conformance::Subject;
 use keel_cache::{
-    Cache, LoadError, RedisCache, RedisCacheConfig, RedisInvalidationBus, RedisInvalidationConfig,
-    Tiered, TieredConfig,
+    Cache, RedisCache, RedisCacheConfig, RedisInvalidationBus, RedisInvalidationConfig, Tiered,
+    TieredConfig,
 };
 use keel_testkit::{FaultProxy, Namespace, RedisServer, redis_cleanup, require_redis};
 use tokio::time::Instant;
@@ -49,7 +50,7 @@ fn counting_loader(
     calls: &Arc<AtomicUsize>,
     value: &'static str,
     delay: Duration,
-) -> impl FnOnce() -> futures::future::BoxFuture<'static, Result<Bytes, LoadError>> + Send + 'static
+) -> impl FnOnce() -> futures::future::BoxFuture<'static, Result<Bytes, Infallible>> + Send + 'static
 {
     let calls = calls.clone();
     move || {

@@ -3,19 +3,43 @@
 //! outages of L2, under paused time where we own the clock.
 #![cfg(feature = "moka")]
 
+use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
-use keel_cache::{
-    Cache, Capabilities, Error, LoadError, LocalBus, MokaCache, Tiered, TieredConfig,
-};
+use keel_cache::chaos::{Chaos, ChaosConfig};
+use keel_cache::{Cache, Error, LoadFailed, LocalBus, MokaCache, Tiered, TieredConfig};
+use keel_core::{ErrorKind, KeelError};
 use tokio::time::Instant;
 
 mod support;
 use support::Counting;
+
+/// The origin's own error: a message, and (through its source) a Keel
+/// error kind when it has one.
+#[derive(Debug, thiserror::Error)]
+#[error("model does not exist")]
+struct OriginError {
+    #[source]
+    kind: Option<Kinded>,
+}
+
+/// A registered Keel error of a given kind.
+#[derive(Debug, thiserror::Error)]
+#[error("kind {0}")]
+struct Kinded(ErrorKind);
+
+impl KeelError for Kinded {
+    fn kind(&self) -> ErrorKind {
+        self.0
+    }
+}
+keel_core::register_error_kind!(Kinded);
+
+type Loader<E> =
+    Box<dyn FnOnce() -> futures::future::BoxFuture<'static, Result<Bytes, E>> + Send + 'static>;
 
 /// Counts loader calls and answers `value` after `delay`.
 #[derive(Clone, Default)]
@@ -28,39 +52,28 @@ impl Origin {
         self.calls.load(Ordering::SeqCst)
     }
 
-    fn loader(
-        &self,
-        value: &'static str,
-        delay: Duration,
-    ) -> impl FnOnce() -> futures::future::BoxFuture<'static, Result<Bytes, LoadError>> + Send + 'static
-    {
+    fn loader(&self, value: &'static str, delay: Duration) -> Loader<OriginError> {
         let calls = self.calls.clone();
-        move || {
+        Box::new(move || {
             Box::pin(async move {
                 calls.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(delay).await;
                 Ok(Bytes::from_static(value.as_bytes()))
             })
-        }
+        })
     }
 
-    fn failing(
-        &self,
-        kind: Option<&'static str>,
-    ) -> impl FnOnce() -> futures::future::BoxFuture<'static, Result<Bytes, LoadError>> + Send + 'static
-    {
+    fn failing(&self, kind: Option<ErrorKind>) -> Loader<OriginError> {
         let calls = self.calls.clone();
-        move || {
+        Box::new(move || {
             Box::pin(async move {
                 calls.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(10)).await;
-                let err = LoadError::msg("model does not exist");
-                Err(match kind {
-                    Some(kind) => err.kind(kind),
-                    None => err,
+                Err(OriginError {
+                    kind: kind.map(Kinded),
                 })
             })
-        }
+        })
     }
 }
 
@@ -117,21 +130,19 @@ async fn stampede_under_paused_time_and_errors_are_shared() {
             async move { cache.get_or_load("k", loader).await },
         ));
     }
+    let mut errors = Vec::new();
     for task in tasks {
         let err = task.await.unwrap().unwrap_err();
-        assert!(
-            matches!(
-                &err,
-                Error::Load {
-                    cached: false,
-                    source: Some(_),
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
+        // Every waiter gets the loader's own error, typed, not a string.
+        let own: Arc<OriginError> = err.into_loader_error().expect("the loader's error");
+        assert!(own.kind.is_none());
+        errors.push(own);
     }
     assert_eq!(origin.calls(), 1, "one load for 100 waiters");
+    assert!(
+        errors.iter().all(|e| Arc::ptr_eq(e, &errors[0])),
+        "coalesced waiters share the one error"
+    );
     // Not cached: the next call loads again.
     let _ = cache.get_or_load("k", origin.failing(None)).await;
     assert_eq!(origin.calls(), 2);
@@ -226,8 +237,12 @@ async fn hard_timeout_bounds_a_miss_and_stale_survives_a_hung_refresh() {
         .get_or_load("k", origin.loader("never", Duration::from_secs(3600)))
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::LoadTimeout(_)), "{err:?}");
+    assert!(
+        matches!(err, LoadFailed::Cache(Error::LoadTimeout(_))),
+        "{err:?}"
+    );
     assert!(err.is_retryable());
+    assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
     assert_eq!(start.elapsed(), Duration::from_secs(1));
 
     cache
@@ -251,31 +266,33 @@ async fn hard_timeout_bounds_a_miss_and_stale_survives_a_hung_refresh() {
 
 #[tokio::test(start_paused = true)]
 async fn negative_caching_only_for_configured_kinds() {
-    let cache = tiered(config().negative_ttl("not_found", Duration::from_secs(5)));
+    let cache = tiered(config().negative_ttl(ErrorKind::NotFound, Duration::from_secs(5)));
     let origin = Origin::default();
 
     let err = cache
-        .get_or_load("missing", origin.failing(Some("not_found")))
+        .get_or_load("missing", origin.failing(Some(ErrorKind::NotFound)))
         .await
         .unwrap_err();
-    assert!(matches!(&err, Error::Load { cached: false, .. }), "{err:?}");
+    assert!(matches!(&err, LoadFailed::Loader(_)), "{err:?}");
+    assert_eq!(err.kind(), ErrorKind::NotFound);
     let err = cache
-        .get_or_load("missing", origin.failing(Some("not_found")))
+        .get_or_load("missing", origin.failing(Some(ErrorKind::NotFound)))
         .await
         .unwrap_err();
     match &err {
-        Error::Load {
-            kind,
-            cached: true,
-            message,
-            ..
-        } => {
-            assert_eq!(kind.as_deref(), Some("not_found"));
-            assert_eq!(message, "model does not exist");
+        LoadFailed::Cached(cached) => {
+            assert_eq!(cached.kind(), ErrorKind::NotFound);
+            assert!(
+                cached.message().starts_with("model does not exist"),
+                "{cached}"
+            );
         }
         other => panic!("expected a cached load error, got {other:?}"),
     }
     assert!(!err.is_retryable());
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    let boxed: keel_cache::BoxError = Box::new(err);
+    assert_eq!(keel_core::kind_of(boxed.as_ref()), ErrorKind::NotFound);
     assert_eq!(origin.calls(), 1);
     assert_eq!(cache.get("missing").await.unwrap(), None);
 
@@ -288,7 +305,7 @@ async fn negative_caching_only_for_configured_kinds() {
     assert_eq!(origin.calls(), 2);
 
     // Other kinds, and errors without a kind, are never cached.
-    for kind in [Some("overloaded"), None] {
+    for kind in [Some(ErrorKind::Overloaded { retry_after: None }), None] {
         let before = origin.calls();
         for _ in 0..2 {
             let _ = cache
@@ -413,10 +430,13 @@ fn loader_bug() -> Bytes {
 async fn a_panicking_loader_is_a_load_error_and_the_key_recovers() {
     let cache = tiered(config());
     let err = cache
-        .get_or_load("k", || async { Ok(loader_bug()) })
+        .get_or_load("k", || async { Ok::<_, Infallible>(loader_bug()) })
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Load { .. }), "{err:?}");
+    assert!(
+        matches!(err, LoadFailed::Cache(Error::LoaderPanicked)),
+        "{err:?}"
+    );
     let origin = Origin::default();
     let got = cache
         .get_or_load("k", origin.loader("ok", Duration::ZERO))
@@ -444,12 +464,16 @@ async fn a_cancelled_caller_does_not_cancel_the_load() {
 async fn typed_loads_round_trip() {
     let cache = tiered(config());
     let got: Vec<u32> = cache
-        .get_or_load_json("v", || async { Ok(vec![1, 2, 3]) })
+        .get_or_load_json("v", || async { Ok::<_, Infallible>(vec![1, 2, 3]) })
         .await
         .unwrap();
     assert_eq!(got, vec![1, 2, 3]);
+    assert_eq!(
+        cache.get("v").await.unwrap().as_deref(),
+        Some(&b"[1,2,3]"[..])
+    );
     let again: Vec<u32> = cache
-        .get_or_load_json("v", || async { Ok(vec![9]) })
+        .get_or_load_json("v", || async { Ok::<_, Infallible>(vec![9]) })
         .await
         .unwrap();
     assert_eq!(again, vec![1, 2, 3]);
@@ -508,60 +532,26 @@ async fn invalidation_reaches_a_second_instance() {
     assert_eq!(&got[..], b"v3");
 }
 
-/// An L2 that fails (or hangs) on demand and counts the calls it gets.
-#[derive(Debug, Default)]
-struct Flaky {
-    inner: Option<Arc<MokaCache>>,
-    down: AtomicBool,
-    hang: AtomicBool,
-    calls: AtomicUsize,
+/// An L2 behind a chaos decorator with faults off; tests turn them on.
+fn chaotic_l2() -> Arc<Chaos<MokaCache>> {
+    Arc::new(
+        Chaos::new(
+            MokaCache::new(Default::default()).unwrap(),
+            ChaosConfig::new(1),
+        )
+        .unwrap(),
+    )
 }
 
-impl Flaky {
-    fn new() -> Arc<Self> {
-        Arc::new(Flaky {
-            inner: Some(Arc::new(MokaCache::new(Default::default()).unwrap())),
-            ..Flaky::default()
-        })
-    }
-
-    async fn enter(&self) -> keel_cache::Result<&MokaCache> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        if self.hang.load(Ordering::SeqCst) {
-            std::future::pending::<()>().await;
-        }
-        if self.down.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable {
-                message: "connection refused".into(),
-                source: None,
-            });
-        }
-        Ok(self.inner.as_deref().expect("inner"))
-    }
-}
-
-#[async_trait]
-impl Cache for Flaky {
-    async fn get(&self, key: &str) -> keel_cache::Result<Option<Bytes>> {
-        self.enter().await?.get(key).await
-    }
-    async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> keel_cache::Result<()> {
-        self.enter().await?.set(key, value, ttl).await
-    }
-    async fn delete(&self, key: &str) -> keel_cache::Result<()> {
-        self.enter().await?.delete(key).await
-    }
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::default().shared(true)
-    }
-    async fn ping(&self) -> keel_cache::Result<()> {
-        self.enter().await.map(drop)
-    }
+/// Sets the decorator's faults, keeping its seed.
+fn faults(l2: &Chaos<MokaCache>, configure: impl FnOnce(ChaosConfig) -> ChaosConfig) {
+    let seed = l2.config().seed;
+    l2.set_config(configure(ChaosConfig::new(seed))).unwrap();
 }
 
 #[tokio::test(start_paused = true)]
 async fn l2_outage_falls_through_to_origin_and_the_breaker_comes_back() {
-    let l2 = Flaky::new();
+    let l2 = chaotic_l2();
     let cache = Tiered::builder(
         config()
             .l2_timeout(Duration::from_millis(50))
@@ -574,7 +564,7 @@ async fn l2_outage_falls_through_to_origin_and_the_breaker_comes_back() {
 
     // L2 hangs: every request still succeeds, each within the L2 timeout
     // (a get and a set per load until the breaker opens).
-    l2.hang.store(true, Ordering::SeqCst);
+    faults(&l2, |c| c.drop_rate(1.0));
     for i in 0..10 {
         let start = Instant::now();
         let got = cache
@@ -590,7 +580,7 @@ async fn l2_outage_falls_through_to_origin_and_the_breaker_comes_back() {
     }
     assert_eq!(origin.calls(), 10);
     assert!(cache.l2_breaker_open());
-    let calls_when_open = l2.calls.load(Ordering::SeqCst);
+    let calls_when_open = l2.stats().calls;
     assert!(
         calls_when_open <= 3,
         "{calls_when_open} l2 calls before opening"
@@ -603,11 +593,10 @@ async fn l2_outage_falls_through_to_origin_and_the_breaker_comes_back() {
             .await
             .unwrap();
     }
-    assert_eq!(l2.calls.load(Ordering::SeqCst), calls_when_open);
+    assert_eq!(l2.stats().calls, calls_when_open);
 
     // L2 fails fast instead: after the cooldown the probe fails, it stays open.
-    l2.hang.store(false, Ordering::SeqCst);
-    l2.down.store(true, Ordering::SeqCst);
+    faults(&l2, |c| c.error_rate(1.0));
     tokio::time::advance(Duration::from_secs(5)).await;
     cache
         .get_or_load("probe-1", origin.loader("origin", Duration::ZERO))
@@ -616,7 +605,7 @@ async fn l2_outage_falls_through_to_origin_and_the_breaker_comes_back() {
     assert!(cache.l2_breaker_open());
 
     // L2 is back: the next probe closes the breaker and L2 fills again.
-    l2.down.store(false, Ordering::SeqCst);
+    faults(&l2, |c| c);
     tokio::time::advance(Duration::from_secs(5)).await;
     cache
         .get_or_load("probe-2", origin.loader("origin", Duration::ZERO))
@@ -627,14 +616,14 @@ async fn l2_outage_falls_through_to_origin_and_the_breaker_comes_back() {
         .set("after", "v".into(), Duration::from_secs(10))
         .await
         .unwrap();
-    let stored = l2.inner.as_ref().unwrap().get("after").await.unwrap();
+    let stored = l2.inner().get("after").await.unwrap();
     assert!(stored.is_some(), "writes reach L2 again");
 }
 
 #[tokio::test(start_paused = true)]
 async fn writes_to_a_dead_l2_are_dropped_not_failed() {
-    let l2 = Flaky::new();
-    l2.down.store(true, Ordering::SeqCst);
+    let l2 = chaotic_l2();
+    faults(&l2, |c| c.error_rate(1.0));
     let cache = Tiered::builder(config()).l2(l2.clone()).build().unwrap();
     cache
         .set("k", "v".into(), Duration::from_secs(10))
@@ -653,7 +642,12 @@ fn public_futures_are_send() {
     let cache = tiered(config());
     let origin = Origin::default();
     assert_send(&cache.get_or_load("k", origin.loader("v", Duration::ZERO)));
-    assert_send(&cache.get_or_load_json::<u32, _, _>("k", || async { Ok(1) }));
+    assert_send(&cache.get_or_load_json::<u32, _, _, Infallible>("k", || async { Ok(1) }));
+    assert_send(
+        &cache.get_or_load_with_codec("k", &keel_cache::HttpCodec, || async {
+            Ok::<http::Response<Bytes>, Infallible>(http::Response::new(Bytes::new()))
+        }),
+    );
     assert_send(&cache.invalidate("k"));
     assert_send(&cache.get("k"));
     let dyn_cache: Arc<dyn Cache> = Arc::new(cache.clone());

@@ -1,51 +1,83 @@
-//! The Redis backend's private error, classified into [`crate::Error`] in one place.
+//! Redis failures, classified once by `keel_core::redis::RedisError` and
+//! turned into the cache's [`Error`] here.
+
+use keel_core::redis::{RedisError, RedisErrorKind};
 
 use crate::error::Error;
 
-/// What can go wrong talking to Redis.
-#[derive(Debug)]
-pub(crate) enum RedisFailure {
-    /// The client library failed.
-    Redis(::redis::RedisError),
-    /// The pool could not hand out a connection.
-    Pool(deadpool_redis::PoolError),
-}
-
-impl From<::redis::RedisError> for RedisFailure {
-    fn from(err: ::redis::RedisError) -> Self {
-        RedisFailure::Redis(err)
-    }
-}
-
-impl From<deadpool_redis::PoolError> for RedisFailure {
-    fn from(err: deadpool_redis::PoolError) -> Self {
-        RedisFailure::Pool(err)
-    }
-}
-
-impl From<RedisFailure> for Error {
-    fn from(failure: RedisFailure) -> Self {
-        match failure {
-            RedisFailure::Redis(err)
-                if err.is_timeout()
-                    || err.is_io_error()
-                    || err.is_connection_dropped()
-                    || err.is_connection_refusal()
-                    || err.is_unrecoverable_error() =>
-            {
-                Error::unavailable(
-                    "redis connection failed; it will be re-established on the next call",
-                    err,
-                )
-            }
-            RedisFailure::Redis(err) => Error::Backend {
-                message: "redis answered with an error".into(),
-                source: Some(err.into()),
+impl From<RedisError> for Error {
+    fn from(err: RedisError) -> Self {
+        match err.redis_kind() {
+            RedisErrorKind::Unavailable => Error::Unavailable {
+                message: "redis cannot answer right now".into(),
+                source: Some(Box::new(err)),
             },
-            RedisFailure::Pool(deadpool_redis::PoolError::Backend(err)) => {
-                Error::from(RedisFailure::Redis(err))
-            }
-            RedisFailure::Pool(err) => Error::unavailable("no redis connection available", err),
+            RedisErrorKind::Server | RedisErrorKind::Protocol => Error::Backend {
+                message: "redis refused the command".into(),
+                source: Some(Box::new(err)),
+            },
+            // A kind added to keel-core later: waiting is the safe guess for
+            // a cache (a miss, never a failed request).
+            _ => Error::Unavailable {
+                message: "redis failed".into(),
+                source: Some(Box::new(err)),
+            },
         }
+    }
+}
+
+impl From<::redis::RedisError> for Error {
+    fn from(err: ::redis::RedisError) -> Self {
+        Error::from(RedisError::from(err))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use keel_core::{ErrorKind, KeelError};
+
+    use super::*;
+
+    /// A RESP error reply, parsed as the client parses it.
+    fn server_error(text: &str) -> ::redis::RedisError {
+        let reply = format!("-{text}\r\n");
+        match ::redis::parse_redis_value(reply.as_bytes()) {
+            Ok(value) => match value.extract_error() {
+                Err(err) => err,
+                Ok(_) => panic!("{text} parsed as a value"),
+            },
+            Err(err) => panic!("{text}: {err}"),
+        }
+    }
+
+    #[test]
+    fn loading_is_retryable_and_unavailable() {
+        let err = Error::from(server_error(
+            "LOADING Redis is loading the dataset in memory",
+        ));
+        assert!(err.is_retryable(), "{err:?}");
+        assert_eq!(err.kind(), ErrorKind::Unavailable { retry_after: None });
+        assert!(matches!(err, Error::Unavailable { .. }));
+        // The core classification is the source, for logs and `kind_of`.
+        let source = std::error::Error::source(&err).expect("a source");
+        assert!(source.is::<RedisError>());
+    }
+
+    #[test]
+    fn wrong_type_is_a_backend_error() {
+        let err = Error::from(server_error(
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+        ));
+        assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+        assert!(!err.is_retryable());
+        assert_eq!(err.kind(), ErrorKind::Internal);
+    }
+
+    #[test]
+    fn refused_connections_are_unavailable() {
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let err = Error::from(::redis::RedisError::from(io));
+        assert!(err.is_retryable());
+        assert!(matches!(err, Error::Unavailable { .. }));
     }
 }

@@ -9,35 +9,37 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::config::redacted_url;
+use keel_core::redis::{RedisConfig, RedisPool};
+
 use super::{RedisCache, RedisCacheConfig, Request};
 use crate::error::{Error, Result};
 use crate::invalidation::{BusEvent, InvalidationBus};
 
-/// Settings of [`RedisInvalidationBus`].
+/// Settings of [`RedisInvalidationBus`]: the connection ([`RedisConfig`],
+/// shared with every Keel crate) and the bus's own.
 ///
 /// ```
 /// use keel_cache::RedisInvalidationConfig;
 ///
-/// let config = RedisInvalidationConfig::new("redis://127.0.0.1:6379").channel("keel:cache:inv:embeddings");
+/// let config = RedisInvalidationConfig::new("redis://:secret@127.0.0.1:6379").channel("keel:cache:inv:embeddings");
 /// assert!(config.validate().is_ok());
+/// assert!(!format!("{config:?}").contains("secret"));
 /// assert!(config.clone().channel("").validate().is_err());
 /// ```
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 #[non_exhaustive]
 pub struct RedisInvalidationConfig {
-    /// The server. Default `redis://127.0.0.1:6379`.
-    pub url: String,
+    /// The connection; its `connect_timeout` also bounds (re)subscribing.
+    /// Ignored by [`RedisInvalidationBus::with_pool`], which uses the
+    /// pool's. Default [`RedisConfig::default`] (`redis://127.0.0.1:6379`).
+    pub redis: RedisConfig,
     /// The pub/sub channel; every instance of one cache must use the same.
     /// Default `"keel:cache:invalidations"`.
     pub channel: String,
     /// Longest a `PUBLISH` may take. Default 50 ms.
     #[serde(with = "humantime_serde")]
     pub operation_timeout: Duration,
-    /// Longest connecting and subscribing may take. Default 2 s.
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
     /// How often the subscription connection is checked with a `PING`, so a
     /// silently dead connection is noticed. Default 1 s.
     #[serde(with = "humantime_serde")]
@@ -54,10 +56,9 @@ pub struct RedisInvalidationConfig {
 impl Default for RedisInvalidationConfig {
     fn default() -> Self {
         RedisInvalidationConfig {
-            url: "redis://127.0.0.1:6379".to_owned(),
+            redis: RedisConfig::default(),
             channel: "keel:cache:invalidations".to_owned(),
             operation_timeout: Duration::from_millis(50),
-            connect_timeout: Duration::from_secs(2),
             health_check_interval: Duration::from_secs(1),
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
@@ -65,27 +66,20 @@ impl Default for RedisInvalidationConfig {
     }
 }
 
-impl fmt::Debug for RedisInvalidationConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisInvalidationConfig")
-            .field("url", &redacted_url(&self.url))
-            .field("channel", &self.channel)
-            .field("operation_timeout", &self.operation_timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("health_check_interval", &self.health_check_interval)
-            .field("reconnect_min", &self.reconnect_min)
-            .field("reconnect_max", &self.reconnect_max)
-            .finish()
-    }
-}
-
 impl RedisInvalidationConfig {
     /// Defaults for this server.
     pub fn new(url: impl Into<String>) -> Self {
         RedisInvalidationConfig {
-            url: url.into(),
+            redis: RedisConfig::new(url),
             ..RedisInvalidationConfig::default()
         }
+    }
+
+    /// Sets [`redis`](Self::redis), the connection settings.
+    #[must_use]
+    pub fn redis(mut self, redis: RedisConfig) -> Self {
+        self.redis = redis;
+        self
     }
 
     /// Sets [`channel`](Self::channel).
@@ -102,10 +96,11 @@ impl RedisInvalidationConfig {
         self
     }
 
-    /// Sets [`connect_timeout`](Self::connect_timeout).
+    /// Sets the connect timeout of [`redis`](Self::redis)
+    /// ([`RedisConfig::connect_timeout`]).
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+        self.redis.connect_timeout = timeout;
         self
     }
 
@@ -125,16 +120,21 @@ impl RedisInvalidationConfig {
         self
     }
 
-    /// Checks every field, naming the first bad one.
+    /// Checks every field, naming the first bad one (`redis.url`, …,
+    /// `channel`, `reconnect_max`).
     ///
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        RedisCacheConfig::new(self.url.clone())
-            .operation_timeout(self.operation_timeout)
-            .connect_timeout(self.connect_timeout)
-            .validate()?;
+        self.redis.validate()?;
+        self.validate_own()
+    }
+
+    fn validate_own(&self) -> Result<()> {
+        if self.operation_timeout < Duration::from_millis(1) {
+            return Err(Error::config("operation_timeout", "must be at least 1 ms"));
+        }
         if self.channel.is_empty() {
             return Err(Error::config("channel", "must not be empty"));
         }
@@ -191,26 +191,48 @@ pub struct RedisInvalidationBus {
 impl fmt::Debug for RedisInvalidationBus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisInvalidationBus")
-            .field("config", &self.config)
+            .field("redis", self.publisher.pool().config())
+            .field("channel", &self.config.channel)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisInvalidationBus {
-    /// Builds the bus without touching the network.
+    /// Builds the bus on a pool of its own (one connection to publish,
+    /// from [`config.redis`](RedisInvalidationConfig::redis)) without
+    /// touching the network.
     ///
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] naming a bad field.
     pub fn new(config: RedisInvalidationConfig) -> Result<Self> {
         config.validate()?;
-        let client = ::redis::Client::open(config.url.as_str())
-            .map_err(|err| Error::config("url", format!("not a usable redis URL: {err}")))?;
-        let publisher = RedisCache::new(
-            RedisCacheConfig::new(config.url.clone())
-                .pool_size(1)
-                .operation_timeout(config.operation_timeout)
-                .connect_timeout(config.connect_timeout),
+        let pool = RedisPool::new(config.redis.clone().pool_size(1))?;
+        Self::with_pool(pool, config)
+    }
+
+    /// Builds the bus on `pool`, shared with the application's other
+    /// components: it publishes on the pool's connections, and each
+    /// subscription opens one connection of its own to the pool's server
+    /// (pub/sub needs a dedicated one). `config.redis` is ignored.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming a bad field of the bus's own.
+    pub fn with_pool(pool: RedisPool, config: RedisInvalidationConfig) -> Result<Self> {
+        config.validate_own()?;
+        let client = ::redis::Client::open(pool.config().url.as_str()).map_err(|err| {
+            Error::config(
+                "redis.url",
+                format!(
+                    "not a usable redis URL ({}): {err}",
+                    pool.config().redacted_url()
+                ),
+            )
+        })?;
+        let publisher = RedisCache::with_pool(
+            pool,
+            RedisCacheConfig::default().operation_timeout(config.operation_timeout),
         )?;
         Ok(RedisInvalidationBus {
             config,
@@ -257,6 +279,7 @@ impl InvalidationBus for RedisInvalidationBus {
         tokio::spawn(subscription(
             self.client.clone(),
             self.config.clone(),
+            self.publisher.pool().config().connect_timeout,
             sender,
         ));
         futures::stream::unfold(receiver, |mut receiver| async move {
@@ -270,6 +293,7 @@ impl InvalidationBus for RedisInvalidationBus {
 async fn subscription(
     client: ::redis::Client,
     config: RedisInvalidationConfig,
+    connect_timeout: Duration,
     sender: mpsc::Sender<BusEvent>,
 ) {
     let mut backoff = config.reconnect_min;
@@ -280,7 +304,7 @@ async fn subscription(
             sink.subscribe(&config.channel).await?;
             Ok::<_, ::redis::RedisError>((sink, stream))
         };
-        match tokio::time::timeout(config.connect_timeout, connect).await {
+        match tokio::time::timeout(connect_timeout, connect).await {
             Ok(Ok((mut sink, mut stream))) => {
                 backoff = config.reconnect_min;
                 tracing::info!(channel = %config.channel, "invalidation subscription established");
@@ -305,7 +329,7 @@ async fn subscription(
                         },
                         _ = health.tick() => {
                             let ping = sink.ping::<::redis::Value>();
-                            match tokio::time::timeout(config.connect_timeout, ping).await {
+                            match tokio::time::timeout(connect_timeout, ping).await {
                                 Ok(Ok(_)) => {}
                                 _ => break,
                             }

@@ -10,19 +10,37 @@
 //! counted in `keel_cache_corrupt_total{backend="redis"}`: never an error,
 //! never a panic.
 //!
-//! # Failures
+//! # Connections and failures
 //!
-//! Every operation (checking out a connection included) is bounded by
-//! `operation_timeout`, 50 ms by default: a cache that answers slower than
-//! the origin is worse than none. A connection that timed out, failed or had
-//! an operation dropped mid-flight is never reused (a connection that lost
-//! bytes could otherwise pair answers with the wrong requests); the next
-//! operation takes a fresh one.
+//! The connection is a [`keel_core::redis::RedisPool`], the one every Keel
+//! crate accepts: build it from [`RedisCacheConfig::redis`] with
+//! [`RedisCache::new`], or share the application's with
+//! [`RedisCache::with_pool`]. The cache multiplexes its operations over a
+//! few of the pool's connections without taking them out of the pool, so
+//! it does not pay a pool checkout (a health-check `PING`) per operation.
+//!
+//! Every operation (getting a connection included) is bounded by the
+//! cache's own `operation_timeout`, 50 ms by default, on top of the pool's
+//! looser one: a cache that answers slower than the origin is worse than
+//! none. A connection that timed out, failed or had an operation dropped
+//! mid-flight is not used again by the cache; the next operation takes one
+//! from the pool (which checks it first).
+//!
+//! Failures are classified once, by [`keel_core::redis::RedisError`] (the
+//! `#[source]` of the cache's [`Error`]): a refused, dropped or timed-out
+//! connection and a server that is coming back (`LOADING`, `TRYAGAIN`,
+//! `MASTERDOWN`, a failover's `READONLY`) are [`Error::Unavailable`]
+//! (retryable), as in the queue and the rate limiter; any other error
+//! reply is [`Error::Backend`].
+//!
+//! # Batches and Redis Cluster
 //!
 //! Batches are one round trip: `get_many` is one `MGET`, `set_many` one
-//! pipeline of `SET PX`. Keys carry no hash tag, so on a Redis Cluster an
-//! `MGET` whose keys live in different slots fails; this backend targets a
-//! single Redis (or a replicated primary), not a Cluster.
+//! pipeline of `SET PX`. This backend talks to a single Redis (or a
+//! replicated primary), not a Cluster: its client does not follow cluster
+//! redirections. Keys carry a hash tag only if the prefix does: a prefix
+//! such as `"{emb}:"` keeps every key of the cache (and so every `MGET`) in
+//! one slot, at the price of putting the whole cache on one shard.
 
 mod config;
 mod error;
@@ -33,15 +51,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use ::redis::FromRedisValue;
 use ::redis::aio::MultiplexedConnection;
-use ::redis::{AsyncConnectionConfig, FromRedisValue};
 use async_trait::async_trait;
 use bytes::Bytes;
+use keel_core::redis::{RedisError, RedisPool};
 use parking_lot::Mutex;
 
 pub use self::config::RedisCacheConfig;
-use self::config::redacted_url;
-use self::error::RedisFailure;
 pub use self::invalidation::{RedisInvalidationBus, RedisInvalidationConfig};
 use crate::cache::{Cache, Capabilities, normalize_ttl};
 use crate::error::{Error, Result};
@@ -75,15 +92,26 @@ fn ttl_ms(ttl: Duration) -> Result<u64> {
 }
 
 /// Multiplexed connections shared by all operations, so an operation does
-/// not pay a checkout (deadpool's health-check `PING`) each time.
+/// not pay a checkout (deadpool's health-check `PING`) each time. Each lane
+/// holds a clone of a pooled connection; the connection itself stays in the
+/// pool, shared with the pool's other users.
 struct Lanes {
-    pool: deadpool_redis::Pool,
+    pool: RedisPool,
     lanes: Mutex<Vec<Option<MultiplexedConnection>>>,
     next: AtomicUsize,
 }
 
 impl Lanes {
-    async fn get(&self) -> std::result::Result<(usize, MultiplexedConnection), RedisFailure> {
+    fn new(pool: RedisPool) -> Self {
+        let count = pool.config().pool_size.max(1);
+        Lanes {
+            pool,
+            lanes: Mutex::new(vec![None; count]),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    async fn get(&self) -> std::result::Result<(usize, MultiplexedConnection), RedisError> {
         let index = {
             let lanes = self.lanes.lock();
             self.next.fetch_add(1, Ordering::Relaxed) % lanes.len()
@@ -91,9 +119,10 @@ impl Lanes {
         if let Some(conn) = self.lanes.lock()[index].clone() {
             return Ok((index, conn));
         }
-        let pooled = self.pool.get().await?;
-        // Detach it from the pool: the lane owns it from now on.
-        let conn = deadpool_redis::Connection::take(pooled);
+        let pooled = self.pool.deadpool().get().await?;
+        // A clone shares the connection; the pooled handle goes back now.
+        let conn = MultiplexedConnection::clone(&pooled);
+        drop(pooled);
         self.lanes.lock()[index] = Some(conn.clone());
         Ok((index, conn))
     }
@@ -119,17 +148,40 @@ impl Drop for LaneGuard<'_> {
 }
 
 /// A cache on Redis: shared by every process that uses the same server and
-/// prefix. See the [module docs](crate::RedisCache#layout) for the layout
-/// and failure behaviour.
+/// prefix.
+///
+/// # Layout
+///
+/// A key `k` of a cache whose prefix is `p` is the Redis string `p` + `k`,
+/// stored with `SET … PX <ttl>`, so Redis expires it. Its value is a small
+/// frame: two magic bytes (`0xCA 0xC4`), a format version (`1`), then the
+/// bytes given to `set`. A value without that frame (written by another
+/// program, truncated, or of a future version) reads as a miss and is
+/// counted in `keel_cache_corrupt_total{backend="redis"}`: never an error,
+/// never a panic.
+///
+/// # Connections and failures
+///
+/// On a [`RedisPool`] (its own, or one shared with the queue and the rate
+/// limiter through [`with_pool`](Self::with_pool)); every operation bounded
+/// by the cache's own [`operation_timeout`](RedisCacheConfig::operation_timeout)
+/// (50 ms by default); failures classified by
+/// [`keel_core::redis::RedisError`]: a `LOADING` server, a failover or a
+/// lost connection is [`Error::Unavailable`], retryable. `get_many` is one
+/// `MGET`; the client does not speak Redis Cluster (put a hash tag in the
+/// prefix, `"{emb}:"`, to keep every key in one slot).
 ///
 /// Cloning is cheap; clones share the connections.
 ///
 /// ```no_run
-/// # async fn demo() -> keel_cache::Result<()> {
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
 /// use keel_cache::{Cache, RedisCache, RedisCacheConfig};
+/// use keel_core::redis::{RedisConfig, RedisPool};
 ///
-/// let cache = RedisCache::connect(RedisCacheConfig::new("redis://127.0.0.1:6379")).await?;
+/// // One pool for the whole application (queue, rate limiter, cache).
+/// let pool = RedisPool::connect(RedisConfig::new("redis://127.0.0.1:6379")).await?;
+/// let cache = RedisCache::with_pool(pool.clone(), RedisCacheConfig::default().prefix("emb:"))?;
 /// cache.set("k", "v".into(), Duration::from_secs(60)).await?;
 /// assert_eq!(cache.get("k").await?.as_deref(), Some(&b"v"[..]));
 /// # Ok(()) }
@@ -148,7 +200,9 @@ struct Inner {
 impl fmt::Debug for RedisCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisCache")
-            .field("config", &self.inner.config)
+            .field("redis", self.inner.lanes.pool.config())
+            .field("prefix", &self.inner.config.prefix)
+            .field("operation_timeout", &self.inner.config.operation_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -160,8 +214,10 @@ enum Request<'a> {
 }
 
 impl RedisCache {
-    /// Builds the cache without touching the network: connections are made
-    /// on first use, so an application can start while Redis is down.
+    /// Builds the cache on its own pool (from
+    /// [`config.redis`](RedisCacheConfig::redis)) without touching the
+    /// network: connections are made on first use, so an application can
+    /// start while Redis is down.
     ///
     /// # Errors
     ///
@@ -169,66 +225,58 @@ impl RedisCache {
     /// client cannot parse).
     pub fn new(config: RedisCacheConfig) -> Result<Self> {
         config.validate()?;
-        let connection = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.connect_timeout));
-        let manager = deadpool_redis::Manager::new_with_config(config.url.as_str(), connection)
-            .map_err(|err| Error::config("url", format!("not a usable redis URL: {err}")))?;
-        let pool = deadpool_redis::Pool::builder(manager)
-            .max_size(config.pool_size)
-            .runtime(deadpool_redis::Runtime::Tokio1)
-            .wait_timeout(Some(config.connect_timeout))
-            .create_timeout(Some(config.connect_timeout))
-            .recycle_timeout(Some(config.connect_timeout))
-            .build()
-            .map_err(|err| {
-                Error::config("pool_size", format!("could not build the pool: {err}"))
-            })?;
+        let pool = RedisPool::new(config.redis.clone())?;
+        Self::with_pool(pool, config)
+    }
+
+    /// Builds the cache on `pool`, shared with the other components that
+    /// talk to the same server (the queue, the rate limiter, another
+    /// cache): no connection of its own. `config.redis` is ignored; the
+    /// pool's settings apply, and the cache's own
+    /// [`operation_timeout`](RedisCacheConfig::operation_timeout) bounds
+    /// each of its operations on top of them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming a bad field of the cache's own.
+    pub fn with_pool(pool: RedisPool, config: RedisCacheConfig) -> Result<Self> {
+        config.validate_own()?;
         Ok(RedisCache {
             inner: Arc::new(Inner {
-                lanes: Lanes {
-                    pool,
-                    lanes: Mutex::new(vec![None; config.pool_size]),
-                    next: AtomicUsize::new(0),
-                },
+                lanes: Lanes::new(pool),
                 corrupt: metrics::counter!("keel_cache_corrupt_total", "backend" => "redis"),
                 config,
             }),
         })
     }
 
-    /// Builds the cache and checks that Redis answers `PING` within
-    /// `connect_timeout`.
+    /// Builds the cache on its own pool and checks that Redis answers
+    /// `PING` within [`RedisConfig::connect_timeout`](keel_core::redis::RedisConfig::connect_timeout).
     ///
     /// # Errors
     ///
     /// [`Error::InvalidConfig`] naming a bad field; [`Error::Unavailable`]
-    /// or [`Error::Timeout`] when the server does not answer.
+    /// naming the server (password redacted) when it does not answer.
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: nothing is kept from a cancelled attempt.
     pub async fn connect(config: RedisCacheConfig) -> Result<Self> {
         let cache = Self::new(config)?;
-        let limit = cache.inner.config.connect_timeout;
-        let ping = ::redis::cmd("PING");
-        let answer = cache.request::<String>(Request::Cmd(&ping), limit).await;
-        answer.map_err(|err| match err {
-            Error::Unavailable { message, source } => Error::Unavailable {
-                message: format!(
-                    "redis at {} does not answer ({message}); is it running?",
-                    redacted_url(&cache.inner.config.url)
-                ),
-                source,
-            },
-            other => other,
-        })?;
+        cache.inner.lanes.pool.ping().await?;
         Ok(cache)
     }
 
-    /// The configuration the cache was built with.
+    /// The configuration the cache was built with (with
+    /// [`with_pool`](Self::with_pool), its `redis` field is not the one in
+    /// use: see [`pool`](Self::pool)).
     pub fn config(&self) -> &RedisCacheConfig {
         &self.inner.config
+    }
+
+    /// The pool the cache runs on.
+    pub fn pool(&self) -> &RedisPool {
+        &self.inner.lanes.pool
     }
 
     fn key(&self, key: &str) -> Vec<u8> {
@@ -267,10 +315,10 @@ impl RedisCache {
                 }
                 Err(_) => {}
             }
-            Ok::<T, RedisFailure>(result?)
+            Ok::<T, Error>(result?)
         };
         match tokio::time::timeout(limit, run).await {
-            Ok(result) => result.map_err(Error::from),
+            Ok(result) => result,
             Err(_) => Err(Error::Timeout(limit)),
         }
     }
@@ -373,8 +421,9 @@ mod tests {
 
     #[test]
     fn new_does_not_touch_the_network() {
-        let cache = RedisCache::new(RedisCacheConfig::new("redis://127.0.0.1:1")).unwrap();
+        let cache = RedisCache::new(RedisCacheConfig::new("redis://:pw@127.0.0.1:1")).unwrap();
         assert!(cache.capabilities().shared);
+        assert!(!format!("{cache:?}").contains("pw"));
         fn assert_send<T: Send>(_: &T) {}
         assert_send(&cache.get("k"));
         assert_send(&RedisCache::connect(RedisCacheConfig::default()));

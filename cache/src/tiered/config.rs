@@ -3,10 +3,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use keel_core::ErrorKind;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::MAX_TTL;
-use crate::error::{Error, Result};
+use crate::error::{Error, KINDS, Result, kind_named};
 
 /// Settings of [`Tiered`](crate::Tiered).
 ///
@@ -16,11 +17,12 @@ use crate::error::{Error, Result};
 /// ```
 /// use std::time::Duration;
 /// use keel_cache::TieredConfig;
+/// use keel_core::ErrorKind;
 ///
 /// let config = TieredConfig::new("embeddings")
 ///     .ttl(Duration::from_secs(600))
 ///     .stale_for(Duration::from_secs(60))
-///     .negative_ttl("not_found", Duration::from_secs(5));
+///     .negative_ttl(ErrorKind::NotFound, Duration::from_secs(5));
 /// assert!(config.validate().is_ok());
 ///
 /// let err = TieredConfig::new("x").ttl(Duration::from_secs(10)).validate().unwrap_err();
@@ -73,9 +75,16 @@ pub struct TieredConfig {
     /// [`Error::LoadTimeout`]. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub load_timeout: Duration,
-    /// Loader errors to cache, by [`LoadError`](crate::LoadError) kind, and
-    /// for how long. Errors of other kinds (or none) are never cached.
-    /// Default empty.
+    /// Loader errors to cache (negative caching), by the name of their
+    /// [`ErrorKind`] ([`ErrorKind::as_str`]: `"not_found"`,
+    /// `"invalid_input"`, …), and for how long.
+    ///
+    /// A loader error's kind is what [`keel_core::find_kind`] finds in it:
+    /// the kind of the first registered Keel error in its source chain (a
+    /// Keel crate's error, or your own type implementing
+    /// [`keel_core::KeelError`] and registered with
+    /// [`keel_core::register_error_kind!`]). Errors of other kinds, or of no
+    /// known kind, are never cached. Default empty.
     #[serde(with = "duration_map")]
     pub negative_ttl: BTreeMap<String, Duration>,
     /// Bound on one L2 call, on top of the L2 backend's own timeout. Default
@@ -179,9 +188,17 @@ impl TieredConfig {
     /// Caches loader errors of `kind` for `ttl` (see
     /// [`negative_ttl`](Self::negative_ttl)).
     #[must_use]
-    pub fn negative_ttl(mut self, kind: impl Into<String>, ttl: Duration) -> Self {
-        self.negative_ttl.insert(kind.into(), ttl);
+    pub fn negative_ttl(mut self, kind: ErrorKind, ttl: Duration) -> Self {
+        self.negative_ttl.insert(kind.as_str().to_owned(), ttl);
         self
+    }
+
+    /// How long a loader error of `kind` is cached, if it is.
+    pub(crate) fn negative_ttl_of(&self, kind: ErrorKind) -> Option<Duration> {
+        if self.negative_ttl.is_empty() {
+            return None;
+        }
+        self.negative_ttl.get(kind.as_str()).copied()
     }
 
     /// Sets [`l2_timeout`](Self::l2_timeout).
@@ -251,6 +268,16 @@ impl TieredConfig {
             ));
         }
         for (kind, ttl) in &self.negative_ttl {
+            if kind_named(kind).is_none() {
+                let known: Vec<&str> = KINDS.iter().map(ErrorKind::as_str).collect();
+                return Err(Error::config(
+                    "negative_ttl",
+                    format!(
+                        "`{kind}` is not an error kind; expected one of {}",
+                        known.join(", ")
+                    ),
+                ));
+            }
             if *ttl < Duration::from_millis(1) || *ttl > MAX_TTL {
                 return Err(Error::config(
                     "negative_ttl",
@@ -323,7 +350,11 @@ mod tests {
                 "soft_timeout",
             ),
             (
-                TieredConfig::default().negative_ttl("x", Duration::ZERO),
+                TieredConfig::default().negative_ttl(ErrorKind::NotFound, Duration::ZERO),
+                "negative_ttl",
+            ),
+            (
+                serde_json::from_str(r#"{"negative_ttl": {"notfound": "5s"}}"#).unwrap(),
                 "negative_ttl",
             ),
             (
@@ -338,7 +369,7 @@ mod tests {
         for (config, field) in cases {
             let err = config.validate().unwrap_err();
             assert!(
-                matches!(&err, Error::InvalidConfig { field: f, .. } if *f == field),
+                matches!(&err, Error::InvalidConfig(e) if e.field == field),
                 "expected `{field}`, got {err}"
             );
         }
@@ -348,7 +379,7 @@ mod tests {
     fn round_trips_through_json() {
         let config = TieredConfig::new("x")
             .stale_for(Duration::from_secs(30))
-            .negative_ttl("not_found", Duration::from_millis(1500));
+            .negative_ttl(ErrorKind::NotFound, Duration::from_millis(1500));
         let text = serde_json::to_string(&config).unwrap();
         assert!(text.contains(r#""not_found":"1s 500ms""#), "{text}");
         let back: TieredConfig = serde_json::from_str(&text).unwrap();

@@ -4,7 +4,10 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use keel_core::ErrorKind;
 use tokio::time::Instant;
+
+use crate::error::kind_named;
 
 /// Milliseconds since the Unix epoch, read from Tokio's clock.
 ///
@@ -49,10 +52,11 @@ pub(crate) enum Freshness {
     Expired,
 }
 
-/// A cached loader error (negative caching).
+/// A cached loader error (negative caching): its kind (stored by its
+/// [`ErrorKind::as_str`] name) and message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Negative {
-    pub(crate) kind: String,
+    pub(crate) kind: ErrorKind,
     pub(crate) message: String,
 }
 
@@ -89,7 +93,7 @@ impl Entry {
         }
     }
 
-    pub(crate) fn negative(kind: String, message: String, now: u64, ttl: Duration) -> Self {
+    pub(crate) fn negative(kind: ErrorKind, message: String, now: u64, ttl: Duration) -> Self {
         let until = now.saturating_add(ms_ceil(ttl));
         Entry {
             value: Bytes::new(),
@@ -119,7 +123,7 @@ impl Entry {
     /// negative entry's kind and message).
     pub(crate) fn encode(&self) -> Bytes {
         let body = match &self.negative {
-            Some(n) => 2 + n.kind.len() + 4 + n.message.len(),
+            Some(n) => 2 + n.kind.as_str().len() + 4 + n.message.len(),
             None => self.value.len(),
         };
         let mut out = BytesMut::with_capacity(HEADER + body);
@@ -135,7 +139,7 @@ impl Entry {
         out.put_u32(self.load_ms);
         match &self.negative {
             Some(n) => {
-                let kind = &n.kind.as_bytes()[..n.kind.len().min(u16::MAX as usize)];
+                let kind = n.kind.as_str().as_bytes();
                 out.put_u16(kind.len() as u16);
                 out.put_slice(kind);
                 let message = &n.message.as_bytes()[..n.message.len().min(u32::MAX as usize)];
@@ -175,7 +179,8 @@ impl Entry {
                 return None;
             }
             Some(Negative {
-                kind: kind.to_owned(),
+                // A kind this version does not know reads as foreign bytes.
+                kind: kind_named(kind)?,
                 message: message.to_owned(),
             })
         } else {
@@ -228,10 +233,28 @@ mod tests {
         let mut wrong_version = good.to_vec();
         wrong_version[2] = 2;
         assert_eq!(Entry::decode(wrong_version.into()), None);
-        let negative = Entry::negative("nf".into(), "gone".into(), 1, Duration::from_secs(1));
+        let negative = Entry::negative(
+            ErrorKind::NotFound,
+            "gone".into(),
+            1,
+            Duration::from_secs(1),
+        );
         let encoded = negative.encode();
         assert_eq!(Entry::decode(encoded.clone()), Some(negative));
         assert_eq!(Entry::decode(encoded.slice(..encoded.len() - 1)), None);
+        // The kind is stored by name: the envelope format is unchanged.
+        assert!(encoded.windows(9).any(|w| w == b"not_found"));
+        let unknown = Entry::decode(encoded.clone()).map(|e| e.encode());
+        assert_eq!(unknown, Some(encoded.clone()));
+        let renamed = encoded.to_vec();
+        let at = renamed.windows(9).position(|w| w == b"not_found").unwrap();
+        let mut renamed = renamed;
+        renamed[at] = b'N';
+        assert_eq!(
+            Entry::decode(renamed.into()),
+            None,
+            "unknown kinds are foreign"
+        );
     }
 
     proptest! {
@@ -242,10 +265,10 @@ mod tests {
             fresh in 1u64..1 << 30,
             stale in 0u64..1 << 30,
             load_ms in any::<u32>(),
-            negative in proptest::option::of(("[a-z_]{0,12}", "\\PC{0,40}")),
+            negative in proptest::option::of((0usize..crate::error::KINDS.len(), "\\PC{0,40}")),
         ) {
             let mut entry = match negative {
-                Some((kind, message)) => Entry::negative(kind, message, now, Duration::from_millis(fresh)),
+                Some((kind, message)) => Entry::negative(crate::error::KINDS[kind], message, now, Duration::from_millis(fresh)),
                 None => Entry::value(value.into(), now, Duration::from_millis(fresh), Duration::from_millis(stale)),
             };
             entry.load_ms = load_ms;

@@ -23,35 +23,40 @@ use tracing::Instrument;
 use self::breaker::Breaker;
 pub use self::config::TieredConfig;
 use self::entry::{Clock, Entry, Freshness};
-use self::flight::{Failure, Flights, Landing, Outcome};
+use self::flight::{Failure, Flights, Landing, Loaded, Outcome};
 use crate::cache::{Cache, Capabilities, MAX_TTL, normalize_ttl};
-use crate::error::{Error, LoadError, Result};
-use crate::ext::{from_json, to_json};
+use crate::codec::{Codec, JsonCodec};
+use crate::error::{CachedFailure, Error, LoadFailed, Result, chain_message};
 use crate::invalidation::{BusEvent, InvalidationBus};
 use crate::metrics::TieredMetrics;
 use crate::moka::weight;
 
-impl Failure {
-    fn into_error(self) -> Error {
-        match self {
-            Failure::Load {
-                kind,
-                message,
-                source,
-            } => Error::Load {
-                kind,
-                message,
-                cached: false,
-                source: Some(source),
-            },
-            Failure::Timeout(limit) => Error::LoadTimeout(limit),
-            Failure::Panicked => Error::Load {
-                kind: None,
-                message: "the loader panicked".into(),
-                cached: false,
-                source: None,
-            },
+/// What a loader passed to `Tiered` fails with: any error, kept typed (the
+/// bounds of the public methods, spelled once for the private ones).
+pub(crate) trait LoaderError: std::error::Error + Send + Sync + 'static {}
+
+impl<E: std::error::Error + Send + Sync + 'static> LoaderError for E {}
+
+/// Wraps a caller's loader into the internal one: its error is shared as
+/// `Arc<E>`, its value is stored.
+fn raw_loader<F, Fut, E>(
+    load: F,
+) -> impl FnOnce() -> futures::future::BoxFuture<'static, std::result::Result<Loaded, Failure<E>>>
++ Send
++ 'static
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = std::result::Result<Bytes, E>> + Send + 'static,
+    E: LoaderError,
+{
+    move || {
+        async move {
+            match load().await {
+                Ok(bytes) => Ok(Loaded { bytes, store: true }),
+                Err(err) => Err(Failure::Load(Arc::new(err))),
+            }
         }
+        .boxed()
     }
 }
 
@@ -114,7 +119,8 @@ struct Inner {
 /// [`breaker_failures`](TieredConfig::breaker_failures) consecutive failures
 /// a breaker skips L2 for [`breaker_cooldown`](TieredConfig::breaker_cooldown),
 /// then lets one probe through. Callers of `get_or_load` see only their
-/// loader's errors, never the cache tier's.
+/// loader's errors (typed), or the cache's own when it could not produce a
+/// value (a hard load timeout), never an L2 failure.
 ///
 /// # Races
 ///
@@ -135,7 +141,7 @@ struct Inner {
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> keel_cache::Result<()> {
+/// # async fn main() -> Result<(), keel_cache::BoxError> {
 /// use std::sync::Arc;
 /// use std::sync::atomic::{AtomicUsize, Ordering};
 /// use std::time::Duration;
@@ -152,7 +158,7 @@ struct Inner {
 ///     let value = cache
 ///         .get_or_load("prompt-hash", move || async move {
 ///             calls.fetch_add(1, Ordering::SeqCst);
-///             Ok("completion".into())
+///             Ok::<_, std::convert::Infallible>("completion".into())
 ///         })
 ///         .await?;
 ///     assert_eq!(&value[..], b"completion");
@@ -304,13 +310,19 @@ impl Tiered {
         &self.inner.config
     }
 
-    /// The value at `key`: from L1, else L2, else from `loader` (once for
+    /// The value at `key`: from L1, else L2, else from `load` (once for
     /// all concurrent callers in this process), with the configured
     /// [`ttl`](TieredConfig::ttl).
     ///
-    /// `loader` runs in a spawned task, so it must be `'static`: move
-    /// clones of what it needs into it. A caller that stops waiting does not
-    /// stop the load; the other callers still get its result.
+    /// `load` runs in a spawned task, so it must be `'static`: move clones
+    /// of what it needs into it. A caller that stops waiting does not stop
+    /// the load; the other callers still get its result.
+    ///
+    /// The loader's error type `E` is yours and comes back typed
+    /// ([`LoadFailed::Loader`]), shared as an `Arc<E>` with every caller
+    /// coalesced onto the same load, as moka's `try_get_with` does. Loads
+    /// coalesce per key and error type: two concurrent callers of one key
+    /// with different error types load separately.
     ///
     /// # Behavior
     ///
@@ -322,27 +334,35 @@ impl Tiered {
     /// - Missing or expired: one loader call per key in this process;
     ///   concurrent callers wait for it. Its value is written to L1 and L2
     ///   with a jittered TTL. Its error is returned to every waiter and is
-    ///   cached only when its [kind](LoadError::kind) has a
+    ///   cached only when its [`ErrorKind`](keel_core::ErrorKind) (what
+    ///   [`keel_core::find_kind`] finds in it) has a
     ///   [`negative_ttl`](TieredConfig::negative_ttl).
     /// - L2 errors, timeouts and an open breaker are misses, never errors.
     ///
     /// # Errors
     ///
-    /// [`Error::Load`] with the loader's error (or a cached one, with
-    /// `cached: true`); [`Error::LoadTimeout`] when the loader exceeded
-    /// `load_timeout` and nothing stale was there. A loader panic is an
-    /// [`Error::Load`] too.
+    /// [`LoadFailed::Loader`] with the loader's own error;
+    /// [`LoadFailed::Cached`] with a remembered one (negative caching);
+    /// [`LoadFailed::Cache`] with [`Error::LoadTimeout`] when the loader
+    /// exceeded `load_timeout` and nothing stale was there, or
+    /// [`Error::LoaderPanicked`].
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: the load continues for the other callers and fills the
     /// cache.
-    pub async fn get_or_load<F, Fut>(&self, key: &str, loader: F) -> Result<Bytes>
+    pub async fn get_or_load<F, Fut, E>(
+        &self,
+        key: &str,
+        load: F,
+    ) -> std::result::Result<Bytes, LoadFailed<E>>
     where
         F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<Bytes, LoadError>> + Send + 'static,
+        Fut: Future<Output = std::result::Result<Bytes, E>> + Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
     {
-        self.get_or_load_with_ttl(key, self.inner.config.ttl, loader)
+        self.inner
+            .get_or_load(key, self.inner.config.ttl, raw_loader(load))
             .await
     }
 
@@ -351,93 +371,101 @@ impl Tiered {
     ///
     /// # Errors
     ///
-    /// As [`get_or_load`](Self::get_or_load), and [`Error::InvalidArgument`]
-    /// for a zero or too long `ttl`.
+    /// As [`get_or_load`](Self::get_or_load), and [`LoadFailed::Cache`] with
+    /// [`Error::InvalidArgument`] for a zero or too long `ttl`.
     ///
     /// # Cancel safety
     ///
     /// As [`get_or_load`](Self::get_or_load).
-    pub async fn get_or_load_with_ttl<F, Fut>(
+    pub async fn get_or_load_with_ttl<F, Fut, E>(
         &self,
         key: &str,
         ttl: Duration,
-        loader: F,
-    ) -> Result<Bytes>
+        load: F,
+    ) -> std::result::Result<Bytes, LoadFailed<E>>
     where
         F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<Bytes, LoadError>> + Send + 'static,
+        Fut: Future<Output = std::result::Result<Bytes, E>> + Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
     {
-        let ttl = normalize_ttl(ttl)?;
-        let inner = &self.inner;
-        let now = inner.clock.now_ms();
-        if let Some(entry) = inner.l1.get(key).await {
-            match entry.freshness(now) {
-                Freshness::Fresh => {
-                    inner.metrics.l1_hits.increment(1);
-                    if inner.refresh_early(&entry, now) {
-                        drop(Inner::start_refresh(inner, key, ttl, loader));
-                    }
-                    if entry.negative.is_none() {
-                        return Ok(entry.value);
-                    }
-                    return inner.answer(&entry);
-                }
-                Freshness::Stale => {
-                    inner.metrics.l1_stale_hits.increment(1);
-                    return inner.serve_stale(key, &entry, ttl, loader).await;
-                }
-                Freshness::Expired => {}
-            }
-        }
-        inner.metrics.l1_misses.increment(1);
-        let lookup_inner = Arc::clone(inner);
-        let owned_key = key.to_owned();
-        let (flight, started) = inner.flights.join_or_start(key, move |landing| {
-            lookup_inner.lookup(owned_key, ttl, loader, landing)
-        });
-        if !started {
-            inner.metrics.coalesced.increment(1);
-        }
-        let entry = flight.await.map_err(Failure::into_error)?;
-        if entry.freshness(inner.clock.now_ms()) == Freshness::Stale
-            && !inner.config.soft_timeout.is_zero()
-        {
-            // The lookup found a stale value in L2 and started a refresh.
-            if let Some(refresh) = inner.flights.get(key) {
-                if let Ok(Ok(fresh)) =
-                    tokio::time::timeout(inner.config.soft_timeout, refresh).await
-                {
-                    return inner.answer(&fresh);
-                }
-                inner.metrics.stale_on_error.increment(1);
-            }
-        }
-        inner.answer(&entry)
+        let ttl = normalize_ttl(ttl).map_err(LoadFailed::Cache)?;
+        self.inner.get_or_load(key, ttl, raw_loader(load)).await
     }
 
-    /// [`get_or_load`](Self::get_or_load) for a serde type, stored as JSON.
+    /// [`get_or_load`](Self::get_or_load) for a value of type `T`, stored
+    /// as the bytes `codec` encodes it to: raw bytes
+    /// ([`BytesCodec`](crate::BytesCodec)), an HTTP response
+    /// ([`HttpCodec`](crate::HttpCodec)), JSON ([`JsonCodec`]) or your own
+    /// [`Codec`].
+    ///
+    /// A value the codec declines to cache ([`Codec::cacheable`], e.g. an
+    /// HTTP error response) is handed to every caller waiting on that load
+    /// and not stored.
     ///
     /// # Errors
     ///
-    /// As [`get_or_load`](Self::get_or_load), and [`Error::Codec`] when the
-    /// value does not encode, or the cached bytes do not decode, as `T`.
+    /// As [`get_or_load`](Self::get_or_load), and [`LoadFailed::Cache`] with
+    /// [`Error::Codec`] when the value does not encode, or the cached bytes
+    /// do not decode, as `T`.
     ///
     /// # Cancel safety
     ///
     /// As [`get_or_load`](Self::get_or_load).
-    pub async fn get_or_load_json<T, F, Fut>(&self, key: &str, loader: F) -> Result<T>
+    pub async fn get_or_load_with_codec<T, C, F, Fut, E>(
+        &self,
+        key: &str,
+        codec: &C,
+        load: F,
+    ) -> std::result::Result<T, LoadFailed<E>>
+    where
+        C: Codec<T>,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<T, E>> + Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
+        T: Send + 'static,
+    {
+        let encoder = codec.clone();
+        let raw = move || {
+            async move {
+                let value = load().await.map_err(|err| Failure::Load(Arc::new(err)))?;
+                let store = encoder.cacheable(&value);
+                let bytes = encoder
+                    .encode(&value)
+                    .map_err(|err| Failure::Codec(Arc::new(err)))?;
+                Ok(Loaded { bytes, store })
+            }
+            .boxed()
+        };
+        let bytes = self
+            .inner
+            .get_or_load(key, self.inner.config.ttl, raw)
+            .await?;
+        codec.decode(bytes).map_err(LoadFailed::Cache)
+    }
+
+    /// [`get_or_load`](Self::get_or_load) for a serde type, stored as JSON
+    /// ([`get_or_load_with_codec`](Self::get_or_load_with_codec) with
+    /// [`JsonCodec`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`get_or_load_with_codec`](Self::get_or_load_with_codec).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`get_or_load`](Self::get_or_load).
+    pub async fn get_or_load_json<T, F, Fut, E>(
+        &self,
+        key: &str,
+        load: F,
+    ) -> std::result::Result<T, LoadFailed<E>>
     where
         T: Serialize + DeserializeOwned + Send + 'static,
         F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<T, LoadError>> + Send + 'static,
+        Fut: Future<Output = std::result::Result<T, E>> + Send + 'static,
+        E: std::error::Error + Send + Sync + 'static,
     {
-        let bytes = self
-            .get_or_load(key, move || async move {
-                let value = loader().await?;
-                to_json(&value).map_err(|err| LoadError::from(err).kind("codec"))
-            })
-            .await?;
-        from_json(&bytes)
+        self.get_or_load_with_codec(key, &JsonCodec, load).await
     }
 
     /// Removes `key` from L1 and L2 and tells every other instance on the
@@ -489,18 +517,74 @@ impl Tiered {
 }
 
 impl Inner {
+    /// The read path of every `get_or_load`: L1, then one flight per key
+    /// (L2, then the loader).
+    async fn get_or_load<F, Fut, E>(
+        self: &Arc<Self>,
+        key: &str,
+        ttl: Duration,
+        load: F,
+    ) -> std::result::Result<Bytes, LoadFailed<E>>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<Loaded, Failure<E>>> + Send + 'static,
+        E: LoaderError,
+    {
+        let now = self.clock.now_ms();
+        if let Some(entry) = self.l1.get(key).await {
+            match entry.freshness(now) {
+                Freshness::Fresh => {
+                    self.metrics.l1_hits.increment(1);
+                    if self.refresh_early(&entry, now) {
+                        drop(Inner::start_refresh(self, key, ttl, load));
+                    }
+                    if entry.negative.is_none() {
+                        return Ok(entry.value);
+                    }
+                    return self.answer(&entry);
+                }
+                Freshness::Stale => {
+                    self.metrics.l1_stale_hits.increment(1);
+                    return self.serve_stale(key, &entry, ttl, load).await;
+                }
+                Freshness::Expired => {}
+            }
+        }
+        self.metrics.l1_misses.increment(1);
+        let lookup_inner = Arc::clone(self);
+        let owned_key = key.to_owned();
+        let (flight, started) = self.flights.join_or_start(key, move |landing| {
+            lookup_inner.lookup(owned_key, ttl, load, landing)
+        });
+        if !started {
+            self.metrics.coalesced.increment(1);
+        }
+        let entry = flight.await.map_err(Failure::into_load_failed)?;
+        if entry.freshness(self.clock.now_ms()) == Freshness::Stale
+            && !self.config.soft_timeout.is_zero()
+        {
+            // The lookup found a stale value in L2 and started a refresh.
+            if let Some(refresh) = self.flights.get::<E>(key) {
+                if let Ok(Ok(fresh)) = tokio::time::timeout(self.config.soft_timeout, refresh).await
+                {
+                    return self.answer(&fresh);
+                }
+                self.metrics.stale_on_error.increment(1);
+            }
+        }
+        self.answer(&entry)
+    }
+
     /// The value of an entry, or its cached error.
-    fn answer(&self, entry: &Entry) -> Result<Bytes> {
+    fn answer<E>(&self, entry: &Entry) -> std::result::Result<Bytes, LoadFailed<E>> {
         match &entry.negative {
             None => Ok(entry.value.clone()),
             Some(negative) => {
                 self.metrics.negative_hits.increment(1);
-                Err(Error::Load {
-                    kind: Some(negative.kind.clone()),
-                    message: negative.message.clone(),
-                    cached: true,
-                    source: None,
-                })
+                Err(LoadFailed::Cached(CachedFailure::new(
+                    negative.kind,
+                    negative.message.clone(),
+                )))
             }
         }
     }
@@ -526,38 +610,40 @@ impl Inner {
     }
 
     /// Starts (or joins) a refresh of `key` in the background.
-    fn start_refresh<F, Fut>(
+    fn start_refresh<F, Fut, E>(
         self: &Arc<Self>,
         key: &str,
         ttl: Duration,
-        loader: F,
-    ) -> flight::Flight
+        load: F,
+    ) -> flight::Flight<E>
     where
         F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<Bytes, LoadError>> + Send + 'static,
+        Fut: Future<Output = std::result::Result<Loaded, Failure<E>>> + Send + 'static,
+        E: LoaderError,
     {
         let me = Arc::clone(self);
         let owned_key = key.to_owned();
         self.flights
             .join_or_start(key, move |landing| async move {
                 let _landing = landing;
-                me.load(&owned_key, ttl, loader).await
+                me.load(&owned_key, ttl, load).await
             })
             .0
     }
 
-    async fn serve_stale<F, Fut>(
+    async fn serve_stale<F, Fut, E>(
         self: &Arc<Self>,
         key: &str,
         stale: &Entry,
         ttl: Duration,
-        loader: F,
-    ) -> Result<Bytes>
+        load: F,
+    ) -> std::result::Result<Bytes, LoadFailed<E>>
     where
         F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<Bytes, LoadError>> + Send + 'static,
+        Fut: Future<Output = std::result::Result<Loaded, Failure<E>>> + Send + 'static,
+        E: LoaderError,
     {
-        let refresh = Self::start_refresh(self, key, ttl, loader);
+        let refresh = Self::start_refresh(self, key, ttl, load);
         if self.config.soft_timeout.is_zero() {
             return self.answer(stale);
         }
@@ -572,16 +658,17 @@ impl Inner {
 
     /// The flight of a miss: L1 again (a flight may have just landed), L2,
     /// then the loader.
-    async fn lookup<F, Fut>(
+    async fn lookup<F, Fut, E>(
         self: Arc<Self>,
         key: String,
         ttl: Duration,
-        loader: F,
+        load: F,
         landing: Landing,
-    ) -> Outcome
+    ) -> Outcome<E>
     where
         F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<Bytes, LoadError>> + Send + 'static,
+        Fut: Future<Output = std::result::Result<Loaded, Failure<E>>> + Send + 'static,
+        E: LoaderError,
     {
         let now = self.clock.now_ms();
         if let Some(entry) = self.l1.get(&key).await
@@ -595,25 +682,26 @@ impl Inner {
                 // Hand the key over to a refresh flight; waiters of this
                 // lookup get the stale value now.
                 landing.land();
-                drop(Self::start_refresh(&self, &key, ttl, loader));
+                drop(Self::start_refresh(&self, &key, ttl, load));
             }
             return Ok(entry);
         }
-        let outcome = self.load(&key, ttl, loader).await;
+        let outcome = self.load(&key, ttl, load).await;
         drop(landing);
         outcome
     }
 
     /// Calls the loader under the hard timeout and fills both tiers.
-    async fn load<F, Fut>(&self, key: &str, ttl: Duration, loader: F) -> Outcome
+    async fn load<F, Fut, E>(&self, key: &str, ttl: Duration, load: F) -> Outcome<E>
     where
         F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<Bytes, LoadError>> + Send + 'static,
+        Fut: Future<Output = std::result::Result<Loaded, Failure<E>>> + Send + 'static,
+        E: LoaderError,
     {
         self.metrics.loads.increment(1);
         let started = Instant::now();
         let span = tracing::debug_span!("keel_cache.load", cache = %self.config.name, key);
-        let call = std::panic::AssertUnwindSafe(async move { loader().await })
+        let call = std::panic::AssertUnwindSafe(async move { load().await })
             .catch_unwind()
             .instrument(span);
         let result = tokio::time::timeout(self.config.load_timeout, call).await;
@@ -621,35 +709,31 @@ impl Inner {
         self.metrics.load_seconds.record(took.as_secs_f64());
         let now = self.clock.now_ms();
         match result {
-            Ok(Ok(Ok(value))) => {
-                let mut entry = Entry::value(value, now, self.jittered(ttl), self.config.stale_for);
+            Ok(Ok(Ok(loaded))) => {
+                let mut entry =
+                    Entry::value(loaded.bytes, now, self.jittered(ttl), self.config.stale_for);
                 entry.load_ms = u32::try_from(took.as_millis()).unwrap_or(u32::MAX);
                 let entry = Arc::new(entry);
-                self.fill(key, &entry, now).await;
-                Ok(entry)
-            }
-            Ok(Ok(Err(err))) => {
-                self.metrics.load_errors.increment(1);
-                let (kind, source) = err.into_parts();
-                let message = source.to_string();
-                let negative_ttl = kind
-                    .as_ref()
-                    .and_then(|kind| self.config.negative_ttl.get(kind));
-                if let (Some(kind), Some(negative_ttl)) = (&kind, negative_ttl) {
-                    let entry = Arc::new(Entry::negative(
-                        kind.clone(),
-                        message.clone(),
-                        now,
-                        *negative_ttl,
-                    ));
+                if loaded.store {
                     self.fill(key, &entry, now).await;
                 }
-                tracing::debug!(cache = %self.config.name, kind = ?kind, %message, "load failed");
-                Err(Failure::Load {
-                    kind,
-                    message,
-                    source,
-                })
+                Ok(entry)
+            }
+            Ok(Ok(Err(failure))) => {
+                self.metrics.load_errors.increment(1);
+                if let Failure::Load(err) = &failure {
+                    let kind = keel_core::find_kind(err.as_ref());
+                    let negative_ttl = kind.and_then(|kind| self.config.negative_ttl_of(kind));
+                    if let (Some(kind), Some(negative_ttl)) = (kind, negative_ttl) {
+                        let message = chain_message(err.as_ref());
+                        let entry = Arc::new(Entry::negative(kind, message, now, negative_ttl));
+                        self.fill(key, &entry, now).await;
+                    }
+                    tracing::debug!(cache = %self.config.name, ?kind, error = %err, "load failed");
+                } else {
+                    tracing::debug!(cache = %self.config.name, "loaded value did not encode");
+                }
+                Err(failure)
             }
             Ok(Err(_panic)) => {
                 self.metrics.load_panics.increment(1);
