@@ -169,7 +169,7 @@ mod tests {
 
     #[test]
     fn affinity_keys_and_block_hashes_are_pinned() {
-        assert_eq!(AffinityKey::of("a"), AffinityKey::of(b"a".to_vec()));
+        assert_eq!(AffinityKey::of("a"), AffinityKey::of(String::from("a")));
         assert_ne!(AffinityKey::of("a"), AffinityKey::of("b"));
         // XXH3-64 of "session-42": the same in every build and version.
         assert_eq!(AffinityKey::of("session-42").0, 0xa5f9_11d7_4983_374e);
