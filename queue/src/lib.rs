@@ -19,6 +19,9 @@ pub use crate::amqp::{AmqpQueue, AmqpQueueConfig, AmqpQueueType};
 #[cfg(feature = "redis")]
 pub use crate::redis::{RedisQueue, RedisQueueConfig};
 
+#[cfg(feature = "chaos")]
+#[cfg_attr(docsrs, doc(cfg(feature = "chaos")))]
+pub mod chaos;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 

@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_queue::chaos::{Chaos, ChaosConfig, Operation};
 use keel_queue::{Job, JobId, MemoryQueue, Queue, QueueConfig};
 use keel_scheduler::{Outcome, WorkItem, Worker, WorkerConfig, WorkerHandle, WorkerState};
 use parking_lot::Mutex;
@@ -373,74 +374,17 @@ async fn a_job_released_at_shutdown_on_its_last_attempt_is_not_dead_lettered() {
     b.shutdown().await;
 }
 
-/// A queue whose `dequeue` fails while `down` is set, like a broker outage.
-#[derive(Debug, Clone)]
-struct Flaky {
-    inner: MemoryQueue,
-    down: Arc<std::sync::atomic::AtomicBool>,
-}
-
-#[async_trait::async_trait]
-impl Queue for Flaky {
-    async fn enqueue(&self, job: Job) -> keel_queue::Result<keel_queue::Enqueued> {
-        self.inner.enqueue(job).await
-    }
-    async fn dequeue(
-        &self,
-        options: keel_queue::DequeueOptions,
-    ) -> keel_queue::Result<Vec<keel_queue::Delivery>> {
-        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
-            sleep(Duration::from_millis(5)).await;
-            return Err(keel_queue::Error::Unavailable {
-                message: "connection refused".into(),
-                source: None,
-            });
-        }
-        self.inner.dequeue(options).await
-    }
-    async fn ack(&self, receipt: &keel_queue::Receipt) -> keel_queue::Result<()> {
-        self.inner.ack(receipt).await
-    }
-    async fn nack(
-        &self,
-        receipt: &keel_queue::Receipt,
-        action: keel_queue::Nack,
-    ) -> keel_queue::Result<()> {
-        self.inner.nack(receipt, action).await
-    }
-    async fn extend_lease(
-        &self,
-        receipt: &keel_queue::Receipt,
-        lease: Duration,
-    ) -> keel_queue::Result<()> {
-        self.inner.extend_lease(receipt, lease).await
-    }
-    async fn stats(&self) -> keel_queue::Result<keel_queue::QueueStats> {
-        self.inner.stats().await
-    }
-    async fn dead_letters(&self, limit: usize) -> keel_queue::Result<Vec<keel_queue::DeadLetter>> {
-        self.inner.dead_letters(limit).await
-    }
-    async fn replay_dead_letters(&self, ids: &[JobId]) -> keel_queue::Result<u64> {
-        self.inner.replay_dead_letters(ids).await
-    }
-    async fn purge_dead_letters(&self) -> keel_queue::Result<u64> {
-        self.inner.purge_dead_letters().await
-    }
-    fn capabilities(&self) -> keel_queue::Capabilities {
-        self.inner.capabilities()
-    }
-    async fn ping(&self) -> keel_queue::Result<()> {
-        self.inner.ping().await
-    }
+/// A broker outage: every `dequeue` fails (after 5 ms), nothing else does.
+fn outage() -> ChaosConfig {
+    ChaosConfig::new(1)
+        .latency(Duration::from_millis(5))
+        .error_rate(1.0)
+        .only(&[Operation::Dequeue])
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_broker_outage_is_reported_and_recovered_from() {
-    let flaky = Flaky {
-        inner: queue(5),
-        down: Arc::default(),
-    };
+    let flaky = Chaos::new(queue(5), ChaosConfig::default()).unwrap();
     let handler = tower::service_fn(|_: WorkItem| async { Ok::<_, Infallible>(Outcome::Ack) });
     let config = config("w").reconnect(Duration::from_millis(100), Duration::from_secs(1));
     let worker = Worker::new(flaky.clone(), config, handler).unwrap().spawn();
@@ -450,7 +394,7 @@ async fn a_broker_outage_is_reported_and_recovered_from() {
     })
     .await;
 
-    flaky.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    flaky.set(outage()).unwrap();
     let mut health = worker.subscribe();
     timeout(
         Duration::from_secs(5),
@@ -468,7 +412,7 @@ async fn a_broker_outage_is_reported_and_recovered_from() {
             .last_error
             .as_deref()
             .unwrap_or("")
-            .contains("connection refused"),
+            .contains("injected failure of dequeue"),
         "{during:?}"
     );
     // Backoff: 10 s of outage with delays growing to 1 s is a few dozen
@@ -479,7 +423,7 @@ async fn a_broker_outage_is_reported_and_recovered_from() {
         "{errors} dequeue attempts in 10 s"
     );
 
-    flaky.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    flaky.set(ChaosConfig::default()).unwrap();
     until(
         Duration::from_secs(5),
         "the job sent during the outage",
