@@ -3,5 +3,16 @@
 //! tests, the demo and the benchmarks run against (binary
 //! `keel-fake-node`).
 
+pub mod app;
+pub mod config;
+pub mod error;
 pub mod fake_node;
+pub mod metrics;
 pub mod openai;
+pub mod pool;
+pub mod sse;
+pub mod upstream;
+
+pub use app::Gateway;
+pub use config::GatewayConfig;
+pub use error::GatewayError;

@@ -27,6 +27,7 @@ pub(crate) fn router(state: Arc<State>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/healthz", get(healthz))
+        .route("/health", get(healthz))
         .route("/admin/mode", post(set_mode))
         .route("/admin/stats", get(stats))
         .with_state(state)

@@ -1,0 +1,559 @@
+//! The gateway's HTTP surface: OpenAI-compatible routes over admission,
+//! retries, the balancer and health, with the cache, token limits,
+//! metrics and graceful drain.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use keel_balancer::Prompt;
+use keel_core::{BoxError, ConfigError, Deadline};
+use keel_scheduler::{
+    ConcurrencyConfig, LocalRateLimiter, Priority, Rate, RateDecision, RateLimit, RateLimitConfig,
+    Scheduler, SchedulerBuilder, SchedulerConfig, TenantRates, Ticket,
+};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::config::{GatewayConfig, PriorityClass, TenantConfig};
+use crate::error::GatewayError;
+use crate::metrics;
+use crate::openai::{Usage, estimate_tokens, text_of};
+use crate::pool::{ModelPool, UpstreamResponse};
+use crate::sse::{Observed, StreamEnd, StreamReport};
+use crate::upstream::HttpClient;
+
+/// The header a client sets to bound a request's time, in milliseconds.
+pub const TIMEOUT_HEADER: &str = "x-keel-timeout-ms";
+/// The header the gateway answers with: `hit` or `miss`.
+pub const CACHE_HEADER: &str = "x-keel-cache";
+/// The header carrying the request id (taken from the client or made).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Which model pool a request goes to (request extension).
+#[derive(Clone, Debug)]
+struct RouteTo(Arc<str>);
+
+/// A key the gateway knows.
+#[derive(Debug)]
+struct KeyEntry {
+    /// Short, non-secret label for limits and logs (first 12 hex digits).
+    label: String,
+    tenant: Arc<TenantConfig>,
+}
+
+/// What admission's dispatcher drives: the model pools, by name.
+#[derive(Clone)]
+struct PoolRouter {
+    pools: Arc<HashMap<String, ModelPool>>,
+}
+
+impl tower::Service<http::Request<Bytes>> for PoolRouter {
+    type Response = UpstreamResponse;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamResponse, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Bytes>) -> Self::Future {
+        use tower::ServiceExt;
+        let pool = request
+            .extensions()
+            .get::<RouteTo>()
+            .and_then(|route| self.pools.get(&*route.0))
+            .map(|pool| pool.service.clone());
+        Box::pin(async move {
+            let service = pool.ok_or("no pool for this request's model")?;
+            service.oneshot(request).await.map_err(BoxError::from)
+        })
+    }
+}
+
+/// The shared state of one gateway.
+pub(crate) struct Shared {
+    config: GatewayConfig,
+    pools: Arc<HashMap<String, ModelPool>>,
+    keys: HashMap<String, KeyEntry>,
+    admission: Scheduler<http::Request<Bytes>, UpstreamResponse>,
+    key_limits: LocalRateLimiter,
+    draining: AtomicBool,
+}
+
+/// A built gateway: its routes, ready to serve.
+#[derive(Clone)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("models", &self.shared.pools.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Builds the gateway from a validated config and starts probing the
+    /// upstreams. Must run inside a Tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the bad field.
+    pub fn new(config: GatewayConfig) -> Result<Gateway, ConfigError> {
+        config.validate()?;
+        let client = HttpClient::new(Duration::from_secs(2));
+        let mut pools = HashMap::new();
+        for model in &config.models {
+            pools.insert(
+                model.name.clone(),
+                ModelPool::start(&config, model, &client)?,
+            );
+        }
+        let pools = Arc::new(pools);
+        let tenants: HashMap<&str, Arc<TenantConfig>> = config
+            .tenants
+            .iter()
+            .map(|t| (t.name.as_str(), Arc::new(t.clone())))
+            .collect();
+        let mut keys = HashMap::new();
+        let mut key_rates = RateLimitConfig::new("gateway-keys");
+        for key in &config.keys {
+            let label = key.sha256[..12].to_owned();
+            key_rates = key_rates.tenant(
+                label.clone(),
+                rates(key.requests_per_minute, key.tokens_per_minute),
+            );
+            keys.insert(
+                key.sha256.clone(),
+                KeyEntry {
+                    label,
+                    tenant: tenants[key.tenant.as_str()].clone(),
+                },
+            );
+        }
+        let key_limits = LocalRateLimiter::new(key_rates)
+            .map_err(|err| ConfigError::new("keys[]", err.to_string()))?;
+        let mut tenant_rates = RateLimitConfig::new("gateway-tenants");
+        let mut scheduler = SchedulerConfig::new("gateway")
+            .max_queued(config.max_queued)
+            .max_queued_per_tenant(config.max_queued)
+            .concurrency(ConcurrencyConfig::default().max_in_flight(config.max_in_flight));
+        for tenant in &config.tenants {
+            tenant_rates = tenant_rates.tenant(
+                tenant.name.clone(),
+                rates(tenant.requests_per_minute, tenant.tokens_per_minute),
+            );
+            // Weights are relative: two decimals of the configured value.
+            let weight = (tenant.weight * 100.0)
+                .round()
+                .clamp(1.0, f64::from(u32::MAX)) as u32;
+            scheduler = scheduler.tenant(
+                tenant.name.clone(),
+                keel_scheduler::TenantConfig::default().weight(weight),
+            );
+        }
+        let limiter = LocalRateLimiter::new(tenant_rates)
+            .map_err(|err| ConfigError::new("tenants[]", err.to_string()))?;
+        let admission = SchedulerBuilder::new(scheduler)
+            .rate_limit(limiter)
+            .build(PoolRouter {
+                pools: pools.clone(),
+            })
+            .map_err(|err| ConfigError::new("max_queued", err.to_string()))?;
+        Ok(Gateway {
+            shared: Arc::new(Shared {
+                config,
+                pools,
+                keys,
+                admission,
+                key_limits,
+                draining: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The routes: `/v1/chat/completions`, `/v1/completions`,
+    /// `/v1/embeddings`, `/v1/models`, `/healthz`, `/readyz`, `/metrics`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/completions", post(completions))
+            .route("/v1/embeddings", post(embeddings))
+            .route("/v1/models", get(models))
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(|| async { metrics::render() }))
+            .with_state(self.shared.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then stops accepting
+    /// and lets in-flight requests and streams finish for up to the
+    /// configured `drain_timeout`.
+    ///
+    /// # Errors
+    ///
+    /// An I/O error of the listener.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let drain = self.shared.config.drain_timeout;
+        let shared = self.shared.clone();
+        let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            shared.draining.store(true, Ordering::Relaxed);
+            tracing::info!(
+                ?drain,
+                "draining: no new connections; in-flight requests finish"
+            );
+            let _ = drained_tx.send(());
+        };
+        let server = axum::serve(listener, self.router()).with_graceful_shutdown(signal);
+        let mut server = std::pin::pin!(server.into_future());
+        tokio::select! {
+            result = &mut server => return result,
+            _ = drained_rx => {}
+        }
+        match tokio::time::timeout(drain, server).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(?drain, "drain timeout: cutting the remaining connections");
+                Ok(())
+            }
+        }
+    }
+}
+
+fn rates(requests_per_minute: Option<u32>, tokens_per_minute: Option<u64>) -> TenantRates {
+    let mut rates = TenantRates::default();
+    if let Some(rpm) = requests_per_minute {
+        rates = rates.requests(Rate::per_minute(rpm).burst(rpm));
+    }
+    if let Some(tpm) = tokens_per_minute {
+        let tpm = u32::try_from(tpm).unwrap_or(u32::MAX);
+        rates = rates.cost(Rate::per_minute(tpm).burst(tpm));
+    }
+    rates
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.draining.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+    }
+    let ready: Vec<&str> = shared
+        .pools
+        .values()
+        .filter(|pool| pool.ready())
+        .map(|pool| pool.name.as_str())
+        .collect();
+    if ready.is_empty() {
+        (StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream").into_response()
+    } else {
+        (StatusCode::OK, format!("ready: {}", ready.join(", "))).into_response()
+    }
+}
+
+async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let key = match authenticate(&shared, &headers) {
+        Ok(key) => key,
+        Err(err) => return err.into_response(),
+    };
+    let mut names: Vec<&String> = shared
+        .pools
+        .keys()
+        .filter(|name| key.tenant.allows(name))
+        .collect();
+    names.sort();
+    let data: Vec<Value> = names
+        .into_iter()
+        .map(|name| serde_json::json!({"id": name, "object": "model", "owned_by": "keel-gateway"}))
+        .collect();
+    axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+fn authenticate<'a>(shared: &'a Shared, headers: &HeaderMap) -> Result<&'a KeyEntry, GatewayError> {
+    let value = headers
+        .get(http::header::AUTHORIZATION)
+        .ok_or(GatewayError::Unauthorized(
+            "missing API key: send `Authorization: Bearer <key>`",
+        ))?;
+    let key = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .ok_or(GatewayError::Unauthorized(
+            "malformed Authorization header: expected `Bearer <key>`",
+        ))?;
+    shared
+        .keys
+        .get(&crate::config::hash_key(key))
+        .ok_or(GatewayError::Unauthorized("unknown API key"))
+}
+
+/// The kinds of inference route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    Chat,
+    Completions,
+    Embeddings,
+}
+
+impl Route {
+    fn path(self) -> &'static str {
+        match self {
+            Route::Chat => "/v1/chat/completions",
+            Route::Completions => "/v1/completions",
+            Route::Embeddings => "/v1/embeddings",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Route::Chat => "chat",
+            Route::Completions => "completions",
+            Route::Embeddings => "embeddings",
+        }
+    }
+}
+
+async fn chat(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    infer(shared, Route::Chat, request).await
+}
+
+async fn completions(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    infer(shared, Route::Completions, request).await
+}
+
+async fn embeddings(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    infer(shared, Route::Embeddings, request).await
+}
+
+/// What the gateway read from a request body.
+struct Parsed {
+    body: Value,
+    model: String,
+    stream: bool,
+    prompt_tokens: u64,
+    max_output: u64,
+    /// The leading part of the prompt, for prefix affinity.
+    prefix: String,
+}
+
+fn parse(route: Route, bytes: &[u8], default_max_tokens: u32) -> Result<Parsed, GatewayError> {
+    let body: Value = serde_json::from_slice(bytes)
+        .map_err(|err| GatewayError::BadRequest(format!("the body is not valid JSON: {err}")))?;
+    let object = body
+        .as_object()
+        .ok_or_else(|| GatewayError::BadRequest("the body must be a JSON object".into()))?;
+    let model = object
+        .get("model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| GatewayError::BadRequest("missing required field `model`".into()))?
+        .to_owned();
+    let stream = object
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let max_output = object
+        .get("max_completion_tokens")
+        .or_else(|| object.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(u64::from(default_max_tokens));
+    let (prompt, prefix) = match route {
+        Route::Chat => {
+            let messages = object
+                .get("messages")
+                .and_then(Value::as_array)
+                .filter(|m| !m.is_empty())
+                .ok_or_else(|| {
+                    GatewayError::BadRequest("missing required field `messages`".into())
+                })?;
+            let texts: Vec<String> = messages
+                .iter()
+                .map(|m| text_of(m.get("content").unwrap_or(&Value::Null)))
+                .collect();
+            let prefix = texts[..texts.len().min(2)].join("\n");
+            (texts.join("\n"), prefix)
+        }
+        Route::Completions => {
+            let prompt = text_of(object.get("prompt").ok_or_else(|| {
+                GatewayError::BadRequest("missing required field `prompt`".into())
+            })?);
+            let prefix: String = prompt.chars().take(512).collect();
+            (prompt, prefix)
+        }
+        Route::Embeddings => {
+            let input = object
+                .get("input")
+                .ok_or_else(|| GatewayError::BadRequest("missing required field `input`".into()))?;
+            (text_of(input), String::new())
+        }
+    };
+    let max_output = if route == Route::Embeddings {
+        0
+    } else {
+        max_output
+    };
+    Ok(Parsed {
+        prompt_tokens: estimate_tokens(&prompt),
+        body,
+        model,
+        stream,
+        max_output,
+        prefix,
+    })
+}
+
+async fn infer(shared: Arc<Shared>, route: Route, request: Request) -> Response {
+    let started = Instant::now();
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{:016x}", fastrand::u64(..)));
+    let span = tracing::info_span!("request", id = %request_id, route = route.label());
+    let answer =
+        tracing::Instrument::instrument(infer_inner(&shared, route, request, started), span).await;
+    let mut response = match answer {
+        Ok(response) => response,
+        Err(err) => {
+            tracing::info!(status = err.status().as_u16(), error = %err, "refused");
+            metrics::request_done(route.label(), err.label(), started);
+            err.into_response()
+        }
+    };
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+async fn infer_inner(
+    shared: &Arc<Shared>,
+    route: Route,
+    request: Request,
+    started: Instant,
+) -> Result<Response, GatewayError> {
+    let (parts, body) = request.into_parts();
+    let key = authenticate(shared, &parts.headers)?;
+    let limit = shared.config.max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| GatewayError::PayloadTooLarge { limit })?;
+    let parsed = parse(route, &bytes, shared.config.default_max_tokens)?;
+    let pool = shared
+        .pools
+        .get(&parsed.model)
+        .filter(|_| key.tenant.allows(&parsed.model))
+        .ok_or_else(|| GatewayError::ModelNotFound(parsed.model.clone()))?;
+    let timeout = parts
+        .headers
+        .get(TIMEOUT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .unwrap_or(shared.config.default_timeout)
+        .min(shared.config.max_timeout);
+    let estimate = parsed.prompt_tokens + parsed.max_output;
+    // Per-key limits first (the tenant's are charged by admission).
+    match shared
+        .key_limits
+        .acquire(&keel_scheduler::TenantId::new(&key.label), estimate)
+        .await
+    {
+        Ok(RateDecision::Allow) => {}
+        Ok(RateDecision::Limited { retry_after }) => {
+            return Err(GatewayError::Keel {
+                kind: keel_core::ErrorKind::RateLimited {
+                    retry_after: Some(retry_after),
+                },
+                message: "this API key is over its rate limit".into(),
+            });
+        }
+        Err(err) => return Err(GatewayError::keel(&err)),
+    }
+    let upstream_body = rewrite_model(parsed.body.clone(), &pool.upstream_model);
+    let mut upstream = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(route.path())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(upstream_body)
+        .map_err(|err| GatewayError::BadRequest(err.to_string()))?;
+    upstream
+        .extensions_mut()
+        .insert(RouteTo(Arc::from(parsed.model.as_str())));
+    Deadline::after(timeout).apply(&mut upstream);
+    if !parsed.prefix.is_empty() {
+        Prompt(Bytes::from(parsed.prefix.clone())).apply(&mut upstream);
+    }
+    let ticket = Ticket::new(key.tenant.name.as_str())
+        .priority(priority(key.tenant.priority))
+        .cost(estimate.max(1));
+    metrics::tokens_reserved(&key.tenant.name, estimate);
+    let answer = shared
+        .admission
+        .submit_request(ticket, upstream)
+        .await
+        .map_err(|err| GatewayError::keel(&err))?;
+    let tenant = key.tenant.name.clone();
+    let model = parsed.model.clone();
+    let label = route.label();
+    let prompt_estimate = parsed.prompt_tokens;
+    let (head, body) = answer.into_parts();
+    let status = head.status;
+    let observed = Observed::new(body, started, parsed.stream, move |report: StreamReport| {
+        let usage = report.usage.unwrap_or_else(|| {
+            // No usage from upstream: count streamed chunks as tokens.
+            Usage::new(
+                prompt_estimate,
+                report.gaps.len() as u64 + u64::from(report.first_byte.is_some()),
+            )
+        });
+        let outcome = match (status.is_success(), report.end) {
+            (true, StreamEnd::Complete) => "completed",
+            (_, StreamEnd::UpstreamFailed) => "upstream_failed",
+            (_, StreamEnd::ClientGone) => "cancelled",
+            (false, StreamEnd::Complete) => "upstream_error",
+        };
+        metrics::stream_done(&model, &tenant, label, outcome, &report, usage, started);
+    });
+    let mut response = Response::from_parts(head, Body::new(observed));
+    response
+        .headers_mut()
+        .insert(CACHE_HEADER, HeaderValue::from_static("miss"));
+    Ok(response)
+}
+
+fn rewrite_model(mut body: Value, upstream_model: &str) -> Bytes {
+    if let Some(object) = body.as_object_mut() {
+        object.insert("model".into(), Value::String(upstream_model.to_owned()));
+    }
+    Bytes::from(body.to_string())
+}
+
+fn priority(class: PriorityClass) -> Priority {
+    match class {
+        PriorityClass::High => Priority::HIGH,
+        PriorityClass::Normal => Priority::NORMAL,
+        PriorityClass::Low => Priority::LOW,
+    }
+}

@@ -1,0 +1,273 @@
+//! The gateway's configuration: a TOML file, with environment overrides,
+//! validated at start with errors naming the field.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8080"
+//!
+//! [[models]]
+//! name = "llama-3-8b"
+//! upstreams = ["http://10.0.0.7:8000", "http://10.0.0.8:8000"]
+//! slots = 16                 # requests each upstream serves at once
+//! cache_deterministic = true # cache chat/completions when temperature is 0
+//!
+//! [[tenants]]
+//! name = "acme"
+//! priority = "high"
+//! weight = 2.0
+//! requests_per_minute = 600
+//! tokens_per_minute = 200000
+//! models = ["llama-3-8b"]    # empty: every model
+//!
+//! [[keys]]
+//! # sha256 of the API key, hex (`keel-gateway hash-key <key>` prints it)
+//! sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+//! tenant = "acme"
+//! ```
+
+mod model;
+mod tenant;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use keel_core::ConfigError;
+use serde::{Deserialize, Serialize};
+
+pub use model::ModelConfig;
+pub use tenant::{KeyConfig, PriorityClass, TenantConfig, hash_key};
+
+/// Everything the gateway needs to start.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct GatewayConfig {
+    /// Address to listen on. Default `127.0.0.1:8080`. Env: `KEEL_LISTEN`.
+    pub listen: SocketAddr,
+    /// Largest request body accepted; larger is answered 413. Default 1 MiB.
+    pub max_body_bytes: usize,
+    /// Deadline of a request that names none (`x-keel-timeout-ms`). Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
+    /// Longest deadline a client may ask for. Default 10 min.
+    #[serde(with = "humantime_serde")]
+    pub max_timeout: Duration,
+    /// On SIGTERM, how long in-flight requests and streams may take to
+    /// finish before they are cut. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Completion tokens assumed for a request that sets no `max_tokens`
+    /// (its token reservation). Default 256.
+    pub default_max_tokens: u32,
+    /// Requests waiting in admission at most (then 503). Default 1,024.
+    pub max_queued: usize,
+    /// Requests in flight to upstreams at most, all models. Default 512.
+    pub max_in_flight: usize,
+    /// Retries allowed per request over the budget window (0.1 = one retry
+    /// per ten requests). Default 0.1.
+    pub retry_ratio: f64,
+    /// Entries of the response cache (deterministic requests). Default 10,000.
+    pub cache_entries: u64,
+    /// How long a cached answer is served. Default 10 min.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// Active health check interval per upstream. Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// Redis for limits shared by gateway replicas and the durable queue
+    /// (`redis://…`); unset: limits are local. Env: `KEEL_REDIS_URL`.
+    pub redis_url: Option<String>,
+    /// The models and their upstreams.
+    pub models: Vec<ModelConfig>,
+    /// The tenants.
+    pub tenants: Vec<TenantConfig>,
+    /// API keys (stored hashed), each mapped to a tenant.
+    pub keys: Vec<KeyConfig>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 1 << 20,
+            default_timeout: Duration::from_secs(60),
+            max_timeout: Duration::from_secs(600),
+            drain_timeout: Duration::from_secs(30),
+            default_max_tokens: 256,
+            max_queued: 1_024,
+            max_in_flight: 512,
+            retry_ratio: 0.1,
+            cache_entries: 10_000,
+            cache_ttl: Duration::from_secs(600),
+            probe_interval: Duration::from_secs(2),
+            redis_url: None,
+            models: Vec::new(),
+            tenants: Vec::new(),
+            keys: Vec::new(),
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped fields.
+    #[error("config file {path} is not valid: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message (it names the line and field).
+        message: String,
+    },
+    /// A field was refused.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
+impl GatewayConfig {
+    /// Reads `path` (TOML), applies environment overrides and validates.
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError`] saying which file, line or field is wrong.
+    pub fn load(path: &Path) -> Result<Self, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut config = GatewayConfig::from_toml(&text).map_err(|err| match err {
+            LoadError::Parse { message, .. } => LoadError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })?;
+        config.apply_env(|name| std::env::var(name).ok())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text (no environment, no validation).
+    ///
+    /// # Errors
+    ///
+    /// [`LoadError::Parse`] naming the line and field.
+    pub fn from_toml(text: &str) -> Result<Self, LoadError> {
+        toml::from_str(text).map_err(|err| LoadError::Parse {
+            path: "<text>".to_owned(),
+            message: err.to_string(),
+        })
+    }
+
+    /// Applies `KEEL_LISTEN` and `KEEL_REDIS_URL` from `env`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the variable when its value does not parse.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(listen) = env("KEEL_LISTEN") {
+            self.listen = listen.parse().map_err(|err| {
+                ConfigError::new("KEEL_LISTEN", format!("not a socket address: {err}"))
+            })?;
+        }
+        if let Some(url) = env("KEEL_REDIS_URL") {
+            self.redis_url = Some(url).filter(|url| !url.is_empty());
+        }
+        Ok(())
+    }
+
+    /// Checks every field, naming the first bad one.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the field (`models[1].upstreams`, …).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_body_bytes == 0 {
+            return Err(ConfigError::new("max_body_bytes", "must be at least 1"));
+        }
+        if self.default_timeout.is_zero() || self.default_timeout > self.max_timeout {
+            return Err(ConfigError::new(
+                "default_timeout",
+                "must be above zero and at most max_timeout",
+            ));
+        }
+        if self.max_queued == 0 || self.max_in_flight == 0 {
+            return Err(ConfigError::new(
+                "max_queued",
+                "max_queued and max_in_flight must be at least 1",
+            ));
+        }
+        if !(self.retry_ratio.is_finite() && (0.0..=1.0).contains(&self.retry_ratio)) {
+            return Err(ConfigError::new(
+                "retry_ratio",
+                "must be between 0.0 and 1.0",
+            ));
+        }
+        if let Some(url) = &self.redis_url {
+            validate_redis_url(url)?;
+        }
+        if self.models.is_empty() {
+            return Err(ConfigError::new("models", "name at least one model"));
+        }
+        let mut names = HashSet::new();
+        for (index, model) in self.models.iter().enumerate() {
+            model.validate(index)?;
+            if !names.insert(model.name.as_str()) {
+                return Err(ConfigError::new(
+                    "models",
+                    format!("model `{}` is listed twice", model.name),
+                ));
+            }
+        }
+        let mut tenants = HashSet::new();
+        for (index, tenant) in self.tenants.iter().enumerate() {
+            tenant.validate(index, &names)?;
+            if !tenants.insert(tenant.name.as_str()) {
+                return Err(ConfigError::new(
+                    "tenants",
+                    format!("tenant `{}` is listed twice", tenant.name),
+                ));
+            }
+        }
+        let mut hashes = HashSet::new();
+        for (index, key) in self.keys.iter().enumerate() {
+            key.validate(index, &tenants)?;
+            if !hashes.insert(key.sha256.as_str()) {
+                return Err(ConfigError::new(
+                    "keys",
+                    format!("keys[{index}] is listed twice"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(feature = "redis")]
+fn validate_redis_url(url: &str) -> Result<(), ConfigError> {
+    keel_core::redis::RedisConfig::new(url)
+        .validate()
+        .map_err(|err| ConfigError::new("redis_url", err.reason))
+}
+
+#[cfg(not(feature = "redis"))]
+fn validate_redis_url(_: &str) -> Result<(), ConfigError> {
+    Err(ConfigError::new(
+        "redis_url",
+        "this build has no Redis support; rebuild with `--features redis` or leave it unset",
+    ))
+}
+
+#[cfg(test)]
+mod tests;

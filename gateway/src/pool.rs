@@ -1,0 +1,193 @@
+//! One model's pool of upstreams: keel-health (active probes, passive
+//! outlier ejection, slow start) feeding a keel-balancer (peak-EWMA P2C,
+//! per-upstream slots, busy answers routed around) behind budgeted retries.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
+use keel_balancer::retry::{RetryConfig, RetryLayer, RetryPolicy};
+use keel_balancer::{Balancer, DefaultClassifier, Handle, Policy};
+use keel_core::{BudgetConfig, ConfigError, EndpointId};
+use keel_health::{
+    ActiveConfig, Endpoint, Health, HealthConfig, HttpProbe, Outlier, OutlierConfig,
+};
+use pin_project_lite::pin_project;
+use tower::Layer;
+use tower::load::TrackCompletion;
+
+use crate::config::{GatewayConfig, ModelConfig};
+use crate::upstream::{HttpClient, Upstream};
+
+/// The body of an upstream answer while the balancer still counts the
+/// request as outstanding: the slot is freed when the body ends or is
+/// dropped, not when the headers arrive.
+pub type UpstreamBody = Held<Incoming>;
+
+/// The response the pool's service answers with.
+pub type UpstreamResponse = http::Response<UpstreamBody>;
+
+pin_project! {
+    /// A body that holds the balancer's [`Handle`] until it ends (or is
+    /// dropped), so a streamed answer counts as outstanding to its end.
+    pub struct Held<B> {
+        #[pin]
+        body: B,
+        handle: Option<Handle>,
+    }
+}
+
+impl<B: Body> Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.body.poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = polled {
+            // Finished (or failed): free the slot now.
+            this.handle.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Moves the balancer's handle into the response body.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HoldUntilBodyEnds;
+
+impl<B> TrackCompletion<Handle, http::Response<B>> for HoldUntilBodyEnds {
+    type Output = http::Response<Held<B>>;
+
+    fn track_completion(&self, handle: Handle, response: http::Response<B>) -> Self::Output {
+        response.map(|body| Held {
+            body,
+            handle: Some(handle),
+        })
+    }
+}
+
+/// The per-model service: retries over the balancer over health-checked
+/// upstreams.
+pub type PoolService = tower::retry::Retry<
+    RetryPolicy,
+    Balancer<
+        EndpointId,
+        Outlier<Upstream, DefaultClassifier>,
+        DefaultClassifier,
+        HoldUntilBodyEnds,
+    >,
+>;
+
+/// One model's upstreams and the stack in front of them.
+#[derive(Clone, Debug)]
+pub struct ModelPool {
+    /// The model's name at the gateway.
+    pub name: String,
+    /// Its name upstream.
+    pub upstream_model: String,
+    /// Whether chat/completions at temperature 0 may be cached.
+    pub cache_deterministic: bool,
+    /// Health of its upstreams.
+    pub health: Health,
+    /// The routed, retried service.
+    pub service: PoolService,
+}
+
+impl std::fmt::Debug for Held<Incoming> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held").finish_non_exhaustive()
+    }
+}
+
+impl ModelPool {
+    /// Builds the pool and starts probing its upstreams.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming a bad field.
+    pub fn start(
+        gateway: &GatewayConfig,
+        model: &ModelConfig,
+        client: &HttpClient,
+    ) -> Result<ModelPool, ConfigError> {
+        let probe_client = Upstream::new(&model.upstreams[0], client.clone())
+            .map_err(|err| ConfigError::new("models[].upstreams", err.to_string()))?;
+        let health = Health::builder(
+            HealthConfig::new(format!("model-{}", model.name))
+                .active(
+                    ActiveConfig::default()
+                        .interval(gateway.probe_interval)
+                        .unhealthy_interval(gateway.probe_interval)
+                        .timeout(gateway.probe_interval.min(Duration::from_secs(2))),
+                )
+                .outlier(OutlierConfig::default().consecutive_failures(Some(3))),
+        )
+        .probe(HttpProbe::new(probe_client, model.health_path.clone()))
+        .build()
+        .map_err(|err| ConfigError::new("models[]", err.to_string()))?;
+        for url in &model.upstreams {
+            health
+                .insert(Endpoint::new(url.as_str(), url.as_str()).capacity(model.slots))
+                .map_err(|err| ConfigError::new("models[].upstreams", err.to_string()))?;
+        }
+        let make_client = client.clone();
+        let discover = health.discover_with(
+            move |endpoint: &Endpoint| {
+                Upstream::new(endpoint.address(), make_client.clone())
+                    .expect("upstream URLs are validated with the config")
+            },
+            DefaultClassifier,
+        );
+        let balancer = Balancer::builder()
+            .name(model.name.clone())
+            .policy(Policy::PeakEwma)
+            .max_outstanding_per_endpoint(model.slots)
+            .max_wait(Duration::from_millis(500))
+            .classifier(DefaultClassifier)
+            .track_completion(HoldUntilBodyEnds)
+            .build(discover)
+            .map_err(|err| ConfigError::new("models[]", err.to_string()))?;
+        let retry = RetryLayer::new(
+            RetryConfig::default()
+                .name(model.name.clone())
+                .budget(BudgetConfig::default().ratio(gateway.retry_ratio)),
+        )
+        .map_err(|err| ConfigError::new("retry_ratio", err.to_string()))?;
+        Ok(ModelPool {
+            name: model.name.clone(),
+            upstream_model: model
+                .upstream_model
+                .clone()
+                .unwrap_or_else(|| model.name.clone()),
+            cache_deterministic: model.cache_deterministic,
+            health,
+            service: retry.layer(balancer),
+        })
+    }
+
+    /// Whether at least one upstream is in rotation.
+    pub fn ready(&self) -> bool {
+        self.health
+            .snapshot()
+            .iter()
+            .any(|status| status.state.is_in_rotation())
+    }
+}
+
+/// A body type both halves of the gateway pass around.
+pub type GatewayBody = Bytes;

@@ -1,0 +1,96 @@
+//! A gateway in front of fake nodes, all on loopback, for the tests.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use keel_gateway::config::{KeyConfig, ModelConfig, TenantConfig};
+use keel_gateway::fake_node::{FakeNode, FakeNodeConfig};
+use keel_gateway::{Gateway, GatewayConfig};
+
+/// The API key every test uses.
+pub const KEY: &str = "sk-test-key";
+/// The model the nodes serve.
+pub const MODEL: &str = "fake-model";
+
+/// A running gateway and its nodes.
+pub struct Setup {
+    pub nodes: Vec<FakeNode>,
+    pub url: String,
+    pub gateway: tokio::task::JoinHandle<std::io::Result<()>>,
+    pub shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.gateway.abort();
+    }
+}
+
+/// `n` fake nodes with `node` settings behind a gateway configured by
+/// `tweak`, ready (every node probed healthy) when this returns.
+pub async fn start(
+    n: usize,
+    node: FakeNodeConfig,
+    tweak: impl FnOnce(&mut GatewayConfig),
+) -> Setup {
+    let mut nodes = Vec::new();
+    for _ in 0..n {
+        nodes.push(FakeNode::start(node.clone(), "127.0.0.1:0").await.unwrap());
+    }
+    let mut config = GatewayConfig::default();
+    config.probe_interval = Duration::from_millis(100);
+    config.models = vec![ModelConfig::new(MODEL, nodes.iter().map(FakeNode::url))];
+    config.tenants = vec![TenantConfig::new("acme")];
+    config.keys = vec![KeyConfig::new(KEY, "acme")];
+    tweak(&mut config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let gateway = Gateway::new(config).expect("a valid config");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(gateway.serve(listener, async {
+        let _ = rx.await;
+    }));
+    let setup = Setup {
+        nodes,
+        url,
+        gateway: server,
+        shutdown: Some(tx),
+    };
+    wait_ready(&setup.url, n).await;
+    setup
+}
+
+/// Waits until `/readyz` lists the model and every node has been probed.
+pub async fn wait_ready(url: &str, _nodes: usize) {
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(answer) = client.get(format!("{url}/readyz")).send().await
+            && answer.status() == 200
+        {
+            // Give the other nodes a probe round to join.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway at {url} never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An async-openai client for the gateway.
+pub fn openai(url: &str) -> async_openai::Client<async_openai::config::OpenAIConfig> {
+    async_openai::Client::with_config(
+        async_openai::config::OpenAIConfig::new()
+            .with_api_base(format!("{url}/v1"))
+            .with_api_key(KEY),
+    )
+}
+
+/// Sum of a stat over the nodes.
+pub fn total(nodes: &[FakeNode], stat: impl Fn(keel_gateway::fake_node::Stats) -> u64) -> u64 {
+    nodes.iter().map(|n| stat(n.stats())).sum()
+}
