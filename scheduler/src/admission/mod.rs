@@ -2,17 +2,17 @@
 
 mod codel;
 mod config;
+mod dispatch;
 mod limit;
 mod pending;
 mod signal;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
-use std::future::{Future, poll_fn};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::Poll;
 use std::time::Duration;
 
 use keel_core::{Deadline, RequestExtensions};
@@ -25,8 +25,9 @@ use self::codel::Codel;
 pub use self::config::{
     AimdConfig, ClassConfig, ConcurrencyConfig, SchedulerConfig, SheddingConfig, TenantConfig,
 };
+use self::dispatch::dispatch;
 use self::limit::Limit;
-use self::pending::{Entry, Key, Loc, Pending};
+use self::pending::{Entry, Loc, Pending};
 use self::signal::Signal;
 use crate::error::{BoxError, Error, Rejection, Result};
 use crate::metrics::SchedulerMetrics;
@@ -38,13 +39,6 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// Requests without a deadline are checked against `max_queue_time` this
 /// many times per `max_queue_time`, so they wait at most 1/8 longer.
 const SWEEPS_PER_MAX_QUEUE_TIME: u32 = 8;
-
-/// Back-to-back dispatches reuse the latest clock reading at most this many
-/// times before the dispatcher reads the clock itself.
-const CLOCK_REUSE: u32 = 32;
-
-/// The most requests the dispatcher takes from the queue per lock.
-const STAGE: usize = 16;
 
 /// An admission scheduler in front of one service: every submitted request
 /// waits in one ordered queue and ends in exactly one outcome.
@@ -662,183 +656,6 @@ where
         self.set_queued(state);
     }
 
-    /// Takes up to `max` requests to dispatch, in order, answering expired
-    /// and abandoned ones on the way, and counts them in flight. Answers
-    /// how many it took.
-    fn take(
-        self: &Arc<Self>,
-        fresh: bool,
-        max: usize,
-        out: &mut VecDeque<Staged<Req, Resp>>,
-    ) -> usize {
-        let mut state = self.state.lock();
-        // Reading the clock is not free: back to back dispatches use the
-        // latest reading (every submit records one), refreshed after any
-        // wait, every few dispatches, and for every request with a
-        // deadline, so deadlines are checked against the exact time.
-        let mut exact =
-            fresh || state.clock_uses >= CLOCK_REUSE || self.config.concurrency.adaptive.is_some();
-        let mut now = if exact {
-            state.read_clock()
-        } else {
-            state.reuse_clock()
-        };
-        self.maintain(&mut state, now);
-        let mut taken = 0;
-        while taken < max && self.in_flight.load(Ordering::Acquire) < state.limit.current() {
-            let popped = {
-                let State {
-                    pending,
-                    tenant_in_flight,
-                    ..
-                } = &mut *state;
-                let config = &self.config;
-                let track = self.track_tenants;
-                pending.pop(|tenant| {
-                    !track
-                        || config.max_in_flight_of(tenant.as_str()).is_none_or(|max| {
-                            tenant_in_flight.get(tenant).copied().unwrap_or(0) < max
-                        })
-                })
-            };
-            let Some(popped) = popped else {
-                break;
-            };
-            let entry = popped.entry;
-            if entry.value.reply.is_closed() {
-                // Its submitter is going away; its guard will find nothing.
-                continue;
-            }
-            if entry.deadline.is_some() && !exact {
-                now = state.read_clock();
-                exact = true;
-            }
-            if entry.deadline.is_some_and(|d| d <= now) {
-                self.metrics.expired.increment(1);
-                let _ = entry.value.reply.send(Verdict::Expired);
-                continue;
-            }
-            let sojourn = now.saturating_duration_since(entry.enqueued);
-            state.codel.record(popped.class, sojourn);
-            self.metrics.queue_delay[popped.class].record(sojourn.as_secs_f64());
-            let counted = if self.track_tenants {
-                *state
-                    .tenant_in_flight
-                    .entry(popped.tenant.clone())
-                    .or_default() += 1;
-                Some(popped.tenant.clone())
-            } else {
-                None
-            };
-            let in_flight = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
-            self.metrics.in_flight.set(in_flight as f64);
-            out.push_back(Staged {
-                permit: Permit {
-                    shared: self.clone(),
-                    tenant: counted,
-                    dispatched: now,
-                    latency: None,
-                },
-                class: popped.class,
-                tenant: popped.tenant,
-                key: popped.key,
-                entry,
-            });
-            taken += 1;
-        }
-        self.set_queued(&state);
-        taken
-    }
-
-    /// Whether requests wait and the in-flight limit has room (lock-free,
-    /// a hint: `next` decides under the lock).
-    fn has_work(&self) -> bool {
-        self.queued.load(Ordering::Acquire) > 0
-            && self.in_flight.load(Ordering::Acquire) < self.limit_now.load(Ordering::Acquire)
-    }
-
-    /// When housekeeping is next due (the lock is held by the caller).
-    fn due(&self, state: &State<Req, Resp>) -> Instant {
-        if self.config.shedding.enabled {
-            state.next_sweep.min(state.codel.next_eval())
-        } else {
-            state.next_sweep
-        }
-    }
-
-    fn housekeeping_due(&self) -> Instant {
-        self.due(&self.state.lock())
-    }
-
-    fn housekeeping(&self) {
-        let mut state = self.state.lock();
-        let now = state.read_clock();
-        self.maintain(&mut state, now);
-    }
-
-    /// The service failed in `poll_ready`: close, answering the staged
-    /// requests too.
-    fn fail(&self, err: &BoxError, staged: VecDeque<Staged<Req, Resp>>) {
-        tracing::error!(scheduler = %self.config.name, error = %err, "service failed; closing the scheduler");
-        let reason = format!("the service failed: {err}");
-        for next in staged {
-            let _ = next.entry.value.reply.send(Verdict::Closed(reason.clone()));
-        }
-        self.close(reason);
-    }
-
-    /// Puts staged requests back in their places (the service turned out
-    /// not to be ready), releasing their permits.
-    fn put_back(&self, staged: &mut VecDeque<Staged<Req, Resp>>) {
-        if staged.is_empty() {
-            return;
-        }
-        let mut permits = Vec::with_capacity(staged.len());
-        {
-            let mut state = self.state.lock();
-            for next in staged.drain(..) {
-                let weight = self.config.weight_of(next.tenant.as_str());
-                state
-                    .pending
-                    .restore(next.class, &next.tenant, weight, next.key, next.entry);
-                permits.push(next.permit);
-            }
-            self.set_queued(&state);
-        }
-        // Released outside the lock (a permit takes it to count tenants).
-        drop(permits);
-    }
-
-    /// Nothing to send: housekeeping, then wait for a change. Answers
-    /// `false` when the dispatcher should stop (every handle gone, queue
-    /// empty).
-    async fn idle(&self, stalled: &mut bool, stale: &mut bool) -> bool {
-        let next_eval = {
-            let mut state = self.state.lock();
-            let now = if *stale {
-                state.read_clock()
-            } else {
-                state.reuse_clock()
-            };
-            self.maintain(&mut state, now);
-            if state.handles_gone && state.pending.is_empty() {
-                state.dispatcher_gone = true;
-                return false;
-            }
-            (!state.pending.is_empty()).then(|| self.due(&state))
-        };
-        if !*stalled && self.has_work() {
-            return true;
-        }
-        // Woken by a submit, the clock reading it recorded is fresh; woken
-        // by the timer, it is not.
-        if !wait(&self.wake, next_eval).await {
-            *stale = true;
-        }
-        *stalled = false;
-        true
-    }
-
     /// Stops taking requests and answers every waiting one.
     fn close(&self, reason: String) {
         let drained = {
@@ -853,15 +670,6 @@ where
             let _ = entry.value.reply.send(Verdict::Closed(reason.clone()));
         }
     }
-}
-
-/// A request taken from the queue, about to be sent (or put back).
-struct Staged<Req, Resp> {
-    entry: Entry<Waiting<Req, Resp>>,
-    permit: Permit<Req, Resp>,
-    class: usize,
-    tenant: TenantId,
-    key: Key,
 }
 
 /// Takes the request back out of the queue if its submitter goes away.
@@ -947,114 +755,6 @@ impl<Req, Resp> Drop for Permit<Req, Resp> {
         }
         if wake {
             shared.wake.notify();
-        }
-    }
-}
-
-/// The dispatcher: owns the service, hands out requests in order.
-///
-/// While the service answers `poll_ready` at once, it takes up to
-/// [`STAGE`] requests per lock (in order, with their in-flight permits)
-/// and sends them one `poll_ready` at a time. When the service is not
-/// ready, the staged requests go back to their places in the queue before
-/// the dispatcher waits, so staging never lets a request overtake another
-/// or sit outside the queue's expiry and shedding.
-async fn dispatch<S, Req>(shared: Arc<Shared<Req, S::Response>>, mut service: S)
-where
-    S: Service<Req> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Response: Send + 'static,
-    Req: Send + 'static,
-{
-    let mut staged: VecDeque<Staged<Req, S::Response>> = VecDeque::with_capacity(STAGE);
-    // Whether `poll_ready` answered `Ready` since the last `call`.
-    let mut ready = false;
-    // Whether the last look found requests but none eligible (tenants at
-    // their limits): wait for a change instead of looking again at once.
-    let mut stalled = false;
-    // Whether the dispatcher waited for the service since it last took
-    // requests (then it takes one at a time until the service keeps up).
-    let mut waited = true;
-    // Whether the latest clock reading may be old (after waiting for the
-    // service or a timer): the next take reads the clock itself.
-    let mut stale = true;
-    loop {
-        // Nothing to send: wait for work (polling the service only when
-        // there is work, since a service may reserve capacity when ready).
-        if staged.is_empty() && (stalled || !shared.has_work()) {
-            if !shared.idle(&mut stalled, &mut stale).await {
-                return;
-            }
-            continue;
-        }
-        if !ready {
-            let first: Poll<std::result::Result<(), BoxError>> =
-                poll_fn(|cx| Poll::Ready(service.poll_ready(cx).map_err(Into::into))).await;
-            match first {
-                Poll::Ready(Ok(())) => ready = true,
-                Poll::Ready(Err(err)) => return shared.fail(&err, staged),
-                Poll::Pending => {
-                    shared.put_back(&mut staged);
-                    waited = true;
-                    stale = true;
-                    // Wait for the service, waking for housekeeping (expiry
-                    // sweeps, shedding) meanwhile.
-                    let until = shared.housekeeping_due();
-                    tokio::select! {
-                        result = poll_fn(|cx| service.poll_ready(cx).map_err(Into::into)) => match result {
-                            Ok(()) => ready = true,
-                            Err(err) => return shared.fail(&err, staged),
-                        },
-                        () = tokio::time::sleep_until(until) => {
-                            shared.housekeeping();
-                            continue;
-                        }
-                    }
-                }
-            }
-        }
-        if staged.is_empty() {
-            // Right after a wait, take one (the service may be slow to get
-            // ready again); back to back, a stage.
-            let stage = if waited { 1 } else { STAGE };
-            if shared.take(stale, stage, &mut staged) == 0 {
-                stalled = true;
-            }
-            waited = false;
-            stale = false;
-            continue;
-        }
-        let next = staged.pop_front().expect("checked non-empty");
-        if next.entry.value.reply.is_closed() {
-            // Abandoned while staged: the permit goes with it.
-            continue;
-        }
-        ready = false;
-        shared.metrics.dispatched[next.class].increment(1);
-        let response = service.call(next.entry.value.request);
-        let response: BoxFuture<_> = Box::pin(async move { response.await.map_err(Into::into) });
-        // A submitter that left in the meantime drops the response future
-        // and the permit with it.
-        let _ = next.entry.value.reply.send(Verdict::Run {
-            response,
-            permit: next.permit,
-        });
-    }
-}
-
-/// Waits for a signal or `until`; answers whether it was the signal.
-async fn wait(signal: &Signal, until: Option<Instant>) -> bool {
-    match until {
-        Some(at) => {
-            tokio::select! {
-                () = signal.wait() => true,
-                () = tokio::time::sleep_until(at) => false,
-            }
-        }
-        None => {
-            signal.wait().await;
-            true
         }
     }
 }
