@@ -657,3 +657,53 @@ fn public_futures_are_send() {
     assert_send_sync::<MokaCache>();
     assert_send_sync::<LocalBus>();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_remembered_by_another_instance_comes_back_by_kind() {
+    let l2 = Arc::new(MokaCache::new(Default::default()).unwrap());
+    let config = || config().negative_ttl(ErrorKind::InvalidInput, Duration::from_secs(5));
+    let a = Tiered::builder(config()).l2(l2.clone()).build().unwrap();
+    let b = Tiered::builder(config()).l2(l2.clone()).build().unwrap();
+    let origin = Origin::default();
+    let err = a
+        .get_or_load("bad", origin.failing(Some(ErrorKind::InvalidInput)))
+        .await
+        .unwrap_err();
+    assert!(err.loader_error().is_some());
+    // B never ran the loader: it reads the remembered failure from L2.
+    let err = b
+        .get_or_load("bad", origin.loader("unused", Duration::ZERO))
+        .await
+        .unwrap_err();
+    match &err {
+        LoadFailed::Cached(cached) => assert_eq!(cached.kind(), ErrorKind::InvalidInput),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(origin.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_caller_gets_its_own_error_type() {
+    let cache = tiered(config());
+    let origin = Origin::default();
+    let slow_failure = origin.failing(None);
+    let typed = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.get_or_load("k", slow_failure).await })
+    };
+    let io = cache
+        .get_or_load("k", || async {
+            Err::<Bytes, _>(std::io::Error::other("io, not OriginError"))
+        })
+        .await
+        .unwrap_err();
+    let io: Arc<std::io::Error> = io.into_loader_error().unwrap();
+    assert_eq!(io.to_string(), "io, not OriginError");
+    let typed: Arc<OriginError> = typed
+        .await
+        .unwrap()
+        .unwrap_err()
+        .into_loader_error()
+        .unwrap();
+    assert!(typed.kind.is_none());
+}
