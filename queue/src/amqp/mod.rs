@@ -58,8 +58,11 @@
 //! Receipts from before the drop answer `InvalidReceipt` (the broker has
 //! already requeued those jobs).
 
+mod codec;
 mod config;
 mod error;
+mod lease;
+mod link;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -84,8 +87,11 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use self::codec::*;
 pub use self::config::{AmqpQueueConfig, AmqpQueueType};
 use self::error::AmqpFailure;
+use self::lease::*;
+use self::link::*;
 use crate::error::{Error, Result};
 use crate::ids::IdGen;
 use crate::metrics::QueueMetrics;
@@ -96,13 +102,6 @@ use crate::types::{
 };
 
 const BACKEND: &str = "amqp";
-/// Header keys Keel reserves on messages.
-const H_ATTEMPTS: &str = "x-keel-attempts";
-const H_ENQUEUED: &str = "x-keel-enqueued-ms";
-const H_DEADLINE: &str = "x-keel-deadline-ms";
-const H_PRIORITY: &str = "x-keel-priority";
-const H_REASON: &str = "x-keel-reason";
-const H_FAILED: &str = "x-keel-failed-ms";
 /// Most dead letters one `replay_dead_letters` call looks through.
 const REPLAY_SCAN_LIMIT: usize = 100_000;
 
@@ -137,54 +136,6 @@ struct Inner {
     lease_changed: Arc<Notify>,
 }
 
-/// One live connection with its channels and prefetched deliveries.
-struct Link {
-    generation: u64,
-    connection: Arc<Connection>,
-    publisher: Channel,
-    declared_delays: Mutex<HashSet<String>>,
-    /// One consumer channel per level, created on first demand.
-    channels: tokio::sync::OnceCell<Vec<Channel>>,
-    /// The running consumers (tag and pump task per level); empty while
-    /// consumption is paused.
-    consumers: tokio::sync::Mutex<Vec<(String, tokio::task::JoinHandle<()>)>>,
-    /// Set while consumers run; a consumer that ends while it is set means
-    /// the channel or connection failed.
-    consuming: AtomicBool,
-    /// `dequeue` calls in progress, and when demand was last seen.
-    waiting: AtomicUsize,
-    last_demand: Mutex<Instant>,
-    buffers: Mutex<Vec<VecDeque<lapin::message::Delivery>>>,
-    arrived: Notify,
-    broken: AtomicBool,
-}
-
-impl Link {
-    fn usable(&self) -> bool {
-        !self.broken.load(Ordering::Acquire) && self.connection.status().connected()
-    }
-
-    fn mark_broken(&self) {
-        self.broken.store(true, Ordering::Release);
-        self.arrived.notify_waiters();
-    }
-
-    /// Marks the link broken and closes its connection, so the broker
-    /// requeues everything it had delivered here (consumer tasks would
-    /// otherwise keep a half-dead connection and its prefetched messages).
-    fn retire(&self) {
-        self.mark_broken();
-        let connection = self.connection.clone();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let _ = connection
-                    .close(200, "keel-queue: reconnecting".into())
-                    .await;
-            });
-        }
-    }
-}
-
 impl Drop for Inner {
     fn drop(&mut self) {
         if let Some(link) = self.link.get_mut().take() {
@@ -193,158 +144,12 @@ impl Drop for Inner {
     }
 }
 
-struct Lease {
-    generation: u64,
-    level: usize,
-    tag: u64,
-    expires: Instant,
-    delivery: Delivery,
-}
-
-#[derive(Default)]
-struct Leases {
-    next: u64,
-    map: HashMap<u64, Lease>,
-    expiry: BinaryHeap<Reverse<(Instant, u64)>>,
-}
-
 impl fmt::Debug for AmqpQueue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpQueue")
             .field("config", &self.inner.config)
             .finish_non_exhaustive()
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn ms(d: Duration) -> u64 {
-    d.as_micros().div_ceil(1000).min(u128::from(u64::MAX)) as u64
-}
-
-fn as_u64(value: &AMQPValue) -> Option<u64> {
-    match value {
-        AMQPValue::ShortShortInt(v) => u64::try_from(*v).ok(),
-        AMQPValue::ShortShortUInt(v) => Some(u64::from(*v)),
-        AMQPValue::ShortInt(v) => u64::try_from(*v).ok(),
-        AMQPValue::ShortUInt(v) => Some(u64::from(*v)),
-        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
-        AMQPValue::LongUInt(v) => Some(u64::from(*v)),
-        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
-        AMQPValue::Timestamp(v) => Some(*v),
-        _ => None,
-    }
-}
-
-fn as_text(value: &AMQPValue) -> Option<String> {
-    match value {
-        AMQPValue::LongString(v) => Some(String::from_utf8_lossy(v.as_bytes()).into_owned()),
-        AMQPValue::ShortString(v) => Some(v.as_str().to_owned()),
-        _ => None,
-    }
-}
-
-fn int(v: u64) -> AMQPValue {
-    AMQPValue::LongLongInt(i64::try_from(v).unwrap_or(i64::MAX))
-}
-
-fn text(v: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()))
-}
-
-/// What a message carries besides its payload.
-struct Meta {
-    id: JobId,
-    headers: Headers,
-    previous_attempts: u64,
-    enqueued_ms: u64,
-    deadline_ms: Option<u64>,
-    priority: u8,
-    reason: Option<String>,
-    failed_ms: Option<u64>,
-    delivery_count: Option<u64>,
-}
-
-fn read_meta(properties: &BasicProperties) -> Meta {
-    let mut meta = Meta {
-        id: JobId::from_string(
-            properties
-                .message_id()
-                .as_ref()
-                .map_or_else(String::new, |id| id.as_str().to_owned()),
-        ),
-        headers: Headers::new(),
-        previous_attempts: 0,
-        enqueued_ms: 0,
-        deadline_ms: None,
-        priority: 0,
-        reason: None,
-        failed_ms: None,
-        delivery_count: None,
-    };
-    if let Some(table) = properties.headers() {
-        for (key, value) in table.inner() {
-            match key.as_str() {
-                H_ATTEMPTS => meta.previous_attempts = as_u64(value).unwrap_or(0),
-                H_ENQUEUED => meta.enqueued_ms = as_u64(value).unwrap_or(0),
-                H_DEADLINE => meta.deadline_ms = as_u64(value),
-                H_PRIORITY => meta.priority = as_u64(value).unwrap_or(0).min(255) as u8,
-                H_REASON => meta.reason = as_text(value),
-                H_FAILED => meta.failed_ms = as_u64(value),
-                "x-delivery-count" => meta.delivery_count = as_u64(value),
-                "x-death" => {
-                    if meta.reason.is_none()
-                        && let AMQPValue::FieldArray(deaths) = value
-                        && let Some(AMQPValue::FieldTable(first)) = deaths.as_slice().first()
-                    {
-                        let why = first
-                            .inner()
-                            .get("reason")
-                            .and_then(as_text)
-                            .unwrap_or_else(|| "unknown".into());
-                        meta.reason = Some(format!(
-                            "dead-lettered by the broker ({why}): the delivery limit was reached, probably by consumers crashing on this job"
-                        ));
-                    }
-                }
-                k if k.starts_with("x-") => {}
-                k => {
-                    if let Some(v) = as_text(value) {
-                        meta.headers.insert(k.to_owned(), v);
-                    }
-                }
-            }
-        }
-    }
-    meta
-}
-
-fn properties(
-    id: &JobId,
-    headers: &Headers,
-    previous_attempts: u64,
-    enqueued_ms: u64,
-    deadline_ms: Option<u64>,
-    priority: u8,
-) -> BasicProperties {
-    let mut table = FieldTable::default();
-    for (k, v) in headers {
-        table.insert(ShortString::from(k.as_str()), text(v));
-    }
-    table.insert(H_ATTEMPTS.into(), int(previous_attempts));
-    table.insert(H_ENQUEUED.into(), int(enqueued_ms));
-    table.insert(H_PRIORITY.into(), int(u64::from(priority)));
-    if let Some(deadline) = deadline_ms {
-        table.insert(H_DEADLINE.into(), int(deadline));
-    }
-    BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_message_id(ShortString::from(id.as_str()))
-        .with_headers(table)
 }
 
 impl AmqpQueue {
@@ -1040,41 +845,6 @@ impl AmqpQueue {
     }
 }
 
-/// Marks a `dequeue` in progress on a link, and when it ended.
-struct Demand<'l>(&'l Link);
-
-impl<'l> Demand<'l> {
-    fn new(link: &'l Link) -> Self {
-        link.waiting.fetch_add(1, Ordering::AcqRel);
-        *link.last_demand.lock() = Instant::now();
-        Demand(link)
-    }
-}
-
-impl Drop for Demand<'_> {
-    fn drop(&mut self) {
-        *self.0.last_demand.lock() = Instant::now();
-        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// How often the lease keeper looks for idle prefetch to give back.
-const IDLE_TICK: Duration = Duration::from_millis(250);
-
-/// A received message's properties without the headers the broker added
-/// (`x-delivery-count`, `x-death`), for publishing it again as new.
-fn without_broker_headers(properties: &BasicProperties) -> BasicProperties {
-    let mut table = FieldTable::default();
-    if let Some(headers) = properties.headers() {
-        for (key, value) in headers.inner() {
-            if key.as_str() != "x-delivery-count" && key.as_str() != "x-death" {
-                table.insert(key.clone(), value.clone());
-            }
-        }
-    }
-    properties.clone().with_headers(table)
-}
-
 /// How a confirmed publish ended.
 enum Stored {
     Yes,
@@ -1086,91 +856,6 @@ fn unroutable(target: &str) -> Error {
     Error::Backend {
         message: format!("message was unroutable: queue `{target}` does not exist"),
         source: None,
-    }
-}
-
-fn epoch_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Moves one level's deliveries into the link's buffer until the consumer ends.
-async fn pump(link: Weak<Link>, level: usize, mut consumer: lapin::Consumer) {
-    while let Some(item) = consumer.next().await {
-        let Some(link) = link.upgrade() else {
-            return;
-        };
-        match item {
-            Ok(delivery) => {
-                link.buffers.lock()[level].push_back(delivery);
-                link.arrived.notify_waiters();
-            }
-            Err(err) => {
-                if link.consuming.load(Ordering::Acquire) {
-                    tracing::warn!(error = %err, level, "rabbitmq consumer failed; reconnecting on the next call");
-                    link.mark_broken();
-                }
-                return;
-            }
-        }
-    }
-    if let Some(link) = link.upgrade()
-        && link.consuming.load(Ordering::Acquire)
-    {
-        link.mark_broken();
-    }
-}
-
-/// Requeues deliveries whose lease expired unacked.
-async fn lease_keeper(inner: Weak<Inner>) {
-    let Some(lease_changed) = inner.upgrade().map(|i| i.lease_changed.clone()) else {
-        return;
-    };
-    loop {
-        let Some(strong) = inner.upgrade() else {
-            return;
-        };
-        let changed = lease_changed.notified();
-        tokio::pin!(changed);
-        changed.as_mut().enable();
-        let now = Instant::now();
-        let (expired, next) = {
-            let mut leases = strong.leases.lock();
-            let mut expired = Vec::new();
-            while let Some(Reverse((at, token))) = leases.expiry.peek().copied() {
-                if at > now {
-                    break;
-                }
-                leases.expiry.pop();
-                if leases.map.get(&token).is_some_and(|l| l.expires <= now) {
-                    expired.push(leases.map.remove(&token).expect("just seen"));
-                }
-            }
-            (expired, leases.expiry.peek().map(|Reverse((at, _))| *at))
-        };
-        let queue = AmqpQueue {
-            inner: strong.clone(),
-        };
-        let link = strong.link.lock().await.clone();
-        if let Some(link) = link.as_ref() {
-            queue.release_if_idle(link).await;
-        }
-        for lease in expired {
-            strong.metrics.lease_expired.increment(1);
-            tracing::debug!(job = %lease.delivery.id, "lease expired; requeueing");
-            if let Some(link) = link.as_ref().filter(|l| l.generation == lease.generation) {
-                queue.requeue_expired(link, lease).await;
-            }
-        }
-        drop(queue);
-        // Hold only a weak reference while sleeping, so dropping the queue
-        // ends this task. Wake at least every tick to release idle prefetch.
-        let wake = next.map_or(now + IDLE_TICK, |at| at.min(now + IDLE_TICK));
-        drop(strong);
-        tokio::select! {
-            () = &mut changed => {}
-            () = tokio::time::sleep_until(wake) => {}
-        }
     }
 }
 
