@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use keel_balancer::retry::{RetryConfig, RetryLayer};
-use keel_balancer::{Balancer, Deadline, HttpClassifier, Policy};
-use keel_cache::{LoadError, Tiered};
+use keel_balancer::{Balancer, Deadline, DefaultClassifier, Policy};
+use keel_cache::Tiered;
+use keel_core::{ErrorKind, KeelError};
 use keel_health::{ActiveConfig, Endpoint, Health, HealthConfig, HealthState, OutlierConfig};
 use keel_scheduler::{
     ConcurrencyConfig, LocalRateLimiter, Priority, Rate, RateLimitConfig, SchedulerBuilder,
@@ -139,36 +140,20 @@ impl KeelPipeline {
         })
         .build()?;
         for id in nodes.keys() {
-            health.insert(Endpoint::new(id.as_str(), id.as_str()))?;
+            // Each node serves 8 requests at once; the balancer reads it
+            // (and health's slow-start weight) from the discovery key.
+            health.insert(Endpoint::new(id.as_str(), id.as_str()).capacity(8))?;
         }
         let make_nodes = nodes.clone();
-        let discover = health.discover(move |endpoint: &Endpoint| {
-            HttpNode(make_nodes[endpoint.id().as_str()].clone())
-        });
-        // Health's weights (slow start, busy dampening) into the balancer.
-        let (weights_tx, weights_rx) = tokio::sync::watch::channel(HashMap::new());
-        let mut snapshots = health.subscribe();
-        tokio::spawn(async move {
-            loop {
-                let weights: HashMap<_, f64> = {
-                    let snapshot = snapshots.borrow_and_update();
-                    snapshot
-                        .iter()
-                        .map(|status| (status.endpoint.id().clone(), status.weight))
-                        .collect()
-                };
-                if weights_tx.send(weights).is_err() || snapshots.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
+        let discover = health.discover_with(
+            move |endpoint: &Endpoint| HttpNode(make_nodes[endpoint.id().as_str()].clone()),
+            DefaultClassifier,
+        );
         let balancer = Balancer::builder()
             .policy(Policy::PeakEwma)
-            .max_outstanding_per_endpoint(8)
             .max_wait(Duration::from_millis(300))
             .attempt_timeout(Duration::from_millis(1_500))
-            .classifier(HttpClassifier::default())
-            .weights(weights_rx)
+            .classifier(DefaultClassifier)
             .build(discover)?;
         let service = ServiceBuilder::new()
             .layer(RetryLayer::new(RetryConfig::default())?)
@@ -225,54 +210,36 @@ impl KeelPipeline {
             request.prefix, request.suffix, request.max_tokens
         );
         let attempts = Attempts::default();
-        let outcome_slot: Arc<Mutex<Option<Outcome>>> = Arc::default();
         let ran_loader = Arc::new(AtomicU32::new(0));
         let loaded = {
-            let (scheduler, attempts, slot, ran) = (
-                self.scheduler.clone(),
-                attempts.clone(),
-                outcome_slot.clone(),
-                ran_loader.clone(),
-            );
+            let (scheduler, attempts, ran) =
+                (self.scheduler.clone(), attempts.clone(), ran_loader.clone());
             let request = request.clone();
             self.cache
                 .get_or_load(&key, move || async move {
                     ran.fetch_add(1, Ordering::Relaxed);
                     let (ticket, mut http_request) = admission(request);
-                    http_request.extensions_mut().insert(attempts.clone());
-                    let tries = || attempts.0.load(Ordering::Relaxed);
-                    match scheduler.submit(ticket, http_request).await {
-                        Ok(response) => match response.into_body() {
-                            Some(answer) => Ok(answer.text.into_bytes().into()),
-                            None => {
-                                *slot.lock() = Some(Outcome::Failed { attempts: tries() });
-                                Err(LoadError::msg("node error").kind("failed"))
-                            }
-                        },
-                        Err(err) => {
-                            let outcome = classify(&err, tries());
-                            *slot.lock() = Some(outcome);
-                            Err(LoadError::msg(err.to_string()).kind("rejected"))
-                        }
+                    http_request.extensions_mut().insert(attempts);
+                    let response = scheduler.submit_request(ticket, http_request).await?;
+                    match response.into_body() {
+                        Some(answer) => Ok(answer.text.into_bytes().into()),
+                        None => Err(keel_scheduler::Error::Service(
+                            "the node answered an error".into(),
+                        )),
                     }
                 })
                 .await
         };
-        let attempts_made = attempts.0.load(Ordering::Relaxed);
+        let attempts = attempts.0.load(Ordering::Relaxed);
         let outcome = match loaded {
             Ok(_) => Outcome::Completed {
                 latency: offered_at.elapsed(),
-                attempts: attempts_made,
+                attempts,
                 cache_hit: ran_loader.load(Ordering::Relaxed) == 0,
             },
-            Err(err) => outcome_slot
-                .lock()
-                .take()
-                .unwrap_or_else(|| Outcome::Rejected {
-                    // A coalesced wait on another request's failed load.
-                    reason: format!("shared-load-failed: {}", short(&err.to_string())),
-                    attempts: attempts_made,
-                }),
+            // This request's own load, another's it was coalesced onto, or
+            // a remembered failure: its kind decides, in one match.
+            Err(err) => outcome_of(err.kind(), attempts),
         };
         self.ledger.record(phase, &outcome);
     }
@@ -284,7 +251,7 @@ impl KeelPipeline {
     pub async fn run_job(&self, request: InferenceRequest) -> bool {
         let (ticket, http_request) = admission(request);
         matches!(
-            self.scheduler.submit(ticket, http_request).await,
+            self.scheduler.submit_request(ticket, http_request).await,
             Ok(response) if response.body().is_some()
         )
     }
@@ -316,44 +283,19 @@ fn admission(request: InferenceRequest) -> (Ticket, NodeRequest) {
     (ticket, http_request)
 }
 
-fn short(text: &str) -> String {
-    text.split(':').next().unwrap_or(text).trim().to_owned()
-}
-
-/// The balancer's answer, by kind (after retries, the last error counts).
-fn classify_balancer(err: &keel_balancer::Error, attempts: u32) -> Outcome {
-    use keel_balancer::Error;
-    match err {
-        Error::RetriesExhausted { source, .. } => classify_balancer(source, attempts),
-        Error::DeadlineExceeded => Outcome::Expired { attempts },
-        Error::Overloaded { .. } | Error::NoEndpoints => Outcome::Rejected {
-            reason: "no-capacity".into(),
-            attempts,
-        },
-        _ => Outcome::Failed { attempts },
-    }
-}
-
-fn classify(err: &keel_scheduler::Error, attempts: u32) -> Outcome {
-    use keel_scheduler::{Error, Rejection};
-    match err {
-        Error::DeadlineExceeded { .. } => Outcome::Expired { attempts },
-        Error::Rejected(Rejection::RateLimited { .. }) => Outcome::Rejected {
-            reason: "rate-limited".into(),
-            attempts,
-        },
-        Error::Rejected(Rejection::Overloaded { .. }) => Outcome::Rejected {
-            reason: "overloaded".into(),
-            attempts,
-        },
-        Error::Rejected(Rejection::QueueFull) => Outcome::Rejected {
-            reason: "queue-full".into(),
-            attempts,
-        },
-        Error::Service(source) => match source.downcast_ref::<keel_balancer::Error>() {
-            Some(err) => classify_balancer(err, attempts),
-            None => Outcome::Failed { attempts },
-        },
+/// One match over keel-core's vocabulary turns any Keel error into the
+/// demo's outcome.
+fn outcome_of(kind: ErrorKind, attempts: u32) -> Outcome {
+    let rejected = |reason: &str| Outcome::Rejected {
+        reason: reason.into(),
+        attempts,
+    };
+    match kind {
+        ErrorKind::DeadlineExceeded | ErrorKind::Cancelled => Outcome::Expired { attempts },
+        ErrorKind::RateLimited { .. } => rejected("rate-limited"),
+        ErrorKind::Overloaded { .. } => rejected("overloaded"),
+        ErrorKind::QueueFull => rejected("queue-full"),
+        ErrorKind::Unavailable { .. } => rejected("no-capacity"),
         _ => Outcome::Failed { attempts },
     }
 }
