@@ -17,8 +17,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use keel_balancer::Prompt;
-use keel_core::{BoxError, ConfigError, Deadline};
+use keel_cache::{HttpCodec, LoadFailed, Tiered, TieredConfig};
+use keel_core::{BoxError, ConfigError, Deadline, stable_hash};
 use keel_scheduler::{
     ConcurrencyConfig, LocalRateLimiter, Priority, Rate, RateDecision, RateLimit, RateLimitConfig,
     Scheduler, SchedulerBuilder, SchedulerConfig, TenantRates, Ticket,
@@ -89,6 +91,7 @@ pub(crate) struct Shared {
     keys: HashMap<String, KeyEntry>,
     admission: Scheduler<http::Request<Bytes>, UpstreamResponse>,
     key_limits: LocalRateLimiter,
+    cache: Tiered,
     draining: AtomicBool,
 }
 
@@ -174,6 +177,15 @@ impl Gateway {
                 pools: pools.clone(),
             })
             .map_err(|err| ConfigError::new("max_queued", err.to_string()))?;
+        let cache = Tiered::builder(
+            TieredConfig::new("gateway")
+                .ttl(config.cache_ttl)
+                .l1_capacity_bytes(config.cache_bytes)
+                .load_timeout(config.max_timeout)
+                .soft_timeout(config.max_timeout),
+        )
+        .build()
+        .map_err(|err| ConfigError::new("cache_ttl", err.to_string()))?;
         Ok(Gateway {
             shared: Arc::new(Shared {
                 config,
@@ -181,6 +193,7 @@ impl Gateway {
                 keys,
                 admission,
                 key_limits,
+                cache,
                 draining: AtomicBool::new(false),
             }),
         })
@@ -355,6 +368,9 @@ struct Parsed {
     max_output: u64,
     /// The leading part of the prompt, for prefix affinity.
     prefix: String,
+    /// Whether the answer is a function of the request alone
+    /// (`temperature` 0, or embeddings).
+    deterministic: bool,
 }
 
 fn parse(route: Route, bytes: &[u8], default_max_tokens: u32) -> Result<Parsed, GatewayError> {
@@ -412,7 +428,10 @@ fn parse(route: Route, bytes: &[u8], default_max_tokens: u32) -> Result<Parsed, 
     } else {
         max_output
     };
+    let deterministic = route == Route::Embeddings
+        || object.get("temperature").and_then(Value::as_f64) == Some(0.0);
     Ok(Parsed {
+        deterministic,
         prompt_tokens: estimate_tokens(&prompt),
         body,
         model,
@@ -509,6 +528,12 @@ async fn infer_inner(
         .priority(priority(key.tenant.priority))
         .cost(estimate.max(1));
     metrics::tokens_reserved(&key.tenant.name, estimate);
+    let cacheable = parsed.deterministic
+        && !parsed.stream
+        && (route == Route::Embeddings || pool.cache_deterministic);
+    if cacheable {
+        return cached(shared, route, &parsed, &bytes, ticket, upstream, started).await;
+    }
     let answer = shared
         .admission
         .submit_request(ticket, upstream)
@@ -540,6 +565,71 @@ async fn infer_inner(
     response
         .headers_mut()
         .insert(CACHE_HEADER, HeaderValue::from_static("miss"));
+    Ok(response)
+}
+
+/// Serves a deterministic request from the cache, or loads it once however
+/// many callers ask at the same time (coalesced), storing 2xx answers.
+async fn cached(
+    shared: &Arc<Shared>,
+    route: Route,
+    parsed: &Parsed,
+    body: &[u8],
+    ticket: Ticket,
+    upstream: http::Request<Bytes>,
+    started: Instant,
+) -> Result<Response, GatewayError> {
+    // serde_json's map is ordered, so equal requests print equal bytes.
+    let canonical = serde_json::from_slice::<Value>(body)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    let key = format!(
+        "gw:{}:{}:{:016x}",
+        route.label(),
+        parsed.model,
+        stable_hash(canonical.as_bytes())
+    );
+    let loaded = Arc::new(AtomicBool::new(false));
+    let ran = loaded.clone();
+    let loader_shared = shared.clone();
+    let answer = shared
+        .cache
+        .get_or_load_with_codec(&key, &HttpCodec, move || async move {
+            ran.store(true, Ordering::Relaxed);
+            let response = loader_shared
+                .admission
+                .submit_request(ticket, upstream)
+                .await
+                .map_err(|err| GatewayError::keel(&err))?;
+            let (head, body) = response.into_parts();
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|err| GatewayError::Keel {
+                    kind: keel_core::ErrorKind::Upstream,
+                    message: format!("the upstream failed mid-answer: {err}"),
+                })?
+                .to_bytes();
+            Ok::<_, GatewayError>(http::Response::from_parts(head, bytes))
+        })
+        .await;
+    let hit = !loaded.load(Ordering::Relaxed);
+    metrics::cache(hit);
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(LoadFailed::Loader(err)) => return Err((*err).clone()),
+        Err(err) => return Err(GatewayError::keel(&err)),
+    };
+    metrics::request_done(
+        route.label(),
+        if hit { "cache_hit" } else { "completed" },
+        started,
+    );
+    let mut response = answer.map(Body::from);
+    response.headers_mut().insert(
+        CACHE_HEADER,
+        HeaderValue::from_static(if hit { "hit" } else { "miss" }),
+    );
     Ok(response)
 }
 

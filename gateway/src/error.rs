@@ -7,7 +7,7 @@ use http::{HeaderValue, StatusCode, header};
 use keel_core::{ErrorKind, HttpError};
 
 /// Why the gateway answered with an error.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum GatewayError {
     /// No `Authorization: Bearer <key>` header, or a key the gateway does

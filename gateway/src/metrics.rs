@@ -56,6 +56,11 @@ pub(crate) fn request_done(route: &'static str, outcome: &'static str, started: 
         .record(started.elapsed().as_secs_f64());
 }
 
+pub(crate) fn cache(hit: bool) {
+    metrics::counter!("keel_gateway_cache_total", "result" => if hit { "hit" } else { "miss" })
+        .increment(1);
+}
+
 pub(crate) fn tokens_reserved(tenant: &str, tokens: u64) {
     metrics::counter!("keel_gateway_tokens_reserved_total", "tenant" => tenant.to_owned())
         .increment(tokens);

@@ -67,3 +67,37 @@ async fn a_busy_node_is_routed_around_and_not_ejected() {
         "the busy node must not be ejected"
     );
 }
+
+#[tokio::test]
+async fn a_repeated_embedding_is_a_cache_hit_and_concurrent_ones_load_once() {
+    let mut node = FakeNodeConfig::instant();
+    node.ttft = Duration::from_millis(100);
+    let setup = start(2, node, |_| {}).await;
+    let client = reqwest::Client::new();
+    let ask = || {
+        client
+            .post(format!("{}/v1/embeddings", setup.url))
+            .bearer_auth(KEY)
+            .json(&json!({"model": MODEL, "input": "the same sentence"}))
+            .send()
+    };
+    let answers = futures::future::join_all((0..20).map(|_| ask())).await;
+    let mut misses = 0;
+    let mut bodies = Vec::new();
+    for answer in answers {
+        let answer = answer.unwrap();
+        assert_eq!(answer.status(), 200);
+        misses += usize::from(answer.headers()["x-keel-cache"] == "miss");
+        bodies.push(answer.bytes().await.unwrap());
+    }
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(
+        total(&setup.nodes, |s| s.requests),
+        1,
+        "20 concurrent callers, one load"
+    );
+    assert_eq!(misses, 1);
+    let again = ask().await.unwrap();
+    assert_eq!(again.headers()["x-keel-cache"], "hit");
+    assert_eq!(total(&setup.nodes, |s| s.requests), 1);
+}

@@ -67,8 +67,9 @@ pub struct GatewayConfig {
     /// Retries allowed per request over the budget window (0.1 = one retry
     /// per ten requests). Default 0.1.
     pub retry_ratio: f64,
-    /// Entries of the response cache (deterministic requests). Default 10,000.
-    pub cache_entries: u64,
+    /// Memory of the response cache (deterministic requests), in bytes.
+    /// Default 64 MiB.
+    pub cache_bytes: u64,
     /// How long a cached answer is served. Default 10 min.
     #[serde(with = "humantime_serde")]
     pub cache_ttl: Duration,
@@ -98,7 +99,7 @@ impl Default for GatewayConfig {
             max_queued: 1_024,
             max_in_flight: 512,
             retry_ratio: 0.1,
-            cache_entries: 10_000,
+            cache_bytes: 64 << 20,
             cache_ttl: Duration::from_secs(600),
             probe_interval: Duration::from_secs(2),
             redis_url: None,
