@@ -217,3 +217,22 @@ async fn a_simulated_minute_runs_to_completion() {
     assert!(report.requests > 11_000);
     assert_eq!(report.success_rate(), 1.0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_budget_does_not_burst_in_the_first_second_of_an_outage() {
+    let scenario = Scenario::outage_and_recovery().seed(SEED);
+    let report = run_keel(&scenario, keel(&scenario, Policy::PeakEwma), true).await;
+    let outage = &report.per_second[10..20];
+    eprintln!("per second (arrivals, attempts): {outage:?}");
+    for (second, &(arrivals, attempts)) in outage.iter().enumerate() {
+        let ratio = attempts as f64 / arrivals as f64;
+        assert!(
+            ratio <= 1.2,
+            "second {}: {attempts} attempts for {arrivals} arrivals",
+            second + 10
+        );
+    }
+    assert!(report.max_attempts_per_second() <= 1.2);
+    // Retries do flow during the outage: the budget is capped, not shut.
+    assert!(outage.iter().all(|&(a, t)| t > a));
+}

@@ -1,5 +1,6 @@
 //! The retry budget: retries ≤ ratio × requests over a sliding window, plus
-//! a floor, counted in whole numbers.
+//! a floor, counted in whole numbers, and never more than that share of the
+//! current slot's requests, so the window's savings cannot be spent at once.
 
 use std::fmt;
 use std::time::Duration;
@@ -89,7 +90,17 @@ impl BudgetConfig {
 }
 
 /// A retry budget: a retry is allowed only while, over the sliding window,
-/// `retries + 1 ≤ floor + ⌊ratio × requests⌋`.
+/// `retries + 1 ≤ floor + ⌊ratio × requests⌋`, and, over the current slot
+/// (a tenth of the window, the newest), `slot retries + 1 ≤ floor +
+/// ⌊ratio × slot requests⌋`.
+///
+/// The second cap is what keeps the budget from bursting. A window of
+/// healthy traffic saves up `ratio × requests` retries; without the slot
+/// cap the first second of an outage could spend all ten seconds' worth at
+/// once (2,000 attempts for 1,000 requests at ratio 0.1). With it, every
+/// slot of an outage sees at most `1 + ratio` attempts per request, plus
+/// the floor: the window allowance still bounds the total, the slot cap
+/// bounds the rate.
 ///
 /// Requests and retries are whole-number counts per tenth of the window;
 /// the ratio is held in parts per million, so the allowance is exact
@@ -127,7 +138,8 @@ pub struct BudgetStats {
     pub requests: u64,
     /// Retries withdrawn in the window.
     pub retries: u64,
-    /// Retries still allowed now.
+    /// Retries still allowed now: the smaller of the window's and the
+    /// current slot's allowance.
     pub remaining: u64,
 }
 
@@ -165,8 +177,10 @@ impl RetryBudget {
         let mut state = self.state.lock();
         self.advance(&mut state);
         let (requests, retries) = totals(&state);
-        if retries < self.allowed(requests) {
-            let head = state.head;
+        let head = state.head;
+        if retries < self.allowed(requests)
+            && state.retries[head] < self.allowed(state.requests[head])
+        {
             state.retries[head] += 1;
             true
         } else {
@@ -179,10 +193,14 @@ impl RetryBudget {
         let mut state = self.state.lock();
         self.advance(&mut state);
         let (requests, retries) = totals(&state);
+        let head = state.head;
+        let slot = self
+            .allowed(state.requests[head])
+            .saturating_sub(state.retries[head]);
         BudgetStats {
             requests,
             retries,
-            remaining: self.allowed(requests).saturating_sub(retries),
+            remaining: self.allowed(requests).saturating_sub(retries).min(slot),
         }
     }
 
@@ -274,6 +292,68 @@ mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         let stats = b.stats();
         assert_eq!((stats.requests, stats.retries, stats.remaining), (0, 0, 2));
+    }
+
+    /// Ten seconds of healthy traffic at 2,000 requests/s save up 2,000
+    /// retries; then every request fails and is retried while the budget
+    /// allows (up to 3 times). Each second of the outage, the first
+    /// included, stays at or below 1 + ratio attempts per request plus the
+    /// floor's share.
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_cannot_spend_the_window_savings_in_one_second() {
+        let b = budget(0.1, 10);
+        let tick = Duration::from_micros(500);
+        for _ in 0..20_000 {
+            b.deposit();
+            tokio::time::advance(tick).await;
+        }
+        assert!(
+            b.stats().requests >= 18_000,
+            "the window saved up: {:?}",
+            b.stats()
+        );
+        let mut per_second = Vec::new();
+        for _second in 0..10 {
+            let (mut requests, mut attempts) = (0u64, 0u64);
+            for _ in 0..2_000 {
+                b.deposit();
+                requests += 1;
+                attempts += 1;
+                for _retry in 0..3 {
+                    if !b.withdraw() {
+                        break;
+                    }
+                    attempts += 1;
+                }
+                tokio::time::advance(tick).await;
+            }
+            per_second.push(attempts as f64 / requests as f64);
+        }
+        for (second, ratio) in per_second.iter().enumerate() {
+            assert!(
+                *ratio <= 1.11,
+                "second {second}: {ratio} attempts/request ({per_second:?})"
+            );
+        }
+        assert!(per_second[0] > 1.09, "retries still flow: {per_second:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stats_remaining_is_the_smaller_of_window_and_slot() {
+        let b = budget(0.5, 0);
+        for _ in 0..100 {
+            b.deposit();
+        }
+        assert_eq!(b.stats().remaining, 50);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // The window still holds 100 requests, the new slot none.
+        let s = b.stats();
+        assert_eq!((s.requests, s.remaining), (100, 0));
+        assert!(!b.withdraw(), "the new slot has earned nothing yet");
+        for _ in 0..10 {
+            b.deposit();
+        }
+        assert_eq!(b.stats().remaining, 5);
     }
 
     #[test]

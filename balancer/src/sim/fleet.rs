@@ -316,6 +316,25 @@ struct NodeStats {
 pub(crate) struct Probe {
     total: AtomicU32,
     pub(crate) dispatch_loads: Mutex<Vec<(u32, u32)>>,
+    /// When the fleet was built: second buckets count from here.
+    pub(crate) start: Instant,
+    /// Attempts that reached any node, per simulated second.
+    pub(crate) attempts_by_second: Mutex<Vec<u64>>,
+}
+
+impl Probe {
+    /// The second bucket `at` falls in.
+    pub(crate) fn second(&self, at: Instant) -> usize {
+        at.saturating_duration_since(self.start).as_secs() as usize
+    }
+}
+
+/// Adds one to `counts[index]`, growing the vector as needed.
+pub(crate) fn bump(counts: &mut Vec<u64>, index: usize) {
+    if counts.len() <= index {
+        counts.resize(index + 1, 0);
+    }
+    counts[index] += 1;
 }
 
 /// An LRU of block hashes.
@@ -421,6 +440,10 @@ impl InFlight {
         let mine = node.in_flight.fetch_add(1, Relaxed) + 1;
         let total = node.probe.total.fetch_add(1, Relaxed) + 1;
         node.probe.dispatch_loads.lock().push((mine, total));
+        bump(
+            &mut node.probe.attempts_by_second.lock(),
+            node.probe.second(Instant::now()),
+        );
         node.stats.peak.fetch_max(mine, Relaxed);
         node.stats.calls.fetch_add(1, Relaxed);
         InFlight {
@@ -580,11 +603,13 @@ pub struct Fleet {
 impl Fleet {
     /// Nodes per `config`, with faults per `script`.
     pub fn new(config: &FleetConfig, script: &Script) -> Self {
+        let start = Instant::now();
         let probe = Arc::new(Probe {
             total: AtomicU32::new(0),
             dispatch_loads: Mutex::new(Vec::new()),
+            start,
+            attempts_by_second: Mutex::new(Vec::new()),
         });
-        let start = Instant::now();
         let nodes = (0..config.nodes)
             .map(|index| SimNode {
                 inner: Arc::new(NodeInner {

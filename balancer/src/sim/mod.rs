@@ -178,6 +178,8 @@ impl tower::util::rng::Rng for SeededRng {
 #[derive(Default)]
 struct Collector {
     ok: u64,
+    /// Requests that arrived, per second since the fleet was built.
+    arrivals: Vec<u64>,
     errors: BTreeMap<String, u64>,
     sessions: HashMap<u64, HashMap<usize, u64>>,
 }
@@ -221,6 +223,10 @@ pub async fn run(router: Router, fleet: &Fleet, workload: &Workload) -> Report {
         tokio::time::sleep_until(arrival).await;
         let request = workload.request(id, &mut rng);
         id += 1;
+        fleet::bump(
+            &mut collector.lock().arrivals,
+            fleet.probe.second(Instant::now()),
+        );
         let router = router.clone();
         let collector = collector.clone();
         let latencies = latencies.clone();
@@ -253,6 +259,16 @@ pub async fn run(router: Router, fleet: &Fleet, workload: &Workload) -> Report {
     let latencies = latencies.lock().clone();
     let nodes = fleet.report();
     let dispatch_loads = std::mem::take(&mut *fleet.probe.dispatch_loads.lock());
+    let attempts = std::mem::take(&mut *fleet.probe.attempts_by_second.lock());
+    let seconds = collector.arrivals.len().max(attempts.len());
+    let per_second = (0..seconds)
+        .map(|s| {
+            (
+                collector.arrivals.get(s).copied().unwrap_or(0),
+                attempts.get(s).copied().unwrap_or(0),
+            )
+        })
+        .collect();
     Report::new(
         id,
         collector.ok,
@@ -261,6 +277,7 @@ pub async fn run(router: Router, fleet: &Fleet, workload: &Workload) -> Report {
         &latencies,
         nodes,
         dispatch_loads,
+        per_second,
         workload.duration,
     )
 }

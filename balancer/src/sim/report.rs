@@ -41,6 +41,9 @@ pub struct Report {
     /// At every attempt's arrival at a node: (that node's in-flight
     /// requests, the whole fleet's), both counting the arrival.
     pub dispatch_loads: Vec<(u32, u32)>,
+    /// Per simulated second since the fleet was built: (requests that
+    /// arrived, attempts that reached a node).
+    pub per_second: Vec<(u64, u64)>,
 }
 
 impl Report {
@@ -53,6 +56,7 @@ impl Report {
         latencies: &Histogram<u64>,
         nodes: Vec<NodeReport>,
         dispatch_loads: Vec<(u32, u32)>,
+        per_second: Vec<(u64, u64)>,
         duration: Duration,
     ) -> Self {
         let at = |q: f64| {
@@ -90,7 +94,18 @@ impl Report {
             },
             nodes,
             dispatch_loads,
+            per_second,
         }
+    }
+
+    /// The most attempts per arrived request in any one-second bucket
+    /// while requests were arriving (seconds without arrivals are skipped).
+    pub fn max_attempts_per_second(&self) -> f64 {
+        self.per_second
+            .iter()
+            .filter(|(arrivals, _)| *arrivals > 0)
+            .map(|&(arrivals, attempts)| attempts as f64 / arrivals as f64)
+            .fold(0.0, f64::max)
     }
 
     /// Successful requests over requests sent.

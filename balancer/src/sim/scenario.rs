@@ -180,6 +180,22 @@ impl Scenario {
         )
     }
 
+    /// Ten nodes at 2,000 requests/s (about 60 % of their capacity):
+    /// healthy for 10 s, every node failing from 10 s to 20 s, healthy
+    /// again from 20 s to 30 s. The retry budget's savings from the first
+    /// 10 s must not burst in the outage's first second, and the fleet must
+    /// come back without a second outage.
+    pub fn outage_and_recovery() -> Self {
+        Scenario::new(
+            "total outage 10s-20s at 2,000 req/s",
+            FleetConfig::default(),
+            Script::new()
+                .all(Duration::from_secs(10), Fault::Failing)
+                .all(Duration::from_secs(20), Fault::Recover),
+            Workload::default().rate(2_000.0),
+        )
+    }
+
     /// One of ten nodes answers busy (503) from 5 s to 20 s, then recovers.
     pub fn busy_node() -> Self {
         Scenario::new(
