@@ -143,6 +143,42 @@ pub(crate) struct Common {
     /// Set by the discovery stream's waker: there may be changes to read.
     pub(crate) dirty: AtomicBool,
     pub(crate) metrics: BalancerMetrics,
+    /// Dispatches to every endpoint, decayed over [`SHARE_WINDOW_NS`].
+    recent: Decayed,
+}
+
+/// The time constant over which dispatch shares are measured (slow start
+/// caps an endpoint's share of requests, not only its weight).
+pub(crate) const SHARE_WINDOW_NS: f64 = 1e9;
+
+/// A count that decays exponentially with time, in two atomics (f64 bits
+/// of the count as of a stamp, and the stamp).
+#[derive(Debug, Default)]
+pub(crate) struct Decayed {
+    bits: AtomicU64,
+    stamp_ns: AtomicU64,
+}
+
+impl Decayed {
+    fn at(bits: u64, stamp: u64, now_ns: u64) -> f64 {
+        let value = f64::from_bits(bits);
+        let elapsed = now_ns.saturating_sub(stamp) as f64;
+        value * (-elapsed / SHARE_WINDOW_NS).exp()
+    }
+
+    /// The count decayed to `now_ns`.
+    pub(crate) fn get(&self, now_ns: u64) -> f64 {
+        Decayed::at(self.bits.load(Relaxed), self.stamp_ns.load(Relaxed), now_ns)
+    }
+
+    /// Adds one at `now_ns`. Racing adds may lose a fraction of a count:
+    /// the share it measures is an estimate, not a ledger.
+    pub(crate) fn add(&self, now_ns: u64) {
+        let stamp = self.stamp_ns.swap(now_ns, Relaxed);
+        let _ = self.bits.fetch_update(Relaxed, Relaxed, |bits| {
+            Some((Decayed::at(bits, stamp, now_ns) + 1.0).to_bits())
+        });
+    }
 }
 
 impl Common {
@@ -162,6 +198,7 @@ impl Common {
             notify: Notify::new(),
             dirty: AtomicBool::new(true),
             metrics: BalancerMetrics::new(&config.name),
+            recent: Decayed::default(),
         }
     }
 
@@ -209,6 +246,11 @@ impl Common {
     /// the fleet's estimate (so it fits fleets of any speed).
     fn failure_floor_ns(&self, now_ns: u64) -> f64 {
         self.default_rtt_ns.max(2.0 * self.fleet_ns(now_ns))
+    }
+
+    /// Dispatches to the whole fleet over the last second or so (decayed).
+    pub(crate) fn recent_dispatches(&self, now_ns: u64) -> f64 {
+        self.recent.get(now_ns)
     }
 
     /// Wakes one waiter if any request waits for a slot.
@@ -308,6 +350,13 @@ pub(crate) struct EndpointState {
     busy: AtomicU64,
     timed_out: AtomicU64,
     cancelled: AtomicU64,
+    /// Handles alive on the endpoint, and the sum of their send times: the
+    /// mean age of what is in flight (a hung node's requests age with no
+    /// answer, and that age counts as its latency before any times out).
+    timed: AtomicU64,
+    sent_sum_ns: AtomicU64,
+    /// Dispatches here, decayed like [`Common::recent_dispatches`].
+    recent: Decayed,
     metrics: EndpointMetrics,
     /// Created by the prefix-affinity policy on first use.
     pub(crate) prefix: OnceLock<Mutex<PrefixIndex>>,
@@ -351,6 +400,9 @@ impl EndpointState {
             busy: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            timed: AtomicU64::new(0),
+            sent_sum_ns: AtomicU64::new(0),
+            recent: Decayed::default(),
             metrics: EndpointMetrics::new(&common.metrics.name, label),
             prefix: OnceLock::new(),
             common,
@@ -415,19 +467,46 @@ impl EndpointState {
         hard.min(self.soft_cap.load(Relaxed))
     }
 
-    /// The peak-EWMA estimate in ns, decayed to `now_ns`: the fleet's until
-    /// the endpoint's first response.
+    /// The peak-EWMA estimate in ns, decayed to `now_ns` (the fleet's until
+    /// the endpoint's first response), raised to the mean age of the
+    /// requests in flight there: a node that stops answering looks slower
+    /// with every millisecond its requests wait, long before the first one
+    /// times out or a slow answer arrives.
     pub(crate) fn latency_ns(&self, now_ns: u64) -> f64 {
-        if self.samples.load(Relaxed) == 0 {
-            return self.common.fleet_ns(now_ns);
-        }
-        let estimate = f64::from_bits(self.ewma_ns.load(Relaxed));
-        let elapsed = now_ns.saturating_sub(self.stamp_ns.load(Relaxed));
-        if elapsed == 0 {
-            estimate
+        let estimate = if self.samples.load(Relaxed) == 0 {
+            self.common.fleet_ns(now_ns)
         } else {
-            estimate * (-(elapsed as f64) / self.common.decay_ns).exp()
+            let estimate = f64::from_bits(self.ewma_ns.load(Relaxed));
+            let elapsed = now_ns.saturating_sub(self.stamp_ns.load(Relaxed));
+            if elapsed == 0 {
+                estimate
+            } else {
+                estimate * (-(elapsed as f64) / self.common.decay_ns).exp()
+            }
+        };
+        estimate.max(self.in_flight_age_ns(now_ns))
+    }
+
+    /// The mean age of the requests in flight here (0 when none).
+    pub(crate) fn in_flight_age_ns(&self, now_ns: u64) -> f64 {
+        let timed = self.timed.load(Relaxed);
+        if timed == 0 {
+            return 0.0;
         }
+        let mean_sent = self.sent_sum_ns.load(Relaxed) / timed;
+        now_ns.saturating_sub(mean_sent) as f64
+    }
+
+    /// Dispatches here over the last second or so (decayed).
+    pub(crate) fn recent_dispatches(&self, now_ns: u64) -> f64 {
+        self.recent.get(now_ns)
+    }
+
+    fn sent(&self, sent_ns: u64) {
+        self.sent_sum_ns.fetch_add(sent_ns, Relaxed);
+        self.timed.fetch_add(1, Relaxed);
+        self.recent.add(sent_ns);
+        self.common.recent.add(sent_ns);
     }
 
     /// Takes a slot if the endpoint is under its cap.
@@ -480,6 +559,8 @@ impl EndpointState {
     fn complete(&self, sent_ns: u64, outcome: Recorded) {
         let now_ns = self.common.ns_of(Instant::now());
         let rtt = now_ns.saturating_sub(sent_ns) as f64;
+        self.sent_sum_ns.fetch_sub(sent_ns, Relaxed);
+        self.timed.fetch_sub(1, Relaxed);
         let before = self.outstanding.fetch_sub(1, Relaxed);
         self.metrics.outstanding.decrement(1.0);
         match outcome {
@@ -585,6 +666,7 @@ pub struct Handle {
 
 impl Handle {
     pub(crate) fn new(state: Arc<EndpointState>, sent_ns: u64, deadline: Option<Instant>) -> Self {
+        state.sent(sent_ns);
         Handle {
             state,
             sent_ns,
@@ -713,6 +795,30 @@ mod tests {
         }
         assert!(most_of_the_way.unwrap() <= 22, "{most_of_the_way:?}");
         assert!(samples <= 52, "{samples} samples to converge");
+    }
+
+    /// A hung node answers nothing, so no sample can raise its estimate:
+    /// the age of what it holds in flight does, at once.
+    #[tokio::test(start_paused = true)]
+    async fn requests_in_flight_count_as_latency_before_they_answer() {
+        let e = Arc::new(state(&BalancerConfig::default()));
+        sample(&e, Duration::from_millis(50), Recorded::Success).await;
+        assert!((ms(&e) - 50.0).abs() < 1.0);
+        let sent = e.common.ns_of(Instant::now());
+        let hung: Vec<_> = (0..4)
+            .map(|_| {
+                assert!(e.try_acquire());
+                Handle::new(e.clone(), sent, None)
+            })
+            .collect();
+        tokio::time::advance(Duration::from_millis(30)).await;
+        assert!(ms(&e) < 51.0, "younger than the estimate: no change");
+        tokio::time::advance(Duration::from_millis(270)).await;
+        assert!((ms(&e) - 300.0).abs() < 1.0, "{} ms", ms(&e));
+        drop(hung);
+        // Cancelled after 300 ms: the peak holds, the in-flight term is gone.
+        assert!((ms(&e) - 300.0).abs() < 1.0, "{} ms", ms(&e));
+        assert_eq!(e.in_flight_age_ns(e.common.ns_of(Instant::now())), 0.0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,6 +2,7 @@
 //! candidates it picks from, the built-in policies, the hash ring and the
 //! prefix index.
 
+use std::cell::OnceCell;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -163,6 +164,8 @@ pub struct Candidates<'a, K> {
     positions: &'a HashMap<EndpointIndex, usize>,
     avoid: Option<&'a AvoidEndpoints>,
     now: LazyNow<'a>,
+    /// The sum of every endpoint's weight, read on first need.
+    weight_sum: OnceCell<f64>,
 }
 
 impl<'a, K> Candidates<'a, K> {
@@ -179,6 +182,7 @@ impl<'a, K> Candidates<'a, K> {
             positions,
             avoid,
             now: LazyNow::new(common),
+            weight_sum: OnceCell::new(),
         }
     }
 
@@ -205,6 +209,8 @@ impl<'a, K> Candidates<'a, K> {
             state,
             avoided: self.avoid.is_some_and(|a| a.contains(state.id)),
             now: &self.now,
+            all: self.states,
+            weight_sum: &self.weight_sum,
         }
     }
 
@@ -246,7 +252,16 @@ pub struct Candidate<'c, K> {
     state: &'c EndpointState,
     avoided: bool,
     now: &'c LazyNow<'c>,
+    all: &'c [Arc<EndpointState>],
+    weight_sum: &'c OnceCell<f64>,
 }
+
+/// How far past its weight's share of recent dispatches an endpoint in
+/// slow start (or busy dampening) may go before it is passed over.
+const SHARE_SLACK: f64 = 1.2;
+/// Below this many recent dispatches fleet-wide, shares are too noisy to
+/// enforce.
+const SHARE_MIN_VOLUME: f64 = 20.0;
 
 impl<'c, K> Candidate<'c, K> {
     /// Its position in [`Candidates`]: what [`Pick::pick`] returns.
@@ -329,6 +344,41 @@ impl<'c, K> Candidate<'c, K> {
         self.state.latency_ns(self.now.ns())
     }
 
+    /// Whether it already took more than its weight's share of the
+    /// fleet's recent dispatches (decayed over about a second). Only an
+    /// endpoint with weight below 1 (slow start, busy dampening) can be
+    /// over its share: a fresh endpoint looks cheap next to loaded peers,
+    /// and without this cap the cost alone would pile requests onto it.
+    pub fn is_over_share(&self) -> bool {
+        let weight = self.weight();
+        if weight >= 1.0 || weight <= 0.0 {
+            return false;
+        }
+        let now = self.now.ns();
+        let total = self.state.common().recent_dispatches(now);
+        if total < SHARE_MIN_VOLUME {
+            return false;
+        }
+        let sum = *self
+            .weight_sum
+            .get_or_init(|| self.all.iter().map(|s| s.weight()).sum::<f64>());
+        if sum <= 0.0 {
+            return false;
+        }
+        let mine = self.state.recent_dispatches(now);
+        (mine + 1.0) / (total + 1.0) > SHARE_SLACK * weight / sum
+    }
+
+    /// The weight the cost functions divide by: 0 (drain it while anything
+    /// else is usable) when [over its share](Self::is_over_share).
+    fn share_weight(&self) -> f64 {
+        if self.is_over_share() {
+            0.0
+        } else {
+            self.weight()
+        }
+    }
+
     fn avail(&self) -> Avail {
         if self.avoided {
             Avail::Excluded
@@ -396,11 +446,11 @@ enum Avail {
 type Cost<K> = fn(&Candidate<'_, K>) -> f64;
 
 fn least_outstanding_cost<K>(c: &Candidate<'_, K>) -> f64 {
-    (c.load() + 1.0) / c.weight()
+    (c.load() + 1.0) / c.share_weight()
 }
 
 fn peak_ewma_cost<K>(c: &Candidate<'_, K>) -> f64 {
-    c.latency_ns() * (c.load() + 1.0) / c.weight()
+    c.latency_ns() * (c.load() + 1.0) / c.share_weight()
 }
 
 /// Power of two choices over a cost (least-outstanding, peak-EWMA).
@@ -1010,6 +1060,48 @@ mod tests {
             .count();
         // 0.25 / 1.25 = 20%.
         assert!((1_700..2_300).contains(&first), "{first}");
+    }
+
+    /// Slow start caps the share of requests, not only the weight: a fresh
+    /// endpoint at weight 0.1 among nine loaded peers looks cheap to
+    /// peak-EWMA (no queue, the fleet's latency), yet takes about its
+    /// weight's share of dispatches (0.1 / 9.1), at most 1.2× that.
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_in_slow_start_takes_about_its_weights_share() {
+        let f = fleet(10, &BalancerConfig::default());
+        f.keys[0].set_weight(0.1);
+        let pick = f.built(&Policy::PeakEwma);
+        let mut rng = fastrand::Rng::with_seed(5);
+        let ext = http::Extensions::new();
+        // Every peer carries 10 requests; the fresh one none.
+        let mut held = Vec::new();
+        for state in &f.states[1..] {
+            for _ in 0..10 {
+                assert!(state.try_acquire());
+                held.push(Handle::new(state.clone(), 0, None));
+            }
+        }
+        let mut fresh = 0u32;
+        let picks = 2_000;
+        for _ in 0..picks {
+            tokio::time::advance(Duration::from_millis(2)).await;
+            let Choice::Pick(i) = f.pick(&*pick, &ext, &mut rng) else {
+                panic!("an endpoint is usable");
+            };
+            let state = &f.states[i];
+            assert!(state.try_acquire());
+            let now = state.common().ns_of(tokio::time::Instant::now());
+            // Dispatched and answered at once: the loads stay as they are.
+            drop(Handle::new(state.clone(), now, None));
+            fresh += u32::from(i == 0);
+        }
+        let share = f64::from(fresh) / f64::from(picks);
+        let weight_share = 0.1 / 9.1;
+        assert!(
+            share <= 1.5 * weight_share && share >= 0.5 * weight_share,
+            "share {share} vs weight share {weight_share}"
+        );
+        drop(held);
     }
 
     #[test]
