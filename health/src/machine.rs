@@ -422,6 +422,10 @@ impl Machine {
             if let Some(node) = self.nodes.get_mut(&id)
                 && matches!(node.reason, Reason::PanicRetained(_))
             {
+                self.effects.push(Effect::Reset {
+                    id: id.clone(),
+                    busy: false,
+                });
                 transition(
                     &mut self.effects,
                     id.as_str(),
@@ -453,6 +457,13 @@ impl Machine {
             return;
         }
         if counted + 1 > max {
+            // The evidence is spent on this decision: the window starts
+            // over, so once the fleet recovers, the failures that kept it
+            // here cannot eject it later (when the share frees up).
+            self.effects.push(Effect::Reset {
+                id: EndpointId::from(id),
+                busy: false,
+            });
             if !matches!(node.reason, Reason::PanicRetained(_)) {
                 self.effects.push(Effect::PanicRefused {
                     reason: reason.clone(),

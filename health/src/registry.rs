@@ -56,6 +56,7 @@ impl fmt::Debug for Health {
 pub struct HealthBuilder {
     config: HealthConfig,
     probe: Option<Arc<dyn Probe>>,
+    seed: Option<u64>,
 }
 
 impl fmt::Debug for HealthBuilder {
@@ -90,6 +91,13 @@ impl HealthBuilder {
         self.probe(probe_fn(f))
     }
 
+    /// Seeds the probe-interval jitter, so a run under paused time (a test,
+    /// a simulation) is reproducible bit for bit. Unseeded by default.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
     /// Validates the config and starts the registry's driver task.
     ///
     /// # Errors
@@ -107,7 +115,10 @@ impl HealthBuilder {
         let metrics = HealthMetrics::new(&config.name);
         let snapshot = Snapshot::new(HashMap::new(), false, config.max_ejected(0), now);
         let (tx, _) = watch::channel(snapshot.clone());
-        let machine = Machine::new(config.clone(), self.probe.is_some(), fastrand::Rng::new());
+        let rng = self
+            .seed
+            .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed);
+        let machine = Machine::new(config.clone(), self.probe.is_some(), rng);
         let publish = Arc::new(Notify::new());
         let shared = Arc::new(Shared {
             window: Arc::new(WindowClock::new(config.outlier.buckets)),
@@ -141,6 +152,7 @@ impl Health {
         HealthBuilder {
             config,
             probe: None,
+            seed: None,
         }
     }
 

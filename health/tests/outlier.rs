@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_health::{
-    BusyConfig, Endpoint, FailureKind, Health, HealthConfig, HealthState, Outcome, OutlierConfig,
-    Reason, SlowStartConfig, Snapshot,
+    ActiveConfig, BusyConfig, Endpoint, FailureKind, Health, HealthConfig, HealthState, Outcome,
+    OutlierConfig, Reason, SlowStartConfig, Snapshot,
 };
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -324,10 +324,99 @@ async fn retained_outliers_are_ejected_when_room_frees_up() {
     assert_eq!(snapshot.ejected_count(), 2);
     assert!(snapshot.is_panic());
     // After the ejections end (no probe: back at once), the retained one,
-    // still failing, goes out at the next evaluation.
+    // still failing, goes out: judged on what it did since it was kept.
     tokio::time::sleep(Duration::from_secs(11)).await;
+    record(&health, "n2", FAIL, MS, 3);
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let snapshot = health.snapshot();
     assert_eq!(snapshot.ejected_count(), 1, "{snapshot:#?}");
+    assert_eq!(snapshot.get("n2").unwrap().state, HealthState::Ejected);
+    assert!(!snapshot.is_panic());
+}
+
+/// The second outage of issue 13: the nodes panic mode kept in rotation
+/// through a fleet-wide outage kept the fleet alive; once it is over they
+/// succeed, and when the ejected ones come back and the share frees up,
+/// their outage failures must not eject them.
+#[tokio::test(start_paused = true)]
+async fn nodes_kept_through_an_outage_are_not_ejected_for_it_afterwards() {
+    let config = HealthConfig::default().max_ejection_percent(50).outlier(
+        OutlierConfig::default()
+            .consecutive_failures(Some(5))
+            .failure_rate(Some(0.5))
+            .min_volume(20)
+            .ejection(Duration::from_secs(2), Duration::from_secs(10)),
+    );
+    let outage = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let down = outage.clone();
+    let health = Health::builder(
+        config.active(
+            ActiveConfig::default()
+                .interval(Duration::from_millis(250))
+                .unhealthy_interval(Duration::from_millis(250))
+                .healthy_threshold(2)
+                .unhealthy_threshold(2),
+        ),
+    )
+    .probe_fn(move |_: Endpoint| {
+        let down = down.load(std::sync::atomic::Ordering::Relaxed);
+        async move {
+            if down {
+                Err(std::io::Error::other("outage"))
+            } else {
+                Ok(())
+            }
+        }
+    })
+    .seed(7)
+    .build()
+    .unwrap();
+    for i in 0..10 {
+        health
+            .insert(Endpoint::new(format!("n{i}"), format!("10.0.0.{i}:80")))
+            .unwrap();
+    }
+    // Probed in (the outage begins after).
+    outage.store(false, std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(health.snapshot().in_rotation().count(), 10);
+    outage.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Ten seconds of a total outage: every node fails 40 requests a second.
+    for _ in 0..40 {
+        for i in 0..10 {
+            record(&health, &format!("n{i}"), FAIL, MS, 5);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let snapshot = health.snapshot();
+    assert_eq!(snapshot.max_ejected(), 5);
+    assert!(snapshot.is_panic(), "{snapshot:#?}");
+    let kept: Vec<String> = snapshot
+        .in_rotation()
+        .map(|s| s.endpoint.id().to_string())
+        .collect();
+    assert_eq!(kept.len(), 5);
+    // Recovery: the kept nodes succeed from now on; the ejected ones pass
+    // their probes and come back.
+    outage.store(false, std::sync::atomic::Ordering::Relaxed);
+    for step in 0..40 {
+        for id in &kept {
+            record(&health, id, Outcome::Success, MS, 10);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let snapshot = health.snapshot();
+        for id in &kept {
+            let status = snapshot.get(id).unwrap();
+            assert!(
+                status.state.is_in_rotation(),
+                "{id}, 100 % successes since recovery, is out {} ms after it: {:?}",
+                250 * (step + 1),
+                status.reason
+            );
+        }
+    }
+    let snapshot = health.snapshot();
+    assert_eq!(snapshot.in_rotation().count(), 10, "{snapshot:#?}");
     assert!(!snapshot.is_panic());
 }
 
