@@ -70,10 +70,12 @@ pub enum Operation {
     DeadLetters,
     /// `ping`.
     Ping,
+    /// `purge` and `delete`.
+    Admin,
 }
 
 impl Operation {
-    const ALL: [Operation; 8] = [
+    const ALL: [Operation; 9] = [
         Operation::Enqueue,
         Operation::Dequeue,
         Operation::Ack,
@@ -82,6 +84,7 @@ impl Operation {
         Operation::Stats,
         Operation::DeadLetters,
         Operation::Ping,
+        Operation::Admin,
     ];
 
     fn bit(self) -> u16 {
@@ -98,6 +101,7 @@ impl Operation {
             Operation::Stats => "stats",
             Operation::DeadLetters => "dead_letters",
             Operation::Ping => "ping",
+            Operation::Admin => "admin",
         }
     }
 }
@@ -428,6 +432,14 @@ impl<Q: Queue> Queue for Chaos<Q> {
     async fn purge_dead_letters(&self) -> Result<u64> {
         self.run(Operation::DeadLetters, self.inner.purge_dead_letters())
             .await
+    }
+
+    async fn purge(&self) -> Result<u64> {
+        self.run(Operation::Admin, self.inner.purge()).await
+    }
+
+    async fn delete(&self) -> Result<()> {
+        self.run(Operation::Admin, self.inner.delete()).await
     }
 
     fn capabilities(&self) -> Capabilities {

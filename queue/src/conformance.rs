@@ -990,6 +990,237 @@ pub async fn large_due_backlog_drains<F: Fn(QueueConfig) -> Fut, Fut: Future<Out
     );
 }
 
+/// `purge` removes every waiting job (ready and delayed) and leaves leased
+/// jobs and dead letters alone.
+pub async fn purge_removes_waiting_jobs<
+    F: Fn(QueueConfig) -> Fut,
+    Fut: Future<Output = Subject>,
+>(
+    make: F,
+) {
+    let s = subject(&make, "purge", |c| c).await;
+    let caps = caps(&s);
+    s.queue.enqueue(Job::new("leased")).await.unwrap();
+    let leased = one(&*s.queue, SLACK, Duration::from_secs(30)).await;
+    if caps.dead_letter_admin {
+        s.queue.enqueue(Job::new("dead")).await.unwrap();
+        let dead = one(&*s.queue, SLACK, SHORT_LEASE).await;
+        s.queue
+            .nack(&dead.receipt, Nack::dead_letter("kept"))
+            .await
+            .unwrap();
+    }
+    let mut waiting = 3u64;
+    for i in 0..3 {
+        s.queue
+            .enqueue(Job::new(format!("ready-{i}")))
+            .await
+            .unwrap();
+    }
+    if caps.delay {
+        for delay in [300, 301] {
+            s.queue
+                .enqueue(Job::new("delayed").delay(Duration::from_millis(delay)))
+                .await
+                .unwrap();
+        }
+        waiting += 2;
+    }
+    let removed = s.queue.purge().await.unwrap();
+    if caps.exact_stats {
+        assert_eq!(removed, waiting, "purge answers how many it removed");
+    }
+    nothing(&*s.queue, Duration::from_millis(800)).await;
+    // The leased job is untouched: its ack still works.
+    s.queue.ack(&leased.receipt).await.unwrap();
+    if caps.dead_letter_admin {
+        let dead = s.queue.dead_letters(10).await.unwrap();
+        assert_eq!(dead.len(), 1, "dead letters survive a purge");
+        assert_eq!(dead[0].reason, "kept");
+    }
+    // The queue works on after a purge, delays included.
+    s.queue.enqueue(Job::new("after")).await.unwrap();
+    let got = one(&*s.queue, SLACK, SHORT_LEASE).await;
+    assert_eq!(&got.payload[..], b"after");
+    s.queue.ack(&got.receipt).await.unwrap();
+    if caps.delay {
+        s.queue
+            .enqueue(Job::new("later").delay(Duration::from_millis(300)))
+            .await
+            .unwrap();
+        let got = one(&*s.queue, SLACK, SHORT_LEASE).await;
+        assert_eq!(&got.payload[..], b"later");
+        s.queue.ack(&got.receipt).await.unwrap();
+    }
+    // An empty queue purges to nothing.
+    assert_eq!(s.queue.purge().await.unwrap(), 0);
+}
+
+/// `delete` removes the queue with its jobs, leases, delays and dead
+/// letters; the handle starts afresh, empty, and a second delete succeeds.
+pub async fn delete_removes_everything<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
+    make: F,
+) {
+    let s = subject(&make, "delete", |c| c).await;
+    let caps = caps(&s);
+    for i in 0..3 {
+        s.queue.enqueue(Job::new(format!("job-{i}"))).await.unwrap();
+    }
+    let leased = one(&*s.queue, SLACK, Duration::from_secs(30)).await;
+    let dead = one(&*s.queue, SLACK, Duration::from_secs(30)).await;
+    s.queue
+        .nack(&dead.receipt, Nack::dead_letter("gone with the queue"))
+        .await
+        .unwrap();
+    if caps.delay {
+        s.queue
+            .enqueue(Job::new("delayed").delay(Duration::from_millis(300)))
+            .await
+            .unwrap();
+        // A retry's backoff is a delay too.
+        let retried = one(&*s.queue, SLACK, Duration::from_secs(30)).await;
+        s.queue
+            .nack(
+                &retried.receipt,
+                Nack::retry_after(Duration::from_millis(250), "later"),
+            )
+            .await
+            .unwrap();
+    }
+    s.queue.delete().await.unwrap();
+    assert!(
+        matches!(
+            s.queue.ack(&leased.receipt).await,
+            Err(Error::InvalidReceipt(_))
+        ),
+        "a receipt from before the delete is invalid"
+    );
+    nothing(&*s.queue, Duration::from_millis(800)).await;
+    let stats = s.queue.stats().await.unwrap();
+    assert_eq!(
+        (stats.ready, stats.delayed, stats.in_flight, stats.dead),
+        (0, 0, 0, 0),
+        "{stats:?}"
+    );
+    if caps.dead_letter_admin {
+        assert!(s.queue.dead_letters(10).await.unwrap().is_empty());
+    }
+    // The handle starts afresh.
+    s.queue.enqueue(Job::new("fresh")).await.unwrap();
+    let got = one(&*s.queue, SLACK, SHORT_LEASE).await;
+    assert_eq!(&got.payload[..], b"fresh");
+    assert_eq!(got.attempt, 1);
+    s.queue.ack(&got.receipt).await.unwrap();
+    s.queue.delete().await.unwrap();
+    s.queue.delete().await.unwrap();
+}
+
+/// A caller-chosen id names the job in deliveries, retries and dead
+/// letters; two jobs under one id are two jobs. Backends without the
+/// capability refuse it with `Unsupported`.
+pub async fn caller_chosen_ids<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+    let s = subject(&make, "ids", |c| c).await;
+    let id = crate::JobId::from_string("order-42/embed");
+    if !supported_or_refused(
+        caps(&s).caller_ids,
+        s.queue.enqueue(Job::new("x").id(id.clone())),
+    )
+    .await
+    {
+        return;
+    }
+    let caps = caps(&s);
+    let sent = s
+        .queue
+        .enqueue(Job::new("first").id(id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(sent.id, id);
+    match s
+        .queue
+        .enqueue(Job::new("x").id(crate::JobId::from_string("")))
+        .await
+    {
+        Err(Error::InvalidArgument { name: "id", .. }) => {}
+        other => panic!("an empty id must be refused naming `id`, got {other:?}"),
+    }
+    let got = one(&*s.queue, SLACK, SHORT_LEASE).await;
+    assert_eq!(got.id, id);
+    if caps.delay {
+        // Two delayed jobs under one id (a retry and a new job) both arrive.
+        s.queue
+            .nack(
+                &got.receipt,
+                Nack::retry_after(Duration::from_millis(200), "again"),
+            )
+            .await
+            .unwrap();
+        s.queue
+            .enqueue(
+                Job::new("second")
+                    .id(id.clone())
+                    .delay(Duration::from_millis(200)),
+            )
+            .await
+            .unwrap();
+        let mut payloads = Vec::new();
+        let give_up = Instant::now() + SLACK * 2;
+        while payloads.len() < 2 && Instant::now() < give_up {
+            for d in s.queue.dequeue(opts(10, SLACK, SHORT_LEASE)).await.unwrap() {
+                assert_eq!(d.id, id);
+                payloads.push(d.payload.clone());
+                if caps.dead_letter_admin && &d.payload[..] == b"first" {
+                    s.queue
+                        .nack(&d.receipt, Nack::dead_letter("done"))
+                        .await
+                        .unwrap();
+                } else {
+                    s.queue.ack(&d.receipt).await.unwrap();
+                }
+            }
+        }
+        payloads.sort();
+        assert_eq!(payloads, vec![Bytes::from("first"), Bytes::from("second")]);
+        if caps.dead_letter_admin {
+            let dead = s.queue.dead_letters(10).await.unwrap();
+            assert_eq!(dead.len(), 1);
+            assert_eq!(dead[0].id, id);
+        }
+    } else {
+        s.queue.ack(&got.receipt).await.unwrap();
+    }
+}
+
+/// Jobs a backend cannot hold are refused up front, naming the field; the
+/// queue keeps working.
+pub async fn bad_jobs_are_refused<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
+    make: F,
+) {
+    let s = subject(&make, "bad-jobs", |c| c).await;
+    if caps(&s).idempotency {
+        match s.queue.enqueue(Job::new("x").idempotency_key("")).await {
+            Err(Error::InvalidArgument {
+                name: "idempotency_key",
+                ..
+            }) => {}
+            other => panic!("an empty idempotency key must be refused, got {other:?}"),
+        }
+    }
+    // A batch with one bad job enqueues none of it.
+    let batch = vec![Job::new("fine"), Job::new("bad").priority(Priority(200))];
+    assert!(matches!(
+        s.queue.enqueue_batch(batch).await,
+        Err(Error::InvalidArgument {
+            name: "priority",
+            ..
+        })
+    ));
+    nothing(&*s.queue, Duration::from_millis(200)).await;
+    s.queue.enqueue(Job::new("ok")).await.unwrap();
+    let got = one(&*s.queue, SLACK, SHORT_LEASE).await;
+    s.queue.ack(&got.receipt).await.unwrap();
+}
+
 /// Expands the whole suite into one `#[tokio::test]` per case in a module
 /// named `$module`, for the queue built by `$make`: a closure from
 /// [`QueueConfig`] to a future of [`Subject`].
@@ -1008,7 +1239,8 @@ macro_rules! queue_conformance {
                 expired_deadline_is_not_delivered, capacity_full, stats_exact,
                 namespace_isolation, poison_payload_is_dead_lettered,
                 cancelled_dequeue_loses_nothing, many_producers_and_consumers,
-                large_due_backlog_drains);
+                large_due_backlog_drains, purge_removes_waiting_jobs,
+                delete_removes_everything, caller_chosen_ids, bad_jobs_are_refused);
         }
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {$(

@@ -191,6 +191,7 @@ impl MemoryQueue {
     ) -> Result<Enqueued> {
         let config = &self.shared.config;
         config.check_priority(job.priority)?;
+        crate::types::check_job(&job, &crate::types::Limits::NONE)?;
         if let Some(key) = &job.idempotency_key {
             state.expire_dedup(now);
             if let Some((id, _)) = state.dedup.get(key) {
@@ -209,7 +210,10 @@ impl MemoryQueue {
         }
         let seq = state.next_seq;
         state.next_seq += 1;
-        let id = self.shared.ids.id(seq);
+        let id = match job.id {
+            Some(id) => id,
+            None => self.shared.ids.id(seq),
+        };
         if let Some(key) = job.idempotency_key {
             let expires = now + config.dedup_window;
             state.dedup.insert(key.clone(), (id.clone(), expires));
@@ -293,6 +297,20 @@ fn parse_receipt(receipt: &Receipt) -> Result<(u64, u64)> {
 }
 
 impl State {
+    /// Removes every ready and delayed job (`Queue::purge`); leased jobs
+    /// stay. Answers how many were removed.
+    fn purge_waiting(&mut self) -> u64 {
+        let before = self.jobs.len();
+        self.jobs
+            .retain(|_, record| matches!(record.place, Place::Leased { .. }));
+        for level in &mut self.ready {
+            level.clear();
+        }
+        self.delayed.clear();
+        self.delayed_count = 0;
+        (before - self.jobs.len()) as u64
+    }
+
     fn expire_dedup(&mut self, now: Instant) {
         while let Some(Reverse((expires, _))) = self.dedup_expiry.peek() {
             if *expires > now {
@@ -479,6 +497,12 @@ impl Queue for MemoryQueue {
     }
 
     async fn enqueue_batch(&self, jobs: Vec<Job>) -> Result<Vec<Enqueued>> {
+        // Checked up front, as the other backends do: a bad job stops the
+        // batch before any of it is enqueued.
+        for job in &jobs {
+            self.shared.config.check_priority(job.priority)?;
+            crate::types::check_job(job, &crate::types::Limits::NONE)?;
+        }
         let (now, wall) = (Instant::now(), SystemTime::now());
         let mut out = Vec::with_capacity(jobs.len());
         let result = {
@@ -695,6 +719,27 @@ impl Queue for MemoryQueue {
         Ok(purged)
     }
 
+    async fn purge(&self) -> Result<u64> {
+        Ok(self.shared.state.lock().purge_waiting())
+    }
+
+    async fn delete(&self) -> Result<()> {
+        let levels = usize::from(self.shared.config.priority_levels);
+        {
+            let mut state = self.shared.state.lock();
+            // The counters carry on, so no earlier receipt names a new job.
+            *state = State {
+                next_seq: state.next_seq,
+                next_token: state.next_token,
+                ready: (0..levels).map(|_| VecDeque::new()).collect(),
+                ..State::default()
+            };
+        }
+        // Waiting consumers look again (and find nothing).
+        self.shared.changed.notify_waiters();
+        Ok(())
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             backend: BACKEND,
@@ -706,6 +751,7 @@ impl Queue for MemoryQueue {
             exact_stats: true,
             dead_letter_admin: true,
             durable: false,
+            caller_ids: true,
         }
     }
 

@@ -235,6 +235,52 @@ pub trait Queue: Debug + Send + Sync + 'static {
     /// Dropping the future may purge some or all.
     async fn purge_dead_letters(&self) -> Result<u64>;
 
+    /// Removes every job that is waiting (ready or delayed) and answers how
+    /// many there were.
+    ///
+    /// # Behavior
+    ///
+    /// Jobs leased at the time are not touched: they can still be acked or
+    /// nacked, and come back after their lease like any other. Dead letters
+    /// stay (see [`purge_dead_letters`](Queue::purge_dead_letters)), and so
+    /// do remembered idempotency keys. Jobs enqueued while the purge runs
+    /// may or may not be removed.
+    ///
+    /// # Errors
+    ///
+    /// [`Unavailable`](crate::Error::Unavailable) or
+    /// [`Timeout`](crate::Error::Timeout) when the backend cannot be
+    /// reached (some jobs may have been removed).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future may remove some of the jobs.
+    async fn purge(&self) -> Result<u64>;
+
+    /// Deletes the queue and everything it created on the backend: its
+    /// jobs (ready, delayed and leased), its dead letters, its idempotency
+    /// keys, and every key, stream, set, queue or exchange it declared
+    /// (RabbitMQ's delay and dead-letter queues included).
+    ///
+    /// # Behavior
+    ///
+    /// Afterwards nothing of the queue is left on the backend, and the
+    /// receipts of earlier deliveries are invalid. The handle stays usable:
+    /// its next call starts the queue afresh, empty (so do other handles on
+    /// the same queue — stop them first). Deleting a queue that holds
+    /// nothing succeeds.
+    ///
+    /// # Errors
+    ///
+    /// [`Unavailable`](crate::Error::Unavailable) or
+    /// [`Timeout`](crate::Error::Timeout) when the backend cannot be
+    /// reached (part of the queue may be gone).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future may delete part of the queue; call it again.
+    async fn delete(&self) -> Result<()>;
+
     /// What this backend supports.
     fn capabilities(&self) -> Capabilities;
 
@@ -287,6 +333,12 @@ macro_rules! forward_queue {
             }
             async fn purge_dead_letters(&self) -> Result<u64> {
                 (**self).purge_dead_letters().await
+            }
+            async fn purge(&self) -> Result<u64> {
+                (**self).purge().await
+            }
+            async fn delete(&self) -> Result<()> {
+                (**self).delete().await
             }
             fn capabilities(&self) -> Capabilities {
                 (**self).capabilities()

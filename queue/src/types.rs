@@ -112,17 +112,39 @@ impl Default for Priority {
 ///
 /// ```
 /// use std::time::Duration;
-/// use keel_queue::{Job, Priority};
+/// use keel_queue::{Job, JobId, Priority};
 ///
 /// let job = Job::new("embed this")
+///     .id(JobId::from_string("req-42"))
 ///     .header("tenant", "acme")
 ///     .priority(Priority::HIGH)
 ///     .delay(Duration::from_secs(5))
 ///     .idempotency_key("req-42");
 /// assert_eq!(job.headers["tenant"], "acme");
 /// ```
+///
+/// # Limits
+///
+/// Every backend checks a job against what it can store before it writes
+/// anything, and refuses it with
+/// [`InvalidArgument`](crate::Error::InvalidArgument) naming the field
+/// (`id`, `headers`, `payload`, `idempotency_key`): an id or idempotency key
+/// is never empty; RabbitMQ takes ids and header names of at most 255 bytes,
+/// at most 64 KiB of headers in all, payloads of at most 128 MiB, and
+/// refuses header names it reserves (`x-keel-*`, `x-death`,
+/// `x-delivery-count`, `x-first-death-*`, `x-last-death-*`, `CC`, `BCC`);
+/// Redis takes payloads of at most 512 MiB.
 #[derive(Clone, Debug, Default)]
 pub struct Job {
+    /// The job's id, chosen by the caller; `None` (the default) lets the
+    /// backend make a unique one. Backends that take caller-chosen ids say
+    /// so in [`Capabilities::caller_ids`]; the others refuse a job that
+    /// carries one with [`Unsupported`](crate::Error::Unsupported).
+    ///
+    /// The id names the job in deliveries, dead letters and replays; the
+    /// queue does not deduplicate on it (use an idempotency key for that),
+    /// so two jobs enqueued under one id are two jobs.
+    pub id: Option<JobId>,
     /// The opaque payload.
     pub payload: Bytes,
     /// String headers delivered with the payload.
@@ -146,6 +168,12 @@ impl Job {
             payload: payload.into(),
             ..Job::default()
         }
+    }
+
+    /// Sets the job's id (see [`Job::id`](Job#structfield.id)).
+    pub fn id(mut self, id: JobId) -> Self {
+        self.id = Some(id);
+        self
     }
 
     /// Adds a header.
@@ -423,4 +451,128 @@ pub struct Capabilities {
     pub dead_letter_admin: bool,
     /// Jobs survive a process restart.
     pub durable: bool,
+    /// Jobs may carry a caller-chosen [`Job::id`](Job#structfield.id).
+    pub caller_ids: bool,
+}
+
+/// What a backend can store: checked by [`check_job`] before anything is
+/// written, so no input reaches a library that would panic or fail on it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// The backend's name, for `Unsupported`.
+    pub(crate) backend: &'static str,
+    /// Whether caller-chosen ids are taken.
+    pub(crate) caller_ids: bool,
+    /// Longest id, in bytes.
+    pub(crate) max_id: usize,
+    /// Longest header name, in bytes.
+    pub(crate) max_header_name: usize,
+    /// Most bytes of header names and values together.
+    pub(crate) max_headers: usize,
+    /// Largest payload, in bytes.
+    pub(crate) max_payload: usize,
+    /// Header names the backend reserves for itself.
+    pub(crate) reserved_header: fn(&str) -> bool,
+}
+
+impl Limits {
+    /// No limits beyond non-empty ids and keys (the memory backend).
+    pub(crate) const NONE: Limits = Limits {
+        backend: "memory",
+        caller_ids: true,
+        max_id: usize::MAX,
+        max_header_name: usize::MAX,
+        max_headers: usize::MAX,
+        max_payload: usize::MAX,
+        reserved_header: |_| false,
+    };
+}
+
+/// A name or value shortened for an error message.
+fn shown(text: &str) -> String {
+    if text.len() <= 40 {
+        return format!("{text:?}");
+    }
+    let mut end = 40;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &text[..end], text.len())
+}
+
+/// Checks a job against a backend's [`Limits`], naming the bad field.
+pub(crate) fn check_job(job: &Job, limits: &Limits) -> crate::Result<()> {
+    let invalid =
+        |name: &'static str, reason: String| Err(crate::Error::InvalidArgument { name, reason });
+    if let Some(id) = &job.id {
+        if !limits.caller_ids {
+            return Err(crate::Error::Unsupported {
+                backend: limits.backend,
+                what: "caller-chosen job ids".into(),
+            });
+        }
+        if id.as_str().is_empty() {
+            return invalid("id", "must not be empty".into());
+        }
+        if id.as_str().len() > limits.max_id {
+            return invalid(
+                "id",
+                format!(
+                    "{} is longer than the {} backend's limit of {} bytes",
+                    shown(id.as_str()),
+                    limits.backend,
+                    limits.max_id
+                ),
+            );
+        }
+    }
+    if job.idempotency_key.as_deref() == Some("") {
+        return invalid("idempotency_key", "must not be empty".into());
+    }
+    let mut total = 0usize;
+    for (name, value) in &job.headers {
+        if name.len() > limits.max_header_name {
+            return invalid(
+                "headers",
+                format!(
+                    "header name {} is longer than the {} backend's limit of {} bytes",
+                    shown(name),
+                    limits.backend,
+                    limits.max_header_name
+                ),
+            );
+        }
+        if (limits.reserved_header)(name) {
+            return invalid(
+                "headers",
+                format!(
+                    "header name {} is reserved by the {} backend",
+                    shown(name),
+                    limits.backend
+                ),
+            );
+        }
+        total = total.saturating_add(name.len()).saturating_add(value.len());
+    }
+    if total > limits.max_headers {
+        return invalid(
+            "headers",
+            format!(
+                "{total} bytes of headers are more than the {} backend's limit of {} bytes",
+                limits.backend, limits.max_headers
+            ),
+        );
+    }
+    if job.payload.len() > limits.max_payload {
+        return invalid(
+            "payload",
+            format!(
+                "{} bytes are more than the {} backend's limit of {} bytes",
+                job.payload.len(),
+                limits.backend,
+                limits.max_payload
+            ),
+        );
+    }
+    Ok(())
 }

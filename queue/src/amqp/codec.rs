@@ -11,6 +11,18 @@ pub(super) const H_DEADLINE: &str = "x-keel-deadline-ms";
 pub(super) const H_PRIORITY: &str = "x-keel-priority";
 pub(super) const H_REASON: &str = "x-keel-reason";
 pub(super) const H_FAILED: &str = "x-keel-failed-ms";
+/// Header names the broker or Keel puts on messages: a job may not carry
+/// them (they would be read back as the broker's or dropped).
+pub(super) fn reserved_header(name: &str) -> bool {
+    name.starts_with("x-keel-")
+        || name == "x-death"
+        || name == "x-delivery-count"
+        || name.starts_with("x-first-death-")
+        || name.starts_with("x-last-death-")
+        || name == "CC"
+        || name == "BCC"
+}
+
 pub(super) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -106,7 +118,7 @@ pub(super) fn read_meta(properties: &BasicProperties) -> Meta {
                         ));
                     }
                 }
-                k if k.starts_with("x-") => {}
+                k if reserved_header(k) => {}
                 k => {
                     if let Some(v) = as_text(value) {
                         meta.headers.insert(k.to_owned(), v);

@@ -8,6 +8,11 @@ use serde::{Deserialize, Serialize};
 use crate::config::QueueConfig;
 use crate::error::{Error, Result};
 
+/// The longest queue name the RabbitMQ backend takes: every name it derives
+/// (`<name>.delay.p<level>.<ms>ms` is the longest, with up to 2 digits of
+/// level and 20 of milliseconds) must fit AMQP's 255-byte short strings.
+pub(crate) const MAX_NAME: usize = 255 - ".delay.p".len() - 2 - ".".len() - 20 - "ms".len();
+
 /// The RabbitMQ queue type for a queue's ready and dead-letter queues.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -130,6 +135,25 @@ impl AmqpQueueConfig {
     /// [`Error::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
         self.queue.validate()?;
+        let name = &self.queue.name;
+        if name.len() > MAX_NAME {
+            return Err(Error::config(
+                "queue.name",
+                format!(
+                    "is {} bytes; RabbitMQ names are at most 255 bytes, and the longest name \
+                     this queue derives from it (`<name>.delay.p<level>.<ms>ms`) adds {} bytes, \
+                     so the name may have at most {MAX_NAME}",
+                    name.len(),
+                    255 - MAX_NAME
+                ),
+            ));
+        }
+        if name.starts_with("amq.") {
+            return Err(Error::config(
+                "queue.name",
+                "must not start with `amq.` (RabbitMQ reserves those names)",
+            ));
+        }
         if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
             return Err(Error::config("url", "must be an amqp:// or amqps:// URL"));
         }

@@ -77,7 +77,8 @@ use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions, QueuePurgeOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
@@ -102,6 +103,19 @@ use crate::types::{
 };
 
 const BACKEND: &str = "amqp";
+
+/// What one job may hold: AMQP short strings (header names, the message
+/// id) are at most 255 bytes, the properties travel in one frame (128 KiB
+/// by default), and RabbitMQ 3.10 refuses messages above 128 MiB.
+const LIMITS: crate::types::Limits = crate::types::Limits {
+    backend: BACKEND,
+    caller_ids: true,
+    max_id: 255,
+    max_header_name: 255,
+    max_headers: 64 * 1024,
+    max_payload: 128 * 1024 * 1024,
+    reserved_header,
+};
 /// Most dead letters one `replay_dead_letters` call looks through.
 const REPLAY_SCAN_LIMIT: usize = 100_000;
 
@@ -192,6 +206,12 @@ impl AmqpQueue {
 
     fn dead_queue(&self) -> String {
         format!("{}.dead", self.name())
+    }
+
+    /// The queue that records every delay queue declared, so `purge` and
+    /// `delete` can find them (the broker cannot list queues over AMQP).
+    fn registry_queue(&self) -> String {
+        format!("{}.delays", self.name())
     }
 
     async fn timed<T>(
@@ -294,6 +314,16 @@ impl AmqpQueue {
                     FieldTable::default(),
                 )
                 .await?;
+            let mut registry_args = FieldTable::default();
+            registry_args.insert("x-queue-type".into(), text("classic"));
+            publisher
+                .queue_declare(
+                    self.registry_queue().as_str().into(),
+                    durable,
+                    registry_args,
+                )
+                .await
+                .map_err(AmqpFailure::Topology)?;
             for level in 0..levels {
                 let mut args = self.queue_args();
                 args.insert("x-dead-letter-exchange".into(), text(&dlx));
@@ -604,8 +634,64 @@ impl AmqpQueue {
                 .map_err(AmqpFailure::Topology)
         })
         .await?;
+        // Recorded for `purge` and `delete`, for as long as the delay queue
+        // can live (it expires a minute after its delay, unused).
+        let record = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_expiration(delay_ms.saturating_add(120_000).to_string().as_str().into());
+        let confirm = self
+            .publish(link, &self.registry_queue(), name.as_bytes(), record)
+            .await?;
+        if let Stored::Unroutable = self.confirmed(confirm).await? {
+            return Err(unroutable(&self.registry_queue()));
+        }
         link.declared_delays.lock().insert(name.clone());
         Ok(name)
+    }
+
+    /// Every delay queue recorded in the registry (taking the records) and
+    /// declared by this handle.
+    async fn take_delay_queues(&self, link: &Link) -> Result<HashSet<String>> {
+        let mut names: HashSet<String> = link.declared_delays.lock().drain().collect();
+        let registry = self.registry_queue();
+        let taken: Result<Vec<String>> = self
+            .timed(async {
+                let channel = link.connection.create_channel().await?;
+                let mut out = Vec::new();
+                while let Some(message) = channel
+                    .basic_get(registry.as_str().into(), BasicGetOptions { no_ack: true })
+                    .await?
+                {
+                    out.push(String::from_utf8_lossy(&message.delivery.data).into_owned());
+                }
+                let _ = channel.close(200, "registry read".into()).await;
+                Ok(out)
+            })
+            .await;
+        names.extend(taken?);
+        Ok(names)
+    }
+
+    /// Deletes one queue on a channel of its own and answers how many
+    /// messages it held; a queue that is not there counts as deleted.
+    async fn delete_queue(&self, link: &Link, name: &str) -> Result<u64> {
+        let deleted = self
+            .timed(async {
+                let channel = link.connection.create_channel().await?;
+                let deleted = channel
+                    .queue_delete(name.into(), QueueDeleteOptions::default())
+                    .await;
+                let _ = channel.close(200, "deleted".into()).await;
+                Ok(deleted)
+            })
+            .await?;
+        match deleted {
+            Ok(count) => Ok(u64::from(count)),
+            // The channel failed but the connection stands: the broker
+            // refused on this queue alone, which means it is not there.
+            Err(_) if link.usable() => Ok(0),
+            Err(err) => Err(Error::from(AmqpFailure::from(err))),
+        }
     }
 
     /// Where a job goes now: its ready queue, or a delay queue.
@@ -873,6 +959,7 @@ impl Queue for AmqpQueue {
         let config = &self.inner.config.queue;
         for job in &jobs {
             config.check_priority(job.priority)?;
+            crate::types::check_job(job, &LIMITS)?;
             if job.idempotency_key.is_some() {
                 return Err(Error::Unsupported {
                     backend: BACKEND,
@@ -885,7 +972,7 @@ impl Queue for AmqpQueue {
         // Publish the whole batch, then wait for the confirms.
         let mut pending = Vec::with_capacity(jobs.len());
         for job in &jobs {
-            let id = self.inner.ids.next();
+            let id = job.id.clone().unwrap_or_else(|| self.inner.ids.next());
             let level = usize::from(job.priority.0);
             let target = self.route(&link, level, job.delay).await?;
             let props = properties(
@@ -998,15 +1085,26 @@ impl Queue for AmqpQueue {
 
     async fn nack(&self, receipt: &Receipt, action: Nack) -> Result<()> {
         let lease = self.take_lease(receipt)?;
+        let (generation, level, tag) = (lease.generation, lease.level, lease.tag);
         // Finish even if the caller stops waiting, so the delivery is never
         // left unsettled on the channel.
         let this = self.clone();
-        tokio::spawn(async move { this.nack_inner(lease, action).await })
-            .await
-            .map_err(|err| Error::Backend {
-                message: "the nack task failed".into(),
-                source: Some(err.into()),
-            })?
+        match tokio::spawn(async move { this.nack_inner(lease, action).await }).await {
+            Ok(result) => result,
+            Err(err) => {
+                // The task failed before settling: hand the original back
+                // to the broker, so the job is never stranded.
+                if let Some(link) = self.inner.link.lock().await.clone()
+                    && link.generation == generation
+                {
+                    let _ = self.settle_raw(&link, level, tag, false).await;
+                }
+                Err(Error::Backend {
+                    message: "the nack task failed; the job was handed back".into(),
+                    source: Some(err.into()),
+                })
+            }
+        }
     }
 
     async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<()> {
@@ -1197,6 +1295,74 @@ impl Queue for AmqpQueue {
         .await
     }
 
+    async fn purge(&self) -> Result<u64> {
+        let link = self.link().await?;
+        let levels = usize::from(self.inner.config.queue.priority_levels);
+        let mut removed = 0u64;
+        for level in 0..levels {
+            let name = self.ready_queue(level);
+            removed += self
+                .timed(async {
+                    Ok(u64::from(
+                        link.publisher
+                            .queue_purge(name.as_str().into(), QueuePurgeOptions::default())
+                            .await?,
+                    ))
+                })
+                .await?;
+        }
+        // What this handle prefetched but nobody dequeued is waiting too.
+        let buffered: Vec<(usize, u64)> = {
+            let mut buffers = link.buffers.lock();
+            buffers
+                .iter_mut()
+                .enumerate()
+                .flat_map(|(level, buffer)| {
+                    buffer.drain(..).map(move |raw| (level, raw.delivery_tag))
+                })
+                .collect()
+        };
+        for (level, tag) in buffered {
+            self.settle_raw(&link, level, tag, true).await?;
+            removed += 1;
+        }
+        // Delay queues go altogether: a later delay declares its queue
+        // again.
+        for name in self.take_delay_queues(&link).await? {
+            removed += self.delete_queue(&link, &name).await?;
+        }
+        Ok(removed)
+    }
+
+    async fn delete(&self) -> Result<()> {
+        let link = self.link().await?;
+        let levels = usize::from(self.inner.config.queue.priority_levels);
+        let mut names: Vec<String> = (0..levels).map(|l| self.ready_queue(l)).collect();
+        names.extend(self.take_delay_queues(&link).await?);
+        names.push(self.dead_queue());
+        names.push(self.registry_queue());
+        for name in &names {
+            self.delete_queue(&link, name).await?;
+        }
+        let dlx = format!("{}.dlx", self.name());
+        self.timed(async {
+            let channel = link.connection.create_channel().await?;
+            let _ = channel
+                .exchange_delete(dlx.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+            let _ = channel.close(200, "deleted".into()).await;
+            Ok(())
+        })
+        .await?;
+        // Nothing this handle held is valid any more; the next call
+        // reconnects and declares the queue afresh.
+        self.inner.leases.lock().map.clear();
+        if let Some(link) = self.inner.link.lock().await.take() {
+            link.retire();
+        }
+        Ok(())
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             backend: BACKEND,
@@ -1208,6 +1374,7 @@ impl Queue for AmqpQueue {
             exact_stats: false,
             dead_letter_admin: true,
             durable: true,
+            caller_ids: true,
         }
     }
 

@@ -218,6 +218,33 @@ impl fmt::Debug for RedisQueue {
     }
 }
 
+/// What one job may hold: a Redis string (the payload, the headers' JSON)
+/// is at most 512 MiB.
+const LIMITS: crate::types::Limits = crate::types::Limits {
+    backend: BACKEND,
+    caller_ids: true,
+    max_id: 64 * 1024,
+    max_header_name: usize::MAX,
+    max_headers: 256 * 1024 * 1024,
+    max_payload: 512 * 1024 * 1024,
+    reserved_header: |_| false,
+};
+
+/// Waiting jobs removed per `purge` script call.
+const PURGE_CHUNK: u64 = 1_000;
+
+/// `text` with the glob characters of `SCAN … MATCH` escaped.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Receipts per ack script call.
 const ACK_CHUNK: usize = 1_000;
 /// A receipt whose lease ends at least this long after our estimate of the
@@ -425,7 +452,11 @@ impl RedisQueue {
         let mut encoded = Vec::with_capacity(jobs.len());
         for job in &jobs {
             queue.check_priority(job.priority)?;
-            encoded.push((self.inner.ids.next(), encode_headers(&job.headers)?));
+            crate::types::check_job(job, &LIMITS)?;
+        }
+        for job in &jobs {
+            let id = job.id.clone().unwrap_or_else(|| self.inner.ids.next());
+            encoded.push((id, encode_headers(&job.headers)?));
         }
         // Nothing to check or schedule: the entries go straight into their
         // streams, atomically (MULTI/EXEC), without a script.
@@ -840,6 +871,51 @@ impl Queue for RedisQueue {
         .await
     }
 
+    async fn purge(&self) -> Result<u64> {
+        let levels = self.inner.config.queue.priority_levels;
+        let mut removed = 0u64;
+        loop {
+            let n: u64 = self
+                .invoke(&self.inner.scripts.admin, |inv| {
+                    inv.arg("purge-waiting").arg(levels).arg(PURGE_CHUNK);
+                })
+                .await?;
+            removed += n;
+            if n < PURGE_CHUNK {
+                return Ok(removed);
+            }
+        }
+    }
+
+    async fn delete(&self) -> Result<()> {
+        // Every key of the queue starts with `keel:{name}:`; a prefix scan
+        // finds them all, whatever made them (delayed bodies, idempotency
+        // keys, the dead letters). Bounded batches, never one long command.
+        let pattern = format!("{}:*", glob_escape(&self.inner.prefix));
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .command(
+                    ::redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1_000),
+                )
+                .await?;
+            if !keys.is_empty() {
+                let _: u64 = self.command(::redis::cmd("UNLINK").arg(&keys)).await?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        self.inner.read_down_to.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             backend: BACKEND,
@@ -851,6 +927,7 @@ impl Queue for RedisQueue {
             exact_stats: true,
             dead_letter_admin: true,
             durable: true,
+            caller_ids: true,
         }
     }
 

@@ -3,6 +3,7 @@
 --   'stats', levels, max attempts -> {ready, delayed, in_flight, dead, oldest ready age ms or -1}
 --   'replay', id...               -> replayed count
 --   'purge'                       -> purged count
+--   'purge-waiting', levels, limit -> waiting jobs removed (at most limit)
 local action = ARGV[2]
 local now = now_ms()
 if action == 'stats' then
@@ -49,6 +50,36 @@ elseif action == 'replay' then
     end
   end
   return replayed
+elseif action == 'purge-waiting' then
+  -- Removes up to `limit` waiting jobs: stream entries the group has not
+  -- handed out (past its last delivered id) and delayed jobs. Leased
+  -- entries stay. Answers how many went; the caller repeats until 0.
+  local levels, limit = tonumber(ARGV[3]), tonumber(ARGV[4])
+  local removed = 0
+  for level = 0, levels - 1 do
+    if removed < limit then
+      local sk = stream_key(level)
+      local from = last_delivered(sk) or '0-0'
+      local entries = redis.call('XRANGE', sk, '(' .. from, '+', 'COUNT', limit - removed)
+      local eids = {}
+      for _, e in ipairs(entries) do
+        eids[#eids + 1] = e[1]
+      end
+      if #eids > 0 then
+        redis.call('XDEL', sk, unpack(eids))
+      end
+      removed = removed + #eids
+    end
+  end
+  if removed < limit then
+    local slots = redis.call('ZRANGE', K_DELAYED, 0, limit - removed - 1)
+    for _, slot in ipairs(slots) do
+      redis.call('DEL', prefix .. ':d:' .. slot)
+      redis.call('ZREM', K_DELAYED, slot)
+    end
+    removed = removed + #slots
+  end
+  return removed
 elseif action == 'purge' then
   local n = redis.call('XLEN', K_DEAD)
   redis.call('UNLINK', K_DEAD, K_DEAD_INDEX)

@@ -64,9 +64,12 @@ local function push_ready(m)
   redis.call('XADD', stream_key(m.r), '*', unpack(entry_fields(m)))
 end
 
+-- A delayed job is held under a number of its own, not its id: ids may be
+-- chosen by callers, and two jobs under one id must not share a slot.
 local function push_delayed(m, due)
-  redis.call('HSET', prefix .. ':d:' .. m.id, unpack(entry_fields(m)))
-  redis.call('ZADD', K_DELAYED, due, m.id)
+  local slot = tostring(redis.call('INCR', prefix .. ':delay-seq'))
+  redis.call('HSET', prefix .. ':d:' .. slot, unpack(entry_fields(m)))
+  redis.call('ZADD', K_DELAYED, due, slot)
 end
 
 local function kill(m, reason, now)
