@@ -236,3 +236,77 @@ async fn the_budget_does_not_burst_in_the_first_second_of_an_outage() {
     // Retries do flow during the outage: the budget is capped, not shut.
     assert!(outage.iter().all(|&(a, t)| t > a));
 }
+
+/// Health in the loop, as the demo configures it: probes every 250 ms,
+/// three consecutive failures eject for 2 s (then probing), half the fleet
+/// at most.
+fn health_config() -> keel_health::HealthConfig {
+    keel_health::HealthConfig::new("sim")
+        .active(
+            keel_health::ActiveConfig::default()
+                .interval(std::time::Duration::from_millis(250))
+                .unhealthy_interval(std::time::Duration::from_millis(250))
+                .timeout(std::time::Duration::from_millis(150))
+                .unhealthy_threshold(2)
+                .healthy_threshold(2),
+        )
+        .outlier(
+            keel_health::OutlierConfig::default()
+                .consecutive_failures(Some(3))
+                .ejection(
+                    std::time::Duration::from_secs(2),
+                    std::time::Duration::from_secs(10),
+                ),
+        )
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovery_from_a_total_outage_causes_no_second_outage() {
+    let scenario = Scenario::outage_and_recovery().seed(SEED);
+    let fleet = Fleet::new(&scenario.fleet, &scenario.script);
+    let (router, health) = sim::keel_health_router(
+        &fleet,
+        keel(&scenario, Policy::PeakEwma),
+        Some(RetryConfig::default()),
+        health_config(),
+        SEED,
+    )
+    .unwrap();
+    // Watch for nodes leaving rotation once the fleet is healthy again
+    // (20 s; probes and slow start take it from there).
+    let mut watch = health.subscribe();
+    let monitor = tokio::spawn(async move {
+        let start = tokio::time::Instant::now();
+        let mut left = Vec::new();
+        let mut in_rotation: std::collections::HashMap<String, bool> = Default::default();
+        while watch.changed().await.is_ok() {
+            let at = start.elapsed();
+            for s in watch.borrow().iter() {
+                let now = s.state.is_in_rotation();
+                let was = in_rotation.insert(s.endpoint.id().to_string(), now);
+                if was == Some(true) && !now && at > std::time::Duration::from_millis(20_500) {
+                    left.push((at, s.endpoint.id().to_string(), format!("{:?}", s.reason)));
+                }
+            }
+            if at > std::time::Duration::from_secs(31) {
+                break;
+            }
+        }
+        left
+    });
+    let report = sim::run(router, &fleet, &scenario.workload).await;
+    drop(health);
+    let left = monitor.await.unwrap();
+    let before = report.quantile_between(0, 10, 0.99);
+    let after = report.quantile_between(20, 25, 0.99);
+    eprintln!(
+        "p99 before {before:?}, in the 5 s after recovery {after:?}; per second {:?}; left rotation after recovery {left:?}",
+        report.per_second
+    );
+    assert!(left.is_empty(), "ejected after recovery: {left:?}");
+    assert!(report.max_attempts_per_second() <= 1.2);
+    assert!(
+        after.as_secs_f64() <= 1.5 * before.as_secs_f64(),
+        "p99 after recovery {after:?} vs before {before:?}"
+    );
+}

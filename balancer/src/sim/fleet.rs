@@ -75,6 +75,10 @@ pub struct FleetConfig {
     /// Batch slots per node: requests beyond them queue at the node.
     /// Default 16.
     pub slots: u32,
+    /// Heterogeneous fleets: node `i` has `slot_mix[i % len]` slots (and
+    /// serves at the same speed per slot, so a bigger node has more
+    /// throughput). Empty (the default): every node has `slots`.
+    pub slot_mix: Vec<u32>,
     /// Service time model.
     pub latency: LatencyModel,
     /// Prompt blocks each node's prefix cache holds (LRU); `None` (the
@@ -91,6 +95,7 @@ impl Default for FleetConfig {
         FleetConfig {
             nodes: 10,
             slots: 16,
+            slot_mix: Vec::new(),
             latency: LatencyModel::default(),
             cache_blocks: None,
             block_bytes: 64,
@@ -110,6 +115,21 @@ impl FleetConfig {
     pub fn slots(mut self, slots: u32) -> Self {
         self.slots = slots;
         self
+    }
+
+    /// Sets [`slot_mix`](Self::slot_mix).
+    pub fn slot_mix(mut self, slots: Vec<u32>) -> Self {
+        self.slot_mix = slots;
+        self
+    }
+
+    /// The slots of node `index`.
+    pub fn slots_of(&self, index: usize) -> u32 {
+        if self.slot_mix.is_empty() {
+            self.slots
+        } else {
+            self.slot_mix[index % self.slot_mix.len()]
+        }
     }
 
     /// Sets [`latency`](Self::latency).
@@ -382,6 +402,7 @@ impl BlockCache {
 struct NodeInner {
     index: usize,
     slots: Arc<Semaphore>,
+    slot_count: u32,
     faults: Vec<(Duration, Fault)>,
     start: Instant,
     latency: LatencyModel,
@@ -576,6 +597,28 @@ impl Future for SimFuture {
     }
 }
 
+impl SimNode {
+    /// The node's index in its fleet.
+    pub fn index(&self) -> usize {
+        self.inner.index
+    }
+
+    /// An active health check: answers at once unless the node is failing
+    /// (an error) or down (it never answers; the checker's timeout ends
+    /// it). It costs the node nothing and is not counted as an attempt.
+    ///
+    /// # Errors
+    ///
+    /// [`SimError::Failed`] while the node fails every request.
+    pub async fn check(&self) -> Result<(), SimError> {
+        match self.inner.fault_at(self.inner.start.elapsed()) {
+            Some(Fault::Down) => std::future::pending().await,
+            Some(Fault::Failing) => Err(SimError::Failed(self.inner.index)),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Service<SimRequest> for SimNode {
     type Response = SimResponse;
     type Error = SimError;
@@ -614,7 +657,8 @@ impl Fleet {
             .map(|index| SimNode {
                 inner: Arc::new(NodeInner {
                     index,
-                    slots: Arc::new(Semaphore::new(config.slots as usize)),
+                    slots: Arc::new(Semaphore::new(config.slots_of(index) as usize)),
+                    slot_count: config.slots_of(index),
                     faults: script.for_node(index),
                     start,
                     latency: config.latency.clone(),
@@ -631,6 +675,11 @@ impl Fleet {
             })
             .collect();
         Fleet { nodes, probe }
+    }
+
+    /// The batch slots of node `index` (0 when there is no such node).
+    pub fn slots_of(&self, index: usize) -> u32 {
+        self.nodes.get(index).map_or(0, |n| n.inner.slot_count)
     }
 
     /// The nodes.

@@ -54,7 +54,7 @@ pub use fleet::{
 pub use report::Report;
 pub use scenario::{PromptShape, Scenario, Workload};
 
-use keel_core::BoxError;
+use keel_core::{BoxError, ConfigError};
 
 use crate::balance::{Balancer, BalancerBuilder, mix};
 use crate::config::{BalancerConfig, Policy};
@@ -103,6 +103,74 @@ pub fn keel_router(
         None => Router::new(balancer.clone().map_err(BoxError::from)),
     };
     Ok((router, balancer))
+}
+
+/// A Keel stack with keel-health in the loop: the [`Balancer`] (with
+/// `config`) discovers the fleet through a [`keel_health::Health`] registry
+/// (with `health`), which probes each node ([`SimNode::check`], jitter
+/// seeded with `seed`), learns from every answer through its outlier
+/// layer and from the balancer's timeouts through the discovery keys, and
+/// publishes slow-start and busy weights and each node's capacity (its
+/// `slots`) through them. Under a [`RetryLayer`] when `retry` is given.
+/// Returns the router and the registry (to read its snapshot).
+///
+/// # Errors
+///
+/// [`Error::InvalidConfig`] naming the bad field (of the balancer's or
+/// health's config).
+pub fn keel_health_router(
+    fleet: &Fleet,
+    config: BalancerConfig,
+    retry: Option<RetryConfig>,
+    health: keel_health::HealthConfig,
+    seed: u64,
+) -> Result<(Router, keel_health::Health)> {
+    let invalid =
+        |e: keel_health::Error| Error::InvalidConfig(ConfigError::new("health", e.to_string()));
+    let nodes: HashMap<String, SimNode> = fleet
+        .nodes()
+        .iter()
+        .map(|n| (format!("node-{}", n.index()), n.clone()))
+        .collect();
+    let probed = nodes.clone();
+    let registry = keel_health::Health::builder(health)
+        .probe_fn(move |endpoint: keel_health::Endpoint| {
+            let node = probed.get(endpoint.id().as_str()).cloned();
+            async move {
+                match node {
+                    Some(node) => node.check().await,
+                    None => Err(SimError::Failed(usize::MAX)),
+                }
+            }
+        })
+        .seed(mix(seed, 2))
+        .build()
+        .map_err(invalid)?;
+    let mut ids: Vec<&String> = nodes.keys().collect();
+    ids.sort();
+    for id in ids {
+        let slots = fleet.slots_of(nodes[id].index());
+        registry
+            .insert(keel_health::Endpoint::new(id.as_str(), id.as_str()).capacity(slots))
+            .map_err(invalid)?;
+    }
+    let discover = registry.discover_with(
+        move |endpoint: &keel_health::Endpoint| nodes[endpoint.id().as_str()].clone(),
+        SimClassifier,
+    );
+    let balancer = BalancerBuilder::from_config(config)
+        .classifier(SimClassifier)
+        .seed(seed)
+        .build(discover)?;
+    let router = match retry {
+        Some(retry) => Router::new(
+            RetryLayer::with_seed(retry, mix(seed, 1))?
+                .layer(balancer)
+                .map_err(BoxError::from),
+        ),
+        None => Router::new(balancer.map_err(BoxError::from)),
+    };
+    Ok((router, registry))
 }
 
 /// A naive client: round-robin, and every error retried at once, up to
@@ -180,6 +248,8 @@ struct Collector {
     ok: u64,
     /// Requests that arrived, per second since the fleet was built.
     arrivals: Vec<u64>,
+    /// Latencies of successful requests by the second they arrived in.
+    by_second: Vec<Histogram<u64>>,
     errors: BTreeMap<String, u64>,
     sessions: HashMap<u64, HashMap<usize, u64>>,
 }
@@ -198,6 +268,10 @@ fn kind_of(error: &BoxError) -> String {
     "other".to_owned()
 }
 
+fn histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds")
+}
+
 /// Drives `workload` through `router` against `fleet` and reports what
 /// happened. Each request is a spawned task that gives up (dropping, so
 /// cancelling, its request) after the workload's client timeout.
@@ -206,9 +280,7 @@ fn kind_of(error: &BoxError) -> String {
 /// `#[tokio::test(start_paused = true)]`).
 pub async fn run(router: Router, fleet: &Fleet, workload: &Workload) -> Report {
     let collector = Arc::new(Mutex::new(Collector::default()));
-    let latencies = Arc::new(Mutex::new(
-        Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds"),
-    ));
+    let latencies = Arc::new(Mutex::new(histogram()));
     let mut rng = fastrand::Rng::with_seed(workload.seed);
     let start = Instant::now();
     let mut arrival = start;
@@ -231,6 +303,7 @@ pub async fn run(router: Router, fleet: &Fleet, workload: &Workload) -> Report {
         let collector = collector.clone();
         let latencies = latencies.clone();
         let timeout = workload.client_timeout;
+        let second = fleet.probe.second(Instant::now());
         tasks.push(tokio::spawn(async move {
             let sent = Instant::now();
             let session = request.session;
@@ -246,6 +319,10 @@ pub async fn run(router: Router, fleet: &Fleet, workload: &Workload) -> Report {
                         .or_default() += 1;
                     let micros = sent.elapsed().as_micros().max(1) as u64;
                     latencies.lock().saturating_record(micros);
+                    while c.by_second.len() <= second {
+                        c.by_second.push(histogram());
+                    }
+                    c.by_second[second].saturating_record(micros);
                 }
                 Ok(Err(error)) => *c.errors.entry(kind_of(&error)).or_default() += 1,
                 Err(_) => *c.errors.entry("client_timeout".to_owned()).or_default() += 1,
@@ -278,6 +355,7 @@ pub async fn run(router: Router, fleet: &Fleet, workload: &Workload) -> Report {
         nodes,
         dispatch_loads,
         per_second,
+        collector.by_second,
         workload.duration,
     )
 }

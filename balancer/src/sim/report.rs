@@ -44,6 +44,8 @@ pub struct Report {
     /// Per simulated second since the fleet was built: (requests that
     /// arrived, attempts that reached a node).
     pub per_second: Vec<(u64, u64)>,
+    /// Latencies of successful requests (µs) by the second they arrived in.
+    pub latency_by_second: Vec<Histogram<u64>>,
 }
 
 impl Report {
@@ -57,6 +59,7 @@ impl Report {
         nodes: Vec<NodeReport>,
         dispatch_loads: Vec<(u32, u32)>,
         per_second: Vec<(u64, u64)>,
+        latency_by_second: Vec<Histogram<u64>>,
         duration: Duration,
     ) -> Self {
         let at = |q: f64| {
@@ -95,6 +98,23 @@ impl Report {
             nodes,
             dispatch_loads,
             per_second,
+            latency_by_second,
+        }
+    }
+
+    /// The `q` quantile of the latency of successful requests that arrived
+    /// in seconds `from..to` (zero when there are none).
+    pub fn quantile_between(&self, from: usize, to: usize, q: f64) -> Duration {
+        let mut merged: Option<Histogram<u64>> = None;
+        for h in self.latency_by_second.iter().take(to).skip(from) {
+            match &mut merged {
+                Some(m) => m.add(h).expect("same bounds"),
+                None => merged = Some(h.clone()),
+            }
+        }
+        match merged {
+            Some(m) if !m.is_empty() => Duration::from_micros(m.value_at_quantile(q)),
+            _ => Duration::ZERO,
         }
     }
 
