@@ -90,7 +90,8 @@ pub(crate) struct Shared {
     pools: Arc<HashMap<String, ModelPool>>,
     keys: HashMap<String, KeyEntry>,
     admission: Scheduler<http::Request<Bytes>, UpstreamResponse>,
-    key_limits: LocalRateLimiter,
+    tenant_limits: Arc<dyn RateLimit>,
+    key_limits: Arc<dyn RateLimit>,
     cache: Tiered,
     draining: AtomicBool,
 }
@@ -148,8 +149,7 @@ impl Gateway {
                 },
             );
         }
-        let key_limits = LocalRateLimiter::new(key_rates)
-            .map_err(|err| ConfigError::new("keys[]", err.to_string()))?;
+
         let mut tenant_rates = RateLimitConfig::new("gateway-tenants");
         let mut scheduler = SchedulerConfig::new("gateway")
             .max_queued(config.max_queued)
@@ -169,10 +169,9 @@ impl Gateway {
                 keel_scheduler::TenantConfig::default().weight(weight),
             );
         }
-        let limiter = LocalRateLimiter::new(tenant_rates)
-            .map_err(|err| ConfigError::new("tenants[]", err.to_string()))?;
+        let (tenant_limits, key_limits) = limiters(&config, tenant_rates, key_rates)?;
         let admission = SchedulerBuilder::new(scheduler)
-            .rate_limit(limiter)
+            .rate_limit(tenant_limits.clone())
             .build(PoolRouter {
                 pools: pools.clone(),
             })
@@ -192,6 +191,7 @@ impl Gateway {
                 pools,
                 keys,
                 admission,
+                tenant_limits,
                 key_limits,
                 cache,
                 draining: AtomicBool::new(false),
@@ -251,6 +251,35 @@ impl Gateway {
             }
         }
     }
+}
+
+/// The tenants' and the keys' limiters: in this process, or shared by
+/// every replica through Redis when `redis_url` is set.
+fn limiters(
+    config: &GatewayConfig,
+    tenants: RateLimitConfig,
+    keys: RateLimitConfig,
+) -> Result<(Arc<dyn RateLimit>, Arc<dyn RateLimit>), ConfigError> {
+    #[cfg(feature = "redis")]
+    if let Some(url) = &config.redis_url {
+        use keel_scheduler::{RedisRateLimitConfig, RedisRateLimiter};
+        let pool =
+            keel_core::redis::RedisPool::new(keel_core::redis::RedisConfig::new(url.clone()))?;
+        let shared = |limits: RateLimitConfig| -> Result<Arc<dyn RateLimit>, ConfigError> {
+            let config = RedisRateLimitConfig::with_redis(pool.config().clone(), limits);
+            let limiter = RedisRateLimiter::with_pool(pool.clone(), config)
+                .map_err(|err| ConfigError::new("redis_url", err.to_string()))?;
+            Ok(Arc::new(limiter))
+        };
+        return Ok((shared(tenants)?, shared(keys)?));
+    }
+    let _ = config;
+    let local = |limits: RateLimitConfig, field| -> Result<Arc<dyn RateLimit>, ConfigError> {
+        let limiter = LocalRateLimiter::new(limits)
+            .map_err(|err| ConfigError::new(field, err.to_string()))?;
+        Ok(Arc::new(limiter))
+    };
+    Ok((local(tenants, "tenants[]")?, local(keys, "keys[]")?))
 }
 
 fn rates(requests_per_minute: Option<u32>, tokens_per_minute: Option<u64>) -> TenantRates {
@@ -545,6 +574,12 @@ async fn infer_inner(
     let prompt_estimate = parsed.prompt_tokens;
     let (head, body) = answer.into_parts();
     let status = head.status;
+    let settle = Settlement {
+        shared: shared.clone(),
+        tenant: keel_scheduler::TenantId::new(&key.tenant.name),
+        key: keel_scheduler::TenantId::new(&key.label),
+        reserved: estimate,
+    };
     let observed = Observed::new(body, started, parsed.stream, move |report: StreamReport| {
         let usage = report.usage.unwrap_or_else(|| {
             // No usage from upstream: count streamed chunks as tokens.
@@ -553,6 +588,7 @@ async fn infer_inner(
                 report.gaps.len() as u64 + u64::from(report.first_byte.is_some()),
             )
         });
+        settle.spawn(usage.total_tokens);
         let outcome = match (status.is_success(), report.end) {
             (true, StreamEnd::Complete) => "completed",
             (_, StreamEnd::UpstreamFailed) => "upstream_failed",
@@ -633,9 +669,54 @@ async fn cached(
     Ok(response)
 }
 
+/// What a request reserved, to settle against its real usage.
+struct Settlement {
+    shared: Arc<Shared>,
+    tenant: keel_scheduler::TenantId,
+    key: keel_scheduler::TenantId,
+    reserved: u64,
+}
+
+impl Settlement {
+    /// Settles the tenant's and the key's token limits to `actual` tokens
+    /// (policy: refund what was not used, charge an overdraft), off the
+    /// request path.
+    fn spawn(self, actual: u64) {
+        if actual == self.reserved {
+            return;
+        }
+        tokio::spawn(async move {
+            let tenant = self
+                .shared
+                .tenant_limits
+                .settle(&self.tenant, self.reserved, actual);
+            let key = self
+                .shared
+                .key_limits
+                .settle(&self.key, self.reserved, actual);
+            let (tenant, key) = tokio::join!(tenant, key);
+            if let Err(err) = tenant.and(key) {
+                tracing::warn!(%err, "token settlement failed");
+            }
+        });
+    }
+}
+
+/// The body sent upstream: the upstream's model name, and for a stream,
+/// `stream_options.include_usage` so the stream ends with its token
+/// counts (the gateway settles token limits from them; clients see the
+/// usage chunk OpenAI documents for that option).
 fn rewrite_model(mut body: Value, upstream_model: &str) -> Bytes {
     if let Some(object) = body.as_object_mut() {
         object.insert("model".into(), Value::String(upstream_model.to_owned()));
+        if object.get("stream").and_then(Value::as_bool) == Some(true) {
+            let options = object
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(Default::default()));
+            if let Some(options) = options.as_object_mut() {
+                options.insert("include_usage".into(), Value::Bool(true));
+            }
+        }
     }
     Bytes::from(body.to_string())
 }

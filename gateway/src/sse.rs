@@ -127,6 +127,11 @@ where
                         this.pending.extend_from_slice(data);
                     }
                 }
+                // A body of known length ends with its last frame: hyper
+                // does not poll again, so finish here.
+                if this.inner.is_end_stream() {
+                    finish(this.report, this.pending, *this.sse, this.on_end);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(err))) => {
@@ -139,15 +144,7 @@ where
                 Poll::Ready(Some(Ok(Frame::data(event))))
             }
             Poll::Ready(None) => {
-                this.report.end = StreamEnd::Complete;
-                if !*this.sse && this.report.usage.is_none() {
-                    this.report.usage = serde_json::from_slice::<Value>(this.pending)
-                        .ok()
-                        .and_then(|v| serde_json::from_value(v.get("usage")?.clone()).ok());
-                }
-                if let Some(on_end) = this.on_end.take() {
-                    on_end(std::mem::take(this.report));
-                }
+                finish(this.report, this.pending, *this.sse, this.on_end);
                 Poll::Ready(None)
             }
         }
@@ -156,6 +153,25 @@ where
     fn is_end_stream(&self) -> bool {
         self.failed || self.inner.is_end_stream()
     }
+}
+
+/// Reports a body that ended complete (once: `on_end` is taken).
+fn finish<F: FnOnce(StreamReport)>(
+    report: &mut StreamReport,
+    pending: &BytesMut,
+    sse: bool,
+    on_end: &mut Option<F>,
+) {
+    let Some(on_end) = on_end.take() else {
+        return;
+    };
+    report.end = StreamEnd::Complete;
+    if !sse && report.usage.is_none() {
+        report.usage = serde_json::from_slice::<Value>(pending)
+            .ok()
+            .and_then(|v| serde_json::from_value(v.get("usage")?.clone()).ok());
+    }
+    on_end(std::mem::take(report));
 }
 
 /// Consumes complete SSE events from `pending`, keeping the last `usage`.

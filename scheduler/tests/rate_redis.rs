@@ -207,3 +207,50 @@ async fn a_queue_and_a_limiter_share_one_pool() {
     .await
     .expect("the test took too long");
 }
+
+/// Two limiters (two gateway replicas) share one tenant's token budget:
+/// a reservation is settled to the real cost, refunds and overdrafts
+/// exactly, whichever replica charged it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settlements_are_exact_across_replicas() {
+    timeout(Duration::from_secs(20), async {
+        let url = require_redis().await;
+        let ns = Namespace::new("settle_across_replicas").with_redis_cleanup(url.clone());
+        let limits = RateLimitConfig::new(ns.prefix()).default_rates(
+            // 6,000 tokens a minute: one token per 10 ms, a bucket of 1,000.
+            TenantRates::default().cost(Rate::per_minute(6_000).burst(1_000)),
+        );
+        let replica = || async {
+            RedisRateLimiter::connect(RedisRateLimitConfig::new(url.clone(), limits.clone()))
+                .await
+                .expect("connect the limiter")
+        };
+        let (a, b) = (replica().await, replica().await);
+        let tenant = TenantId::new("acme");
+        assert_eq!(a.acquire(&tenant, 600).await.unwrap(), RateDecision::Allow);
+        assert!(
+            matches!(
+                b.acquire(&tenant, 600).await.unwrap(),
+                RateDecision::Limited { .. }
+            ),
+            "400 left for B"
+        );
+        // A's request used 100 of its 600: 500 come back, B fits now.
+        a.settle(&tenant, 600, 100).await.unwrap();
+        assert_eq!(b.acquire(&tenant, 600).await.unwrap(), RateDecision::Allow);
+        // B's answer used 1,000 (an overdraft of 400): 100 + 1,000 used of
+        // a 1,000 bucket leaves it 100 past empty, so a charge of 10 waits
+        // for 110 tokens' worth (1.1 s).
+        b.settle(&tenant, 600, 1_000).await.unwrap();
+        match a.acquire(&tenant, 10).await.unwrap() {
+            RateDecision::Limited { retry_after } => assert!(
+                retry_after > Duration::from_millis(1_000)
+                    && retry_after <= Duration::from_millis(1_150),
+                "{retry_after:?}"
+            ),
+            RateDecision::Allow => panic!("the overdraft must be paid off first"),
+        }
+    })
+    .await
+    .expect("bounded in time");
+}

@@ -30,6 +30,9 @@ pub struct FakeNodeConfig {
     pub jitter: f64,
     /// Completion tokens when a request names none. Default 16.
     pub default_max_tokens: u32,
+    /// The model stops (end of sequence) after this many tokens even when
+    /// `max_tokens` allows more, as real models do. Default: none.
+    pub stop_after: Option<u32>,
     /// Share of requests answered 500. Default 0.
     pub error_rate: f64,
     /// Distinct prompt prefixes (system prompts) the node keeps warm, least
@@ -53,6 +56,7 @@ impl Default for FakeNodeConfig {
             per_token: Duration::from_millis(2),
             jitter: 0.1,
             default_max_tokens: 16,
+            stop_after: None,
             error_rate: 0.0,
             prefix_cache: 4,
             embedding_dims: 16,

@@ -233,7 +233,13 @@ async fn generate(
     } else {
         state.config.prefill
     };
-    let completion = u64::from(max_tokens.unwrap_or(state.config.default_max_tokens));
+    let asked = max_tokens.unwrap_or(state.config.default_max_tokens);
+    let completion = u64::from(
+        state
+            .config
+            .stop_after
+            .map_or(asked, |stop| stop.min(asked)),
+    );
     let generation = Generation {
         shape,
         model,

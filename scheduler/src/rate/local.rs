@@ -3,13 +3,14 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use governor::clock::Clock;
 use governor::state::keyed::DashMapStateStore;
 use governor::{NotUntil, Quota};
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::config::{Rate, RateLimitConfig, TenantRates};
@@ -72,6 +73,10 @@ impl Limiters {
 /// [`TenantRates`] say. Requests are checked first, then cost; a request
 /// refused on cost has used one request unit (governor cannot refund).
 ///
+/// [`settle`](RateLimit::settle) is applied to the tenant's next charge:
+/// an overdraft is added to it (so that request waits for the units owed),
+/// a refund is taken off it (credit up to one burst).
+///
 /// Idle tenants' state is dropped every
 /// [`eviction_interval`](RateLimitConfig::eviction_interval) (any tenant
 /// whose bucket has refilled is indistinguishable from a new one), so
@@ -100,6 +105,13 @@ pub struct LocalRateLimiter {
     overrides: HashMap<String, Limiters>,
     /// When the last eviction sweep ran, in nanoseconds since `clock.origin`.
     last_sweep: AtomicU64,
+    /// Settlements not yet applied, per tenant: positive units are owed
+    /// (an overdraft), negative ones are credit (a refund). `governor`
+    /// cannot refund or force a charge, so a settlement is applied to the
+    /// tenant's next charge.
+    ledger: Mutex<HashMap<TenantId, i64>>,
+    /// Whether `ledger` may be non-empty (skips its lock on the common path).
+    owed: AtomicBool,
     metrics: LimiterMetrics,
 }
 
@@ -134,6 +146,8 @@ impl LocalRateLimiter {
             overrides,
             clock,
             last_sweep: AtomicU64::new(0),
+            ledger: Mutex::new(HashMap::new()),
+            owed: AtomicBool::new(false),
             metrics: LimiterMetrics::new(&config.name),
             config,
         })
@@ -206,22 +220,53 @@ fn wait(not_until: &NotUntil<Duration>, now: Duration) -> Duration {
     not_until.wait_time_from(now)
 }
 
+impl LocalRateLimiter {
+    fn take_owed(&self, tenant: &TenantId) -> i64 {
+        if !self.owed.load(Ordering::Acquire) {
+            return 0;
+        }
+        let mut ledger = self.ledger.lock();
+        let owed = ledger.remove(tenant).unwrap_or(0);
+        if ledger.is_empty() {
+            self.owed.store(false, Ordering::Release);
+        }
+        owed
+    }
+
+    fn owe(&self, tenant: &TenantId, units: i64) {
+        if units == 0 {
+            return;
+        }
+        let mut ledger = self.ledger.lock();
+        *ledger.entry(tenant.clone()).or_insert(0) += units;
+        self.owed.store(true, Ordering::Release);
+    }
+}
+
 #[async_trait]
 impl RateLimit for LocalRateLimiter {
     async fn acquire(&self, tenant: &TenantId, cost: u64) -> Result<RateDecision> {
         let now = self.clock.now();
         self.maybe_sweep(now);
         let limiters = self.overrides.get(tenant.as_str()).unwrap_or(&self.default);
+        let owed = self.take_owed(tenant);
+        let units = i64::try_from(cost).unwrap_or(i64::MAX).saturating_add(owed);
         let refused = limiters
             .requests
             .as_ref()
             .and_then(|l| Self::check(l, tenant, 1, now))
             .or_else(|| {
-                limiters
-                    .cost
-                    .as_ref()
-                    .and_then(|l| Self::check(l, tenant, cost, now))
+                let limit = limiters.cost.as_ref()?;
+                if units <= 0 {
+                    // Paid from credit; what is left stays for later.
+                    self.owe(tenant, units);
+                    return None;
+                }
+                Self::check(limit, tenant, units as u64, now)
             });
+        if refused.is_some() && owed != 0 {
+            self.owe(tenant, owed);
+        }
         Ok(match refused {
             None => RateDecision::Allow,
             Some(retry_after) => {
@@ -230,11 +275,76 @@ impl RateLimit for LocalRateLimiter {
             }
         })
     }
+
+    async fn settle(&self, tenant: &TenantId, reserved: u64, actual: u64) -> Result<()> {
+        let limiters = self.overrides.get(tenant.as_str()).unwrap_or(&self.default);
+        let Some((_, burst)) = &limiters.cost else {
+            return Ok(());
+        };
+        let delta = super::settlement(reserved, actual, *burst);
+        // Credit never exceeds one burst.
+        let floor = -i64::from(*burst);
+        if delta != 0 {
+            let mut ledger = self.ledger.lock();
+            let entry = ledger.entry(tenant.clone()).or_insert(0);
+            *entry = (*entry + delta).max(floor);
+            self.owed.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn settlement_applies_to_the_next_charge() {
+        let limiter = limiter(TenantRates::default().cost(Rate::per_minute(100).burst(100)));
+        let acme = TenantId::new("acme");
+        assert_eq!(
+            limiter.acquire(&acme, 80).await.unwrap(),
+            RateDecision::Allow
+        );
+        // Reserved 80, used 30: 50 back, so 60 more fit at once.
+        limiter.settle(&acme, 80, 30).await.unwrap();
+        assert_eq!(
+            limiter.acquire(&acme, 60).await.unwrap(),
+            RateDecision::Allow
+        );
+        assert!(matches!(
+            limiter.acquire(&acme, 20).await.unwrap(),
+            RateDecision::Limited { .. }
+        ));
+        // A minute refills the bucket; an overdraft of 90 then leaves 10.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(
+            limiter.acquire(&acme, 10).await.unwrap(),
+            RateDecision::Allow
+        );
+        limiter.settle(&acme, 10, 100).await.unwrap();
+        assert!(matches!(
+            limiter.acquire(&acme, 20).await.unwrap(),
+            RateDecision::Limited { .. }
+        ));
+        // The refused charge kept the debt: 90 owed + 1 needs 91, 90 are left.
+        assert_eq!(
+            limiter.acquire(&acme, 1).await.unwrap(),
+            RateDecision::Limited {
+                retry_after: Duration::from_millis(600)
+            }
+        );
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert_eq!(
+            limiter.acquire(&acme, 1).await.unwrap(),
+            RateDecision::Allow
+        );
+        // The debt is paid: the bucket is empty now.
+        assert!(matches!(
+            limiter.acquire(&acme, 1).await.unwrap(),
+            RateDecision::Limited { .. }
+        ));
+    }
 
     fn limiter(rates: TenantRates) -> LocalRateLimiter {
         LocalRateLimiter::new(RateLimitConfig::new("t").default_rates(rates)).unwrap()

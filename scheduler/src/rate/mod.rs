@@ -57,6 +57,34 @@ pub trait RateLimit: Debug + Send + Sync + 'static {
     ///
     /// Dropping the future may or may not charge the request.
     async fn acquire(&self, tenant: &TenantId, cost: u64) -> Result<RateDecision>;
+
+    /// Corrects a charge once the real cost is known: the request admitted
+    /// with `reserved` cost units (an estimate, e.g. prompt tokens plus
+    /// `max_tokens`) turned out to cost `actual` (e.g. the answer's
+    /// `usage`).
+    ///
+    /// # Behavior
+    ///
+    /// The difference is applied to the tenant's cost limit; its request
+    /// limit is untouched. A refund (`actual < reserved`) gives the units
+    /// back, never beyond a full bucket. An overdraft (`actual > reserved`)
+    /// is charged even past the limit, so the tenant's next requests wait
+    /// until it is paid off. Costs are clamped to the burst as in
+    /// [`acquire`](Self::acquire). The default does nothing (a limiter
+    /// that only reserves).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::RateLimiter`](crate::Error::RateLimiter) when a shared
+    /// store cannot be reached.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future may or may not apply the correction.
+    async fn settle(&self, tenant: &TenantId, reserved: u64, actual: u64) -> Result<()> {
+        let _ = (tenant, reserved, actual);
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -64,4 +92,15 @@ impl<T: RateLimit + ?Sized> RateLimit for Arc<T> {
     async fn acquire(&self, tenant: &TenantId, cost: u64) -> Result<RateDecision> {
         (**self).acquire(tenant, cost).await
     }
+
+    async fn settle(&self, tenant: &TenantId, reserved: u64, actual: u64) -> Result<()> {
+        (**self).settle(tenant, reserved, actual).await
+    }
+}
+
+/// The signed correction `settle` applies: `actual − reserved`, each
+/// clamped to `[1, burst]` as `acquire` charges.
+pub(crate) fn settlement(reserved: u64, actual: u64, burst: u32) -> i64 {
+    let clamp = |units: u64| units.clamp(1, u64::from(burst)) as i64;
+    clamp(actual) - clamp(reserved)
 }

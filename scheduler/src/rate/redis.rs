@@ -153,6 +153,7 @@ pub struct RedisRateLimiter {
     pool: RedisPool,
     script: redis::Script,
     metrics: LimiterMetrics,
+    settle_script: redis::Script,
 }
 
 impl fmt::Debug for RedisRateLimiter {
@@ -218,6 +219,7 @@ impl RedisRateLimiter {
         RedisRateLimiter {
             metrics: LimiterMetrics::new(&config.limits.name),
             script: redis::Script::new(include_str!("lua/gcra.lua")),
+            settle_script: redis::Script::new(include_str!("lua/settle.lua")),
             pool,
             config,
         }
@@ -226,6 +228,50 @@ impl RedisRateLimiter {
     /// The configuration the limiter was built with.
     pub fn config(&self) -> &RedisRateLimitConfig {
         &self.config
+    }
+
+    /// The key of one of `tenant`'s limits (`r` requests, `c` cost); the
+    /// hash tag keeps a tenant's limits in one cluster slot.
+    fn key(&self, tenant: &TenantId, suffix: &str) -> String {
+        format!(
+            "keel:rl:{{{}:{}}}:{suffix}",
+            self.config.limits.name,
+            tenant.as_str()
+        )
+    }
+
+    /// Runs `invocation` under the operation timeout on a pooled
+    /// connection, dropping a connection that failed or hung.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T> {
+        let limit = self.config.operation_timeout;
+        let mut taken = None;
+        let attempt = async {
+            let connection = taken.insert(self.pool.deadpool().get().await?);
+            let answer: T = invocation.invoke_async(&mut **connection).await?;
+            Ok::<_, RedisError>(answer)
+        };
+        match tokio::time::timeout(limit, attempt).await {
+            Ok(Ok(answer)) => Ok(answer),
+            failed => {
+                // A connection that failed or hung may still owe a reply:
+                // take it out of the pool rather than hand it to the next
+                // caller.
+                if let Some(connection) = taken.take() {
+                    drop(deadpool_redis::Connection::take(connection));
+                }
+                let err = match failed {
+                    Ok(Err(err)) => err,
+                    _ => RedisError::new(
+                        RedisErrorKind::Unavailable,
+                        format!("no answer within {limit:?}"),
+                    ),
+                };
+                Err(unavailable("the rate limit call failed", err))
+            }
+        }
     }
 
     async fn run(&self, tenant: &TenantId, cost: u64) -> Result<Option<RateDecision>> {
@@ -244,42 +290,12 @@ impl RedisRateLimiter {
             let interval = micros(rate.emission_interval());
             let units = (*units).clamp(1, u64::from(rate.burst));
             invocation
-                .key(format!(
-                    "keel:rl:{{{}:{}}}:{suffix}",
-                    self.config.limits.name,
-                    tenant.as_str()
-                ))
+                .key(self.key(tenant, suffix))
                 .arg(interval)
                 .arg(interval.saturating_mul(u64::from(rate.burst)))
                 .arg(units);
         }
-        let limit = self.config.operation_timeout;
-        let mut taken = None;
-        let attempt = async {
-            let connection = taken.insert(self.pool.deadpool().get().await?);
-            let answer: (i64, i64) = invocation.invoke_async(&mut **connection).await?;
-            Ok::<_, RedisError>(answer)
-        };
-        let result = tokio::time::timeout(limit, attempt).await;
-        let answer = match result {
-            Ok(Ok(answer)) => answer,
-            failed => {
-                // A connection that failed or hung may still owe a reply:
-                // take it out of the pool rather than hand it to the next
-                // caller.
-                if let Some(connection) = taken.take() {
-                    drop(deadpool_redis::Connection::take(connection));
-                }
-                let err = match failed {
-                    Ok(Err(err)) => err,
-                    _ => RedisError::new(
-                        RedisErrorKind::Unavailable,
-                        format!("no answer within {limit:?}"),
-                    ),
-                };
-                return Err(unavailable("the rate limit check failed", err));
-            }
-        };
+        let answer: (i64, i64) = self.invoke(&invocation).await?;
         Ok(Some(match answer {
             (1, _) => RateDecision::Allow,
             (_, wait_us) => RateDecision::Limited {
@@ -310,6 +326,25 @@ impl From<RedisError> for Error {
     }
 }
 
+impl RedisRateLimiter {
+    async fn apply_settlement(&self, tenant: &TenantId, reserved: u64, actual: u64) -> Result<()> {
+        let Some(rate) = self.config.limits.rates_of(tenant.as_str()).cost else {
+            return Ok(());
+        };
+        let delta = super::settlement(reserved, actual, rate.burst);
+        if delta == 0 {
+            return Ok(());
+        }
+        let mut invocation = self.settle_script.prepare_invoke();
+        invocation
+            .key(self.key(tenant, "c"))
+            .arg(micros(rate.emission_interval()))
+            .arg(delta);
+        let _: i64 = self.invoke(&invocation).await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl RateLimit for RedisRateLimiter {
     async fn acquire(&self, tenant: &TenantId, cost: u64) -> Result<RateDecision> {
@@ -326,6 +361,24 @@ impl RateLimit for RedisRateLimiter {
                 if self.config.fail_open {
                     tracing::warn!(limiter = %self.config.limits.name, error = %err, "rate limiter unavailable; allowing (fail open)");
                     Ok(RateDecision::Allow)
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+
+    /// One script call, on the server's clock: exact however many
+    /// processes share the limit. A failed settlement is counted and
+    /// returned (with `fail_open`, logged and dropped).
+    async fn settle(&self, tenant: &TenantId, reserved: u64, actual: u64) -> Result<()> {
+        match self.apply_settlement(tenant, reserved, actual).await {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                self.metrics.errors.increment(1);
+                if self.config.fail_open {
+                    tracing::warn!(limiter = %self.config.limits.name, error = %err, "rate limit settlement dropped (fail open)");
+                    Ok(())
                 } else {
                     Err(err)
                 }
