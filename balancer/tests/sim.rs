@@ -258,6 +258,11 @@ fn health_config() -> keel_health::HealthConfig {
                     std::time::Duration::from_secs(10),
                 ),
         )
+        // Slow start sized to the fleet's headroom: half the fleet back at
+        // 0.1 must reach the share the load needs within a few seconds.
+        .slow_start(
+            keel_health::SlowStartConfig::default().window(std::time::Duration::from_secs(10)),
+        )
 }
 
 #[tokio::test(start_paused = true)]

@@ -76,7 +76,11 @@ where
 
     fn apply(&mut self, snapshot: &Snapshot) {
         let mut seen: HashMap<&EndpointId, u64> = HashMap::new();
-        for status in snapshot.in_rotation() {
+        // In id order, and removals too, so the balancer sees the same
+        // sequence of changes on every run (the snapshot is a hash map).
+        let mut in_rotation: Vec<_> = snapshot.in_rotation().collect();
+        in_rotation.sort_by(|a, b| a.endpoint.id().cmp(b.endpoint.id()));
+        for status in in_rotation {
             let id = status.endpoint.id();
             seen.insert(id, status.incarnation);
             if self.live.get(id) == Some(&status.incarnation) {
@@ -94,12 +98,13 @@ where
             self.live.insert(id.clone(), status.incarnation);
             self.pending.push_back(Change::Insert(id.clone(), service));
         }
-        let gone: Vec<EndpointId> = self
+        let mut gone: Vec<EndpointId> = self
             .live
             .keys()
             .filter(|id| !seen.contains_key(id))
             .cloned()
             .collect();
+        gone.sort();
         for id in gone {
             self.live.remove(&id);
             self.pending.push_back(Change::Remove(id));
