@@ -3,11 +3,12 @@
 //! seeded traces.
 //!
 //! ```text
-//! cargo run --release -p keel-balancer --features sim --example scenarios
+//! cargo run --release -p keel-balancer --all-features --example scenarios
 //! ```
 //!
-//! Prints one markdown table (the one in the root `BENCHMARKS.md`) and the wall
-//! time each simulated run took.
+//! Prints one markdown table (the one in the root `BENCHMARKS.md`), the wall
+//! time each simulated run took (stderr), and as its last line a JSON
+//! object of the headline ratios.
 
 use std::time::{Duration, SystemTime};
 
@@ -29,6 +30,8 @@ struct Args {
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     Keel(&'static str),
+    /// Keel's balancer over keel-health (capacity and weights from the keys).
+    KeelHealth(&'static str),
     TowerP2c,
     RoundRobin,
     Naive,
@@ -65,6 +68,31 @@ fn router(kind: Kind, scenario: &Scenario, fleet: &Fleet, seed: u64) -> Router {
             .expect("valid config")
             .0
         }
+        Kind::KeelHealth(name) => {
+            let config = BalancerConfig::default()
+                .policy(policy(name))
+                .attempt_timeout(scenario.fleet.latency.base * 20);
+            let health = keel_health::HealthConfig::new("scenarios")
+                .active(
+                    keel_health::ActiveConfig::default()
+                        .interval(Duration::from_millis(250))
+                        .unhealthy_interval(Duration::from_millis(250))
+                        .timeout(Duration::from_millis(150))
+                        .unhealthy_threshold(2)
+                        .healthy_threshold(2),
+                )
+                .outlier(
+                    keel_health::OutlierConfig::default()
+                        .consecutive_failures(Some(3))
+                        .ejection(Duration::from_secs(2), Duration::from_secs(10)),
+                )
+                .slow_start(
+                    keel_health::SlowStartConfig::default().window(Duration::from_secs(10)),
+                );
+            sim::keel_health_router(fleet, config, Some(RetryConfig::default()), health, seed)
+                .expect("valid config")
+                .0
+        }
         Kind::TowerP2c => sim::tower_p2c_router(fleet, seed),
         Kind::RoundRobin => {
             let config = BalancerConfig::default().policy(Policy::RoundRobin);
@@ -79,6 +107,7 @@ fn router(kind: Kind, scenario: &Scenario, fleet: &Fleet, seed: u64) -> Router {
 fn label(kind: Kind) -> String {
     match kind {
         Kind::Keel(name) => format!("keel {name} + retry budget"),
+        Kind::KeelHealth(name) => format!("keel {name} + retry budget + health"),
         Kind::TowerP2c => "tower p2c PeakEwma (no retry)".to_owned(),
         Kind::RoundRobin => "round-robin (no retry)".to_owned(),
         Kind::Naive => "round-robin + 3 immediate retries".to_owned(),
@@ -111,11 +140,17 @@ fn main() {
     .map(|s| (s, common.to_vec()))
     .collect();
     let mut prefix = common.to_vec();
+    prefix.insert(0, Kind::Keel("consistent_hash"));
     prefix.insert(0, Kind::Keel("prefix_affinity"));
     scenarios.push((Scenario::prefix_heavy(), prefix));
     let mut sessions = common.to_vec();
     sessions.insert(0, Kind::Keel("consistent_hash"));
     scenarios.push((Scenario::sessions(), sessions));
+    let mut health = common.to_vec();
+    health.insert(0, Kind::KeelHealth("peak_ewma"));
+    scenarios.push((Scenario::heterogeneous(), health.clone()));
+    scenarios.push((Scenario::outage_and_recovery(), health));
+    let mut results: Vec<(&'static str, String, Report)> = Vec::new();
 
     let mut rows = Vec::new();
     for (scenario, kinds) in scenarios {
@@ -159,6 +194,7 @@ fn main() {
                     "-".to_owned()
                 },
             ));
+            results.push((scenario.name, label(kind), report));
         }
     }
     println!(
@@ -168,4 +204,39 @@ fn main() {
     for row in rows {
         println!("{row}");
     }
+    let find = |scenario: &str, kind: Kind| {
+        let label = label(kind);
+        results
+            .iter()
+            .find(|(s, l, _)| *s == scenario && *l == label)
+            .map(|(_, _, r)| r)
+            .expect("the scenario ran this router")
+    };
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    let tower = Kind::TowerP2c;
+    let slow = Scenario::slow_node().name;
+    let hetero = Scenario::heterogeneous().name;
+    let prefix = Scenario::prefix_heavy().name;
+    let outage = Scenario::outage_and_recovery().name;
+    let recovery = find(outage, Kind::KeelHealth("peak_ewma"));
+    let prefix_keel = find(prefix, Kind::Keel("prefix_affinity"));
+    let prefix_hashing = find(prefix, Kind::Keel("consistent_hash"));
+    println!(
+        "{{\"slow_p99_vs_tower\": {:.3}, \"hetero_p99_vs_tower\": {:.3}, \"prefix_hit_rate\": {:.3}, \"prefix_hit_vs_hashing\": {:.3}, \"recovery_p99_ratio\": {:.3}, \"outage_max_attempts_per_s\": {:.3}}}",
+        ratio(
+            find(slow, Kind::Keel("peak_ewma")).p99,
+            find(slow, tower).p99
+        ),
+        ratio(
+            find(hetero, Kind::KeelHealth("peak_ewma")).p99,
+            find(hetero, tower).p99
+        ),
+        prefix_keel.cache_hit_rate,
+        prefix_keel.cache_hit_rate / prefix_hashing.cache_hit_rate,
+        ratio(
+            recovery.quantile_between(20, 25, 0.99),
+            recovery.quantile_between(0, 10, 0.99)
+        ),
+        recovery.max_attempts_per_second(),
+    );
 }

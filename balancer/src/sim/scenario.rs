@@ -196,6 +196,18 @@ impl Scenario {
         )
     }
 
+    /// Ten nodes of 4 to 16 slots (100 in all, the same speed per slot) at
+    /// 80 % of their capacity: a router that spreads by latency alone
+    /// overloads the small ones.
+    pub fn heterogeneous() -> Self {
+        Scenario::new(
+            "heterogeneous (4..16 slots, 80% load)",
+            FleetConfig::default().slot_mix(vec![4, 6, 8, 10, 12, 14, 16, 4, 10, 16]),
+            Script::new(),
+            Workload::default().rate(1_550.0),
+        )
+    }
+
     /// One of ten nodes answers busy (503) from 5 s to 20 s, then recovers.
     pub fn busy_node() -> Self {
         Scenario::new(
