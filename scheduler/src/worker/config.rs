@@ -84,9 +84,26 @@ pub struct WorkerConfig {
     /// Default 60 s.
     #[serde(with = "humantime_serde")]
     pub budget_exhausted_delay: Duration,
-    /// Tries of an ack or nack that fails with a retryable error, while the
-    /// lease lasts. Default 3.
-    pub settle_attempts: u32,
+    /// The first delay before trying a failed ack or nack again; doubles,
+    /// with equal jitter, up to `settle_retry_max` (a [`keel_core::Backoff`],
+    /// see [`settle_backoff`](Self::settle_backoff)). A settlement that
+    /// fails with a retryable error is tried again for as long as the job's
+    /// lease lasts, and the lease is renewed while the settlement waits
+    /// when less than a third of it is left: an outage shorter than the
+    /// lease costs no second run of any job. Only once the lease has run
+    /// out does the worker give up (the job comes back, counted in
+    /// `settle_errors`). Greater than zero. Default 50 ms.
+    #[serde(with = "humantime_serde")]
+    pub settle_retry_min: Duration,
+    /// The longest delay between tries of a failing settlement; at least
+    /// `settle_retry_min`, at most 24 h. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub settle_retry_max: Duration,
+    /// Most acks sent in one `ack_batch` call. Acks are coalesced per round
+    /// trip: each call takes every ack that arrived while the one before it
+    /// was in flight, so no ack waits longer than one call for its turn.
+    /// Default 256.
+    pub ack_batch: usize,
 }
 
 impl Default for WorkerConfig {
@@ -103,7 +120,9 @@ impl Default for WorkerConfig {
             reconnect_max: Duration::from_secs(5),
             retry_budget: default_budget(),
             budget_exhausted_delay: Duration::from_secs(60),
-            settle_attempts: 3,
+            settle_retry_min: Duration::from_millis(50),
+            settle_retry_max: Duration::from_secs(1),
+            ack_batch: 256,
         }
     }
 }
@@ -173,6 +192,41 @@ impl WorkerConfig {
         self
     }
 
+    /// Sets [`settle_retry_min`](Self::settle_retry_min) and
+    /// [`settle_retry_max`](Self::settle_retry_max).
+    pub fn settle_retry(mut self, min: Duration, max: Duration) -> Self {
+        self.settle_retry_min = min;
+        self.settle_retry_max = max;
+        self
+    }
+
+    /// Sets [`ack_batch`](Self::ack_batch).
+    pub fn ack_batch(mut self, batch: usize) -> Self {
+        self.ack_batch = batch;
+        self
+    }
+
+    /// The backoff between tries of a failing ack or nack: from
+    /// `settle_retry_min` doubling to `settle_retry_max`, with
+    /// [`Jitter::Equal`]. Tries go on while the job's lease lasts.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] naming `settle_retry_min` or
+    /// `settle_retry_max`.
+    pub fn settle_backoff(&self) -> Result<Backoff> {
+        Backoff::new(self.settle_retry_min, self.settle_retry_max)
+            .map(|backoff| backoff.jitter(Jitter::Equal))
+            .map_err(|err| {
+                let field = match err.field {
+                    "backoff.base" => "settle_retry_min",
+                    "backoff.max" => "settle_retry_max",
+                    other => other,
+                };
+                Error::InvalidConfig(ConfigError::new(field, err.reason))
+            })
+    }
+
     /// The backoff between `dequeue` attempts while the broker fails:
     /// from `reconnect_min` doubling to `reconnect_max`, with
     /// [`Jitter::Equal`] (never sooner than half the cap).
@@ -233,8 +287,9 @@ impl WorkerConfig {
             };
             Error::InvalidConfig(ConfigError::new(field, err.reason))
         })?;
-        if self.settle_attempts == 0 {
-            return Err(Error::config("settle_attempts", "must be at least 1"));
+        self.settle_backoff()?;
+        if self.ack_batch == 0 {
+            return Err(Error::config("ack_batch", "must be at least 1"));
         }
         Ok(())
     }
@@ -263,6 +318,11 @@ mod tests {
                 WorkerConfig::new("w").reconnect(Duration::ZERO, Duration::from_secs(1)),
                 "reconnect_min",
             ),
+            (
+                WorkerConfig::new("w").settle_retry(Duration::ZERO, Duration::from_secs(1)),
+                "settle_retry_min",
+            ),
+            (WorkerConfig::new("w").ack_batch(0), "ack_batch"),
             (
                 WorkerConfig::new("w").retry_budget(BudgetConfig::default().ratio(-1.0)),
                 "retry_budget.ratio",

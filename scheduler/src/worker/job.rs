@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use keel_core::{Backoff, RetryBudget};
 use keel_queue::{Delivery, Nack, Queue, Receipt};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
@@ -17,6 +17,7 @@ use tracing::Instrument;
 use super::Counters;
 use super::config::WorkerConfig;
 use super::item::{Outcome, WorkItem};
+use super::settle::{self, LeaseClock, PendingAck};
 use crate::error::{BoxError, Error};
 use crate::metrics::WorkerMetrics;
 
@@ -29,6 +30,8 @@ pub(super) struct JobContext {
     pub(super) budget: RetryBudget,
     /// The delay between failing `dequeue`s.
     pub(super) reconnect: Backoff,
+    /// The delay between tries of a failing ack or nack.
+    pub(super) settle_backoff: Backoff,
     /// Cancelled when the shutdown grace is over: release what still runs.
     pub(super) release: CancellationToken,
 }
@@ -55,30 +58,45 @@ pub(super) async fn run<S>(
     ctx: Arc<JobContext>,
     service: S,
     ready: bool,
-    delivery: Delivery,
+    job: Leased,
     permit: OwnedSemaphorePermit,
 ) where
     S: Service<WorkItem, Response = Outcome> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
 {
-    let span = tracing::info_span!("job", worker = %ctx.config.name, id = %delivery.id, attempt = delivery.attempt);
-    run_inner(ctx, service, ready, delivery, permit)
+    let span = tracing::info_span!("job", worker = %ctx.config.name, id = %job.delivery.id, attempt = job.delivery.attempt);
+    run_inner(ctx, service, ready, job, permit)
         .instrument(span)
         .await;
+}
+
+/// A delivery with what its task needs to settle it.
+pub(super) struct Leased {
+    pub(super) delivery: Delivery,
+    /// When the lease ends (from just before the `dequeue` that took it).
+    pub(super) lease_until: Instant,
+    /// Where acks go to be coalesced.
+    pub(super) acks: mpsc::UnboundedSender<PendingAck>,
 }
 
 async fn run_inner<S>(
     ctx: Arc<JobContext>,
     mut service: S,
     ready: bool,
-    delivery: Delivery,
+    job: Leased,
     permit: OwnedSemaphorePermit,
 ) where
     S: Service<WorkItem, Response = Outcome> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
 {
+    let Leased {
+        delivery,
+        lease_until,
+        acks,
+    } = job;
+    let lease = Arc::new(LeaseClock::new(lease_until));
     let receipt = delivery.receipt.clone();
     let item = WorkItem::from(delivery);
     ctx.metrics.started.increment(1);
@@ -98,7 +116,7 @@ async fn run_inner<S>(
     // A panic anywhere in the handler (readiness, call or its future) is
     // caught here and becomes a retry.
     let handler = AssertUnwindSafe(handler).catch_unwind();
-    let renew = keep_lease(&ctx, &receipt);
+    let renew = keep_lease(&ctx, &receipt, &lease);
     let ended = tokio::select! {
         biased;
         result = handler => Ended::Handled(result),
@@ -141,7 +159,20 @@ async fn run_inner<S>(
     // The handler slot is free once the handler is done; settling does not
     // hold it.
     drop(permit);
-    settle_job(&ctx, &receipt, settle).await;
+    match settle {
+        Settle::Ack => {
+            let ack = PendingAck {
+                receipt,
+                lease: lease.clone(),
+            };
+            if let Err(mpsc::error::SendError(ack)) = acks.send(ack) {
+                // The settler is gone (never while the worker runs): ack
+                // here, under the same rules.
+                settle::nack_or_ack(&ctx, &ack.receipt, &lease, None).await;
+            }
+        }
+        Settle::Nack(nack) => settle::nack_or_ack(&ctx, &receipt, &lease, Some(nack)).await,
+    }
 }
 
 /// A retry, delayed when the retry budget is spent.
@@ -202,14 +233,18 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// Extends the lease every `renew_every` while the handler runs. Returns
 /// only when the lease is lost.
-async fn keep_lease(ctx: &JobContext, receipt: &Receipt) -> String {
+async fn keep_lease(ctx: &JobContext, receipt: &Receipt, lease: &LeaseClock) -> String {
     let every = ctx.config.renew_every();
     let mut next = Instant::now() + every;
     loop {
         tokio::time::sleep_until(next).await;
         next += every;
+        let asked = Instant::now();
         match ctx.queue.extend_lease(receipt, ctx.config.lease).await {
-            Ok(()) => ctx.metrics.renewals.increment(1),
+            Ok(()) => {
+                lease.set(asked + ctx.config.lease);
+                ctx.metrics.renewals.increment(1);
+            }
             Err(keel_queue::Error::InvalidReceipt(why)) => return why,
             Err(keel_queue::Error::Unsupported { backend, .. }) => {
                 tracing::warn!(%backend, "the queue cannot extend leases; jobs longer than the lease may run twice");
@@ -222,50 +257,4 @@ async fn keep_lease(ctx: &JobContext, receipt: &Receipt) -> String {
             }
         }
     }
-}
-
-/// Acks or nacks, retrying retryable failures a few times.
-async fn settle_job(ctx: &JobContext, receipt: &Receipt, settle: Settle) {
-    let queue = &ctx.queue;
-    let mut delay = Duration::from_millis(50);
-    for attempt in 1..=ctx.config.settle_attempts {
-        let result = match &settle {
-            Settle::Ack => queue.ack(receipt).await,
-            Settle::Nack(nack) => queue.nack(receipt, nack.clone()).await,
-        };
-        match result {
-            Ok(()) => {
-                let (metric, counter) = match &settle {
-                    Settle::Ack => (&ctx.metrics.acked, &ctx.counters.acked),
-                    Settle::Nack(Nack::Retry { .. }) => {
-                        (&ctx.metrics.retried, &ctx.counters.retried)
-                    }
-                    Settle::Nack(Nack::DeadLetter { .. }) => {
-                        (&ctx.metrics.dead_lettered, &ctx.counters.dead_lettered)
-                    }
-                    Settle::Nack(Nack::Release { .. }) => {
-                        (&ctx.metrics.released, &ctx.counters.released)
-                    }
-                };
-                metric.increment(1);
-                counter.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            Err(keel_queue::Error::InvalidReceipt(why)) => {
-                tracing::warn!(reason = %why, "lease gone before the job was settled; it will be redelivered");
-                break;
-            }
-            Err(err) if err.is_retryable() && attempt < ctx.config.settle_attempts => {
-                tracing::debug!(error = %err, attempt, "settling failed; trying again");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "settling failed; the job comes back after its lease");
-                break;
-            }
-        }
-    }
-    ctx.metrics.settle_errors.increment(1);
-    ctx.counters.settle_errors.fetch_add(1, Ordering::Relaxed);
 }

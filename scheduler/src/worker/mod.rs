@@ -3,6 +3,8 @@
 mod config;
 mod item;
 mod job;
+mod settle;
+mod typed;
 
 use std::fmt;
 use std::sync::Arc;
@@ -11,15 +13,16 @@ use std::time::Duration;
 
 use keel_core::RetryBudget;
 use keel_queue::{DequeueOptions, Queue};
-use tokio::sync::{Semaphore, watch};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 
 pub use self::config::WorkerConfig;
 pub use self::item::{Outcome, WorkItem};
-use self::job::JobContext;
+use self::job::{JobContext, Leased};
+pub use self::typed::{JsonJobs, TypedItem, json_jobs};
 use crate::error::{BoxError, Result};
 use crate::metrics::WorkerMetrics;
 
@@ -262,26 +265,34 @@ where
                 .config
                 .reconnect_backoff()
                 .expect("the config was validated by Worker::new"),
+            settle_backoff: self
+                .config
+                .settle_backoff()
+                .expect("the config was validated by Worker::new"),
             queue: self.queue,
             config: self.config,
             metrics,
             counters: counters.clone(),
             release: CancellationToken::new(),
         });
-        let task = tokio::spawn(run(ctx, self.service, stop.clone(), health_tx));
+        let (report_tx, report_rx) = watch::channel(None);
+        let task = tokio::spawn(run(ctx, self.service, stop.clone(), health_tx, report_tx));
         WorkerHandle {
             stop,
-            task,
+            task: task.abort_handle(),
+            report: report_rx,
             health: health_rx,
             counters,
         }
     }
 }
 
-/// Controls a running [`Worker`].
+/// Controls a running [`Worker`]. Share it by reference (or in an `Arc`):
+/// every method takes `&self`.
 pub struct WorkerHandle {
     stop: CancellationToken,
-    task: JoinHandle<ShutdownReport>,
+    task: AbortHandle,
+    report: watch::Receiver<Option<ShutdownReport>>,
     health: watch::Receiver<WorkerHealth>,
     counters: Arc<Counters>,
 }
@@ -315,15 +326,22 @@ impl WorkerHandle {
     /// grace period, releases the rest to the queue, and waits for all of
     /// it.
     ///
+    /// Every call (from any number of tasks) waits for the same drain and
+    /// answers the same report; a call after the worker stopped answers at
+    /// once. A worker that was [killed](Self::kill) reports nothing
+    /// finished or released.
+    ///
     /// # Cancel safety
     ///
-    /// Dropping the future leaves the worker draining in the background.
-    pub async fn shutdown(self) -> ShutdownReport {
+    /// Dropping the future leaves the worker draining in the background;
+    /// call `shutdown` again to wait for it.
+    pub async fn shutdown(&self) -> ShutdownReport {
         self.stop.cancel();
-        match self.task.await {
-            Ok(report) => report,
-            Err(err) => {
-                tracing::error!(error = %err, "worker task ended abnormally");
+        let mut report = self.report.clone();
+        match report.wait_for(Option::is_some).await {
+            Ok(report) => report.unwrap_or_default(),
+            Err(_) => {
+                // The task ended without a report: killed, or it panicked.
                 ShutdownReport::default()
             }
         }
@@ -332,7 +350,7 @@ impl WorkerHandle {
     /// Stops the worker at once without settling anything, like a crashed
     /// process: handlers are dropped mid-run and their jobs come back to
     /// the queue when their leases expire.
-    pub fn kill(self) {
+    pub fn kill(&self) {
         self.task.abort();
     }
 }
@@ -359,10 +377,65 @@ fn publish(
 /// The worker's main loop, then its drain.
 async fn run<S>(
     ctx: Arc<JobContext>,
-    mut service: S,
+    service: S,
     stop: CancellationToken,
     health: watch::Sender<WorkerHealth>,
-) -> ShutdownReport
+    report: watch::Sender<Option<ShutdownReport>>,
+) where
+    S: Service<WorkItem, Response = Outcome> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    // The settler is this task's child: killing the worker stops it too.
+    let (acks, rx) = mpsc::unbounded_channel();
+    let settler = AbortOnDrop(tokio::spawn(settle::settler(ctx.clone(), rx)));
+    let done = pull(&ctx, service, &stop, &health, acks).await;
+    // Acks of finished jobs go out before the worker reports it stopped.
+    let _ = settler.wait().await;
+    publish(
+        &health,
+        if done.failed {
+            WorkerState::Failed
+        } else {
+            WorkerState::Stopped
+        },
+        done.failures,
+        None,
+    );
+    tracing::info!(worker = %ctx.config.name, finished = done.report.finished, released = done.report.released, "worker stopped");
+    report.send_replace(Some(done.report));
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    async fn wait(mut self) -> std::result::Result<(), tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How the pulling loop and its drain ended.
+struct Pulled {
+    report: ShutdownReport,
+    failed: bool,
+    failures: u32,
+}
+
+/// The main loop, then the drain of in-flight jobs.
+async fn pull<S>(
+    ctx: &Arc<JobContext>,
+    mut service: S,
+    stop: &CancellationToken,
+    health: &watch::Sender<WorkerHealth>,
+    acks: mpsc::UnboundedSender<settle::PendingAck>,
+) -> Pulled
 where
     S: Service<WorkItem, Response = Outcome> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -390,12 +463,7 @@ where
         };
         if let Err(err) = ready {
             tracing::error!(worker = %config.name, error = %err, "the handler service failed; the worker stops pulling");
-            publish(
-                &health,
-                WorkerState::Failed,
-                failures,
-                Some(err.to_string()),
-            );
+            publish(health, WorkerState::Failed, failures, Some(err.to_string()));
             failed = true;
             break;
         }
@@ -410,6 +478,7 @@ where
         let options = DequeueOptions::new(permits.len())
             .wait(config.poll_wait)
             .lease(config.lease);
+        let asked = Instant::now();
         let dequeued = tokio::select! {
             biased;
             () = stop.cancelled() => break,
@@ -423,7 +492,7 @@ where
                     ctx.counters.reconnects.fetch_add(1, Ordering::Relaxed);
                     ctx.metrics.connected.set(1.0);
                     failures = 0;
-                    publish(&health, WorkerState::Running, 0, None);
+                    publish(health, WorkerState::Running, 0, None);
                 }
                 for (i, delivery) in deliveries.into_iter().enumerate() {
                     let Some(permit) = permits.pop() else {
@@ -440,7 +509,12 @@ where
                     } else {
                         (service.clone(), false)
                     };
-                    jobs.spawn(job::run(ctx.clone(), svc, ready, delivery, permit));
+                    let leased = Leased {
+                        delivery,
+                        lease_until: asked + config.lease,
+                        acks: acks.clone(),
+                    };
+                    jobs.spawn(job::run(ctx.clone(), svc, ready, leased, permit));
                 }
             }
             Err(err) => {
@@ -451,7 +525,7 @@ where
                 let delay = ctx.reconnect.delay(failures);
                 tracing::warn!(worker = %config.name, error = %err, failures, retry_in = ?delay, "dequeue failed; reconnecting");
                 publish(
-                    &health,
+                    health,
                     WorkerState::Reconnecting,
                     failures,
                     Some(err.to_string()),
@@ -469,7 +543,7 @@ where
     // Drain: no more pulling; in-flight jobs get the grace period.
     while jobs.try_join_next().is_some() {}
     if !failed {
-        publish(&health, WorkerState::Draining, failures, None);
+        publish(health, WorkerState::Draining, failures, None);
     }
     tracing::info!(worker = %config.name, in_flight = jobs.len(), "worker draining");
     let grace_over = Instant::now() + config.shutdown_grace;
@@ -502,18 +576,11 @@ where
     }
     let released = ctx.counters.released.load(Ordering::Relaxed) - released_before;
     ctx.metrics.connected.set(0.0);
-    publish(
-        &health,
-        if failed {
-            WorkerState::Failed
-        } else {
-            WorkerState::Stopped
-        },
+    Pulled {
+        report: ShutdownReport { finished, released },
+        failed,
         failures,
-        None,
-    );
-    tracing::info!(worker = %config.name, finished, released, "worker stopped");
-    ShutdownReport { finished, released }
+    }
 }
 
 #[cfg(test)]
