@@ -10,6 +10,7 @@
 //! | `q.delay.p<level>.<ms>ms` | durable queue with a message TTL | jobs waiting out a delay; they dead-letter back into `q.p<level>` (this broker has no delay plugin) and the queue expires when unused |
 //! | `q.dlx` | fanout exchange | the broker's dead-lettering (delivery limit) |
 //! | `q.dead` | durable queue bound to `q.dlx` | dead letters, with their reason |
+//! | `q.delays` | durable classic queue | the name of every delay queue declared, each record expiring with its queue, so `purge` and `delete` find delay queues any handle made |
 //!
 //! Ready queues carry `x-max-length` = `capacity` with `x-overflow:
 //! reject-publish` (so a full queue refuses the publish and `enqueue` answers
@@ -48,6 +49,9 @@
 //!   in-flight and delayed counts only include this handle's view, and the
 //!   oldest job's age is unknown.
 //! - Capacity is per priority level and counts ready messages.
+//! - `purge` removes what the broker holds ready or delayed and what this
+//!   handle prefetched; jobs other handles have prefetched are in flight
+//!   and stay.
 //!
 //! # Failures
 //!
