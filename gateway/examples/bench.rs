@@ -53,8 +53,9 @@ use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-/// The API key the bench's gateway accepts (sent to every target).
-const API_KEY: &str = "sk-keel-bench";
+/// The API key keel-gateway and LiteLLM (as its master key) accept; every
+/// target gets it.
+const API_KEY: &str = "sk-keel-bench-5f0c2a9e41d7b38c";
 /// Longest wait for one answer; slower counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Requests in flight at most in an open loop; beyond, a request is not
@@ -368,28 +369,34 @@ impl Process {
     }
 }
 
-/// Reads the `listening on ADDR` line the Keel binaries print first, then
-/// keeps draining their stdout into `log`.
+/// Reads stdout up to the `listening on ADDR` line the Keel binaries print
+/// (log lines may come before it), then keeps draining it into `log`.
 async fn listening_addr(name: &str, child: &mut Child, log: PathBuf) -> Result<SocketAddr, String> {
-    let stdout = child.stdout.take().expect("stdout is piped");
+    let stdout = child.stdout.take().ok_or("stdout is not piped")?;
     let mut lines = BufReader::new(stdout);
-    let mut first = String::new();
-    let read = tokio::time::timeout(Duration::from_secs(20), lines.read_line(&mut first)).await;
-    let addr = match read {
-        Ok(Ok(n)) if n > 0 => first
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while seen.len() < 1_000 {
+        let mut line = String::new();
+        match tokio::time::timeout_at(deadline, lines.read_line(&mut line)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => break,
+        }
+        if let Some(addr) = line
             .trim()
             .strip_prefix("listening on ")
-            .and_then(|addr| addr.parse().ok()),
-        _ => None,
-    };
-    let Some(addr) = addr else {
-        return Err(format!(
-            "{name} did not print `listening on ADDR` (got {first:?}); see {}",
-            log.display()
-        ));
-    };
-    tokio::spawn(drain(lines, log));
-    Ok(addr)
+            .and_then(|addr| addr.parse().ok())
+        {
+            let _ = std::fs::write(&log, seen.concat());
+            tokio::spawn(drain(lines, log));
+            return Ok(addr);
+        }
+        seen.push(line);
+    }
+    Err(format!(
+        "{name} did not print `listening on ADDR` within 20 s; it printed {:?}",
+        seen.concat()
+    ))
 }
 
 async fn drain(mut from: impl AsyncRead + Unpin, log: PathBuf) {
@@ -413,14 +420,16 @@ fn log_file(dir: &Path, name: &str) -> (PathBuf, Stdio) {
     (path, stdio)
 }
 
-/// Starts a Keel binary that prints `listening on ADDR` first.
+/// Starts a Keel binary that prints `listening on ADDR`; its stderr goes
+/// to `<dir>/<name>.log`, its stdout to `<dir>/<name>.stdout.log`.
 async fn start_keel_binary(
     name: &'static str,
     bin: &Path,
     args: &[&str],
     dir: &Path,
 ) -> Result<(Process, SocketAddr), String> {
-    let (log, stderr) = log_file(dir, name);
+    let (_, stderr) = log_file(dir, name);
+    let log = dir.join(format!("{name}.stdout.log"));
     let mut child = Command::new(bin)
         .args(args)
         .env("RUST_LOG", "info")
@@ -456,7 +465,9 @@ fn build_binaries(no_build: bool) -> Result<PathBuf, String> {
     if !no_build {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-        eprintln!("bench: cargo build --profile {profile} -p keel-gateway --bins");
+        // `--example bench` too: the same targets as the `cargo run` that
+        // started us, so the same features, so nothing is rebuilt twice.
+        eprintln!("bench: cargo build --profile {profile} -p keel-gateway --bins --example bench");
         let status = std::process::Command::new(cargo)
             .args([
                 "build",
@@ -465,6 +476,8 @@ fn build_binaries(no_build: bool) -> Result<PathBuf, String> {
                 "-p",
                 "keel-gateway",
                 "--bins",
+                "--example",
+                "bench",
             ])
             .arg("--manifest-path")
             .arg(&manifest)
@@ -533,7 +546,8 @@ async fn start_litellm(
     let yaml = format!(
         "model_list:\n  - model_name: fake-model\n    litellm_params:\n      \
          model: openai/fake-model\n      api_base: http://{node}/v1\n      api_key: x\n\
-         litellm_settings:\n  set_verbose: false\n"
+         litellm_settings:\n  set_verbose: false\n\
+         general_settings:\n  master_key: {API_KEY}\n"
     );
     std::fs::write(&config, yaml)
         .map_err(|err| format!("cannot write {}: {err}", config.display()))?;

@@ -4,10 +4,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -18,34 +16,28 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use keel_balancer::Prompt;
 use keel_cache::{HttpCodec, LoadFailed, Tiered, TieredConfig};
-use keel_core::{BoxError, ConfigError, Deadline, stable_hash};
-use keel_scheduler::{
-    ConcurrencyConfig, LocalRateLimiter, Priority, Rate, RateDecision, RateLimit, RateLimitConfig,
-    Scheduler, SchedulerBuilder, SchedulerConfig, TenantRates, Ticket,
-};
+use keel_core::{ConfigError, stable_hash};
+use keel_scheduler::{RateDecision, RateLimit, RateLimitConfig, Ticket};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::config::{GatewayConfig, PriorityClass, TenantConfig};
+use crate::config::{GatewayConfig, TenantConfig};
+use crate::durable::{Durable, GatewayJob};
 use crate::error::GatewayError;
 use crate::metrics;
 use crate::openai::{Usage, estimate_tokens, text_of};
-use crate::pool::{ModelPool, UpstreamResponse};
 use crate::sse::{Observed, StreamEnd, StreamReport};
-use crate::upstream::HttpClient;
+use crate::stack::{Call, Prepared, Stack, limiter, prepare, rates};
 
 /// The header a client sets to bound a request's time, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "x-keel-timeout-ms";
 /// The header the gateway answers with: `hit` or `miss`.
 pub const CACHE_HEADER: &str = "x-keel-cache";
+/// The header that sends a request through the durable queue: `queue`.
+pub const MODE_HEADER: &str = "x-keel-mode";
 /// The header carrying the request id (taken from the client or made).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
-
-/// Which model pool a request goes to (request extension).
-#[derive(Clone, Debug)]
-struct RouteTo(Arc<str>);
 
 /// A key the gateway knows.
 #[derive(Debug)]
@@ -55,43 +47,13 @@ struct KeyEntry {
     tenant: Arc<TenantConfig>,
 }
 
-/// What admission's dispatcher drives: the model pools, by name.
-#[derive(Clone)]
-struct PoolRouter {
-    pools: Arc<HashMap<String, ModelPool>>,
-}
-
-impl tower::Service<http::Request<Bytes>> for PoolRouter {
-    type Response = UpstreamResponse;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<UpstreamResponse, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<Bytes>) -> Self::Future {
-        use tower::ServiceExt;
-        let pool = request
-            .extensions()
-            .get::<RouteTo>()
-            .and_then(|route| self.pools.get(&*route.0))
-            .map(|pool| pool.service.clone());
-        Box::pin(async move {
-            let service = pool.ok_or("no pool for this request's model")?;
-            service.oneshot(request).await.map_err(BoxError::from)
-        })
-    }
-}
-
 /// The shared state of one gateway.
 pub(crate) struct Shared {
     config: GatewayConfig,
-    pools: Arc<HashMap<String, ModelPool>>,
+    stack: Stack,
     keys: HashMap<String, KeyEntry>,
-    admission: Scheduler<http::Request<Bytes>, UpstreamResponse>,
-    tenant_limits: Arc<dyn RateLimit>,
     key_limits: Arc<dyn RateLimit>,
+    durable: Durable,
     cache: Tiered,
     draining: AtomicBool,
 }
@@ -105,29 +67,25 @@ pub struct Gateway {
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gateway")
-            .field("models", &self.shared.pools.keys().collect::<Vec<_>>())
+            .field(
+                "models",
+                &self.shared.stack.pools.keys().collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
 
 impl Gateway {
-    /// Builds the gateway from a validated config and starts probing the
-    /// upstreams. Must run inside a Tokio runtime.
+    /// Builds the gateway from a validated config, starts probing the
+    /// upstreams, and connects the durable queue (and, for the in-memory
+    /// queue, starts its worker).
     ///
     /// # Errors
     ///
     /// [`ConfigError`] naming the bad field.
-    pub fn new(config: GatewayConfig) -> Result<Gateway, ConfigError> {
+    pub async fn new(config: GatewayConfig) -> Result<Gateway, ConfigError> {
         config.validate()?;
-        let client = HttpClient::new(Duration::from_secs(2));
-        let mut pools = HashMap::new();
-        for model in &config.models {
-            pools.insert(
-                model.name.clone(),
-                ModelPool::start(&config, model, &client)?,
-            );
-        }
-        let pools = Arc::new(pools);
+        let stack = Stack::new(&config)?;
         let tenants: HashMap<&str, Arc<TenantConfig>> = config
             .tenants
             .iter()
@@ -149,33 +107,8 @@ impl Gateway {
                 },
             );
         }
-
-        let mut tenant_rates = RateLimitConfig::new("gateway-tenants");
-        let mut scheduler = SchedulerConfig::new("gateway")
-            .max_queued(config.max_queued)
-            .max_queued_per_tenant(config.max_queued)
-            .concurrency(ConcurrencyConfig::default().max_in_flight(config.max_in_flight));
-        for tenant in &config.tenants {
-            tenant_rates = tenant_rates.tenant(
-                tenant.name.clone(),
-                rates(tenant.requests_per_minute, tenant.tokens_per_minute),
-            );
-            // Weights are relative: two decimals of the configured value.
-            let weight = (tenant.weight * 100.0)
-                .round()
-                .clamp(1.0, f64::from(u32::MAX)) as u32;
-            scheduler = scheduler.tenant(
-                tenant.name.clone(),
-                keel_scheduler::TenantConfig::default().weight(weight),
-            );
-        }
-        let (tenant_limits, key_limits) = limiters(&config, tenant_rates, key_rates)?;
-        let admission = SchedulerBuilder::new(scheduler)
-            .rate_limit(tenant_limits.clone())
-            .build(PoolRouter {
-                pools: pools.clone(),
-            })
-            .map_err(|err| ConfigError::new("max_queued", err.to_string()))?;
+        let key_limits = limiter(&stack.redis, key_rates, "keys[]")?;
+        let durable = Durable::open(&config, &stack).await?;
         let cache = Tiered::builder(
             TieredConfig::new("gateway")
                 .ttl(config.cache_ttl)
@@ -188,11 +121,10 @@ impl Gateway {
         Ok(Gateway {
             shared: Arc::new(Shared {
                 config,
-                pools,
+                stack,
                 keys,
-                admission,
-                tenant_limits,
                 key_limits,
+                durable,
                 cache,
                 draining: AtomicBool::new(false),
             }),
@@ -207,6 +139,8 @@ impl Gateway {
             .route("/v1/completions", post(completions))
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/models", get(models))
+            .route("/v1/jobs", post(submit_job))
+            .route("/v1/jobs/{id}", get(job_status))
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(|| async { metrics::render() }))
@@ -253,52 +187,12 @@ impl Gateway {
     }
 }
 
-/// The tenants' and the keys' limiters: in this process, or shared by
-/// every replica through Redis when `redis_url` is set.
-fn limiters(
-    config: &GatewayConfig,
-    tenants: RateLimitConfig,
-    keys: RateLimitConfig,
-) -> Result<(Arc<dyn RateLimit>, Arc<dyn RateLimit>), ConfigError> {
-    #[cfg(feature = "redis")]
-    if let Some(url) = &config.redis_url {
-        use keel_scheduler::{RedisRateLimitConfig, RedisRateLimiter};
-        let pool =
-            keel_core::redis::RedisPool::new(keel_core::redis::RedisConfig::new(url.clone()))?;
-        let shared = |limits: RateLimitConfig| -> Result<Arc<dyn RateLimit>, ConfigError> {
-            let config = RedisRateLimitConfig::with_redis(pool.config().clone(), limits);
-            let limiter = RedisRateLimiter::with_pool(pool.clone(), config)
-                .map_err(|err| ConfigError::new("redis_url", err.to_string()))?;
-            Ok(Arc::new(limiter))
-        };
-        return Ok((shared(tenants)?, shared(keys)?));
-    }
-    let _ = config;
-    let local = |limits: RateLimitConfig, field| -> Result<Arc<dyn RateLimit>, ConfigError> {
-        let limiter = LocalRateLimiter::new(limits)
-            .map_err(|err| ConfigError::new(field, err.to_string()))?;
-        Ok(Arc::new(limiter))
-    };
-    Ok((local(tenants, "tenants[]")?, local(keys, "keys[]")?))
-}
-
-fn rates(requests_per_minute: Option<u32>, tokens_per_minute: Option<u64>) -> TenantRates {
-    let mut rates = TenantRates::default();
-    if let Some(rpm) = requests_per_minute {
-        rates = rates.requests(Rate::per_minute(rpm).burst(rpm));
-    }
-    if let Some(tpm) = tokens_per_minute {
-        let tpm = u32::try_from(tpm).unwrap_or(u32::MAX);
-        rates = rates.cost(Rate::per_minute(tpm).burst(tpm));
-    }
-    rates
-}
-
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     if shared.draining.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
     }
     let ready: Vec<&str> = shared
+        .stack
         .pools
         .values()
         .filter(|pool| pool.ready())
@@ -317,6 +211,7 @@ async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
         Err(err) => return err.into_response(),
     };
     let mut names: Vec<&String> = shared
+        .stack
         .pools
         .keys()
         .filter(|name| key.tenant.allows(name))
@@ -348,6 +243,68 @@ fn authenticate<'a>(shared: &'a Shared, headers: &HeaderMap) -> Result<&'a KeyEn
         .keys
         .get(&crate::config::hash_key(key))
         .ok_or(GatewayError::Unauthorized("unknown API key"))
+}
+
+/// Whether the client asked for durable mode (`x-keel-mode: queue`).
+fn durable_mode(headers: &HeaderMap) -> bool {
+    headers
+        .get(MODE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("queue"))
+}
+
+/// `POST /v1/jobs` with `{"route": "/v1/chat/completions", "body": {…}}`:
+/// the same as that route with `x-keel-mode: queue`.
+async fn submit_job(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let limit = shared.config.max_body_bytes;
+    let envelope = match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => serde_json::from_slice::<Value>(&bytes)
+            .map_err(|err| GatewayError::BadRequest(format!("the body is not valid JSON: {err}"))),
+        Err(_) => Err(GatewayError::PayloadTooLarge { limit }),
+    };
+    let (route, body) = match envelope {
+        Ok(envelope) => {
+            let route = match envelope.get("route").and_then(Value::as_str) {
+                Some("/v1/chat/completions" | "chat") => Route::Chat,
+                Some("/v1/completions" | "completions") => Route::Completions,
+                Some("/v1/embeddings" | "embeddings") => Route::Embeddings,
+                _ => {
+                    return GatewayError::BadRequest(
+                        "`route` must be /v1/chat/completions, /v1/completions or /v1/embeddings"
+                            .into(),
+                    )
+                    .into_response();
+                }
+            };
+            match envelope.get("body") {
+                Some(body) => (route, body.to_string()),
+                None => {
+                    return GatewayError::BadRequest("missing required field `body`".into())
+                        .into_response();
+                }
+            }
+        }
+        Err(err) => return err.into_response(),
+    };
+    parts
+        .headers
+        .insert(MODE_HEADER, HeaderValue::from_static("queue"));
+    infer(shared, route, Request::from_parts(parts, Body::from(body))).await
+}
+
+async fn job_status(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(err) = authenticate(&shared, &headers) {
+        return err.into_response();
+    }
+    match shared.durable.status(&id).await {
+        Ok(record) => axum::Json(record).into_response(),
+        Err(err) => err.into_response(),
+    }
 }
 
 /// The kinds of inference route.
@@ -509,6 +466,7 @@ async fn infer_inner(
         .map_err(|_| GatewayError::PayloadTooLarge { limit })?;
     let parsed = parse(route, &bytes, shared.config.default_max_tokens)?;
     let pool = shared
+        .stack
         .pools
         .get(&parsed.model)
         .filter(|_| key.tenant.allows(&parsed.model))
@@ -539,23 +497,33 @@ async fn infer_inner(
         }
         Err(err) => return Err(GatewayError::keel(&err)),
     }
-    let upstream_body = rewrite_model(parsed.body.clone(), &pool.upstream_model);
-    let mut upstream = http::Request::builder()
-        .method(http::Method::POST)
-        .uri(route.path())
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(upstream_body)
-        .map_err(|err| GatewayError::BadRequest(err.to_string()))?;
-    upstream
-        .extensions_mut()
-        .insert(RouteTo(Arc::from(parsed.model.as_str())));
-    Deadline::after(timeout).apply(&mut upstream);
-    if !parsed.prefix.is_empty() {
-        Prompt(Bytes::from(parsed.prefix.clone())).apply(&mut upstream);
+    if durable_mode(&parts.headers) {
+        let job = GatewayJob {
+            id: String::new(),
+            path: route.path().to_owned(),
+            model: parsed.model.clone(),
+            tenant: key.tenant.name.clone(),
+            priority: key.tenant.priority,
+            estimate,
+            prefix: parsed.prefix.clone(),
+            body: parsed.body,
+        };
+        return shared.durable.submit(job).await;
     }
-    let ticket = Ticket::new(key.tenant.name.as_str())
-        .priority(priority(key.tenant.priority))
-        .cost(estimate.max(1));
+    let Prepared {
+        ticket,
+        request: upstream,
+    } = prepare(Call {
+        path: route.path(),
+        pool,
+        body: parsed.body.clone(),
+        tenant: &key.tenant.name,
+        priority: key.tenant.priority,
+        estimate,
+        timeout,
+        prefix: &parsed.prefix,
+    })
+    .map_err(|err| GatewayError::BadRequest(err.to_string()))?;
     metrics::tokens_reserved(&key.tenant.name, estimate);
     let cacheable = parsed.deterministic
         && !parsed.stream
@@ -564,6 +532,7 @@ async fn infer_inner(
         return cached(shared, route, &parsed, &bytes, ticket, upstream, started).await;
     }
     let answer = shared
+        .stack
         .admission
         .submit_request(ticket, upstream)
         .await
@@ -633,6 +602,7 @@ async fn cached(
         .get_or_load_with_codec(&key, &HttpCodec, move || async move {
             ran.store(true, Ordering::Relaxed);
             let response = loader_shared
+                .stack
                 .admission
                 .submit_request(ticket, upstream)
                 .await
@@ -686,10 +656,11 @@ impl Settlement {
             return;
         }
         tokio::spawn(async move {
-            let tenant = self
-                .shared
-                .tenant_limits
-                .settle(&self.tenant, self.reserved, actual);
+            let tenant =
+                self.shared
+                    .stack
+                    .tenant_limits
+                    .settle(&self.tenant, self.reserved, actual);
             let key = self
                 .shared
                 .key_limits
@@ -699,32 +670,5 @@ impl Settlement {
                 tracing::warn!(%err, "token settlement failed");
             }
         });
-    }
-}
-
-/// The body sent upstream: the upstream's model name, and for a stream,
-/// `stream_options.include_usage` so the stream ends with its token
-/// counts (the gateway settles token limits from them; clients see the
-/// usage chunk OpenAI documents for that option).
-fn rewrite_model(mut body: Value, upstream_model: &str) -> Bytes {
-    if let Some(object) = body.as_object_mut() {
-        object.insert("model".into(), Value::String(upstream_model.to_owned()));
-        if object.get("stream").and_then(Value::as_bool) == Some(true) {
-            let options = object
-                .entry("stream_options")
-                .or_insert_with(|| Value::Object(Default::default()));
-            if let Some(options) = options.as_object_mut() {
-                options.insert("include_usage".into(), Value::Bool(true));
-            }
-        }
-    }
-    Bytes::from(body.to_string())
-}
-
-fn priority(class: PriorityClass) -> Priority {
-    match class {
-        PriorityClass::High => Priority::HIGH,
-        PriorityClass::Normal => Priority::NORMAL,
-        PriorityClass::Low => Priority::LOW,
     }
 }

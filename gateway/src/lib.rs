@@ -5,12 +5,14 @@
 
 pub mod app;
 pub mod config;
+pub mod durable;
 pub mod error;
 pub mod fake_node;
 pub mod metrics;
 pub mod openai;
 pub mod pool;
 pub mod sse;
+mod stack;
 pub mod upstream;
 
 pub use app::Gateway;

@@ -55,7 +55,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let config = GatewayConfig::load(&args.config)?;
     keel_gateway::metrics::install();
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let gateway = Gateway::new(config)?;
+    let gateway = Gateway::new(config).await?;
     println!("listening on {}", listener.local_addr()?);
     gateway.serve(listener, shutdown_signal()).await?;
     Ok(())

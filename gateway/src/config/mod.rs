@@ -24,6 +24,7 @@
 //! tenant = "acme"
 //! ```
 
+mod durable;
 mod model;
 mod tenant;
 
@@ -35,6 +36,7 @@ use std::time::Duration;
 use keel_core::ConfigError;
 use serde::{Deserialize, Serialize};
 
+pub use durable::{DurableBackend, DurableConfig};
 pub use model::ModelConfig;
 pub use tenant::{KeyConfig, PriorityClass, TenantConfig, hash_key};
 
@@ -79,6 +81,11 @@ pub struct GatewayConfig {
     /// Redis for limits shared by gateway replicas and the durable queue
     /// (`redis://…`); unset: limits are local. Env: `KEEL_REDIS_URL`.
     pub redis_url: Option<String>,
+    /// Durable mode: requests sent with `x-keel-mode: queue` (or to
+    /// `POST /v1/jobs`) go through a keel-queue and are answered 202 with a
+    /// job id. Default: an in-memory queue served by a worker inside the
+    /// gateway.
+    pub durable: DurableConfig,
     /// The models and their upstreams.
     pub models: Vec<ModelConfig>,
     /// The tenants.
@@ -103,6 +110,7 @@ impl Default for GatewayConfig {
             cache_ttl: Duration::from_secs(600),
             probe_interval: Duration::from_secs(2),
             redis_url: None,
+            durable: DurableConfig::default(),
             models: Vec::new(),
             tenants: Vec::new(),
             keys: Vec::new(),
@@ -218,6 +226,7 @@ impl GatewayConfig {
         if let Some(url) = &self.redis_url {
             validate_redis_url(url)?;
         }
+        self.durable.validate(self.redis_url.is_some())?;
         if self.models.is_empty() {
             return Err(ConfigError::new("models", "name at least one model"));
         }

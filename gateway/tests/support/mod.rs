@@ -46,7 +46,7 @@ pub async fn start(
     tweak(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let gateway = Gateway::new(config).expect("a valid config");
+    let gateway = Gateway::new(config).await.expect("a valid config");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(gateway.serve(listener, async {
         let _ = rx.await;
