@@ -256,6 +256,81 @@ async fn remote_backends(
     ))
 }
 
+/// A worker process's side of durable mode: the stack, the queue, the
+/// worker running it, and a small HTTP server for `/healthz` and
+/// `/metrics` (the `keel-worker` binary).
+pub struct WorkerProcess {
+    handle: WorkerHandle,
+    _stack: Stack,
+}
+
+impl std::fmt::Debug for WorkerProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerProcess")
+            .field("stats", &self.handle.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerProcess {
+    /// Builds the stack from `config`, connects the durable queue and
+    /// result store, and starts consuming.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the bad field (including a queue that cannot
+    /// be reached).
+    pub async fn start(config: &GatewayConfig) -> Result<WorkerProcess, ConfigError> {
+        config.validate()?;
+        let stack = Stack::new(config)?;
+        let (queue, results) = backends(config, &stack).await?;
+        let handle = start_worker(config, &stack, queue, results)?;
+        Ok(WorkerProcess {
+            handle,
+            _stack: stack,
+        })
+    }
+
+    /// `/healthz` (200 while the worker runs and reaches its queue, 503
+    /// otherwise) and `/metrics` (Prometheus text).
+    pub fn router(&self) -> axum::Router {
+        let health = self.handle.subscribe();
+        axum::Router::new()
+            .route(
+                "/healthz",
+                axum::routing::get(move || {
+                    let health = health.borrow().clone();
+                    async move {
+                        if health.is_running() {
+                            (http::StatusCode::OK, "ok").into_response()
+                        } else {
+                            (
+                                http::StatusCode::SERVICE_UNAVAILABLE,
+                                format!("{:?}", health.state),
+                            )
+                                .into_response()
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/metrics",
+                axum::routing::get(|| async { crate::metrics::render() }),
+            )
+    }
+
+    /// Jobs settled so far.
+    pub fn stats(&self) -> keel_scheduler::WorkerStats {
+        self.handle.stats()
+    }
+
+    /// Stops pulling, lets in-flight jobs finish within the grace period,
+    /// and hands the rest back to the queue without spending an attempt.
+    pub async fn shutdown(&self) -> keel_scheduler::ShutdownReport {
+        self.handle.shutdown().await
+    }
+}
+
 /// Starts a worker that runs queued jobs through `stack` and stores their
 /// results.
 pub(crate) fn start_worker(
@@ -276,7 +351,8 @@ pub(crate) fn start_worker(
         async move { Ok::<_, std::convert::Infallible>(runner.run(item).await) }
     });
     let worker_config = WorkerConfig::new(format!("gateway-{}", config.durable.queue))
-        .concurrency(config.durable.concurrency);
+        .concurrency(config.durable.concurrency)
+        .lease(config.durable.lease);
     let worker = Worker::new(queue, worker_config, handler)
         .map_err(|err| ConfigError::new("durable.concurrency", err.to_string()))?;
     Ok(worker.spawn())

@@ -135,7 +135,11 @@ impl ModelPool {
                         .unhealthy_interval(gateway.probe_interval)
                         .timeout(gateway.probe_interval.min(Duration::from_secs(2))),
                 )
-                .outlier(OutlierConfig::default().consecutive_failures(Some(3))),
+                .outlier(
+                    OutlierConfig::default()
+                        .consecutive_failures(Some(3))
+                        .ejection(gateway.ejection_time, gateway.ejection_time * 10),
+                ),
         )
         .probe(HttpProbe::new(probe_client, model.health_path.clone()))
         .build()

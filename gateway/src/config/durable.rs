@@ -39,6 +39,11 @@ pub struct DurableConfig {
     pub result_ttl: Duration,
     /// Jobs a worker runs at once. Default 32.
     pub concurrency: usize,
+    /// How long a worker holds a job before the queue hands it to another
+    /// worker (renewed while the job runs; a killed worker's jobs come back
+    /// after it). Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
     /// Whether the gateway runs a worker itself (always for `memory`; for
     /// the others, run `keel-worker` processes instead). Default false.
     pub embedded_worker: bool,
@@ -52,6 +57,7 @@ impl Default for DurableConfig {
             url: None,
             result_ttl: Duration::from_secs(3_600),
             concurrency: 32,
+            lease: Duration::from_secs(30),
             embedded_worker: false,
         }
     }
@@ -67,6 +73,9 @@ impl DurableConfig {
                 "durable.concurrency",
                 "must be at least 1",
             ));
+        }
+        if self.lease < Duration::from_secs(1) {
+            return Err(ConfigError::new("durable.lease", "must be at least 1s"));
         }
         if self.result_ttl < Duration::from_secs(1) {
             return Err(ConfigError::new(

@@ -78,6 +78,11 @@ pub struct GatewayConfig {
     /// Active health check interval per upstream. Default 2 s.
     #[serde(with = "humantime_serde")]
     pub probe_interval: Duration,
+    /// How long an upstream ejected for failing stays out before probes
+    /// may re-admit it; doubles for each ejection in a row, up to ten times
+    /// this. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub ejection_time: Duration,
     /// Redis for limits shared by gateway replicas and the durable queue
     /// (`redis://…`); unset: limits are local. Env: `KEEL_REDIS_URL`.
     pub redis_url: Option<String>,
@@ -109,6 +114,7 @@ impl Default for GatewayConfig {
             cache_bytes: 64 << 20,
             cache_ttl: Duration::from_secs(600),
             probe_interval: Duration::from_secs(2),
+            ejection_time: Duration::from_secs(30),
             redis_url: None,
             durable: DurableConfig::default(),
             models: Vec::new(),
@@ -210,6 +216,9 @@ impl GatewayConfig {
                 "default_timeout",
                 "must be above zero and at most max_timeout",
             ));
+        }
+        if self.ejection_time.is_zero() {
+            return Err(ConfigError::new("ejection_time", "must be above zero"));
         }
         if self.max_queued == 0 || self.max_in_flight == 0 {
             return Err(ConfigError::new(

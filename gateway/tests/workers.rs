@@ -1,0 +1,133 @@
+//! Two `keel-worker` processes drain the gateway's durable queue on Redis;
+//! one is killed with SIGKILL mid-run and restarted: every job completes,
+//! none is lost (duplicates only for jobs in flight at the kill).
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keel_gateway::GatewayConfig;
+use keel_gateway::config::DurableBackend;
+use keel_gateway::fake_node::FakeNodeConfig;
+use keel_testkit::{Namespace, require_redis};
+use serde_json::{Value, json};
+use support::{KEY, MODEL, start, total};
+
+struct Worker(Child);
+
+impl Worker {
+    fn spawn(config: &std::path::Path) -> Worker {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keel-worker"))
+            .arg("--config")
+            .arg(config)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("keel-worker starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("listening on"),
+            "keel-worker said {line:?}"
+        );
+        Worker(child)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill(); // SIGKILL
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_workers_lose_no_job() {
+    let url = require_redis().await;
+    let ns = Namespace::new("gw_workers_kill").with_redis_cleanup(url.clone());
+    let mut node = FakeNodeConfig::instant();
+    node.ttft = Duration::from_millis(10);
+    node.slots = 64;
+    let mut written = GatewayConfig::default();
+    let setup = start(1, node, |config| {
+        config.redis_url = Some(url.clone());
+        config.durable.backend = DurableBackend::Redis;
+        config.durable.queue = ns.prefix().to_owned();
+        config.durable.concurrency = 8;
+        config.durable.lease = Duration::from_secs(2);
+        written = config.clone();
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, toml::to_string(&written).unwrap()).unwrap();
+    let mut first = Worker::spawn(&path);
+    let _second = Worker::spawn(&path);
+
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for n in 0..300 {
+        let accepted: Value = client
+            .post(format!("{}/v1/chat/completions", setup.url))
+            .bearer_auth(KEY)
+            .header("x-keel-mode", "queue")
+            .json(&json!({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": format!("job {n}")}]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(accepted["id"].as_str().unwrap().to_owned());
+        if n == 100 {
+            first.kill();
+        }
+        if n == 200 {
+            first = Worker::spawn(&path);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    for id in &ids {
+        loop {
+            let record: Value = client
+                .get(format!("{}/v1/jobs/{id}", setup.url))
+                .bearer_auth(KEY)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if record["status"] == "completed" {
+                break;
+            }
+            assert_ne!(record["status"], "failed", "{record}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {id} never completed: {record}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let runs = total(&setup.nodes, |s| s.completed);
+    assert!(runs >= 300, "{runs} upstream runs for 300 jobs");
+    // At most the jobs the killed worker had in flight run twice.
+    assert!(runs <= 300 + 8, "{runs} upstream runs for 300 jobs");
+    println!(
+        "workers: 300 jobs, 0 lost, {} duplicate upstream runs",
+        runs - 300
+    );
+    drop(first);
+}
