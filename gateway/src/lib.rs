@@ -1,7 +1,4 @@
-//! keel-gateway: an OpenAI-compatible inference gateway built from the
-//! Keel crates, and [`fake_node`], the OpenAI-compatible node simulator its
-//! tests, the demo and the benchmarks run against (binary
-//! `keel-fake-node`).
+#![doc = include_str!("../README.md")]
 
 pub mod app;
 pub mod config;
