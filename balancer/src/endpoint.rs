@@ -556,9 +556,10 @@ impl EndpointState {
         self.key.0.report(Outcome::failure(FailureKind::Timeout));
     }
 
-    fn complete(&self, sent_ns: u64, outcome: Recorded) {
+    fn complete(&self, sent_ns: u64, answered_ns: Option<u64>, outcome: Recorded) {
         let now_ns = self.common.ns_of(Instant::now());
-        let rtt = now_ns.saturating_sub(sent_ns) as f64;
+        // A streamed answer is timed to its first byte, not its end.
+        let rtt = answered_ns.unwrap_or(now_ns).saturating_sub(sent_ns) as f64;
         self.sent_sum_ns.fetch_sub(sent_ns, Relaxed);
         self.timed.fetch_sub(1, Relaxed);
         let before = self.outstanding.fetch_sub(1, Relaxed);
@@ -660,6 +661,7 @@ pub(crate) enum Recorded {
 pub struct Handle {
     state: Arc<EndpointState>,
     sent_ns: u64,
+    answered_ns: Option<u64>,
     deadline: Option<Instant>,
     outcome: Recorded,
 }
@@ -670,8 +672,20 @@ impl Handle {
         Handle {
             state,
             sent_ns,
+            answered_ns: None,
             deadline,
             outcome: Recorded::Cancelled,
+        }
+    }
+
+    /// Marks now as when the endpoint answered: the latency the endpoint is
+    /// judged by (its peak-EWMA sample) ends here, while the slot stays
+    /// taken until the handle is dropped. A body carrying the handle calls
+    /// it at its first byte, so a streamed answer is timed to its first
+    /// token, not to its length. Later calls change nothing.
+    pub fn mark_answered(&mut self) {
+        if self.answered_ns.is_none() {
+            self.answered_ns = Some(self.state.common().ns_of(Instant::now()));
         }
     }
 
@@ -708,7 +722,8 @@ impl Drop for Handle {
         if timed_out {
             self.state.report_timeout();
         }
-        self.state.complete(self.sent_ns, self.outcome);
+        self.state
+            .complete(self.sent_ns, self.answered_ns, self.outcome);
     }
 }
 
@@ -748,6 +763,25 @@ mod tests {
 
     fn ms(e: &EndpointState) -> f64 {
         e.latency_ns(e.common.ns_of(Instant::now())) / 1e6
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_streamed_answer_is_timed_to_its_first_byte() {
+        let config = BalancerConfig::default();
+        let e = Arc::new(state(&config));
+        assert!(e.try_acquire());
+        let sent = e.common.ns_of(Instant::now());
+        let mut h = Handle::new(e.clone(), sent, None);
+        tokio::time::advance(Duration::from_millis(40)).await;
+        h.mark_answered();
+        // The stream runs on for 5 s; the slot stays taken meanwhile.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        h.mark_answered();
+        assert_eq!(e.outstanding(), 1);
+        h.set_outcome(Recorded::Success);
+        drop(h);
+        assert_eq!(e.outstanding(), 0);
+        assert!((ms(&e) - 40.0).abs() < 1e-6, "estimate {} ms", ms(&e));
     }
 
     #[tokio::test(start_paused = true)]

@@ -35,11 +35,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.keys = vec![KeyConfig::new("sk-local", "local")];
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let gateway = Gateway::new(config).await?;
-    println!("keel-gateway on http://{} in front of:", listener.local_addr()?);
+    println!(
+        "keel-gateway on http://{} in front of:",
+        listener.local_addr()?
+    );
     for node in &nodes {
         println!("  keel-fake-node {}", node.url());
     }
     println!("API key: sk-local   model: fake-model   metrics: /metrics   Ctrl-C to stop");
-    gateway.serve(listener, keel_gateway::shutdown_signal()).await?;
+    gateway
+        .serve(listener, keel_gateway::shutdown_signal())
+        .await?;
     Ok(())
 }

@@ -32,7 +32,9 @@ pub type UpstreamResponse = http::Response<UpstreamBody>;
 
 pin_project! {
     /// A body that holds the balancer's [`Handle`] until it ends (or is
-    /// dropped), so a streamed answer counts as outstanding to its end.
+    /// dropped), so a streamed answer counts as outstanding to its end,
+    /// while its latency sample (what peak-EWMA routes by) ends at the
+    /// first byte: time to first token.
     pub struct Held<B> {
         #[pin]
         body: B,
@@ -50,9 +52,19 @@ impl<B: Body> Body for Held<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let polled = this.body.poll_frame(cx);
-        if let Poll::Ready(None | Some(Err(_))) = polled {
+        match &polled {
+            // The first byte: the upstream's latency sample ends here (time
+            // to first token for a stream), the slot stays taken.
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(handle) = this.handle.as_mut() {
+                    handle.mark_answered();
+                }
+            }
             // Finished (or failed): free the slot now.
-            this.handle.take();
+            Poll::Ready(None | Some(Err(_))) => {
+                this.handle.take();
+            }
+            Poll::Pending => {}
         }
         polled
     }
