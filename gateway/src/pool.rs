@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
 use keel_balancer::retry::{RetryConfig, RetryLayer, RetryPolicy};
-use keel_balancer::{Balancer, DefaultClassifier, Handle, Policy};
+use keel_balancer::{Balancer, DefaultClassifier, Handle};
 use keel_core::{BudgetConfig, ConfigError, EndpointId};
 use keel_health::{
     ActiveConfig, Endpoint, Health, HealthConfig, HttpProbe, Outlier, OutlierConfig,
@@ -171,7 +171,7 @@ impl ModelPool {
         );
         let balancer = Balancer::builder()
             .name(model.name.clone())
-            .policy(Policy::PeakEwma)
+            .policy(model.policy.clone())
             .max_outstanding_per_endpoint(model.slots)
             .max_wait(Duration::from_millis(500))
             .classifier(DefaultClassifier)

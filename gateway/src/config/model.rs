@@ -24,11 +24,20 @@ pub struct ModelConfig {
     /// (embeddings are always cached). Default false.
     #[serde(default)]
     pub cache_deterministic: bool,
+    /// How an upstream is picked (keel-balancer's `Policy`, e.g.
+    /// `{ kind = "prefix_affinity" }` to keep a system prompt on the
+    /// upstream whose KV cache holds it). Default peak-EWMA P2C.
+    #[serde(default = "default_policy")]
+    pub policy: keel_balancer::Policy,
     /// The path the gateway probes on each upstream (`GET`, expects 2xx).
     /// Default `/health` (vLLM, SGLang, TGI, llama.cpp and keel-fake-node
     /// answer it).
     #[serde(default = "default_health_path")]
     pub health_path: String,
+}
+
+fn default_policy() -> keel_balancer::Policy {
+    keel_balancer::Policy::PeakEwma
 }
 
 fn default_health_path() -> String {
@@ -49,6 +58,7 @@ impl ModelConfig {
             slots: default_slots(),
             cache_deterministic: false,
             health_path: default_health_path(),
+            policy: default_policy(),
         }
     }
 

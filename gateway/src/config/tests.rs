@@ -8,6 +8,7 @@ default_timeout = "30s"
 name = "m"
 upstreams = ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]
 slots = 4
+policy = { kind = "prefix_affinity" }
 
 [[tenants]]
 name = "acme"
@@ -24,6 +25,10 @@ fn a_good_file_loads() {
     let config = GatewayConfig::from_toml(GOOD).unwrap();
     config.validate().unwrap();
     assert_eq!(config.models[0].slots, 4);
+    assert!(matches!(
+        config.models[0].policy,
+        keel_balancer::Policy::PrefixAffinity(_)
+    ));
     assert_eq!(config.tenants[0].priority, PriorityClass::High);
     assert_eq!(config.default_timeout, Duration::from_secs(30));
 }
