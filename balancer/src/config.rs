@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use keel_core::validate;
 
 /// The built-in ways to pick an endpoint: a serde-friendly constructor for
 /// the built-in [`Pick`](crate::Pick) implementations (see
@@ -204,15 +205,8 @@ impl PrefixConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.block_bytes == 0 {
-            return Err(Error::config("policy.block_bytes", "must be at least 1"));
-        }
-        if !(0.0..=1.0).contains(&self.min_match) {
-            return Err(Error::config(
-                "policy.min_match",
-                "must be between 0.0 and 1.0",
-            ));
-        }
+        validate::at_least("policy.block_bytes", self.block_bytes, 1)?;
+        validate::ratio("policy.min_match", self.min_match)?;
         if !(self.balance_rel.is_finite() && self.balance_rel >= 1.0) {
             return Err(Error::config(
                 "policy.balance_rel",
@@ -401,9 +395,7 @@ impl BalancerConfig {
     ///
     /// [`Error::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        if self.name.is_empty() {
-            return Err(Error::config("name", "must not be empty"));
-        }
+        validate::non_empty("name", &self.name)?;
         self.policy.validate()?;
         if self.max_outstanding_per_endpoint == Some(0) {
             return Err(Error::config(
@@ -417,21 +409,10 @@ impl BalancerConfig {
                 "must be greater than zero (or unset)",
             ));
         }
-        if self.default_rtt.is_zero() {
-            return Err(Error::config("default_rtt", "must be greater than zero"));
-        }
-        if self.decay.is_zero() {
-            return Err(Error::config("decay", "must be greater than zero"));
-        }
-        if self.decay_samples == 0 {
-            return Err(Error::config("decay_samples", "must be at least 1"));
-        }
-        if self.load_report_max_age.is_zero() {
-            return Err(Error::config(
-                "load_report_max_age",
-                "must be greater than zero",
-            ));
-        }
+        validate::positive_duration("default_rtt", self.default_rtt)?;
+        validate::positive_duration("decay", self.decay)?;
+        validate::at_least("decay_samples", self.decay_samples, 1)?;
+        validate::positive_duration("load_report_max_age", self.load_report_max_age)?;
         Ok(())
     }
 }
@@ -439,52 +420,52 @@ impl BalancerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keel_testkit::assert_refused;
 
     #[test]
     fn refuses_bad_fields_by_name() {
-        let cases = [
-            (BalancerConfig::default().name(""), "name"),
-            (
-                BalancerConfig::default().max_outstanding_per_endpoint(0),
-                "max_outstanding_per_endpoint",
-            ),
-            (
-                BalancerConfig::default().attempt_timeout(Duration::ZERO),
-                "attempt_timeout",
-            ),
-            (
-                BalancerConfig::default().default_rtt(Duration::ZERO),
-                "default_rtt",
-            ),
-            (BalancerConfig::default().decay_samples(0), "decay_samples"),
-            (
-                BalancerConfig::default().policy(Policy::ConsistentHash(
-                    HashConfig::default().load_factor(0.5),
-                )),
-                "policy.load_factor",
-            ),
-            (
-                BalancerConfig::default()
-                    .policy(Policy::ConsistentHash(HashConfig::default().vnodes(0))),
-                "policy.vnodes",
-            ),
-            (
-                BalancerConfig::default().policy(Policy::PrefixAffinity(
-                    PrefixConfig::default().min_match(2.0),
-                )),
-                "policy.min_match",
-            ),
-            (
-                BalancerConfig::default().policy(Policy::PrefixAffinity(
-                    PrefixConfig::default().block_bytes(0),
-                )),
-                "policy.block_bytes",
-            ),
-        ];
-        for (config, field) in cases {
-            let err = config.validate().unwrap_err().to_string();
-            assert!(err.contains(field), "{err} should name {field}");
-        }
+        assert_refused(
+            BalancerConfig::validate,
+            [
+                (BalancerConfig::default().name(""), "name"),
+                (
+                    BalancerConfig::default().max_outstanding_per_endpoint(0),
+                    "max_outstanding_per_endpoint",
+                ),
+                (
+                    BalancerConfig::default().attempt_timeout(Duration::ZERO),
+                    "attempt_timeout",
+                ),
+                (
+                    BalancerConfig::default().default_rtt(Duration::ZERO),
+                    "default_rtt",
+                ),
+                (BalancerConfig::default().decay_samples(0), "decay_samples"),
+                (
+                    BalancerConfig::default().policy(Policy::ConsistentHash(
+                        HashConfig::default().load_factor(0.5),
+                    )),
+                    "policy.load_factor",
+                ),
+                (
+                    BalancerConfig::default()
+                        .policy(Policy::ConsistentHash(HashConfig::default().vnodes(0))),
+                    "policy.vnodes",
+                ),
+                (
+                    BalancerConfig::default().policy(Policy::PrefixAffinity(
+                        PrefixConfig::default().min_match(2.0),
+                    )),
+                    "policy.min_match",
+                ),
+                (
+                    BalancerConfig::default().policy(Policy::PrefixAffinity(
+                        PrefixConfig::default().block_bytes(0),
+                    )),
+                    "policy.block_bytes",
+                ),
+            ],
+        );
     }
 
     #[test]

@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use tokio::sync::broadcast;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use keel_core::validate;
 
 /// What an instance hears on an [`InvalidationBus`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,9 +69,7 @@ impl LocalBus {
     ///
     /// [`Error::InvalidConfig`] naming `capacity` when it is zero.
     pub fn new(capacity: usize) -> Result<Self> {
-        if capacity == 0 {
-            return Err(Error::config("capacity", "must be at least 1"));
-        }
+        validate::at_least("capacity", capacity, 1)?;
         Ok(LocalBus {
             sender: broadcast::channel(capacity).0,
         })

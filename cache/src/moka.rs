@@ -8,7 +8,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{Cache, Capabilities, normalize_ttl};
-use crate::error::{Error, Result};
+use crate::error::Result;
+use keel_core::validate;
 
 /// Bytes charged per entry on top of its key and value, for the
 /// bookkeeping moka and we keep per entry.
@@ -63,9 +64,7 @@ impl MokaCacheConfig {
     ///
     /// [`Error::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        if self.max_capacity_bytes == 0 {
-            return Err(Error::config("max_capacity_bytes", "must be at least 1"));
-        }
+        validate::at_least("max_capacity_bytes", self.max_capacity_bytes, 1)?;
         Ok(())
     }
 }

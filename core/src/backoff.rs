@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::validate;
 
 /// How much of the exponential delay is drawn at random.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -86,12 +87,7 @@ impl Backoff {
     /// [`ConfigError`] naming `backoff.base` (zero) or `backoff.max`
     /// (below `base`, or over a day).
     pub fn new(base: Duration, max: Duration) -> Result<Self, ConfigError> {
-        if base.is_zero() {
-            return Err(ConfigError::new(
-                "backoff.base",
-                "must be greater than zero",
-            ));
-        }
+        validate::positive_duration("backoff.base", base)?;
         if max < base {
             return Err(ConfigError::new(
                 "backoff.max",

@@ -11,10 +11,12 @@ mod hash;
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 mod http;
 mod outcome;
+mod redact;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
 mod retry_after;
+pub mod validate;
 
 pub use backoff::{Backoff, Jitter};
 pub use budget::{BudgetConfig, BudgetStats, RetryBudget};
@@ -28,6 +30,7 @@ pub use outcome::{
     Classify, ClassifyError, DefaultClassifier, FailureKind, Outcome, ResponseStatus,
     ResultClassifier,
 };
+pub use redact::redacted_url;
 pub use retry_after::{MAX_RETRY_AFTER, parse_retry_after, retry_after_header, retry_after_value};
 
 #[doc(hidden)]

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use keel_core::FailureKind;
+use keel_core::validate;
 
 /// Settings of a [`Health`](crate::Health) registry.
 ///
@@ -121,12 +122,8 @@ impl HealthConfig {
     ///
     /// [`Error::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        if self.name.is_empty() {
-            return Err(Error::config("name", "must not be empty"));
-        }
-        if self.tick.is_zero() {
-            return Err(Error::config("tick", "must be greater than zero"));
-        }
+        validate::non_empty("name", &self.name)?;
+        validate::positive_duration("tick", self.tick)?;
         if self.max_ejection_percent > 100 {
             return Err(Error::config(
                 "max_ejection_percent",
@@ -230,39 +227,13 @@ impl ActiveConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.interval.is_zero() {
-            return Err(Error::config(
-                "active.interval",
-                "must be greater than zero",
-            ));
-        }
-        if self.unhealthy_interval.is_zero() {
-            return Err(Error::config(
-                "active.unhealthy_interval",
-                "must be greater than zero",
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.jitter) {
-            return Err(Error::config("active.jitter", "must be between 0 and 1"));
-        }
-        if self.timeout.is_zero() {
-            return Err(Error::config("active.timeout", "must be greater than zero"));
-        }
-        if self.healthy_threshold == 0 {
-            return Err(Error::config(
-                "active.healthy_threshold",
-                "must be at least 1",
-            ));
-        }
-        if self.unhealthy_threshold == 0 {
-            return Err(Error::config(
-                "active.unhealthy_threshold",
-                "must be at least 1",
-            ));
-        }
-        if self.max_concurrent == 0 {
-            return Err(Error::config("active.max_concurrent", "must be at least 1"));
-        }
+        validate::positive_duration("active.interval", self.interval)?;
+        validate::positive_duration("active.unhealthy_interval", self.unhealthy_interval)?;
+        validate::ratio("active.jitter", self.jitter)?;
+        validate::positive_duration("active.timeout", self.timeout)?;
+        validate::at_least("active.healthy_threshold", self.healthy_threshold, 1)?;
+        validate::at_least("active.unhealthy_threshold", self.unhealthy_threshold, 1)?;
+        validate::at_least("active.max_concurrent", self.max_concurrent, 1)?;
         Ok(())
     }
 }
@@ -424,9 +395,7 @@ impl OutlierConfig {
                 "must be greater than zero (and at least 1 ns per bucket)",
             ));
         }
-        if self.min_volume == 0 {
-            return Err(Error::config("outlier.min_volume", "must be at least 1"));
-        }
+        validate::at_least("outlier.min_volume", self.min_volume, 1)?;
         if let Some(factor) = self.latency_factor
             && !(factor > 1.0 && factor.is_finite())
         {
@@ -441,12 +410,7 @@ impl OutlierConfig {
                 "must be at least 2 (a median of one is itself)",
             ));
         }
-        if self.base_ejection.is_zero() {
-            return Err(Error::config(
-                "outlier.base_ejection",
-                "must be greater than zero",
-            ));
-        }
+        validate::positive_duration("outlier.base_ejection", self.base_ejection)?;
         if self.base_ejection > self.max_ejection {
             return Err(Error::config(
                 "outlier.base_ejection",
@@ -500,9 +464,7 @@ impl BusyConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if !(0.0..=1.0).contains(&self.weight) {
-            return Err(Error::config("busy.weight", "must be between 0 and 1"));
-        }
+        validate::ratio("busy.weight", self.weight)?;
         if self.cooldown > self.max_cooldown {
             return Err(Error::config(
                 "busy.cooldown",
@@ -750,9 +712,7 @@ impl BreakerConfig {
     ///
     /// [`Error::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        if self.name.is_empty() {
-            return Err(Error::config("name", "must not be empty"));
-        }
+        validate::non_empty("name", &self.name)?;
         for kind in FailureKind::ALL {
             if self.thresholds.get(kind) == Some(0) {
                 return Err(Error::config(
@@ -761,18 +721,12 @@ impl BreakerConfig {
                 ));
             }
         }
-        if self.open_for.is_zero() {
-            return Err(Error::config("open_for", "must be greater than zero"));
-        }
+        validate::positive_duration("open_for", self.open_for)?;
         if self.open_for > self.max_open_for {
             return Err(Error::config("open_for", "must not exceed `max_open_for`"));
         }
-        if self.half_open_trials == 0 {
-            return Err(Error::config("half_open_trials", "must be at least 1"));
-        }
-        if self.trial_timeout.is_zero() {
-            return Err(Error::config("trial_timeout", "must be greater than zero"));
-        }
+        validate::at_least("half_open_trials", self.half_open_trials, 1)?;
+        validate::positive_duration("trial_timeout", self.trial_timeout)?;
         Ok(())
     }
 }
@@ -780,43 +734,44 @@ impl BreakerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keel_testkit::assert_refused;
 
     #[test]
     fn refuses_bad_fields_by_name() {
-        let cases = [
-            (HealthConfig::default().tick(Duration::ZERO), "tick"),
-            (
-                HealthConfig::default().max_ejection_percent(120),
-                "max_ejection_percent",
-            ),
-            (
-                HealthConfig::default().active(ActiveConfig::default().jitter(2.0)),
-                "active.jitter",
-            ),
-            (
-                HealthConfig::default().outlier(OutlierConfig::default().failure_rate(Some(0.0))),
-                "outlier.failure_rate",
-            ),
-            (
-                HealthConfig::default().outlier(
-                    OutlierConfig::default()
-                        .ejection(Duration::from_secs(10), Duration::from_secs(1)),
+        assert_refused(
+            HealthConfig::validate,
+            [
+                (HealthConfig::default().tick(Duration::ZERO), "tick"),
+                (
+                    HealthConfig::default().max_ejection_percent(120),
+                    "max_ejection_percent",
                 ),
-                "outlier.base_ejection",
-            ),
-            (
-                HealthConfig::default().busy(BusyConfig::default().weight(1.5)),
-                "busy.weight",
-            ),
-            (
-                HealthConfig::default().slow_start(SlowStartConfig::default().min_weight(0.0)),
-                "slow_start.min_weight",
-            ),
-        ];
-        for (config, field) in cases {
-            let err = config.validate().unwrap_err().to_string();
-            assert!(err.contains(field), "{err} should name {field}");
-        }
+                (
+                    HealthConfig::default().active(ActiveConfig::default().jitter(2.0)),
+                    "active.jitter",
+                ),
+                (
+                    HealthConfig::default()
+                        .outlier(OutlierConfig::default().failure_rate(Some(0.0))),
+                    "outlier.failure_rate",
+                ),
+                (
+                    HealthConfig::default().outlier(
+                        OutlierConfig::default()
+                            .ejection(Duration::from_secs(10), Duration::from_secs(1)),
+                    ),
+                    "outlier.base_ejection",
+                ),
+                (
+                    HealthConfig::default().busy(BusyConfig::default().weight(1.5)),
+                    "busy.weight",
+                ),
+                (
+                    HealthConfig::default().slow_start(SlowStartConfig::default().min_weight(0.0)),
+                    "slow_start.min_weight",
+                ),
+            ],
+        );
         let err = BreakerConfig::default()
             .half_open_trials(0)
             .validate()

@@ -6,6 +6,7 @@ use keel_core::{Backoff, ConfigError, Jitter};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use keel_core::validate;
 
 /// The highest number of priority levels a queue may have.
 pub const MAX_PRIORITY_LEVELS: u8 = 16;
@@ -114,19 +115,7 @@ impl QueueConfig {
     ///
     /// [`Error::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        if self.name.is_empty() {
-            return Err(Error::config("name", "must not be empty"));
-        }
-        if self
-            .name
-            .chars()
-            .any(|c| c.is_control() || c == '{' || c == '}')
-        {
-            return Err(Error::config(
-                "name",
-                "must not contain control characters or braces (braces are Redis hash tags)",
-            ));
-        }
+        validate::key_name("name", &self.name)?;
         if self.capacity == Some(0) {
             return Err(Error::config("capacity", "must be at least 1 (or unset)"));
         }
@@ -136,13 +125,9 @@ impl QueueConfig {
                 format!("must be between 1 and {MAX_PRIORITY_LEVELS}"),
             ));
         }
-        if self.max_attempts == 0 {
-            return Err(Error::config("max_attempts", "must be at least 1"));
-        }
+        validate::at_least("max_attempts", self.max_attempts, 1)?;
         self.try_backoff()?;
-        if self.dedup_window.is_zero() {
-            return Err(Error::config("dedup_window", "must be greater than zero"));
-        }
+        validate::positive_duration("dedup_window", self.dedup_window)?;
         Ok(())
     }
 
@@ -204,27 +189,27 @@ impl QueueConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keel_testkit::assert_refused;
     use proptest::prelude::*;
 
     #[test]
     fn refuses_bad_fields_by_name() {
-        let cases = [
-            (QueueConfig::new("q").priority_levels(0), "priority_levels"),
-            (QueueConfig::new("q").max_attempts(0), "max_attempts"),
-            (QueueConfig::new("q{x}"), "name"),
-            (
-                QueueConfig::new("q").backoff(Duration::from_secs(2), Duration::from_secs(1)),
-                "backoff_max",
-            ),
-            (
-                QueueConfig::new("q").backoff(Duration::ZERO, Duration::from_secs(1)),
-                "backoff_base",
-            ),
-        ];
-        for (config, field) in cases {
-            let err = config.validate().unwrap_err().to_string();
-            assert!(err.contains(field), "{err} should name {field}");
-        }
+        assert_refused(
+            QueueConfig::validate,
+            [
+                (QueueConfig::new("q").priority_levels(0), "priority_levels"),
+                (QueueConfig::new("q").max_attempts(0), "max_attempts"),
+                (QueueConfig::new("q{x}"), "name"),
+                (
+                    QueueConfig::new("q").backoff(Duration::from_secs(2), Duration::from_secs(1)),
+                    "backoff_max",
+                ),
+                (
+                    QueueConfig::new("q").backoff(Duration::ZERO, Duration::from_secs(1)),
+                    "backoff_base",
+                ),
+            ],
+        );
     }
 
     #[test]

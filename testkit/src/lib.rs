@@ -21,6 +21,8 @@
 //!   [`restart`](RedisServer::restart): empty, or, started
 //!   [with persistence on](RedisServer::start_with_args), with every write it
 //!   acknowledged.
+//! - [`assert_refused`]: the check of a config test that each bad field is
+//!   refused by name.
 //!
 //! Faults are deterministic: they happen exactly when the test calls for
 //! them, never at random.
@@ -56,12 +58,14 @@
 //! The shared servers can be started with [`START_REDIS`] and
 //! [`START_RABBITMQ`]; the repository's `.ci/run` starts both.
 
+mod config;
 mod namespace;
 mod proxy;
 #[cfg(feature = "redis")]
 mod redis_server;
 mod servers;
 
+pub use config::assert_refused;
 pub use namespace::Namespace;
 #[cfg(feature = "redis")]
 pub use namespace::redis_cleanup;

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use keel_core::BudgetConfig;
+use keel_core::validate;
 
 /// Settings of the [hedge layer](super).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -87,18 +88,14 @@ impl HedgeConfig {
     ///
     /// [`Error::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        if self.name.is_empty() {
-            return Err(Error::config("name", "must not be empty"));
-        }
+        validate::non_empty("name", &self.name)?;
         if !(self.percentile >= 0.5 && self.percentile < 1.0) {
             return Err(Error::config(
                 "percentile",
                 "must be at least 0.5 and below 1.0",
             ));
         }
-        if self.window.is_zero() {
-            return Err(Error::config("window", "must be greater than zero"));
-        }
+        validate::positive_duration("window", self.window)?;
         Ok(self.budget.validate()?)
     }
 }

@@ -12,6 +12,7 @@ use crate::balance::mix;
 use crate::error::{Error, GiveUp, Result};
 use crate::metrics::RetryMetrics;
 use crate::request::AvoidEndpoints;
+use keel_core::validate;
 
 /// Settings of the [retry layer](super).
 ///
@@ -88,12 +89,8 @@ impl RetryConfig {
     ///
     /// [`Error::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        if self.name.is_empty() {
-            return Err(Error::config("name", "must not be empty"));
-        }
-        if self.max_attempts == 0 {
-            return Err(Error::config("max_attempts", "must be at least 1"));
-        }
+        validate::non_empty("name", &self.name)?;
+        validate::at_least("max_attempts", self.max_attempts, 1)?;
         Ok(self.budget.validate()?)
     }
 }
@@ -300,6 +297,7 @@ where
 mod tests {
     use super::*;
     use crate::endpoint::EndpointIndex;
+    use keel_testkit::assert_refused;
     use tower::retry::Policy;
 
     fn failed(endpoint: u64) -> Result<(), Error> {
@@ -426,15 +424,15 @@ mod tests {
 
     #[test]
     fn refuses_bad_fields_by_name() {
-        for (config, field) in [
-            (RetryConfig::default().max_attempts(0), "max_attempts"),
-            (
-                RetryConfig::default().budget(BudgetConfig::default().ratio(-0.5)),
-                "budget.ratio",
-            ),
-        ] {
-            let err = config.validate().unwrap_err().to_string();
-            assert!(err.contains(field), "{err} should name {field}");
-        }
+        assert_refused(
+            RetryConfig::validate,
+            [
+                (RetryConfig::default().max_attempts(0), "max_attempts"),
+                (
+                    RetryConfig::default().budget(BudgetConfig::default().ratio(-0.5)),
+                    "budget.ratio",
+                ),
+            ],
+        );
     }
 }

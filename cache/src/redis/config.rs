@@ -5,7 +5,8 @@ use std::time::Duration;
 use keel_core::redis::RedisConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use keel_core::validate;
 
 /// Settings of [`RedisCache`](crate::RedisCache): the connection
 /// ([`RedisConfig`], shared with every Keel crate), the key prefix, and the
@@ -123,9 +124,7 @@ impl RedisCacheConfig {
     /// The fields that are the cache's own (what
     /// [`RedisCache::with_pool`](crate::RedisCache::with_pool) checks).
     pub(crate) fn validate_own(&self) -> Result<()> {
-        if self.operation_timeout < Duration::from_millis(1) {
-            return Err(Error::config("operation_timeout", "must be at least 1 ms"));
-        }
+        validate::at_least_1ms("operation_timeout", self.operation_timeout)?;
         Ok(())
     }
 }
@@ -143,7 +142,7 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(
-            matches!(&err, Error::InvalidConfig(e) if e.field == "operation_timeout"),
+            matches!(&err, crate::Error::InvalidConfig(e) if e.field == "operation_timeout"),
             "{err}"
         );
     }

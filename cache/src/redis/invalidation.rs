@@ -14,6 +14,7 @@ use keel_core::redis::{RedisConfig, RedisPool};
 use super::{RedisCache, RedisCacheConfig, Request};
 use crate::error::{Error, Result};
 use crate::invalidation::{BusEvent, InvalidationBus};
+use keel_core::validate;
 
 /// Settings of [`RedisInvalidationBus`]: the connection ([`RedisConfig`],
 /// shared with every Keel crate) and the bus's own.
@@ -132,21 +133,10 @@ impl RedisInvalidationConfig {
     }
 
     fn validate_own(&self) -> Result<()> {
-        if self.operation_timeout < Duration::from_millis(1) {
-            return Err(Error::config("operation_timeout", "must be at least 1 ms"));
-        }
-        if self.channel.is_empty() {
-            return Err(Error::config("channel", "must not be empty"));
-        }
-        if self.health_check_interval < Duration::from_millis(1) {
-            return Err(Error::config(
-                "health_check_interval",
-                "must be at least 1 ms",
-            ));
-        }
-        if self.reconnect_min < Duration::from_millis(1) {
-            return Err(Error::config("reconnect_min", "must be at least 1 ms"));
-        }
+        validate::at_least_1ms("operation_timeout", self.operation_timeout)?;
+        validate::non_empty("channel", &self.channel)?;
+        validate::at_least_1ms("health_check_interval", self.health_check_interval)?;
+        validate::at_least_1ms("reconnect_min", self.reconnect_min)?;
         if self.reconnect_max < self.reconnect_min {
             return Err(Error::config(
                 "reconnect_max",

@@ -6,6 +6,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::redacted_url;
+use crate::validate;
 
 /// How to reach one Redis server, shared by every Keel component that
 /// talks to it.
@@ -109,22 +111,9 @@ impl RedisConfig {
                 ),
             ));
         }
-        if self.pool_size == 0 {
-            return Err(ConfigError::new("redis.pool_size", "must be at least 1"));
-        }
-        if self.connect_timeout < Duration::from_millis(1) {
-            return Err(ConfigError::new(
-                "redis.connect_timeout",
-                "must be at least 1 ms",
-            ));
-        }
-        if self.operation_timeout < Duration::from_millis(1) {
-            return Err(ConfigError::new(
-                "redis.operation_timeout",
-                "must be at least 1 ms",
-            ));
-        }
-        Ok(())
+        validate::at_least("redis.pool_size", self.pool_size, 1)?;
+        validate::at_least_1ms("redis.connect_timeout", self.connect_timeout)?;
+        validate::at_least_1ms("redis.operation_timeout", self.operation_timeout)
     }
 }
 
@@ -142,26 +131,6 @@ impl fmt::Debug for RedisConfig {
 impl fmt::Display for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&redacted_url(&self.url))
-    }
-}
-
-/// `url` with any password replaced by `***` (an unparseable URL is shown
-/// as `<unparseable url>` rather than risk printing a secret).
-///
-/// ```
-/// use keel_core::redis::redacted_url;
-///
-/// assert_eq!(redacted_url("redis://user:pw@host:6379/0"), "redis://user:***@host:6379/0");
-/// assert_eq!(redacted_url("redis://host:6379"), "redis://host:6379");
-/// ```
-pub fn redacted_url(text: &str) -> String {
-    match url::Url::parse(text) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        Ok(parsed) => parsed.to_string(),
-        Err(_) => "<unparseable url>".to_owned(),
     }
 }
 

@@ -9,6 +9,7 @@ mod config;
 mod error;
 mod pool;
 
-pub use config::{RedisConfig, redacted_url};
+pub use crate::redacted_url;
+pub use config::RedisConfig;
 pub use error::{RedisError, RedisErrorKind};
 pub use pool::RedisPool;

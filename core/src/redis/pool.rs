@@ -8,6 +8,7 @@ use redis::AsyncConnectionConfig;
 use super::config::RedisConfig;
 use super::error::{RedisError, RedisErrorKind};
 use crate::error::ConfigError;
+use crate::validate;
 
 /// A pool of multiplexed connections to one Redis server. Cheap to clone;
 /// clones share the connections.
@@ -117,12 +118,7 @@ impl RedisPool {
     /// [`ConfigError`] when `size` is 0.
     #[doc(hidden)]
     pub fn blocking_pool(&self, size: usize) -> Result<deadpool_redis::Pool, ConfigError> {
-        if size == 0 {
-            return Err(ConfigError::new(
-                "blocking_connections",
-                "must be at least 1",
-            ));
-        }
+        validate::at_least("blocking_connections", size, 1)?;
         build(&self.config, size, None)
     }
 

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::QueueConfig;
 use crate::error::{Error, Result};
+use keel_core::validate;
 
 /// The longest queue name the RabbitMQ backend takes: every name it derives
 /// (`<name>.delay.p<level>.<ms>ms` is the longest, with up to 2 digits of
@@ -157,18 +158,12 @@ impl AmqpQueueConfig {
         if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
             return Err(Error::config("url", "must be an amqp:// or amqps:// URL"));
         }
-        if self.prefetch == 0 {
-            return Err(Error::config("prefetch", "must be at least 1"));
-        }
-        if self.operation_timeout < Duration::from_millis(1) {
-            return Err(Error::config("operation_timeout", "must be at least 1 ms"));
-        }
+        validate::at_least("prefetch", self.prefetch, 1)?;
+        validate::at_least_1ms("operation_timeout", self.operation_timeout)?;
         if self.heartbeat < Duration::from_secs(1) || self.heartbeat > Duration::from_secs(3600) {
             return Err(Error::config("heartbeat", "must be between 1 s and 1 h"));
         }
-        if self.release_idle_after < Duration::from_millis(1) {
-            return Err(Error::config("release_idle_after", "must be at least 1 ms"));
-        }
+        validate::at_least_1ms("release_idle_after", self.release_idle_after)?;
         Ok(())
     }
 }
@@ -176,7 +171,7 @@ impl AmqpQueueConfig {
 impl fmt::Debug for AmqpQueueConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpQueueConfig")
-            .field("url", &redacted_url(&self.url))
+            .field("url", &keel_core::redacted_url(&self.url))
             .field("queue", &self.queue)
             .field("queue_type", &self.queue_type)
             .field("prefetch", &self.prefetch)
@@ -184,17 +179,5 @@ impl fmt::Debug for AmqpQueueConfig {
             .field("release_idle_after", &self.release_idle_after)
             .field("heartbeat", &self.heartbeat)
             .finish()
-    }
-}
-/// `url` with any password replaced by `***` (an unparseable URL is shown
-/// as such rather than risk printing a secret).
-pub(crate) fn redacted_url(text: &str) -> String {
-    match url::Url::parse(text) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        Ok(parsed) => parsed.to_string(),
-        Err(_) => "<unparseable url>".to_owned(),
     }
 }

@@ -373,7 +373,7 @@ impl AmqpQueue {
             Error::Unavailable { message, source } => Error::Unavailable {
                 message: format!(
                     "rabbitmq at {} does not answer ({message}); is it running?",
-                    self::config::redacted_url(&config.url)
+                    keel_core::redacted_url(&config.url)
                 ),
                 source,
             },

@@ -6,7 +6,8 @@ use keel_core::redis::RedisConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::config::QueueConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use keel_core::validate;
 
 /// Settings of [`RedisQueue`](crate::RedisQueue): the connection (a
 /// [`keel_core::redis::RedisConfig`], validated and redacted in one place
@@ -111,13 +112,8 @@ impl RedisQueueConfig {
 
     /// The fields of this config that are not the connection's.
     pub(crate) fn validate_own(&self) -> Result<()> {
-        if self.blocking_connections == 0 {
-            return Err(Error::config("blocking_connections", "must be at least 1"));
-        }
-        if self.max_block < Duration::from_millis(1) {
-            return Err(Error::config("max_block", "must be at least 1 ms"));
-        }
-        Ok(())
+        validate::at_least("blocking_connections", self.blocking_connections, 1)?;
+        Ok(validate::at_least_1ms("max_block", self.max_block)?)
     }
 }
 

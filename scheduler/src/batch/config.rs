@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use keel_core::validate;
 
 /// Settings of a [`Batcher`](crate::Batcher).
 ///
@@ -78,15 +79,8 @@ impl BatchConfig {
     ///
     /// [`Error::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        if self.name.is_empty() {
-            return Err(Error::config("name", "must not be empty"));
-        }
-        if self.max_batch_size == 0 {
-            return Err(Error::config("max_batch_size", "must be at least 1"));
-        }
-        if self.capacity == 0 {
-            return Err(Error::config("capacity", "must be at least 1"));
-        }
-        Ok(())
+        validate::non_empty("name", &self.name)?;
+        validate::at_least("max_batch_size", self.max_batch_size, 1)?;
+        Ok(validate::at_least("capacity", self.capacity, 1)?)
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use keel_core::validate;
 
 /// A GCRA rate: `amount` per `per`, with bursts of up to `burst` at once.
 ///
@@ -175,19 +176,7 @@ impl RateLimitConfig {
     ///
     /// [`Error::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        if self.name.is_empty() {
-            return Err(Error::config("name", "must not be empty"));
-        }
-        if self
-            .name
-            .chars()
-            .any(|c| c.is_control() || c == '{' || c == '}')
-        {
-            return Err(Error::config(
-                "name",
-                "must not contain control characters or braces (braces are Redis hash tags)",
-            ));
-        }
+        validate::key_name("name", &self.name)?;
         for rates in std::iter::once(&self.default).chain(self.tenants.values()) {
             if let Some(rate) = &rates.requests {
                 rate.validate("requests")?;
@@ -196,12 +185,7 @@ impl RateLimitConfig {
                 rate.validate("cost")?;
             }
         }
-        if self.eviction_interval.is_zero() {
-            return Err(Error::config(
-                "eviction_interval",
-                "must be greater than zero",
-            ));
-        }
+        validate::positive_duration("eviction_interval", self.eviction_interval)?;
         Ok(())
     }
 

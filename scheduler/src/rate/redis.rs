@@ -13,6 +13,7 @@ use super::{RateDecision, RateLimit};
 use crate::error::{Error, Result};
 use crate::metrics::LimiterMetrics;
 use crate::ticket::TenantId;
+use keel_core::validate;
 
 /// Settings of [`RedisRateLimiter`]: the connection (a
 /// [`keel_core::redis::RedisConfig`], validated and redacted in one place
@@ -107,9 +108,7 @@ impl RedisRateLimitConfig {
 
     fn validate_own(&self) -> Result<()> {
         self.limits.validate()?;
-        if self.operation_timeout < Duration::from_millis(1) {
-            return Err(Error::config("operation_timeout", "must be at least 1 ms"));
-        }
+        validate::at_least_1ms("operation_timeout", self.operation_timeout)?;
         Ok(())
     }
 }

@@ -6,6 +6,7 @@ use keel_core::{Backoff, BudgetConfig, ConfigError, Jitter};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use keel_core::validate;
 
 /// The worker's default retry budget: 0.2 retries per job handled, plus a
 /// floor of 100 retries per 10 s window.
@@ -258,15 +259,9 @@ impl WorkerConfig {
     ///
     /// [`Error::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        if self.name.is_empty() {
-            return Err(Error::config("name", "must not be empty"));
-        }
-        if self.concurrency == 0 {
-            return Err(Error::config("concurrency", "must be at least 1"));
-        }
-        if self.dequeue_batch == 0 {
-            return Err(Error::config("dequeue_batch", "must be at least 1"));
-        }
+        validate::non_empty("name", &self.name)?;
+        validate::at_least("concurrency", self.concurrency, 1)?;
+        validate::at_least("dequeue_batch", self.dequeue_batch, 1)?;
         if self.lease < Duration::from_millis(10) {
             return Err(Error::config("lease", "must be at least 10 ms"));
         }
@@ -288,58 +283,53 @@ impl WorkerConfig {
             Error::InvalidConfig(ConfigError::new(field, err.reason))
         })?;
         self.settle_backoff()?;
-        if self.ack_batch == 0 {
-            return Err(Error::config("ack_batch", "must be at least 1"));
-        }
-        Ok(())
+        Ok(validate::at_least("ack_batch", self.ack_batch, 1)?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keel_testkit::assert_refused;
 
     #[test]
     fn refuses_bad_fields_by_name() {
-        let cases = [
-            (WorkerConfig::new(""), "name"),
-            (WorkerConfig::new("w").concurrency(0), "concurrency"),
-            (
-                WorkerConfig::new("w")
-                    .lease(Duration::from_secs(1))
-                    .renew_interval(Duration::from_secs(2)),
-                "renew_interval",
-            ),
-            (
-                WorkerConfig::new("w").reconnect(Duration::from_secs(2), Duration::from_secs(1)),
-                "reconnect_max",
-            ),
-            (
-                WorkerConfig::new("w").reconnect(Duration::ZERO, Duration::from_secs(1)),
-                "reconnect_min",
-            ),
-            (
-                WorkerConfig::new("w").settle_retry(Duration::ZERO, Duration::from_secs(1)),
-                "settle_retry_min",
-            ),
-            (WorkerConfig::new("w").ack_batch(0), "ack_batch"),
-            (
-                WorkerConfig::new("w").retry_budget(BudgetConfig::default().ratio(-1.0)),
-                "retry_budget.ratio",
-            ),
-            (
-                WorkerConfig::new("w")
-                    .retry_budget(BudgetConfig::default().window(Duration::from_millis(1))),
-                "retry_budget.window",
-            ),
-        ];
-        for (config, field) in cases {
-            let err = config.validate().unwrap_err().to_string();
-            assert!(
-                err.contains(&format!("`{field}`")),
-                "{err} should name {field}"
-            );
-        }
+        assert_refused(
+            WorkerConfig::validate,
+            [
+                (WorkerConfig::new(""), "name"),
+                (WorkerConfig::new("w").concurrency(0), "concurrency"),
+                (
+                    WorkerConfig::new("w")
+                        .lease(Duration::from_secs(1))
+                        .renew_interval(Duration::from_secs(2)),
+                    "renew_interval",
+                ),
+                (
+                    WorkerConfig::new("w")
+                        .reconnect(Duration::from_secs(2), Duration::from_secs(1)),
+                    "reconnect_max",
+                ),
+                (
+                    WorkerConfig::new("w").reconnect(Duration::ZERO, Duration::from_secs(1)),
+                    "reconnect_min",
+                ),
+                (
+                    WorkerConfig::new("w").settle_retry(Duration::ZERO, Duration::from_secs(1)),
+                    "settle_retry_min",
+                ),
+                (WorkerConfig::new("w").ack_batch(0), "ack_batch"),
+                (
+                    WorkerConfig::new("w").retry_budget(BudgetConfig::default().ratio(-1.0)),
+                    "retry_budget.ratio",
+                ),
+                (
+                    WorkerConfig::new("w")
+                        .retry_budget(BudgetConfig::default().window(Duration::from_millis(1))),
+                    "retry_budget.window",
+                ),
+            ],
+        );
     }
 
     #[test]
