@@ -17,13 +17,19 @@
 //!   oneshot for its answer go through a bounded tokio mpsc to one
 //!   dispatcher task that calls the service and sends the answer back.
 //!
-//! One warm-up run, then `--runs` measured runs of each side, alternating;
-//! the best of each counts. The last line printed is one JSON object:
-//! `{"keel_items_per_s": N, "mpsc_items_per_s": N, "ratio": R}`.
+//! `--threads` sets the Tokio worker threads: one count (`--threads 2`) or
+//! a list (`--threads 1,2,4`), each measured in the same run on its own
+//! runtime, rounds interleaved across the counts; without it, Tokio's
+//! default (one per core). For each count: one warm-up run, then `--runs`
+//! measured runs of each side, alternating; the best of each counts, and
+//! a line `threads N: ... ratio R` reports it.
+//!
+//! The last line printed is one JSON object,
+//! `{"keel_items_per_s": N, "mpsc_items_per_s": N, "ratio": R}`, for the
+//! **last** thread count given (the only one without a list).
 
 use std::convert::Infallible;
 use std::future::{Ready, ready};
-use std::time::Duration;
 
 use clap::Parser;
 use keel_scheduler::{Scheduler, SchedulerConfig, TenantId, Ticket};
@@ -49,6 +55,14 @@ struct Args {
     /// is printed only when both run.
     #[arg(long)]
     only: Option<String>,
+    /// Tokio worker threads: one count or a comma-separated list (the
+    /// JSON line reports the last). Default: one per core.
+    #[arg(long, value_delimiter = ',')]
+    threads: Vec<usize>,
+    /// Per-tenant queue bound (default: the total bound, `2 × submitters`,
+    /// so the total bound alone applies).
+    #[arg(long)]
+    max_queued_per_tenant: Option<usize>,
 }
 
 /// The no-op service both sides call.
@@ -80,7 +94,7 @@ fn shares(items: usize, submitters: usize) -> impl Iterator<Item = usize> {
 async fn keel(args: &Args) -> f64 {
     let config = SchedulerConfig::new("bench")
         .max_queued(args.submitters * 2)
-        .max_queued_per_tenant(args.submitters * 2);
+        .max_queued_per_tenant(args.max_queued_per_tenant.unwrap_or(args.submitters * 2));
     let scheduler = Scheduler::new(config, Noop).expect("valid config");
     let tenants: Vec<TenantId> = (0..args.tenants)
         .map(|t| TenantId::new(format!("tenant-{t}")))
@@ -141,53 +155,96 @@ async fn mpsc_hand_off(args: &Args) -> f64 {
     rate
 }
 
+fn runtime(threads: Option<usize>) -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads);
+    }
+    builder.enable_all().build().expect("runtime")
+}
+
+/// The best rates of one thread count so far.
+#[derive(Default, Clone, Copy)]
+struct Best {
+    keel: f64,
+    mpsc: f64,
+}
+
 fn main() {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let counts: Vec<Option<usize>> = if args.threads.is_empty() {
+        vec![None]
+    } else {
+        args.threads.iter().map(|&n| Some(n.max(1))).collect()
+    };
+    let label = |n: Option<usize>| n.map_or_else(|| "default".to_owned(), |n| n.to_string());
+    let runtimes: Vec<_> = counts.iter().map(|&n| runtime(n)).collect();
     if let Some(side) = &args.only {
-        runtime.block_on(async {
-            for run in 1..=args.runs {
-                let rate = match side.as_str() {
-                    "keel" => keel(&args).await,
-                    "mpsc" => mpsc_hand_off(&args).await,
-                    other => panic!("--only takes keel or mpsc, not {other}"),
-                };
-                println!("run {run}        {side} {rate:>12.0}/s");
-            }
-        });
+        for (rt, &n) in runtimes.iter().zip(&counts) {
+            rt.block_on(async {
+                for run in 1..=args.runs {
+                    let rate = match side.as_str() {
+                        "keel" => keel(&args).await,
+                        "mpsc" => mpsc_hand_off(&args).await,
+                        other => panic!("--only takes keel or mpsc, not {other}"),
+                    };
+                    println!("threads {} run {run}  {side} {rate:>12.0}/s", label(n));
+                }
+            });
+        }
         return;
     }
-    runtime.block_on(async {
+    println!(
+        "admission + dispatch to a no-op service: {} requests per run, {} submitters, {} tenants, threads {}",
+        args.items,
+        args.submitters,
+        args.tenants,
+        counts
+            .iter()
+            .map(|&n| label(n))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let warm = Args {
+        items: args.items / 4,
+        only: None,
+        threads: Vec::new(),
+        ..args
+    };
+    for (rt, &n) in runtimes.iter().zip(&counts) {
+        let (k, m) = rt.block_on(async { (keel(&warm).await, mpsc_hand_off(&warm).await) });
         println!(
-            "admission + dispatch to a no-op service: {} requests per run, {} submitters, {} tenants",
-            args.items, args.submitters, args.tenants
+            "threads {:>2} warm-up  keel {k:>12.0}/s   mpsc {m:>12.0}/s",
+            label(n)
         );
-        let warm = Args {
-            items: args.items / 4,
-            only: None,
-            ..args
-        };
-        let (k, m) = (keel(&warm).await, mpsc_hand_off(&warm).await);
-        println!("warm-up      keel {k:>12.0}/s   mpsc {m:>12.0}/s");
-        let (mut best_keel, mut best_mpsc) = (0f64, 0f64);
-        for run in 1..=args.runs {
-            let k = keel(&args).await;
-            let m = mpsc_hand_off(&args).await;
-            println!("run {run}        keel {k:>12.0}/s   mpsc {m:>12.0}/s   ratio {:.3}", k / m);
-            best_keel = best_keel.max(k);
-            best_mpsc = best_mpsc.max(m);
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut best = vec![Best::default(); counts.len()];
+    for run in 1..=args.runs {
+        for ((rt, &n), best) in runtimes.iter().zip(&counts).zip(&mut best) {
+            let (k, m) = rt.block_on(async { (keel(&args).await, mpsc_hand_off(&args).await) });
+            println!(
+                "threads {:>2} run {run}    keel {k:>12.0}/s   mpsc {m:>12.0}/s   ratio {:.3}",
+                label(n),
+                k / m
+            );
+            best.keel = best.keel.max(k);
+            best.mpsc = best.mpsc.max(m);
         }
-        let ratio = best_keel / best_mpsc;
-        println!("best         keel {best_keel:>12.0}/s   mpsc {best_mpsc:>12.0}/s   ratio {ratio:.3}");
+    }
+    for (&n, best) in counts.iter().zip(&best) {
         println!(
-            "{{\"keel_items_per_s\": {}, \"mpsc_items_per_s\": {}, \"ratio\": {:.3}}}",
-            best_keel.round() as u64,
-            best_mpsc.round() as u64,
-            ratio
+            "threads {:>2} best     keel {:>12.0}/s   mpsc {:>12.0}/s   ratio {:.3}",
+            label(n),
+            best.keel,
+            best.mpsc,
+            best.keel / best.mpsc
         );
-    });
+    }
+    let last = best.last().copied().unwrap_or_default();
+    println!(
+        "{{\"keel_items_per_s\": {}, \"mpsc_items_per_s\": {}, \"ratio\": {:.3}}}",
+        last.keel.round() as u64,
+        last.mpsc.round() as u64,
+        last.keel / last.mpsc
+    );
 }

@@ -12,9 +12,8 @@ use tower::Service;
 
 use super::pending::{Entry, Key};
 use super::signal::Signal;
-use super::{BoxFuture, Permit, Shared, State, Verdict, Waiting};
+use super::{BoxFuture, Meta, Permit, Shared, State, Verdict, Waiting};
 use crate::error::BoxError;
-use crate::ticket::TenantId;
 
 /// Back-to-back dispatches reuse the latest clock reading at most this many
 /// times before the dispatcher reads the clock itself.
@@ -29,8 +28,8 @@ where
     Resp: Send + 'static,
 {
     /// Takes up to `max` requests to dispatch, in order, answering expired
-    /// and abandoned ones on the way, and counts them in flight. Answers
-    /// how many it took.
+    /// ones and dropping abandoned ones on the way, and counts them in
+    /// flight. Answers how many it took.
     fn take(
         self: &Arc<Self>,
         fresh: bool,
@@ -39,9 +38,9 @@ where
     ) -> usize {
         let mut state = self.state.lock();
         // Reading the clock is not free: back to back dispatches use the
-        // latest reading (every submit records one), refreshed after any
-        // wait, every few dispatches, and for every request with a
-        // deadline, so deadlines are checked against the exact time.
+        // latest reading, refreshed after any wait, every few dispatches,
+        // and for every request with a deadline, so deadlines are checked
+        // against the exact time.
         let mut exact =
             fresh || state.clock_uses >= CLOCK_REUSE || self.config.concurrency.adaptive.is_some();
         let mut now = if exact {
@@ -49,50 +48,43 @@ where
         } else {
             state.reuse_clock()
         };
+        self.drain_inbox(&mut state, now);
         self.maintain(&mut state, now);
+        let track = self.track_tenants;
         let mut taken = 0;
-        while taken < max && self.in_flight.load(Ordering::Acquire) < state.limit.current() {
-            let popped = {
-                let State {
-                    pending,
-                    tenant_in_flight,
-                    ..
-                } = &mut *state;
-                let config = &self.config;
-                let track = self.track_tenants;
-                pending.pop(|tenant| {
-                    !track
-                        || config.max_in_flight_of(tenant.as_str()).is_none_or(|max| {
-                            tenant_in_flight.get(tenant).copied().unwrap_or(0) < max
-                        })
-                })
-            };
+        while taken < max
+            && self.in_flight.load(Ordering::Acquire) < self.limit_now.load(Ordering::Acquire)
+        {
+            let popped = state.pending.pop(
+                |meta: &Meta| !track || meta.as_ref().is_none_or(|t| t.below_in_flight_limit()),
+                Waiting::is_queued,
+            );
             let Some(popped) = popped else {
                 break;
             };
             let entry = popped.entry;
-            if entry.value.reply.is_closed() {
-                // Its submitter is going away; its guard will find nothing.
+            if !entry.value.reply.slot().claim() {
+                // Its submitter took it back just now.
                 continue;
             }
+            self.dequeued(&popped.meta);
             if entry.deadline.is_some() && !exact {
                 now = state.read_clock();
                 exact = true;
             }
             if entry.deadline.is_some_and(|d| d <= now) {
                 self.metrics.expired.increment(1);
-                let _ = entry.value.reply.send(Verdict::Expired);
+                let waited = now.saturating_duration_since(entry.enqueued);
+                entry.value.reply.send(Verdict::Expired { waited });
                 continue;
             }
             let sojourn = now.saturating_duration_since(entry.enqueued);
             state.codel.record(popped.class, sojourn);
             self.metrics.queue_delay[popped.class].record(sojourn.as_secs_f64());
-            let counted = if self.track_tenants {
-                *state
-                    .tenant_in_flight
-                    .entry(popped.tenant.clone())
-                    .or_default() += 1;
-                Some(popped.tenant.clone())
+            let tenant = if track {
+                popped.meta.clone().inspect(|t| {
+                    t.in_flight.fetch_add(1, Ordering::AcqRel);
+                })
             } else {
                 None
             };
@@ -101,18 +93,19 @@ where
             out.push_back(Staged {
                 permit: Permit {
                     shared: self.clone(),
-                    tenant: counted,
+                    tenant,
                     dispatched: now,
                     latency: None,
                 },
                 class: popped.class,
-                tenant: popped.tenant,
                 key: popped.key,
+                weight: popped.weight,
+                meta: popped.meta,
                 entry,
             });
             taken += 1;
         }
-        self.set_queued(&state);
+        self.publish(&mut state);
         taken
     }
 
@@ -139,6 +132,7 @@ where
     fn housekeeping(&self) {
         let mut state = self.state.lock();
         let now = state.read_clock();
+        self.drain_inbox(&mut state, now);
         self.maintain(&mut state, now);
     }
 
@@ -148,13 +142,14 @@ where
         tracing::error!(scheduler = %self.config.name, error = %err, "service failed; closing the scheduler");
         let reason = format!("the service failed: {err}");
         for next in staged {
-            let _ = next.entry.value.reply.send(Verdict::Closed(reason.clone()));
+            next.entry.value.reply.send(Verdict::Closed(reason.clone()));
         }
         self.close(reason);
     }
 
     /// Puts staged requests back in their places (the service turned out
-    /// not to be ready), releasing their permits.
+    /// not to be ready), releasing their permits. A request whose
+    /// submitter left meanwhile is dropped instead.
     fn put_back(&self, staged: &mut VecDeque<Staged<Req, Resp>>) {
         if staged.is_empty() {
             return;
@@ -163,15 +158,23 @@ where
         {
             let mut state = self.state.lock();
             for next in staged.drain(..) {
-                let weight = self.config.weight_of(next.tenant.as_str());
-                state
-                    .pending
-                    .restore(next.class, &next.tenant, weight, next.key, next.entry);
                 permits.push(next.permit);
+                if !next.entry.value.reply.slot().unclaim() {
+                    continue;
+                }
+                self.requeued(&next.meta);
+                state.pending.restore(
+                    next.class,
+                    next.key,
+                    next.entry,
+                    |waiting| &waiting.tenant,
+                    next.weight,
+                    next.meta,
+                );
             }
-            self.set_queued(&state);
+            self.publish(&mut state);
         }
-        // Released outside the lock (a permit takes it to count tenants).
+        // Released outside the lock.
         drop(permits);
     }
 
@@ -179,28 +182,47 @@ where
     /// `false` when the dispatcher should stop (every handle gone, queue
     /// empty).
     async fn idle(&self, stalled: &mut bool, stale: &mut bool) -> bool {
+        if self.queued.load(Ordering::Acquire) == 0
+            && self.pending_empty.load(Ordering::Relaxed)
+            && !self.handles_gone.load(Ordering::Acquire)
+        {
+            // Nothing waits anywhere: no housekeeping is due until
+            // something is submitted.
+            wait(&self.wake, None).await;
+            *stale = true;
+            *stalled = false;
+            return true;
+        }
         let next_eval = {
             let mut state = self.state.lock();
-            let now = if *stale {
+            let now = if *stale || state.clock_uses >= CLOCK_REUSE {
+                *stale = false;
                 state.read_clock()
             } else {
                 state.reuse_clock()
             };
+            self.drain_inbox(&mut state, now);
             self.maintain(&mut state, now);
-            if state.handles_gone && state.pending.is_empty() {
-                state.dispatcher_gone = true;
-                return false;
+            if self.queued.load(Ordering::Acquire) == 0 {
+                // Whatever is left was given up.
+                self.purge(&mut state);
+                if self.handles_gone.load(Ordering::Acquire) {
+                    drop(state);
+                    // Answers anyone who submitted through a future made
+                    // before the last handle went.
+                    self.close("the dispatcher stopped".to_owned());
+                    return false;
+                }
             }
             (!state.pending.is_empty()).then(|| self.due(&state))
         };
         if !*stalled && self.has_work() {
             return true;
         }
-        // Woken by a submit, the clock reading it recorded is fresh; woken
-        // by the timer, it is not.
-        if !wait(&self.wake, next_eval).await {
-            *stale = true;
-        }
+        // After any wait the latest reading is old: the next look reads
+        // the clock (it stamps what was submitted meanwhile).
+        wait(&self.wake, next_eval).await;
+        *stale = true;
         *stalled = false;
         true
     }
@@ -211,8 +233,9 @@ pub(super) struct Staged<Req, Resp> {
     entry: Entry<Waiting<Req, Resp>>,
     permit: Permit<Req, Resp>,
     class: usize,
-    tenant: TenantId,
     key: Key,
+    weight: u64,
+    meta: Meta,
 }
 
 /// The dispatcher: owns the service, hands out requests in order.
@@ -290,7 +313,7 @@ where
             continue;
         }
         let next = staged.pop_front().expect("checked non-empty");
-        if next.entry.value.reply.is_closed() {
+        if next.entry.value.reply.slot().is_gone() {
             // Abandoned while staged: the permit goes with it.
             continue;
         }
@@ -300,25 +323,22 @@ where
         let response: BoxFuture<_> = Box::pin(async move { response.await.map_err(Into::into) });
         // A submitter that left in the meantime drops the response future
         // and the permit with it.
-        let _ = next.entry.value.reply.send(Verdict::Run {
+        next.entry.value.reply.send(Verdict::Run {
             response,
             permit: next.permit,
         });
     }
 }
 
-/// Waits for a signal or `until`; answers whether it was the signal.
-async fn wait(signal: &Signal, until: Option<Instant>) -> bool {
+/// Waits for a signal or `until`.
+async fn wait(signal: &Signal, until: Option<Instant>) {
     match until {
         Some(at) => {
             tokio::select! {
-                () = signal.wait() => true,
-                () = tokio::time::sleep_until(at) => false,
+                () = signal.wait() => {},
+                () = tokio::time::sleep_until(at) => {},
             }
         }
-        None => {
-            signal.wait().await;
-            true
-        }
+        None => signal.wait().await,
     }
 }
