@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use keel_gateway::config::{KeyConfig, ModelConfig, TenantConfig};
+use keel_gateway::config::{KeyConfig, ModelConfig, Tenant};
 use keel_gateway::fake_node::{FakeNode, FakeNodeConfig};
 use keel_gateway::{Gateway, GatewayConfig};
 
@@ -31,7 +31,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut model = ModelConfig::new("fake-model", nodes.iter().map(FakeNode::url));
     model.cache_deterministic = true;
     config.models = vec![model];
-    config.tenants = vec![TenantConfig::new("local")];
+    config.tenants = vec![Tenant::new("local")];
     config.keys = vec![KeyConfig::new("sk-local", "local")];
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let gateway = Gateway::new(config).await?;

@@ -22,7 +22,7 @@ use keel_scheduler::{RateDecision, RateLimit, RateLimitConfig, Ticket};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::config::{GatewayConfig, TenantConfig};
+use crate::config::{GatewayConfig, Tenant};
 use crate::durable::{Durable, GatewayJob};
 use crate::error::GatewayError;
 use crate::metrics;
@@ -44,7 +44,7 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 struct KeyEntry {
     /// Short, non-secret label for limits and logs (first 12 hex digits).
     label: String,
-    tenant: Arc<TenantConfig>,
+    tenant: Arc<Tenant>,
 }
 
 /// The shared state of one gateway.
@@ -86,7 +86,7 @@ impl Gateway {
     pub async fn new(config: GatewayConfig) -> Result<Gateway, ConfigError> {
         config.validate()?;
         let stack = Stack::new(&config)?;
-        let tenants: HashMap<&str, Arc<TenantConfig>> = config
+        let tenants: HashMap<&str, Arc<Tenant>> = config
             .tenants
             .iter()
             .map(|t| (t.name.as_str(), Arc::new(t.clone())))

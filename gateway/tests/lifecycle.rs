@@ -93,7 +93,7 @@ async fn sigterm_finishes_streams_and_refuses_new_requests() {
     config.probe_interval = Duration::from_millis(100);
     config.drain_timeout = Duration::from_secs(10);
     config.models = vec![keel_gateway::config::ModelConfig::new(MODEL, [node.url()])];
-    config.tenants = vec![keel_gateway::config::TenantConfig::new("acme")];
+    config.tenants = vec![keel_gateway::config::Tenant::new("acme")];
     config.keys = vec![keel_gateway::config::KeyConfig::new(KEY, "acme")];
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gateway.toml");

@@ -5,7 +5,7 @@ use std::time::Duration;
 use keel_core::{ConfigError, ErrorKind, KeelError};
 
 /// A boxed error from a backend library, kept as the [`std::error::Error::source`].
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+pub use keel_core::BoxError;
 
 /// What went wrong in a queue operation.
 ///

@@ -7,7 +7,7 @@ use keel_core::{ConfigError, ErrorKind, KeelError};
 
 /// A boxed error from a service or a backend, kept as the
 /// [`std::error::Error::source`].
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+pub use keel_core::BoxError;
 
 /// Why admission refused a request before it was queued or while it waited.
 ///

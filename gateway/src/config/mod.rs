@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 
 pub use durable::{DurableBackend, DurableConfig};
 pub use model::ModelConfig;
-pub use tenant::{KeyConfig, PriorityClass, TenantConfig, hash_key};
+pub use tenant::{KeyConfig, PriorityClass, Tenant, hash_key};
 
 /// Everything the gateway needs to start.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -94,7 +94,7 @@ pub struct GatewayConfig {
     /// The models and their upstreams.
     pub models: Vec<ModelConfig>,
     /// The tenants.
-    pub tenants: Vec<TenantConfig>,
+    pub tenants: Vec<Tenant>,
     /// API keys (stored hashed), each mapped to a tenant.
     pub keys: Vec<KeyConfig>,
 }

@@ -24,7 +24,7 @@ pub enum PriorityClass {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
-pub struct TenantConfig {
+pub struct Tenant {
     /// Its name (in metrics and logs).
     pub name: String,
     /// Its priority class. Default normal.
@@ -50,10 +50,10 @@ fn one() -> f64 {
     1.0
 }
 
-impl TenantConfig {
+impl Tenant {
     /// A tenant with no limits, weight 1, normal priority.
     pub fn new(name: impl Into<String>) -> Self {
-        TenantConfig {
+        Tenant {
             name: name.into(),
             priority: PriorityClass::Normal,
             weight: 1.0,

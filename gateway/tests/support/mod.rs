@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use keel_gateway::config::{KeyConfig, ModelConfig, TenantConfig};
+use keel_gateway::config::{KeyConfig, ModelConfig, Tenant};
 use keel_gateway::fake_node::{FakeNode, FakeNodeConfig};
 use keel_gateway::{Gateway, GatewayConfig};
 
@@ -41,7 +41,7 @@ pub async fn start(
     let mut config = GatewayConfig::default();
     config.probe_interval = Duration::from_millis(100);
     config.models = vec![ModelConfig::new(MODEL, nodes.iter().map(FakeNode::url))];
-    config.tenants = vec![TenantConfig::new("acme")];
+    config.tenants = vec![Tenant::new("acme")];
     config.keys = vec![KeyConfig::new(KEY, "acme")];
     tweak(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
