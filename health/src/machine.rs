@@ -45,6 +45,54 @@ pub(crate) struct Node {
     pub(crate) next_probe: Option<Time>,
 }
 
+impl Node {
+    /// Moves a node to a new state (or reason), answering a [`Effect::Changed`].
+    fn transition(
+        &mut self,
+        effects: &mut Vec<Effect>,
+        id: &str,
+        to: HealthState,
+        reason: Reason,
+        now: Time,
+    ) {
+        let from = self.state;
+        if from == to && self.reason == reason {
+            return;
+        }
+        if from != to {
+            self.since = now;
+        }
+        let replan =
+            from.is_in_rotation() != to.is_in_rotation() || (!from.is_in_rotation() && from != to);
+        self.state = to;
+        self.reason = reason.clone();
+        effects.push(Effect::Changed {
+            id: EndpointId::from(id),
+            from,
+            to,
+            reason,
+            replan,
+        });
+    }
+
+    /// Starts the node's counters over (answering an [`Effect::Reset`]) and
+    /// moves it to `to`.
+    fn reset_to(
+        &mut self,
+        effects: &mut Vec<Effect>,
+        id: &EndpointId,
+        to: HealthState,
+        reason: Reason,
+        now: Time,
+    ) {
+        effects.push(Effect::Reset {
+            id: id.clone(),
+            busy: false,
+        });
+        self.transition(effects, id.as_str(), to, reason, now);
+    }
+}
+
 /// How an ejection takes the endpoint out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Via {
@@ -203,10 +251,9 @@ impl Machine {
         if let Some(node) = self.nodes.get_mut(id)
             && node.state == HealthState::Healthy
         {
-            transition(
+            node.transition(
                 &mut self.effects,
                 id,
-                node,
                 HealthState::Degraded,
                 Reason::Busy { retry_after },
                 now,
@@ -225,10 +272,9 @@ impl Machine {
         let window = self.config.slow_start.window;
         for (id, node) in &mut self.nodes {
             if matches!(node.reason, Reason::Busy { .. }) && !still_busy(id) {
-                transition(
+                node.transition(
                     &mut self.effects,
                     id.as_str(),
-                    node,
                     HealthState::Healthy,
                     Reason::BusyCleared,
                     now,
@@ -260,14 +306,7 @@ impl Machine {
             node.probe_failed = 0;
             node.next_probe = Some(now);
             let reason = node.reason.clone();
-            transition(
-                &mut self.effects,
-                id,
-                node,
-                HealthState::Probing,
-                reason,
-                now,
-            );
+            node.transition(&mut self.effects, id, HealthState::Probing, reason, now);
         } else {
             self.readmit(id, Reason::EjectionExpired, now);
         }
@@ -315,14 +354,7 @@ impl Machine {
                     node.next_probe = Some(now + next_unhealthy);
                     if !passed {
                         let reason = failure_reason(node.probe_failed);
-                        transition(
-                            &mut self.effects,
-                            id,
-                            node,
-                            HealthState::Probing,
-                            reason,
-                            now,
-                        );
+                        node.transition(&mut self.effects, id, HealthState::Probing, reason, now);
                     }
                 }
             }
@@ -422,14 +454,9 @@ impl Machine {
             if let Some(node) = self.nodes.get_mut(&id)
                 && matches!(node.reason, Reason::PanicRetained(_))
             {
-                self.effects.push(Effect::Reset {
-                    id: id.clone(),
-                    busy: false,
-                });
-                transition(
+                node.reset_to(
                     &mut self.effects,
-                    id.as_str(),
-                    node,
+                    &id,
                     HealthState::Healthy,
                     Reason::Recovered,
                     now,
@@ -468,10 +495,9 @@ impl Machine {
                 self.effects.push(Effect::PanicRefused {
                     reason: reason.clone(),
                 });
-                transition(
+                node.transition(
                     &mut self.effects,
                     id,
-                    node,
                     HealthState::Degraded,
                     Reason::PanicRetained(Box::new(reason)),
                     now,
@@ -499,26 +525,12 @@ impl Machine {
         match via {
             Via::Passive => {
                 node.eject_until = Some(now + self.config.outlier.ejection_for(node.ejections));
-                transition(
-                    &mut self.effects,
-                    id,
-                    node,
-                    HealthState::Ejected,
-                    reason,
-                    now,
-                );
+                node.transition(&mut self.effects, id, HealthState::Ejected, reason, now);
             }
             Via::Active => {
                 node.eject_until = None;
                 node.next_probe = Some(now + next_probe);
-                transition(
-                    &mut self.effects,
-                    id,
-                    node,
-                    HealthState::Probing,
-                    reason,
-                    now,
-                );
+                node.transition(&mut self.effects, id, HealthState::Probing, reason, now);
             }
         }
     }
@@ -542,14 +554,7 @@ impl Machine {
             id: EndpointId::from(id),
             busy: true,
         });
-        transition(
-            &mut self.effects,
-            id,
-            node,
-            HealthState::Healthy,
-            reason,
-            now,
-        );
+        node.transition(&mut self.effects, id, HealthState::Healthy, reason, now);
     }
 
     /// After the fleet shrank: puts counted endpoints back in rotation
@@ -576,14 +581,9 @@ impl Machine {
                 node.counted = false;
                 node.eject_until = None;
                 node.admitted_at = now;
-                self.effects.push(Effect::Reset {
-                    id: id.clone(),
-                    busy: false,
-                });
-                transition(
+                node.reset_to(
                     &mut self.effects,
-                    id.as_str(),
-                    node,
+                    &id,
                     HealthState::Degraded,
                     Reason::PanicRetained(Box::new(why)),
                     now,
@@ -591,35 +591,6 @@ impl Machine {
             }
         }
     }
-}
-
-/// Moves a node to a new state (or reason), answering a [`Effect::Changed`].
-fn transition(
-    effects: &mut Vec<Effect>,
-    id: &str,
-    node: &mut Node,
-    to: HealthState,
-    reason: Reason,
-    now: Time,
-) {
-    let from = node.state;
-    if from == to && node.reason == reason {
-        return;
-    }
-    if from != to {
-        node.since = now;
-    }
-    let replan =
-        from.is_in_rotation() != to.is_in_rotation() || (!from.is_in_rotation() && from != to);
-    node.state = to;
-    node.reason = reason.clone();
-    effects.push(Effect::Changed {
-        id: EndpointId::from(id),
-        from,
-        to,
-        reason,
-        replan,
-    });
 }
 
 #[cfg(test)]

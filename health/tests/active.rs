@@ -10,6 +10,10 @@ use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tower::discover::Change;
 
+#[path = "support/fleet.rs"]
+mod support;
+use support::insert_fleet;
+
 fn active() -> ActiveConfig {
     ActiveConfig::default()
         .interval(Duration::from_secs(1))
@@ -212,11 +216,7 @@ async fn probes_are_bounded_in_concurrency() {
     })
     .build()
     .unwrap();
-    for i in 0..10 {
-        health
-            .insert(Endpoint::new(format!("n{i}"), format!("10.0.0.{i}:80")))
-            .unwrap();
-    }
+    insert_fleet(&health, 10);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(done.load(Ordering::SeqCst) >= 10);
     assert_eq!(peak.load(Ordering::SeqCst), 2);

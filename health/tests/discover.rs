@@ -5,9 +5,12 @@ use std::time::Duration;
 use keel_health::{
     Endpoint, EndpointId, Health, HealthConfig, HealthState, OutlierConfig, SlowStartConfig,
 };
-use tokio_stream::StreamExt;
 use tower::discover::Change;
 use tower::{Service, ServiceExt};
+
+#[path = "support/discover.rs"]
+mod support;
+use support::next_change;
 
 type Svc = tower::util::BoxCloneSyncService<(), (), std::io::Error>;
 
@@ -19,19 +22,6 @@ fn node(fails: bool) -> Svc {
             Ok(())
         }
     }))
-}
-
-async fn next_change<S>(
-    discover: &mut (
-             impl tokio_stream::Stream<Item = Result<Change<EndpointId, S>, std::convert::Infallible>>
-             + Unpin
-         ),
-) -> Change<EndpointId, S> {
-    tokio::time::timeout(Duration::from_secs(600), discover.next())
-        .await
-        .expect("a change in time")
-        .expect("stream open")
-        .unwrap()
 }
 
 fn key<S>(change: &Change<EndpointId, S>) -> (&'static str, String) {

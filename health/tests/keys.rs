@@ -3,27 +3,19 @@
 //! the capacity the endpoint declared, and the reporter through which the
 //! balancer's own timeouts reach outlier detection.
 
-use std::convert::Infallible;
 use std::time::Duration;
 
 use keel_health::{
-    BusyConfig, Endpoint, EndpointId, EndpointKey, FailureKind, Health, HealthConfig, HealthState,
-    Outcome, OutlierConfig, SlowStartConfig,
+    BusyConfig, Endpoint, EndpointKey, FailureKind, Health, HealthConfig, HealthState, Outcome,
+    OutlierConfig, SlowStartConfig,
 };
 use tokio::time::Instant;
-use tokio_stream::{Stream, StreamExt};
 use tower::discover::Change;
 use tower::{Service, ServiceExt};
 
-async fn next_change<S>(
-    discover: &mut (impl Stream<Item = Result<Change<EndpointId, S>, Infallible>> + Unpin),
-) -> Change<EndpointId, S> {
-    tokio::time::timeout(Duration::from_secs(600), discover.next())
-        .await
-        .expect("a change in time")
-        .expect("stream open")
-        .unwrap()
-}
+#[path = "support/discover.rs"]
+mod support;
+use support::next_change;
 
 fn round(weight: f64) -> f64 {
     (weight * 1000.0).round() / 1000.0

@@ -14,6 +14,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
 
+#[path = "support/fleet.rs"]
+mod support;
+use support::insert_fleet;
+
 const FAIL: Outcome = Outcome::Failure {
     kind: FailureKind::Transport,
     retryable: true,
@@ -371,11 +375,7 @@ async fn nodes_kept_through_an_outage_are_not_ejected_for_it_afterwards() {
     .seed(7)
     .build()
     .unwrap();
-    for i in 0..10 {
-        health
-            .insert(Endpoint::new(format!("n{i}"), format!("10.0.0.{i}:80")))
-            .unwrap();
-    }
+    insert_fleet(&health, 10);
     // Probed in (the outage begins after).
     outage.store(false, std::sync::atomic::Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -341,9 +341,10 @@ where
     }
 }
 
-/// Classifies an attempt's result and releases (or hands on) its slot.
+/// Classifies an attempt's result and releases (or hands on) its slot: the
+/// handle the dispatched request holds.
 fn finish<Res, E, C, T>(
-    mut handle: Handle,
+    handle: &mut Option<Handle>,
     classifier: &C,
     completion: &T,
     result: Result<Res, E>,
@@ -353,6 +354,7 @@ where
     C: Classify<Res, E>,
     T: TrackCompletion<Handle, Res>,
 {
+    let mut handle = handle.take().expect("a dispatched request holds a handle");
     let endpoint = handle.endpoint();
     match classifier.classify(&result) {
         Outcome::Success => {
@@ -465,13 +467,9 @@ where
                         this.state.set(State::Called { future });
                     }
                     Poll::Ready(Err(error)) => {
-                        let handle = this
-                            .handle
-                            .take()
-                            .expect("a dispatched request holds a handle");
                         this.state.set(State::Done);
                         return Poll::Ready(finish(
-                            handle,
+                            this.handle,
                             this.classifier,
                             this.completion,
                             Err(error),
@@ -487,13 +485,9 @@ where
                 },
                 StateProj::Called { future } => match future.poll(cx) {
                     Poll::Ready(result) => {
-                        let handle = this
-                            .handle
-                            .take()
-                            .expect("a dispatched request holds a handle");
                         this.state.set(State::Done);
                         return Poll::Ready(finish(
-                            handle,
+                            this.handle,
                             this.classifier,
                             this.completion,
                             result,

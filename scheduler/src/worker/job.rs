@@ -12,7 +12,6 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
-use tracing::Instrument;
 
 use super::Counters;
 use super::config::WorkerConfig;
@@ -52,25 +51,6 @@ enum Settle {
     Nack(Nack),
 }
 
-/// Runs one job: the handler (after waiting for readiness unless `ready`),
-/// lease renewal beside it, then the ack or nack.
-pub(super) async fn run<S>(
-    ctx: Arc<JobContext>,
-    service: S,
-    ready: bool,
-    job: Leased,
-    permit: OwnedSemaphorePermit,
-) where
-    S: Service<WorkItem, Response = Outcome> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-{
-    let span = tracing::info_span!("job", worker = %ctx.config.name, id = %job.delivery.id, attempt = job.delivery.attempt);
-    run_inner(ctx, service, ready, job, permit)
-        .instrument(span)
-        .await;
-}
-
 /// A delivery with what its task needs to settle it.
 pub(super) struct Leased {
     pub(super) delivery: Delivery,
@@ -80,7 +60,14 @@ pub(super) struct Leased {
     pub(super) acks: mpsc::UnboundedSender<PendingAck>,
 }
 
-async fn run_inner<S>(
+/// Runs one job: the handler (after waiting for readiness unless `ready`),
+/// lease renewal beside it, then the ack or nack.
+#[tracing::instrument(
+    name = "job",
+    skip_all,
+    fields(worker = %ctx.config.name, id = %job.delivery.id, attempt = job.delivery.attempt),
+)]
+pub(super) async fn run<S>(
     ctx: Arc<JobContext>,
     mut service: S,
     ready: bool,
