@@ -62,7 +62,7 @@ impl MokaCacheConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the field.
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the field.
     pub fn validate(&self) -> Result<()> {
         validate::at_least("max_capacity_bytes", self.max_capacity_bytes, 1)?;
         Ok(())
@@ -143,7 +143,7 @@ impl MokaCache {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad field.
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming a bad field.
     pub fn new(config: MokaCacheConfig) -> Result<Self> {
         config.validate()?;
         let inner = moka::future::Cache::builder()

@@ -115,7 +115,7 @@ impl RedisCacheConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the field.
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the field.
     pub fn validate(&self) -> Result<()> {
         self.redis.validate()?;
         self.validate_own()
