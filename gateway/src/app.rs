@@ -171,6 +171,10 @@ impl Gateway {
             );
             let _ = drained_tx.send(());
         };
+        // Small writes (SSE chunks) go out at once, not after a delayed ACK.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let server = axum::serve(listener, self.router()).with_graceful_shutdown(signal);
         let mut server = std::pin::pin!(server.into_future());
         tokio::select! {

@@ -155,6 +155,13 @@ where
     }
 }
 
+/// The one field of a plain answer the gateway reads.
+#[derive(serde::Deserialize)]
+struct WithUsage {
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
 /// Reports a body that ended complete (once: `on_end` is taken).
 fn finish<F: FnOnce(StreamReport)>(
     report: &mut StreamReport,
@@ -167,9 +174,10 @@ fn finish<F: FnOnce(StreamReport)>(
     };
     report.end = StreamEnd::Complete;
     if !sse && report.usage.is_none() {
-        report.usage = serde_json::from_slice::<Value>(pending)
+        // Only `usage` is read; the rest of the answer is skipped, not built.
+        report.usage = serde_json::from_slice::<WithUsage>(pending)
             .ok()
-            .and_then(|v| serde_json::from_value(v.get("usage")?.clone()).ok());
+            .and_then(|answer| answer.usage);
     }
     on_end(std::mem::take(report));
 }

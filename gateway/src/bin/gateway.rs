@@ -37,7 +37,9 @@ async fn main() -> std::process::ExitCode {
         println!("{}", keel_gateway::config::hash_key(&key));
         return std::process::ExitCode::SUCCESS;
     }
+    // Logs go to stderr: stdout's first line is `listening on ADDR`.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

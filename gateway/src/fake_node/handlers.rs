@@ -255,7 +255,7 @@ async fn generate(
     if stream {
         return stream_answer(generation, cut_after, guard, permit);
     }
-    tokio::time::sleep(generation.ttft + generation.per_token * completion as u32).await;
+    pause(generation.ttft + generation.per_token * completion as u32).await;
     drop(permit);
     if cut_after.is_some() {
         guard.finish(false);
@@ -288,6 +288,14 @@ async fn generate(
     axum::Json(body).into_response()
 }
 
+/// Sleeps for `delay`; a zero delay does not wait for the timer's next
+/// tick (an instant node answers at once).
+async fn pause(delay: Duration) {
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+}
+
 /// A response whose body fails at once: hyper cuts the connection.
 fn cut_connection() -> Response {
     let failing = futures::stream::once(async {
@@ -314,9 +322,15 @@ fn stream_answer(
             } else {
                 generation.per_token
             };
-            tokio::select! {
-                () = tokio::time::sleep(wait) => {}
-                () = tx.closed() => return, // the client went away: `guard` counts it
+            if wait.is_zero() {
+                if tx.is_closed() {
+                    return; // the client went away: `guard` counts it
+                }
+            } else {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = tx.closed() => return, // the client went away: `guard` counts it
+                }
             }
             if cut_after == Some(index) {
                 let _ = tx
@@ -438,7 +452,7 @@ async fn embeddings(Shared(state): Shared<Arc<State>>, body: Bytes) -> Response 
     };
     let guard = InFlight::new(&state);
     let inputs = request.inputs();
-    tokio::time::sleep(state.delay(state.config.ttft, mode)).await;
+    pause(state.delay(state.config.ttft, mode)).await;
     drop(permit);
     if matches!(mode, Mode::FailMidStream { .. }) {
         guard.finish(false);

@@ -149,6 +149,9 @@ impl FakeNode {
         let state = Arc::new(State::new(config));
         let app = handlers::router(state.clone());
         let server = tokio::spawn(async move {
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             if let Err(err) = axum::serve(listener, app).await {
                 tracing::warn!(%err, "fake node stopped");
             }
