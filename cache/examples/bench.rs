@@ -9,7 +9,11 @@
 //!
 //! 1. **L1 hits**: `get` ops/s of `Tiered` (through `dyn Cache`) on keys in
 //!    L1, against `get` on a raw `moka::future::Cache<String, Bytes>` with
-//!    the same keys and values. One task, keys read round-robin.
+//!    the same keys and values. One task per Tokio worker thread, each
+//!    reading the keys round-robin from its own offset; `--threads` gives
+//!    one count or a list (`--threads 1,2,4`), each measured in the same
+//!    run on its own runtime, and a `threads N: median l1 ratio R` line
+//!    reports each. Without `--threads`: one task on two worker threads.
 //! 2. **L2 hits**: mean latency of `Tiered::get` on keys that are in Redis
 //!    and not in L1 (each key read once, so every read goes to L2 and fills
 //!    L1), against a raw `GET` through deadpool-redis (`pool.get()` then
@@ -19,7 +23,8 @@
 //!
 //! The last line printed is one JSON object:
 //! `{"l1_ratio": R, "l2_latency_ratio": R, "stampede_origin_calls": N}`
-//! where `l1_ratio` is Keel ops/s over raw ops/s (higher is better) and
+//! where `l1_ratio` is Keel ops/s over raw ops/s for the **last** thread
+//! count given (higher is better) and
 //! `l2_latency_ratio` is Keel mean latency over raw mean latency (lower is
 //! better). Each is the median over paired runs whose order alternates, so
 //! both sides of a pair see the same interference on a shared machine.
@@ -52,6 +57,11 @@ struct Args {
     /// Measured pairs of runs (order alternating); the median ratio counts.
     #[arg(long, default_value_t = 7)]
     runs: usize,
+    /// Tokio worker threads for the L1 measurement, one count or a
+    /// comma-separated list; as many tasks read concurrently. The JSON
+    /// line reports the last. Default: one task on two threads.
+    #[arg(long, value_delimiter = ',')]
+    threads: Vec<usize>,
 }
 
 fn value() -> Bytes {
@@ -65,49 +75,81 @@ fn tiered_config() -> TieredConfig {
         .l1_capacity_bytes(512 << 20)
 }
 
-async fn keel_l1_run(cache: &dyn Cache, keys: &[String], ops: usize) -> f64 {
+/// `tasks` concurrent readers, `ops` gets in all, each task from its own
+/// offset in `keys`; answers ops/s.
+async fn keel_l1_run(
+    cache: &Arc<dyn Cache>,
+    keys: &Arc<Vec<String>>,
+    ops: usize,
+    tasks: usize,
+) -> f64 {
     let start = Instant::now();
-    let mut found = 0usize;
-    for i in 0..ops {
-        if cache
-            .get(&keys[i % keys.len()])
-            .await
-            .expect("get")
-            .is_some()
-        {
-            found += 1;
-        }
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let (cache, keys) = (cache.clone(), keys.clone());
+            tokio::spawn(async move {
+                let offset = t * keys.len() / tasks;
+                let mut found = 0usize;
+                for i in 0..ops / tasks {
+                    if cache
+                        .get(&keys[(offset + i) % keys.len()])
+                        .await
+                        .expect("get")
+                        .is_some()
+                    {
+                        found += 1;
+                    }
+                }
+                assert_eq!(found, ops / tasks, "every read is an L1 hit");
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.expect("reader");
     }
-    assert_eq!(found, ops, "every read is an L1 hit");
-    ops as f64 / start.elapsed().as_secs_f64()
+    (ops / tasks * tasks) as f64 / start.elapsed().as_secs_f64()
 }
 
 async fn raw_l1_run(
     cache: &moka::future::Cache<String, Bytes>,
-    keys: &[String],
+    keys: &Arc<Vec<String>>,
     ops: usize,
+    tasks: usize,
 ) -> f64 {
     let start = Instant::now();
-    let mut found = 0usize;
-    for i in 0..ops {
-        if cache.get(&keys[i % keys.len()]).await.is_some() {
-            found += 1;
-        }
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let (cache, keys) = (cache.clone(), keys.clone());
+            tokio::spawn(async move {
+                let offset = t * keys.len() / tasks;
+                let mut found = 0usize;
+                for i in 0..ops / tasks {
+                    if cache.get(&keys[(offset + i) % keys.len()]).await.is_some() {
+                        found += 1;
+                    }
+                }
+                assert_eq!(found, ops / tasks, "every read is a hit");
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.expect("reader");
     }
-    assert_eq!(found, ops, "every read is a hit");
-    ops as f64 / start.elapsed().as_secs_f64()
+    (ops / tasks * tasks) as f64 / start.elapsed().as_secs_f64()
 }
 
-/// The median ratio of Keel's L1-hit ops/s to raw moka's, over paired runs.
-async fn l1(args: &Args) -> f64 {
-    let keys: Vec<String> = (0..args.l1_keys).map(|i| format!("l1-key-{i}")).collect();
+/// The median ratio of Keel's L1-hit ops/s to raw moka's, over paired
+/// runs, with `tasks` concurrent readers.
+async fn l1(args: &Args, tasks: usize, label: &str) -> f64 {
+    let keys: Arc<Vec<String>> =
+        Arc::new((0..args.l1_keys).map(|i| format!("l1-key-{i}")).collect());
     let tiered = Tiered::builder(tiered_config()).build().expect("config");
     let raw: moka::future::Cache<String, Bytes> = moka::future::Cache::builder()
         .max_capacity(512 << 20)
         .weigher(|k: &String, v: &Bytes| (k.len() + v.len() + 64) as u32)
         .time_to_live(Duration::from_secs(600))
         .build();
-    for key in &keys {
+    for key in keys.iter() {
         tiered
             .set(key, value(), Duration::from_secs(600))
             .await
@@ -117,32 +159,35 @@ async fn l1(args: &Args) -> f64 {
     // For context: Keel's moka backend on its own.
     let backend =
         MokaCache::new(MokaCacheConfig::default().max_capacity_bytes(512 << 20)).expect("config");
-    for key in &keys {
+    for key in keys.iter() {
         backend
             .set(key, value(), Duration::from_secs(600))
             .await
             .expect("set");
     }
-    let dyn_cache: &dyn Cache = &tiered;
-    let dyn_backend: &dyn Cache = &backend;
+    let dyn_cache: Arc<dyn Cache> = Arc::new(tiered);
+    let dyn_backend: Arc<dyn Cache> = Arc::new(backend);
     // Warm-up.
-    keel_l1_run(dyn_cache, &keys, args.l1_ops / 4).await;
-    raw_l1_run(&raw, &keys, args.l1_ops / 4).await;
+    keel_l1_run(&dyn_cache, &keys, args.l1_ops / 4, tasks).await;
+    raw_l1_run(&raw, &keys, args.l1_ops / 4, tasks).await;
     // Paired runs, order alternating, so both sides of a pair see the same
     // interference; the median of the pairs' ratios counts.
     let mut ratios = Vec::with_capacity(args.runs);
     let mut backend_ratios = Vec::with_capacity(args.runs);
     for run in 0..args.runs {
         let (keel, raw_ops) = if run % 2 == 0 {
-            let keel = keel_l1_run(dyn_cache, &keys, args.l1_ops).await;
-            (keel, raw_l1_run(&raw, &keys, args.l1_ops).await)
+            let keel = keel_l1_run(&dyn_cache, &keys, args.l1_ops, tasks).await;
+            (keel, raw_l1_run(&raw, &keys, args.l1_ops, tasks).await)
         } else {
-            let raw_ops = raw_l1_run(&raw, &keys, args.l1_ops).await;
-            (keel_l1_run(dyn_cache, &keys, args.l1_ops).await, raw_ops)
+            let raw_ops = raw_l1_run(&raw, &keys, args.l1_ops, tasks).await;
+            (
+                keel_l1_run(&dyn_cache, &keys, args.l1_ops, tasks).await,
+                raw_ops,
+            )
         };
-        let backend_ops = keel_l1_run(dyn_backend, &keys, args.l1_ops).await;
+        let backend_ops = keel_l1_run(&dyn_backend, &keys, args.l1_ops, tasks).await;
         println!(
-            "l1 run {run}: keel Tiered::get {keel:.0} ops/s, raw moka get {raw_ops:.0} ops/s, \
+            "threads {label} l1 run {run}: keel Tiered::get {keel:.0} ops/s, raw moka get {raw_ops:.0} ops/s, \
              ratio {:.3} (keel MokaCache::get {backend_ops:.0} ops/s)",
             keel / raw_ops
         );
@@ -150,7 +195,7 @@ async fn l1(args: &Args) -> f64 {
         backend_ratios.push(backend_ops / raw_ops);
     }
     println!(
-        "l1 context: MokaCache (no freshness check, no L2) median ratio {:.3}",
+        "threads {label} l1 context: MokaCache (no freshness check, no L2) median ratio {:.3}",
         median(&mut backend_ratios)
     );
     median(&mut ratios)
@@ -319,25 +364,55 @@ async fn cleanup(url: &str, prefix: &str) {
     }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn main() {
     let args = Args::parse();
-    let url = keel_testkit::require_redis().await;
-    let prefix = format!("keel-bench-cache-{}:", std::process::id());
+    let url = runtime(1).block_on(keel_testkit::require_redis());
+    // (worker threads, concurrent readers) per L1 measurement.
+    let counts: Vec<(usize, usize)> = if args.threads.is_empty() {
+        vec![(2, 1)]
+    } else {
+        args.threads.iter().map(|&n| (n.max(1), n.max(1))).collect()
+    };
     println!(
         "keel-cache bench: {} L1 gets over {} keys, {} L2 reads, {} stampede callers; \
-         512-byte values; {} paired runs, median ratio",
-        args.l1_ops, args.l1_keys, args.l2_ops, args.stampede, args.runs
+         512-byte values; {} paired runs, median ratio; threads {}",
+        args.l1_ops,
+        args.l1_keys,
+        args.l2_ops,
+        args.stampede,
+        args.runs,
+        counts
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     );
-    let l1_ratio = l1(&args).await;
-    let l2_ratio = l2(&args, &url, &prefix).await;
-    let calls = stampede(args.stampede, &url, &prefix).await;
-    cleanup(&url, &prefix).await;
-    println!(
-        "median l1 ratio {l1_ratio:.3} (target >= 0.8), median l2 latency ratio {l2_ratio:.3} \
-         (target <= 1.2), stampede origin calls {calls} (target 1)"
-    );
-    println!(
-        "{{\"l1_ratio\": {l1_ratio:.3}, \"l2_latency_ratio\": {l2_ratio:.3}, \"stampede_origin_calls\": {calls}}}"
-    );
+    let mut l1_ratio = 0.0;
+    for &(threads, tasks) in &counts {
+        let label = threads.to_string();
+        l1_ratio = runtime(threads).block_on(l1(&args, tasks, &label));
+        println!("threads {label}: median l1 ratio {l1_ratio:.3}");
+    }
+    let rt = runtime(counts.last().map_or(2, |&(n, _)| n));
+    rt.block_on(async {
+        let prefix = format!("keel-bench-cache-{}:", std::process::id());
+        let l2_ratio = l2(&args, &url, &prefix).await;
+        let calls = stampede(args.stampede, &url, &prefix).await;
+        cleanup(&url, &prefix).await;
+        println!(
+            "median l1 ratio {l1_ratio:.3} (target >= 0.9), median l2 latency ratio {l2_ratio:.3} \
+             (target <= 1.2), stampede origin calls {calls} (target 1)"
+        );
+        println!(
+            "{{\"l1_ratio\": {l1_ratio:.3}, \"l2_latency_ratio\": {l2_ratio:.3}, \"stampede_origin_calls\": {calls}}}"
+        );
+    });
 }
