@@ -9,6 +9,11 @@
 //! raw baseline does the same cycle with the dependency alone (a tokio
 //! bounded mpsc for memory). The last line printed is one JSON object:
 //! `{"backend": "...", "keel_jobs_per_s": N, "raw_jobs_per_s": N, "ratio": R}`.
+//!
+//! `--threads` sets the Tokio worker threads: one count (`--threads 2`) or
+//! a list (`--threads 1,2,4`), each measured in the same run on its own
+//! runtime, with a `threads N: ... ratio R` line each; the JSON line is the
+//! **last** count's. Without it, Tokio's default (one thread per core).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +54,10 @@ struct Args {
     /// Measured runs of each side (alternating); the best run of each counts.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Tokio worker threads: one count or a comma-separated list (the JSON
+    /// line reports the last). Default: one per core.
+    #[arg(long, value_delimiter = ',')]
+    threads: Vec<usize>,
 }
 
 /// One full cycle through a Keel queue; answers jobs per second.
@@ -440,20 +449,48 @@ async fn measure(args: &Args) -> Result<(f64, f64), String> {
     Ok((best_keel, best_raw))
 }
 
-#[tokio::main]
-async fn main() -> Result<(), String> {
+fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, String> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads.max(1));
+    }
+    builder.enable_all().build().map_err(|e| e.to_string())
+}
+
+fn main() -> Result<(), String> {
     let args = Args::parse();
+    let counts: Vec<Option<usize>> = if args.threads.is_empty() {
+        vec![None]
+    } else {
+        args.threads.iter().map(|&n| Some(n)).collect()
+    };
+    let label = |n: Option<usize>| n.map_or_else(|| "default".to_owned(), |n| n.to_string());
     println!(
-        "backend {}: {} jobs of 256 bytes per run, batches of {}, 1 producer + 1 consumer, best of {} runs, priorities {:?}, capacity {}",
+        "backend {}: {} jobs of 256 bytes per run, batches of {}, 1 producer + 1 consumer, best of {} runs, priorities {:?}, capacity {}, threads {}",
         args.backend,
         args.jobs,
         args.batch,
         args.runs,
         args.priorities,
         args.capacity
-            .map_or("unbounded".to_owned(), |c| c.to_string())
+            .map_or("unbounded".to_owned(), |c| c.to_string()),
+        counts
+            .iter()
+            .map(|&n| label(n))
+            .collect::<Vec<_>>()
+            .join(",")
     );
-    let (keel, raw) = measure(&args).await?;
+    let mut last = (0.0, 0.0);
+    for &n in &counts {
+        let (keel, raw) = runtime(n)?.block_on(measure(&args))?;
+        println!(
+            "threads {}: keel {keel:.0} jobs/s, raw {raw:.0} jobs/s, ratio {:.3}",
+            label(n),
+            keel / raw
+        );
+        last = (keel, raw);
+    }
+    let (keel, raw) = last;
     println!(
         "{{\"backend\": \"{}\", \"keel_jobs_per_s\": {:.0}, \"raw_jobs_per_s\": {:.0}, \"ratio\": {:.3}}}",
         args.backend,
