@@ -264,12 +264,17 @@ fn loader_retryable(err: &(dyn std::error::Error + 'static)) -> bool {
     keel_core::kind_of(err).is_retryable()
 }
 
-impl<E> fmt::Display for LoadFailed<E> {
+/// The message says what failed below: a client shown this error (through
+/// `keel_core::http_error`) learns the loader's own message, not only that a
+/// load failed.
+impl<E: fmt::Display> fmt::Display for LoadFailed<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            LoadFailed::Loader(_) => f.write_str("loading the value failed"),
-            LoadFailed::Cached(_) => f.write_str("loading the value failed recently"),
-            LoadFailed::Cache(_) => f.write_str("the cache could not load the value"),
+            LoadFailed::Loader(err) => write!(f, "loading the value failed: {err}"),
+            LoadFailed::Cached(cached) => {
+                write!(f, "loading the value failed recently: {}", cached.message())
+            }
+            LoadFailed::Cache(err) => write!(f, "the cache could not load the value: {err}"),
         }
     }
 }
