@@ -10,42 +10,12 @@ use keel_gateway::fake_node::FakeNodeConfig;
 use serde_json::{Value, json};
 use support::{KEY, MODEL, start, total};
 
-async fn wait_done(client: &reqwest::Client, url: &str, id: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let record: Value = client
-            .get(format!("{url}/v1/jobs/{id}"))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if record["status"] != "queued" {
-            return record;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "job {id} never finished: {record}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+async fn wait_done(_client: &reqwest::Client, url: &str, id: &str) -> Value {
+    support::wait_job(url, id, Duration::from_secs(10)).await
 }
 
-async fn queued_chat(setup_url: &str, client: &reqwest::Client) -> String {
-    let accepted = client
-        .post(format!("{setup_url}/v1/chat/completions"))
-        .bearer_auth(KEY)
-        .header("x-keel-mode", "queue")
-        .json(&json!({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "later"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(accepted.status(), 202);
-    let body: Value = accepted.json().await.unwrap();
-    assert_eq!(body["status"], "queued");
-    body["id"].as_str().unwrap().to_owned()
+async fn queued_chat(url: &str, _client: &reqwest::Client) -> String {
+    support::enqueue_chat(url, "later").await
 }
 
 #[tokio::test]

@@ -99,15 +99,7 @@ async fn a_tenant_sees_only_its_models() {
     })
     .await;
     let client = reqwest::Client::new();
-    let models: Value = client
-        .get(format!("{}/v1/models", setup.url))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = support::get_json(&setup.url, "/v1/models").await;
     assert_eq!(models["data"].as_array().unwrap().len(), 1, "{models}");
     let refused = client
         .post(format!("{}/v1/chat/completions", setup.url))

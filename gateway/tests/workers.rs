@@ -13,8 +13,7 @@ use keel_gateway::GatewayConfig;
 use keel_gateway::config::DurableBackend;
 use keel_gateway::fake_node::FakeNodeConfig;
 use keel_testkit::{Namespace, require_redis};
-use serde_json::{Value, json};
-use support::{KEY, MODEL, start, total};
+use support::{start, total};
 
 struct Worker(Child);
 
@@ -76,21 +75,9 @@ async fn killed_workers_lose_no_job() {
     let mut first = Worker::spawn(&path);
     let _second = Worker::spawn(&path);
 
-    let client = reqwest::Client::new();
     let mut ids = Vec::new();
     for n in 0..300 {
-        let accepted: Value = client
-            .post(format!("{}/v1/chat/completions", setup.url))
-            .bearer_auth(KEY)
-            .header("x-keel-mode", "queue")
-            .json(&json!({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": format!("job {n}")}]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        ids.push(accepted["id"].as_str().unwrap().to_owned());
+        ids.push(support::enqueue_chat(&setup.url, &format!("job {n}")).await);
         if n == 100 {
             first.kill();
         }
@@ -98,28 +85,9 @@ async fn killed_workers_lose_no_job() {
             first = Worker::spawn(&path);
         }
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
     for id in &ids {
-        loop {
-            let record: Value = client
-                .get(format!("{}/v1/jobs/{id}", setup.url))
-                .bearer_auth(KEY)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if record["status"] == "completed" {
-                break;
-            }
-            assert_ne!(record["status"], "failed", "{record}");
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "job {id} never completed: {record}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let record = support::wait_job(&setup.url, id, Duration::from_secs(40)).await;
+        assert_eq!(record["status"], "completed", "{record}");
     }
     let runs = total(&setup.nodes, |s| s.completed);
     assert!(runs >= 300, "{runs} upstream runs for 300 jobs");

@@ -166,12 +166,7 @@ async fn chat(Shared(state): Shared<Arc<State>>, body: Bytes) -> Response {
         .first()
         .map(|m| m.text())
         .unwrap_or_default();
-    let include_usage = request
-        .extra
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let include_usage = wants_usage(&request.extra);
     generate(
         state,
         Shape::Chat,
@@ -192,12 +187,7 @@ async fn completions(Shared(state): Shared<Arc<State>>, body: Bytes) -> Response
     };
     let prompt = text_of(&request.prompt);
     let prefix: String = prompt.chars().take(256).collect();
-    let include_usage = request
-        .extra
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let include_usage = wants_usage(&request.extra);
     generate(
         state,
         Shape::Completion,
@@ -209,6 +199,16 @@ async fn completions(Shared(state): Shared<Arc<State>>, body: Bytes) -> Response
         include_usage,
     )
     .await
+}
+
+/// Whether the request asked for a final usage chunk
+/// (`stream_options.include_usage`).
+fn wants_usage(extra: &serde_json::Map<String, Value>) -> bool {
+    extra
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -94,3 +94,54 @@ pub fn openai(url: &str) -> async_openai::Client<async_openai::config::OpenAICon
 pub fn total(nodes: &[FakeNode], stat: impl Fn(keel_gateway::fake_node::Stats) -> u64) -> u64 {
     nodes.iter().map(|n| stat(n.stats())).sum()
 }
+
+/// `GET {url}{path}` with the test key, as JSON.
+pub async fn get_json(url: &str, path: &str) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(format!("{url}{path}"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("the gateway answers")
+        .json()
+        .await
+        .expect("a JSON answer")
+}
+
+/// Polls `GET /v1/jobs/{id}` until the job leaves `queued` (at most
+/// `within`), and returns its record.
+pub async fn wait_job(url: &str, id: &str, within: Duration) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let record = get_json(url, &format!("/v1/jobs/{id}")).await;
+        if record["status"] != "queued" {
+            return record;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {id} never finished: {record}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends a chat request in durable mode (`x-keel-mode: queue`), checks the
+/// 202, and returns the job id.
+pub async fn enqueue_chat(url: &str, content: &str) -> String {
+    let accepted = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .header("x-keel-mode", "queue")
+        .json(&serde_json::json!({
+            "model": MODEL,
+            "max_tokens": 4,
+            "messages": [{"role": "user", "content": content}],
+        }))
+        .send()
+        .await
+        .expect("the gateway answers");
+    assert_eq!(accepted.status(), 202);
+    let body: serde_json::Value = accepted.json().await.expect("a JSON answer");
+    assert_eq!(body["status"], "queued");
+    body["id"].as_str().expect("a job id").to_owned()
+}
