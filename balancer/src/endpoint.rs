@@ -556,6 +556,10 @@ impl EndpointState {
         self.key.0.report(Outcome::failure(FailureKind::Timeout));
     }
 
+    pub(crate) fn report_transport_failure(&self) {
+        self.key.0.report(Outcome::failure(FailureKind::Transport));
+    }
+
     fn complete(&self, sent_ns: u64, answered_ns: Option<u64>, outcome: Recorded) {
         let now_ns = self.common.ns_of(Instant::now());
         // A streamed answer is timed to its first byte, not its end.
@@ -678,6 +682,18 @@ impl Handle {
         }
     }
 
+    /// The answer broke after it started (a stream cut mid-way): the
+    /// attempt counts as a failure of the endpoint — in its latency
+    /// estimate and, through its key's reporter, in its health — although
+    /// the response head had arrived. Called once by a body carrying the
+    /// handle when it fails; later calls change nothing.
+    pub fn mark_failed(&mut self) {
+        if self.outcome != Recorded::Failure {
+            self.outcome = Recorded::Failure;
+            self.state.report_transport_failure();
+        }
+    }
+
     /// Marks now as when the endpoint answered: the latency the endpoint is
     /// judged by (its peak-EWMA sample) ends here, while the slot stays
     /// taken until the handle is dropped. A body carrying the handle calls
@@ -763,6 +779,30 @@ mod tests {
 
     fn ms(e: &EndpointState) -> f64 {
         e.latency_ns(e.common.ns_of(Instant::now())) / 1e6
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_cut_mid_way_is_reported_once() {
+        use std::sync::atomic::AtomicUsize;
+        let config = BalancerConfig::default();
+        let key = keel_core::EndpointId::new("e0");
+        let reports = Arc::new(AtomicUsize::new(0));
+        let seen = reports.clone();
+        key.set_reporter(Arc::new(
+            move |_: &keel_core::EndpointId, outcome: Outcome| {
+                assert_eq!(outcome, Outcome::failure(FailureKind::Transport));
+                seen.fetch_add(1, Relaxed);
+            },
+        ));
+        let e = Arc::new(keyed(&config, key));
+        assert!(e.try_acquire());
+        let mut h = Handle::new(e.clone(), e.common.ns_of(Instant::now()), None);
+        h.set_outcome(Recorded::Success);
+        h.mark_failed();
+        h.mark_failed();
+        drop(h);
+        assert_eq!(reports.load(Relaxed), 1);
+        assert_eq!(e.outstanding(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -60,8 +60,14 @@ impl<B: Body> Body for Held<B> {
                     handle.mark_answered();
                 }
             }
-            // Finished (or failed): free the slot now.
-            Poll::Ready(None | Some(Err(_))) => {
+            // Cut mid-way: the upstream failed (health hears of it).
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(mut handle) = this.handle.take() {
+                    handle.mark_failed();
+                }
+            }
+            // Finished: free the slot now.
+            Poll::Ready(None) => {
                 this.handle.take();
             }
             Poll::Pending => {}

@@ -21,8 +21,8 @@ pub enum DurableBackend {
     Amqp,
 }
 
-/// Settings of durable mode.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// Settings of durable mode. `Debug` hides the broker's password.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct DurableConfig {
@@ -47,6 +47,20 @@ pub struct DurableConfig {
     /// Whether the gateway runs a worker itself (always for `memory`; for
     /// the others, run `keel-worker` processes instead). Default false.
     pub embedded_worker: bool,
+}
+
+impl std::fmt::Debug for DurableConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DurableConfig")
+            .field("backend", &self.backend)
+            .field("queue", &self.queue)
+            .field("url", &self.url.as_deref().map(keel_core::redacted_url))
+            .field("result_ttl", &self.result_ttl)
+            .field("concurrency", &self.concurrency)
+            .field("lease", &self.lease)
+            .field("embedded_worker", &self.embedded_worker)
+            .finish()
+    }
 }
 
 impl Default for DurableConfig {

@@ -40,8 +40,9 @@ pub use durable::{DurableBackend, DurableConfig};
 pub use model::ModelConfig;
 pub use tenant::{KeyConfig, PriorityClass, Tenant, hash_key};
 
-/// Everything the gateway needs to start.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+/// Everything the gateway needs to start. `Debug` shows URLs with their
+/// passwords replaced by `***`; keys are stored hashed.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct GatewayConfig {
@@ -124,6 +125,34 @@ impl Default for GatewayConfig {
     }
 }
 
+impl std::fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayConfig")
+            .field("listen", &self.listen)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("default_timeout", &self.default_timeout)
+            .field("max_timeout", &self.max_timeout)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("default_max_tokens", &self.default_max_tokens)
+            .field("max_queued", &self.max_queued)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("retry_ratio", &self.retry_ratio)
+            .field("cache_bytes", &self.cache_bytes)
+            .field("cache_ttl", &self.cache_ttl)
+            .field("probe_interval", &self.probe_interval)
+            .field("ejection_time", &self.ejection_time)
+            .field(
+                "redis_url",
+                &self.redis_url.as_deref().map(keel_core::redacted_url),
+            )
+            .field("durable", &self.durable)
+            .field("models", &self.models)
+            .field("tenants", &self.tenants)
+            .field("keys", &self.keys)
+            .finish()
+    }
+}
+
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -185,7 +214,8 @@ impl GatewayConfig {
         })
     }
 
-    /// Applies `KEEL_LISTEN` and `KEEL_REDIS_URL` from `env`.
+    /// Applies `KEEL_LISTEN`, `KEEL_REDIS_URL` and `KEEL_AMQP_URL` (the
+    /// durable queue's broker) from `env`.
     ///
     /// # Errors
     ///
@@ -198,6 +228,9 @@ impl GatewayConfig {
         }
         if let Some(url) = env("KEEL_REDIS_URL") {
             self.redis_url = Some(url).filter(|url| !url.is_empty());
+        }
+        if let Some(url) = env("KEEL_AMQP_URL") {
+            self.durable.url = Some(url).filter(|url| !url.is_empty());
         }
         Ok(())
     }

@@ -93,3 +93,20 @@ fn keys_never_show_in_debug() {
         "{shown}"
     );
 }
+
+#[test]
+fn secrets_never_show_in_debug() {
+    let mut config = GatewayConfig::from_toml(GOOD).unwrap();
+    config.redis_url = Some("redis://:hunter2@127.0.0.1:6379".into());
+    config
+        .apply_env(|name| {
+            (name == "KEEL_AMQP_URL").then(|| "amqp://guest:s3cret@127.0.0.1:5672/%2f".into())
+        })
+        .unwrap();
+    let shown = format!("{config:?}");
+    assert!(
+        !shown.contains("hunter2") && !shown.contains("s3cret"),
+        "{shown}"
+    );
+    assert!(shown.contains("***"), "{shown}");
+}
