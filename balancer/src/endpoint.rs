@@ -560,10 +560,12 @@ impl EndpointState {
         self.key.0.report(Outcome::failure(FailureKind::Transport));
     }
 
-    fn complete(&self, sent_ns: u64, answered_ns: Option<u64>, outcome: Recorded) {
+    fn complete(&self, sent_ns: u64, answered: Answered, outcome: Recorded) {
         let now_ns = self.common.ns_of(Instant::now());
-        // A streamed answer is timed to its first byte, not its end.
-        let rtt = answered_ns.unwrap_or(now_ns).saturating_sub(sent_ns) as f64;
+        // A streamed answer is timed to its first byte, not its end; a
+        // stall between two of its chunks that lasted longer counts instead.
+        let first_byte = answered.first_ns.unwrap_or(now_ns).saturating_sub(sent_ns);
+        let rtt = first_byte.max(answered.longest_gap_ns) as f64;
         self.sent_sum_ns.fetch_sub(sent_ns, Relaxed);
         self.timed.fetch_sub(1, Relaxed);
         let before = self.outstanding.fetch_sub(1, Relaxed);
@@ -665,9 +667,20 @@ pub(crate) enum Recorded {
 pub struct Handle {
     state: Arc<EndpointState>,
     sent_ns: u64,
-    answered_ns: Option<u64>,
+    answered: Answered,
     deadline: Option<Instant>,
     outcome: Recorded,
+}
+
+/// When an answer started and how long it stalled at most afterwards.
+#[derive(Clone, Copy, Debug, Default)]
+struct Answered {
+    /// The first byte (`mark_answered` / first `mark_progress`).
+    first_ns: Option<u64>,
+    /// The latest `mark_progress`.
+    last_ns: u64,
+    /// The longest wait between two `mark_progress` calls.
+    longest_gap_ns: u64,
 }
 
 impl Handle {
@@ -676,7 +689,7 @@ impl Handle {
         Handle {
             state,
             sent_ns,
-            answered_ns: None,
+            answered: Answered::default(),
             deadline,
             outcome: Recorded::Cancelled,
         }
@@ -700,8 +713,33 @@ impl Handle {
     /// it at its first byte, so a streamed answer is timed to its first
     /// token, not to its length. Later calls change nothing.
     pub fn mark_answered(&mut self) {
-        if self.answered_ns.is_none() {
-            self.answered_ns = Some(self.state.common().ns_of(Instant::now()));
+        if self.answered.first_ns.is_none() {
+            let now_ns = self.state.common().ns_of(Instant::now());
+            self.answered.first_ns = Some(now_ns);
+            self.answered.last_ns = now_ns;
+        }
+    }
+
+    /// Marks that the answer moved on (a streamed chunk, e.g. a token
+    /// arrived). The first call marks the first byte, as
+    /// [`mark_answered`](Self::mark_answered) does; after that the longest
+    /// gap between two calls is kept, and where it is longer than the time
+    /// to the first byte it becomes the endpoint's latency sample instead:
+    /// a stream that stalls mid-way (slow inter-token latency) raises the
+    /// endpoint's peak-EWMA estimate like a slow first token would. A body
+    /// carrying the handle calls it at every data frame.
+    pub fn mark_progress(&mut self) {
+        let now_ns = self.state.common().ns_of(Instant::now());
+        match self.answered.first_ns {
+            None => {
+                self.answered.first_ns = Some(now_ns);
+                self.answered.last_ns = now_ns;
+            }
+            Some(_) => {
+                let gap = now_ns.saturating_sub(self.answered.last_ns);
+                self.answered.longest_gap_ns = self.answered.longest_gap_ns.max(gap);
+                self.answered.last_ns = now_ns;
+            }
         }
     }
 
@@ -739,7 +777,7 @@ impl Drop for Handle {
             self.state.report_timeout();
         }
         self.state
-            .complete(self.sent_ns, self.answered_ns, self.outcome);
+            .complete(self.sent_ns, self.answered, self.outcome);
     }
 }
 
@@ -822,6 +860,43 @@ mod tests {
         drop(h);
         assert_eq!(e.outstanding(), 0);
         assert!((ms(&e) - 40.0).abs() < 1e-6, "estimate {} ms", ms(&e));
+    }
+
+    /// A stream: `first` to its first chunk, then one chunk after each gap.
+    async fn streamed(e: &Arc<EndpointState>, first: Duration, gaps: &[Duration]) {
+        assert!(e.try_acquire());
+        let mut h = Handle::new(e.clone(), e.common.ns_of(Instant::now()), None);
+        tokio::time::advance(first).await;
+        h.mark_progress();
+        for gap in gaps {
+            tokio::time::advance(*gap).await;
+            h.mark_progress();
+        }
+        h.set_outcome(Recorded::Success);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_is_judged_by_its_first_chunk_or_its_longest_stall() {
+        let config = BalancerConfig::default();
+        let ms_ = Duration::from_millis;
+        // Steady tokens every 20 ms after a 40 ms first chunk: 40 ms.
+        let steady = Arc::new(state(&config));
+        streamed(&steady, ms_(40), &[ms_(20); 50]).await;
+        assert!(
+            (ms(&steady) - 40.0).abs() < 1e-6,
+            "estimate {} ms",
+            ms(&steady)
+        );
+        // Same first chunk, then a 900 ms stall between two tokens: the
+        // stall is the sample (slow inter-token latency is seen).
+        let stalling = Arc::new(state(&config));
+        streamed(&stalling, ms_(40), &[ms_(20), ms_(900), ms_(20)]).await;
+        assert!(
+            (ms(&stalling) - 900.0).abs() < 1e-6,
+            "estimate {} ms",
+            ms(&stalling)
+        );
+        assert_eq!(stalling.outstanding(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -33,8 +33,9 @@ pub type UpstreamResponse = http::Response<UpstreamBody>;
 pin_project! {
     /// A body that holds the balancer's [`Handle`] until it ends (or is
     /// dropped), so a streamed answer counts as outstanding to its end,
-    /// while its latency sample (what peak-EWMA routes by) ends at the
-    /// first byte: time to first token.
+    /// while its latency sample (what peak-EWMA routes by) is its time to
+    /// first token, or its longest stall between two chunks where that is
+    /// longer ([`Handle::mark_progress`]).
     pub struct Held<B> {
         #[pin]
         body: B,
@@ -53,11 +54,13 @@ impl<B: Body> Body for Held<B> {
         let this = self.project();
         let polled = this.body.poll_frame(cx);
         match &polled {
-            // The first byte: the upstream's latency sample ends here (time
-            // to first token for a stream), the slot stays taken.
+            // A chunk: the first ends the upstream's latency sample (time to
+            // first token for a stream); a later one that comes after a
+            // longer stall raises it (inter-token latency). The slot stays
+            // taken.
             Poll::Ready(Some(Ok(_))) => {
                 if let Some(handle) = this.handle.as_mut() {
-                    handle.mark_answered();
+                    handle.mark_progress();
                 }
             }
             // Cut mid-way: the upstream failed (health hears of it).
@@ -124,6 +127,8 @@ pub struct ModelPool {
     pub health: Health,
     /// The routed, retried service.
     pub service: PoolService,
+    /// The client its upstreams share (for `/v1/models`).
+    client: HttpClient,
 }
 
 impl std::fmt::Debug for Held<Incoming> {
@@ -199,7 +204,52 @@ impl ModelPool {
             cache_deterministic: model.cache_deterministic,
             health,
             service: retry.layer(balancer),
+            client: client.clone(),
         })
+    }
+
+    /// This model's `/v1/models` entry: what an upstream in rotation says
+    /// of the upstream model (`created`, `owned_by`, `max_model_len`, …)
+    /// under the gateway's name. When no upstream is in rotation, or the
+    /// one asked does not answer within `timeout` or does not list the
+    /// model, the entry holds the name only (`owned_by: keel-gateway`).
+    pub async fn describe(&self, timeout: Duration) -> serde_json::Value {
+        let mut entry = serde_json::json!({
+            "id": self.name,
+            "object": "model",
+            "owned_by": "keel-gateway",
+        });
+        let upstream = self
+            .health
+            .snapshot()
+            .iter()
+            .filter(|status| status.state.is_in_rotation())
+            .find_map(|status| Upstream::new(status.endpoint.address(), self.client.clone()).ok());
+        let Some(upstream) = upstream else {
+            return entry;
+        };
+        match upstream.get_json("/v1/models", timeout).await {
+            Ok(listing) => {
+                let found = listing["data"].as_array().and_then(|models| {
+                    models
+                        .iter()
+                        .find(|model| model["id"].as_str() == Some(self.upstream_model.as_str()))
+                });
+                if let (Some(serde_json::Value::Object(fields)), Some(merged)) =
+                    (found, entry.as_object_mut())
+                {
+                    for (field, value) in fields {
+                        if field != "id" {
+                            merged.insert(field.clone(), value.clone());
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::debug!(model = %self.name, error = %err, "upstream model listing failed");
+            }
+        }
+        entry
     }
 
     /// Whether at least one upstream is in rotation.
