@@ -209,22 +209,28 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
+/// How long `/v1/models` waits for an upstream's own listing.
+const MODEL_LISTING_TIMEOUT: Duration = Duration::from_secs(1);
+
 async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     let key = match authenticate(&shared, &headers) {
         Ok(key) => key,
         Err(err) => return err.into_response(),
     };
-    let mut names: Vec<&String> = shared
+    let mut pools: Vec<_> = shared
         .stack
         .pools
-        .keys()
-        .filter(|name| key.tenant.allows(name))
+        .values()
+        .filter(|pool| key.tenant.allows(&pool.name))
         .collect();
-    names.sort();
-    let data: Vec<Value> = names
-        .into_iter()
-        .map(|name| serde_json::json!({"id": name, "object": "model", "owned_by": "keel-gateway"}))
-        .collect();
+    pools.sort_by(|a, b| a.name.cmp(&b.name));
+    // Each model as its upstreams describe it, asked concurrently.
+    let data: Vec<Value> = futures::future::join_all(
+        pools
+            .into_iter()
+            .map(|pool| pool.describe(MODEL_LISTING_TIMEOUT)),
+    )
+    .await;
     axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
 }
 

@@ -66,6 +66,41 @@ impl Upstream {
     pub fn authority(&self) -> &Authority {
         &self.authority
     }
+
+    /// `GET path` on this upstream, its body parsed as JSON, all within
+    /// `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// When the upstream does not answer within `timeout`, answers with a
+    /// status other than 2xx, or with a body that is not JSON.
+    pub async fn get_json(
+        &self,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, BoxError> {
+        let uri = http::Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()?;
+        let request = http::Request::get(uri).body(Full::new(Bytes::new()))?;
+        let fetch = async {
+            let response = self.client.0.request(request).await?;
+            let status = response.status();
+            let body = http_body_util::BodyExt::collect(response.into_body()).await?;
+            if !status.is_success() {
+                return Err(format!("{} answered {status} to GET {path}", self.authority).into());
+            }
+            Ok::<_, BoxError>(serde_json::from_slice(&body.to_bytes())?)
+        };
+        tokio::time::timeout(timeout, fetch).await.map_err(|_| {
+            format!(
+                "{} did not answer GET {path} within {timeout:?}",
+                self.authority
+            )
+        })?
+    }
 }
 
 impl tower::Service<http::Request<Bytes>> for Upstream {

@@ -101,6 +101,11 @@ async fn a_tenant_sees_only_its_models() {
     let client = reqwest::Client::new();
     let models = support::get_json(&setup.url, "/v1/models").await;
     assert_eq!(models["data"].as_array().unwrap().len(), 1, "{models}");
+    // The entry is the upstream's own, merged under the gateway's name.
+    let entry = &models["data"][0];
+    assert_eq!(entry["id"], MODEL, "{models}");
+    assert_eq!(entry["owned_by"], "keel-fake-node", "{models}");
+    assert_eq!(entry["created"], 1_700_000_000, "{models}");
     let refused = client
         .post(format!("{}/v1/chat/completions", setup.url))
         .bearer_auth(KEY)

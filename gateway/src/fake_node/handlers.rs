@@ -491,10 +491,18 @@ pub(crate) fn embed(text: &str, dims: usize) -> Vec<f32> {
     raw.iter().map(|x| (x / norm) as f32).collect()
 }
 
+/// The `created` time the fake node gives its model (2023-11-14).
+const FAKE_MODEL_CREATED: u64 = 1_700_000_000;
+
 async fn models(Shared(state): Shared<Arc<State>>) -> Response {
     axum::Json(json!({
         "object": "list",
-        "data": [{"id": state.config.model, "object": "model", "owned_by": "keel-fake-node"}],
+        "data": [{
+            "id": state.config.model,
+            "object": "model",
+            "created": FAKE_MODEL_CREATED,
+            "owned_by": "keel-fake-node",
+        }],
     }))
     .into_response()
 }
