@@ -3,12 +3,9 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures::StreamExt;
-use keel_gateway::GatewayConfig;
 use keel_gateway::fake_node::{FakeNode, FakeNodeConfig};
 use serde_json::json;
 use support::{KEY, MODEL, start};
@@ -88,34 +85,10 @@ async fn sigterm_finishes_streams_and_refuses_new_requests() {
     node.prefill = Duration::ZERO;
     node.per_token = Duration::from_millis(20);
     let node = FakeNode::start(node, "127.0.0.1:0").await.unwrap();
-    let mut config = GatewayConfig::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.probe_interval = Duration::from_millis(100);
+    let mut config = support::config_for(std::slice::from_ref(&node));
     config.drain_timeout = Duration::from_secs(10);
-    config.models = vec![keel_gateway::config::ModelConfig::new(MODEL, [node.url()])];
-    config.tenants = vec![keel_gateway::config::Tenant::new("acme")];
-    config.keys = vec![keel_gateway::config::KeyConfig::new(KEY, "acme")];
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
-    let mut gateway = Command::new(env!("CARGO_BIN_EXE_keel-gateway"))
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("keel-gateway starts");
-    let mut line = String::new();
-    BufReader::new(gateway.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("its address")
-        .to_owned();
-    let url = format!("http://{addr}");
-    support::wait_ready(&url, 1).await;
+    let gateway = support::GatewayProcess::start(config).await;
+    let url = gateway.url.clone();
 
     let stream = reqwest::Client::new()
         .post(format!("{url}/v1/chat/completions"))
@@ -126,12 +99,7 @@ async fn sigterm_finishes_streams_and_refuses_new_requests() {
         .unwrap();
     let mut body = stream.bytes_stream();
     let mut text = String::from_utf8(body.next().await.unwrap().unwrap().to_vec()).unwrap();
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(gateway.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
+    gateway.terminate();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let refused = reqwest::Client::new()
         .post(format!("{url}/v1/chat/completions"))
@@ -150,7 +118,8 @@ async fn sigterm_finishes_streams_and_refuses_new_requests() {
         ));
     }
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
-    let exited = tokio::task::spawn_blocking(move || gateway.wait())
+    let mut gateway = gateway;
+    let exited = tokio::task::spawn_blocking(move || gateway.child.wait())
         .await
         .unwrap()
         .unwrap();

@@ -78,12 +78,14 @@ async fn a_key_limit_applies_on_top_of_the_tenant() {
     assert!(refused.headers().contains_key("retry-after"));
 }
 
-/// Two gateways sharing Redis admit one tenant's tokens per minute within
-/// 2 % (GCRA on the server's clock: burst + rate × elapsed).
+/// Two gateway processes sharing Redis admit one tenant's tokens per
+/// minute within 2 % (GCRA on the server's clock: burst + rate × elapsed).
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_share_one_token_limit_through_redis() {
+    use keel_gateway::fake_node::FakeNode;
     use keel_testkit::{Namespace, require_redis};
+    use support::GatewayProcess;
     use tokio::time::Instant;
 
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
@@ -93,14 +95,21 @@ async fn two_gateways_share_one_token_limit_through_redis() {
     // 3,000 tokens a minute (50 a second), a bucket of one minute's
     // tokens; every request costs 1 (prompt) + 99 (max_tokens) = 100
     // tokens, as used.
-    let tweak = |config: &mut keel_gateway::GatewayConfig| {
-        config.redis_url = Some(url.clone());
-        config.tenants[0].name = tenant.clone();
-        config.tenants[0].tokens_per_minute = Some(3_000);
-        config.keys[0].tenant = tenant.clone();
-    };
-    let a = start(1, FakeNodeConfig::instant(), tweak).await;
-    let b = start(1, FakeNodeConfig::instant(), tweak).await;
+    let nodes = [
+        FakeNode::start(FakeNodeConfig::instant(), "127.0.0.1:0")
+            .await
+            .unwrap(),
+        FakeNode::start(FakeNodeConfig::instant(), "127.0.0.1:0")
+            .await
+            .unwrap(),
+    ];
+    let mut config = support::config_for(&nodes);
+    config.redis_url = Some(url.clone());
+    config.tenants[0].name = tenant.clone();
+    config.tenants[0].tokens_per_minute = Some(3_000);
+    config.keys[0].tenant = tenant.clone();
+    let a = GatewayProcess::start(config.clone()).await;
+    let b = GatewayProcess::start(config).await;
     let started = Instant::now();
     let run = Duration::from_secs(2);
     let callers: Vec<_> = [a.url.clone(), b.url.clone()]

@@ -27,6 +27,77 @@ impl Drop for Setup {
     }
 }
 
+/// A `keel-gateway` process (the binary, started from a TOML file written
+/// from a config); killed when dropped.
+pub struct GatewayProcess {
+    pub child: std::process::Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl GatewayProcess {
+    /// Starts the binary on `config` (its `listen` replaced by a free
+    /// loopback port) and returns once it is ready.
+    pub async fn start(mut config: GatewayConfig) -> GatewayProcess {
+        use std::io::BufRead;
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keel-gateway"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("keel-gateway starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("keel-gateway prints its address first, not {line:?}"))
+            .to_owned();
+        let url = format!("http://{addr}");
+        wait_ready(&url, config.models.len()).await;
+        GatewayProcess {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+
+    /// Sends SIGTERM (graceful drain).
+    pub fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The configuration [`start`] gives a gateway in front of `nodes`: one
+/// model, tenant `acme`, key [`KEY`], probes every 100 ms.
+pub fn config_for(nodes: &[FakeNode]) -> GatewayConfig {
+    let mut config = GatewayConfig::default();
+    config.probe_interval = Duration::from_millis(100);
+    config.models = vec![ModelConfig::new(MODEL, nodes.iter().map(FakeNode::url))];
+    config.tenants = vec![Tenant::new("acme")];
+    config.keys = vec![KeyConfig::new(KEY, "acme")];
+    config
+}
+
 /// `n` fake nodes with `node` settings behind a gateway configured by
 /// `tweak`, ready (every node probed healthy) when this returns.
 pub async fn start(
@@ -38,11 +109,7 @@ pub async fn start(
     for _ in 0..n {
         nodes.push(FakeNode::start(node.clone(), "127.0.0.1:0").await.unwrap());
     }
-    let mut config = GatewayConfig::default();
-    config.probe_interval = Duration::from_millis(100);
-    config.models = vec![ModelConfig::new(MODEL, nodes.iter().map(FakeNode::url))];
-    config.tenants = vec![Tenant::new("acme")];
-    config.keys = vec![KeyConfig::new(KEY, "acme")];
+    let mut config = config_for(&nodes);
     tweak(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
