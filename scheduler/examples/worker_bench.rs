@@ -13,9 +13,21 @@
 //! is then what it managed in that time). The last line is JSON:
 //! `{"backend": "redis", "worker_jobs_per_s": N, "loop_jobs_per_s": N, "ratio": R}`.
 //! Redis and RabbitMQ come from `REDIS_URL` / `AMQP_URL` (default local).
+//!
+//! `--verify` also checks the worker's side for loss: every job carries
+//! its index, the handler records each one it runs, and once the backlog
+//! is drained every index must have run (duplicates are counted) and the
+//! queue must hold nothing (ready, delayed, in flight, dead); the run
+//! fails otherwise. A million-job backlog on Redis:
+//!
+//! ```text
+//! cargo run --release -p keel-scheduler --example worker_bench --all-features -- \
+//!     --backend redis --jobs 1000000 --limit 300 --verify
+//! ```
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
@@ -43,6 +55,9 @@ struct Args {
     /// Most seconds per side.
     #[arg(long, default_value_t = 60)]
     limit: u64,
+    /// Check that the worker ran every job and left nothing behind.
+    #[arg(long)]
+    verify: bool,
 }
 
 async fn open(backend: &str, name: String) -> Arc<dyn Queue> {
@@ -73,14 +88,47 @@ async fn open(backend: &str, name: String) -> Arc<dyn Queue> {
     }
 }
 
+/// Enqueues `jobs` jobs of `payload` bytes (at least 8): each starts with
+/// its index (little-endian u64).
 async fn fill(queue: &dyn Queue, jobs: usize, payload: usize) {
-    let body = bytes::Bytes::from(vec![b'x'; payload]);
-    let mut left = jobs;
-    while left > 0 {
-        let n = left.min(1_000);
-        let batch = (0..n).map(|_| Job::new(body.clone())).collect();
+    let mut next = 0u64;
+    while (next as usize) < jobs {
+        let n = (jobs - next as usize).min(1_000);
+        let batch = (0..n)
+            .map(|_| {
+                let mut body = vec![b'x'; payload.max(8)];
+                body[..8].copy_from_slice(&next.to_le_bytes());
+                next += 1;
+                Job::new(body)
+            })
+            .collect();
         queue.enqueue_batch(batch).await.expect("enqueue");
-        left -= n;
+    }
+}
+
+/// How many times the handler ran each job (saturating at 255).
+struct Runs(Vec<AtomicU8>);
+
+impl Runs {
+    fn new(jobs: usize) -> Self {
+        Runs((0..jobs).map(|_| AtomicU8::new(0)).collect())
+    }
+
+    fn record(&self, payload: &[u8]) {
+        let index = u64::from_le_bytes(payload[..8].try_into().expect("8-byte index"));
+        let runs = &self.0[index as usize];
+        let _ = runs.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1));
+    }
+
+    /// (never run, run more than once)
+    fn lost_and_duplicated(&self) -> (usize, usize) {
+        self.0.iter().fold((0, 0), |(lost, dup), runs| {
+            match runs.load(Ordering::Relaxed) {
+                0 => (lost + 1, dup),
+                1 => (lost, dup),
+                n => (lost, dup + usize::from(n) - 1),
+            }
+        })
     }
 }
 
@@ -101,8 +149,17 @@ async fn plain_loop(queue: &dyn Queue, jobs: usize, batch: usize, limit: Duratio
 }
 
 /// The worker runtime with a handler that acks at once.
-async fn worker(queue: Arc<dyn Queue>, args: &Args, jobs: usize, limit: Duration) -> f64 {
-    let handler = tower::service_fn(|_: WorkItem| async { Ok::<_, Infallible>(Outcome::Ack) });
+async fn worker(
+    queue: Arc<dyn Queue>,
+    args: &Args,
+    jobs: usize,
+    limit: Duration,
+    runs: Arc<Runs>,
+) -> f64 {
+    let handler = tower::service_fn(move |item: WorkItem| {
+        runs.record(&item.payload);
+        async { Ok::<_, Infallible>(Outcome::Ack) }
+    });
     let config = WorkerConfig::new("bench")
         .concurrency(args.concurrency)
         .dequeue_batch(args.batch)
@@ -140,9 +197,13 @@ async fn main() {
 
     let queue = open(&args.backend, format!("{name}-worker")).await;
     fill(&*queue, jobs, args.payload).await;
-    let worker_rate = worker(queue.clone(), &args, jobs, limit).await;
-    queue.delete().await.expect("delete");
+    let runs = Arc::new(Runs::new(jobs));
+    let worker_rate = worker(queue.clone(), &args, jobs, limit, runs.clone()).await;
     eprintln!("worker: {worker_rate:.0} jobs/s");
+    if args.verify {
+        verify(&*queue, &runs, jobs).await;
+    }
+    queue.delete().await.expect("delete");
 
     println!(
         "{{\"backend\": \"{}\", \"worker_jobs_per_s\": {:.0}, \"loop_jobs_per_s\": {:.0}, \"ratio\": {:.2}}}",
@@ -150,6 +211,26 @@ async fn main() {
         worker_rate,
         loop_rate,
         worker_rate / loop_rate
+    );
+}
+
+/// Fails the run unless every job ran and the queue holds nothing.
+async fn verify(queue: &dyn Queue, runs: &Runs, jobs: usize) {
+    let (lost, duplicated) = runs.lost_and_duplicated();
+    let stats = queue.stats().await.expect("stats");
+    let left = stats.ready + stats.delayed + stats.in_flight + stats.dead;
+    eprintln!(
+        "verify: {jobs} jobs, {} ran, {lost} never ran, {duplicated} extra runs; \
+         queue left: {} ready, {} delayed, {} in flight, {} dead",
+        jobs - lost,
+        stats.ready,
+        stats.delayed,
+        stats.in_flight,
+        stats.dead
+    );
+    assert!(
+        lost == 0 && left == 0,
+        "jobs were lost or left behind (raise --limit if the worker ran out of time)"
     );
 }
 
