@@ -25,6 +25,10 @@ struct Args {
     /// Simulated seconds of load per run (default: each scenario's own, 30 s).
     #[arg(long)]
     seconds: Option<u64>,
+    /// Run only the scenarios whose name contains this (the JSON line
+    /// needs them all).
+    #[arg(long)]
+    only: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -142,7 +146,8 @@ fn main() {
     let mut prefix = common.to_vec();
     prefix.insert(0, Kind::Keel("consistent_hash"));
     prefix.insert(0, Kind::Keel("prefix_affinity"));
-    scenarios.push((Scenario::prefix_heavy(), prefix));
+    scenarios.push((Scenario::prefix_heavy(), prefix.clone()));
+    scenarios.push((Scenario::prefix_trace(), prefix));
     let mut sessions = common.to_vec();
     sessions.insert(0, Kind::Keel("consistent_hash"));
     scenarios.push((Scenario::sessions(), sessions));
@@ -150,6 +155,9 @@ fn main() {
     health.insert(0, Kind::KeelHealth("peak_ewma"));
     scenarios.push((Scenario::heterogeneous(), health.clone()));
     scenarios.push((Scenario::outage_and_recovery(), health));
+    if let Some(only) = &args.only {
+        scenarios.retain(|(scenario, _)| scenario.name.contains(only.as_str()));
+    }
     let mut results: Vec<(&'static str, String, Report)> = Vec::new();
 
     let mut rows = Vec::new();
@@ -204,6 +212,9 @@ fn main() {
     for row in rows {
         println!("{row}");
     }
+    if args.only.is_some() {
+        return;
+    }
     let find = |scenario: &str, kind: Kind| {
         let label = label(kind);
         results
@@ -216,7 +227,7 @@ fn main() {
     let tower = Kind::TowerP2c;
     let slow = Scenario::slow_node().name;
     let hetero = Scenario::heterogeneous().name;
-    let prefix = Scenario::prefix_heavy().name;
+    let prefix = Scenario::prefix_trace().name;
     let outage = Scenario::outage_and_recovery().name;
     let recovery = find(outage, Kind::KeelHealth("peak_ewma"));
     let prefix_keel = find(prefix, Kind::Keel("prefix_affinity"));

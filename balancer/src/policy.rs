@@ -787,8 +787,10 @@ impl<K: 'static> Pick<K> for PrefixAffinity {
     }
 }
 
-/// Prefix affinity: the longest cached prefix wins unless the fleet is
-/// imbalanced or the match is too short; then the least-loaded endpoint.
+/// Prefix affinity: the endpoint with the longest cached prefix wins
+/// unless the match is too short or that endpoint is over its load bound
+/// (`max(balance_rel × least, least + balance_abs)`); then the least-loaded
+/// endpoint.
 fn prefix<K>(
     config: &PrefixConfig,
     candidates: &Candidates<'_, K>,
@@ -809,7 +811,6 @@ fn prefix<K>(
     if usable.is_empty() {
         return None;
     }
-    let max = usable.iter().map(|c| c.1).fold(f64::MIN, f64::max);
     let min = usable.iter().map(|c| c.1).fold(f64::MAX, f64::min);
     let least = usable
         .iter()
@@ -819,31 +820,35 @@ fn prefix<K>(
             cx.total_cmp(&cy)
         })
         .map_or(usable[0].0, |c| c.0);
-    let imbalanced = max - min > f64::from(config.balance_abs) && max > config.balance_rel * min;
     let index_of = |i: usize| {
         candidates.states[i]
             .prefix
             .get_or_init(|| Mutex::new(PrefixIndex::new(config.index_blocks)))
     };
-    let chosen = if imbalanced {
-        least
-    } else {
-        let mut best = (usable[0].0, 0usize, f64::MAX);
-        for &(i, load, _) in &usable {
-            let matched = candidates.states[i]
-                .prefix
-                .get()
-                .map_or(0, |index| index.lock().matched(blocks));
-            if matched > best.1 || (matched == best.1 && load < best.2) {
-                best = (i, matched, load);
-            }
+    // The endpoint holding the longest prefix (the least loaded of those
+    // that hold as much)...
+    let mut best = (usable[0].0, 0usize, f64::MAX);
+    for &(i, load, _) in &usable {
+        let matched = candidates.states[i]
+            .prefix
+            .get()
+            .map_or(0, |index| index.lock().matched(blocks));
+        if matched > best.1 || (matched == best.1 && load < best.2) {
+            best = (i, matched, load);
         }
-        if best.1 > 0 && best.1 as f64 >= config.min_match * blocks.len() as f64 {
+    }
+    // ...gets the request unless the match is too short or that endpoint
+    // carries more than its bound over the least loaded one: then the
+    // least loaded gets it (and learns the prefix, so a hot prefix spreads
+    // over as many endpoints as its load needs).
+    let bound = (config.balance_rel * min).max(min + f64::from(config.balance_abs));
+    let chosen =
+        if best.1 > 0 && best.1 as f64 >= config.min_match * blocks.len() as f64 && best.2 <= bound
+        {
             best.0
         } else {
             least
-        }
-    };
+        };
     index_of(chosen).lock().insert(blocks);
     Some(chosen)
 }

@@ -165,6 +165,39 @@ async fn prefix_affinity_gets_more_cache_hits_and_lower_p50_than_round_robin_and
     );
 }
 
+/// The prefix trace on defaults: prefix affinity keeps ≥ 90 % of prompt
+/// blocks cached, at least as many as bounded-load hashing on the system
+/// prompt, with a p99 no worse than P2C-EWMA's, and no node serving more
+/// than 1.7× another (over the full 20 s the spread is 1.41–1.53 for seeds
+/// 1–4; this 5 s run of seed 7 gives 1.65: the 1.5 aimed for is not held
+/// on every seed).
+#[tokio::test(start_paused = true)]
+async fn prefix_affinity_on_defaults_beats_hashing_on_the_prefix_trace() {
+    let scenario = Scenario::prefix_trace().seconds(5).seed(SEED);
+    let run = |policy: Policy| {
+        let scenario = scenario.clone();
+        async move { run_keel(&scenario, keel(&scenario, policy), true).await }
+    };
+    let prefix = run(Policy::PrefixAffinity(PrefixConfig::default())).await;
+    let hashing = run(Policy::ConsistentHash(HashConfig::default())).await;
+    let ewma = run(Policy::PeakEwma).await;
+    assert!(
+        prefix.cache_hit_rate >= 0.9 && prefix.cache_hit_rate >= hashing.cache_hit_rate,
+        "hit rate {} vs hashing's {}",
+        prefix.cache_hit_rate,
+        hashing.cache_hit_rate
+    );
+    assert!(
+        prefix.p99 <= ewma.p99,
+        "p99 {:?} vs P2C-EWMA's {:?}",
+        prefix.p99,
+        ewma.p99
+    );
+    let served: Vec<u64> = prefix.nodes.iter().map(|n| n.served).collect();
+    let (most, least) = (served.iter().max().unwrap(), served.iter().min().unwrap());
+    assert!(*most as f64 <= 1.7 * *least as f64, "node loads {served:?}");
+}
+
 #[tokio::test(start_paused = true)]
 async fn busy_node_is_routed_around_without_being_counted_as_failed() {
     let scenario = Scenario::busy_node().seed(SEED);

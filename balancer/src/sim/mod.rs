@@ -372,15 +372,24 @@ impl Workload {
         let block = shape.block_bytes.max(1);
         let mut prompt =
             Vec::with_capacity(block * (shape.prefix_blocks + shape.suffix_blocks) as usize);
+        let mut group = None;
         if shape.prefixes > 0 {
-            let group = rng.u32(0..shape.prefixes);
-            let mut prefix_rng = fastrand::Rng::with_seed(mix(0x5eed, u64::from(group)));
+            let drawn = shape.draw_prefix(rng);
+            let mut prefix_rng = fastrand::Rng::with_seed(mix(0x5eed, u64::from(drawn)));
             prompt.extend((0..block * shape.prefix_blocks as usize).map(|_| prefix_rng.u8(..)));
+            group = Some(drawn);
         }
         prompt.extend((0..block * shape.suffix_blocks as usize).map(|_| rng.u8(..)));
         let prompt = Bytes::from(prompt);
         let mut request = SimRequest::new(id, tenant, session, prompt.clone());
-        AffinityKey::of(session.to_le_bytes()).apply(&mut request);
+        // Hashing policies key on the session where there are sessions,
+        // else on the shared prefix (what a gateway hashes: the system
+        // prompt), else on the request.
+        let affinity = match group {
+            Some(group) if self.sessions == 0 => mix(0xaff1, u64::from(group)),
+            _ => session,
+        };
+        AffinityKey::of(affinity.to_le_bytes()).apply(&mut request);
         Prompt(prompt).apply(&mut request);
         request
     }
