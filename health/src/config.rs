@@ -288,6 +288,17 @@ pub struct OutlierConfig {
     /// Longest ejection. Default 5 min.
     #[serde(with = "humantime_serde")]
     pub max_ejection: Duration,
+    /// With active checks configured, an endpoint ejected by outlier
+    /// detection keeps being probed (every `active.unhealthy_interval`) and
+    /// comes back through slow start as soon as `active.healthy_threshold`
+    /// checks in a row pass, before its ejection time is over (Envoy's
+    /// `successful_active_health_check_uneject_host`). After an outage that
+    /// hit the whole fleet this brings the ejected half back within a second
+    /// or two instead of leaving the kept half overloaded. An endpoint whose
+    /// checks pass while its requests fail (a gray failure) then cycles
+    /// between rotation and ejection; turn this off where checks cannot see
+    /// such failures. Default `true`.
+    pub uneject_on_probe: bool,
 }
 
 impl Default for OutlierConfig {
@@ -303,6 +314,7 @@ impl Default for OutlierConfig {
             latency_floor: Duration::from_millis(50),
             base_ejection: Duration::from_secs(30),
             max_ejection: Duration::from_secs(300),
+            uneject_on_probe: true,
         }
     }
 }
@@ -355,6 +367,12 @@ impl OutlierConfig {
     pub fn ejection(mut self, base: Duration, max: Duration) -> Self {
         self.base_ejection = base;
         self.max_ejection = max;
+        self
+    }
+
+    /// Sets [`uneject_on_probe`](Self::uneject_on_probe).
+    pub fn uneject_on_probe(mut self, uneject: bool) -> Self {
+        self.uneject_on_probe = uneject;
         self
     }
 

@@ -316,6 +316,7 @@ impl Machine {
     /// One active check of `id` ended.
     pub(crate) fn probe(&mut self, id: &str, check: Check, now: Time) -> Vec<Effect> {
         let active = self.config.active.clone();
+        let uneject = self.config.outlier.uneject_on_probe;
         let next_healthy = self.jittered(active.interval);
         let next_unhealthy = self.jittered(active.unhealthy_interval);
         let Some(node) = self.nodes.get_mut(id) else {
@@ -358,7 +359,16 @@ impl Machine {
                     }
                 }
             }
-            HealthState::Ejected => {}
+            // Probed while ejected (`outlier.uneject_on_probe`): back as
+            // soon as the checks pass, before the ejection time is over.
+            HealthState::Ejected if uneject => {
+                if passed && node.probe_passed >= active.healthy_threshold {
+                    self.readmit(id, Reason::ProbePassed, now);
+                } else {
+                    node.next_probe = Some(now + next_unhealthy);
+                }
+            }
+            HealthState::Ejected => node.next_probe = None,
         }
         self.take()
     }
@@ -477,6 +487,7 @@ impl Machine {
         let counted = self.counted();
         let unhealthy_interval = self.config.active.unhealthy_interval;
         let next_probe = self.jittered(unhealthy_interval);
+        let probing = self.probing;
         let Some(node) = self.nodes.get_mut(id) else {
             return;
         };
@@ -525,6 +536,9 @@ impl Machine {
         match via {
             Via::Passive => {
                 node.eject_until = Some(now + self.config.outlier.ejection_for(node.ejections));
+                // Probed while ejected only to come back early.
+                node.next_probe =
+                    (probing && self.config.outlier.uneject_on_probe).then_some(now + next_probe);
                 node.transition(&mut self.effects, id, HealthState::Ejected, reason, now);
             }
             Via::Active => {
@@ -845,6 +859,39 @@ mod tests {
         // A clean window: the retained outlier recovers.
         machine.evaluate(Duration::from_secs(6), |_| Window::default());
         assert_eq!(machine.get("n2").unwrap().reason, Reason::Recovered);
+    }
+
+    #[test]
+    fn an_ejected_endpoint_whose_checks_pass_comes_back_before_its_time() {
+        for uneject in [true, false] {
+            let mut config = config(50);
+            config.outlier = config.outlier.uneject_on_probe(uneject);
+            let mut machine = Machine::new(config, true, fastrand::Rng::with_seed(1));
+            let t = Duration::ZERO;
+            for i in 0..4 {
+                machine.insert(id(i), t);
+                machine.probe(id(i).as_str(), Check::Passed, t);
+            }
+            machine.consecutive_failures("n0", 3, FailureKind::Transport, t);
+            let n0 = machine.get("n0").unwrap();
+            assert_eq!(n0.state, HealthState::Ejected);
+            // Probed while ejected only when unejecting on probes.
+            assert_eq!(
+                n0.next_probe.is_some_and(|at| at < Duration::from_secs(5)),
+                uneject
+            );
+            // Two passing checks, well before the 5 s ejection is over.
+            machine.probe("n0", Check::Passed, Duration::from_secs(2));
+            machine.probe("n0", Check::Passed, Duration::from_secs(4));
+            let n0 = machine.get("n0").unwrap();
+            if uneject {
+                assert_eq!(n0.state, HealthState::Healthy);
+                assert_eq!(n0.reason, Reason::ProbePassed);
+                assert!(n0.eject_until.is_none() && n0.ramp_start.is_some());
+            } else {
+                assert_eq!(n0.state, HealthState::Ejected);
+            }
+        }
     }
 
     #[test]

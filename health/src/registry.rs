@@ -698,9 +698,16 @@ impl Shared {
             return Plan::Stop;
         }
         match node.state {
-            HealthState::Ejected => match node.eject_until {
-                Some(at) => Plan::Expire(self.epoch + at),
-                None => Plan::Wait,
+            // Probed while ejected where `outlier.uneject_on_probe` set a
+            // next check before the ejection ends.
+            HealthState::Ejected => match (node.eject_until, &self.probe, node.next_probe) {
+                (Some(until), Some(probe), Some(at)) if at < until => Plan::Probe {
+                    at: self.epoch + at,
+                    probe: probe.clone(),
+                    endpoint: entry.endpoint.clone(),
+                },
+                (Some(at), _, _) => Plan::Expire(self.epoch + at),
+                (None, _, _) => Plan::Wait,
             },
             HealthState::Healthy | HealthState::Degraded | HealthState::Probing => {
                 match (&self.probe, node.next_probe) {
