@@ -17,7 +17,7 @@ pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// instead of a backend emulating badly.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct Capabilities {
+pub struct CacheCapabilities {
     /// Writes through one handle are visible to other handles and other
     /// processes opened on the same namespace (Redis: yes; moka: only to
     /// clones of the same handle).
@@ -27,7 +27,7 @@ pub struct Capabilities {
     pub native_batch: bool,
 }
 
-impl Capabilities {
+impl CacheCapabilities {
     /// Sets [`shared`](Self::shared).
     #[must_use]
     pub fn shared(mut self, shared: bool) -> Self {
@@ -164,7 +164,7 @@ pub trait Cache: Debug + Send + Sync + 'static {
     /// # Behavior
     ///
     /// The same answers as one [`get`](Self::get) per key. Backends with
-    /// [`Capabilities::native_batch`] answer in one round trip; the default
+    /// [`CacheCapabilities::native_batch`] answer in one round trip; the default
     /// is a loop.
     ///
     /// # Errors
@@ -201,7 +201,7 @@ pub trait Cache: Debug + Send + Sync + 'static {
     }
 
     /// What this backend can do.
-    fn capabilities(&self) -> Capabilities;
+    fn capabilities(&self) -> CacheCapabilities;
 
     /// Checks that the backend answers.
     ///
@@ -234,7 +234,7 @@ macro_rules! forward {
             async fn set_many(&self, entries: &[(&str, Bytes)], ttl: Duration) -> Result<()> {
                 (**self).set_many(entries, ttl).await
             }
-            fn capabilities(&self) -> Capabilities {
+            fn capabilities(&self) -> CacheCapabilities {
                 (**self).capabilities()
             }
             async fn ping(&self) -> Result<()> {

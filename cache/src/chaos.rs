@@ -34,7 +34,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::cache::{Cache, Capabilities};
+use crate::cache::{Cache, CacheCapabilities};
 use crate::error::{Error, Result};
 
 /// The faults [`Chaos`] injects, each a rate between 0 and 1 of the calls.
@@ -288,7 +288,7 @@ impl<C: Cache> Cache for Chaos<C> {
         self.run(self.inner.set_many(entries, ttl)).await
     }
 
-    fn capabilities(&self) -> Capabilities {
+    fn capabilities(&self) -> CacheCapabilities {
         self.inner.capabilities()
     }
 

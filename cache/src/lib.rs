@@ -26,7 +26,7 @@ pub mod chaos;
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 
-pub use cache::{Cache, Capabilities, MAX_TTL, normalize_ttl};
+pub use cache::{Cache, CacheCapabilities, MAX_TTL, normalize_ttl};
 pub use codec::{BytesCodec, Codec, HttpCodec, JsonCodec};
 pub use error::{BoxError, CachedFailure, Error, LoadFailed, Result};
 pub use ext::CacheExt;

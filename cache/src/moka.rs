@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::cache::{Cache, Capabilities, normalize_ttl};
+use crate::cache::{Cache, CacheCapabilities, normalize_ttl};
 use crate::error::Result;
 use keel_core::validate;
 
@@ -107,7 +107,7 @@ impl moka::Expiry<String, Stored> for PerEntryTtl {
 /// capacity bounded by size (bytes of keys and values) and a TTL per entry.
 ///
 /// Cloning is cheap and clones share the entries; separate `MokaCache`s
-/// never share anything ([`Capabilities::shared`] is `false`). moka keeps
+/// never share anything ([`CacheCapabilities::shared`] is `false`). moka keeps
 /// its own clock, so its expiry follows real time even in tests that pause
 /// Tokio's clock.
 ///
@@ -184,8 +184,8 @@ impl Cache for MokaCache {
         Ok(())
     }
 
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
+    fn capabilities(&self) -> CacheCapabilities {
+        CacheCapabilities::default()
     }
 
     async fn ping(&self) -> Result<()> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use keel_cache::chaos::{Chaos, ChaosConfig};
-use keel_cache::conformance::Subject;
+use keel_cache::conformance::CacheSubject;
 use keel_cache::{Cache, Error, MokaCache, Tiered, TieredConfig};
 use tokio::time::Instant;
 
@@ -22,12 +22,12 @@ fn moka() -> MokaCache {
 }
 
 keel_cache::cache_conformance!(chaos_off, |_namespace: String| async move {
-    Subject::new(Chaos::new(moka(), ChaosConfig::new(7)).expect("valid config"))
+    CacheSubject::new(Chaos::new(moka(), ChaosConfig::new(7)).expect("valid config"))
 });
 
 keel_cache::cache_conformance!(tiered_over_chaos_off, |_namespace: String| async move {
     let l2 = Chaos::new(moka(), ChaosConfig::new(7)).expect("valid config");
-    Subject::new(
+    CacheSubject::new(
         Tiered::builder(TieredConfig::new("conformance"))
             .l2(l2)
             .build()

@@ -46,8 +46,8 @@ use parking_lot::Mutex;
 use crate::error::{Error, Result};
 use crate::queue::Queue;
 use crate::types::{
-    Capabilities, DeadLetter, Delivery, DequeueOptions, Enqueued, Job, JobId, Nack, QueueStats,
-    Receipt,
+    DeadLetter, Delivery, DequeueOptions, Enqueued, Job, JobId, Nack, QueueCapabilities,
+    QueueStats, Receipt,
 };
 
 /// One operation of the [`Queue`] trait, to aim faults at.
@@ -442,7 +442,7 @@ impl<Q: Queue> Queue for Chaos<Q> {
         self.run(Operation::Admin, self.inner.delete()).await
     }
 
-    fn capabilities(&self) -> Capabilities {
+    fn capabilities(&self) -> QueueCapabilities {
         self.inner.capabilities()
     }
 

@@ -48,7 +48,7 @@ pub enum Error {
     #[error("receipt is not valid: {0}")]
     InvalidReceipt(String),
     /// The backend does not support this operation or option; see
-    /// [`Capabilities`](crate::Capabilities).
+    /// [`QueueCapabilities`](crate::QueueCapabilities).
     #[error("unsupported by the {backend} backend: {what}")]
     Unsupported {
         /// The backend's name.

@@ -31,6 +31,6 @@ pub use ext::{CONTENT_TYPE, JSON, QueueExt, TypedDelivery, deliveries_of};
 pub use memory::MemoryQueue;
 pub use queue::Queue;
 pub use types::{
-    Capabilities, DeadLetter, Delivery, DequeueOptions, Enqueued, Headers, Job, JobId, MAX_LEASE,
-    Nack, Priority, QueueStats, Receipt,
+    DeadLetter, Delivery, DequeueOptions, Enqueued, Headers, Job, JobId, MAX_LEASE, Nack, Priority,
+    QueueCapabilities, QueueStats, Receipt,
 };

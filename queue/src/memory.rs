@@ -31,8 +31,8 @@ use crate::ids::IdGen;
 use crate::metrics::QueueMetrics;
 use crate::queue::Queue;
 use crate::types::{
-    Capabilities, DeadLetter, Delivery, DequeueOptions, Enqueued, Headers, Job, JobId, Nack,
-    Priority, QueueStats, Receipt,
+    DeadLetter, Delivery, DequeueOptions, Enqueued, Headers, Job, JobId, Nack, Priority,
+    QueueCapabilities, QueueStats, Receipt,
 };
 
 const BACKEND: &str = "memory";
@@ -740,8 +740,8 @@ impl Queue for MemoryQueue {
         Ok(())
     }
 
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
+    fn capabilities(&self) -> QueueCapabilities {
+        QueueCapabilities {
             backend: BACKEND,
             delay: true,
             priority_levels: self.shared.config.priority_levels,

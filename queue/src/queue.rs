@@ -7,8 +7,8 @@ use async_trait::async_trait;
 
 use crate::error::Result;
 use crate::types::{
-    Capabilities, DeadLetter, Delivery, DequeueOptions, Enqueued, Job, JobId, Nack, QueueStats,
-    Receipt,
+    DeadLetter, Delivery, DequeueOptions, Enqueued, Job, JobId, Nack, QueueCapabilities,
+    QueueStats, Receipt,
 };
 
 /// A durable, at-least-once job queue with leases, retries, delays,
@@ -178,7 +178,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// [`InvalidReceipt`](crate::Error::InvalidReceipt) when the lease
     /// already expired; [`Unsupported`](crate::Error::Unsupported) where
-    /// [`Capabilities::lease_expiry`] is false.
+    /// [`QueueCapabilities::lease_expiry`] is false.
     ///
     /// # Cancel safety
     ///
@@ -203,7 +203,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Unsupported`](crate::Error::Unsupported) where
-    /// [`Capabilities::dead_letter_admin`] is false.
+    /// [`QueueCapabilities::dead_letter_admin`] is false.
     ///
     /// # Cancel safety
     ///
@@ -216,7 +216,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Unsupported`](crate::Error::Unsupported) where
-    /// [`Capabilities::dead_letter_admin`] is false.
+    /// [`QueueCapabilities::dead_letter_admin`] is false.
     ///
     /// # Cancel safety
     ///
@@ -228,7 +228,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Unsupported`](crate::Error::Unsupported) where
-    /// [`Capabilities::dead_letter_admin`] is false.
+    /// [`QueueCapabilities::dead_letter_admin`] is false.
     ///
     /// # Cancel safety
     ///
@@ -282,7 +282,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
     async fn delete(&self) -> Result<()>;
 
     /// What this backend supports.
-    fn capabilities(&self) -> Capabilities;
+    fn capabilities(&self) -> QueueCapabilities;
 
     /// Checks that the backend answers.
     ///
@@ -340,7 +340,7 @@ macro_rules! forward_queue {
             async fn delete(&self) -> Result<()> {
                 (**self).delete().await
             }
-            fn capabilities(&self) -> Capabilities {
+            fn capabilities(&self) -> QueueCapabilities {
                 (**self).capabilities()
             }
             async fn ping(&self) -> Result<()> {

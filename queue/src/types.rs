@@ -138,7 +138,7 @@ impl Default for Priority {
 pub struct Job {
     /// The job's id, chosen by the caller; `None` (the default) lets the
     /// backend make a unique one. Backends that take caller-chosen ids say
-    /// so in [`Capabilities::caller_ids`]; the others refuse a job that
+    /// so in [`QueueCapabilities::caller_ids`]; the others refuse a job that
     /// carries one with [`Unsupported`](crate::Error::Unsupported).
     ///
     /// The id names the job in deliveries, dead letters and replays; the
@@ -413,7 +413,7 @@ pub struct DeadLetter {
 
 /// A snapshot of a queue's size.
 ///
-/// Backends say in [`Capabilities::exact_stats`] whether the counts are exact.
+/// Backends say in [`QueueCapabilities::exact_stats`] whether the counts are exact.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
     /// Jobs ready for delivery now.
@@ -431,7 +431,7 @@ pub struct QueueStats {
 /// What a backend supports; the conformance suite gates its cases on these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct Capabilities {
+pub struct QueueCapabilities {
     /// The backend's name (`memory`, `redis`, `amqp`).
     pub backend: &'static str,
     /// Delayed delivery and retry-after delays.

@@ -5,12 +5,12 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use keel_queue::chaos::{Chaos, ChaosConfig, Operation};
-use keel_queue::conformance::Subject;
+use keel_queue::conformance::QueueSubject;
 use keel_queue::{DequeueOptions, Error, Job, MemoryQueue, Queue, QueueConfig};
 use tokio::time::Instant;
 
 keel_queue::queue_conformance!(memory_through_chaos, |config| async move {
-    Subject::new(
+    QueueSubject::new(
         Chaos::new(
             MemoryQueue::new(config).expect("valid config"),
             ChaosConfig::new(1),

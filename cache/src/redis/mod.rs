@@ -60,7 +60,7 @@ use parking_lot::Mutex;
 
 pub use self::config::RedisCacheConfig;
 pub use self::invalidation::{RedisInvalidationBus, RedisInvalidationConfig};
-use crate::cache::{Cache, Capabilities, normalize_ttl};
+use crate::cache::{Cache, CacheCapabilities, normalize_ttl};
 use crate::error::{Error, Result};
 
 /// The frame's magic bytes.
@@ -393,8 +393,8 @@ impl Cache for RedisCache {
         Ok(())
     }
 
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::default().shared(true).native_batch(true)
+    fn capabilities(&self) -> CacheCapabilities {
+        CacheCapabilities::default().shared(true).native_batch(true)
     }
 
     async fn ping(&self) -> Result<()> {

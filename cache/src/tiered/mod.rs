@@ -24,7 +24,7 @@ use self::breaker::Breaker;
 pub use self::config::TieredConfig;
 use self::entry::{Clock, Entry, Freshness};
 use self::flight::{Failure, Flights, Landing, Loaded, Outcome};
-use crate::cache::{Cache, Capabilities, MAX_TTL, normalize_ttl};
+use crate::cache::{Cache, CacheCapabilities, MAX_TTL, normalize_ttl};
 use crate::codec::{Codec, JsonCodec};
 use crate::error::{CachedFailure, Error, LoadFailed, Result, chain_message};
 use crate::invalidation::{BusEvent, InvalidationBus};
@@ -957,16 +957,16 @@ impl Cache for Tiered {
         Ok(())
     }
 
-    /// Never [`shared`](Capabilities::shared): another instance's L1 may
+    /// Never [`shared`](CacheCapabilities::shared): another instance's L1 may
     /// serve its copy until an invalidation reaches it (or `l1_ttl`).
     /// Batches are native when L2's are.
-    fn capabilities(&self) -> Capabilities {
+    fn capabilities(&self) -> CacheCapabilities {
         let native_batch = self
             .inner
             .l2
             .as_ref()
             .is_some_and(|l2| l2.capabilities().native_batch);
-        Capabilities::default().native_batch(native_batch)
+        CacheCapabilities::default().native_batch(native_batch)
     }
 
     async fn ping(&self) -> Result<()> {

@@ -92,8 +92,8 @@ use crate::ids::IdGen;
 use crate::metrics::QueueMetrics;
 use crate::queue::Queue;
 use crate::types::{
-    Capabilities, DeadLetter, Delivery, DequeueOptions, Enqueued, Job, JobId, Nack, QueueStats,
-    Receipt,
+    DeadLetter, Delivery, DequeueOptions, Enqueued, Job, JobId, Nack, QueueCapabilities,
+    QueueStats, Receipt,
 };
 
 const BACKEND: &str = "amqp";
@@ -247,8 +247,8 @@ impl Queue for AmqpQueue {
         self.delete_all().await
     }
 
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
+    fn capabilities(&self) -> QueueCapabilities {
+        QueueCapabilities {
             backend: BACKEND,
             delay: true,
             priority_levels: self.inner.config.queue.priority_levels,

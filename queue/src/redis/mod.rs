@@ -129,8 +129,8 @@ use crate::ids::IdGen;
 use crate::metrics::QueueMetrics;
 use crate::queue::Queue;
 use crate::types::{
-    Capabilities, DeadLetter, Delivery, DequeueOptions, Enqueued, Headers, Job, JobId, Nack,
-    Priority, QueueStats, Receipt,
+    DeadLetter, Delivery, DequeueOptions, Enqueued, Headers, Job, JobId, Nack, Priority,
+    QueueCapabilities, QueueStats, Receipt,
 };
 
 const BACKEND: &str = "redis";
@@ -916,8 +916,8 @@ impl Queue for RedisQueue {
         Ok(())
     }
 
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
+    fn capabilities(&self) -> QueueCapabilities {
+        QueueCapabilities {
             backend: BACKEND,
             delay: true,
             priority_levels: self.inner.config.queue.priority_levels,

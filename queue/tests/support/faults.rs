@@ -12,7 +12,7 @@
 //!
 //! A retryable error (`Error::is_retryable`) means back off briefly
 //! ([`BACKOFF`]) and try again. Where the backend supports idempotency keys
-//! ([`Capabilities::idempotency`](keel_queue::Capabilities)), every job
+//! ([`QueueCapabilities::idempotency`](keel_queue::QueueCapabilities)), every job
 //! carries one, so a retried enqueue whose first try landed is answered as a
 //! duplicate rather than enqueued twice, and the harness asserts no job was
 //! enqueued twice. Where it does not, a retried enqueue after an unconfirmed
