@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use keel_queue::{DequeueOptions, Job, MemoryQueue, Queue, QueueConfig};
-use keel_scheduler::{Outcome, WorkItem, Worker, WorkerConfig};
+use keel_scheduler::{JobOutcome, WorkItem, Worker, WorkerConfig};
 use tokio::time::{Instant, sleep};
 
 #[derive(Debug, Parser)]
@@ -102,7 +102,7 @@ async fn plain_loop(queue: &dyn Queue, jobs: usize, batch: usize, limit: Duratio
 
 /// The worker runtime with a handler that acks at once.
 async fn worker(queue: Arc<dyn Queue>, args: &Args, jobs: usize, limit: Duration) -> f64 {
-    let handler = tower::service_fn(|_: WorkItem| async { Ok::<_, Infallible>(Outcome::Ack) });
+    let handler = tower::service_fn(|_: WorkItem| async { Ok::<_, Infallible>(JobOutcome::Ack) });
     let config = WorkerConfig::new("bench")
         .concurrency(args.concurrency)
         .dequeue_batch(args.batch)

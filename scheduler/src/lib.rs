@@ -27,6 +27,6 @@ pub use rate::{RedisRateLimitConfig, RedisRateLimiter};
 pub use service::Admission;
 pub use ticket::{TenantId, Ticket};
 pub use worker::{
-    JsonJobs, Outcome, ShutdownReport, TypedItem, WorkItem, Worker, WorkerConfig, WorkerHandle,
+    JobOutcome, JsonJobs, ShutdownReport, TypedItem, WorkItem, Worker, WorkerConfig, WorkerHandle,
     WorkerHealth, WorkerState, WorkerStats, json_jobs,
 };

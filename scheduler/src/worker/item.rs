@@ -11,7 +11,7 @@ use crate::ticket::Ticket;
 /// One job, as handed to the handler service.
 ///
 /// The lease is the worker's business: the handler answers an
-/// [`Outcome`] and never acks or nacks itself.
+/// [`JobOutcome`] and never acks or nacks itself.
 ///
 /// It carries [`http::Extensions`] ([`RequestExtensions`]): a job with a
 /// deadline arrives with the matching [`keel_core::Deadline`] in them, so
@@ -138,7 +138,7 @@ impl WorkItem {
 /// [`DeadlineExceeded`](crate::Error::DeadlineExceeded) is dead-lettered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Outcome {
+pub enum JobOutcome {
     /// Done: ack it.
     Ack,
     /// Failed, worth another try: nack it for a retry, after `after` or the
@@ -158,10 +158,10 @@ pub enum Outcome {
     },
 }
 
-impl Outcome {
+impl JobOutcome {
     /// Retry with the queue's backoff.
     pub fn retry(reason: impl Into<String>) -> Self {
-        Outcome::Retry {
+        JobOutcome::Retry {
             after: None,
             reason: reason.into(),
         }
@@ -169,7 +169,7 @@ impl Outcome {
 
     /// Retry after a fixed delay.
     pub fn retry_after(after: Duration, reason: impl Into<String>) -> Self {
-        Outcome::Retry {
+        JobOutcome::Retry {
             after: Some(after),
             reason: reason.into(),
         }
@@ -177,7 +177,7 @@ impl Outcome {
 
     /// Dead-letter now.
     pub fn abort(reason: impl Into<String>) -> Self {
-        Outcome::Abort {
+        JobOutcome::Abort {
             reason: reason.into(),
         }
     }

@@ -15,7 +15,7 @@ use tower::{Service, ServiceExt};
 
 use super::Counters;
 use super::config::WorkerConfig;
-use super::item::{Outcome, WorkItem};
+use super::item::{JobOutcome, WorkItem};
 use super::settle::{self, LeaseClock, PendingAck};
 use crate::error::{BoxError, Error};
 use crate::metrics::WorkerMetrics;
@@ -38,7 +38,7 @@ pub(super) struct JobContext {
 /// How a job's run ended, before settling.
 enum Ended {
     /// The handler answered (or panicked).
-    Handled(std::thread::Result<Result<Outcome, BoxError>>),
+    Handled(std::thread::Result<Result<JobOutcome, BoxError>>),
     /// Shutdown's grace period ran out first.
     Released,
     /// The lease could not be kept; someone else may hold the job now.
@@ -74,7 +74,7 @@ pub(super) async fn run<S>(
     job: Leased,
     permit: OwnedSemaphorePermit,
 ) where
-    S: Service<WorkItem, Response = Outcome> + Send + 'static,
+    S: Service<WorkItem, Response = JobOutcome> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
 {
@@ -116,9 +116,9 @@ pub(super) async fn run<S>(
         .record(started.elapsed().as_secs_f64());
 
     let settle = match ended {
-        Ended::Handled(Ok(Ok(Outcome::Ack))) => Settle::Ack,
-        Ended::Handled(Ok(Ok(Outcome::Retry { after, reason }))) => retry(&ctx, after, reason),
-        Ended::Handled(Ok(Ok(Outcome::Abort { reason }))) => {
+        Ended::Handled(Ok(Ok(JobOutcome::Ack))) => Settle::Ack,
+        Ended::Handled(Ok(Ok(JobOutcome::Retry { after, reason }))) => retry(&ctx, after, reason),
+        Ended::Handled(Ok(Ok(JobOutcome::Abort { reason }))) => {
             Settle::Nack(Nack::dead_letter(reason))
         }
         Ended::Handled(Ok(Err(err))) => from_error(&ctx, &err),
