@@ -15,7 +15,7 @@ pub mod retry;
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
 pub mod sim;
 
-pub use balance::{Balancer, BalancerBuilder, LoadReports, ResponseFuture};
+pub use balance::{BalanceFuture, Balancer, BalancerBuilder, LoadReports};
 pub use config::{BalancerConfig, HashConfig, Policy, PrefixConfig};
 pub use deadline::DeadlineLayer;
 pub use endpoint::{EndpointIndex, EndpointSnapshot, Handle, LoadReport};

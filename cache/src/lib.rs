@@ -33,7 +33,7 @@ pub use ext::CacheExt;
 pub use invalidation::{BusEvent, InvalidationBus, LocalBus};
 pub use keys::InferenceKey;
 #[cfg(feature = "moka")]
-pub use layer::{CacheLayer, CacheService, ResponseFuture, ServiceError};
+pub use layer::{CacheFuture, CacheLayer, CacheService, ServiceError};
 #[cfg(feature = "moka")]
 pub use moka::{MokaCache, MokaCacheConfig};
 pub use prefix::PrefixCache;

@@ -18,7 +18,7 @@ pub use admission::{
 };
 pub use batch::{BatchConfig, BatchFuture, Batcher};
 pub use error::{BoxError, Error, Rejection, Result};
-pub use future::ResponseFuture;
+pub use future::AdmissionFuture;
 pub use keel_queue::Priority;
 pub use layer::AdmissionLayer;
 pub use rate::{LocalRateLimiter, Rate, RateDecision, RateLimit, RateLimitConfig, TenantRates};

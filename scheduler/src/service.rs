@@ -10,7 +10,7 @@ use tower::Service;
 
 use crate::admission::Scheduler;
 use crate::error::{BoxError, Error};
-use crate::future::ResponseFuture;
+use crate::future::AdmissionFuture;
 use crate::ticket::Ticket;
 
 /// How a request becomes a ticket.
@@ -65,7 +65,7 @@ where
 {
     type Response = Resp;
     type Error = BoxError;
-    type Future = ResponseFuture<Resp>;
+    type Future = AdmissionFuture<Resp>;
 
     /// Always ready: admission answers overload per request.
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
@@ -74,7 +74,7 @@ where
 
     fn call(&mut self, request: Req) -> Self::Future {
         let ticket = (self.classify)(&request);
-        ResponseFuture::new(Box::pin(self.scheduler.submit_request(ticket, request)))
+        AdmissionFuture::new(Box::pin(self.scheduler.submit_request(ticket, request)))
     }
 }
 

@@ -603,7 +603,7 @@ fn futures_and_handles_are_send_and_sync() {
     send_sync::<keel_scheduler::Batcher<u32, u32>>();
     send_sync::<keel_scheduler::WorkerHandle>();
     fn send_only<T: Send>() {}
-    send_only::<keel_scheduler::ResponseFuture<u32>>();
+    send_only::<keel_scheduler::AdmissionFuture<u32>>();
     send_only::<keel_scheduler::BatchFuture<u32>>();
 }
 

@@ -55,7 +55,7 @@ pin_project! {
     /// Dropping it cancels the request: the endpoint's future is dropped and
     /// its slot freed, or, while it still waits for a slot, it leaves the
     /// queue.
-    pub struct ResponseFuture<S, Req, C, T>
+    pub struct BalanceFuture<S, Req, C, T>
     where
         S: Service<Req>,
     {
@@ -79,7 +79,7 @@ pin_project! {
     }
 }
 
-impl<S, Req, C, T> fmt::Debug for ResponseFuture<S, Req, C, T>
+impl<S, Req, C, T> fmt::Debug for BalanceFuture<S, Req, C, T>
 where
     S: Service<Req>,
 {
@@ -91,7 +91,7 @@ where
             State::Failed { .. } => "failed",
             State::Done => "done",
         };
-        f.debug_struct("ResponseFuture")
+        f.debug_struct("BalanceFuture")
             .field("state", &state)
             .field("handle", &self.handle)
             .finish_non_exhaustive()
@@ -153,7 +153,7 @@ fn record_dispatch<Req: RequestExtensions>(request: &Req, handle: &Handle) {
 pub(super) fn dispatch<K, S, C, T, Req>(
     balancer: &mut Balancer<K, S, C, T>,
     request: Req,
-) -> ResponseFuture<S, Req, C, T>
+) -> BalanceFuture<S, Req, C, T>
 where
     K: EndpointKey + Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
     S: Service<Req> + Clone + Send + Sync + 'static,
@@ -190,7 +190,7 @@ where
             );
             record_dispatch(&request, &handle);
             let timer = timer(config, deadline, &now);
-            ResponseFuture {
+            BalanceFuture {
                 state: State::Ready {
                     svc: balancer.snapshot.services[i].clone(),
                     request: Some(request),
@@ -224,7 +224,7 @@ where
             }
             let rng = shared.rng();
             let wait = Box::pin(wait_for_slot(shared.clone(), request, rng, deadline));
-            ResponseFuture {
+            BalanceFuture {
                 state: State::Waiting { wait },
                 handle: None,
                 timer: None,
@@ -240,11 +240,11 @@ where
     C: Clone,
     T: Clone,
 {
-    fn failed<Req>(&self, error: Error) -> ResponseFuture<S, Req, C, T>
+    fn failed<Req>(&self, error: Error) -> BalanceFuture<S, Req, C, T>
     where
         S: Service<Req>,
     {
-        ResponseFuture {
+        BalanceFuture {
             state: State::Failed { error: Some(error) },
             handle: None,
             timer: None,
@@ -433,7 +433,7 @@ fn poll_timer(
     })
 }
 
-impl<S, Req, C, T> Future for ResponseFuture<S, Req, C, T>
+impl<S, Req, C, T> Future for BalanceFuture<S, Req, C, T>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
@@ -507,7 +507,7 @@ where
                     this.state.set(State::Done);
                     return Poll::Ready(Err(error));
                 }
-                StateProj::Done => panic!("keel_balancer::ResponseFuture polled after completion"),
+                StateProj::Done => panic!("keel_balancer::BalanceFuture polled after completion"),
             }
         }
     }

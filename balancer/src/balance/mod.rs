@@ -21,7 +21,7 @@ use tower::discover::{Change, Discover};
 use tower::load::{CompleteOnResponse, TrackCompletion};
 use tower_service::Service;
 
-pub use self::future::ResponseFuture;
+pub use self::future::BalanceFuture;
 use crate::config::{BalancerConfig, Policy};
 use crate::endpoint::{Common, EndpointIndex, EndpointSnapshot, EndpointState, Handle, LoadReport};
 use crate::error::{Error, Result};
@@ -424,7 +424,7 @@ where
 {
     type Response = T::Output;
     type Error = Error;
-    type Future = ResponseFuture<S, Req, C, T>;
+    type Future = BalanceFuture<S, Req, C, T>;
 
     /// Applies discovery changes, weights and load reports; always ready.
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {

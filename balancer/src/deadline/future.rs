@@ -16,7 +16,7 @@ pin_project! {
     /// [`Error::DeadlineExceeded`](crate::Error::DeadlineExceeded) when the
     /// deadline passes.
     #[derive(Debug)]
-    pub struct ResponseFuture<F> {
+    pub struct DeadlineFuture<F> {
         #[pin]
         inner: Option<F>,
         #[pin]
@@ -24,23 +24,23 @@ pin_project! {
     }
 }
 
-impl<F> ResponseFuture<F> {
+impl<F> DeadlineFuture<F> {
     pub(crate) fn new(inner: F, deadline: Option<Deadline>) -> Self {
-        ResponseFuture {
+        DeadlineFuture {
             inner: Some(inner),
             sleep: deadline.map(|d| sleep_until(d.instant())),
         }
     }
 
     pub(crate) fn expired() -> Self {
-        ResponseFuture {
+        DeadlineFuture {
             inner: None,
             sleep: None,
         }
     }
 }
 
-impl<F, T, E> Future for ResponseFuture<F>
+impl<F, T, E> Future for DeadlineFuture<F>
 where
     F: Future<Output = Result<T, E>>,
     E: Into<Error>,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::future::ResponseFuture;
+use super::future::DeadlineFuture;
 use crate::error::Error;
 use keel_core::{Deadline, RequestExtensions};
 
@@ -97,7 +97,7 @@ where
 {
     type Response = S::Response;
     type Error = Error;
-    type Future = ResponseFuture<S::Future>;
+    type Future = DeadlineFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -110,8 +110,8 @@ where
         };
         match deadline {
             // Expired work is never dispatched.
-            Some(d) if d.is_expired() => ResponseFuture::expired(),
-            _ => ResponseFuture::new(self.inner.call(request), deadline),
+            Some(d) if d.is_expired() => DeadlineFuture::expired(),
+            _ => DeadlineFuture::new(self.inner.call(request), deadline),
         }
     }
 }

@@ -9,17 +9,17 @@ use crate::error::Error;
 
 /// The response future of [`Hedge`](super::Hedge). Dropping it cancels both
 /// copies.
-pub struct ResponseFuture<R> {
+pub struct HedgeFuture<R> {
     pub(crate) inner: Pin<Box<dyn Future<Output = Result<R, Error>> + Send>>,
 }
 
-impl<R> fmt::Debug for ResponseFuture<R> {
+impl<R> fmt::Debug for HedgeFuture<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+        f.debug_struct("HedgeFuture").finish_non_exhaustive()
     }
 }
 
-impl<R> Future for ResponseFuture<R> {
+impl<R> Future for HedgeFuture<R> {
     type Output = Result<R, Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {

@@ -34,6 +34,6 @@ mod layer;
 mod service;
 
 pub use config::HedgeConfig;
-pub use future::ResponseFuture;
+pub use future::HedgeFuture;
 pub use layer::HedgeLayer;
 pub use service::Hedge;

@@ -14,7 +14,7 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use super::config::HedgeConfig;
-use super::future::ResponseFuture;
+use super::future::HedgeFuture;
 use crate::error::{Error, Result};
 use crate::metrics::HedgeMetrics;
 use keel_core::{Deadline, RequestExtensions, RetryBudget};
@@ -172,7 +172,7 @@ where
 {
     type Response = S::Response;
     type Error = Error;
-    type Future = ResponseFuture<S::Response>;
+    type Future = HedgeFuture<S::Response>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.inner.poll_ready(cx)
@@ -195,7 +195,7 @@ where
         let mut ready = std::mem::replace(&mut self.inner, fresh);
         let primary = ready.call(request);
         let backup = self.inner.clone();
-        ResponseFuture {
+        HedgeFuture {
             inner: Box::pin(run(primary, backup, copy, delay, trace, shared)),
         }
     }

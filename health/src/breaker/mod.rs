@@ -54,7 +54,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-pub use self::future::ResponseFuture;
+pub use self::future::BreakerFuture;
 pub use self::layer::CircuitBreakerLayer;
 pub use self::service::CircuitBreaker;
 use crate::config::BreakerConfig;
