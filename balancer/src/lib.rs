@@ -19,7 +19,7 @@ pub use balance::{BalanceFuture, Balancer, BalancerBuilder, LoadReports};
 pub use config::{BalancerConfig, HashConfig, Policy, PrefixConfig};
 pub use deadline::DeadlineLayer;
 pub use endpoint::{EndpointIndex, EndpointSnapshot, Handle, LoadReport};
-pub use error::{Error, GiveUp, Result};
+pub use error::{BalancerError, GiveUp};
 /// The shared vocabulary the balancer speaks, re-exported from
 /// [`keel_core`] (defined there once, for every Keel crate).
 pub use keel_core::{

@@ -7,10 +7,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::error::{Error, Result};
+use crate::error::{CacheError, Result};
 
 /// The longest TTL any backend accepts: 10 years. Longer TTLs are refused
-/// with [`Error::InvalidArgument`] rather than overflowing a clock.
+/// with [`CacheError::InvalidArgument`] rather than overflowing a clock.
 pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// What a backend can do, so the conformance suite and callers can adapt
@@ -58,16 +58,16 @@ impl CacheCapabilities {
 ///
 /// # Errors
 ///
-/// [`Error::InvalidArgument`] naming `ttl`.
+/// [`CacheError::InvalidArgument`] naming `ttl`.
 pub fn normalize_ttl(ttl: Duration) -> Result<Duration> {
     if ttl.is_zero() {
-        return Err(Error::argument(
+        return Err(CacheError::argument(
             "ttl",
             "must be greater than zero (delete the key instead)",
         ));
     }
     if ttl > MAX_TTL {
-        return Err(Error::argument(
+        return Err(CacheError::argument(
             "ttl",
             format!("must be at most {}", humantime::format_duration(MAX_TTL)),
         ));
@@ -120,7 +120,7 @@ pub trait Cache: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Unavailable`] or [`Error::Timeout`] when a remote backend
+    /// [`CacheError::Unavailable`] or [`CacheError::Timeout`] when a remote backend
     /// cannot answer in time.
     ///
     /// # Cancel safety
@@ -137,8 +137,8 @@ pub trait Cache: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] for a zero or too long TTL (see
-    /// [`normalize_ttl`]); [`Error::Unavailable`] or [`Error::Timeout`] when
+    /// [`CacheError::InvalidArgument`] for a zero or too long TTL (see
+    /// [`normalize_ttl`]); [`CacheError::Unavailable`] or [`CacheError::Timeout`] when
     /// a remote backend cannot answer in time (the value may or may not be
     /// stored).
     ///
@@ -151,7 +151,7 @@ pub trait Cache: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Unavailable`] or [`Error::Timeout`] when a remote backend
+    /// [`CacheError::Unavailable`] or [`CacheError::Timeout`] when a remote backend
     /// cannot answer in time (the key may or may not be removed).
     ///
     /// # Cancel safety
@@ -207,7 +207,7 @@ pub trait Cache: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Unavailable`] or [`Error::Timeout`] when it does not.
+    /// [`CacheError::Unavailable`] or [`CacheError::Timeout`] when it does not.
     ///
     /// # Cancel safety
     ///
@@ -255,7 +255,7 @@ mod tests {
     fn ttl_edges() {
         assert!(matches!(
             normalize_ttl(Duration::ZERO),
-            Err(Error::InvalidArgument { name: "ttl", .. })
+            Err(CacheError::InvalidArgument { name: "ttl", .. })
         ));
         assert_eq!(
             normalize_ttl(Duration::from_nanos(1)).unwrap(),

@@ -1,14 +1,14 @@
 //! Seeded fault injection for any [`Cache`] (feature `chaos`).
 //!
 //! [`Chaos`] wraps a cache and, call by call, adds latency, fails with
-//! [`Error::Unavailable`] or drops the reply, each at a configured rate and
+//! [`CacheError::Unavailable`] or drops the reply, each at a configured rate and
 //! decided by a seeded generator: the same seed and the same sequence of
 //! calls give the same faults, so a failing run reproduces. With every rate
 //! at zero it is a transparent decorator (it passes the conformance suite).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
-//! # async fn main() -> keel_cache::Result<()> {
+//! # async fn main() -> Result<(), keel_cache::CacheError> {
 //! use std::sync::Arc;
 //! use std::time::Duration;
 //! use keel_cache::chaos::{Chaos, ChaosConfig};
@@ -35,7 +35,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{Cache, CacheCapabilities};
-use crate::error::{Error, Result};
+use crate::error::{CacheError, Result};
 
 /// The faults [`Chaos`] injects, each a rate between 0 and 1 of the calls.
 ///
@@ -55,7 +55,7 @@ use crate::error::{Error, Result};
 pub struct ChaosConfig {
     /// Seeds the generator that decides each call's faults. Default 0.
     pub seed: u64,
-    /// Calls that fail with [`Error::Unavailable`] without reaching the
+    /// Calls that fail with [`CacheError::Unavailable`] without reaching the
     /// inner cache. Default 0.
     pub error_rate: f64,
     /// Calls whose reply is dropped: the call reaches the inner cache (a
@@ -118,7 +118,7 @@ impl ChaosConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a rate outside 0 to 1.
+    /// [`CacheError::InvalidConfig`] naming a rate outside 0 to 1.
     pub fn validate(&self) -> Result<()> {
         for (field, rate) in [
             ("error_rate", self.error_rate),
@@ -126,7 +126,7 @@ impl ChaosConfig {
             ("latency_rate", self.latency_rate),
         ] {
             if !(0.0..=1.0).contains(&rate) {
-                return Err(Error::config(field, "must be between 0 and 1"));
+                return Err(CacheError::config(field, "must be between 0 and 1"));
             }
         }
         Ok(())
@@ -178,7 +178,7 @@ impl<C: Cache> Chaos<C> {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad rate.
+    /// [`CacheError::InvalidConfig`] naming a bad rate.
     pub fn new(inner: C, config: ChaosConfig) -> Result<Self> {
         config.validate()?;
         Ok(Chaos {
@@ -203,7 +203,7 @@ impl<C: Cache> Chaos<C> {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad rate; the old rates stay.
+    /// [`CacheError::InvalidConfig`] naming a bad rate; the old rates stay.
     pub fn set_config(&self, config: ChaosConfig) -> Result<()> {
         config.validate()?;
         let mut current = self.config.lock();
@@ -252,7 +252,7 @@ impl<C: Cache> Chaos<C> {
         }
         if faults.error {
             self.errors.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::Unavailable {
+            return Err(CacheError::Unavailable {
                 message: "fault injected by `Chaos`".into(),
                 source: None,
             });

@@ -25,7 +25,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::{Cache, CacheCapabilities, CacheExt, Error};
+use crate::{Cache, CacheCapabilities, CacheError, CacheExt};
 
 /// A cache under test, with whatever must live as long as the test (a
 /// clean-up guard that deletes the namespace's keys, a spawned server…).
@@ -159,7 +159,7 @@ pub async fn ttl_edges<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::InvalidArgument { name: "ttl", .. }),
+        matches!(err, CacheError::InvalidArgument { name: "ttl", .. }),
         "zero TTL: {err:?}"
     );
     assert_eq!(s.cache.get("zero").await.unwrap(), None);
@@ -168,7 +168,7 @@ pub async fn ttl_edges<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>
         .set_many(&[("zero-many", "v".into())], Duration::ZERO)
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument { .. }), "{err:?}");
+    assert!(matches!(err, CacheError::InvalidArgument { .. }), "{err:?}");
     assert_eq!(s.cache.get("zero-many").await.unwrap(), None);
     s.cache
         .set("tiny", "v".into(), Duration::from_nanos(1))
@@ -180,7 +180,7 @@ pub async fn ttl_edges<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>
         .set("forever", "v".into(), Duration::MAX)
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument { .. }), "{err:?}");
+    assert!(matches!(err, CacheError::InvalidArgument { .. }), "{err:?}");
 }
 
 /// Arbitrary UTF-8 keys are stored verbatim and kept apart.
@@ -256,7 +256,7 @@ pub async fn typed_json<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>
         .get_json::<serde_json::Value>("raw")
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Codec { .. }), "{err:?}");
+    assert!(matches!(err, CacheError::Codec { .. }), "{err:?}");
 }
 
 /// Two namespaces never see each other's keys.

@@ -28,7 +28,7 @@ pub mod conformance;
 
 pub use cache::{Cache, CacheCapabilities, MAX_TTL, normalize_ttl};
 pub use codec::{BytesCodec, Codec, HttpCodec, JsonCodec};
-pub use error::{BoxError, CachedFailure, Error, LoadFailed, Result};
+pub use error::{BoxError, CacheError, CachedFailure, LoadFailed};
 pub use ext::CacheExt;
 pub use invalidation::{BusEvent, InvalidationBus, LocalBus};
 pub use keys::InferenceKey;

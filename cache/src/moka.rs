@@ -62,7 +62,7 @@ impl MokaCacheConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the field.
+    /// [`CacheError::InvalidConfig`](crate::CacheError::InvalidConfig) naming the field.
     pub fn validate(&self) -> Result<()> {
         validate::at_least("max_capacity_bytes", self.max_capacity_bytes, 1)?;
         Ok(())
@@ -113,7 +113,7 @@ impl moka::Expiry<String, Stored> for PerEntryTtl {
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> keel_cache::Result<()> {
+/// # async fn main() -> Result<(), keel_cache::CacheError> {
 /// use std::time::Duration;
 /// use keel_cache::{Cache, MokaCache, MokaCacheConfig};
 ///
@@ -143,7 +143,7 @@ impl MokaCache {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming a bad field.
+    /// [`CacheError::InvalidConfig`](crate::CacheError::InvalidConfig) naming a bad field.
     pub fn new(config: MokaCacheConfig) -> Result<Self> {
         config.validate()?;
         let inner = moka::future::Cache::builder()

@@ -19,7 +19,7 @@ use crate::error::Result;
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> keel_cache::Result<()> {
+/// # async fn main() -> Result<(), keel_cache::CacheError> {
 /// use std::sync::Arc;
 /// use std::time::Duration;
 /// use keel_cache::{Cache, MokaCache, PrefixCache};

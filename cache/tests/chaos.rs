@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use keel_cache::chaos::{Chaos, ChaosConfig};
 use keel_cache::conformance::CacheSubject;
-use keel_cache::{Cache, Error, MokaCache, Tiered, TieredConfig};
+use keel_cache::{Cache, CacheError, MokaCache, Tiered, TieredConfig};
 use tokio::time::Instant;
 
 mod support;
@@ -63,7 +63,7 @@ async fn faults_are_what_they_say() {
         .set("k", "v".into(), Duration::from_secs(60))
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Unavailable { .. }) && err.is_retryable());
+    assert!(matches!(err, CacheError::Unavailable { .. }) && err.is_retryable());
     assert_eq!(
         chaos.inner().get("k").await.unwrap(),
         None,

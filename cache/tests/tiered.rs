@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use keel_cache::chaos::{Chaos, ChaosConfig};
-use keel_cache::{Cache, Error, LoadFailed, LocalBus, MokaCache, Tiered, TieredConfig};
+use keel_cache::{Cache, CacheError, LoadFailed, LocalBus, MokaCache, Tiered, TieredConfig};
 use keel_core::{ErrorKind, KeelError};
 use tokio::time::Instant;
 
@@ -238,7 +238,7 @@ async fn hard_timeout_bounds_a_miss_and_stale_survives_a_hung_refresh() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, LoadFailed::Cache(Error::LoadTimeout(_))),
+        matches!(err, LoadFailed::Cache(CacheError::LoadTimeout(_))),
         "{err:?}"
     );
     assert!(err.is_retryable());
@@ -434,7 +434,7 @@ async fn a_panicking_loader_is_a_load_error_and_the_key_recovers() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, LoadFailed::Cache(Error::LoaderPanicked)),
+        matches!(err, LoadFailed::Cache(CacheError::LoaderPanicked)),
         "{err:?}"
     );
     let origin = Origin::default();

@@ -223,7 +223,7 @@ impl KeelPipeline {
                     let response = scheduler.submit_request(ticket, http_request).await?;
                     match response.into_body() {
                         Some(answer) => Ok(answer.text.into_bytes().into()),
-                        None => Err(keel_scheduler::Error::Service(
+                        None => Err(keel_scheduler::SchedulerError::Service(
                             "the node answered an error".into(),
                         )),
                     }

@@ -1,9 +1,9 @@
 //! [`Chaos`]: a seeded fault-injecting decorator for any [`Queue`]
 //! (feature `chaos`).
 //!
-//! It adds latency, fails operations with [`Error::Unavailable`] before
+//! It adds latency, fails operations with [`QueueError::Unavailable`] before
 //! they reach the queue, and drops replies (the operation happens, the
-//! caller gets [`Error::Unavailable`]: the ack that was applied but whose
+//! caller gets [`QueueError::Unavailable`]: the ack that was applied but whose
 //! answer was lost, the dequeue whose jobs were leased but never seen).
 //! Faults are drawn from one generator seeded by [`ChaosConfig::seed`], so
 //! a sequential run reproduces exactly; concurrent callers draw in the
@@ -18,7 +18,7 @@
 //! use keel_queue::{Job, MemoryQueue, Queue, QueueConfig};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> keel_queue::Result<()> {
+//! # async fn main() -> Result<(), keel_queue::QueueError> {
 //! let queue = Chaos::new(
 //!     MemoryQueue::new(QueueConfig::new("jobs"))?,
 //!     ChaosConfig::new(7)
@@ -43,7 +43,7 @@ use async_trait::async_trait;
 use keel_core::ConfigError;
 use parking_lot::Mutex;
 
-use crate::error::{Error, Result};
+use crate::error::{QueueError, Result};
 use crate::queue::Queue;
 use crate::types::{
     DeadLetter, Delivery, DequeueOptions, Enqueued, Job, JobId, Nack, QueueCapabilities,
@@ -118,11 +118,11 @@ pub struct ChaosConfig {
     /// Default zero.
     pub latency_jitter: Duration,
     /// Share of affected operations that fail with
-    /// [`Error::Unavailable`] without reaching the queue, 0.0 to 1.0.
+    /// [`QueueError::Unavailable`] without reaching the queue, 0.0 to 1.0.
     /// Default 0.
     pub error_rate: f64,
     /// Share of affected operations that reach the queue and take effect,
-    /// but whose reply is replaced by [`Error::Unavailable`], 0.0 to 1.0
+    /// but whose reply is replaced by [`QueueError::Unavailable`], 0.0 to 1.0
     /// (drawn after `error_rate`). Default 0.
     pub drop_rate: f64,
     /// Which operations are affected (every one by default).
@@ -185,7 +185,7 @@ impl ChaosConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming `error_rate` or `drop_rate` (outside
+    /// [`QueueError::InvalidConfig`] naming `error_rate` or `drop_rate` (outside
     /// 0.0 to 1.0).
     pub fn validate(&self) -> Result<()> {
         for (field, rate) in [
@@ -277,7 +277,7 @@ impl<Q: Queue> Chaos<Q> {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad field.
+    /// [`QueueError::InvalidConfig`] naming a bad field.
     pub fn new(inner: Q, config: ChaosConfig) -> Result<Self> {
         config.validate()?;
         Ok(Chaos {
@@ -295,7 +295,7 @@ impl<Q: Queue> Chaos<Q> {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad field; the faults are kept.
+    /// [`QueueError::InvalidConfig`] naming a bad field; the faults are kept.
     pub fn set(&self, config: ChaosConfig) -> Result<()> {
         config.validate()?;
         *self.shared.faults.lock() = Faults::from(config);
@@ -330,7 +330,7 @@ impl<Q: Queue> Chaos<Q> {
         }
         if let Fault::Fail = fault {
             self.shared.errors.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::Unavailable {
+            return Err(QueueError::Unavailable {
                 message: format!("chaos: injected failure of {}", op.name()),
                 source: None,
             });
@@ -349,7 +349,7 @@ impl<Q: Queue> Chaos<Q> {
         match fault {
             Fault::DropReply => {
                 self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-                Err(Error::Unavailable {
+                Err(QueueError::Unavailable {
                     message: format!(
                         "chaos: the reply to {} was lost (the operation {})",
                         op.name(),
@@ -497,7 +497,7 @@ mod tests {
         )
         .unwrap();
         let err = queue.enqueue(Job::new("x")).await.unwrap_err();
-        assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+        assert!(matches!(err, QueueError::Unavailable { .. }), "{err:?}");
         assert!(err.is_retryable());
         assert_eq!(queue.stats().await.unwrap().ready, 1, "it was enqueued");
         assert_eq!(queue.injected().dropped, 1);

@@ -25,8 +25,8 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::{
-    DequeueOptions, Error, Job, Nack, Priority, Queue, QueueCapabilities, QueueConfig, QueueExt,
-    Receipt,
+    DequeueOptions, Job, Nack, Priority, Queue, QueueCapabilities, QueueConfig, QueueError,
+    QueueExt, Receipt,
 };
 
 /// A queue under test, with whatever must live as long as the test (a
@@ -110,7 +110,7 @@ async fn supported_or_refused<T: std::fmt::Debug>(
     if !supported {
         let answer = attempt.await;
         assert!(
-            matches!(answer, Err(Error::Unsupported { .. })),
+            matches!(answer, Err(QueueError::Unsupported { .. })),
             "an unsupported feature must answer Unsupported, got {answer:?}"
         );
     }
@@ -158,7 +158,7 @@ pub async fn bad_options_are_refused<
 ) {
     let s = subject(&make, "bad-options", |c| c).await;
     let refused = |result: crate::Result<Vec<crate::Delivery>>| match result {
-        Err(Error::InvalidArgument { name, .. }) => name,
+        Err(QueueError::InvalidArgument { name, .. }) => name,
         other => panic!("expected InvalidArgument, got {other:?}"),
     };
     let base = DequeueOptions::new(1).wait(Duration::ZERO);
@@ -184,7 +184,7 @@ pub async fn bad_options_are_refused<
     if caps(&s).lease_expiry {
         for lease in [Duration::ZERO, crate::MAX_LEASE + Duration::from_secs(1)] {
             match s.queue.extend_lease(&got.receipt, lease).await {
-                Err(Error::InvalidArgument { name: "lease", .. }) => {}
+                Err(QueueError::InvalidArgument { name: "lease", .. }) => {}
                 other => panic!("extend_lease({lease:?}) answered {other:?}"),
             }
         }
@@ -248,7 +248,7 @@ pub async fn ack_is_final<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = QueueS
     nothing(&*s.queue, Duration::from_millis(300)).await;
     let err = s.queue.ack(&got.receipt).await.unwrap_err();
     assert!(
-        matches!(err, Error::InvalidReceipt(_)),
+        matches!(err, QueueError::InvalidReceipt(_)),
         "second ack: {err:?}"
     );
 }
@@ -314,7 +314,7 @@ pub async fn release_keeps_attempt<
             .await
             .unwrap_err();
         assert!(
-            matches!(err, Error::InvalidReceipt(_)),
+            matches!(err, QueueError::InvalidReceipt(_)),
             "second release of one delivery: {err:?}"
         );
         got = one(&*s.queue, SLACK, SHORT_LEASE).await;
@@ -396,7 +396,7 @@ pub async fn expired_receipt_is_invalid<
     tokio::time::sleep(Duration::from_millis(500)).await;
     let err = s.queue.ack(&got.receipt).await.unwrap_err();
     assert!(
-        matches!(err, Error::InvalidReceipt(_)),
+        matches!(err, QueueError::InvalidReceipt(_)),
         "ack after expiry: {err:?}"
     );
     assert!(!err.is_retryable());
@@ -406,7 +406,7 @@ pub async fn expired_receipt_is_invalid<
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::InvalidReceipt(_)),
+        matches!(err, QueueError::InvalidReceipt(_)),
         "extend after expiry: {err:?}"
     );
     let again = one(&*s.queue, SLACK, SHORT_LEASE).await;
@@ -630,7 +630,7 @@ pub async fn priority_order<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Queu
     assert!(
         matches!(
             err,
-            Error::InvalidArgument {
+            QueueError::InvalidArgument {
                 name: "priority",
                 ..
             }
@@ -712,7 +712,7 @@ pub async fn capacity_full<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Queue
         s.queue.enqueue(Job::new(format!("{i}"))).await.unwrap();
     }
     let err = s.queue.enqueue(Job::new("overflow")).await.unwrap_err();
-    assert!(matches!(err, Error::Full { capacity: 3 }), "{err:?}");
+    assert!(matches!(err, QueueError::Full { capacity: 3 }), "{err:?}");
     assert!(err.is_retryable());
     let got = one(&*s.queue, SLACK, SHORT_LEASE).await;
     s.queue.ack(&got.receipt).await.unwrap();
@@ -1122,7 +1122,7 @@ pub async fn delete_removes_everything<
     assert!(
         matches!(
             s.queue.ack(&leased.receipt).await,
-            Err(Error::InvalidReceipt(_))
+            Err(QueueError::InvalidReceipt(_))
         ),
         "a receipt from before the delete is invalid"
     );
@@ -1174,7 +1174,7 @@ pub async fn caller_chosen_ids<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Q
         .enqueue(Job::new("x").id(crate::JobId::from_string("")))
         .await
     {
-        Err(Error::InvalidArgument { name: "id", .. }) => {}
+        Err(QueueError::InvalidArgument { name: "id", .. }) => {}
         other => panic!("an empty id must be refused naming `id`, got {other:?}"),
     }
     let got = one(&*s.queue, SLACK, SHORT_LEASE).await;
@@ -1232,7 +1232,7 @@ pub async fn bad_jobs_are_refused<F: Fn(QueueConfig) -> Fut, Fut: Future<Output 
     let s = subject(&make, "bad-jobs", |c| c).await;
     if caps(&s).idempotency {
         match s.queue.enqueue(Job::new("x").idempotency_key("")).await {
-            Err(Error::InvalidArgument {
+            Err(QueueError::InvalidArgument {
                 name: "idempotency_key",
                 ..
             }) => {}
@@ -1243,7 +1243,7 @@ pub async fn bad_jobs_are_refused<F: Fn(QueueConfig) -> Fut, Fut: Future<Output 
     let batch = vec![Job::new("fine"), Job::new("bad").priority(Priority(200))];
     assert!(matches!(
         s.queue.enqueue_batch(batch).await,
-        Err(Error::InvalidArgument {
+        Err(QueueError::InvalidArgument {
             name: "priority",
             ..
         })

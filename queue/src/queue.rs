@@ -27,7 +27,7 @@ use crate::types::{
 ///   comes back.
 /// - A failed job retries with backoff up to `max_attempts` deliveries, then
 ///   moves to the dead letters, where it can be listed, replayed or purged.
-/// - A full queue answers [`Error::Full`](crate::Error::Full) instead of
+/// - A full queue answers [`QueueError::Full`](crate::QueueError::Full) instead of
 ///   growing.
 ///
 /// The [conformance suite](crate::conformance) checks every clause on every
@@ -44,10 +44,10 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Full`](crate::Error::Full) at capacity;
-    /// [`InvalidArgument`](crate::Error::InvalidArgument) for a priority out
-    /// of range; [`Unavailable`](crate::Error::Unavailable) or
-    /// [`Timeout`](crate::Error::Timeout) when the backend cannot be reached
+    /// [`Full`](crate::QueueError::Full) at capacity;
+    /// [`InvalidArgument`](crate::QueueError::InvalidArgument) for a priority out
+    /// of range; [`Unavailable`](crate::QueueError::Unavailable) or
+    /// [`Timeout`](crate::QueueError::Timeout) when the backend cannot be reached
     /// (the job may or may not have been stored).
     ///
     /// # Cancel safety
@@ -90,8 +90,8 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Unavailable`](crate::Error::Unavailable) or
-    /// [`Timeout`](crate::Error::Timeout) when the backend cannot be reached.
+    /// [`Unavailable`](crate::QueueError::Unavailable) or
+    /// [`Timeout`](crate::QueueError::Timeout) when the backend cannot be reached.
     ///
     /// # Cancel safety
     ///
@@ -104,7 +104,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`InvalidReceipt`](crate::Error::InvalidReceipt) when the lease
+    /// [`InvalidReceipt`](crate::QueueError::InvalidReceipt) when the lease
     /// expired or the delivery was already settled.
     ///
     /// # Cancel safety
@@ -122,7 +122,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`InvalidReceipt`](crate::Error::InvalidReceipt) naming how many
+    /// [`InvalidReceipt`](crate::QueueError::InvalidReceipt) naming how many
     /// receipts were invalid (the valid ones were acked); otherwise as
     /// [`ack`](Queue::ack).
     ///
@@ -135,7 +135,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
         for receipt in receipts {
             match self.ack(receipt).await {
                 Ok(()) => {}
-                Err(crate::Error::InvalidReceipt(why)) => {
+                Err(crate::QueueError::InvalidReceipt(why)) => {
                     invalid += 1;
                     first.get_or_insert(why);
                 }
@@ -144,7 +144,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
         }
         match first {
             None => Ok(()),
-            Some(why) => Err(crate::Error::InvalidReceipt(format!(
+            Some(why) => Err(crate::QueueError::InvalidReceipt(format!(
                 "{invalid} of {} receipts were not valid (the rest were acked); first: {why}",
                 receipts.len()
             ))),
@@ -165,7 +165,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`InvalidReceipt`](crate::Error::InvalidReceipt) as for `ack`.
+    /// [`InvalidReceipt`](crate::QueueError::InvalidReceipt) as for `ack`.
     ///
     /// # Cancel safety
     ///
@@ -176,8 +176,8 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`InvalidReceipt`](crate::Error::InvalidReceipt) when the lease
-    /// already expired; [`Unsupported`](crate::Error::Unsupported) where
+    /// [`InvalidReceipt`](crate::QueueError::InvalidReceipt) when the lease
+    /// already expired; [`Unsupported`](crate::QueueError::Unsupported) where
     /// [`QueueCapabilities::lease_expiry`] is false.
     ///
     /// # Cancel safety
@@ -190,7 +190,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Unavailable`](crate::Error::Unavailable) when the backend cannot be
+    /// [`Unavailable`](crate::QueueError::Unavailable) when the backend cannot be
     /// reached.
     ///
     /// # Cancel safety
@@ -202,7 +202,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Unsupported`](crate::Error::Unsupported) where
+    /// [`Unsupported`](crate::QueueError::Unsupported) where
     /// [`QueueCapabilities::dead_letter_admin`] is false.
     ///
     /// # Cancel safety
@@ -215,7 +215,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Unsupported`](crate::Error::Unsupported) where
+    /// [`Unsupported`](crate::QueueError::Unsupported) where
     /// [`QueueCapabilities::dead_letter_admin`] is false.
     ///
     /// # Cancel safety
@@ -227,7 +227,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Unsupported`](crate::Error::Unsupported) where
+    /// [`Unsupported`](crate::QueueError::Unsupported) where
     /// [`QueueCapabilities::dead_letter_admin`] is false.
     ///
     /// # Cancel safety
@@ -248,8 +248,8 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Unavailable`](crate::Error::Unavailable) or
-    /// [`Timeout`](crate::Error::Timeout) when the backend cannot be
+    /// [`Unavailable`](crate::QueueError::Unavailable) or
+    /// [`Timeout`](crate::QueueError::Timeout) when the backend cannot be
     /// reached (some jobs may have been removed).
     ///
     /// # Cancel safety
@@ -272,8 +272,8 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Unavailable`](crate::Error::Unavailable) or
-    /// [`Timeout`](crate::Error::Timeout) when the backend cannot be
+    /// [`Unavailable`](crate::QueueError::Unavailable) or
+    /// [`Timeout`](crate::QueueError::Timeout) when the backend cannot be
     /// reached (part of the queue may be gone).
     ///
     /// # Cancel safety
@@ -288,8 +288,8 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Unavailable`](crate::Error::Unavailable) or
-    /// [`Timeout`](crate::Error::Timeout).
+    /// [`Unavailable`](crate::QueueError::Unavailable) or
+    /// [`Timeout`](crate::QueueError::Timeout).
     ///
     /// # Cancel safety
     ///

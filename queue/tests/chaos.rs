@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use keel_queue::chaos::{Chaos, ChaosConfig, Operation};
 use keel_queue::conformance::QueueSubject;
-use keel_queue::{DequeueOptions, Error, Job, MemoryQueue, Queue, QueueConfig};
+use keel_queue::{DequeueOptions, Job, MemoryQueue, Queue, QueueConfig, QueueError};
 use tokio::time::Instant;
 
 keel_queue::queue_conformance!(memory_through_chaos, |config| async move {
@@ -46,7 +46,7 @@ async fn drain(queue: &Chaos<MemoryQueue>) -> (HashSet<String>, usize) {
             Ok(got) => got,
             // A lost dequeue reply: its jobs come back when their lease ends.
             Err(err) => {
-                assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+                assert!(matches!(err, QueueError::Unavailable { .. }), "{err:?}");
                 continue;
             }
         };

@@ -29,8 +29,8 @@ use crate::ticket::Ticket;
 ///
 /// The layered service is always ready: overload is answered per request
 /// (a [`Rejection`](crate::Rejection) or
-/// [`DeadlineExceeded`](crate::Error::DeadlineExceeded) boxed in the error,
-/// downcast it to [`Error`](crate::Error)), never by holding callers in
+/// [`DeadlineExceeded`](crate::SchedulerError::DeadlineExceeded) boxed in the error,
+/// downcast it to [`SchedulerError`](crate::SchedulerError)), never by holding callers in
 /// `poll_ready`. The inner service's own errors come through unchanged.
 ///
 /// ```
@@ -92,7 +92,7 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the bad
+    /// [`SchedulerError::InvalidConfig`](crate::SchedulerError::InvalidConfig) naming the bad
     /// field (checked here, so `layer` cannot fail).
     pub fn new(config: SchedulerConfig, classify: F) -> Result<Self> {
         config.validate()?;

@@ -17,7 +17,7 @@ pub use admission::{
     SchedulerStats, SheddingConfig, TenantConfig,
 };
 pub use batch::{BatchConfig, BatchFuture, Batcher};
-pub use error::{BoxError, Error, Rejection, Result};
+pub use error::{BoxError, Rejection, SchedulerError};
 pub use future::AdmissionFuture;
 pub use keel_queue::Priority;
 pub use layer::AdmissionLayer;

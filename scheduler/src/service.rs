@@ -9,7 +9,7 @@ use keel_core::RequestExtensions;
 use tower::Service;
 
 use crate::admission::Scheduler;
-use crate::error::{BoxError, Error};
+use crate::error::{BoxError, SchedulerError};
 use crate::future::AdmissionFuture;
 use crate::ticket::Ticket;
 
@@ -79,9 +79,9 @@ where
 }
 
 /// The inner service's error as it was; the scheduler's own errors boxed.
-pub(crate) fn unwrap_service_error(err: Error) -> BoxError {
+pub(crate) fn unwrap_service_error(err: SchedulerError) -> BoxError {
     match err {
-        Error::Service(inner) => inner,
+        SchedulerError::Service(inner) => inner,
         other => Box::new(other),
     }
 }

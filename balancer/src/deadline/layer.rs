@@ -7,7 +7,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::future::DeadlineFuture;
-use crate::error::Error;
+use crate::error::BalancerError;
 use keel_core::{Deadline, RequestExtensions};
 
 /// Gives each request a [`Deadline`] (unless it carries an earlier one) and
@@ -18,13 +18,13 @@ use keel_core::{Deadline, RequestExtensions};
 ///
 /// ```
 /// use std::time::Duration;
-/// use keel_balancer::{Balancer, DeadlineLayer, Error};
+/// use keel_balancer::{Balancer, DeadlineLayer, BalancerError};
 /// use keel_balancer::retry::{RetryConfig, RetryLayer};
 /// use tower::ServiceBuilder;
 /// use tower::discover::ServiceList;
 ///
-/// # fn main() -> keel_balancer::Result<()> {
-/// let nodes = vec![tower::service_fn(|_: http::Request<()>| async { Ok::<_, Error>(()) })];
+/// # fn main() -> Result<(), keel_balancer::BalancerError> {
+/// let nodes = vec![tower::service_fn(|_: http::Request<()>| async { Ok::<_, BalancerError>(()) })];
 /// let client = ServiceBuilder::new()
 ///     .layer(DeadlineLayer::new(Duration::from_secs(30)))
 ///     .layer(RetryLayer::new(RetryConfig::default())?)
@@ -92,14 +92,14 @@ impl<S> EnforceDeadline<S> {
 impl<S, Req> Service<Req> for EnforceDeadline<S>
 where
     S: Service<Req>,
-    S::Error: Into<Error>,
+    S::Error: Into<BalancerError>,
     Req: RequestExtensions,
 {
     type Response = S::Response;
-    type Error = Error;
+    type Error = BalancerError;
     type Future = DeadlineFuture<S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BalancerError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 

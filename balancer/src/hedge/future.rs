@@ -5,12 +5,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use crate::error::Error;
+use crate::error::BalancerError;
 
 /// The response future of [`Hedge`](super::Hedge). Dropping it cancels both
 /// copies.
 pub struct HedgeFuture<R> {
-    pub(crate) inner: Pin<Box<dyn Future<Output = Result<R, Error>> + Send>>,
+    pub(crate) inner: Pin<Box<dyn Future<Output = Result<R, BalancerError>> + Send>>,
 }
 
 impl<R> fmt::Debug for HedgeFuture<R> {
@@ -20,7 +20,7 @@ impl<R> fmt::Debug for HedgeFuture<R> {
 }
 
 impl<R> Future for HedgeFuture<R> {
-    type Output = Result<R, Error>;
+    type Output = Result<R, BalancerError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.inner.as_mut().poll(cx)

@@ -167,7 +167,7 @@ mod tests {
     use super::super::CacheLayer;
     use super::ServiceError;
     use crate::codec::{BytesCodec, HttpCodec, JsonCodec};
-    use crate::error::{Error, LoadFailed};
+    use crate::error::{CacheError, LoadFailed};
     use crate::tiered::{Tiered, TieredConfig};
     use crate::{Cache, MokaCache};
 
@@ -336,7 +336,7 @@ mod tests {
         let err = service.oneshot("k".into()).await.unwrap_err();
         let failed = err.downcast_ref::<LoadFailed<ServiceError>>().unwrap();
         assert!(
-            matches!(failed.cache_error(), Some(Error::Codec { .. })),
+            matches!(failed.cache_error(), Some(CacheError::Codec { .. })),
             "{failed:?}"
         );
     }

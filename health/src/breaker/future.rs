@@ -9,7 +9,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Sleep, sleep};
 
 use super::{Breaker, error};
-use crate::error::Error;
+use crate::error::HealthError;
 use keel_core::BoxError;
 use keel_core::Classify;
 
@@ -25,7 +25,7 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F> {
-        Rejected { error: Option<Error> },
+        Rejected { error: Option<HealthError> },
         Normal { #[pin] inner: F },
         Trial { #[pin] inner: F, #[pin] sleep: Sleep, timeout: Duration },
     }
@@ -74,7 +74,7 @@ impl<C> Drop for Guard<C> {
 }
 
 impl<F, C> BreakerFuture<F, C> {
-    pub(super) fn rejected(error: Error) -> Self {
+    pub(super) fn rejected(error: HealthError) -> Self {
         BreakerFuture {
             kind: Kind::Rejected { error: Some(error) },
             guard: None,

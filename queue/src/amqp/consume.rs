@@ -19,7 +19,7 @@ use super::AmqpQueue;
 use super::codec::{now_ms, read_meta, without_broker_headers};
 use super::lease::Lease;
 use super::link::{Demand, Link};
-use crate::error::{Error, Result};
+use crate::error::{QueueError, Result};
 use crate::types::{Delivery, DequeueOptions, Priority, Receipt};
 
 impl AmqpQueue {
@@ -80,7 +80,7 @@ impl AmqpQueue {
                 continue;
             }
             if !link.usable() {
-                return Err(Error::Unavailable {
+                return Err(QueueError::Unavailable {
                     message:
                         "the rabbitmq connection dropped while waiting; the next call reconnects"
                             .into(),
@@ -106,7 +106,7 @@ impl AmqpQueue {
         let (this, link) = (self.clone(), link.clone());
         tokio::spawn(async move { this.start_consumers(&link).await })
             .await
-            .map_err(|err| Error::Backend {
+            .map_err(|err| QueueError::Backend {
                 message: "starting the consumers failed".into(),
                 source: Some(err.into()),
             })?
@@ -134,7 +134,7 @@ impl AmqpQueue {
                         .await?;
                     channels.push(channel);
                 }
-                Ok::<_, Error>(channels)
+                Ok::<_, QueueError>(channels)
             })
             .await?;
         let mut expected = Vec::with_capacity(levels);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{AmqpQueue, Inner};
-use crate::error::{Error, Result};
+use crate::error::{QueueError, Result};
 use crate::types::{Delivery, Receipt};
 
 /// One leased delivery: which link generation and level it came from, its
@@ -94,7 +94,7 @@ impl AmqpQueue {
             .strip_prefix("a:")
             .and_then(|t| t.parse::<u64>().ok())
             .ok_or_else(|| {
-                Error::InvalidReceipt(format!(
+                QueueError::InvalidReceipt(format!(
                     "`{}` is not an amqp-queue receipt",
                     receipt.as_str()
                 ))
@@ -104,10 +104,10 @@ impl AmqpQueue {
             Some(lease) if lease.expires > Instant::now() => {
                 Ok(leases.map.remove(&token).expect("just seen"))
             }
-            Some(_) => Err(Error::InvalidReceipt(
+            Some(_) => Err(QueueError::InvalidReceipt(
                 "the lease expired; the job is being redelivered".into(),
             )),
-            None => Err(Error::InvalidReceipt(
+            None => Err(QueueError::InvalidReceipt(
                 "the lease expired or the delivery was already settled".into(),
             )),
         }

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::AmqpQueue;
 use super::error::AmqpFailure;
 use super::lease::Lease;
-use crate::error::{Error, Result};
+use crate::error::{QueueError, Result};
 
 /// One live connection with its channels and prefetched deliveries.
 pub(super) struct Link {
@@ -92,7 +92,7 @@ impl AmqpQueue {
     ) -> Result<T> {
         let limit = self.inner.config.operation_timeout;
         match tokio::time::timeout(limit, fut).await {
-            Ok(result) => result.map_err(Error::from),
+            Ok(result) => result.map_err(QueueError::from),
             Err(_) => {
                 // A broker that does not answer in time is not trusted again:
                 // an abandoned publish would also shift the channel's confirm
@@ -102,7 +102,7 @@ impl AmqpQueue {
                 {
                     link.retire();
                 }
-                Err(Error::Timeout(limit))
+                Err(QueueError::Timeout(limit))
             }
         }
     }
@@ -158,7 +158,7 @@ impl AmqpQueue {
         })
         .await
         .map_err(|err| match err {
-            Error::Unavailable { message, source } => Error::Unavailable {
+            QueueError::Unavailable { message, source } => QueueError::Unavailable {
                 message: format!(
                     "rabbitmq at {} does not answer ({message}); is it running?",
                     keel_core::redacted_url(&config.url)
@@ -173,7 +173,7 @@ impl AmqpQueue {
     pub(super) async fn link_of(&self, lease: &Lease) -> Result<Arc<Link>> {
         let link = self.link().await?;
         if link.generation != lease.generation {
-            return Err(Error::InvalidReceipt(
+            return Err(QueueError::InvalidReceipt(
                 "the connection was lost since this delivery; the broker requeued the job".into(),
             ));
         }

@@ -87,7 +87,7 @@ use self::codec::reserved_header;
 pub use self::config::{AmqpQueueConfig, AmqpQueueType};
 use self::lease::{Leases, lease_keeper};
 use self::link::Link;
-use crate::error::{Error, Result};
+use crate::error::{QueueError, Result};
 use crate::ids::IdGen;
 use crate::metrics::QueueMetrics;
 use crate::queue::Queue;
@@ -118,7 +118,7 @@ const REPLAY_SCAN_LIMIT: usize = 100_000;
 /// Cloning is cheap; clones share one connection.
 ///
 /// ```no_run
-/// # async fn demo() -> keel_queue::Result<()> {
+/// # async fn demo() -> Result<(), keel_queue::QueueError> {
 /// use keel_queue::{AmqpQueue, AmqpQueueConfig, Job, Queue, QueueConfig};
 ///
 /// let queue = AmqpQueue::connect(AmqpQueueConfig::new(
@@ -165,8 +165,8 @@ impl AmqpQueue {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad field; [`Error::Unavailable`]
-    /// or [`Error::Timeout`] when the broker does not answer.
+    /// [`QueueError::InvalidConfig`] naming a bad field; [`QueueError::Unavailable`]
+    /// or [`QueueError::Timeout`] when the broker does not answer.
     pub async fn connect(config: AmqpQueueConfig) -> Result<Self> {
         config.validate()?;
         let queue = AmqpQueue {
@@ -195,7 +195,7 @@ impl AmqpQueue {
 impl Queue for AmqpQueue {
     async fn enqueue(&self, job: Job) -> Result<Enqueued> {
         let mut out = self.enqueue_batch(vec![job]).await?;
-        out.pop().ok_or_else(|| Error::Backend {
+        out.pop().ok_or_else(|| QueueError::Backend {
             message: "empty enqueue answer".into(),
             source: None,
         })

@@ -9,7 +9,7 @@ use lapin::{BasicProperties, Confirmation};
 use super::codec::{epoch_ms, now_ms, properties};
 use super::link::Link;
 use super::{AmqpQueue, BACKEND, LIMITS};
-use crate::error::{Error, Result};
+use crate::error::{QueueError, Result};
 use crate::types::{Enqueued, Job};
 
 /// How a confirmed publish ended.
@@ -19,8 +19,8 @@ pub(super) enum Stored {
     Unroutable,
 }
 
-pub(super) fn unroutable(target: &str) -> Error {
-    Error::Backend {
+pub(super) fn unroutable(target: &str) -> QueueError {
+    QueueError::Backend {
         message: format!("message was unroutable: queue `{target}` does not exist"),
         source: None,
     }
@@ -33,7 +33,7 @@ impl AmqpQueue {
             config.check_priority(job.priority)?;
             crate::types::check_job(job, &LIMITS)?;
             if job.idempotency_key.is_some() {
-                return Err(Error::Unsupported {
+                return Err(QueueError::Unsupported {
                     backend: BACKEND,
                     what: "idempotency keys (RabbitMQ has no deduplication); enqueue without one or use the redis backend".into(),
                 });
@@ -109,11 +109,11 @@ impl AmqpQueue {
             Confirmation::Ack(Some(_)) => Ok(Stored::Unroutable),
             Confirmation::Nack(_) => {
                 self.inner.metrics.full.increment(1);
-                Err(Error::Full {
+                Err(QueueError::Full {
                     capacity: self.inner.config.queue.capacity.unwrap_or(0),
                 })
             }
-            Confirmation::NotRequested => Err(Error::Backend {
+            Confirmation::NotRequested => Err(QueueError::Backend {
                 message: "the broker did not confirm the publish".into(),
                 source: None,
             }),

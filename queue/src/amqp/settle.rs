@@ -7,7 +7,7 @@ use super::AmqpQueue;
 use super::codec::{epoch_ms, properties};
 use super::lease::Lease;
 use super::link::Link;
-use crate::error::{Error, Result};
+use crate::error::{QueueError, Result};
 use crate::types::{Nack, Receipt};
 
 impl AmqpQueue {
@@ -27,7 +27,7 @@ impl AmqpQueue {
                 {
                     let _ = self.settle_raw(&link, level, tag, false).await;
                 }
-                Err(Error::Backend {
+                Err(QueueError::Backend {
                     message: "the nack task failed; the job was handed back".into(),
                     source: Some(err.into()),
                 })
@@ -44,7 +44,7 @@ impl AmqpQueue {
         ack: bool,
     ) -> Result<()> {
         let Some(channel) = link.channels.get().and_then(|c| c.get(level)) else {
-            return Err(Error::InvalidReceipt(
+            return Err(QueueError::InvalidReceipt(
                 "no consumer channel for this delivery".into(),
             ));
         };

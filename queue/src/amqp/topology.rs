@@ -17,7 +17,7 @@ use super::error::AmqpFailure;
 use super::link::Link;
 use super::publish::{Stored, unroutable};
 use super::{AmqpQueue, AmqpQueueType};
-use crate::error::{Error, Result};
+use crate::error::{QueueError, Result};
 
 impl AmqpQueue {
     pub(super) fn name(&self) -> &str {
@@ -232,7 +232,7 @@ impl AmqpQueue {
             // The channel failed but the connection stands: the broker
             // refused on this queue alone, which means it is not there.
             Err(_) if link.usable() => Ok(0),
-            Err(err) => Err(Error::from(AmqpFailure::from(err))),
+            Err(err) => Err(QueueError::from(AmqpFailure::from(err))),
         }
     }
 }

@@ -50,7 +50,7 @@ pub trait RateLimit: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::RateLimiter`](crate::Error::RateLimiter) when a shared
+    /// [`SchedulerError::RateLimiter`](crate::SchedulerError::RateLimiter) when a shared
     /// store cannot be reached and the limiter fails closed.
     ///
     /// # Cancel safety
@@ -75,7 +75,7 @@ pub trait RateLimit: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::RateLimiter`](crate::Error::RateLimiter) when a shared
+    /// [`SchedulerError::RateLimiter`](crate::SchedulerError::RateLimiter) when a shared
     /// store cannot be reached.
     ///
     /// # Cancel safety

@@ -133,9 +133,9 @@ impl WorkItem {
 ///
 /// A handler error (`Err` from the service) is a retry with the queue's
 /// backoff, except for admission outcomes: a
-/// [`Rejected`](crate::Error::Rejected) job is retried after the rejection's
+/// [`Rejected`](crate::SchedulerError::Rejected) job is retried after the rejection's
 /// `retry_after`, and a job whose
-/// [`DeadlineExceeded`](crate::Error::DeadlineExceeded) is dead-lettered.
+/// [`DeadlineExceeded`](crate::SchedulerError::DeadlineExceeded) is dead-lettered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum JobOutcome {

@@ -17,7 +17,7 @@ use super::Counters;
 use super::config::WorkerConfig;
 use super::item::{JobOutcome, WorkItem};
 use super::settle::{self, LeaseClock, PendingAck};
-use crate::error::{BoxError, Error};
+use crate::error::{BoxError, SchedulerError};
 use crate::metrics::WorkerMetrics;
 
 /// What every job task of one worker shares.
@@ -180,13 +180,13 @@ fn retry(ctx: &JobContext, after: Option<Duration>, reason: String) -> Settle {
 
 /// The settlement of a handler error.
 fn from_error(ctx: &JobContext, err: &BoxError) -> Settle {
-    match err.downcast_ref::<Error>() {
-        Some(Error::Rejected(rejection)) => retry(
+    match err.downcast_ref::<SchedulerError>() {
+        Some(SchedulerError::Rejected(rejection)) => retry(
             ctx,
             rejection.retry_after(),
             format!("admission: {rejection}"),
         ),
-        Some(Error::DeadlineExceeded { .. }) => Settle::Nack(Nack::dead_letter(
+        Some(SchedulerError::DeadlineExceeded { .. }) => Settle::Nack(Nack::dead_letter(
             "deadline exceeded before the job was dispatched",
         )),
         _ => {
@@ -232,8 +232,8 @@ async fn keep_lease(ctx: &JobContext, receipt: &Receipt, lease: &LeaseClock) -> 
                 lease.set(asked + ctx.config.lease);
                 ctx.metrics.renewals.increment(1);
             }
-            Err(keel_queue::Error::InvalidReceipt(why)) => return why,
-            Err(keel_queue::Error::Unsupported { backend, .. }) => {
+            Err(keel_queue::QueueError::InvalidReceipt(why)) => return why,
+            Err(keel_queue::QueueError::Unsupported { backend, .. }) => {
                 tracing::warn!(%backend, "the queue cannot extend leases; jobs longer than the lease may run twice");
                 std::future::pending::<()>().await;
             }

@@ -229,7 +229,7 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the bad
+    /// [`SchedulerError::InvalidConfig`](crate::SchedulerError::InvalidConfig) naming the bad
     /// field.
     pub fn new(queue: impl Queue, config: WorkerConfig, service: S) -> Result<Self> {
         config.validate()?;
