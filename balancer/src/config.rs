@@ -252,24 +252,27 @@ pub struct BalancerConfig {
     /// `None`). Requests beyond it go elsewhere, or wait. `None` (the
     /// default) is unbounded.
     pub max_outstanding_per_endpoint: Option<u32>,
-    /// How long a request may wait in the balancer when every usable
-    /// endpoint is at capacity or busy, before it fails with
-    /// [`BalancerError::Overloaded`](crate::BalancerError::Overloaded), or while the fleet
-    /// is empty (zero endpoints at start-up is normal: keel-health inserts
-    /// an endpoint after its first probe), before it fails with
-    /// [`BalancerError::NoEndpoints`](crate::BalancerError::NoEndpoints). Zero rejects at once.
-    /// The request's deadline bounds it too. A freed slot wakes one waiter,
-    /// but a request arriving at that moment may take the slot first:
-    /// waiting is bounded, not first-in-first-out. Default 1 s.
+    /// How long a request may wait in the balancer when every usable endpoint
+    /// is at capacity or busy, before it fails with
+    /// [`BalancerError::Overloaded`](crate::BalancerError::Overloaded), or
+    /// while the fleet is empty (zero endpoints at start-up is normal:
+    /// keel-health inserts an endpoint after its first probe), before it
+    /// fails with
+    /// [`BalancerError::NoEndpoints`](crate::BalancerError::NoEndpoints).
+    /// Zero rejects at once. The request's deadline bounds it too. A freed
+    /// slot wakes one waiter, but a request arriving at that moment may take
+    /// the slot first: waiting is bounded, not first-in-first-out. Default 1
+    /// s.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
     /// Requests that may wait at once; more are rejected `Overloaded` at
     /// once. Default 10,000.
     pub max_waiters: usize,
     /// How long one attempt may take before it is cancelled with
-    /// [`BalancerError::Timeout`](crate::BalancerError::Timeout) (Envoy's per-try timeout).
-    /// A timed-out attempt counts as a failure of its endpoint. `None` (the
-    /// default) leaves attempts bounded by the request's deadline only.
+    /// [`BalancerError::Timeout`](crate::BalancerError::Timeout) (Envoy's
+    /// per-try timeout). A timed-out attempt counts as a failure of its
+    /// endpoint. `None` (the default) leaves attempts bounded by the
+    /// request's deadline only.
     #[serde(with = "humantime_serde")]
     pub attempt_timeout: Option<Duration>,
     /// The latency assumed for an endpoint before its first response while

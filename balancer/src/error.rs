@@ -13,12 +13,12 @@ pub(crate) type Result<T, E = BalancerError> = std::result::Result<T, E>;
 /// What went wrong while routing a request.
 ///
 /// Every variant says whether trying again can help
-/// ([`BalancerError::is_retryable`]) and what kind of failure it is in Keel's shared
-/// vocabulary ([`KeelError::kind`], so an application maps it to HTTP in
-/// the same `match` as every other Keel error). Variants that come from one
-/// endpoint carry its [`EndpointIndex`] ([`BalancerError::endpoint`]), which is how
-/// the [retry layer](crate::retry) avoids sending the retry to the endpoint
-/// that just failed.
+/// ([`BalancerError::is_retryable`]) and what kind of failure it is in Keel's
+/// shared vocabulary ([`KeelError::kind`], so an application maps it to HTTP
+/// in the same `match` as every other Keel error). Variants that come from
+/// one endpoint carry its [`EndpointIndex`] ([`BalancerError::endpoint`]),
+/// which is how the [retry layer](crate::retry) avoids sending the retry to
+/// the endpoint that just failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BalancerError {
@@ -155,8 +155,8 @@ impl BalancerError {
     }
 
     /// A short, stable, lowercase name for the variant (the source's for
-    /// [`BalancerError::RetriesExhausted`]), used as a metric label and in the
-    /// simulator's "errors by kind". For the cross-crate classification,
+    /// [`BalancerError::RetriesExhausted`]), used as a metric label and in
+    /// the simulator's "errors by kind". For the cross-crate classification,
     /// see [`KeelError::kind`].
     pub fn label(&self) -> &'static str {
         match self {
@@ -182,8 +182,8 @@ impl BalancerError {
 /// [`ErrorKind::DeadlineExceeded`], `Failed` [`ErrorKind::Upstream`],
 /// `RetriesExhausted` the kind of its source, `InvalidConfig`
 /// [`ErrorKind::Internal`]. [`KeelError::is_retryable`] is
-/// [`BalancerError::is_retryable`] (an attempt timeout may succeed elsewhere; an
-/// exhausted retry never is).
+/// [`BalancerError::is_retryable`] (an attempt timeout may succeed elsewhere;
+/// an exhausted retry never is).
 impl KeelError for BalancerError {
     fn kind(&self) -> ErrorKind {
         match self {
@@ -208,8 +208,8 @@ impl KeelError for BalancerError {
 
 keel_core::register_error_kind!(BalancerError);
 
-/// The source of [`BalancerError::Failed`] when the endpoint answered with a response
-/// the classifier called a failure (the response itself is dropped).
+/// The source of [`BalancerError::Failed`] when the endpoint answered with a
+/// response the classifier called a failure (the response itself is dropped).
 #[derive(Debug, thiserror::Error)]
 #[error("the response was classified as a failure")]
 pub(crate) struct FailedResponse;

@@ -120,8 +120,8 @@ pub trait Cache: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`CacheError::Unavailable`] or [`CacheError::Timeout`] when a remote backend
-    /// cannot answer in time.
+    /// [`CacheError::Unavailable`] or [`CacheError::Timeout`] when a remote
+    /// backend cannot answer in time.
     ///
     /// # Cancel safety
     ///
@@ -138,9 +138,9 @@ pub trait Cache: Debug + Send + Sync + 'static {
     /// # Errors
     ///
     /// [`CacheError::InvalidArgument`] for a zero or too long TTL (see
-    /// [`normalize_ttl`]); [`CacheError::Unavailable`] or [`CacheError::Timeout`] when
-    /// a remote backend cannot answer in time (the value may or may not be
-    /// stored).
+    /// [`normalize_ttl`]); [`CacheError::Unavailable`] or
+    /// [`CacheError::Timeout`] when a remote backend cannot answer in time
+    /// (the value may or may not be stored).
     ///
     /// # Cancel safety
     ///
@@ -151,8 +151,8 @@ pub trait Cache: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`CacheError::Unavailable`] or [`CacheError::Timeout`] when a remote backend
-    /// cannot answer in time (the key may or may not be removed).
+    /// [`CacheError::Unavailable`] or [`CacheError::Timeout`] when a remote
+    /// backend cannot answer in time (the key may or may not be removed).
     ///
     /// # Cancel safety
     ///
@@ -164,8 +164,8 @@ pub trait Cache: Debug + Send + Sync + 'static {
     /// # Behavior
     ///
     /// The same answers as one [`get`](Self::get) per key. Backends with
-    /// [`CacheCapabilities::native_batch`] answer in one round trip; the default
-    /// is a loop.
+    /// [`CacheCapabilities::native_batch`] answer in one round trip; the
+    /// default is a loop.
     ///
     /// # Errors
     ///
@@ -207,7 +207,8 @@ pub trait Cache: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`CacheError::Unavailable`] or [`CacheError::Timeout`] when it does not.
+    /// [`CacheError::Unavailable`] or [`CacheError::Timeout`] when it does
+    /// not.
     ///
     /// # Cancel safety
     ///

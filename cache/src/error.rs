@@ -161,8 +161,8 @@ keel_core::register_error_kind!(CacheError);
 pub(crate) type Result<T, E = CacheError> = std::result::Result<T, E>;
 
 /// Why a loading read ([`Tiered::get_or_load`](crate::Tiered::get_or_load)
-/// and its variants) produced no value: the loader's own error `E`, typed,
-/// a failure remembered by negative caching, or the cache's own [`CacheError`].
+/// and its variants) produced no value: the loader's own error `E`, typed, a
+/// failure remembered by negative caching, or the cache's own [`CacheError`].
 /// Never a string standing in for your error.
 ///
 /// `E` is shared: every caller coalesced onto one load gets the same

@@ -46,8 +46,8 @@ pub trait CacheExt: Cache {
     ///
     /// # Errors
     ///
-    /// As [`Cache::get`], and [`CacheError::Codec`] when the stored bytes are not
-    /// JSON of type `T`.
+    /// As [`Cache::get`], and [`CacheError::Codec`] when the stored bytes are
+    /// not JSON of type `T`.
     ///
     /// # Cancel safety
     ///

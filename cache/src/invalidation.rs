@@ -37,8 +37,9 @@ pub trait InvalidationBus: Debug + Send + Sync + 'static {
     /// # Errors
     ///
     /// [`CacheError::Unavailable`](crate::CacheError::Unavailable) or
-    /// [`CacheError::Timeout`](crate::CacheError::Timeout) when the message could not
-    /// be sent; other instances keep their L1 copy until its `l1_ttl` lapses.
+    /// [`CacheError::Timeout`](crate::CacheError::Timeout) when the message
+    /// could not be sent; other instances keep their L1 copy until its
+    /// `l1_ttl` lapses.
     ///
     /// # Cancel safety
     ///
@@ -67,7 +68,8 @@ impl LocalBus {
     ///
     /// # Errors
     ///
-    /// [`CacheError::InvalidConfig`](crate::CacheError::InvalidConfig) naming `capacity` when it is zero.
+    /// [`CacheError::InvalidConfig`](crate::CacheError::InvalidConfig) naming
+    /// `capacity` when it is zero.
     pub fn new(capacity: usize) -> Result<Self> {
         validate::at_least("capacity", capacity, 1)?;
         Ok(LocalBus {

@@ -62,7 +62,8 @@ impl MokaCacheConfig {
     ///
     /// # Errors
     ///
-    /// [`CacheError::InvalidConfig`](crate::CacheError::InvalidConfig) naming the field.
+    /// [`CacheError::InvalidConfig`](crate::CacheError::InvalidConfig) naming
+    /// the field.
     pub fn validate(&self) -> Result<()> {
         validate::at_least("max_capacity_bytes", self.max_capacity_bytes, 1)?;
         Ok(())
@@ -106,9 +107,9 @@ impl moka::Expiry<String, Stored> for PerEntryTtl {
 /// An in-process cache on [moka](https://docs.rs/moka)'s future cache, with
 /// capacity bounded by size (bytes of keys and values) and a TTL per entry.
 ///
-/// Cloning is cheap and clones share the entries; separate `MokaCache`s
-/// never share anything ([`CacheCapabilities::shared`] is `false`). moka keeps
-/// its own clock, so its expiry follows real time even in tests that pause
+/// Cloning is cheap and clones share the entries; separate `MokaCache`s never
+/// share anything ([`CacheCapabilities::shared`] is `false`). moka keeps its
+/// own clock, so its expiry follows real time even in tests that pause
 /// Tokio's clock.
 ///
 /// ```
@@ -143,7 +144,8 @@ impl MokaCache {
     ///
     /// # Errors
     ///
-    /// [`CacheError::InvalidConfig`](crate::CacheError::InvalidConfig) naming a bad field.
+    /// [`CacheError::InvalidConfig`](crate::CacheError::InvalidConfig) naming
+    /// a bad field.
     pub fn new(config: MokaCacheConfig) -> Result<Self> {
         config.validate()?;
         let inner = moka::future::Cache::builder()

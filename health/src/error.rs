@@ -7,9 +7,9 @@ use keel_core::{ClassifyError, ConfigError, ErrorKind, FailureKind, KeelError};
 /// What went wrong in a health operation or in the circuit breaker.
 ///
 /// Every variant says whether trying again can help
-/// ([`HealthError::is_retryable`]) and what kind of failure it is in the terms
-/// every Keel crate shares ([`KeelError::kind`]), so an application maps it
-/// to HTTP in the same `match` as the other crates' errors.
+/// ([`HealthError::is_retryable`]) and what kind of failure it is in the
+/// terms every Keel crate shares ([`KeelError::kind`]), so an application
+/// maps it to HTTP in the same `match` as the other crates' errors.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HealthError {
@@ -104,8 +104,8 @@ impl KeelError for HealthError {
 
 keel_core::register_error_kind!(HealthError);
 
-/// For services whose error type is this crate's [`HealthError`] (the same answer
-/// as [`ClassifyError`] for a `BoxError` holding it): an open breaker
+/// For services whose error type is this crate's [`HealthError`] (the same
+/// answer as [`ClassifyError`] for a `BoxError` holding it): an open breaker
 /// records nothing against the endpoint, a hung trial is a
 /// [`FailureKind::Timeout`], and the registry's own argument and config
 /// errors are not the endpoint's fault.

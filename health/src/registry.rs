@@ -182,8 +182,9 @@ impl Health {
     ///
     /// # Errors
     ///
-    /// [`HealthError::EndpointExists`] if the id is taken; [`HealthError::InvalidArgument`]
-    /// for an empty id or a weight that is not a finite number above 0.
+    /// [`HealthError::EndpointExists`] if the id is taken;
+    /// [`HealthError::InvalidArgument`] for an empty id or a weight that is
+    /// not a finite number above 0.
     pub fn insert(&self, endpoint: Endpoint) -> Result<()> {
         endpoint.check()?;
         let shared = &self.shared;

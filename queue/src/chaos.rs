@@ -2,8 +2,8 @@
 //! (feature `chaos`).
 //!
 //! It adds latency, fails operations with [`QueueError::Unavailable`] before
-//! they reach the queue, and drops replies (the operation happens, the
-//! caller gets [`QueueError::Unavailable`]: the ack that was applied but whose
+//! they reach the queue, and drops replies (the operation happens, the caller
+//! gets [`QueueError::Unavailable`]: the ack that was applied but whose
 //! answer was lost, the dequeue whose jobs were leased but never seen).
 //! Faults are drawn by keel-core's [`FaultInjector`], from one generator
 //! seeded by [`ChaosConfig::seed`], so a sequential run reproduces exactly;

@@ -9,11 +9,11 @@ pub use keel_core::BoxError;
 
 /// What went wrong in a queue operation.
 ///
-/// Every variant says whether trying again can help: see [`QueueError::is_retryable`].
-/// Backend errors are classified into these variants in exactly one place per
-/// backend; no backend library type appears here. It implements
-/// [`KeelError`], so an application maps it (and any Keel error) with one
-/// `match` over [`ErrorKind`]; it is registered with
+/// Every variant says whether trying again can help: see
+/// [`QueueError::is_retryable`]. Backend errors are classified into these
+/// variants in exactly one place per backend; no backend library type appears
+/// here. It implements [`KeelError`], so an application maps it (and any Keel
+/// error) with one `match` over [`ErrorKind`]; it is registered with
 /// [`keel_core::kind_of`], so it keeps its kind inside a `BoxError`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -27,8 +27,8 @@ use crate::types::{
 ///   comes back.
 /// - A failed job retries with backoff up to `max_attempts` deliveries, then
 ///   moves to the dead letters, where it can be listed, replayed or purged.
-/// - A full queue answers [`QueueError::Full`](crate::QueueError::Full) instead of
-///   growing.
+/// - A full queue answers [`QueueError::Full`](crate::QueueError::Full)
+///   instead of growing.
 ///
 /// The [conformance suite](crate::conformance) checks every clause on every
 /// backend.
@@ -45,10 +45,10 @@ pub trait Queue: Debug + Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Full`](crate::QueueError::Full) at capacity;
-    /// [`InvalidArgument`](crate::QueueError::InvalidArgument) for a priority out
-    /// of range; [`Unavailable`](crate::QueueError::Unavailable) or
-    /// [`Timeout`](crate::QueueError::Timeout) when the backend cannot be reached
-    /// (the job may or may not have been stored).
+    /// [`InvalidArgument`](crate::QueueError::InvalidArgument) for a priority
+    /// out of range; [`Unavailable`](crate::QueueError::Unavailable) or
+    /// [`Timeout`](crate::QueueError::Timeout) when the backend cannot be
+    /// reached (the job may or may not have been stored).
     ///
     /// # Cancel safety
     ///
@@ -91,7 +91,8 @@ pub trait Queue: Debug + Send + Sync + 'static {
     /// # Errors
     ///
     /// [`Unavailable`](crate::QueueError::Unavailable) or
-    /// [`Timeout`](crate::QueueError::Timeout) when the backend cannot be reached.
+    /// [`Timeout`](crate::QueueError::Timeout) when the backend cannot be
+    /// reached.
     ///
     /// # Cancel safety
     ///
@@ -190,8 +191,8 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Unavailable`](crate::QueueError::Unavailable) when the backend cannot be
-    /// reached.
+    /// [`Unavailable`](crate::QueueError::Unavailable) when the backend
+    /// cannot be reached.
     ///
     /// # Cancel safety
     ///

@@ -285,7 +285,8 @@ impl DequeueOptions {
     ///
     /// # Errors
     ///
-    /// [`QueueError::InvalidArgument`](crate::QueueError::InvalidArgument) naming the field.
+    /// [`QueueError::InvalidArgument`](crate::QueueError::InvalidArgument)
+    /// naming the field.
     pub fn validate(&self) -> crate::Result<()> {
         if self.max == 0 {
             return Err(crate::QueueError::InvalidArgument {
@@ -413,7 +414,8 @@ pub struct DeadLetter {
 
 /// A snapshot of a queue's size.
 ///
-/// Backends say in [`QueueCapabilities::exact_stats`] whether the counts are exact.
+/// Backends say in [`QueueCapabilities::exact_stats`] whether the counts are
+/// exact.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
     /// Jobs ready for delivery now.

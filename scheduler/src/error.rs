@@ -62,12 +62,13 @@ impl std::fmt::Display for Rejection {
 /// What went wrong in the scheduler, a worker or a limiter.
 ///
 /// An admitted request ends in exactly one of: the service's response,
-/// [`SchedulerError::Rejected`], [`SchedulerError::DeadlineExceeded`], the service's own
-/// failure ([`SchedulerError::Service`]), or [`SchedulerError::Closed`] when the scheduler
-/// stops under it. Every variant says whether trying again can help: see
-/// [`SchedulerError::is_retryable`]. It implements [`KeelError`] (so an application
-/// maps it with one `match` over [`ErrorKind`]) and is registered with
-/// [`keel_core::kind_of`]; a service error inside keeps its own kind.
+/// [`SchedulerError::Rejected`], [`SchedulerError::DeadlineExceeded`], the
+/// service's own failure ([`SchedulerError::Service`]), or
+/// [`SchedulerError::Closed`] when the scheduler stops under it. Every
+/// variant says whether trying again can help: see
+/// [`SchedulerError::is_retryable`]. It implements [`KeelError`] (so an
+/// application maps it with one `match` over [`ErrorKind`]) and is registered
+/// with [`keel_core::kind_of`]; a service error inside keeps its own kind.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SchedulerError {
@@ -116,9 +117,10 @@ impl SchedulerError {
     /// Whether trying the same request again may succeed.
     ///
     /// An exhaustive match with no `_` arm: a new variant forces a decision.
-    /// Rejections are retryable after [`retry_after`](SchedulerError::retry_after);
-    /// an expired deadline is not (the caller's time is up), and neither is
-    /// a service failure (the service, or a retry layer around it, decides).
+    /// Rejections are retryable after
+    /// [`retry_after`](SchedulerError::retry_after); an expired deadline is
+    /// not (the caller's time is up), and neither is a service failure (the
+    /// service, or a retry layer around it, decides).
     pub fn is_retryable(&self) -> bool {
         match self {
             SchedulerError::Rejected(_) => true,

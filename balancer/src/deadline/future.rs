@@ -13,8 +13,8 @@ use keel_core::Deadline;
 pin_project! {
     /// The response future of [`EnforceDeadline`](super::EnforceDeadline):
     /// the inner future, cancelled with
-    /// [`BalancerError::DeadlineExceeded`](crate::BalancerError::DeadlineExceeded) when the
-    /// deadline passes.
+    /// [`BalancerError::DeadlineExceeded`](crate::BalancerError::DeadlineExceeded)
+    /// when the deadline passes.
     #[derive(Debug)]
     pub struct DeadlineFuture<F> {
         #[pin]

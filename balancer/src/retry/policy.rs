@@ -107,10 +107,10 @@ struct Shared {
 ///
 /// For each failed attempt, in order:
 ///
-/// 1. errors that are not [retryable](crate::BalancerError::is_retryable) pass
-///    through untouched, spending no budget (including an inner layer's
-///    `RetriesExhausted`, and [`BalancerError::NoEndpoints`] on a first attempt:
-///    a retry would find the same empty fleet);
+/// 1. errors that are not [retryable](crate::BalancerError::is_retryable)
+///    pass through untouched, spending no budget (including an inner layer's
+///    `RetriesExhausted`, and [`BalancerError::NoEndpoints`] on a first
+///    attempt: a retry would find the same empty fleet);
 /// 2. after `max_attempts`, give up;
 /// 3. draw a full-jitter backoff ([`Backoff`]); if sleeping it would pass
 ///    the request's [`Deadline`], give up;
@@ -118,14 +118,13 @@ struct Shared {
 /// 5. add the failed endpoint to the request's [`AvoidEndpoints`] and retry
 ///    after the backoff.
 ///
-/// Giving up returns [`BalancerError::RetriesExhausted`] (never retryable) with the
-/// reason and the last failure as its source, so outer layers do not
+/// Giving up returns [`BalancerError::RetriesExhausted`] (never retryable)
+/// with the reason and the last failure as its source, so outer layers do not
 /// multiply attempts and the caller sees the real cause. Each request
 /// deposits once into the budget, when it enters the layer. When a retry
-/// finds every endpoint already failed by this request (the balancer
-/// answers [`BalancerError::NoEndpoints`] without any upstream call), the policy
-/// gives up with [`GiveUp::NoEndpointLeft`] and the previous attempt's
-/// error.
+/// finds every endpoint already failed by this request (the balancer answers
+/// [`BalancerError::NoEndpoints`] without any upstream call), the policy
+/// gives up with [`GiveUp::NoEndpointLeft`] and the previous attempt's error.
 ///
 /// Requests must be `Clone` to be retried (an `http::Request<Bytes>` is).
 pub struct RetryPolicy {

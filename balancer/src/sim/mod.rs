@@ -116,8 +116,8 @@ pub fn keel_router(
 ///
 /// # Errors
 ///
-/// [`BalancerError::InvalidConfig`] naming the bad field (of the balancer's or
-/// health's config).
+/// [`BalancerError::InvalidConfig`] naming the bad field (of the balancer's
+/// or health's config).
 pub fn keel_health_router(
     fleet: &Fleet,
     config: BalancerConfig,

@@ -115,7 +115,8 @@ impl RedisCacheConfig {
     ///
     /// # Errors
     ///
-    /// [`CacheError::InvalidConfig`](crate::CacheError::InvalidConfig) naming the field.
+    /// [`CacheError::InvalidConfig`](crate::CacheError::InvalidConfig) naming
+    /// the field.
     pub fn validate(&self) -> Result<()> {
         self.redis.validate()?;
         self.validate_own()

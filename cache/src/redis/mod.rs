@@ -27,11 +27,11 @@
 //! from the pool (which checks it first).
 //!
 //! Failures are classified once, by [`keel_core::redis::RedisError`] (the
-//! `#[source]` of the cache's [`CacheError`]): a refused, dropped or timed-out
-//! connection and a server that is coming back (`LOADING`, `TRYAGAIN`,
-//! `MASTERDOWN`, a failover's `READONLY`) are [`CacheError::Unavailable`]
-//! (retryable), as in the queue and the rate limiter; any other error
-//! reply is [`CacheError::Backend`].
+//! `#[source]` of the cache's [`CacheError`]): a refused, dropped or
+//! timed-out connection and a server that is coming back (`LOADING`,
+//! `TRYAGAIN`, `MASTERDOWN`, a failover's `READONLY`) are
+//! [`CacheError::Unavailable`] (retryable), as in the queue and the rate
+//! limiter; any other error reply is [`CacheError::Backend`].
 //!
 //! # Batches and Redis Cluster
 //!
@@ -167,8 +167,8 @@ impl Drop for LaneGuard<'_> {
 /// by the cache's own [`operation_timeout`](RedisCacheConfig::operation_timeout)
 /// (50 ms by default); failures classified by
 /// [`keel_core::redis::RedisError`]: a `LOADING` server, a failover or a
-/// lost connection is [`CacheError::Unavailable`], retryable. `get_many` is one
-/// `MGET`; the client does not speak Redis Cluster (put a hash tag in the
+/// lost connection is [`CacheError::Unavailable`], retryable. `get_many` is
+/// one `MGET`; the client does not speak Redis Cluster (put a hash tag in the
 /// prefix, `"{emb}:"`, to keep every key in one slot).
 ///
 /// Cloning is cheap; clones share the connections.
@@ -255,8 +255,9 @@ impl RedisCache {
     ///
     /// # Errors
     ///
-    /// [`CacheError::InvalidConfig`] naming a bad field; [`CacheError::Unavailable`]
-    /// naming the server (password redacted) when it does not answer.
+    /// [`CacheError::InvalidConfig`] naming a bad field;
+    /// [`CacheError::Unavailable`] naming the server (password redacted) when
+    /// it does not answer.
     ///
     /// # Cancel safety
     ///

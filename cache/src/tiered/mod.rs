@@ -405,8 +405,8 @@ impl Tiered {
     /// # Errors
     ///
     /// As [`get_or_load`](Self::get_or_load), and [`LoadFailed::Cache`] with
-    /// [`CacheError::Codec`] when the value does not encode, or the cached bytes
-    /// do not decode, as `T`.
+    /// [`CacheError::Codec`] when the value does not encode, or the cached
+    /// bytes do not decode, as `T`.
     ///
     /// # Cancel safety
     ///
@@ -474,10 +474,10 @@ impl Tiered {
     ///
     /// # Errors
     ///
-    /// L1 is always cleared. [`CacheError::Unavailable`] or [`CacheError::Timeout`]
-    /// when L2 or the bus did not take the deletion (other instances may
-    /// serve their L1 copy for up to `l1_ttl`, and L2 may keep it until its
-    /// TTL); retry if that matters.
+    /// L1 is always cleared. [`CacheError::Unavailable`] or
+    /// [`CacheError::Timeout`] when L2 or the bus did not take the deletion
+    /// (other instances may serve their L1 copy for up to `l1_ttl`, and L2
+    /// may keep it until its TTL); retry if that matters.
     ///
     /// # Cancel safety
     ///

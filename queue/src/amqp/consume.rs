@@ -298,7 +298,8 @@ impl AmqpQueue {
     }
 }
 
-/// Moves one level's deliveries into the link's buffer until the consumer ends.
+/// Moves one level's deliveries into the link's buffer until the consumer
+/// ends.
 pub(super) async fn pump(link: Weak<Link>, level: usize, mut consumer: lapin::Consumer) {
     while let Some(item) = consumer.next().await {
         let Some(link) = link.upgrade() else {

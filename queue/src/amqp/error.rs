@@ -1,4 +1,5 @@
-//! The RabbitMQ backend's errors, classified into [`crate::QueueError`] in one place.
+//! The RabbitMQ backend's errors, classified into [`crate::QueueError`] in
+//! one place.
 
 use crate::error::QueueError;
 

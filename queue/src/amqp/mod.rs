@@ -165,8 +165,9 @@ impl AmqpQueue {
     ///
     /// # Errors
     ///
-    /// [`QueueError::InvalidConfig`] naming a bad field; [`QueueError::Unavailable`]
-    /// or [`QueueError::Timeout`] when the broker does not answer.
+    /// [`QueueError::InvalidConfig`] naming a bad field;
+    /// [`QueueError::Unavailable`] or [`QueueError::Timeout`] when the broker
+    /// does not answer.
     pub async fn connect(config: AmqpQueueConfig) -> Result<Self> {
         config.validate()?;
         let queue = AmqpQueue {

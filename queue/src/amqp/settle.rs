@@ -35,7 +35,8 @@ impl AmqpQueue {
         }
     }
 
-    /// Acks (`true`) or requeues (`false`) a raw delivery on its level's channel.
+    /// Acks (`true`) or requeues (`false`) a raw delivery on its level's
+    /// channel.
     pub(super) async fn settle_raw(
         &self,
         link: &Link,

@@ -1,5 +1,6 @@
 //! The Redis backend's failures: classified once, by
-//! [`keel_core::redis::RedisError`], then mapped into [`crate::QueueError`] here.
+//! [`keel_core::redis::RedisError`], then mapped into [`crate::QueueError`]
+//! here.
 
 use keel_core::redis::{RedisError, RedisErrorKind};
 
@@ -18,8 +19,8 @@ pub(crate) fn protocol_failure(message: impl Into<String>) -> RedisFailure {
 
 impl From<RedisError> for QueueError {
     /// `Unavailable` (connection refused, dropped or timed out, `LOADING`,
-    /// failover) is [`QueueError::Unavailable`] and retryable; anything else is
-    /// [`QueueError::Backend`]. The core error is kept as the source.
+    /// failover) is [`QueueError::Unavailable`] and retryable; anything else
+    /// is [`QueueError::Backend`]. The core error is kept as the source.
     fn from(err: RedisError) -> Self {
         if err.is_retryable() {
             QueueError::Unavailable {

@@ -297,8 +297,9 @@ impl RedisQueue {
     ///
     /// # Errors
     ///
-    /// [`QueueError::InvalidConfig`] naming a bad field; [`QueueError::Unavailable`]
-    /// or [`QueueError::Timeout`] when the server does not answer.
+    /// [`QueueError::InvalidConfig`] naming a bad field;
+    /// [`QueueError::Unavailable`] or [`QueueError::Timeout`] when the server
+    /// does not answer.
     ///
     /// # Cancel safety
     ///
@@ -334,8 +335,9 @@ impl RedisQueue {
     ///
     /// # Errors
     ///
-    /// [`QueueError::InvalidConfig`] naming a bad field; [`QueueError::Unavailable`]
-    /// or [`QueueError::Timeout`] when the server does not answer.
+    /// [`QueueError::InvalidConfig`] naming a bad field;
+    /// [`QueueError::Unavailable`] or [`QueueError::Timeout`] when the server
+    /// does not answer.
     ///
     /// # Cancel safety
     ///

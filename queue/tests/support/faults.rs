@@ -12,13 +12,13 @@
 //!
 //! A retryable error (`QueueError::is_retryable`) means back off briefly
 //! ([`BACKOFF`]) and try again. Where the backend supports idempotency keys
-//! ([`QueueCapabilities::idempotency`](keel_queue::QueueCapabilities)), every job
-//! carries one, so a retried enqueue whose first try landed is answered as a
-//! duplicate rather than enqueued twice, and the harness asserts no job was
-//! enqueued twice. Where it does not, a retried enqueue after an unconfirmed
-//! one may enqueue the job twice: at-least-once. Jobs are told apart by
-//! payload, duplicates are allowed and reported, and loss is still asserted
-//! to be zero.
+//! ([`QueueCapabilities::idempotency`](keel_queue::QueueCapabilities)), every
+//! job carries one, so a retried enqueue whose first try landed is answered
+//! as a duplicate rather than enqueued twice, and the harness asserts no job
+//! was enqueued twice. Where it does not, a retried enqueue after an
+//! unconfirmed one may enqueue the job twice: at-least-once. Jobs are told
+//! apart by payload, duplicates are allowed and reported, and loss is still
+//! asserted to be zero.
 //!
 //! # The figure line
 //!

@@ -294,11 +294,11 @@ pub struct SchedulerConfig {
     /// The most requests one tenant may have waiting. Default 1,000.
     pub max_queued_per_tenant: usize,
     /// The longest a request may wait before it is answered
-    /// [`DeadlineExceeded`](crate::SchedulerError::DeadlineExceeded), so nothing
-    /// waits forever. A request with a deadline is answered at the earlier
-    /// of the two exactly; one without is caught by a sweep that runs every
-    /// eighth of `max_queue_time`, so it waits at most 9/8 of it (no timer
-    /// per request). Default 30 s.
+    /// [`DeadlineExceeded`](crate::SchedulerError::DeadlineExceeded), so
+    /// nothing waits forever. A request with a deadline is answered at the
+    /// earlier of the two exactly; one without is caught by a sweep that runs
+    /// every eighth of `max_queue_time`, so it waits at most 9/8 of it (no
+    /// timer per request). Default 30 s.
     #[serde(with = "humantime_serde")]
     pub max_queue_time: Duration,
     /// The scheduler's own deadline for every request: a request submitted

@@ -57,8 +57,8 @@ const SWEEPS_PER_MAX_QUEUE_TIME: u32 = 8;
 ///
 /// [`Scheduler::submit`] answers exactly once, with one of:
 ///
-/// - the service's response (or its error, [`SchedulerError::Service`]): the request
-///   was dispatched;
+/// - the service's response (or its error, [`SchedulerError::Service`]): the
+///   request was dispatched;
 /// - [`SchedulerError::Rejected`]: refused before it reached the service —
 ///   [`RateLimited`](crate::Rejection::RateLimited) by the tenant's rate
 ///   limit, [`QueueFull`](crate::Rejection::QueueFull) by the queue bounds,
@@ -288,9 +288,10 @@ where
     ///
     /// # Errors
     ///
-    /// [`SchedulerError::Rejected`], [`SchedulerError::DeadlineExceeded`], [`SchedulerError::Service`],
-    /// [`SchedulerError::Closed`], or [`SchedulerError::RateLimiter`] when a shared limiter
-    /// cannot be reached and is configured to fail closed.
+    /// [`SchedulerError::Rejected`], [`SchedulerError::DeadlineExceeded`],
+    /// [`SchedulerError::Service`], [`SchedulerError::Closed`], or
+    /// [`SchedulerError::RateLimiter`] when a shared limiter cannot be
+    /// reached and is configured to fail closed.
     ///
     /// # Cancel safety
     ///

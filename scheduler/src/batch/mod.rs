@@ -130,9 +130,9 @@ where
     ///
     /// # Errors
     ///
-    /// [`SchedulerError::Service`] when the batch failed or answered the wrong
-    /// number of items; [`SchedulerError::Closed`] when the batch service failed in
-    /// `poll_ready`.
+    /// [`SchedulerError::Service`] when the batch failed or answered the
+    /// wrong number of items; [`SchedulerError::Closed`] when the batch
+    /// service failed in `poll_ready`.
     ///
     /// # Cancel safety
     ///

@@ -129,8 +129,8 @@ impl LocalRateLimiter {
     ///
     /// # Errors
     ///
-    /// [`SchedulerError::InvalidConfig`](crate::SchedulerError::InvalidConfig) naming the bad
-    /// field.
+    /// [`SchedulerError::InvalidConfig`](crate::SchedulerError::InvalidConfig)
+    /// naming the bad field.
     pub fn new(config: RateLimitConfig) -> Result<Self> {
         config.validate()?;
         let clock = TokioClock {

@@ -317,9 +317,9 @@ fn unavailable(message: &str, err: RedisError) -> SchedulerError {
 }
 
 impl From<RedisError> for SchedulerError {
-    /// [`SchedulerError::RateLimiter`] with the core error as its source: retryable
-    /// when the core classification says waiting helps (`LOADING`, a
-    /// dropped connection), not for a script error.
+    /// [`SchedulerError::RateLimiter`] with the core error as its source:
+    /// retryable when the core classification says waiting helps (`LOADING`,
+    /// a dropped connection), not for a script error.
     fn from(err: RedisError) -> Self {
         unavailable("redis failed", err)
     }

@@ -234,7 +234,8 @@ impl WorkerConfig {
     ///
     /// # Errors
     ///
-    /// [`SchedulerError::InvalidConfig`] naming `reconnect_min` or `reconnect_max`.
+    /// [`SchedulerError::InvalidConfig`] naming `reconnect_min` or
+    /// `reconnect_max`.
     pub fn reconnect_backoff(&self) -> Result<Backoff> {
         Backoff::new(self.reconnect_min, self.reconnect_max)
             .map(|backoff| backoff.jitter(Jitter::Equal))

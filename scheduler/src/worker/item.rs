@@ -133,9 +133,10 @@ impl WorkItem {
 ///
 /// A handler error (`Err` from the service) is a retry with the queue's
 /// backoff, except for admission outcomes: a
-/// [`Rejected`](crate::SchedulerError::Rejected) job is retried after the rejection's
-/// `retry_after`, and a job whose
-/// [`DeadlineExceeded`](crate::SchedulerError::DeadlineExceeded) is dead-lettered.
+/// [`Rejected`](crate::SchedulerError::Rejected) job is retried after the
+/// rejection's `retry_after`, and a job whose
+/// [`DeadlineExceeded`](crate::SchedulerError::DeadlineExceeded) is
+/// dead-lettered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum JobOutcome {

@@ -150,9 +150,10 @@ pub struct ShutdownReport {
 /// 3. run each job in its own task: the handler, with the lease extended
 ///    every third of its length while it runs (a job longer than its lease
 ///    is never handed to a second worker), and a caught panic;
-/// 4. settle: [`JobOutcome::Ack`] acks, [`JobOutcome::Retry`] and handler errors
-///    nack for a retry with backoff (bounded by the queue's `max_attempts`
-///    and the worker's retry budget), [`JobOutcome::Abort`] dead-letters.
+/// 4. settle: [`JobOutcome::Ack`] acks, [`JobOutcome::Retry`] and handler
+///    errors nack for a retry with backoff (bounded by the queue's
+///    `max_attempts` and the worker's retry budget), [`JobOutcome::Abort`]
+///    dead-letters.
 ///
 /// # Failures
 ///
@@ -229,8 +230,8 @@ where
     ///
     /// # Errors
     ///
-    /// [`SchedulerError::InvalidConfig`](crate::SchedulerError::InvalidConfig) naming the bad
-    /// field.
+    /// [`SchedulerError::InvalidConfig`](crate::SchedulerError::InvalidConfig)
+    /// naming the bad field.
     pub fn new(queue: impl Queue, config: WorkerConfig, service: S) -> Result<Self> {
         config.validate()?;
         Ok(Worker {
