@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{BalancerError, Result};
 use keel_core::validate;
 
 /// The built-in ways to pick an endpoint: a serde-friendly constructor for
@@ -128,13 +128,13 @@ impl HashConfig {
 
     fn validate(&self) -> Result<()> {
         if !(self.load_factor.is_finite() && self.load_factor >= 1.0) {
-            return Err(Error::config(
+            return Err(BalancerError::config(
                 "policy.load_factor",
                 "must be a finite number of at least 1.0",
             ));
         }
         if !(1..=10_000).contains(&self.vnodes) {
-            return Err(Error::config(
+            return Err(BalancerError::config(
                 "policy.vnodes",
                 "must be between 1 and 10000",
             ));
@@ -217,13 +217,16 @@ impl PrefixConfig {
         validate::at_least("policy.block_bytes", self.block_bytes, 1)?;
         validate::ratio("policy.min_match", self.min_match)?;
         if !(self.balance_rel.is_finite() && self.balance_rel >= 1.0) {
-            return Err(Error::config(
+            return Err(BalancerError::config(
                 "policy.balance_rel",
                 "must be a finite number of at least 1.0",
             ));
         }
         if self.index_blocks < 2 {
-            return Err(Error::config("policy.index_blocks", "must be at least 2"));
+            return Err(BalancerError::config(
+                "policy.index_blocks",
+                "must be at least 2",
+            ));
         }
         Ok(())
     }
@@ -258,24 +261,27 @@ pub struct BalancerConfig {
     /// `None`). Requests beyond it go elsewhere, or wait. `None` (the
     /// default) is unbounded.
     pub max_outstanding_per_endpoint: Option<u32>,
-    /// How long a request may wait in the balancer when every usable
-    /// endpoint is at capacity or busy, before it fails with
-    /// [`Error::Overloaded`](crate::Error::Overloaded), or while the fleet
-    /// is empty (zero endpoints at start-up is normal: keel-health inserts
-    /// an endpoint after its first probe), before it fails with
-    /// [`Error::NoEndpoints`](crate::Error::NoEndpoints). Zero rejects at once.
-    /// The request's deadline bounds it too. A freed slot wakes one waiter,
-    /// but a request arriving at that moment may take the slot first:
-    /// waiting is bounded, not first-in-first-out. Default 1 s.
+    /// How long a request may wait in the balancer when every usable endpoint
+    /// is at capacity or busy, before it fails with
+    /// [`BalancerError::Overloaded`](crate::BalancerError::Overloaded), or
+    /// while the fleet is empty (zero endpoints at start-up is normal:
+    /// keel-health inserts an endpoint after its first probe), before it
+    /// fails with
+    /// [`BalancerError::NoEndpoints`](crate::BalancerError::NoEndpoints).
+    /// Zero rejects at once. The request's deadline bounds it too. A freed
+    /// slot wakes one waiter, but a request arriving at that moment may take
+    /// the slot first: waiting is bounded, not first-in-first-out. Default 1
+    /// s.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
     /// Requests that may wait at once; more are rejected `Overloaded` at
     /// once. Default 10,000.
     pub max_waiters: usize,
     /// How long one attempt may take before it is cancelled with
-    /// [`Error::Timeout`](crate::Error::Timeout) (Envoy's per-try timeout).
-    /// A timed-out attempt counts as a failure of its endpoint. `None` (the
-    /// default) leaves attempts bounded by the request's deadline only.
+    /// [`BalancerError::Timeout`](crate::BalancerError::Timeout) (Envoy's
+    /// per-try timeout). A timed-out attempt counts as a failure of its
+    /// endpoint. `None` (the default) leaves attempts bounded by the
+    /// request's deadline only.
     #[serde(with = "humantime_serde")]
     pub attempt_timeout: Option<Duration>,
     /// The latency assumed for an endpoint before its first response while
@@ -402,18 +408,18 @@ impl BalancerConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the field.
+    /// [`BalancerError::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
         validate::non_empty("name", &self.name)?;
         self.policy.validate()?;
         if self.max_outstanding_per_endpoint == Some(0) {
-            return Err(Error::config(
+            return Err(BalancerError::config(
                 "max_outstanding_per_endpoint",
                 "must be at least 1 (or unset for unbounded)",
             ));
         }
         if self.attempt_timeout.is_some_and(|t| t.is_zero()) {
-            return Err(Error::config(
+            return Err(BalancerError::config(
                 "attempt_timeout",
                 "must be greater than zero (or unset)",
             ));

@@ -31,7 +31,7 @@ use crate::policy::PrefixIndex;
 /// endpoint and never reused by that balancer, so replacing a key's
 /// service (a restarted node) gives it a new index and the old index's
 /// failures no longer exclude it. Errors from an endpoint carry its index
-/// ([`Error::endpoint`](crate::Error::endpoint)), so does
+/// ([`BalancerError::endpoint`](crate::BalancerError::endpoint)), so does
 /// [`AvoidEndpoints`](crate::AvoidEndpoints), and
 /// [`Balancer::key_of`](crate::Balancer::key_of) maps an index to its key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -7,21 +7,21 @@ use keel_core::{BoxError, ConfigError, ErrorKind, KeelError};
 
 use crate::endpoint::EndpointIndex;
 
-/// `Result` with the balancer's [`Error`].
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+/// `Result` with the balancer's [`BalancerError`].
+pub(crate) type Result<T, E = BalancerError> = std::result::Result<T, E>;
 
 /// What went wrong while routing a request.
 ///
 /// Every variant says whether trying again can help
-/// ([`Error::is_retryable`]) and what kind of failure it is in Keel's shared
-/// vocabulary ([`KeelError::kind`], so an application maps it to HTTP in
-/// the same `match` as every other Keel error). Variants that come from one
-/// endpoint carry its [`EndpointIndex`] ([`Error::endpoint`]), which is how
-/// the [retry layer](crate::retry) avoids sending the retry to the endpoint
-/// that just failed.
+/// ([`BalancerError::is_retryable`]) and what kind of failure it is in Keel's
+/// shared vocabulary ([`KeelError::kind`], so an application maps it to HTTP
+/// in the same `match` as every other Keel error). Variants that come from
+/// one endpoint carry its [`EndpointIndex`] ([`BalancerError::endpoint`]),
+/// which is how the [retry layer](crate::retry) avoids sending the retry to
+/// the endpoint that just failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum Error {
+pub enum BalancerError {
     /// The balancer has no endpoint it may use for this request: discovery
     /// produced none within `max_wait` (or its stream ended empty), or every
     /// endpoint is excluded by the request's
@@ -88,7 +88,7 @@ pub enum Error {
         reason: GiveUp,
         /// The last failed attempt's error.
         #[source]
-        source: Box<Error>,
+        source: Box<BalancerError>,
     },
     /// A configuration field is invalid; the component was not built.
     #[error(transparent)]
@@ -122,57 +122,57 @@ impl fmt::Display for GiveUp {
     }
 }
 
-impl Error {
+impl BalancerError {
     /// Whether trying the request again (elsewhere, after a backoff) may
     /// succeed.
     ///
     /// An exhaustive match with no `_` arm: a new variant forces a decision.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::NoEndpoints => false,
-            Error::Overloaded { .. } => true,
-            Error::DeadlineExceeded => false,
-            Error::Timeout { .. } => true,
-            Error::Busy { .. } => true,
-            Error::Failed { retryable, .. } => *retryable,
-            Error::RetriesExhausted { .. } => false,
-            Error::InvalidConfig(_) => false,
+            BalancerError::NoEndpoints => false,
+            BalancerError::Overloaded { .. } => true,
+            BalancerError::DeadlineExceeded => false,
+            BalancerError::Timeout { .. } => true,
+            BalancerError::Busy { .. } => true,
+            BalancerError::Failed { retryable, .. } => *retryable,
+            BalancerError::RetriesExhausted { .. } => false,
+            BalancerError::InvalidConfig(_) => false,
         }
     }
 
     /// The endpoint this error came from, when it came from one.
     pub fn endpoint(&self) -> Option<EndpointIndex> {
         match self {
-            Error::Timeout { endpoint, .. }
-            | Error::Busy { endpoint, .. }
-            | Error::Failed { endpoint, .. } => Some(*endpoint),
-            Error::RetriesExhausted { source, .. } => source.endpoint(),
-            Error::NoEndpoints
-            | Error::Overloaded { .. }
-            | Error::DeadlineExceeded
-            | Error::InvalidConfig(_) => None,
+            BalancerError::Timeout { endpoint, .. }
+            | BalancerError::Busy { endpoint, .. }
+            | BalancerError::Failed { endpoint, .. } => Some(*endpoint),
+            BalancerError::RetriesExhausted { source, .. } => source.endpoint(),
+            BalancerError::NoEndpoints
+            | BalancerError::Overloaded { .. }
+            | BalancerError::DeadlineExceeded
+            | BalancerError::InvalidConfig(_) => None,
         }
     }
 
     /// A short, stable, lowercase name for the variant (the source's for
-    /// [`Error::RetriesExhausted`]), used as a metric label and in the
-    /// simulator's "errors by kind". For the cross-crate classification,
+    /// [`BalancerError::RetriesExhausted`]), used as a metric label and in
+    /// the simulator's "errors by kind". For the cross-crate classification,
     /// see [`KeelError::kind`].
     pub fn label(&self) -> &'static str {
         match self {
-            Error::NoEndpoints => "no_endpoints",
-            Error::Overloaded { .. } => "overloaded",
-            Error::DeadlineExceeded => "deadline_exceeded",
-            Error::Timeout { .. } => "timeout",
-            Error::Busy { .. } => "busy",
-            Error::Failed { .. } => "failed",
-            Error::RetriesExhausted { source, .. } => source.label(),
-            Error::InvalidConfig(_) => "invalid_config",
+            BalancerError::NoEndpoints => "no_endpoints",
+            BalancerError::Overloaded { .. } => "overloaded",
+            BalancerError::DeadlineExceeded => "deadline_exceeded",
+            BalancerError::Timeout { .. } => "timeout",
+            BalancerError::Busy { .. } => "busy",
+            BalancerError::Failed { .. } => "failed",
+            BalancerError::RetriesExhausted { source, .. } => source.label(),
+            BalancerError::InvalidConfig(_) => "invalid_config",
         }
     }
 
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidConfig(ConfigError::new(field, reason))
+        BalancerError::InvalidConfig(ConfigError::new(field, reason))
     }
 }
 
@@ -182,32 +182,34 @@ impl Error {
 /// [`ErrorKind::DeadlineExceeded`], `Failed` [`ErrorKind::Upstream`],
 /// `RetriesExhausted` the kind of its source, `InvalidConfig`
 /// [`ErrorKind::Internal`]. [`KeelError::is_retryable`] is
-/// [`Error::is_retryable`] (an attempt timeout may succeed elsewhere; an
-/// exhausted retry never is).
-impl KeelError for Error {
+/// [`BalancerError::is_retryable`] (an attempt timeout may succeed elsewhere;
+/// an exhausted retry never is).
+impl KeelError for BalancerError {
     fn kind(&self) -> ErrorKind {
         match self {
-            Error::NoEndpoints => ErrorKind::Unavailable { retry_after: None },
-            Error::Overloaded { .. } => ErrorKind::Overloaded { retry_after: None },
-            Error::DeadlineExceeded | Error::Timeout { .. } => ErrorKind::DeadlineExceeded,
-            Error::Busy { retry_after, .. } => ErrorKind::Overloaded {
+            BalancerError::NoEndpoints => ErrorKind::Unavailable { retry_after: None },
+            BalancerError::Overloaded { .. } => ErrorKind::Overloaded { retry_after: None },
+            BalancerError::DeadlineExceeded | BalancerError::Timeout { .. } => {
+                ErrorKind::DeadlineExceeded
+            }
+            BalancerError::Busy { retry_after, .. } => ErrorKind::Overloaded {
                 retry_after: *retry_after,
             },
-            Error::Failed { .. } => ErrorKind::Upstream,
-            Error::RetriesExhausted { source, .. } => source.kind(),
-            Error::InvalidConfig(_) => ErrorKind::Internal,
+            BalancerError::Failed { .. } => ErrorKind::Upstream,
+            BalancerError::RetriesExhausted { source, .. } => source.kind(),
+            BalancerError::InvalidConfig(_) => ErrorKind::Internal,
         }
     }
 
     fn is_retryable(&self) -> bool {
-        Error::is_retryable(self)
+        BalancerError::is_retryable(self)
     }
 }
 
-keel_core::register_error_kind!(Error);
+keel_core::register_error_kind!(BalancerError);
 
-/// The source of [`Error::Failed`] when the endpoint answered with a response
-/// the classifier called a failure (the response itself is dropped).
+/// The source of [`BalancerError::Failed`] when the endpoint answered with a
+/// response the classifier called a failure (the response itself is dropped).
 #[derive(Debug, thiserror::Error)]
 #[error("the response was classified as a failure")]
 pub(crate) struct FailedResponse;
@@ -218,13 +220,13 @@ mod tests {
 
     #[test]
     fn busy_is_retryable_and_exhausted_is_not() {
-        let busy = Error::Busy {
+        let busy = BalancerError::Busy {
             endpoint: EndpointIndex::new(3),
             retry_after: Some(Duration::from_secs(2)),
         };
         assert!(busy.is_retryable());
         assert_eq!(busy.endpoint(), Some(EndpointIndex::new(3)));
-        let wrapped = Error::RetriesExhausted {
+        let wrapped = BalancerError::RetriesExhausted {
             attempts: 2,
             reason: GiveUp::Budget,
             source: Box::new(busy),
@@ -244,7 +246,7 @@ mod tests {
 
     #[test]
     fn failed_follows_the_classifier() {
-        let failed = |retryable| Error::Failed {
+        let failed = |retryable| BalancerError::Failed {
             endpoint: EndpointIndex::new(1),
             retryable,
             source: Box::new(FailedResponse),
@@ -252,32 +254,38 @@ mod tests {
         assert!(failed(true).is_retryable());
         assert!(!failed(false).is_retryable());
         assert_eq!(failed(true).kind(), ErrorKind::Upstream);
-        assert!(!Error::DeadlineExceeded.is_retryable());
-        assert!(!Error::NoEndpoints.is_retryable(), "the same empty fleet");
+        assert!(!BalancerError::DeadlineExceeded.is_retryable());
+        assert!(
+            !BalancerError::NoEndpoints.is_retryable(),
+            "the same empty fleet"
+        );
     }
 
     #[test]
     fn kinds_are_found_behind_a_box_error() {
         let cases = [
             (
-                Error::NoEndpoints,
+                BalancerError::NoEndpoints,
                 ErrorKind::Unavailable { retry_after: None },
             ),
             (
-                Error::Overloaded {
+                BalancerError::Overloaded {
                     waited: Duration::ZERO,
                 },
                 ErrorKind::Overloaded { retry_after: None },
             ),
-            (Error::DeadlineExceeded, ErrorKind::DeadlineExceeded),
+            (BalancerError::DeadlineExceeded, ErrorKind::DeadlineExceeded),
             (
-                Error::Timeout {
+                BalancerError::Timeout {
                     endpoint: EndpointIndex::new(0),
                     after: Duration::from_secs(1),
                 },
                 ErrorKind::DeadlineExceeded,
             ),
-            (Error::config("max_wait", "bad"), ErrorKind::Internal),
+            (
+                BalancerError::config("max_wait", "bad"),
+                ErrorKind::Internal,
+            ),
         ];
         for (error, kind) in cases {
             let boxed: BoxError = Box::new(error);
@@ -287,8 +295,8 @@ mod tests {
 
     #[test]
     fn config_error_names_the_field() {
-        let error = Error::config("max_wait", "must be positive");
+        let error = BalancerError::config("max_wait", "must be positive");
         assert!(error.to_string().contains("max_wait"), "{error}");
-        assert!(matches!(error, Error::InvalidConfig(ref c) if c.field == "max_wait"));
+        assert!(matches!(error, BalancerError::InvalidConfig(ref c) if c.field == "max_wait"));
     }
 }

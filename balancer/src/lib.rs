@@ -15,11 +15,11 @@ pub mod retry;
 #[cfg_attr(docsrs, doc(cfg(feature = "sim")))]
 pub mod sim;
 
-pub use balance::{Balancer, BalancerBuilder, LoadReports, ResponseFuture};
+pub use balance::{BalanceFuture, Balancer, BalancerBuilder, LoadReports};
 pub use config::{BalancerConfig, HashConfig, Policy, PrefixConfig};
 pub use deadline::DeadlineLayer;
 pub use endpoint::{EndpointIndex, EndpointSnapshot, Handle, LoadReport};
-pub use error::{Error, GiveUp, Result};
+pub use error::{BalancerError, GiveUp};
 /// The shared vocabulary the balancer speaks, re-exported from
 /// [`keel_core`] (defined there once, for every Keel crate).
 pub use keel_core::{

@@ -49,7 +49,7 @@ use crate::request::{AffinityKey, AvoidEndpoints, Prompt};
 ///     }
 /// }
 ///
-/// # fn main() -> keel_balancer::Result<()> {
+/// # fn main() -> Result<(), keel_balancer::BalancerError> {
 /// let nodes = vec![tower::service_fn(|_: http::Request<()>| async { Ok::<_, std::io::Error>(()) })];
 /// let balancer = Balancer::builder().pick(First).build(ServiceList::new(nodes))?;
 /// # drop(balancer);

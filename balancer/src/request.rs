@@ -90,7 +90,8 @@ impl Prompt {
 /// The [retry layer](crate::retry) adds the endpoint of each failed attempt,
 /// and the [hedge layer](crate::hedge) adds the endpoint of the first copy,
 /// so a retry or a hedge always goes somewhere else. If every endpoint is
-/// excluded the balancer answers [`Error::NoEndpoints`](crate::Error::NoEndpoints).
+/// excluded the balancer answers
+/// [`BalancerError::NoEndpoints`](crate::BalancerError::NoEndpoints).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AvoidEndpoints(Vec<EndpointIndex>);
 

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use keel_balancer::{
-    AffinityKey, Balancer, BalancerBuilder, BalancerConfig, Deadline, Error, HashConfig,
+    AffinityKey, Balancer, BalancerBuilder, BalancerConfig, BalancerError, Deadline, HashConfig,
     LoadReport, Policy,
 };
 use keel_core::EndpointId;
@@ -72,7 +72,9 @@ async fn full_endpoints_spill_then_wait_then_reject_overloaded() {
     tokio::task::yield_now().await;
     let started = Instant::now();
     match ready(&mut b).await.call(request(6)).await {
-        Err(Error::Overloaded { waited }) => assert_eq!(waited, Duration::from_millis(1500)),
+        Err(BalancerError::Overloaded { waited }) => {
+            assert_eq!(waited, Duration::from_millis(1500))
+        }
         other => panic!("{other:?}"),
     }
     assert_eq!(started.elapsed(), Duration::from_millis(1500));
@@ -94,7 +96,7 @@ async fn zero_max_wait_rejects_at_once() {
     tokio::task::yield_now().await;
     let err = ready(&mut b).await.call(request(2)).await.unwrap_err();
     assert!(
-        matches!(err, Error::Overloaded { waited } if waited.is_zero()),
+        matches!(err, BalancerError::Overloaded { waited } if waited.is_zero()),
         "{err:?}"
     );
     assert!(err.is_retryable());
@@ -152,7 +154,7 @@ async fn expired_requests_are_never_dispatched_and_the_deadline_cancels_calls() 
     let mut expired = request(1);
     Deadline::at(Instant::now()).apply(&mut expired);
     let err = ready(&mut b).await.call(expired).await.unwrap_err();
-    assert!(matches!(err, Error::DeadlineExceeded));
+    assert!(matches!(err, BalancerError::DeadlineExceeded));
     assert!(!err.is_retryable());
     assert!(log.lock().is_empty());
 
@@ -160,7 +162,7 @@ async fn expired_requests_are_never_dispatched_and_the_deadline_cancels_calls() 
     Deadline::after(Duration::from_millis(300)).apply(&mut short);
     let started = Instant::now();
     let err = ready(&mut b).await.call(short).await.unwrap_err();
-    assert!(matches!(err, Error::DeadlineExceeded));
+    assert!(matches!(err, BalancerError::DeadlineExceeded));
     assert_eq!(started.elapsed(), Duration::from_millis(300));
     assert_eq!(nodes[0].cancelled.load(Ordering::SeqCst), 1);
     assert_eq!(b.endpoints()[0].outstanding, 0);
@@ -173,7 +175,7 @@ async fn attempt_timeout_cancels_and_counts_against_the_endpoint() {
     let mut b = balancer(&nodes, config);
     let err = ready(&mut b).await.call(request(1)).await.unwrap_err();
     match &err {
-        Error::Timeout { after, endpoint } => {
+        BalancerError::Timeout { after, endpoint } => {
             assert_eq!(*after, Duration::from_millis(200));
             assert_eq!(b.key_of(*endpoint), Some(0));
         }
@@ -198,7 +200,7 @@ async fn busy_endpoint_is_routed_around_for_its_cooldown_and_never_failed() {
     for n in 0..20 {
         match ready(&mut b).await.call(request(n)).await {
             Ok(node) => assert_eq!(node, 1),
-            Err(Error::Busy { endpoint, .. }) => {
+            Err(BalancerError::Busy { endpoint, .. }) => {
                 assert_eq!(b.key_of(endpoint), Some(0));
                 assert!(!busy_seen, "one busy answer, then routed around");
                 busy_seen = true;
@@ -308,7 +310,7 @@ async fn discovery_changes_apply_and_in_flight_requests_finish() {
     // endpoint, then fail, not retryably (the fleet is still empty).
     let started = Instant::now();
     let err = b.ready().await.unwrap().call(request(0)).await.unwrap_err();
-    assert!(matches!(err, Error::NoEndpoints) && !err.is_retryable());
+    assert!(matches!(err, BalancerError::NoEndpoints) && !err.is_retryable());
     assert_eq!(started.elapsed(), Duration::from_secs(1));
     tx.send(Change::Insert(0, nodes[0].clone())).unwrap();
     tx.send(Change::Insert(1, nodes[1].clone())).unwrap();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use keel_balancer::hedge::{HedgeConfig, HedgeLayer};
 use keel_balancer::retry::{BudgetConfig, RetryConfig, RetryLayer};
-use keel_balancer::{Balancer, DeadlineLayer, Error, GiveUp, Policy};
+use keel_balancer::{Balancer, BalancerError, DeadlineLayer, GiveUp, Policy};
 use support::{Behavior, Node, classify, nodes, request};
 use tokio::time::Instant;
 use tower::discover::ServiceList;
@@ -86,8 +86,8 @@ async fn the_budget_bounds_retries_when_everything_fails() {
     let mut by_budget = 0;
     for n in 0..200 {
         match client.clone().oneshot(request(n)).await.unwrap_err() {
-            Error::RetriesExhausted { reason, source, .. } => {
-                assert!(matches!(*source, Error::Failed { .. }));
+            BalancerError::RetriesExhausted { reason, source, .. } => {
+                assert!(matches!(*source, BalancerError::Failed { .. }));
                 if reason == GiveUp::Budget {
                     by_budget += 1;
                 }
@@ -115,8 +115,8 @@ async fn the_deadline_bounds_retries_and_backoff() {
     assert!(
         matches!(
             err,
-            Error::DeadlineExceeded
-                | Error::RetriesExhausted {
+            BalancerError::DeadlineExceeded
+                | BalancerError::RetriesExhausted {
                     reason: GiveUp::Deadline,
                     ..
                 }

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use keel_balancer::retry::{BudgetConfig, RetryConfig, RetryLayer};
 use keel_balancer::{
-    Balancer, BalancerBuilder, BalancerConfig, Candidates, Deadline, DeadlineLayer, EndpointKey,
-    Error, FailureKind, GiveUp, Outcome, Pick, Policy,
+    Balancer, BalancerBuilder, BalancerConfig, BalancerError, Candidates, Deadline, DeadlineLayer,
+    EndpointKey, FailureKind, GiveUp, Outcome, Pick, Policy,
 };
 use keel_core::{EndpointId, ErrorKind, KeelError};
 use support::{Behavior, Node, classify, nodes, request};
@@ -43,7 +43,7 @@ fn channel<K: Send + 'static>() -> (
 /// loops (each sends its next request when the last one answered).
 async fn drive<S>(b: &S, workers: usize, requests: u64)
 where
-    S: Service<support::Request, Response = usize, Error = Error> + Clone + Send + 'static,
+    S: Service<support::Request, Response = usize, Error = BalancerError> + Clone + Send + 'static,
     S::Future: Send,
 {
     let next = Arc::new(AtomicU64::new(0));
@@ -245,7 +245,7 @@ async fn a_policy_defined_outside_the_crate_picks_as_told() {
         .call(request(99))
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Overloaded { .. }), "{err:?}");
+    assert!(matches!(err, BalancerError::Overloaded { .. }), "{err:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -280,7 +280,7 @@ async fn no_endpoints_under_retries_spends_no_budget_and_says_no_endpoints() {
     let client = layer.layer(balancer);
     let started = Instant::now();
     let err = client.oneshot(request(1)).await.unwrap_err();
-    assert!(matches!(err, Error::NoEndpoints), "{err:?}");
+    assert!(matches!(err, BalancerError::NoEndpoints), "{err:?}");
     assert!(err.to_string().contains("no endpoint"), "{err}");
     assert_eq!(err.kind(), ErrorKind::Unavailable { retry_after: None });
     assert_eq!(started.elapsed(), Duration::from_millis(200), "waited once");
@@ -300,11 +300,14 @@ async fn no_endpoints_under_retries_spends_no_budget_and_says_no_endpoints() {
     let client = RetryLayer::with_seed(config, 2).unwrap().layer(balancer);
     let err = client.oneshot(request(2)).await.unwrap_err();
     match &err {
-        Error::RetriesExhausted {
+        BalancerError::RetriesExhausted {
             attempts: 2,
             reason: GiveUp::NoEndpointLeft,
             source,
-        } => assert!(matches!(**source, Error::Failed { .. }), "{source:?}"),
+        } => assert!(
+            matches!(**source, BalancerError::Failed { .. }),
+            "{source:?}"
+        ),
         other => panic!("{other:?}"),
     }
     assert!(
@@ -361,7 +364,7 @@ async fn timeouts_the_balancer_imposes_reach_the_key_once_per_attempt() {
 
     // The attempt timeout fires.
     let err = b.clone().oneshot(request(1)).await.unwrap_err();
-    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    assert!(matches!(err, BalancerError::Timeout { .. }), "{err:?}");
     assert_eq!(timeouts.load(Ordering::SeqCst), 1);
 
     // The request's deadline passes while the call is in flight, under an
@@ -370,7 +373,7 @@ async fn timeouts_the_balancer_imposes_reach_the_key_once_per_attempt() {
         .layer(DeadlineLayer::new(Duration::from_millis(100)))
         .service(b.clone());
     let err = client.oneshot(request(2)).await.unwrap_err();
-    assert!(matches!(err, Error::DeadlineExceeded), "{err:?}");
+    assert!(matches!(err, BalancerError::DeadlineExceeded), "{err:?}");
     assert_eq!(timeouts.load(Ordering::SeqCst), 2);
 
     // The caller gives up before the deadline: nothing to report.

@@ -7,17 +7,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::error::{Error, Result};
+use crate::error::{CacheError, Result};
 
 /// The longest TTL any backend accepts: 10 years. Longer TTLs are refused
-/// with [`Error::InvalidArgument`] rather than overflowing a clock.
+/// with [`CacheError::InvalidArgument`] rather than overflowing a clock.
 pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// What a backend can do, so the conformance suite and callers can adapt
 /// instead of a backend emulating badly.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct Capabilities {
+pub struct CacheCapabilities {
     /// Writes through one handle are visible to other handles and other
     /// processes opened on the same namespace (Redis: yes; moka: only to
     /// clones of the same handle).
@@ -27,7 +27,7 @@ pub struct Capabilities {
     pub native_batch: bool,
 }
 
-impl Capabilities {
+impl CacheCapabilities {
     /// Sets [`shared`](Self::shared).
     #[must_use]
     pub fn shared(mut self, shared: bool) -> Self {
@@ -58,16 +58,16 @@ impl Capabilities {
 ///
 /// # Errors
 ///
-/// [`Error::InvalidArgument`] naming `ttl`.
+/// [`CacheError::InvalidArgument`] naming `ttl`.
 pub fn normalize_ttl(ttl: Duration) -> Result<Duration> {
     if ttl.is_zero() {
-        return Err(Error::argument(
+        return Err(CacheError::argument(
             "ttl",
             "must be greater than zero (delete the key instead)",
         ));
     }
     if ttl > MAX_TTL {
-        return Err(Error::argument(
+        return Err(CacheError::argument(
             "ttl",
             format!("must be at most {}", humantime::format_duration(MAX_TTL)),
         ));
@@ -120,8 +120,8 @@ pub trait Cache: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Unavailable`] or [`Error::Timeout`] when a remote backend
-    /// cannot answer in time.
+    /// [`CacheError::Unavailable`] or [`CacheError::Timeout`] when a remote
+    /// backend cannot answer in time.
     ///
     /// # Cancel safety
     ///
@@ -137,10 +137,10 @@ pub trait Cache: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] for a zero or too long TTL (see
-    /// [`normalize_ttl`]); [`Error::Unavailable`] or [`Error::Timeout`] when
-    /// a remote backend cannot answer in time (the value may or may not be
-    /// stored).
+    /// [`CacheError::InvalidArgument`] for a zero or too long TTL (see
+    /// [`normalize_ttl`]); [`CacheError::Unavailable`] or
+    /// [`CacheError::Timeout`] when a remote backend cannot answer in time
+    /// (the value may or may not be stored).
     ///
     /// # Cancel safety
     ///
@@ -151,8 +151,8 @@ pub trait Cache: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Unavailable`] or [`Error::Timeout`] when a remote backend
-    /// cannot answer in time (the key may or may not be removed).
+    /// [`CacheError::Unavailable`] or [`CacheError::Timeout`] when a remote
+    /// backend cannot answer in time (the key may or may not be removed).
     ///
     /// # Cancel safety
     ///
@@ -164,8 +164,8 @@ pub trait Cache: Debug + Send + Sync + 'static {
     /// # Behavior
     ///
     /// The same answers as one [`get`](Self::get) per key. Backends with
-    /// [`Capabilities::native_batch`] answer in one round trip; the default
-    /// is a loop.
+    /// [`CacheCapabilities::native_batch`] answer in one round trip; the
+    /// default is a loop.
     ///
     /// # Errors
     ///
@@ -201,13 +201,14 @@ pub trait Cache: Debug + Send + Sync + 'static {
     }
 
     /// What this backend can do.
-    fn capabilities(&self) -> Capabilities;
+    fn capabilities(&self) -> CacheCapabilities;
 
     /// Checks that the backend answers.
     ///
     /// # Errors
     ///
-    /// [`Error::Unavailable`] or [`Error::Timeout`] when it does not.
+    /// [`CacheError::Unavailable`] or [`CacheError::Timeout`] when it does
+    /// not.
     ///
     /// # Cancel safety
     ///
@@ -234,7 +235,7 @@ macro_rules! forward {
             async fn set_many(&self, entries: &[(&str, Bytes)], ttl: Duration) -> Result<()> {
                 (**self).set_many(entries, ttl).await
             }
-            fn capabilities(&self) -> Capabilities {
+            fn capabilities(&self) -> CacheCapabilities {
                 (**self).capabilities()
             }
             async fn ping(&self) -> Result<()> {
@@ -255,7 +256,7 @@ mod tests {
     fn ttl_edges() {
         assert!(matches!(
             normalize_ttl(Duration::ZERO),
-            Err(Error::InvalidArgument { name: "ttl", .. })
+            Err(CacheError::InvalidArgument { name: "ttl", .. })
         ));
         assert_eq!(
             normalize_ttl(Duration::from_nanos(1)).unwrap(),

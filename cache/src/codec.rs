@@ -7,7 +7,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::error::{Error, Result};
+use crate::error::{CacheError, Result};
 
 /// Encodes values of type `T` to the bytes a cache stores, and decodes
 /// them back.
@@ -34,14 +34,14 @@ pub trait Codec<T>: Debug + Clone + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Codec`] when `value` cannot be encoded.
+    /// [`CacheError::Codec`] when `value` cannot be encoded.
     fn encode(&self, value: &T) -> Result<Bytes>;
 
     /// The value stored as `bytes`.
     ///
     /// # Errors
     ///
-    /// [`Error::Codec`] when `bytes` are not an encoding of a `T`.
+    /// [`CacheError::Codec`] when `bytes` are not an encoding of a `T`.
     fn decode(&self, bytes: Bytes) -> Result<T>;
 }
 
@@ -168,8 +168,8 @@ fn kept(headers: &HeaderMap) -> impl Iterator<Item = (&HeaderName, &HeaderValue)
     })
 }
 
-fn truncated() -> Error {
-    Error::codec(
+fn truncated() -> CacheError {
+    CacheError::codec(
         "not an HTTP response frame",
         "truncated, foreign or of another version",
     )
@@ -197,7 +197,7 @@ where
     fn encode(&self, response: &http::Response<B>) -> Result<Bytes> {
         let headers: Vec<_> = kept(response.headers()).collect();
         let count = u16::try_from(headers.len())
-            .map_err(|_| Error::codec("too many headers to cache", "more than 65,535"))?;
+            .map_err(|_| CacheError::codec("too many headers to cache", "more than 65,535"))?;
         let body = response.body().as_ref();
         let header_bytes: usize = headers
             .iter()
@@ -211,10 +211,12 @@ where
         for (name, value) in headers {
             // A header name is at most 64 KiB by `http`'s own limit.
             let name = name.as_str().as_bytes();
-            let name_len = u16::try_from(name.len())
-                .map_err(|_| Error::codec("a header name is too long to cache", "over 64 KiB"))?;
-            let value_len = u32::try_from(value.len())
-                .map_err(|_| Error::codec("a header value is too long to cache", "over 4 GiB"))?;
+            let name_len = u16::try_from(name.len()).map_err(|_| {
+                CacheError::codec("a header name is too long to cache", "over 64 KiB")
+            })?;
+            let value_len = u32::try_from(value.len()).map_err(|_| {
+                CacheError::codec("a header value is too long to cache", "over 4 GiB")
+            })?;
             out.put_u16(name_len);
             out.put_slice(name);
             out.put_u32(value_len);
@@ -231,7 +233,7 @@ where
         }
         buf.advance(3);
         let status = http::StatusCode::from_u16(buf.get_u16())
-            .map_err(|err| Error::codec("the cached status is not a status code", err))?;
+            .map_err(|err| CacheError::codec("the cached status is not a status code", err))?;
         let count = buf.get_u16();
         // The count comes from the bytes: never trust it for an allocation
         // (`HeaderMap` panics past 32,768).
@@ -245,14 +247,14 @@ where
                 return Err(truncated());
             }
             let name = HeaderName::from_bytes(&buf[..name_len])
-                .map_err(|err| Error::codec("a cached header name is invalid", err))?;
+                .map_err(|err| CacheError::codec("a cached header name is invalid", err))?;
             buf.advance(name_len);
             let value_len = buf.get_u32() as usize;
             if buf.remaining() < value_len {
                 return Err(truncated());
             }
             let value = HeaderValue::from_bytes(&buf[..value_len])
-                .map_err(|err| Error::codec("a cached header value is invalid", err))?;
+                .map_err(|err| CacheError::codec("a cached header value is invalid", err))?;
             buf.advance(value_len);
             headers.append(name, value);
         }
@@ -343,14 +345,14 @@ mod tests {
             good.slice(..12),
         ] {
             let result: Result<http::Response<Bytes>> = HttpCodec.decode(bad.clone());
-            assert!(matches!(result, Err(Error::Codec { .. })), "{bad:?}");
+            assert!(matches!(result, Err(CacheError::Codec { .. })), "{bad:?}");
         }
     }
 
     #[test]
     fn json_mismatches_are_codec_errors() {
         let result: Result<Vec<u32>> = JsonCodec.decode(Bytes::from_static(b"not json"));
-        assert!(matches!(result, Err(Error::Codec { .. })));
+        assert!(matches!(result, Err(CacheError::Codec { .. })));
     }
 
     proptest! {

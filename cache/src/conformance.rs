@@ -5,12 +5,12 @@
 //! [`cache_conformance!`](crate::cache_conformance) with a factory that
 //! builds your cache for a namespace (a fresh name for each case; two calls
 //! with the same name must give handles on the same data when the cache is
-//! [`shared`](crate::Capabilities::shared)). Each case becomes its own
-//! `#[tokio::test]`, gated on the cache's [`Capabilities`]:
+//! [`shared`](crate::CacheCapabilities::shared)). Each case becomes its own
+//! `#[tokio::test]`, gated on the cache's [`CacheCapabilities`]:
 //!
 //! ```no_run
 //! keel_cache::cache_conformance!(moka, |_namespace: String| async move {
-//!     keel_cache::conformance::Subject::new(keel_cache::MokaCache::new(Default::default()).unwrap())
+//!     keel_cache::conformance::CacheSubject::new(keel_cache::MokaCache::new(Default::default()).unwrap())
 //! });
 //! ```
 //!
@@ -25,21 +25,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::{Cache, CacheExt, Capabilities, Error};
+use crate::{Cache, CacheCapabilities, CacheError, CacheExt};
 
 /// A cache under test, with whatever must live as long as the test (a
 /// clean-up guard that deletes the namespace's keys, a spawned server…).
 #[derive(Debug)]
-pub struct Subject {
+pub struct CacheSubject {
     /// The cache under test.
     pub cache: Arc<dyn Cache>,
     guard: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
 }
 
-impl Subject {
+impl CacheSubject {
     /// A subject with no guard.
     pub fn new(cache: impl Cache) -> Self {
-        Subject {
+        CacheSubject {
             cache: Arc::new(cache),
             guard: None,
         }
@@ -65,7 +65,7 @@ pub fn namespace(case: &str) -> String {
 const SLACK: Duration = Duration::from_secs(3);
 const LONG: Duration = Duration::from_secs(60);
 
-fn caps(subject: &Subject) -> Capabilities {
+fn caps(subject: &CacheSubject) -> CacheCapabilities {
     subject.cache.capabilities()
 }
 
@@ -85,7 +85,7 @@ async fn wait_until_gone(cache: &dyn Cache, key: &str, within: Duration) -> Dura
 }
 
 /// Binary values round-trip exactly; a missing key is `None`.
-pub async fn round_trip<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn round_trip<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>(make: F) {
     let s = make(namespace("round-trip")).await;
     let value = Bytes::from_static(b"\x00\xff binary \xc3\x28 value");
     assert_eq!(s.cache.get("k").await.unwrap(), None);
@@ -96,7 +96,7 @@ pub async fn round_trip<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(mak
 }
 
 /// A second `set` replaces the value.
-pub async fn overwrite<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn overwrite<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>(make: F) {
     let s = make(namespace("overwrite")).await;
     s.cache.set("k", "one".into(), LONG).await.unwrap();
     s.cache.set("k", "two".into(), LONG).await.unwrap();
@@ -107,7 +107,7 @@ pub async fn overwrite<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make
 }
 
 /// `delete` removes a key; deleting a missing key is fine.
-pub async fn delete<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn delete<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>(make: F) {
     let s = make(namespace("delete")).await;
     s.cache.set("k", "v".into(), LONG).await.unwrap();
     s.cache.set("other", "v".into(), LONG).await.unwrap();
@@ -118,7 +118,7 @@ pub async fn delete<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: F
 }
 
 /// A value is there before its TTL and gone after it.
-pub async fn ttl_expires<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn ttl_expires<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>(make: F) {
     let s = make(namespace("ttl")).await;
     let ttl = Duration::from_millis(400);
     let written = Instant::now();
@@ -138,7 +138,7 @@ pub async fn ttl_expires<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(ma
 }
 
 /// `set` again renews the TTL.
-pub async fn set_renews_ttl<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn set_renews_ttl<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>(make: F) {
     let s = make(namespace("renew")).await;
     s.cache
         .set("k", "v".into(), Duration::from_millis(300))
@@ -151,7 +151,7 @@ pub async fn set_renews_ttl<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>
 
 /// A zero TTL is an `InvalidArgument` and stores nothing; sub-millisecond
 /// TTLs round up to 1 ms (accepted, and gone soon after).
-pub async fn ttl_edges<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn ttl_edges<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>(make: F) {
     let s = make(namespace("ttl-edges")).await;
     let err = s
         .cache
@@ -159,7 +159,7 @@ pub async fn ttl_edges<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::InvalidArgument { name: "ttl", .. }),
+        matches!(err, CacheError::InvalidArgument { name: "ttl", .. }),
         "zero TTL: {err:?}"
     );
     assert_eq!(s.cache.get("zero").await.unwrap(), None);
@@ -168,7 +168,7 @@ pub async fn ttl_edges<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make
         .set_many(&[("zero-many", "v".into())], Duration::ZERO)
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument { .. }), "{err:?}");
+    assert!(matches!(err, CacheError::InvalidArgument { .. }), "{err:?}");
     assert_eq!(s.cache.get("zero-many").await.unwrap(), None);
     s.cache
         .set("tiny", "v".into(), Duration::from_nanos(1))
@@ -180,11 +180,11 @@ pub async fn ttl_edges<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make
         .set("forever", "v".into(), Duration::MAX)
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument { .. }), "{err:?}");
+    assert!(matches!(err, CacheError::InvalidArgument { .. }), "{err:?}");
 }
 
 /// Arbitrary UTF-8 keys are stored verbatim and kept apart.
-pub async fn arbitrary_keys<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn arbitrary_keys<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>(make: F) {
     let s = make(namespace("keys")).await;
     let long = "ü".repeat(2_000);
     let keys = [
@@ -210,7 +210,7 @@ pub async fn arbitrary_keys<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>
 }
 
 /// A 1 MiB value round-trips.
-pub async fn large_value<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn large_value<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>(make: F) {
     let s = make(namespace("large")).await;
     let value: Bytes = (0..(1usize << 20)).map(|i| (i % 251) as u8).collect();
     s.cache.set("big", value.clone(), LONG).await.unwrap();
@@ -219,7 +219,7 @@ pub async fn large_value<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(ma
 
 /// `get_many` answers in order with `None` for missing keys; `set_many`
 /// stores every pair.
-pub async fn batches<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn batches<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>(make: F) {
     let s = make(namespace("batches")).await;
     let pairs: Vec<(String, Bytes)> = (0..50)
         .map(|i| (format!("k{i}"), Bytes::from(format!("v{i}"))))
@@ -244,7 +244,7 @@ pub async fn batches<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: 
 
 /// Typed values through [`CacheExt`]; bytes of the wrong shape are a codec
 /// error.
-pub async fn typed_json<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn typed_json<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>(make: F) {
     let s = make(namespace("json")).await;
     let value = serde_json::json!({"model": "m", "tokens": [1, 2, 3]});
     s.cache.set_json("j", &value, LONG).await.unwrap();
@@ -256,7 +256,7 @@ pub async fn typed_json<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(mak
         .get_json::<serde_json::Value>("raw")
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Codec { .. }), "{err:?}");
+    assert!(matches!(err, CacheError::Codec { .. }), "{err:?}");
 }
 
 /// Two namespaces never see each other's keys.
@@ -264,7 +264,9 @@ pub async fn typed_json<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(mak
 /// A real check where namespaces share storage (Redis, `PrefixCache`); a
 /// backend whose factory builds a new in-process cache per namespace (moka,
 /// `Tiered` over moka) passes it by construction.
-pub async fn namespace_isolation<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn namespace_isolation<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>(
+    make: F,
+) {
     let a = make(namespace("iso-a")).await;
     let b = make(namespace("iso-b")).await;
     a.cache.set("k", "a".into(), LONG).await.unwrap();
@@ -279,7 +281,7 @@ pub async fn namespace_isolation<F: Fn(String) -> Fut, Fut: Future<Output = Subj
 /// deletes. A cache that is not shared across processes (capability
 /// `shared` false) makes no promise about a second handle; it must still
 /// see its own writes and deletes.
-pub async fn shared_handles<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn shared_handles<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>(make: F) {
     let ns = namespace("shared");
     let a = make(ns.clone()).await;
     let b = make(ns).await;
@@ -297,13 +299,13 @@ pub async fn shared_handles<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>
 }
 
 /// `ping` answers.
-pub async fn ping<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn ping<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>(make: F) {
     let s = make(namespace("ping")).await;
     s.cache.ping().await.unwrap();
 }
 
 /// 8 tasks × 100 keys written and read concurrently: every value reads back.
-pub async fn concurrent_writers<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn concurrent_writers<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>(make: F) {
     let s = make(namespace("concurrent")).await;
     let mut tasks = Vec::new();
     for t in 0..8 {
@@ -327,7 +329,9 @@ pub async fn concurrent_writers<F: Fn(String) -> Fut, Fut: Future<Output = Subje
 
 /// Operations dropped mid-flight leave the cache usable and consistent:
 /// every later read answers the value of its own key.
-pub async fn cancelled_operations<F: Fn(String) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn cancelled_operations<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>(
+    make: F,
+) {
     let s = make(namespace("cancel")).await;
     for i in 0..20 {
         s.cache
@@ -356,7 +360,7 @@ pub async fn cancelled_operations<F: Fn(String) -> Fut, Fut: Future<Output = Sub
 
 /// Expands the whole suite into one `#[tokio::test]` per case in a module
 /// named `$module`, for the cache built by `$make`: a closure from a
-/// namespace (`String`) to a future of [`Subject`].
+/// namespace (`String`) to a future of [`CacheSubject`].
 #[macro_export]
 macro_rules! cache_conformance {
     ($module:ident, $make:expr) => {

@@ -1,4 +1,4 @@
-//! The errors of `keel-cache`: the cache's own [`Error`], and
+//! The errors of `keel-cache`: the cache's own [`CacheError`], and
 //! [`LoadFailed`], what a loading read answers (the caller's own error,
 //! typed, or the cache's).
 
@@ -15,7 +15,7 @@ pub use keel_core::BoxError;
 /// What went wrong in a cache operation.
 ///
 /// Every variant says whether trying again can help
-/// ([`Error::is_retryable`]) and what kind of failure it is in the terms
+/// ([`CacheError::is_retryable`]) and what kind of failure it is in the terms
 /// every Keel crate shares ([`KeelError::kind`]). Backend errors are
 /// classified into these variants in exactly one place per backend; no
 /// backend library type appears here (a Redis failure is the `#[source]`,
@@ -26,7 +26,7 @@ pub use keel_core::BoxError;
 /// these when the cache itself could not produce a value.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum Error {
+pub enum CacheError {
     /// The backend could not be reached, dropped the connection, or is
     /// coming back (Redis `LOADING`, a failover). Kind
     /// [`ErrorKind::Unavailable`]; retryable.
@@ -89,7 +89,7 @@ pub enum Error {
     LoaderPanicked,
 }
 
-impl Error {
+impl CacheError {
     /// Whether trying the same operation again may succeed.
     ///
     /// An exhaustive match with no `_` arm: a new variant forces a decision.
@@ -98,71 +98,71 @@ impl Error {
     /// slow this time, and the caller's deadline is the caller's to check.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Unavailable { .. } => true,
-            Error::Timeout(_) => true,
-            Error::Codec { .. } => false,
-            Error::InvalidArgument { .. } => false,
-            Error::InvalidConfig(_) => false,
-            Error::Backend { .. } => false,
-            Error::LoadTimeout(_) => true,
-            Error::LoaderPanicked => false,
+            CacheError::Unavailable { .. } => true,
+            CacheError::Timeout(_) => true,
+            CacheError::Codec { .. } => false,
+            CacheError::InvalidArgument { .. } => false,
+            CacheError::InvalidConfig(_) => false,
+            CacheError::Backend { .. } => false,
+            CacheError::LoadTimeout(_) => true,
+            CacheError::LoaderPanicked => false,
         }
     }
 
     #[allow(dead_code)] // used by the network backends and the chaos decorator
     pub(crate) fn unavailable(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        Error::Unavailable {
+        CacheError::Unavailable {
             message: message.into(),
             source: Some(source.into()),
         }
     }
 
     pub(crate) fn codec(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        Error::Codec {
+        CacheError::Codec {
             message: message.into(),
             source: Some(source.into()),
         }
     }
 
     pub(crate) fn argument(name: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument {
+        CacheError::InvalidArgument {
             name,
             reason: reason.into(),
         }
     }
 
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidConfig(ConfigError::new(field, reason))
+        CacheError::InvalidConfig(ConfigError::new(field, reason))
     }
 }
 
-impl KeelError for Error {
+impl KeelError for CacheError {
     /// An exhaustive match with no `_` arm: a new variant forces a decision.
     fn kind(&self) -> ErrorKind {
         match self {
-            Error::Unavailable { .. } => ErrorKind::Unavailable { retry_after: None },
-            Error::Timeout(_) | Error::LoadTimeout(_) => ErrorKind::DeadlineExceeded,
-            Error::InvalidArgument { .. } => ErrorKind::InvalidInput,
-            Error::Codec { .. }
-            | Error::InvalidConfig(_)
-            | Error::Backend { .. }
-            | Error::LoaderPanicked => ErrorKind::Internal,
+            CacheError::Unavailable { .. } => ErrorKind::Unavailable { retry_after: None },
+            CacheError::Timeout(_) | CacheError::LoadTimeout(_) => ErrorKind::DeadlineExceeded,
+            CacheError::InvalidArgument { .. } => ErrorKind::InvalidInput,
+            CacheError::Codec { .. }
+            | CacheError::InvalidConfig(_)
+            | CacheError::Backend { .. }
+            | CacheError::LoaderPanicked => ErrorKind::Internal,
         }
     }
 
     fn is_retryable(&self) -> bool {
-        Error::is_retryable(self)
+        CacheError::is_retryable(self)
     }
 }
 
-keel_core::register_error_kind!(Error);
+keel_core::register_error_kind!(CacheError);
 
-/// `Result` with the cache's [`Error`].
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+/// `Result` with the cache's [`CacheError`].
+pub(crate) type Result<T, E = CacheError> = std::result::Result<T, E>;
 
 /// Why a loading read ([`Tiered::get_or_load`](crate::Tiered::get_or_load)
-/// and its variants) produced no value: the loader's own error `E`, typed,
-/// a failure remembered by negative caching, or the cache's own [`Error`].
+/// and its variants) produced no value: the loader's own error `E`, typed, a
+/// failure remembered by negative caching, or the cache's own [`CacheError`].
 /// Never a string standing in for your error.
 ///
 /// `E` is shared: every caller coalesced onto one load gets the same
@@ -174,7 +174,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> keel_cache::Result<()> {
+/// # async fn main() -> Result<(), keel_cache::CacheError> {
 /// use keel_cache::{LoadFailed, Tiered, TieredConfig};
 ///
 /// #[derive(Debug, thiserror::Error)]
@@ -205,11 +205,11 @@ pub enum LoadFailed<E> {
     /// another process through L2, so only its kind and message remain.
     Cached(CachedFailure),
     /// The cache could not produce a value: the loader exceeded the hard
-    /// timeout ([`Error::LoadTimeout`]) or panicked
-    /// ([`Error::LoaderPanicked`]), an argument was invalid
-    /// ([`Error::InvalidArgument`]), or a value did not encode or decode
-    /// ([`Error::Codec`]). Never an L2 failure: those are misses.
-    Cache(Error),
+    /// timeout ([`CacheError::LoadTimeout`]) or panicked
+    /// ([`CacheError::LoaderPanicked`]), an argument was invalid
+    /// ([`CacheError::InvalidArgument`]), or a value did not encode or decode
+    /// ([`CacheError::Codec`]). Never an L2 failure: those are misses.
+    Cache(CacheError),
 }
 
 impl<E> LoadFailed<E> {
@@ -231,7 +231,7 @@ impl<E> LoadFailed<E> {
     }
 
     /// The cache's own error, if that is what this is.
-    pub fn cache_error(&self) -> Option<&Error> {
+    pub fn cache_error(&self) -> Option<&CacheError> {
         match self {
             LoadFailed::Cache(err) => Some(err),
             LoadFailed::Loader(_) | LoadFailed::Cached(_) => None,
@@ -248,7 +248,7 @@ impl<E: std::error::Error + Send + Sync + 'static> LoadFailed<E> {
     /// Whether trying again can help: the loader error's kind says (see
     /// [`KeelError::is_retryable`]); a cached failure is not retryable (the
     /// same answer comes back until its negative TTL lapses); the cache's
-    /// own error says for itself ([`Error::is_retryable`]).
+    /// own error says for itself ([`CacheError::is_retryable`]).
     pub fn is_retryable(&self) -> bool {
         match self {
             LoadFailed::Loader(err) => loader_retryable(err.as_ref()),
@@ -386,30 +386,30 @@ mod tests {
 
     #[test]
     fn retryability_and_kinds() {
-        assert!(Error::Timeout(Duration::from_millis(50)).is_retryable());
+        assert!(CacheError::Timeout(Duration::from_millis(50)).is_retryable());
         assert_eq!(
-            Error::Timeout(Duration::from_millis(50)).kind(),
+            CacheError::Timeout(Duration::from_millis(50)).kind(),
             ErrorKind::DeadlineExceeded
         );
-        let config = Error::config("ttl", "must be > 0");
+        let config = CacheError::config("ttl", "must be > 0");
         assert!(!config.is_retryable());
         assert_eq!(config.kind(), ErrorKind::Internal);
-        let boxed: BoxError = Box::new(Error::unavailable("down", "refused"));
+        let boxed: BoxError = Box::new(CacheError::unavailable("down", "refused"));
         assert_eq!(
             keel_core::kind_of(boxed.as_ref()),
             ErrorKind::Unavailable { retry_after: None }
         );
         assert_eq!(
-            Error::argument("ttl", "zero").kind(),
+            CacheError::argument("ttl", "zero").kind(),
             ErrorKind::InvalidInput
         );
-        assert!(Error::LoadTimeout(Duration::from_secs(1)).is_retryable());
-        assert!(!Error::LoaderPanicked.is_retryable());
+        assert!(CacheError::LoadTimeout(Duration::from_secs(1)).is_retryable());
+        assert!(!CacheError::LoaderPanicked.is_retryable());
     }
 
     #[test]
     fn config_error_names_the_field() {
-        let msg = Error::config("l1_ttl", "must not exceed `ttl`").to_string();
+        let msg = CacheError::config("l1_ttl", "must not exceed `ttl`").to_string();
         assert!(msg.contains("`l1_ttl`"), "{msg}");
     }
 
@@ -447,10 +447,13 @@ mod tests {
         assert_eq!(keel_core::kind_of(boxed.as_ref()), ErrorKind::NotFound);
 
         let timeout: LoadFailed<NoSuchModel> =
-            LoadFailed::Cache(Error::LoadTimeout(Duration::from_secs(1)));
+            LoadFailed::Cache(CacheError::LoadTimeout(Duration::from_secs(1)));
         assert_eq!(timeout.kind(), ErrorKind::DeadlineExceeded);
         assert!(timeout.is_retryable());
-        assert!(matches!(timeout.cache_error(), Some(Error::LoadTimeout(_))));
+        assert!(matches!(
+            timeout.cache_error(),
+            Some(CacheError::LoadTimeout(_))
+        ));
     }
 
     #[test]

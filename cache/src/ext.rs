@@ -8,19 +8,19 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::cache::Cache;
-use crate::error::{Error, Result};
+use crate::error::{CacheError, Result};
 
 /// Encodes `value` as JSON bytes.
 pub(crate) fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Bytes> {
     serde_json::to_vec(value)
         .map(Bytes::from)
-        .map_err(|err| Error::codec("could not encode the value as JSON", err))
+        .map_err(|err| CacheError::codec("could not encode the value as JSON", err))
 }
 
 /// Decodes JSON bytes as `T`.
 pub(crate) fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes)
-        .map_err(|err| Error::codec("could not decode the cached value as JSON", err))
+        .map_err(|err| CacheError::codec("could not decode the cached value as JSON", err))
 }
 
 /// Typed conveniences over any [`Cache`].
@@ -30,7 +30,7 @@ pub(crate) fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> keel_cache::Result<()> {
+/// # async fn main() -> Result<(), keel_cache::CacheError> {
 /// use std::time::Duration;
 /// use keel_cache::{CacheExt, MokaCache};
 ///
@@ -46,8 +46,8 @@ pub trait CacheExt: Cache {
     ///
     /// # Errors
     ///
-    /// As [`Cache::get`], and [`Error::Codec`] when the stored bytes are not
-    /// JSON of type `T`.
+    /// As [`Cache::get`], and [`CacheError::Codec`] when the stored bytes are
+    /// not JSON of type `T`.
     ///
     /// # Cancel safety
     ///
@@ -63,7 +63,7 @@ pub trait CacheExt: Cache {
     ///
     /// # Errors
     ///
-    /// [`Error::Codec`] when `value` cannot be serialized, else as
+    /// [`CacheError::Codec`] when `value` cannot be serialized, else as
     /// [`Cache::set`].
     ///
     /// # Cancel safety

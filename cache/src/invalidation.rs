@@ -36,9 +36,10 @@ pub trait InvalidationBus: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::Unavailable`](crate::Error::Unavailable) or
-    /// [`Error::Timeout`](crate::Error::Timeout) when the message could not
-    /// be sent; other instances keep their L1 copy until its `l1_ttl` lapses.
+    /// [`CacheError::Unavailable`](crate::CacheError::Unavailable) or
+    /// [`CacheError::Timeout`](crate::CacheError::Timeout) when the message
+    /// could not be sent; other instances keep their L1 copy until its
+    /// `l1_ttl` lapses.
     ///
     /// # Cancel safety
     ///
@@ -67,7 +68,8 @@ impl LocalBus {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming `capacity` when it is zero.
+    /// [`CacheError::InvalidConfig`](crate::CacheError::InvalidConfig) naming
+    /// `capacity` when it is zero.
     pub fn new(capacity: usize) -> Result<Self> {
         validate::at_least("capacity", capacity, 1)?;
         Ok(LocalBus {

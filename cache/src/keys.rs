@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+use crate::error::{CacheError, Result};
 
 /// The format version baked into every key; a change of canonical form
 /// bumps it, so old and new keys never collide.
@@ -56,7 +56,7 @@ const VERSION: &str = "v1";
 ///     .build();
 /// assert_eq!(a, b);
 /// assert!(a.starts_with("inf:v1:llama-3.1-8b@2024-07:"));
-/// # Ok::<(), keel_cache::Error>(())
+/// # Ok::<(), keel_cache::CacheError>(())
 /// ```
 #[derive(Clone, Debug, Default)]
 #[must_use]
@@ -86,11 +86,11 @@ impl InferenceKey {
     ///
     /// # Errors
     ///
-    /// [`Error::Codec`] when `value` cannot be serialized. Non-finite
+    /// [`CacheError::Codec`] when `value` cannot be serialized. Non-finite
     /// floats become `null`, as in JSON.
     pub fn param(mut self, name: impl Into<String>, value: impl Serialize) -> Result<Self> {
         let value = serde_json::to_value(value)
-            .map_err(|err| Error::codec("could not encode the parameter", err))?;
+            .map_err(|err| CacheError::codec("could not encode the parameter", err))?;
         let mut canonical = String::new();
         write_canonical(&value, &mut canonical);
         self.params.insert(name.into(), canonical);

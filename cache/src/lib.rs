@@ -26,14 +26,14 @@ pub mod chaos;
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 
-pub use cache::{Cache, Capabilities, MAX_TTL, normalize_ttl};
+pub use cache::{Cache, CacheCapabilities, MAX_TTL, normalize_ttl};
 pub use codec::{BytesCodec, Codec, HttpCodec, JsonCodec};
-pub use error::{BoxError, CachedFailure, Error, LoadFailed, Result};
+pub use error::{BoxError, CacheError, CachedFailure, LoadFailed};
 pub use ext::CacheExt;
 pub use invalidation::{BusEvent, InvalidationBus, LocalBus};
 pub use keys::InferenceKey;
 #[cfg(feature = "moka")]
-pub use layer::{CacheLayer, CacheService, ResponseFuture, ServiceError};
+pub use layer::{CacheFuture, CacheLayer, CacheService, ServiceError};
 #[cfg(feature = "moka")]
 pub use moka::{MokaCache, MokaCacheConfig};
 pub use prefix::PrefixCache;

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::cache::{Cache, Capabilities, normalize_ttl};
+use crate::cache::{Cache, CacheCapabilities, normalize_ttl};
 use crate::error::Result;
 use keel_core::validate;
 
@@ -62,7 +62,8 @@ impl MokaCacheConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the field.
+    /// [`CacheError::InvalidConfig`](crate::CacheError::InvalidConfig) naming
+    /// the field.
     pub fn validate(&self) -> Result<()> {
         validate::at_least("max_capacity_bytes", self.max_capacity_bytes, 1)?;
         Ok(())
@@ -106,14 +107,14 @@ impl moka::Expiry<String, Stored> for PerEntryTtl {
 /// An in-process cache on [moka](https://docs.rs/moka)'s future cache, with
 /// capacity bounded by size (bytes of keys and values) and a TTL per entry.
 ///
-/// Cloning is cheap and clones share the entries; separate `MokaCache`s
-/// never share anything ([`Capabilities::shared`] is `false`). moka keeps
-/// its own clock, so its expiry follows real time even in tests that pause
+/// Cloning is cheap and clones share the entries; separate `MokaCache`s never
+/// share anything ([`CacheCapabilities::shared`] is `false`). moka keeps its
+/// own clock, so its expiry follows real time even in tests that pause
 /// Tokio's clock.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> keel_cache::Result<()> {
+/// # async fn main() -> Result<(), keel_cache::CacheError> {
 /// use std::time::Duration;
 /// use keel_cache::{Cache, MokaCache, MokaCacheConfig};
 ///
@@ -143,7 +144,8 @@ impl MokaCache {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming a bad field.
+    /// [`CacheError::InvalidConfig`](crate::CacheError::InvalidConfig) naming
+    /// a bad field.
     pub fn new(config: MokaCacheConfig) -> Result<Self> {
         config.validate()?;
         let inner = moka::future::Cache::builder()
@@ -184,8 +186,8 @@ impl Cache for MokaCache {
         Ok(())
     }
 
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
+    fn capabilities(&self) -> CacheCapabilities {
+        CacheCapabilities::default()
     }
 
     async fn ping(&self) -> Result<()> {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::cache::{Cache, Capabilities};
+use crate::cache::{Cache, CacheCapabilities};
 use crate::error::Result;
 
 /// A [`Cache`] that prefixes every key with a namespace before handing it to
@@ -19,7 +19,7 @@ use crate::error::Result;
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> keel_cache::Result<()> {
+/// # async fn main() -> Result<(), keel_cache::CacheError> {
 /// use std::sync::Arc;
 /// use std::time::Duration;
 /// use keel_cache::{Cache, MokaCache, PrefixCache};
@@ -94,7 +94,7 @@ impl<C: Cache> Cache for PrefixCache<C> {
         self.inner.set_many(&refs, ttl).await
     }
 
-    fn capabilities(&self) -> Capabilities {
+    fn capabilities(&self) -> CacheCapabilities {
         self.inner.capabilities()
     }
 

@@ -1,4 +1,4 @@
-//! The `Chaos` decorator: transparent with faults off (the whole
+//! The `ChaosCache` decorator: transparent with faults off (the whole
 //! conformance suite passes through it), reproducible by seed, and the
 //! faults it injects are absorbed by `Tiered`.
 #![cfg(all(feature = "chaos", feature = "moka"))]
@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use keel_cache::chaos::{Chaos, ChaosConfig};
-use keel_cache::conformance::Subject;
-use keel_cache::{Cache, Error, MokaCache, Tiered, TieredConfig};
+use keel_cache::chaos::{ChaosCache, ChaosConfig};
+use keel_cache::conformance::CacheSubject;
+use keel_cache::{Cache, CacheError, MokaCache, Tiered, TieredConfig};
 use tokio::time::Instant;
 
 mod support;
@@ -22,12 +22,12 @@ fn moka() -> MokaCache {
 }
 
 keel_cache::cache_conformance!(chaos_off, |_namespace: String| async move {
-    Subject::new(Chaos::new(moka(), ChaosConfig::new(7)).expect("valid config"))
+    CacheSubject::new(ChaosCache::new(moka(), ChaosConfig::new(7)).expect("valid config"))
 });
 
 keel_cache::cache_conformance!(tiered_over_chaos_off, |_namespace: String| async move {
-    let l2 = Chaos::new(moka(), ChaosConfig::new(7)).expect("valid config");
-    Subject::new(
+    let l2 = ChaosCache::new(moka(), ChaosConfig::new(7)).expect("valid config");
+    CacheSubject::new(
         Tiered::builder(TieredConfig::new("conformance"))
             .l2(l2)
             .build()
@@ -37,7 +37,7 @@ keel_cache::cache_conformance!(tiered_over_chaos_off, |_namespace: String| async
 
 /// The outcome of each of `n` sequential `get`s: `true` for an error.
 async fn error_pattern(seed: u64, n: usize) -> Vec<bool> {
-    let chaos = Chaos::new(moka(), ChaosConfig::new(seed).error_rate(0.5)).unwrap();
+    let chaos = ChaosCache::new(moka(), ChaosConfig::new(seed).error_rate(0.5)).unwrap();
     let mut pattern = Vec::with_capacity(n);
     for i in 0..n {
         pattern.push(chaos.get(&format!("k{i}")).await.is_err());
@@ -58,12 +58,12 @@ async fn the_same_seed_injects_the_same_faults() {
 
 #[tokio::test(start_paused = true)]
 async fn faults_are_what_they_say() {
-    let chaos = Chaos::new(moka(), ChaosConfig::new(1).error_rate(1.0)).unwrap();
+    let chaos = ChaosCache::new(moka(), ChaosConfig::new(1).error_rate(1.0)).unwrap();
     let err = chaos
         .set("k", "v".into(), Duration::from_secs(60))
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Unavailable { .. }) && err.is_retryable());
+    assert!(matches!(err, CacheError::Unavailable { .. }) && err.is_retryable());
     assert_eq!(
         chaos.inner().get("k").await.unwrap(),
         None,
@@ -87,13 +87,13 @@ async fn faults_are_what_they_say() {
 
     // Latency on every call.
     chaos
-        .set_config(ChaosConfig::new(1).latency(1.0, Duration::from_millis(300)))
+        .set_config(ChaosConfig::new(1).latency(Duration::from_millis(300)))
         .unwrap();
     let start = Instant::now();
     assert!(chaos.get("k").await.unwrap().is_some());
     assert_eq!(start.elapsed(), Duration::from_millis(300));
 
-    let stats = chaos.stats();
+    let stats = chaos.injected();
     assert_eq!(
         (stats.calls, stats.errors, stats.dropped, stats.delayed),
         (3, 1, 1, 1)
@@ -103,7 +103,7 @@ async fn faults_are_what_they_say() {
             .set_config(ChaosConfig::new(1).error_rate(2.0))
             .is_err()
     );
-    assert!(Chaos::new(moka(), ChaosConfig::new(1).latency(-0.1, Duration::ZERO)).is_err());
+    assert!(ChaosCache::new(moka(), ChaosConfig::new(1).latency_rate(-0.1)).is_err());
 }
 
 fn config() -> TieredConfig {
@@ -131,7 +131,7 @@ fn origin(
 #[tokio::test(start_paused = true)]
 async fn an_l2_failing_every_call_costs_no_request() {
     let counts = Counting::default();
-    let l2 = Arc::new(Chaos::new(moka(), ChaosConfig::new(3).error_rate(1.0)).unwrap());
+    let l2 = Arc::new(ChaosCache::new(moka(), ChaosConfig::new(3).error_rate(1.0)).unwrap());
     // A breaker that never opens, so every request meets the failing L2.
     let cache = counts.install(|| {
         Tiered::builder(config().breaker(u32::MAX, Duration::from_secs(1)))
@@ -152,7 +152,7 @@ async fn an_l2_failing_every_call_costs_no_request() {
         100,
         "every request from origin"
     );
-    let stats = l2.stats();
+    let stats = l2.injected();
     assert_eq!(stats.errors, 200, "a get and a set per request, all failed");
     let labels = |op| [("cache", "chaos"), ("op", op)];
     assert_eq!(
@@ -171,9 +171,11 @@ async fn an_l2_failing_every_call_costs_no_request() {
 #[tokio::test(start_paused = true)]
 async fn latency_spikes_on_half_the_l2_calls_stay_within_the_l2_timeout() {
     let l2 = Arc::new(
-        Chaos::new(
+        ChaosCache::new(
             moka(),
-            ChaosConfig::new(11).latency(0.5, Duration::from_secs(2)),
+            ChaosConfig::new(11)
+                .latency(Duration::from_secs(2))
+                .latency_rate(0.5),
         )
         .unwrap(),
     );
@@ -198,7 +200,7 @@ async fn latency_spikes_on_half_the_l2_calls_stay_within_the_l2_timeout() {
         slowest >= Duration::from_millis(50),
         "some calls were slowed"
     );
-    let stats = l2.stats();
+    let stats = l2.injected();
     assert!(
         (60..=140).contains(&stats.delayed),
         "{} of 200 delayed",
@@ -209,7 +211,7 @@ async fn latency_spikes_on_half_the_l2_calls_stay_within_the_l2_timeout() {
 
 #[tokio::test(start_paused = true)]
 async fn dropped_replies_cost_one_l2_timeout_and_the_write_still_lands() {
-    let l2 = Arc::new(Chaos::new(moka(), ChaosConfig::new(5).drop_rate(1.0)).unwrap());
+    let l2 = Arc::new(ChaosCache::new(moka(), ChaosConfig::new(5).drop_rate(1.0)).unwrap());
     let cache = Tiered::builder(config().breaker(u32::MAX, Duration::from_secs(1)))
         .l2(l2.clone())
         .build()
@@ -226,5 +228,5 @@ async fn dropped_replies_cost_one_l2_timeout_and_the_write_still_lands() {
         l2.inner().get("k").await.unwrap().is_some(),
         "the set reached L2"
     );
-    assert_eq!(l2.stats().dropped, 2);
+    assert_eq!(l2.injected().dropped, 2);
 }

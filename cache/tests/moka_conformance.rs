@@ -4,11 +4,11 @@
 
 use std::sync::{Arc, OnceLock};
 
-use keel_cache::conformance::Subject;
+use keel_cache::conformance::CacheSubject;
 use keel_cache::{MokaCache, PrefixCache};
 
 keel_cache::cache_conformance!(moka, |_namespace: String| async move {
-    Subject::new(MokaCache::new(Default::default()).expect("valid config"))
+    CacheSubject::new(MokaCache::new(Default::default()).expect("valid config"))
 });
 
 /// One moka cache under every `PrefixCache` case, so namespaces really share
@@ -21,7 +21,7 @@ fn shared_moka() -> Arc<MokaCache> {
 }
 
 keel_cache::cache_conformance!(prefix, |namespace: String| async move {
-    Subject::new(PrefixCache::new(shared_moka(), namespace))
+    CacheSubject::new(PrefixCache::new(shared_moka(), namespace))
 });
 
 keel_cache::cache_conformance!(tiered, |_namespace: String| async move {
@@ -30,11 +30,11 @@ keel_cache::cache_conformance!(tiered, |_namespace: String| async move {
         .l2(l2)
         .build()
         .expect("valid config");
-    Subject::new(tiered)
+    CacheSubject::new(tiered)
 });
 
 keel_cache::cache_conformance!(tiered_l1_only, |_namespace: String| async move {
-    Subject::new(
+    CacheSubject::new(
         keel_cache::Tiered::builder(keel_cache::TieredConfig::new("conformance"))
             .build()
             .expect("valid config"),

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use keel_cache::conformance::Subject;
+use keel_cache::conformance::CacheSubject;
 use keel_cache::{
     BusEvent, Cache, InvalidationBus, PrefixCache, RedisCache, RedisCacheConfig,
     RedisInvalidationBus, RedisInvalidationConfig,
@@ -34,12 +34,12 @@ async fn redis_cache(prefix: &str, namespace: &str) -> (RedisCache, Namespace) {
 
 keel_cache::cache_conformance!(redis, |namespace: String| async move {
     let (cache, cleanup) = redis_cache(&namespace, &namespace).await;
-    Subject::new(cache).with_guard(cleanup)
+    CacheSubject::new(cache).with_guard(cleanup)
 });
 
 keel_cache::cache_conformance!(redis_prefix, |namespace: String| async move {
     let (cache, cleanup) = redis_cache("keel-conf-shared-", &namespace).await;
-    Subject::new(PrefixCache::new(cache, namespace)).with_guard(cleanup)
+    CacheSubject::new(PrefixCache::new(cache, namespace)).with_guard(cleanup)
 });
 
 /// A cache on a pool built by the application (as a gateway shares one
@@ -63,7 +63,7 @@ async fn pooled_cache(namespace: &str) -> (RedisCache, Namespace) {
 
 keel_cache::cache_conformance!(redis_shared_pool, |namespace: String| async move {
     let (cache, cleanup) = pooled_cache(&namespace).await;
-    Subject::new(cache).with_guard(cleanup)
+    CacheSubject::new(cache).with_guard(cleanup)
 });
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use keel_cache::conformance::Subject;
+use keel_cache::conformance::CacheSubject;
 use keel_cache::{
     Cache, RedisCache, RedisCacheConfig, RedisInvalidationBus, RedisInvalidationConfig, Tiered,
     TieredConfig,
@@ -71,7 +71,7 @@ keel_cache::cache_conformance!(tiered_redis, |namespace: String| async move {
             .l2(redis_l2(&url, &ns, Duration::from_millis(500)))
             .build()
             .unwrap();
-    Subject::new(tiered).with_guard(ns)
+    CacheSubject::new(tiered).with_guard(ns)
 });
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

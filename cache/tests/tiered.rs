@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use keel_cache::chaos::{Chaos, ChaosConfig};
-use keel_cache::{Cache, Error, LoadFailed, LocalBus, MokaCache, Tiered, TieredConfig};
+use keel_cache::chaos::{ChaosCache, ChaosConfig};
+use keel_cache::{Cache, CacheError, LoadFailed, LocalBus, MokaCache, Tiered, TieredConfig};
 use keel_core::{ErrorKind, KeelError};
 use tokio::time::Instant;
 
@@ -238,7 +238,7 @@ async fn hard_timeout_bounds_a_miss_and_stale_survives_a_hung_refresh() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, LoadFailed::Cache(Error::LoadTimeout(_))),
+        matches!(err, LoadFailed::Cache(CacheError::LoadTimeout(_))),
         "{err:?}"
     );
     assert!(err.is_retryable());
@@ -434,7 +434,7 @@ async fn a_panicking_loader_is_a_load_error_and_the_key_recovers() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, LoadFailed::Cache(Error::LoaderPanicked)),
+        matches!(err, LoadFailed::Cache(CacheError::LoaderPanicked)),
         "{err:?}"
     );
     let origin = Origin::default();
@@ -533,9 +533,9 @@ async fn invalidation_reaches_a_second_instance() {
 }
 
 /// An L2 behind a chaos decorator with faults off; tests turn them on.
-fn chaotic_l2() -> Arc<Chaos<MokaCache>> {
+fn chaotic_l2() -> Arc<ChaosCache<MokaCache>> {
     Arc::new(
-        Chaos::new(
+        ChaosCache::new(
             MokaCache::new(Default::default()).unwrap(),
             ChaosConfig::new(1),
         )
@@ -544,7 +544,7 @@ fn chaotic_l2() -> Arc<Chaos<MokaCache>> {
 }
 
 /// Sets the decorator's faults, keeping its seed.
-fn faults(l2: &Chaos<MokaCache>, configure: impl FnOnce(ChaosConfig) -> ChaosConfig) {
+fn faults(l2: &ChaosCache<MokaCache>, configure: impl FnOnce(ChaosConfig) -> ChaosConfig) {
     let seed = l2.config().seed;
     l2.set_config(configure(ChaosConfig::new(seed))).unwrap();
 }
@@ -580,7 +580,7 @@ async fn l2_outage_falls_through_to_origin_and_the_breaker_comes_back() {
     }
     assert_eq!(origin.calls(), 10);
     assert!(cache.l2_breaker_open());
-    let calls_when_open = l2.stats().calls;
+    let calls_when_open = l2.injected().calls;
     assert!(
         calls_when_open <= 3,
         "{calls_when_open} l2 calls before opening"
@@ -593,7 +593,7 @@ async fn l2_outage_falls_through_to_origin_and_the_breaker_comes_back() {
             .await
             .unwrap();
     }
-    assert_eq!(l2.stats().calls, calls_when_open);
+    assert_eq!(l2.injected().calls, calls_when_open);
 
     // L2 fails fast instead: after the cooldown the probe fails, it stays open.
     faults(&l2, |c| c.error_rate(1.0));

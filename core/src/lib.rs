@@ -3,6 +3,9 @@
 
 mod backoff;
 mod budget;
+#[cfg(feature = "chaos")]
+#[cfg_attr(docsrs, doc(cfg(feature = "chaos")))]
+pub mod chaos;
 mod deadline;
 mod endpoint;
 mod error;

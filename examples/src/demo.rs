@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use keel_cache::{Tiered, TieredConfig};
 use keel_queue::{Job, MemoryQueue, Queue, QueueConfig};
-use keel_scheduler::{Outcome as JobOutcome, WorkItem, Worker, WorkerConfig};
+use keel_scheduler::{JobOutcome, WorkItem, Worker, WorkerConfig};
 use tokio::time::Instant;
 
 use crate::fleet::{Fleet, InferenceRequest, NodeMode, NodeSpec};

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tower::ServiceBuilder;
 
 use crate::fleet::{FakeNode, Fleet, InferenceRequest, InferenceResponse, NodeError};
-use crate::report::{Ledger, Outcome};
+use crate::report::{Ledger, RequestResult};
 
 /// How long an interactive request may take, end to end.
 pub const INTERACTIVE_DEADLINE: Duration = Duration::from_secs(2);
@@ -223,7 +223,7 @@ impl KeelPipeline {
                     let response = scheduler.submit_request(ticket, http_request).await?;
                     match response.into_body() {
                         Some(answer) => Ok(answer.text.into_bytes().into()),
-                        None => Err(keel_scheduler::Error::Service(
+                        None => Err(keel_scheduler::SchedulerError::Service(
                             "the node answered an error".into(),
                         )),
                     }
@@ -232,7 +232,7 @@ impl KeelPipeline {
         };
         let attempts = attempts.0.load(Ordering::Relaxed);
         let outcome = match loaded {
-            Ok(_) => Outcome::Completed {
+            Ok(_) => RequestResult::Completed {
                 latency: offered_at.elapsed(),
                 attempts,
                 cache_hit: ran_loader.load(Ordering::Relaxed) == 0,
@@ -285,17 +285,17 @@ fn admission(request: InferenceRequest) -> (Ticket, NodeRequest) {
 
 /// One match over keel-core's vocabulary turns any Keel error into the
 /// demo's outcome.
-fn outcome_of(kind: ErrorKind, attempts: u32) -> Outcome {
-    let rejected = |reason: &str| Outcome::Rejected {
+fn outcome_of(kind: ErrorKind, attempts: u32) -> RequestResult {
+    let rejected = |reason: &str| RequestResult::Rejected {
         reason: reason.into(),
         attempts,
     };
     match kind {
-        ErrorKind::DeadlineExceeded | ErrorKind::Cancelled => Outcome::Expired { attempts },
+        ErrorKind::DeadlineExceeded | ErrorKind::Cancelled => RequestResult::Expired { attempts },
         ErrorKind::RateLimited { .. } => rejected("rate-limited"),
         ErrorKind::Overloaded { .. } => rejected("overloaded"),
         ErrorKind::QueueFull => rejected("queue-full"),
         ErrorKind::Unavailable { .. } => rejected("no-capacity"),
-        _ => Outcome::Failed { attempts },
+        _ => RequestResult::Failed { attempts },
     }
 }

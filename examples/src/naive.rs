@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::fleet::{Fleet, InferenceRequest};
-use crate::report::{Ledger, Outcome};
+use crate::report::{Ledger, RequestResult};
 
 /// Concurrent requests the naive gateway sends to nodes.
 const WORKERS: usize = 64;
@@ -67,14 +67,14 @@ impl NaivePipeline {
                                 .await;
                         match answer {
                             Ok(Ok(_)) => {
-                                break Outcome::Completed {
+                                break RequestResult::Completed {
                                     latency: item.offered_at.elapsed(),
                                     attempts,
                                     cache_hit: false,
                                 };
                             }
                             _ if attempts <= RETRIES => continue,
-                            _ => break Outcome::Failed { attempts },
+                            _ => break RequestResult::Failed { attempts },
                         }
                     };
                     ledger.record(item.phase, &outcome);

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 /// How one offered request ended. Every offered request ends in exactly one.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
+pub enum RequestResult {
     /// Answered, after `attempts` node calls (0 for a cache hit).
     Completed {
         /// Offer to answer.
@@ -38,13 +38,13 @@ pub enum Outcome {
     },
 }
 
-impl Outcome {
+impl RequestResult {
     fn attempts(&self) -> u32 {
         match self {
-            Outcome::Completed { attempts, .. }
-            | Outcome::Rejected { attempts, .. }
-            | Outcome::Expired { attempts }
-            | Outcome::Failed { attempts } => *attempts,
+            RequestResult::Completed { attempts, .. }
+            | RequestResult::Rejected { attempts, .. }
+            | RequestResult::Expired { attempts }
+            | RequestResult::Failed { attempts } => *attempts,
         }
     }
 }
@@ -109,24 +109,24 @@ impl Ledger {
     }
 
     /// Records a request's outcome (in the phase it was offered in).
-    pub fn record(&self, phase: usize, outcome: &Outcome) {
+    pub fn record(&self, phase: usize, outcome: &RequestResult) {
         let mut phases = self.phases.lock();
         let figures = &mut phases[phase];
         figures.outcomes += 1;
         figures.attempts += u64::from(outcome.attempts());
         match outcome {
-            Outcome::Completed {
+            RequestResult::Completed {
                 latency, cache_hit, ..
             } => {
                 figures.completed += 1;
                 figures.cache_hits += u64::from(*cache_hit);
                 figures.latencies_us.push(latency.as_micros() as u64);
             }
-            Outcome::Rejected { reason, .. } => {
+            RequestResult::Rejected { reason, .. } => {
                 *figures.rejected.entry(reason.clone()).or_default() += 1;
             }
-            Outcome::Expired { .. } => figures.expired += 1,
-            Outcome::Failed { .. } => figures.failed += 1,
+            RequestResult::Expired { .. } => figures.expired += 1,
+            RequestResult::Failed { .. } => figures.failed += 1,
         }
     }
 
@@ -339,13 +339,13 @@ mod tests {
         }
         ledger.record(
             0,
-            &Outcome::Completed {
+            &RequestResult::Completed {
                 latency: Duration::from_millis(10),
                 attempts: 2,
                 cache_hit: false,
             },
         );
-        ledger.record(0, &Outcome::Expired { attempts: 0 });
+        ledger.record(0, &RequestResult::Expired { attempts: 0 });
         let figures = &ledger.finish()[0];
         assert_eq!(
             (figures.completed, figures.expired, figures.lost),

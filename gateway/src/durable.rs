@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use keel_cache::Cache;
 use keel_core::{ConfigError, KeelError};
 use keel_queue::{Job, Queue, QueueConfig};
-use keel_scheduler::{Outcome, WorkItem, Worker, WorkerConfig, WorkerHandle};
+use keel_scheduler::{JobOutcome, WorkItem, Worker, WorkerConfig, WorkerHandle};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -368,18 +368,18 @@ struct Runner {
 }
 
 impl Runner {
-    async fn run(&self, item: WorkItem) -> Outcome {
+    async fn run(&self, item: WorkItem) -> JobOutcome {
         let job = match serde_json::from_slice::<GatewayJob>(&item.payload) {
             Ok(job) if !job.id.is_empty() => job,
-            Ok(_) => return Outcome::abort("a gateway job without an id"),
+            Ok(_) => return JobOutcome::abort("a gateway job without an id"),
             // Bytes that do not decode will never decode: dead-letter them.
-            Err(err) => return Outcome::abort(format!("not a gateway job: {err}")),
+            Err(err) => return JobOutcome::abort(format!("not a gateway job: {err}")),
         };
         let id = job.id.clone();
         let Some(pool) = self.pools.get(&job.model) else {
             let error = serde_json::json!({"message": format!("unknown model `{}`", job.model), "type": "invalid_request_error", "code": "model_not_found"});
             store(&*self.results, self.ttl, &JobRecord::Failed { id, error }).await;
-            return Outcome::abort("unknown model");
+            return JobOutcome::abort("unknown model");
         };
         let prepared = prepare(Call {
             path: &job.path,
@@ -393,14 +393,14 @@ impl Runner {
         });
         let Prepared { ticket, request } = match prepared {
             Ok(prepared) => prepared,
-            Err(err) => return Outcome::abort(format!("cannot build the request: {err}")),
+            Err(err) => return JobOutcome::abort(format!("cannot build the request: {err}")),
         };
         let answer = match self.admission.submit_request(ticket, request).await {
             Ok(answer) => answer,
             Err(err) => {
                 let kind = err.kind();
                 if kind.is_retryable() {
-                    return Outcome::retry(format!("upstream not available: {err}"));
+                    return JobOutcome::retry(format!("upstream not available: {err}"));
                 }
                 let error = GatewayError::keel(&err);
                 let body = serde_json::json!({"message": error.to_string(), "type": "server_error", "code": error.label()});
@@ -410,16 +410,16 @@ impl Runner {
                     &JobRecord::Failed { id, error: body },
                 )
                 .await;
-                return Outcome::abort(format!("failed: {err}"));
+                return JobOutcome::abort(format!("failed: {err}"));
             }
         };
         let (head, body) = answer.into_parts();
         let bytes = match body.collect().await {
             Ok(collected) => collected.to_bytes(),
-            Err(err) => return Outcome::retry(format!("the upstream failed mid-answer: {err}")),
+            Err(err) => return JobOutcome::retry(format!("the upstream failed mid-answer: {err}")),
         };
         if head.status.is_server_error() {
-            return Outcome::retry(format!("the upstream answered {}", head.status));
+            return JobOutcome::retry(format!("the upstream answered {}", head.status));
         }
         let result = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
@@ -433,6 +433,6 @@ impl Runner {
             },
         )
         .await;
-        Outcome::Ack
+        JobOutcome::Ack
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{HealthError, Result};
 use keel_core::FailureKind;
 use keel_core::validate;
 
@@ -120,12 +120,12 @@ impl HealthConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the field.
+    /// [`HealthError::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
         validate::non_empty("name", &self.name)?;
         validate::positive_duration("tick", self.tick)?;
         if self.max_ejection_percent > 100 {
-            return Err(Error::config(
+            return Err(HealthError::config(
                 "max_ejection_percent",
                 "must be between 0 and 100",
             ));
@@ -391,7 +391,7 @@ impl OutlierConfig {
 
     fn validate(&self) -> Result<()> {
         if self.consecutive_failures == Some(0) {
-            return Err(Error::config(
+            return Err(HealthError::config(
                 "outlier.consecutive_failures",
                 "must be at least 1 (or null to disable)",
             ));
@@ -399,16 +399,19 @@ impl OutlierConfig {
         if let Some(rate) = self.failure_rate
             && !(rate > 0.0 && rate <= 1.0)
         {
-            return Err(Error::config(
+            return Err(HealthError::config(
                 "outlier.failure_rate",
                 "must be in (0, 1] (or null to disable)",
             ));
         }
         if !(1..=60).contains(&self.buckets) {
-            return Err(Error::config("outlier.buckets", "must be between 1 and 60"));
+            return Err(HealthError::config(
+                "outlier.buckets",
+                "must be between 1 and 60",
+            ));
         }
         if self.window.is_zero() || self.bucket_width().is_zero() {
-            return Err(Error::config(
+            return Err(HealthError::config(
                 "outlier.window",
                 "must be greater than zero (and at least 1 ns per bucket)",
             ));
@@ -417,20 +420,20 @@ impl OutlierConfig {
         if let Some(factor) = self.latency_factor
             && !(factor > 1.0 && factor.is_finite())
         {
-            return Err(Error::config(
+            return Err(HealthError::config(
                 "outlier.latency_factor",
                 "must be a finite number above 1 (or null to disable)",
             ));
         }
         if self.latency_min_endpoints < 2 {
-            return Err(Error::config(
+            return Err(HealthError::config(
                 "outlier.latency_min_endpoints",
                 "must be at least 2 (a median of one is itself)",
             ));
         }
         validate::positive_duration("outlier.base_ejection", self.base_ejection)?;
         if self.base_ejection > self.max_ejection {
-            return Err(Error::config(
+            return Err(HealthError::config(
                 "outlier.base_ejection",
                 "must not exceed `outlier.max_ejection`",
             ));
@@ -484,7 +487,7 @@ impl BusyConfig {
     fn validate(&self) -> Result<()> {
         validate::ratio("busy.weight", self.weight)?;
         if self.cooldown > self.max_cooldown {
-            return Err(Error::config(
+            return Err(HealthError::config(
                 "busy.cooldown",
                 "must not exceed `busy.max_cooldown`",
             ));
@@ -553,10 +556,13 @@ impl SlowStartConfig {
 
     fn validate(&self) -> Result<()> {
         if !(self.min_weight > 0.0 && self.min_weight <= 1.0) {
-            return Err(Error::config("slow_start.min_weight", "must be in (0, 1]"));
+            return Err(HealthError::config(
+                "slow_start.min_weight",
+                "must be in (0, 1]",
+            ));
         }
         if !(self.aggression > 0.0 && self.aggression.is_finite()) {
-            return Err(Error::config(
+            return Err(HealthError::config(
                 "slow_start.aggression",
                 "must be a finite number above 0",
             ));
@@ -631,7 +637,7 @@ impl ClassThresholds {
 /// Closed: failures of each class are counted in a run (a success resets
 /// every run; busy outcomes touch nothing); a run reaching its class's
 /// threshold opens the breaker. Open: every request is refused at once with
-/// a retryable [`Error::Unavailable`] for `open_for`, doubling on each
+/// a retryable [`HealthError::Unavailable`] for `open_for`, doubling on each
 /// consecutive re-open up to `max_open_for`. Half-open: at most
 /// `half_open_trials` trial requests are admitted; when all of them succeed
 /// the breaker closes, and any failure (a trial running past
@@ -665,7 +671,7 @@ pub struct BreakerConfig {
     /// Default 1.
     pub half_open_trials: u32,
     /// A trial request still running after this fails (the breaker
-    /// re-opens and the caller gets [`Error::Timeout`]). Default 10 s.
+    /// re-opens and the caller gets [`HealthError::Timeout`]). Default 10 s.
     #[serde(with = "humantime_serde")]
     pub trial_timeout: Duration,
 }
@@ -728,12 +734,12 @@ impl BreakerConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the field.
+    /// [`HealthError::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
         validate::non_empty("name", &self.name)?;
         for kind in FailureKind::ALL {
             if self.thresholds.get(kind) == Some(0) {
-                return Err(Error::config(
+                return Err(HealthError::config(
                     "thresholds",
                     format!("the `{kind}` threshold must be at least 1 (or null)"),
                 ));
@@ -741,7 +747,10 @@ impl BreakerConfig {
         }
         validate::positive_duration("open_for", self.open_for)?;
         if self.open_for > self.max_open_for {
-            return Err(Error::config("open_for", "must not exceed `max_open_for`"));
+            return Err(HealthError::config(
+                "open_for",
+                "must not exceed `max_open_for`",
+            ));
         }
         validate::at_least("half_open_trials", self.half_open_trials, 1)?;
         validate::positive_duration("trial_timeout", self.trial_timeout)?;

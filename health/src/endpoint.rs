@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use keel_core::{EndpointId, FailureKind};
 
-use crate::error::{Error, Result};
+use crate::error::{HealthError, Result};
 
 /// An endpoint to keep healthy: an id, an address, a relative capacity
 /// weight, its batch slots and free-form metadata. Cheap to clone.
@@ -100,13 +100,13 @@ impl Endpoint {
 
     pub(crate) fn check(&self) -> Result<()> {
         if self.id.as_str().is_empty() {
-            return Err(Error::InvalidArgument {
+            return Err(HealthError::InvalidArgument {
                 name: "id",
                 reason: "must not be empty".into(),
             });
         }
         if !(self.weight > 0.0 && self.weight.is_finite()) {
-            return Err(Error::InvalidArgument {
+            return Err(HealthError::InvalidArgument {
                 name: "weight",
                 reason: format!("must be a finite number above 0, got {}", self.weight),
             });
@@ -312,7 +312,7 @@ pub struct EndpointStatus {
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-/// # async fn main() -> keel_health::Result<()> {
+/// # async fn main() -> Result<(), keel_health::HealthError> {
 /// use keel_health::{Endpoint, Health, HealthConfig};
 ///
 /// let health = Health::new(HealthConfig::default())?;

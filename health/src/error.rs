@@ -7,12 +7,12 @@ use keel_core::{ClassifyError, ConfigError, ErrorKind, FailureKind, KeelError};
 /// What went wrong in a health operation or in the circuit breaker.
 ///
 /// Every variant says whether trying again can help
-/// ([`Error::is_retryable`]) and what kind of failure it is in the terms
-/// every Keel crate shares ([`KeelError::kind`]), so an application maps it
-/// to HTTP in the same `match` as the other crates' errors.
+/// ([`HealthError::is_retryable`]) and what kind of failure it is in the
+/// terms every Keel crate shares ([`KeelError::kind`]), so an application
+/// maps it to HTTP in the same `match` as the other crates' errors.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum Error {
+pub enum HealthError {
     /// The circuit breaker is open (or half-open with every trial slot
     /// taken): the request was refused at once, without touching the
     /// endpoint.
@@ -60,7 +60,7 @@ pub enum Error {
     InvalidConfig(#[from] ConfigError),
 }
 
-impl Error {
+impl HealthError {
     /// Whether trying the same operation again may succeed (the same
     /// answer as [`KeelError::is_retryable`]).
     pub fn is_retryable(&self) -> bool {
@@ -68,21 +68,23 @@ impl Error {
     }
 
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidConfig(ConfigError::new(field, reason))
+        HealthError::InvalidConfig(ConfigError::new(field, reason))
     }
 }
 
-impl KeelError for Error {
+impl KeelError for HealthError {
     /// An exhaustive match with no `_` arm: a new variant forces a decision.
     fn kind(&self) -> ErrorKind {
         match self {
-            Error::Unavailable { retry_after, .. } => ErrorKind::Unavailable {
+            HealthError::Unavailable { retry_after, .. } => ErrorKind::Unavailable {
                 retry_after: *retry_after,
             },
-            Error::Timeout(_) => ErrorKind::DeadlineExceeded,
-            Error::UnknownEndpoint(_) => ErrorKind::NotFound,
-            Error::EndpointExists(_) | Error::InvalidArgument { .. } => ErrorKind::InvalidInput,
-            Error::InvalidConfig(_) => ErrorKind::Internal,
+            HealthError::Timeout(_) => ErrorKind::DeadlineExceeded,
+            HealthError::UnknownEndpoint(_) => ErrorKind::NotFound,
+            HealthError::EndpointExists(_) | HealthError::InvalidArgument { .. } => {
+                ErrorKind::InvalidInput
+            }
+            HealthError::InvalidConfig(_) => ErrorKind::Internal,
         }
     }
 
@@ -91,37 +93,37 @@ impl KeelError for Error {
     /// `DeadlineExceeded`, is not retryable in general.
     fn is_retryable(&self) -> bool {
         match self {
-            Error::Unavailable { .. } | Error::Timeout(_) => true,
-            Error::UnknownEndpoint(_)
-            | Error::EndpointExists(_)
-            | Error::InvalidArgument { .. }
-            | Error::InvalidConfig(_) => false,
+            HealthError::Unavailable { .. } | HealthError::Timeout(_) => true,
+            HealthError::UnknownEndpoint(_)
+            | HealthError::EndpointExists(_)
+            | HealthError::InvalidArgument { .. }
+            | HealthError::InvalidConfig(_) => false,
         }
     }
 }
 
-keel_core::register_error_kind!(Error);
+keel_core::register_error_kind!(HealthError);
 
-/// For services whose error type is this crate's [`Error`] (the same answer
-/// as [`ClassifyError`] for a `BoxError` holding it): an open breaker
+/// For services whose error type is this crate's [`HealthError`] (the same
+/// answer as [`ClassifyError`] for a `BoxError` holding it): an open breaker
 /// records nothing against the endpoint, a hung trial is a
 /// [`FailureKind::Timeout`], and the registry's own argument and config
 /// errors are not the endpoint's fault.
-impl ClassifyError for Error {
+impl ClassifyError for HealthError {
     fn failure_kind(&self) -> Option<FailureKind> {
         match self {
-            Error::Timeout(_) => Some(FailureKind::Timeout),
-            Error::Unavailable { .. }
-            | Error::UnknownEndpoint(_)
-            | Error::EndpointExists(_)
-            | Error::InvalidArgument { .. } => None,
-            Error::InvalidConfig(_) => Some(FailureKind::Other),
+            HealthError::Timeout(_) => Some(FailureKind::Timeout),
+            HealthError::Unavailable { .. }
+            | HealthError::UnknownEndpoint(_)
+            | HealthError::EndpointExists(_)
+            | HealthError::InvalidArgument { .. } => None,
+            HealthError::InvalidConfig(_) => Some(FailureKind::Other),
         }
     }
 }
 
-/// `Result` with the crate's [`Error`].
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+/// `Result` with the crate's [`HealthError`].
+pub(crate) type Result<T, E = HealthError> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests {
@@ -129,8 +131,8 @@ mod tests {
 
     use super::*;
 
-    fn open() -> Error {
-        Error::Unavailable {
+    fn open() -> HealthError {
+        HealthError::Unavailable {
             message: "breaker open".into(),
             retry_after: Some(Duration::from_secs(1)),
         }
@@ -139,9 +141,9 @@ mod tests {
     #[test]
     fn unavailable_is_retryable_and_config_is_not() {
         assert!(open().is_retryable());
-        assert!(Error::Timeout(Duration::from_secs(1)).is_retryable());
-        assert!(!Error::config("tick", "must be > 0").is_retryable());
-        assert!(!Error::UnknownEndpoint("a".into()).is_retryable());
+        assert!(HealthError::Timeout(Duration::from_secs(1)).is_retryable());
+        assert!(!HealthError::config("tick", "must be > 0").is_retryable());
+        assert!(!HealthError::UnknownEndpoint("a".into()).is_retryable());
     }
 
     #[test]
@@ -153,30 +155,30 @@ mod tests {
                 retry_after: Some(Duration::from_secs(1))
             }
         );
-        let boxed: BoxError = Box::new(Error::Timeout(Duration::from_secs(1)));
+        let boxed: BoxError = Box::new(HealthError::Timeout(Duration::from_secs(1)));
         assert_eq!(kind_of(boxed.as_ref()), ErrorKind::DeadlineExceeded);
-        let boxed: BoxError = Box::new(Error::config("tick", "must be > 0"));
+        let boxed: BoxError = Box::new(HealthError::config("tick", "must be > 0"));
         assert_eq!(kind_of(boxed.as_ref()), ErrorKind::Internal);
     }
 
     #[test]
     fn an_open_breaker_records_nothing_and_a_hung_trial_is_a_timeout() {
-        let classify = |err: Error| {
+        let classify = |err: HealthError| {
             let boxed: Result<(), BoxError> = Err(Box::new(err));
             DefaultClassifier.classify(&boxed)
         };
         assert_eq!(classify(open()), Outcome::Cancelled);
         assert_eq!(
-            classify(Error::Timeout(Duration::from_secs(1))),
+            classify(HealthError::Timeout(Duration::from_secs(1))),
             Outcome::failure(FailureKind::Timeout)
         );
-        let direct: Result<(), Error> = Err(open());
+        let direct: Result<(), HealthError> = Err(open());
         assert_eq!(DefaultClassifier.classify(&direct), Outcome::Cancelled);
     }
 
     #[test]
     fn config_error_names_the_field() {
-        let msg = Error::config("outlier.window", "must be > 0").to_string();
+        let msg = HealthError::config("outlier.window", "must be > 0").to_string();
         assert!(msg.contains("outlier.window"), "{msg}");
     }
 }

@@ -20,7 +20,7 @@ pub use config::{
 };
 pub use discover::HealthDiscover;
 pub use endpoint::{Endpoint, EndpointStatus, HealthState, Reason, Snapshot};
-pub use error::{Error, Result};
+pub use error::HealthError;
 // The shared vocabulary, re-exported from `keel-core` (defined there once,
 // so health, the balancer and the gateway cannot disagree): endpoint ids
 // with their live weight, capacity and reporter, outcome classification,

@@ -15,7 +15,7 @@ use keel_core::{DefaultClassifier, EndpointId, EndpointKey, FailureKind, Outcome
 use crate::config::HealthConfig;
 use crate::discover::HealthDiscover;
 use crate::endpoint::{Endpoint, EndpointStatus, HealthState, Reason, Snapshot};
-use crate::error::{Error, Result};
+use crate::error::{HealthError, Result};
 use crate::machine::{Check, Effect, Machine, Time, Window};
 use crate::metrics::HealthMetrics;
 use crate::outlier::OutlierLayer;
@@ -102,7 +102,7 @@ impl HealthBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the bad field.
+    /// [`HealthError::InvalidConfig`] naming the bad field.
     ///
     /// # Panics
     ///
@@ -160,7 +160,7 @@ impl Health {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the bad field.
+    /// [`HealthError::InvalidConfig`] naming the bad field.
     ///
     /// # Panics
     ///
@@ -182,8 +182,9 @@ impl Health {
     ///
     /// # Errors
     ///
-    /// [`Error::EndpointExists`] if the id is taken; [`Error::InvalidArgument`]
-    /// for an empty id or a weight that is not a finite number above 0.
+    /// [`HealthError::EndpointExists`] if the id is taken;
+    /// [`HealthError::InvalidArgument`] for an empty id or a weight that is
+    /// not a finite number above 0.
     pub fn insert(&self, endpoint: Endpoint) -> Result<()> {
         endpoint.check()?;
         let shared = &self.shared;
@@ -191,7 +192,7 @@ impl Health {
         let (id, state, reason) = shared.with_fleet(|fleet, now| {
             if fleet.entries.contains_key(endpoint.id()) {
                 return (
-                    Err(Error::EndpointExists(endpoint.id().to_string())),
+                    Err(HealthError::EndpointExists(endpoint.id().to_string())),
                     Vec::new(),
                 );
             }
@@ -243,12 +244,12 @@ impl Health {
     ///
     /// # Errors
     ///
-    /// [`Error::UnknownEndpoint`] if no endpoint has this id.
+    /// [`HealthError::UnknownEndpoint`] if no endpoint has this id.
     pub fn remove(&self, id: &str) -> Result<Endpoint> {
         let shared = &self.shared;
         let removed = shared.with_fleet(|fleet, now| {
             let Some(entry) = fleet.entries.remove(id) else {
-                return (Err(Error::UnknownEndpoint(id.to_owned())), Vec::new());
+                return (Err(HealthError::UnknownEndpoint(id.to_owned())), Vec::new());
             };
             entry.task.abort();
             entry

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use keel_health::{
     BoxError, BreakerConfig, BreakerState, CircuitBreaker, CircuitBreakerLayer, ClassThresholds,
-    Error, FailureKind, ResponseStatus,
+    FailureKind, HealthError, ResponseStatus,
 };
 use tokio::sync::Semaphore;
 use tower::{Layer, Service, ServiceExt};
@@ -90,8 +90,9 @@ where
     svc.ready().await?.call(()).await.map(|r| r.0)
 }
 
-fn keel_error(err: &BoxError) -> &Error {
-    err.downcast_ref::<Error>().expect("a keel_health::Error")
+fn keel_error(err: &BoxError) -> &HealthError {
+    err.downcast_ref::<HealthError>()
+        .expect("a keel_health::HealthError")
 }
 
 #[tokio::test(start_paused = true)]
@@ -152,7 +153,7 @@ async fn open_refuses_at_once_with_a_retryable_error() {
         let err = keel_error(&err);
         assert!(err.is_retryable());
         assert!(
-            matches!(err, Error::Unavailable { retry_after: Some(after), .. } if *after <= Duration::from_secs(5)),
+            matches!(err, HealthError::Unavailable { retry_after: Some(after), .. } if *after <= Duration::from_secs(5)),
             "{err:?}"
         );
     }
@@ -203,7 +204,7 @@ async fn half_open_admits_only_n_trials_then_closes() {
     let third = call(&mut svc).await.unwrap_err();
     assert!(matches!(
         keel_error(&third),
-        Error::Unavailable {
+        HealthError::Unavailable {
             retry_after: None,
             ..
         }
@@ -244,7 +245,7 @@ async fn a_hung_trial_reopens_the_breaker_for_longer() {
     let started = tokio::time::Instant::now();
     let err = call(&mut svc).await.unwrap_err();
     assert_eq!(started.elapsed(), Duration::from_secs(2));
-    assert!(matches!(keel_error(&err), Error::Timeout(d) if *d == Duration::from_secs(2)));
+    assert!(matches!(keel_error(&err), HealthError::Timeout(d) if *d == Duration::from_secs(2)));
     assert_eq!(svc.state(), BreakerState::Open);
 
     // Re-opened for twice as long: still open after 5 s, half-open after 10 s.

@@ -185,7 +185,7 @@ fn public_types_are_send_and_sync() {
     send_sync::<keel_health::OutlierLayer>();
     send::<keel_health::HealthDiscover<Svc, fn(&Endpoint) -> Svc>>();
     send::<
-        keel_health::outlier::ResponseFuture<
+        keel_health::outlier::OutlierFuture<
             <Svc as Service<()>>::Future,
             keel_health::DefaultClassifier,
         >,

@@ -446,7 +446,7 @@ async fn insert_and_remove_errors() {
     let health = fleet(HealthConfig::default(), 1);
     let err = health.insert(Endpoint::new("n0", "x")).unwrap_err();
     assert!(
-        matches!(err, keel_health::Error::EndpointExists(_)),
+        matches!(err, keel_health::HealthError::EndpointExists(_)),
         "{err}"
     );
     let err = health
@@ -454,7 +454,7 @@ async fn insert_and_remove_errors() {
         .unwrap_err();
     assert!(err.to_string().contains("weight"), "{err}");
     let err = health.remove("nope").unwrap_err();
-    assert!(matches!(err, keel_health::Error::UnknownEndpoint(_)));
+    assert!(matches!(err, keel_health::HealthError::UnknownEndpoint(_)));
     assert!(!err.is_retryable());
     // A recorder of a removed endpoint is harmless.
     let recorder = health.recorder("n0").unwrap();

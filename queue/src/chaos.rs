@@ -1,53 +1,56 @@
-//! [`Chaos`]: a seeded fault-injecting decorator for any [`Queue`]
+//! [`ChaosQueue`]: a seeded fault-injecting decorator for any [`Queue`]
 //! (feature `chaos`).
 //!
-//! It adds latency, fails operations with [`Error::Unavailable`] before
-//! they reach the queue, and drops replies (the operation happens, the
-//! caller gets [`Error::Unavailable`]: the ack that was applied but whose
+//! It adds latency, fails operations with [`QueueError::Unavailable`] before
+//! they reach the queue, and drops replies (the operation happens, the caller
+//! gets [`QueueError::Unavailable`]: the ack that was applied but whose
 //! answer was lost, the dequeue whose jobs were leased but never seen).
-//! Faults are drawn from one generator seeded by [`ChaosConfig::seed`], so
-//! a sequential run reproduces exactly; concurrent callers draw in the
-//! order they arrive.
+//! Faults are drawn by keel-core's [`FaultInjector`], from one generator
+//! seeded by [`ChaosConfig::seed`], so a sequential run reproduces exactly;
+//! concurrent callers draw in the order they arrive. [`ChaosQueue::only`]
+//! aims the faults at some [`Operation`]s.
 //!
 //! With [`ChaosConfig::default`] (no faults) it passes the whole
 //! conformance suite, so what it adds is only what is configured.
 //!
 //! ```
 //! use std::time::Duration;
-//! use keel_queue::chaos::{Chaos, ChaosConfig, Operation};
+//! use keel_queue::chaos::{ChaosConfig, ChaosQueue, Operation};
 //! use keel_queue::{Job, MemoryQueue, Queue, QueueConfig};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> keel_queue::Result<()> {
-//! let queue = Chaos::new(
+//! # async fn main() -> Result<(), keel_queue::QueueError> {
+//! let queue = ChaosQueue::new(
 //!     MemoryQueue::new(QueueConfig::new("jobs"))?,
 //!     ChaosConfig::new(7)
 //!         .latency(Duration::from_millis(1))
-//!         .drop_rate(0.3)
-//!         .only(&[Operation::Ack]),
+//!         .drop_rate(0.3),
 //! )?;
+//! queue.only(&[Operation::Ack]);
 //! queue.enqueue(Job::new("hello")).await?; // enqueue is untouched
 //! // A broker outage, then recovery, at run time:
-//! queue.set(ChaosConfig::new(7).error_rate(1.0).only(&[Operation::Dequeue]))?;
+//! queue.only(&[Operation::Dequeue]);
+//! queue.set_config(ChaosConfig::new(7).error_rate(1.0))?;
 //! assert!(queue.ping().await.is_ok());
+//! queue.set_config(ChaosConfig::default())?;
 //! # Ok(())
 //! # }
 //! ```
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keel_core::ConfigError;
-use parking_lot::Mutex;
+pub use keel_core::chaos::{ChaosConfig, ChaosStats};
+use keel_core::chaos::{FaultInjector, Injected};
 
-use crate::error::{Error, Result};
+use crate::error::{QueueError, Result};
 use crate::queue::Queue;
 use crate::types::{
-    Capabilities, DeadLetter, Delivery, DequeueOptions, Enqueued, Job, JobId, Nack, QueueStats,
-    Receipt,
+    DeadLetter, Delivery, DequeueOptions, Enqueued, Job, JobId, Nack, QueueCapabilities,
+    QueueStats, Receipt,
 };
 
 /// One operation of the [`Queue`] trait, to aim faults at.
@@ -106,279 +109,131 @@ impl Operation {
     }
 }
 
-/// The faults a [`Chaos`] queue injects. The default injects none.
-#[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
-pub struct ChaosConfig {
-    /// Seeds the generator every fault is drawn from. Default 0.
-    pub seed: u64,
-    /// Added before every affected operation. Default zero.
-    pub latency: Duration,
-    /// Up to this much more latency, uniform, on top of `latency`.
-    /// Default zero.
-    pub latency_jitter: Duration,
-    /// Share of affected operations that fail with
-    /// [`Error::Unavailable`] without reaching the queue, 0.0 to 1.0.
-    /// Default 0.
-    pub error_rate: f64,
-    /// Share of affected operations that reach the queue and take effect,
-    /// but whose reply is replaced by [`Error::Unavailable`], 0.0 to 1.0
-    /// (drawn after `error_rate`). Default 0.
-    pub drop_rate: f64,
-    /// Which operations are affected (every one by default).
-    pub operations: Vec<Operation>,
-}
-
-impl Default for ChaosConfig {
-    fn default() -> Self {
-        ChaosConfig {
-            seed: 0,
-            latency: Duration::ZERO,
-            latency_jitter: Duration::ZERO,
-            error_rate: 0.0,
-            drop_rate: 0.0,
-            operations: Operation::ALL.to_vec(),
-        }
-    }
-}
-
-impl ChaosConfig {
-    /// No faults yet, drawn from `seed`.
-    pub fn new(seed: u64) -> Self {
-        ChaosConfig {
-            seed,
-            ..ChaosConfig::default()
-        }
-    }
-
-    /// Sets [`latency`](Self::latency).
-    pub fn latency(mut self, latency: Duration) -> Self {
-        self.latency = latency;
-        self
-    }
-
-    /// Sets [`latency_jitter`](Self::latency_jitter).
-    pub fn latency_jitter(mut self, jitter: Duration) -> Self {
-        self.latency_jitter = jitter;
-        self
-    }
-
-    /// Sets [`error_rate`](Self::error_rate).
-    pub fn error_rate(mut self, rate: f64) -> Self {
-        self.error_rate = rate;
-        self
-    }
-
-    /// Sets [`drop_rate`](Self::drop_rate).
-    pub fn drop_rate(mut self, rate: f64) -> Self {
-        self.drop_rate = rate;
-        self
-    }
-
-    /// Affects only `operations`.
-    pub fn only(mut self, operations: &[Operation]) -> Self {
-        self.operations = operations.to_vec();
-        self
-    }
-
-    /// Checks every field, naming the first bad one.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidConfig`] naming `error_rate` or `drop_rate` (outside
-    /// 0.0 to 1.0).
-    pub fn validate(&self) -> Result<()> {
-        for (field, rate) in [
-            ("error_rate", self.error_rate),
-            ("drop_rate", self.drop_rate),
-        ] {
-            if !(0.0..=1.0).contains(&rate) {
-                return Err(ConfigError::new(field, "must be between 0.0 and 1.0").into());
-            }
-        }
-        Ok(())
-    }
-}
-
-/// What [`Chaos`] injected so far.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ChaosStats {
-    /// Operations failed before reaching the queue.
-    pub errors: u64,
-    /// Operations that took effect but whose reply was dropped.
-    pub dropped: u64,
-}
-
-struct Faults {
-    config: ChaosConfig,
-    mask: u16,
-    rng: fastrand::Rng,
-}
-
-struct Shared {
-    faults: Mutex<Faults>,
-    errors: AtomicU64,
-    dropped: AtomicU64,
-}
-
 /// A [`Queue`] that injects the faults of a [`ChaosConfig`] into another
 /// one; see the [module docs](crate::chaos).
 ///
 /// Cheap to clone; clones share the queue, the faults and the generator.
-pub struct Chaos<Q> {
+pub struct ChaosQueue<Q> {
     inner: Arc<Q>,
     shared: Arc<Shared>,
 }
 
-impl<Q> Clone for Chaos<Q> {
+struct Shared {
+    faults: FaultInjector,
+    /// The operations faults are aimed at, one bit per [`Operation`].
+    aimed: AtomicU16,
+}
+
+impl<Q> Clone for ChaosQueue<Q> {
     fn clone(&self) -> Self {
-        Chaos {
+        ChaosQueue {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
         }
     }
 }
 
-impl<Q: fmt::Debug> fmt::Debug for Chaos<Q> {
+impl<Q: fmt::Debug> fmt::Debug for ChaosQueue<Q> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Chaos")
+        let aimed = self.shared.aimed.load(Ordering::Relaxed);
+        let operations: Vec<Operation> = Operation::ALL
+            .into_iter()
+            .filter(|op| aimed & op.bit() != 0)
+            .collect();
+        f.debug_struct("ChaosQueue")
             .field("inner", &self.inner)
-            .field("config", &self.shared.faults.lock().config)
+            .field("config", &self.shared.faults.config())
+            .field("operations", &operations)
             .field("injected", &self.injected())
             .finish()
     }
 }
 
-impl<Q> Chaos<Q> {
+impl<Q> ChaosQueue<Q> {
     /// The wrapped queue.
     pub fn inner(&self) -> &Q {
         &self.inner
     }
 
+    /// The current settings.
+    pub fn config(&self) -> ChaosConfig {
+        self.shared.faults.config()
+    }
+
     /// What was injected so far.
     pub fn injected(&self) -> ChaosStats {
-        ChaosStats {
-            errors: self.shared.errors.load(Ordering::Relaxed),
-            dropped: self.shared.dropped.load(Ordering::Relaxed),
-        }
+        self.shared.faults.stats()
+    }
+
+    /// Aims the faults at `operations` only, for every clone, from the next
+    /// operation on (at first they are aimed at every operation). The
+    /// others pass untouched and draw nothing from the generator.
+    pub fn only(&self, operations: &[Operation]) {
+        let aimed = operations.iter().fold(0, |m, op| m | op.bit());
+        self.shared.aimed.store(aimed, Ordering::Relaxed);
     }
 }
 
-/// What to do with one operation.
-enum Fault {
-    None,
-    Fail,
-    DropReply,
-}
-
-impl<Q: Queue> Chaos<Q> {
-    /// Wraps `inner` with the faults of `config`.
+impl<Q: Queue> ChaosQueue<Q> {
+    /// Wraps `inner` with the faults of `config`, aimed at every operation.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad field.
+    /// [`QueueError::InvalidConfig`] naming a bad field.
     pub fn new(inner: Q, config: ChaosConfig) -> Result<Self> {
-        config.validate()?;
-        Ok(Chaos {
+        Ok(ChaosQueue {
             inner: Arc::new(inner),
             shared: Arc::new(Shared {
-                faults: Mutex::new(Faults::from(config)),
-                errors: AtomicU64::new(0),
-                dropped: AtomicU64::new(0),
+                faults: FaultInjector::new(config)?,
+                aimed: AtomicU16::new(Operation::ALL.iter().fold(0, |m, op| m | op.bit())),
             }),
         })
     }
 
-    /// Replaces the faults (and reseeds the generator) for every clone,
-    /// from the next operation on: an outage starts or ends.
+    /// Replaces the faults for every clone, from the next operation on: an
+    /// outage starts or ends. The generator is reseeded only if
+    /// `config.seed` differs from the current seed.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad field; the faults are kept.
-    pub fn set(&self, config: ChaosConfig) -> Result<()> {
-        config.validate()?;
-        *self.shared.faults.lock() = Faults::from(config);
-        Ok(())
+    /// [`QueueError::InvalidConfig`] naming a bad field; the faults are kept.
+    pub fn set_config(&self, config: ChaosConfig) -> Result<()> {
+        Ok(self.shared.faults.set_config(config)?)
     }
 
-    /// Draws this operation's latency and fault, sleeps, and answers the
-    /// fault.
-    async fn before(&self, op: Operation) -> Result<Fault> {
-        let (delay, fault) = {
-            let mut faults = self.shared.faults.lock();
-            if faults.mask & op.bit() == 0 {
-                return Ok(Fault::None);
-            }
-            let Faults { config, rng, .. } = &mut *faults;
-            let jitter = if config.latency_jitter.is_zero() {
-                Duration::ZERO
-            } else {
-                config.latency_jitter.mul_f64(rng.f64())
-            };
-            let fault = if config.error_rate > 0.0 && rng.f64() < config.error_rate {
-                Fault::Fail
-            } else if config.drop_rate > 0.0 && rng.f64() < config.drop_rate {
-                Fault::DropReply
-            } else {
-                Fault::None
-            };
-            (config.latency + jitter, fault)
-        };
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        if let Fault::Fail = fault {
-            self.shared.errors.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::Unavailable {
-                message: format!("chaos: injected failure of {}", op.name()),
-                source: None,
-            });
-        }
-        Ok(fault)
-    }
-
-    /// Runs `op` under the faults drawn for it.
+    /// Runs `op` under the faults drawn for it, if they are aimed at it.
     async fn run<T>(
         &self,
         op: Operation,
         call: impl Future<Output = Result<T>> + Send,
     ) -> Result<T> {
-        let fault = self.before(op).await?;
-        let result = call.await;
-        match fault {
-            Fault::DropReply => {
-                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-                Err(Error::Unavailable {
-                    message: format!(
-                        "chaos: the reply to {} was lost (the operation {})",
-                        op.name(),
-                        if result.is_ok() {
-                            "took effect"
-                        } else {
-                            "failed anyway"
-                        }
-                    ),
-                    source: None,
-                })
-            }
-            Fault::None | Fault::Fail => result,
+        if self.shared.aimed.load(Ordering::Relaxed) & op.bit() == 0 {
+            return call.await;
         }
-    }
-}
-
-impl From<ChaosConfig> for Faults {
-    fn from(config: ChaosConfig) -> Self {
-        Faults {
-            mask: config.operations.iter().fold(0, |m, op| m | op.bit()),
-            rng: fastrand::Rng::with_seed(config.seed),
-            config,
+        match self.shared.faults.run(call).await {
+            Ok(result) => result,
+            Err(Injected::Failure) => Err(QueueError::Unavailable {
+                message: format!("chaos: injected failure of {}", op.name()),
+                source: None,
+            }),
+            Err(Injected::LostReply(result)) => Err(QueueError::Unavailable {
+                message: format!(
+                    "chaos: the reply to {} was lost (the operation {})",
+                    op.name(),
+                    if result.is_ok() {
+                        "took effect"
+                    } else {
+                        "failed anyway"
+                    }
+                ),
+                source: None,
+            }),
         }
     }
 }
 
 #[async_trait]
-impl<Q: Queue> Queue for Chaos<Q> {
+impl<Q: Queue> Queue for ChaosQueue<Q> {
     async fn enqueue(&self, job: Job) -> Result<Enqueued> {
         self.run(Operation::Enqueue, self.inner.enqueue(job)).await
     }
@@ -442,7 +297,7 @@ impl<Q: Queue> Queue for Chaos<Q> {
         self.run(Operation::Admin, self.inner.delete()).await
     }
 
-    fn capabilities(&self) -> Capabilities {
+    fn capabilities(&self) -> QueueCapabilities {
         self.inner.capabilities()
     }
 
@@ -462,42 +317,17 @@ mod tests {
 
     #[test]
     fn refuses_bad_rates_by_name() {
-        let err = ChaosConfig::new(1).error_rate(1.5).validate().unwrap_err();
+        let err = ChaosQueue::new(memory(), ChaosConfig::new(1).error_rate(1.5)).unwrap_err();
+        assert!(matches!(err, QueueError::InvalidConfig(_)), "{err:?}");
         assert!(err.to_string().contains("error_rate"), "{err}");
-        let err = ChaosConfig::new(1).drop_rate(-0.1).validate().unwrap_err();
-        assert!(err.to_string().contains("drop_rate"), "{err}");
-    }
-
-    /// The faults each of a run of operations gets, for a seed.
-    async fn pattern(seed: u64) -> Vec<bool> {
-        let queue = Chaos::new(memory(), ChaosConfig::new(seed).error_rate(0.5)).unwrap();
-        let mut out = Vec::new();
-        for _ in 0..64 {
-            out.push(queue.ping().await.is_err());
-        }
-        out
-    }
-
-    #[tokio::test]
-    async fn a_seed_reproduces_its_faults() {
-        let a = pattern(42).await;
-        assert_eq!(a, pattern(42).await);
-        assert_ne!(a, pattern(43).await);
-        let failed = a.iter().filter(|f| **f).count();
-        assert!((16..=48).contains(&failed), "about half of 64: {failed}");
     }
 
     #[tokio::test]
     async fn a_dropped_reply_still_takes_effect() {
-        let queue = Chaos::new(
-            memory(),
-            ChaosConfig::new(1)
-                .drop_rate(1.0)
-                .only(&[Operation::Enqueue]),
-        )
-        .unwrap();
+        let queue = ChaosQueue::new(memory(), ChaosConfig::new(1).drop_rate(1.0)).unwrap();
+        queue.only(&[Operation::Enqueue]);
         let err = queue.enqueue(Job::new("x")).await.unwrap_err();
-        assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+        assert!(matches!(err, QueueError::Unavailable { .. }), "{err:?}");
         assert!(err.is_retryable());
         assert_eq!(queue.stats().await.unwrap().ready, 1, "it was enqueued");
         assert_eq!(queue.injected().dropped, 1);
@@ -505,27 +335,36 @@ mod tests {
 
     #[tokio::test]
     async fn an_injected_error_does_not_reach_the_queue() {
-        let queue = Chaos::new(
-            memory(),
-            ChaosConfig::new(1)
-                .error_rate(1.0)
-                .only(&[Operation::Enqueue]),
-        )
-        .unwrap();
+        let queue = ChaosQueue::new(memory(), ChaosConfig::new(1).error_rate(1.0)).unwrap();
+        queue.only(&[Operation::Enqueue]);
         assert!(queue.enqueue(Job::new("x")).await.is_err());
         assert_eq!(
             queue.stats().await.unwrap().ready,
             0,
             "nothing was enqueued"
         );
-        queue.set(ChaosConfig::default()).unwrap();
+        queue.set_config(ChaosConfig::default()).unwrap();
         queue.enqueue(Job::new("y")).await.unwrap();
         assert_eq!(queue.inner().stats().await.unwrap().ready, 1);
     }
 
+    #[tokio::test]
+    async fn operations_not_aimed_at_pass_untouched() {
+        let queue = ChaosQueue::new(memory(), ChaosConfig::new(1).error_rate(1.0)).unwrap();
+        queue.only(&[Operation::Dequeue]);
+        queue.enqueue(Job::new("x")).await.unwrap();
+        queue.ping().await.unwrap();
+        let err = queue.dequeue(DequeueOptions::new(1)).await.unwrap_err();
+        assert!(
+            err.to_string().contains("injected failure of dequeue"),
+            "{err}"
+        );
+        assert_eq!(queue.injected().calls, 1, "only the dequeue drew");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn latency_is_added() {
-        let queue = Chaos::new(
+        let queue = ChaosQueue::new(
             memory(),
             ChaosConfig::new(1)
                 .latency(Duration::from_millis(20))

@@ -5,7 +5,7 @@ use std::time::Duration;
 use keel_core::{Backoff, ConfigError, Jitter};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{QueueError, Result};
 use keel_core::validate;
 
 /// The highest number of priority levels a queue may have.
@@ -113,14 +113,17 @@ impl QueueConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the field.
+    /// [`QueueError::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
         validate::key_name("name", &self.name)?;
         if self.capacity == Some(0) {
-            return Err(Error::config("capacity", "must be at least 1 (or unset)"));
+            return Err(QueueError::config(
+                "capacity",
+                "must be at least 1 (or unset)",
+            ));
         }
         if !(1..=MAX_PRIORITY_LEVELS).contains(&self.priority_levels) {
-            return Err(Error::config(
+            return Err(QueueError::config(
                 "priority_levels",
                 format!("must be between 1 and {MAX_PRIORITY_LEVELS}"),
             ));
@@ -138,7 +141,7 @@ impl QueueConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming `backoff_base` or `backoff_max`.
+    /// [`QueueError::InvalidConfig`] naming `backoff_base` or `backoff_max`.
     pub fn retry_backoff(&self) -> Result<Backoff> {
         self.try_backoff()
     }
@@ -153,7 +156,7 @@ impl QueueConfig {
                     "backoff.max" => "backoff_max",
                     other => other,
                 };
-                Error::InvalidConfig(ConfigError::new(field, err.reason))
+                QueueError::InvalidConfig(ConfigError::new(field, err.reason))
             })
     }
 
@@ -174,7 +177,7 @@ impl QueueConfig {
     /// Checks a job's priority against the configured levels.
     pub(crate) fn check_priority(&self, priority: crate::Priority) -> Result<()> {
         if priority.0 >= self.priority_levels {
-            return Err(Error::InvalidArgument {
+            return Err(QueueError::InvalidArgument {
                 name: "priority",
                 reason: format!(
                     "level {} is out of range; this queue has levels 0..{}",

@@ -4,11 +4,11 @@
 //! Enable the `conformance` feature and expand [`queue_conformance!`](crate::queue_conformance) with a
 //! factory that builds your queue from a [`QueueConfig`] (whose `name` is a
 //! fresh namespace for each case). Each case becomes its own
-//! `#[tokio::test]`, gated on the queue's [`Capabilities`]:
+//! `#[tokio::test]`, gated on the queue's [`QueueCapabilities`]:
 //!
 //! ```no_run
 //! keel_queue::queue_conformance!(memory, |config| async move {
-//!     keel_queue::conformance::Subject::new(keel_queue::MemoryQueue::new(config).unwrap())
+//!     keel_queue::conformance::QueueSubject::new(keel_queue::MemoryQueue::new(config).unwrap())
 //! });
 //! ```
 //!
@@ -25,22 +25,23 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::{
-    Capabilities, DequeueOptions, Error, Job, Nack, Priority, Queue, QueueConfig, QueueExt, Receipt,
+    DequeueOptions, Job, Nack, Priority, Queue, QueueCapabilities, QueueConfig, QueueError,
+    QueueExt, Receipt,
 };
 
 /// A queue under test, with whatever must live as long as the test (a
 /// cleanup guard that deletes the namespace's keys, a spawned server…).
 #[derive(Debug)]
-pub struct Subject {
+pub struct QueueSubject {
     /// The queue under test.
     pub queue: Arc<dyn Queue>,
     guard: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
 }
 
-impl Subject {
+impl QueueSubject {
     /// A subject with no guard.
     pub fn new(queue: impl Queue) -> Self {
-        Subject {
+        QueueSubject {
             queue: Arc::new(queue),
             guard: None,
         }
@@ -65,10 +66,10 @@ async fn subject<F, Fut>(
     make: &F,
     case: &str,
     tune: impl FnOnce(QueueConfig) -> QueueConfig,
-) -> Subject
+) -> QueueSubject
 where
     F: Fn(QueueConfig) -> Fut,
-    Fut: Future<Output = Subject>,
+    Fut: Future<Output = QueueSubject>,
 {
     let config = tune(
         QueueConfig::new(namespace(case))
@@ -109,19 +110,19 @@ async fn supported_or_refused<T: std::fmt::Debug>(
     if !supported {
         let answer = attempt.await;
         assert!(
-            matches!(answer, Err(Error::Unsupported { .. })),
+            matches!(answer, Err(QueueError::Unsupported { .. })),
             "an unsupported feature must answer Unsupported, got {answer:?}"
         );
     }
     supported
 }
 
-fn caps(subject: &Subject) -> Capabilities {
+fn caps(subject: &QueueSubject) -> QueueCapabilities {
     subject.queue.capabilities()
 }
 
 /// Payload bytes (including non-UTF-8) and headers arrive unchanged.
-pub async fn round_trip<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn round_trip<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = QueueSubject>>(make: F) {
     let s = subject(&make, "round-trip", |c| c).await;
     let payload = Bytes::from_static(b"\x00\xff binary \xc3\x28 payload");
     let sent = s
@@ -149,12 +150,15 @@ pub async fn round_trip<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>
 
 /// Out-of-range options are refused naming the field, and a refused
 /// `extend_lease` leaves the lease as it was.
-pub async fn bad_options_are_refused<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
+pub async fn bad_options_are_refused<
+    F: Fn(QueueConfig) -> Fut,
+    Fut: Future<Output = QueueSubject>,
+>(
     make: F,
 ) {
     let s = subject(&make, "bad-options", |c| c).await;
     let refused = |result: crate::Result<Vec<crate::Delivery>>| match result {
-        Err(Error::InvalidArgument { name, .. }) => name,
+        Err(QueueError::InvalidArgument { name, .. }) => name,
         other => panic!("expected InvalidArgument, got {other:?}"),
     };
     let base = DequeueOptions::new(1).wait(Duration::ZERO);
@@ -180,7 +184,7 @@ pub async fn bad_options_are_refused<F: Fn(QueueConfig) -> Fut, Fut: Future<Outp
     if caps(&s).lease_expiry {
         for lease in [Duration::ZERO, crate::MAX_LEASE + Duration::from_secs(1)] {
             match s.queue.extend_lease(&got.receipt, lease).await {
-                Err(Error::InvalidArgument { name: "lease", .. }) => {}
+                Err(QueueError::InvalidArgument { name: "lease", .. }) => {}
                 other => panic!("extend_lease({lease:?}) answered {other:?}"),
             }
         }
@@ -189,7 +193,7 @@ pub async fn bad_options_are_refused<F: Fn(QueueConfig) -> Fut, Fut: Future<Outp
 }
 
 /// An empty dequeue waits about `wait` (a long poll) and then returns empty.
-pub async fn empty_dequeue_waits<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
+pub async fn empty_dequeue_waits<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = QueueSubject>>(
     make: F,
 ) {
     let s = subject(&make, "empty-wait", |c| c).await;
@@ -207,7 +211,7 @@ pub async fn empty_dequeue_waits<F: Fn(QueueConfig) -> Fut, Fut: Future<Output =
 /// A waiting dequeue wakes as soon as a job arrives, not at the end of its wait.
 pub async fn waiting_dequeue_wakes_on_enqueue<
     F: Fn(QueueConfig) -> Fut,
-    Fut: Future<Output = Subject>,
+    Fut: Future<Output = QueueSubject>,
 >(
     make: F,
 ) {
@@ -235,7 +239,7 @@ pub async fn waiting_dequeue_wakes_on_enqueue<
 }
 
 /// An acked job never comes back, even after its lease would have expired.
-pub async fn ack_is_final<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn ack_is_final<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = QueueSubject>>(make: F) {
     let s = subject(&make, "ack-final", |c| c).await;
     s.queue.enqueue(Job::new("once")).await.unwrap();
     let got = one(&*s.queue, SLACK, Duration::from_millis(200)).await;
@@ -244,13 +248,16 @@ pub async fn ack_is_final<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subjec
     nothing(&*s.queue, Duration::from_millis(300)).await;
     let err = s.queue.ack(&got.receipt).await.unwrap_err();
     assert!(
-        matches!(err, Error::InvalidReceipt(_)),
+        matches!(err, QueueError::InvalidReceipt(_)),
         "second ack: {err:?}"
     );
 }
 
 /// `nack` with a retry delay redelivers after the delay with `attempt + 1`.
-pub async fn nack_retry_redelivers<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
+pub async fn nack_retry_redelivers<
+    F: Fn(QueueConfig) -> Fut,
+    Fut: Future<Output = QueueSubject>,
+>(
     make: F,
 ) {
     let s = subject(&make, "nack-retry", |c| c).await;
@@ -286,7 +293,10 @@ pub async fn nack_retry_redelivers<F: Fn(QueueConfig) -> Fut, Fut: Future<Output
 /// `nack` with `Release` hands a job back at once without spending an
 /// attempt: after two releases it is still on attempt 1, and with
 /// `max_attempts(1)` a release never dead-letters it.
-pub async fn release_keeps_attempt<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
+pub async fn release_keeps_attempt<
+    F: Fn(QueueConfig) -> Fut,
+    Fut: Future<Output = QueueSubject>,
+>(
     make: F,
 ) {
     let s = subject(&make, "release", |c| c.max_attempts(1)).await;
@@ -304,7 +314,7 @@ pub async fn release_keeps_attempt<F: Fn(QueueConfig) -> Fut, Fut: Future<Output
             .await
             .unwrap_err();
         assert!(
-            matches!(err, Error::InvalidReceipt(_)),
+            matches!(err, QueueError::InvalidReceipt(_)),
             "second release of one delivery: {err:?}"
         );
         got = one(&*s.queue, SLACK, SHORT_LEASE).await;
@@ -334,7 +344,10 @@ pub async fn release_keeps_attempt<F: Fn(QueueConfig) -> Fut, Fut: Future<Output
 }
 
 /// An unacked job comes back after its lease with `attempt + 1`.
-pub async fn lease_expiry_redelivers<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
+pub async fn lease_expiry_redelivers<
+    F: Fn(QueueConfig) -> Fut,
+    Fut: Future<Output = QueueSubject>,
+>(
     make: F,
 ) {
     let s = subject(&make, "lease-expiry", |c| c).await;
@@ -364,7 +377,7 @@ pub async fn lease_expiry_redelivers<F: Fn(QueueConfig) -> Fut, Fut: Future<Outp
 /// Acking with an expired lease's receipt is `InvalidReceipt`.
 pub async fn expired_receipt_is_invalid<
     F: Fn(QueueConfig) -> Fut,
-    Fut: Future<Output = Subject>,
+    Fut: Future<Output = QueueSubject>,
 >(
     make: F,
 ) {
@@ -383,7 +396,7 @@ pub async fn expired_receipt_is_invalid<
     tokio::time::sleep(Duration::from_millis(500)).await;
     let err = s.queue.ack(&got.receipt).await.unwrap_err();
     assert!(
-        matches!(err, Error::InvalidReceipt(_)),
+        matches!(err, QueueError::InvalidReceipt(_)),
         "ack after expiry: {err:?}"
     );
     assert!(!err.is_retryable());
@@ -393,7 +406,7 @@ pub async fn expired_receipt_is_invalid<
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::InvalidReceipt(_)),
+        matches!(err, QueueError::InvalidReceipt(_)),
         "extend after expiry: {err:?}"
     );
     let again = one(&*s.queue, SLACK, SHORT_LEASE).await;
@@ -402,7 +415,10 @@ pub async fn expired_receipt_is_invalid<
 }
 
 /// `extend_lease` keeps a long-running job from being redelivered.
-pub async fn extend_lease_keeps_job<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
+pub async fn extend_lease_keeps_job<
+    F: Fn(QueueConfig) -> Fut,
+    Fut: Future<Output = QueueSubject>,
+>(
     make: F,
 ) {
     let s = subject(&make, "extend-lease", |c| c).await;
@@ -427,7 +443,10 @@ pub async fn extend_lease_keeps_job<F: Fn(QueueConfig) -> Fut, Fut: Future<Outpu
 }
 
 /// A job that fails `max_attempts` times lands in the dead letters with the reason.
-pub async fn max_attempts_dead_letters<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
+pub async fn max_attempts_dead_letters<
+    F: Fn(QueueConfig) -> Fut,
+    Fut: Future<Output = QueueSubject>,
+>(
     make: F,
 ) {
     let s = subject(&make, "max-attempts", |c| c.max_attempts(2)).await;
@@ -464,7 +483,9 @@ pub async fn max_attempts_dead_letters<F: Fn(QueueConfig) -> Fut, Fut: Future<Ou
 }
 
 /// Dead letters can be replayed as fresh jobs, and purged.
-pub async fn replay_and_purge<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn replay_and_purge<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = QueueSubject>>(
+    make: F,
+) {
     let s = subject(&make, "replay", |c| c).await;
     if !supported_or_refused(caps(&s).dead_letter_admin, s.queue.dead_letters(1)).await {
         return;
@@ -504,7 +525,7 @@ pub async fn replay_and_purge<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Su
 }
 
 /// A second enqueue with the same idempotency key inside the window is not enqueued.
-pub async fn dedup_window<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn dedup_window<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = QueueSubject>>(make: F) {
     let s = subject(&make, "dedup", |c| c).await;
     if !supported_or_refused(
         caps(&s).idempotency,
@@ -542,7 +563,7 @@ pub async fn dedup_window<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subjec
 }
 
 /// Jobs of one priority come out in the order they went in.
-pub async fn fifo_within_priority<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
+pub async fn fifo_within_priority<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = QueueSubject>>(
     make: F,
 ) {
     let s = subject(&make, "fifo", |c| c).await;
@@ -566,7 +587,9 @@ pub async fn fifo_within_priority<F: Fn(QueueConfig) -> Fut, Fut: Future<Output 
 }
 
 /// Higher priorities are served first.
-pub async fn priority_order<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn priority_order<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = QueueSubject>>(
+    make: F,
+) {
     let s = subject(&make, "priority", |c| c).await;
     assert_eq!(
         caps(&s).priority_levels,
@@ -607,7 +630,7 @@ pub async fn priority_order<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subj
     assert!(
         matches!(
             err,
-            Error::InvalidArgument {
+            QueueError::InvalidArgument {
                 name: "priority",
                 ..
             }
@@ -617,7 +640,9 @@ pub async fn priority_order<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subj
 }
 
 /// A delayed job is not delivered before its delay.
-pub async fn delayed_delivery<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn delayed_delivery<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = QueueSubject>>(
+    make: F,
+) {
     let s = subject(&make, "delay", |c| c).await;
     if !supported_or_refused(
         caps(&s).delay,
@@ -651,7 +676,7 @@ pub async fn delayed_delivery<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Su
 /// A job past its deadline is dead-lettered, never delivered.
 pub async fn expired_deadline_is_not_delivered<
     F: Fn(QueueConfig) -> Fut,
-    Fut: Future<Output = Subject>,
+    Fut: Future<Output = QueueSubject>,
 >(
     make: F,
 ) {
@@ -677,7 +702,7 @@ pub async fn expired_deadline_is_not_delivered<
 }
 
 /// Past capacity `enqueue` answers `Full` (retryable) and stores nothing.
-pub async fn capacity_full<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn capacity_full<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = QueueSubject>>(make: F) {
     let s = subject(&make, "capacity", |c| c.capacity(3)).await;
     assert!(
         caps(&s).capacity,
@@ -687,7 +712,7 @@ pub async fn capacity_full<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subje
         s.queue.enqueue(Job::new(format!("{i}"))).await.unwrap();
     }
     let err = s.queue.enqueue(Job::new("overflow")).await.unwrap_err();
-    assert!(matches!(err, Error::Full { capacity: 3 }), "{err:?}");
+    assert!(matches!(err, QueueError::Full { capacity: 3 }), "{err:?}");
     assert!(err.is_retryable());
     let got = one(&*s.queue, SLACK, SHORT_LEASE).await;
     s.queue.ack(&got.receipt).await.unwrap();
@@ -711,7 +736,7 @@ pub async fn capacity_full<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subje
 }
 
 /// `stats` counts ready, delayed, in-flight and dead jobs exactly.
-pub async fn stats_exact<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn stats_exact<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = QueueSubject>>(make: F) {
     let s = subject(&make, "stats", |c| c).await;
     if !caps(&s).exact_stats {
         // Estimates (the broker's counts may lag): a fresh queue has no dead
@@ -777,7 +802,7 @@ pub async fn stats_exact<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject
 }
 
 /// Two queues with different names never see each other's jobs.
-pub async fn namespace_isolation<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
+pub async fn namespace_isolation<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = QueueSubject>>(
     make: F,
 ) {
     let a = subject(&make, "iso-a", |c| c).await;
@@ -792,7 +817,7 @@ pub async fn namespace_isolation<F: Fn(QueueConfig) -> Fut, Fut: Future<Output =
 /// Undecodable payloads are dead-lettered with the reason by the typed layer.
 pub async fn poison_payload_is_dead_lettered<
     F: Fn(QueueConfig) -> Fut,
-    Fut: Future<Output = Subject>,
+    Fut: Future<Output = QueueSubject>,
 >(
     make: F,
 ) {
@@ -829,7 +854,7 @@ pub async fn poison_payload_is_dead_lettered<
 /// Dropping `dequeue` futures at any point loses no job.
 pub async fn cancelled_dequeue_loses_nothing<
     F: Fn(QueueConfig) -> Fut,
-    Fut: Future<Output = Subject>,
+    Fut: Future<Output = QueueSubject>,
 >(
     make: F,
 ) {
@@ -880,7 +905,7 @@ pub async fn cancelled_dequeue_loses_nothing<
 /// 8 producers and 8 consumers move 10,000 jobs: each acked exactly once.
 pub async fn many_producers_and_consumers<
     F: Fn(QueueConfig) -> Fut,
-    Fut: Future<Output = Subject>,
+    Fut: Future<Output = QueueSubject>,
 >(
     make: F,
 ) {
@@ -945,7 +970,10 @@ pub async fn many_producers_and_consumers<
 
 /// A backlog of 20,000 jobs that all come due at once drains completely
 /// (a peer library's known trap: unpacking every due job in one script).
-pub async fn large_due_backlog_drains<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
+pub async fn large_due_backlog_drains<
+    F: Fn(QueueConfig) -> Fut,
+    Fut: Future<Output = QueueSubject>,
+>(
     make: F,
 ) {
     const TOTAL: usize = 20_000;
@@ -994,7 +1022,7 @@ pub async fn large_due_backlog_drains<F: Fn(QueueConfig) -> Fut, Fut: Future<Out
 /// jobs and dead letters alone.
 pub async fn purge_removes_waiting_jobs<
     F: Fn(QueueConfig) -> Fut,
-    Fut: Future<Output = Subject>,
+    Fut: Future<Output = QueueSubject>,
 >(
     make: F,
 ) {
@@ -1058,7 +1086,10 @@ pub async fn purge_removes_waiting_jobs<
 
 /// `delete` removes the queue with its jobs, leases, delays and dead
 /// letters; the handle starts afresh, empty, and a second delete succeeds.
-pub async fn delete_removes_everything<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
+pub async fn delete_removes_everything<
+    F: Fn(QueueConfig) -> Fut,
+    Fut: Future<Output = QueueSubject>,
+>(
     make: F,
 ) {
     let s = subject(&make, "delete", |c| c).await;
@@ -1091,7 +1122,7 @@ pub async fn delete_removes_everything<F: Fn(QueueConfig) -> Fut, Fut: Future<Ou
     assert!(
         matches!(
             s.queue.ack(&leased.receipt).await,
-            Err(Error::InvalidReceipt(_))
+            Err(QueueError::InvalidReceipt(_))
         ),
         "a receipt from before the delete is invalid"
     );
@@ -1118,7 +1149,9 @@ pub async fn delete_removes_everything<F: Fn(QueueConfig) -> Fut, Fut: Future<Ou
 /// A caller-chosen id names the job in deliveries, retries and dead
 /// letters; two jobs under one id are two jobs. Backends without the
 /// capability refuse it with `Unsupported`.
-pub async fn caller_chosen_ids<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(make: F) {
+pub async fn caller_chosen_ids<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = QueueSubject>>(
+    make: F,
+) {
     let s = subject(&make, "ids", |c| c).await;
     let id = crate::JobId::from_string("order-42/embed");
     if !supported_or_refused(
@@ -1141,7 +1174,7 @@ pub async fn caller_chosen_ids<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = S
         .enqueue(Job::new("x").id(crate::JobId::from_string("")))
         .await
     {
-        Err(Error::InvalidArgument { name: "id", .. }) => {}
+        Err(QueueError::InvalidArgument { name: "id", .. }) => {}
         other => panic!("an empty id must be refused naming `id`, got {other:?}"),
     }
     let got = one(&*s.queue, SLACK, SHORT_LEASE).await;
@@ -1193,13 +1226,13 @@ pub async fn caller_chosen_ids<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = S
 
 /// Jobs a backend cannot hold are refused up front, naming the field; the
 /// queue keeps working.
-pub async fn bad_jobs_are_refused<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(
+pub async fn bad_jobs_are_refused<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = QueueSubject>>(
     make: F,
 ) {
     let s = subject(&make, "bad-jobs", |c| c).await;
     if caps(&s).idempotency {
         match s.queue.enqueue(Job::new("x").idempotency_key("")).await {
-            Err(Error::InvalidArgument {
+            Err(QueueError::InvalidArgument {
                 name: "idempotency_key",
                 ..
             }) => {}
@@ -1210,7 +1243,7 @@ pub async fn bad_jobs_are_refused<F: Fn(QueueConfig) -> Fut, Fut: Future<Output 
     let batch = vec![Job::new("fine"), Job::new("bad").priority(Priority(200))];
     assert!(matches!(
         s.queue.enqueue_batch(batch).await,
-        Err(Error::InvalidArgument {
+        Err(QueueError::InvalidArgument {
             name: "priority",
             ..
         })
@@ -1223,7 +1256,7 @@ pub async fn bad_jobs_are_refused<F: Fn(QueueConfig) -> Fut, Fut: Future<Output 
 
 /// Expands the whole suite into one `#[tokio::test]` per case in a module
 /// named `$module`, for the queue built by `$make`: a closure from
-/// [`QueueConfig`] to a future of [`Subject`].
+/// [`QueueConfig`] to a future of [`QueueSubject`].
 #[macro_export]
 macro_rules! queue_conformance {
     ($module:ident, $make:expr) => {

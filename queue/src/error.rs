@@ -9,15 +9,15 @@ pub use keel_core::BoxError;
 
 /// What went wrong in a queue operation.
 ///
-/// Every variant says whether trying again can help: see [`Error::is_retryable`].
-/// Backend errors are classified into these variants in exactly one place per
-/// backend; no backend library type appears here. It implements
-/// [`KeelError`], so an application maps it (and any Keel error) with one
-/// `match` over [`ErrorKind`]; it is registered with
+/// Every variant says whether trying again can help: see
+/// [`QueueError::is_retryable`]. Backend errors are classified into these
+/// variants in exactly one place per backend; no backend library type appears
+/// here. It implements [`KeelError`], so an application maps it (and any Keel
+/// error) with one `match` over [`ErrorKind`]; it is registered with
 /// [`keel_core::kind_of`], so it keeps its kind inside a `BoxError`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum Error {
+pub enum QueueError {
     /// The backend could not be reached or dropped the connection.
     ///
     /// The operation may or may not have taken effect; the queue is
@@ -48,7 +48,7 @@ pub enum Error {
     #[error("receipt is not valid: {0}")]
     InvalidReceipt(String),
     /// The backend does not support this operation or option; see
-    /// [`Capabilities`](crate::Capabilities).
+    /// [`QueueCapabilities`](crate::QueueCapabilities).
     #[error("unsupported by the {backend} backend: {what}")]
     Unsupported {
         /// The backend's name.
@@ -89,62 +89,62 @@ pub enum Error {
     },
 }
 
-impl Error {
+impl QueueError {
     /// Whether trying the same operation again may succeed.
     ///
     /// An exhaustive match with no `_` arm: a new variant forces a decision.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Unavailable { .. } => true,
-            Error::Timeout(_) => true,
-            Error::Full { .. } => true,
-            Error::InvalidReceipt(_) => false,
-            Error::Unsupported { .. } => false,
-            Error::Codec { .. } => false,
-            Error::InvalidArgument { .. } => false,
-            Error::InvalidConfig(_) => false,
-            Error::Backend { .. } => false,
+            QueueError::Unavailable { .. } => true,
+            QueueError::Timeout(_) => true,
+            QueueError::Full { .. } => true,
+            QueueError::InvalidReceipt(_) => false,
+            QueueError::Unsupported { .. } => false,
+            QueueError::Codec { .. } => false,
+            QueueError::InvalidArgument { .. } => false,
+            QueueError::InvalidConfig(_) => false,
+            QueueError::Backend { .. } => false,
         }
     }
 
     #[allow(dead_code)] // used by the network backends
     pub(crate) fn unavailable(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        Error::Unavailable {
+        QueueError::Unavailable {
             message: message.into(),
             source: Some(source.into()),
         }
     }
 
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidConfig(ConfigError::new(field, reason))
+        QueueError::InvalidConfig(ConfigError::new(field, reason))
     }
 }
 
-impl KeelError for Error {
+impl KeelError for QueueError {
     /// An exhaustive match with no `_` arm: a new variant forces a decision.
     fn kind(&self) -> ErrorKind {
         match self {
-            Error::Unavailable { .. } => ErrorKind::Unavailable { retry_after: None },
-            Error::Timeout(_) => ErrorKind::DeadlineExceeded,
-            Error::Full { .. } => ErrorKind::QueueFull,
-            Error::InvalidReceipt(_) => ErrorKind::NotFound,
-            Error::Unsupported { .. } => ErrorKind::Internal,
-            Error::Codec { .. } => ErrorKind::InvalidInput,
-            Error::InvalidArgument { .. } => ErrorKind::InvalidInput,
-            Error::InvalidConfig(_) => ErrorKind::Internal,
-            Error::Backend { .. } => ErrorKind::Internal,
+            QueueError::Unavailable { .. } => ErrorKind::Unavailable { retry_after: None },
+            QueueError::Timeout(_) => ErrorKind::DeadlineExceeded,
+            QueueError::Full { .. } => ErrorKind::QueueFull,
+            QueueError::InvalidReceipt(_) => ErrorKind::NotFound,
+            QueueError::Unsupported { .. } => ErrorKind::Internal,
+            QueueError::Codec { .. } => ErrorKind::InvalidInput,
+            QueueError::InvalidArgument { .. } => ErrorKind::InvalidInput,
+            QueueError::InvalidConfig(_) => ErrorKind::Internal,
+            QueueError::Backend { .. } => ErrorKind::Internal,
         }
     }
 
     fn is_retryable(&self) -> bool {
-        Error::is_retryable(self)
+        QueueError::is_retryable(self)
     }
 }
 
-keel_core::register_error_kind!(Error);
+keel_core::register_error_kind!(QueueError);
 
-/// `Result` with the queue's [`Error`].
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+/// `Result` with the queue's [`QueueError`].
+pub(crate) type Result<T, E = QueueError> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests {
@@ -152,35 +152,38 @@ mod tests {
 
     #[test]
     fn full_is_retryable_and_config_is_not() {
-        assert!(Error::Full { capacity: 3 }.is_retryable());
-        assert!(!Error::config("capacity", "must be > 0").is_retryable());
-        assert!(Error::Timeout(Duration::from_secs(1)).is_retryable());
+        assert!(QueueError::Full { capacity: 3 }.is_retryable());
+        assert!(!QueueError::config("capacity", "must be > 0").is_retryable());
+        assert!(QueueError::Timeout(Duration::from_secs(1)).is_retryable());
     }
 
     #[test]
     fn kinds_map_in_one_match() {
-        assert_eq!(Error::Full { capacity: 3 }.kind(), ErrorKind::QueueFull);
         assert_eq!(
-            Error::Timeout(Duration::from_secs(1)).kind(),
+            QueueError::Full { capacity: 3 }.kind(),
+            ErrorKind::QueueFull
+        );
+        assert_eq!(
+            QueueError::Timeout(Duration::from_secs(1)).kind(),
             ErrorKind::DeadlineExceeded
         );
         assert_eq!(
-            Error::config("capacity", "must be > 0").kind(),
+            QueueError::config("capacity", "must be > 0").kind(),
             ErrorKind::Internal
         );
-        let codec = Error::Codec {
+        let codec = QueueError::Codec {
             message: "bad".into(),
             source: None,
         };
         assert_eq!(codec.kind(), ErrorKind::InvalidInput);
         // Behind a BoxError (a tower stack), the kind is still found.
-        let boxed: BoxError = Box::new(Error::Full { capacity: 1 });
+        let boxed: BoxError = Box::new(QueueError::Full { capacity: 1 });
         assert_eq!(keel_core::kind_of(boxed.as_ref()), ErrorKind::QueueFull);
     }
 
     #[test]
     fn config_error_names_the_field() {
-        let msg = Error::config("priority_levels", "must be between 1 and 16").to_string();
+        let msg = QueueError::config("priority_levels", "must be between 1 and 16").to_string();
         assert!(msg.contains("priority_levels"), "{msg}");
     }
 }

@@ -9,7 +9,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::error::{Error, Result};
+use crate::error::{QueueError, Result};
 use crate::queue::Queue;
 use crate::types::{Delivery, DequeueOptions, Enqueued, Job, Nack};
 
@@ -24,9 +24,9 @@ impl Job {
     ///
     /// # Errors
     ///
-    /// [`Error::Codec`] when `value` cannot be serialized.
+    /// [`QueueError::Codec`] when `value` cannot be serialized.
     pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Job> {
-        let payload = serde_json::to_vec(value).map_err(|err| Error::Codec {
+        let payload = serde_json::to_vec(value).map_err(|err| QueueError::Codec {
             message: "could not encode the job as JSON".into(),
             source: Some(err.into()),
         })?;
@@ -54,7 +54,7 @@ pub trait QueueExt: Queue {
     ///
     /// # Errors
     ///
-    /// [`Error::Codec`] when `value` cannot be serialized, else as
+    /// [`QueueError::Codec`] when `value` cannot be serialized, else as
     /// [`Queue::enqueue`].
     ///
     /// # Cancel safety

@@ -26,11 +26,12 @@ pub mod chaos;
 pub mod conformance;
 
 pub use config::{MAX_PRIORITY_LEVELS, QueueConfig};
-pub use error::{BoxError, Error, Result};
+pub(crate) use error::Result;
+pub use error::{BoxError, QueueError};
 pub use ext::{CONTENT_TYPE, JSON, QueueExt, TypedDelivery, deliveries_of};
 pub use memory::MemoryQueue;
 pub use queue::Queue;
 pub use types::{
-    Capabilities, DeadLetter, Delivery, DequeueOptions, Enqueued, Headers, Job, JobId, MAX_LEASE,
-    Nack, Priority, QueueStats, Receipt,
+    DeadLetter, Delivery, DequeueOptions, Enqueued, Headers, Job, JobId, MAX_LEASE, Nack, Priority,
+    QueueCapabilities, QueueStats, Receipt,
 };

@@ -26,13 +26,13 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::QueueConfig;
-use crate::error::{Error, Result};
+use crate::error::{QueueError, Result};
 use crate::ids::IdGen;
 use crate::metrics::QueueMetrics;
 use crate::queue::Queue;
 use crate::types::{
-    Capabilities, DeadLetter, Delivery, DequeueOptions, Enqueued, Headers, Job, JobId, Nack,
-    Priority, QueueStats, Receipt,
+    DeadLetter, Delivery, DequeueOptions, Enqueued, Headers, Job, JobId, Nack, Priority,
+    QueueCapabilities, QueueStats, Receipt,
 };
 
 const BACKEND: &str = "memory";
@@ -57,7 +57,7 @@ const BACKEND: &str = "memory";
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> keel_queue::Result<()> {
+/// # async fn main() -> Result<(), keel_queue::QueueError> {
 /// use keel_queue::{DequeueOptions, Job, MemoryQueue, Queue, QueueConfig};
 ///
 /// let queue = MemoryQueue::new(QueueConfig::new("jobs").capacity(1_000))?;
@@ -157,7 +157,7 @@ impl MemoryQueue {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the bad field.
+    /// [`QueueError::InvalidConfig`] naming the bad field.
     pub fn new(config: QueueConfig) -> Result<Self> {
         config.validate()?;
         let levels = usize::from(config.priority_levels);
@@ -206,7 +206,7 @@ impl MemoryQueue {
             && state.jobs.len() as u64 >= capacity
         {
             self.shared.metrics.full.increment(1);
-            return Err(Error::Full { capacity });
+            return Err(QueueError::Full { capacity });
         }
         let seq = state.next_seq;
         state.next_seq += 1;
@@ -258,14 +258,14 @@ impl MemoryQueue {
     ) -> Result<(u64, &'s mut Record)> {
         let (seq, token) = parse_receipt(receipt)?;
         let record = state.jobs.get_mut(&seq).ok_or_else(|| {
-            Error::InvalidReceipt("the job was already acked, nacked or dead-lettered".into())
+            QueueError::InvalidReceipt("the job was already acked, nacked or dead-lettered".into())
         })?;
         match record.place {
             Place::Leased { token: t, expires } if t == token && expires > now => Ok((seq, record)),
-            Place::Leased { token: t, .. } if t == token => Err(Error::InvalidReceipt(
+            Place::Leased { token: t, .. } if t == token => Err(QueueError::InvalidReceipt(
                 "the lease expired; the job is being redelivered".into(),
             )),
-            _ => Err(Error::InvalidReceipt(
+            _ => Err(QueueError::InvalidReceipt(
                 "the lease expired and the job was redelivered or settled".into(),
             )),
         }
@@ -283,7 +283,7 @@ fn receipt_for(seq: u64, token: u64) -> Receipt {
 
 fn parse_receipt(receipt: &Receipt) -> Result<(u64, u64)> {
     let bad = || {
-        Error::InvalidReceipt(format!(
+        QueueError::InvalidReceipt(format!(
             "`{}` is not a memory-queue receipt",
             receipt.as_str()
         ))
@@ -566,7 +566,7 @@ impl Queue for MemoryQueue {
                         state.jobs.remove(&seq);
                         state.leased_count -= 1;
                     }
-                    Err(Error::InvalidReceipt(why)) => {
+                    Err(QueueError::InvalidReceipt(why)) => {
                         invalid += 1;
                         first.get_or_insert(why);
                     }
@@ -580,7 +580,7 @@ impl Queue for MemoryQueue {
             .increment((receipts.len() - invalid) as u64);
         match first {
             None => Ok(()),
-            Some(why) => Err(Error::InvalidReceipt(format!(
+            Some(why) => Err(QueueError::InvalidReceipt(format!(
                 "{invalid} of {} receipts were not valid (the rest were acked); first: {why}",
                 receipts.len()
             ))),
@@ -740,8 +740,8 @@ impl Queue for MemoryQueue {
         Ok(())
     }
 
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
+    fn capabilities(&self) -> QueueCapabilities {
+        QueueCapabilities {
             backend: BACKEND,
             delay: true,
             priority_levels: self.shared.config.priority_levels,

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 
 use crate::error::Result;
 use crate::types::{
-    Capabilities, DeadLetter, Delivery, DequeueOptions, Enqueued, Job, JobId, Nack, QueueStats,
-    Receipt,
+    DeadLetter, Delivery, DequeueOptions, Enqueued, Job, JobId, Nack, QueueCapabilities,
+    QueueStats, Receipt,
 };
 
 /// A durable, at-least-once job queue with leases, retries, delays,
@@ -27,8 +27,8 @@ use crate::types::{
 ///   comes back.
 /// - A failed job retries with backoff up to `max_attempts` deliveries, then
 ///   moves to the dead letters, where it can be listed, replayed or purged.
-/// - A full queue answers [`Error::Full`](crate::Error::Full) instead of
-///   growing.
+/// - A full queue answers [`QueueError::Full`](crate::QueueError::Full)
+///   instead of growing.
 ///
 /// The [conformance suite](crate::conformance) checks every clause on every
 /// backend.
@@ -44,11 +44,11 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Full`](crate::Error::Full) at capacity;
-    /// [`InvalidArgument`](crate::Error::InvalidArgument) for a priority out
-    /// of range; [`Unavailable`](crate::Error::Unavailable) or
-    /// [`Timeout`](crate::Error::Timeout) when the backend cannot be reached
-    /// (the job may or may not have been stored).
+    /// [`Full`](crate::QueueError::Full) at capacity;
+    /// [`InvalidArgument`](crate::QueueError::InvalidArgument) for a priority
+    /// out of range; [`Unavailable`](crate::QueueError::Unavailable) or
+    /// [`Timeout`](crate::QueueError::Timeout) when the backend cannot be
+    /// reached (the job may or may not have been stored).
     ///
     /// # Cancel safety
     ///
@@ -90,8 +90,9 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Unavailable`](crate::Error::Unavailable) or
-    /// [`Timeout`](crate::Error::Timeout) when the backend cannot be reached.
+    /// [`Unavailable`](crate::QueueError::Unavailable) or
+    /// [`Timeout`](crate::QueueError::Timeout) when the backend cannot be
+    /// reached.
     ///
     /// # Cancel safety
     ///
@@ -104,7 +105,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`InvalidReceipt`](crate::Error::InvalidReceipt) when the lease
+    /// [`InvalidReceipt`](crate::QueueError::InvalidReceipt) when the lease
     /// expired or the delivery was already settled.
     ///
     /// # Cancel safety
@@ -122,7 +123,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`InvalidReceipt`](crate::Error::InvalidReceipt) naming how many
+    /// [`InvalidReceipt`](crate::QueueError::InvalidReceipt) naming how many
     /// receipts were invalid (the valid ones were acked); otherwise as
     /// [`ack`](Queue::ack).
     ///
@@ -135,7 +136,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
         for receipt in receipts {
             match self.ack(receipt).await {
                 Ok(()) => {}
-                Err(crate::Error::InvalidReceipt(why)) => {
+                Err(crate::QueueError::InvalidReceipt(why)) => {
                     invalid += 1;
                     first.get_or_insert(why);
                 }
@@ -144,7 +145,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
         }
         match first {
             None => Ok(()),
-            Some(why) => Err(crate::Error::InvalidReceipt(format!(
+            Some(why) => Err(crate::QueueError::InvalidReceipt(format!(
                 "{invalid} of {} receipts were not valid (the rest were acked); first: {why}",
                 receipts.len()
             ))),
@@ -165,7 +166,7 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`InvalidReceipt`](crate::Error::InvalidReceipt) as for `ack`.
+    /// [`InvalidReceipt`](crate::QueueError::InvalidReceipt) as for `ack`.
     ///
     /// # Cancel safety
     ///
@@ -176,9 +177,9 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`InvalidReceipt`](crate::Error::InvalidReceipt) when the lease
-    /// already expired; [`Unsupported`](crate::Error::Unsupported) where
-    /// [`Capabilities::lease_expiry`] is false.
+    /// [`InvalidReceipt`](crate::QueueError::InvalidReceipt) when the lease
+    /// already expired; [`Unsupported`](crate::QueueError::Unsupported) where
+    /// [`QueueCapabilities::lease_expiry`] is false.
     ///
     /// # Cancel safety
     ///
@@ -190,8 +191,8 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Unavailable`](crate::Error::Unavailable) when the backend cannot be
-    /// reached.
+    /// [`Unavailable`](crate::QueueError::Unavailable) when the backend
+    /// cannot be reached.
     ///
     /// # Cancel safety
     ///
@@ -202,8 +203,8 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Unsupported`](crate::Error::Unsupported) where
-    /// [`Capabilities::dead_letter_admin`] is false.
+    /// [`Unsupported`](crate::QueueError::Unsupported) where
+    /// [`QueueCapabilities::dead_letter_admin`] is false.
     ///
     /// # Cancel safety
     ///
@@ -215,8 +216,8 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Unsupported`](crate::Error::Unsupported) where
-    /// [`Capabilities::dead_letter_admin`] is false.
+    /// [`Unsupported`](crate::QueueError::Unsupported) where
+    /// [`QueueCapabilities::dead_letter_admin`] is false.
     ///
     /// # Cancel safety
     ///
@@ -227,8 +228,8 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Unsupported`](crate::Error::Unsupported) where
-    /// [`Capabilities::dead_letter_admin`] is false.
+    /// [`Unsupported`](crate::QueueError::Unsupported) where
+    /// [`QueueCapabilities::dead_letter_admin`] is false.
     ///
     /// # Cancel safety
     ///
@@ -248,8 +249,8 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Unavailable`](crate::Error::Unavailable) or
-    /// [`Timeout`](crate::Error::Timeout) when the backend cannot be
+    /// [`Unavailable`](crate::QueueError::Unavailable) or
+    /// [`Timeout`](crate::QueueError::Timeout) when the backend cannot be
     /// reached (some jobs may have been removed).
     ///
     /// # Cancel safety
@@ -272,8 +273,8 @@ pub trait Queue: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Unavailable`](crate::Error::Unavailable) or
-    /// [`Timeout`](crate::Error::Timeout) when the backend cannot be
+    /// [`Unavailable`](crate::QueueError::Unavailable) or
+    /// [`Timeout`](crate::QueueError::Timeout) when the backend cannot be
     /// reached (part of the queue may be gone).
     ///
     /// # Cancel safety
@@ -282,14 +283,14 @@ pub trait Queue: Debug + Send + Sync + 'static {
     async fn delete(&self) -> Result<()>;
 
     /// What this backend supports.
-    fn capabilities(&self) -> Capabilities;
+    fn capabilities(&self) -> QueueCapabilities;
 
     /// Checks that the backend answers.
     ///
     /// # Errors
     ///
-    /// [`Unavailable`](crate::Error::Unavailable) or
-    /// [`Timeout`](crate::Error::Timeout).
+    /// [`Unavailable`](crate::QueueError::Unavailable) or
+    /// [`Timeout`](crate::QueueError::Timeout).
     ///
     /// # Cancel safety
     ///
@@ -340,7 +341,7 @@ macro_rules! forward_queue {
             async fn delete(&self) -> Result<()> {
                 (**self).delete().await
             }
-            fn capabilities(&self) -> Capabilities {
+            fn capabilities(&self) -> QueueCapabilities {
                 (**self).capabilities()
             }
             async fn ping(&self) -> Result<()> {

@@ -127,7 +127,7 @@ impl Default for Priority {
 ///
 /// Every backend checks a job against what it can store before it writes
 /// anything, and refuses it with
-/// [`InvalidArgument`](crate::Error::InvalidArgument) naming the field
+/// [`InvalidArgument`](crate::QueueError::InvalidArgument) naming the field
 /// (`id`, `headers`, `payload`, `idempotency_key`): an id or idempotency key
 /// is never empty; RabbitMQ takes ids and header names of at most 255 bytes,
 /// at most 64 KiB of headers in all, payloads of at most 128 MiB, and
@@ -138,8 +138,8 @@ impl Default for Priority {
 pub struct Job {
     /// The job's id, chosen by the caller; `None` (the default) lets the
     /// backend make a unique one. Backends that take caller-chosen ids say
-    /// so in [`Capabilities::caller_ids`]; the others refuse a job that
-    /// carries one with [`Unsupported`](crate::Error::Unsupported).
+    /// so in [`QueueCapabilities::caller_ids`]; the others refuse a job that
+    /// carries one with [`Unsupported`](crate::QueueError::Unsupported).
     ///
     /// The id names the job in deliveries, dead letters and replays; the
     /// queue does not deduplicate on it (use an idempotency key for that),
@@ -285,16 +285,17 @@ impl DequeueOptions {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) naming the field.
+    /// [`QueueError::InvalidArgument`](crate::QueueError::InvalidArgument)
+    /// naming the field.
     pub fn validate(&self) -> crate::Result<()> {
         if self.max == 0 {
-            return Err(crate::Error::InvalidArgument {
+            return Err(crate::QueueError::InvalidArgument {
                 name: "max",
                 reason: "must be at least 1".into(),
             });
         }
         if self.wait > MAX_LEASE {
-            return Err(crate::Error::InvalidArgument {
+            return Err(crate::QueueError::InvalidArgument {
                 name: "wait",
                 reason: format!("{:?} is longer than the most allowed, a year", self.wait),
             });
@@ -306,7 +307,7 @@ impl DequeueOptions {
 /// Checks a lease length for `dequeue` and `extend_lease`.
 pub(crate) fn check_lease(lease: Duration) -> crate::Result<()> {
     if lease.is_zero() || lease > MAX_LEASE {
-        return Err(crate::Error::InvalidArgument {
+        return Err(crate::QueueError::InvalidArgument {
             name: "lease",
             reason: format!(
                 "{lease:?} is out of range: a lease is above zero and at most a year \
@@ -413,7 +414,8 @@ pub struct DeadLetter {
 
 /// A snapshot of a queue's size.
 ///
-/// Backends say in [`Capabilities::exact_stats`] whether the counts are exact.
+/// Backends say in [`QueueCapabilities::exact_stats`] whether the counts are
+/// exact.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueStats {
     /// Jobs ready for delivery now.
@@ -431,7 +433,7 @@ pub struct QueueStats {
 /// What a backend supports; the conformance suite gates its cases on these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct Capabilities {
+pub struct QueueCapabilities {
     /// The backend's name (`memory`, `redis`, `amqp`).
     pub backend: &'static str,
     /// Delayed delivery and retry-after delays.
@@ -502,11 +504,12 @@ fn shown(text: &str) -> String {
 
 /// Checks a job against a backend's [`Limits`], naming the bad field.
 pub(crate) fn check_job(job: &Job, limits: &Limits) -> crate::Result<()> {
-    let invalid =
-        |name: &'static str, reason: String| Err(crate::Error::InvalidArgument { name, reason });
+    let invalid = |name: &'static str, reason: String| {
+        Err(crate::QueueError::InvalidArgument { name, reason })
+    };
     if let Some(id) = &job.id {
         if !limits.caller_ids {
-            return Err(crate::Error::Unsupported {
+            return Err(crate::QueueError::Unsupported {
                 backend: limits.backend,
                 what: "caller-chosen job ids".into(),
             });

@@ -6,18 +6,18 @@
 mod amqp_support;
 
 use amqp_support::DeleteTopology;
-use keel_queue::conformance::Subject;
+use keel_queue::conformance::QueueSubject;
 use keel_queue::{AmqpQueue, AmqpQueueConfig, AmqpQueueType};
 use keel_testkit::require_amqp;
 
-async fn subject(config: keel_queue::QueueConfig, queue_type: AmqpQueueType) -> Subject {
+async fn subject(config: keel_queue::QueueConfig, queue_type: AmqpQueueType) -> QueueSubject {
     let url = require_amqp().await;
     // Deletes the case's queues and exchange when the case ends.
     let guard = DeleteTopology::new(url.clone(), config.name.clone(), config.priority_levels);
     let queue = AmqpQueue::connect(AmqpQueueConfig::new(url, config).queue_type(queue_type))
         .await
         .expect("connect to rabbitmq");
-    Subject::new(queue).with_guard(guard)
+    QueueSubject::new(queue).with_guard(guard)
 }
 
 keel_queue::queue_conformance!(amqp_quorum, |config| subject(config, AmqpQueueType::Quorum));

@@ -39,7 +39,7 @@ use faults::{
     every_call_at_once, is_empty, job, long_poll, send_all, send_and_ack, sent_at_least,
     spike_latency, stream_with_fault, take, timed,
 };
-use keel_queue::{AmqpQueue, AmqpQueueConfig, DequeueOptions, Error, Queue, QueueConfig};
+use keel_queue::{AmqpQueue, AmqpQueueConfig, DequeueOptions, Queue, QueueConfig, QueueError};
 use keel_testkit::{FaultProxy, Namespace, require_amqp};
 use parking_lot::Mutex;
 use tokio::time::{Instant, sleep, timeout};
@@ -304,7 +304,7 @@ async fn lease_expiry_without_crash() {
         );
         assert!(is_empty(&stats), "{stats:?}");
         assert!(
-            matches!(late_ack, Err(Error::InvalidReceipt(_))),
+            matches!(late_ack, Err(QueueError::InvalidReceipt(_))),
             "an ack after the lease expired answered {late_ack:?}"
         );
         assert_eq!(
@@ -385,7 +385,7 @@ async fn blackhole_then_restore() {
                     )),
                     Err(err) => {
                         failures += 1;
-                        if !matches!(err, Error::Timeout(_) | Error::Unavailable { .. })
+                        if !matches!(err, QueueError::Timeout(_) | QueueError::Unavailable { .. })
                             || !err.is_retryable()
                         {
                             problems.push(format!(

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use amqp_support::DeleteTopology;
 use keel_queue::{
-    AmqpQueue, AmqpQueueConfig, DequeueOptions, Error, Job, Nack, Queue, QueueConfig,
+    AmqpQueue, AmqpQueueConfig, DequeueOptions, Job, Nack, Queue, QueueConfig, QueueError,
 };
 use keel_testkit::{Namespace, require_amqp};
 use tokio::time::timeout;
@@ -34,7 +34,7 @@ async fn refused_name(len: usize) -> String {
         .await
         .expect("connect answers in time")
     {
-        Err(err @ Error::InvalidConfig(_)) => err.to_string(),
+        Err(err @ QueueError::InvalidConfig(_)) => err.to_string(),
         other => panic!("a {len}-byte name must be refused as InvalidConfig, got {other:?}"),
     }
 }
@@ -124,7 +124,7 @@ async fn a_300_byte_header_name_is_refused_and_the_queue_works_on() {
         .unwrap();
     let long = "h".repeat(300);
     match queue.enqueue(Job::new("x").header(long, "v")).await {
-        Err(Error::InvalidArgument {
+        Err(QueueError::InvalidArgument {
             name: "headers",
             reason,
         }) => {
@@ -136,7 +136,7 @@ async fn a_300_byte_header_name_is_refused_and_the_queue_works_on() {
         assert!(
             matches!(
                 queue.enqueue(Job::new("x").header(reserved, "v")).await,
-                Err(Error::InvalidArgument {
+                Err(QueueError::InvalidArgument {
                     name: "headers",
                     ..
                 })
@@ -147,7 +147,7 @@ async fn a_300_byte_header_name_is_refused_and_the_queue_works_on() {
     let id = keel_queue::JobId::from_string("i".repeat(256));
     assert!(matches!(
         queue.enqueue(Job::new("x").id(id)).await,
-        Err(Error::InvalidArgument { name: "id", .. })
+        Err(QueueError::InvalidArgument { name: "id", .. })
     ));
     // A 255-byte header name and an `x-` header of the caller's arrive.
     let fits = "h".repeat(255);

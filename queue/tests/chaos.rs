@@ -1,17 +1,17 @@
-//! The `Chaos` decorator: the whole conformance suite through it with no
+//! The `ChaosQueue` decorator: the whole conformance suite through it with no
 //! faults, and at-least-once delivery through it with faults on.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use keel_queue::chaos::{Chaos, ChaosConfig, Operation};
-use keel_queue::conformance::Subject;
-use keel_queue::{DequeueOptions, Error, Job, MemoryQueue, Queue, QueueConfig};
+use keel_queue::chaos::{ChaosConfig, ChaosQueue, Operation};
+use keel_queue::conformance::QueueSubject;
+use keel_queue::{DequeueOptions, Job, MemoryQueue, Queue, QueueConfig, QueueError};
 use tokio::time::Instant;
 
 keel_queue::queue_conformance!(memory_through_chaos, |config| async move {
-    Subject::new(
-        Chaos::new(
+    QueueSubject::new(
+        ChaosQueue::new(
             MemoryQueue::new(config).expect("valid config"),
             ChaosConfig::new(1),
         )
@@ -25,7 +25,7 @@ const LEASE: Duration = Duration::from_millis(200);
 /// Consumes every job through `queue` until the wrapped queue holds none,
 /// answering the ids seen (each at least once) and how many deliveries
 /// there were.
-async fn drain(queue: &Chaos<MemoryQueue>) -> (HashSet<String>, usize) {
+async fn drain(queue: &ChaosQueue<MemoryQueue>) -> (HashSet<String>, usize) {
     let mut seen = HashSet::new();
     let mut deliveries = 0;
     let give_up = Instant::now() + Duration::from_secs(600);
@@ -46,7 +46,7 @@ async fn drain(queue: &Chaos<MemoryQueue>) -> (HashSet<String>, usize) {
             Ok(got) => got,
             // A lost dequeue reply: its jobs come back when their lease ends.
             Err(err) => {
-                assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+                assert!(matches!(err, QueueError::Unavailable { .. }), "{err:?}");
                 continue;
             }
         };
@@ -62,7 +62,7 @@ async fn drain(queue: &Chaos<MemoryQueue>) -> (HashSet<String>, usize) {
     }
 }
 
-async fn fill(queue: &Chaos<MemoryQueue>) -> HashSet<String> {
+async fn fill(queue: &ChaosQueue<MemoryQueue>) -> HashSet<String> {
     let ids: HashSet<String> = (0..JOBS).map(|i| format!("job-{i}")).collect();
     for id in &ids {
         queue.inner().enqueue(Job::new(id.clone())).await.unwrap();
@@ -76,11 +76,9 @@ fn memory(name: &str) -> MemoryQueue {
 
 #[tokio::test(start_paused = true)]
 async fn with_dropped_ack_replies_every_job_is_acked_or_redelivered() {
-    let queue = Chaos::new(
-        memory("dropped-acks"),
-        ChaosConfig::new(7).drop_rate(0.3).only(&[Operation::Ack]),
-    )
-    .unwrap();
+    let queue =
+        ChaosQueue::new(memory("dropped-acks"), ChaosConfig::new(7).drop_rate(0.3)).unwrap();
+    queue.only(&[Operation::Ack]);
     let ids = fill(&queue).await;
     let (seen, deliveries) = drain(&queue).await;
     assert_eq!(seen, ids, "every job was delivered");
@@ -96,16 +94,16 @@ async fn with_dropped_ack_replies_every_job_is_acked_or_redelivered() {
 
 #[tokio::test(start_paused = true)]
 async fn with_failing_acks_and_lost_dequeues_every_job_is_redelivered_until_acked() {
-    let queue = Chaos::new(
+    let queue = ChaosQueue::new(
         memory("failing-acks"),
         ChaosConfig::new(11)
             .error_rate(0.3)
             .drop_rate(0.1)
             .latency(Duration::from_millis(1))
-            .latency_jitter(Duration::from_millis(5))
-            .only(&[Operation::Ack, Operation::Dequeue]),
+            .latency_jitter(Duration::from_millis(5)),
     )
     .unwrap();
+    queue.only(&[Operation::Ack, Operation::Dequeue]);
     let ids = fill(&queue).await;
     let (seen, deliveries) = drain(&queue).await;
     assert_eq!(seen, ids, "every job was delivered");
@@ -125,7 +123,8 @@ async fn with_failing_acks_and_lost_dequeues_every_job_is_redelivered_until_acke
 #[tokio::test]
 async fn the_same_seed_injects_the_same_faults() {
     async fn run(seed: u64) -> Vec<bool> {
-        let queue = Chaos::new(memory("seeded"), ChaosConfig::new(seed).error_rate(0.5)).unwrap();
+        let queue =
+            ChaosQueue::new(memory("seeded"), ChaosConfig::new(seed).error_rate(0.5)).unwrap();
         let mut out = Vec::new();
         for i in 0..50 {
             out.push(queue.enqueue(Job::new(format!("{i}"))).await.is_ok());

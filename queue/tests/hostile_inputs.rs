@@ -6,7 +6,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
-use keel_queue::{DequeueOptions, Error, Headers, Job, JobId, MemoryQueue, Queue, QueueConfig};
+use keel_queue::{
+    DequeueOptions, Headers, Job, JobId, MemoryQueue, Queue, QueueConfig, QueueError,
+};
 use proptest::prelude::*;
 use tokio::time::timeout;
 
@@ -69,12 +71,12 @@ async fn check<Q, F, Fut>(input: Input, prefix: &str, make: F) -> Result<(), Tes
 where
     Q: Queue,
     F: FnOnce(QueueConfig) -> Fut,
-    Fut: Future<Output = keel_queue::Result<Q>>,
+    Fut: Future<Output = Result<Q, keel_queue::QueueError>>,
 {
     let name = format!("{prefix}-{}", input.name);
     let queue = match make(QueueConfig::new(name)).await {
         Ok(queue) => queue,
-        Err(Error::InvalidConfig(err)) => {
+        Err(QueueError::InvalidConfig(err)) => {
             prop_assert!(err.field.contains("name"), "{err}");
             return Ok(());
         }
@@ -105,11 +107,11 @@ where
                 .map_err(|err| TestCaseError::fail(format!("ack: {err:?}")))?;
             Ok(())
         }
-        Err(Error::InvalidArgument { name, .. }) => {
+        Err(QueueError::InvalidArgument { name, .. }) => {
             prop_assert!(["id", "headers", "payload"].contains(&name), "{name}");
             Ok(())
         }
-        Err(Error::Unsupported { .. }) => Ok(()),
+        Err(QueueError::Unsupported { .. }) => Ok(()),
         Err(other) => Err(TestCaseError::fail(format!("enqueue: {other:?}"))),
     };
     queue

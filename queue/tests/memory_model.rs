@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
-use keel_queue::{DequeueOptions, Error, Job, MemoryQueue, Nack, Priority, Queue, QueueConfig};
+use keel_queue::{
+    DequeueOptions, Job, MemoryQueue, Nack, Priority, Queue, QueueConfig, QueueError,
+};
 use proptest::prelude::*;
 
 const CAPACITY: u64 = 8;
@@ -161,7 +163,7 @@ proptest! {
                             let _ = k;
                             prop_assert!(got.unwrap().duplicate);
                         } else if model.jobs.len() as u64 >= CAPACITY {
-                            prop_assert!(matches!(got, Err(Error::Full { .. })), "{got:?}");
+                            prop_assert!(matches!(got, Err(QueueError::Full { .. })), "{got:?}");
                         } else {
                             prop_assert!(!got.unwrap().duplicate);
                             if let Some(k) = key {
@@ -201,7 +203,7 @@ proptest! {
                             _ => queue.nack(&receipt, Nack::dead_letter("model says die")).await,
                         };
                         if !valid {
-                            prop_assert!(matches!(result, Err(Error::InvalidReceipt(_))), "{result:?}");
+                            prop_assert!(matches!(result, Err(QueueError::InvalidReceipt(_))), "{result:?}");
                             continue;
                         }
                         prop_assert!(result.is_ok(), "{result:?}");

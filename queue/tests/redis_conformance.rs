@@ -2,7 +2,7 @@
 //! server at `REDIS_URL` (default `redis://127.0.0.1:6379`).
 #![cfg(feature = "redis")]
 
-use keel_queue::conformance::Subject;
+use keel_queue::conformance::QueueSubject;
 use keel_queue::{RedisQueue, RedisQueueConfig};
 use keel_testkit::{Namespace, redis_cleanup, require_redis};
 
@@ -16,5 +16,5 @@ keel_queue::queue_conformance!(redis, |config: keel_queue::QueueConfig| async mo
     let queue = RedisQueue::connect(RedisQueueConfig::new(url, config))
         .await
         .expect("connect to redis");
-    Subject::new(queue).with_guard(cleanup)
+    QueueSubject::new(queue).with_guard(cleanup)
 });

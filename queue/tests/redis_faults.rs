@@ -32,7 +32,7 @@ use faults::{
     every_call_at_once, is_empty, job, long_poll, send_all, send_and_ack, sent_at_least,
     spike_latency, stream_with_fault, timed,
 };
-use keel_queue::{DequeueOptions, Error, Queue, QueueConfig, RedisQueue, RedisQueueConfig};
+use keel_queue::{DequeueOptions, Queue, QueueConfig, QueueError, RedisQueue, RedisQueueConfig};
 use keel_testkit::{FaultProxy, Namespace, RedisServer};
 use parking_lot::Mutex;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
@@ -327,7 +327,7 @@ async fn blackhole_then_restore() {
             for Call { op, result, took } in every_call_at_once(&queue, next, drain).await {
                 let err = result.expect_err("an operation succeeded through a black hole");
                 assert!(
-                    matches!(err, Error::Timeout(_) | Error::Unavailable { .. }),
+                    matches!(err, QueueError::Timeout(_) | QueueError::Unavailable { .. }),
                     "{op}: {err:?}"
                 );
                 assert!(err.is_retryable(), "{op}: {err}");

@@ -157,7 +157,7 @@ async fn each_lease_length_expires_on_its_own() {
     assert_eq!(again[0].attempt, 2);
     assert!(matches!(
         queue.ack(&short[0].receipt).await,
-        Err(keel_queue::Error::InvalidReceipt(_))
+        Err(keel_queue::QueueError::InvalidReceipt(_))
     ));
     queue.ack(&long[0].receipt).await.unwrap();
     queue.ack(&again[0].receipt).await.unwrap();
@@ -318,7 +318,7 @@ async fn over_capacity_refuses_until_back_under() {
     );
     for _ in 0..3 {
         match queue.enqueue(Job::new("d")).await {
-            Err(keel_queue::Error::Full { capacity: 2 }) => {}
+            Err(keel_queue::QueueError::Full { capacity: 2 }) => {}
             other => panic!("a queue over its bound took a job: {other:?}"),
         }
     }
@@ -467,7 +467,7 @@ async fn receipts_of_other_shapes_are_invalid() {
             queue.extend_lease(&receipt, Duration::from_secs(1)).await,
         ] {
             assert!(
-                matches!(result, Err(keel_queue::Error::InvalidReceipt(_))),
+                matches!(result, Err(keel_queue::QueueError::InvalidReceipt(_))),
                 "`{text}` answered {result:?}"
             );
         }
@@ -476,6 +476,6 @@ async fn receipts_of_other_shapes_are_invalid() {
     let stale = keel_queue::Receipt::from_string("1:1700000000000-0|1|1700000000000");
     assert!(matches!(
         queue.ack(&stale).await,
-        Err(keel_queue::Error::InvalidReceipt(_))
+        Err(keel_queue::QueueError::InvalidReceipt(_))
     ));
 }

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use keel_queue::{DequeueOptions, Job, MemoryQueue, Queue, QueueConfig};
-use keel_scheduler::{Outcome, WorkItem, Worker, WorkerConfig};
+use keel_scheduler::{JobOutcome, WorkItem, Worker, WorkerConfig};
 use tokio::time::{Instant, sleep};
 
 #[derive(Debug, Parser)]
@@ -158,7 +158,7 @@ async fn worker(
 ) -> f64 {
     let handler = tower::service_fn(move |item: WorkItem| {
         runs.record(&item.payload);
-        async { Ok::<_, Infallible>(Outcome::Ack) }
+        async { Ok::<_, Infallible>(JobOutcome::Ack) }
     });
     let config = WorkerConfig::new("bench")
         .concurrency(args.concurrency)

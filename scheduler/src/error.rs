@@ -62,15 +62,16 @@ impl std::fmt::Display for Rejection {
 /// What went wrong in the scheduler, a worker or a limiter.
 ///
 /// An admitted request ends in exactly one of: the service's response,
-/// [`Error::Rejected`], [`Error::DeadlineExceeded`], the service's own
-/// failure ([`Error::Service`]), or [`Error::Closed`] when the scheduler
-/// stops under it. Every variant says whether trying again can help: see
-/// [`Error::is_retryable`]. It implements [`KeelError`] (so an application
-/// maps it with one `match` over [`ErrorKind`]) and is registered with
-/// [`keel_core::kind_of`]; a service error inside keeps its own kind.
+/// [`SchedulerError::Rejected`], [`SchedulerError::DeadlineExceeded`], the
+/// service's own failure ([`SchedulerError::Service`]), or
+/// [`SchedulerError::Closed`] when the scheduler stops under it. Every
+/// variant says whether trying again can help: see
+/// [`SchedulerError::is_retryable`]. It implements [`KeelError`] (so an
+/// application maps it with one `match` over [`ErrorKind`]) and is registered
+/// with [`keel_core::kind_of`]; a service error inside keeps its own kind.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum Error {
+pub enum SchedulerError {
     /// Admission refused the request; it never reached the service.
     #[error("request rejected: {0}")]
     Rejected(Rejection),
@@ -93,7 +94,7 @@ pub enum Error {
     },
     /// A queue operation failed.
     #[error("queue operation failed")]
-    Queue(#[source] keel_queue::Error),
+    Queue(#[source] keel_queue::QueueError),
     /// A shared rate limiter's backend could not be reached or answered
     /// something unexpected. With the `redis` feature the source is a
     /// [`keel_core::redis::RedisError`], whose classification decides
@@ -112,32 +113,33 @@ pub enum Error {
     InvalidConfig(#[from] ConfigError),
 }
 
-impl Error {
+impl SchedulerError {
     /// Whether trying the same request again may succeed.
     ///
     /// An exhaustive match with no `_` arm: a new variant forces a decision.
-    /// Rejections are retryable after [`retry_after`](Error::retry_after);
-    /// an expired deadline is not (the caller's time is up), and neither is
-    /// a service failure (the service, or a retry layer around it, decides).
+    /// Rejections are retryable after
+    /// [`retry_after`](SchedulerError::retry_after); an expired deadline is
+    /// not (the caller's time is up), and neither is a service failure (the
+    /// service, or a retry layer around it, decides).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Rejected(_) => true,
-            Error::DeadlineExceeded { .. } => false,
-            Error::Service(_) => false,
-            Error::Closed { .. } => false,
-            Error::Queue(err) => err.is_retryable(),
-            Error::RateLimiter { source, .. } => source
+            SchedulerError::Rejected(_) => true,
+            SchedulerError::DeadlineExceeded { .. } => false,
+            SchedulerError::Service(_) => false,
+            SchedulerError::Closed { .. } => false,
+            SchedulerError::Queue(err) => err.is_retryable(),
+            SchedulerError::RateLimiter { source, .. } => source
                 .as_deref()
                 .and_then(|source| keel_core::find_kind(source))
                 .is_none_or(|kind| kind.is_retryable()),
-            Error::InvalidConfig(_) => false,
+            SchedulerError::InvalidConfig(_) => false,
         }
     }
 
     /// How long to wait before retrying a rejected request, when known.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Error::Rejected(rejection) => rejection.retry_after(),
+            SchedulerError::Rejected(rejection) => rejection.retry_after(),
             _ => None,
         }
     }
@@ -145,17 +147,17 @@ impl Error {
     /// The rejection, if admission refused the request.
     pub fn rejection(&self) -> Option<&Rejection> {
         match self {
-            Error::Rejected(rejection) => Some(rejection),
+            SchedulerError::Rejected(rejection) => Some(rejection),
             _ => None,
         }
     }
 
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidConfig(ConfigError::new(field, reason))
+        SchedulerError::InvalidConfig(ConfigError::new(field, reason))
     }
 
     pub(crate) fn closed(reason: impl Into<String>) -> Self {
-        Error::Closed {
+        SchedulerError::Closed {
             reason: reason.into(),
         }
     }
@@ -176,46 +178,46 @@ impl Rejection {
     }
 }
 
-impl KeelError for Error {
+impl KeelError for SchedulerError {
     /// An exhaustive match with no `_` arm: a new variant forces a decision.
     /// A service error keeps its own kind ([`keel_core::kind_of`]: a
     /// balancer's `Overloaded` stays `Overloaded`).
     fn kind(&self) -> ErrorKind {
         match self {
-            Error::Rejected(rejection) => rejection.kind(),
-            Error::DeadlineExceeded { .. } => ErrorKind::DeadlineExceeded,
-            Error::Service(source) => keel_core::kind_of(source.as_ref()),
-            Error::Closed { .. } => ErrorKind::Unavailable { retry_after: None },
-            Error::Queue(err) => err.kind(),
-            Error::RateLimiter { source, .. } => source
+            SchedulerError::Rejected(rejection) => rejection.kind(),
+            SchedulerError::DeadlineExceeded { .. } => ErrorKind::DeadlineExceeded,
+            SchedulerError::Service(source) => keel_core::kind_of(source.as_ref()),
+            SchedulerError::Closed { .. } => ErrorKind::Unavailable { retry_after: None },
+            SchedulerError::Queue(err) => err.kind(),
+            SchedulerError::RateLimiter { source, .. } => source
                 .as_deref()
                 .and_then(|source| keel_core::find_kind(source))
                 .unwrap_or(ErrorKind::Unavailable { retry_after: None }),
-            Error::InvalidConfig(_) => ErrorKind::Internal,
+            SchedulerError::InvalidConfig(_) => ErrorKind::Internal,
         }
     }
 
     fn is_retryable(&self) -> bool {
-        Error::is_retryable(self)
+        SchedulerError::is_retryable(self)
     }
 }
 
-keel_core::register_error_kind!(Error);
+keel_core::register_error_kind!(SchedulerError);
 
-impl From<Rejection> for Error {
+impl From<Rejection> for SchedulerError {
     fn from(rejection: Rejection) -> Self {
-        Error::Rejected(rejection)
+        SchedulerError::Rejected(rejection)
     }
 }
 
-impl From<keel_queue::Error> for Error {
-    fn from(err: keel_queue::Error) -> Self {
-        Error::Queue(err)
+impl From<keel_queue::QueueError> for SchedulerError {
+    fn from(err: keel_queue::QueueError) -> Self {
+        SchedulerError::Queue(err)
     }
 }
 
-/// `Result` with the scheduler's [`Error`].
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+/// `Result` with the scheduler's [`SchedulerError`].
+pub(crate) type Result<T, E = SchedulerError> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests {
@@ -223,31 +225,34 @@ mod tests {
 
     #[test]
     fn rejections_are_retryable_with_a_hint() {
-        let err = Error::from(Rejection::RateLimited {
+        let err = SchedulerError::from(Rejection::RateLimited {
             retry_after: Duration::from_millis(250),
         });
         assert!(err.is_retryable());
         assert_eq!(err.retry_after(), Some(Duration::from_millis(250)));
-        assert!(Error::from(Rejection::QueueFull).is_retryable());
-        assert_eq!(Error::from(Rejection::QueueFull).retry_after(), None);
+        assert!(SchedulerError::from(Rejection::QueueFull).is_retryable());
+        assert_eq!(
+            SchedulerError::from(Rejection::QueueFull).retry_after(),
+            None
+        );
     }
 
     #[test]
     fn expiry_and_config_are_not_retryable() {
         assert!(
-            !Error::DeadlineExceeded {
+            !SchedulerError::DeadlineExceeded {
                 waited: Duration::from_secs(1)
             }
             .is_retryable()
         );
-        let err = Error::config("max_queued", "must be at least 1");
+        let err = SchedulerError::config("max_queued", "must be at least 1");
         assert!(!err.is_retryable());
         assert!(err.to_string().contains("max_queued"), "{err}");
     }
 
     #[test]
     fn kinds_map_in_one_match() {
-        let limited = Error::from(Rejection::RateLimited {
+        let limited = SchedulerError::from(Rejection::RateLimited {
             retry_after: Duration::from_millis(250),
         });
         assert_eq!(
@@ -257,18 +262,21 @@ mod tests {
             }
         );
         assert_eq!(
-            Error::from(Rejection::QueueFull).kind(),
+            SchedulerError::from(Rejection::QueueFull).kind(),
             ErrorKind::QueueFull
         );
-        let expired = Error::DeadlineExceeded {
+        let expired = SchedulerError::DeadlineExceeded {
             waited: Duration::ZERO,
         };
         assert_eq!(expired.kind(), ErrorKind::DeadlineExceeded);
         assert_eq!(
-            Error::from(keel_queue::Error::Full { capacity: 1 }).kind(),
+            SchedulerError::from(keel_queue::QueueError::Full { capacity: 1 }).kind(),
             ErrorKind::QueueFull
         );
-        assert_eq!(Error::config("name", "empty").kind(), ErrorKind::Internal);
+        assert_eq!(
+            SchedulerError::config("name", "empty").kind(),
+            ErrorKind::Internal
+        );
         // Behind a BoxError, as a tower stack hands it out.
         let boxed: BoxError = Box::new(limited);
         assert!(matches!(
@@ -280,25 +288,25 @@ mod tests {
     #[test]
     fn a_service_error_keeps_its_own_kind() {
         // A Keel error from below (here the queue's) keeps its kind.
-        let inner: BoxError = Box::new(keel_queue::Error::Full { capacity: 1 });
-        assert_eq!(Error::Service(inner).kind(), ErrorKind::QueueFull);
-        let inner: BoxError = Box::new(Error::from(Rejection::Overloaded {
+        let inner: BoxError = Box::new(keel_queue::QueueError::Full { capacity: 1 });
+        assert_eq!(SchedulerError::Service(inner).kind(), ErrorKind::QueueFull);
+        let inner: BoxError = Box::new(SchedulerError::from(Rejection::Overloaded {
             retry_after: Duration::from_secs(1),
         }));
         assert!(matches!(
-            Error::Service(inner).kind(),
+            SchedulerError::Service(inner).kind(),
             ErrorKind::Overloaded { .. }
         ));
         // Anything unknown is the upstream's failure.
         let inner: BoxError = "boom".into();
-        assert_eq!(Error::Service(inner).kind(), ErrorKind::Upstream);
+        assert_eq!(SchedulerError::Service(inner).kind(), ErrorKind::Upstream);
     }
 
     #[test]
     fn queue_errors_keep_their_classification() {
-        let full = Error::from(keel_queue::Error::Full { capacity: 1 });
+        let full = SchedulerError::from(keel_queue::QueueError::Full { capacity: 1 });
         assert!(full.is_retryable());
-        let bad = Error::from(keel_queue::Error::InvalidReceipt("gone".into()));
+        let bad = SchedulerError::from(keel_queue::QueueError::InvalidReceipt("gone".into()));
         assert!(!bad.is_retryable());
     }
 }

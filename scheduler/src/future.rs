@@ -1,4 +1,4 @@
-//! [`ResponseFuture`]: the answer of an [`Admission`](crate::Admission)
+//! [`AdmissionFuture`]: the answer of an [`Admission`](crate::Admission)
 //! service.
 
 use std::fmt;
@@ -12,23 +12,23 @@ use crate::error::{BoxError, Result};
 ///
 /// Dropping it before dispatch takes the request out of the queue; after
 /// dispatch it drops the inner service's response future.
-pub struct ResponseFuture<Resp> {
+pub struct AdmissionFuture<Resp> {
     inner: Pin<Box<dyn Future<Output = Result<Resp>> + Send>>,
 }
 
-impl<Resp> ResponseFuture<Resp> {
+impl<Resp> AdmissionFuture<Resp> {
     pub(crate) fn new(inner: Pin<Box<dyn Future<Output = Result<Resp>> + Send>>) -> Self {
-        ResponseFuture { inner }
+        AdmissionFuture { inner }
     }
 }
 
-impl<Resp> fmt::Debug for ResponseFuture<Resp> {
+impl<Resp> fmt::Debug for AdmissionFuture<Resp> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+        f.debug_struct("AdmissionFuture").finish_non_exhaustive()
     }
 }
 
-impl<Resp> Future for ResponseFuture<Resp> {
+impl<Resp> Future for AdmissionFuture<Resp> {
     type Output = std::result::Result<Resp, BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {

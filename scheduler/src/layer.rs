@@ -27,11 +27,12 @@ use crate::ticket::Ticket;
 /// the same instant. Put timeouts here, not in a deadline layer below
 /// admission, whose clock would only start once the request left the queue.
 ///
-/// The layered service is always ready: overload is answered per request
-/// (a [`Rejection`](crate::Rejection) or
-/// [`DeadlineExceeded`](crate::Error::DeadlineExceeded) boxed in the error,
-/// downcast it to [`Error`](crate::Error)), never by holding callers in
-/// `poll_ready`. The inner service's own errors come through unchanged.
+/// The layered service is always ready: overload is answered per request (a
+/// [`Rejection`](crate::Rejection) or
+/// [`DeadlineExceeded`](crate::SchedulerError::DeadlineExceeded) boxed in the
+/// error, downcast it to [`SchedulerError`](crate::SchedulerError)), never by
+/// holding callers in `poll_ready`. The inner service's own errors come
+/// through unchanged.
 ///
 /// ```
 /// use std::time::Duration;
@@ -92,8 +93,8 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the bad
-    /// field (checked here, so `layer` cannot fail).
+    /// [`SchedulerError::InvalidConfig`](crate::SchedulerError::InvalidConfig)
+    /// naming the bad field (checked here, so `layer` cannot fail).
     pub fn new(config: SchedulerConfig, classify: F) -> Result<Self> {
         config.validate()?;
         Ok(AdmissionLayer {

@@ -17,8 +17,8 @@ pub use admission::{
     SchedulerStats, SheddingConfig, TenantConfig,
 };
 pub use batch::{BatchConfig, BatchFuture, Batcher};
-pub use error::{BoxError, Error, Rejection, Result};
-pub use future::ResponseFuture;
+pub use error::{BoxError, Rejection, SchedulerError};
+pub use future::AdmissionFuture;
 pub use keel_queue::Priority;
 pub use layer::AdmissionLayer;
 pub use rate::{LocalRateLimiter, Rate, RateDecision, RateLimit, RateLimitConfig, TenantRates};
@@ -27,6 +27,6 @@ pub use rate::{RedisRateLimitConfig, RedisRateLimiter};
 pub use service::Admission;
 pub use ticket::{TenantId, Ticket};
 pub use worker::{
-    JsonJobs, Outcome, ShutdownReport, TypedItem, WorkItem, Worker, WorkerConfig, WorkerHandle,
+    JobOutcome, JsonJobs, ShutdownReport, TypedItem, WorkItem, Worker, WorkerConfig, WorkerHandle,
     WorkerHealth, WorkerState, WorkerStats, json_jobs,
 };

@@ -39,9 +39,9 @@
 //! | name | kind | meaning |
 //! | --- | --- | --- |
 //! | `keel_worker_started_total` | counter | jobs handed to the handler |
-//! | `keel_worker_acked_total` | counter | jobs acked after `Outcome::Ack` |
+//! | `keel_worker_acked_total` | counter | jobs acked after `JobOutcome::Ack` |
 //! | `keel_worker_retried_total` | counter | jobs nacked for a retry |
-//! | `keel_worker_dead_lettered_total` | counter | jobs nacked to the dead letters (`Outcome::Abort`, expired deadline) |
+//! | `keel_worker_dead_lettered_total` | counter | jobs nacked to the dead letters (`JobOutcome::Abort`, expired deadline) |
 //! | `keel_worker_panics_total` | counter | handler panics caught (the job is nacked for a retry) |
 //! | `keel_worker_released_total` | counter | in-flight jobs handed back at shutdown |
 //! | `keel_worker_lease_renewals_total` | counter | leases extended while handlers ran |

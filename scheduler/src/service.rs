@@ -9,8 +9,8 @@ use keel_core::RequestExtensions;
 use tower::Service;
 
 use crate::admission::Scheduler;
-use crate::error::{BoxError, Error};
-use crate::future::ResponseFuture;
+use crate::error::{BoxError, SchedulerError};
+use crate::future::AdmissionFuture;
 use crate::ticket::Ticket;
 
 /// How a request becomes a ticket.
@@ -65,7 +65,7 @@ where
 {
     type Response = Resp;
     type Error = BoxError;
-    type Future = ResponseFuture<Resp>;
+    type Future = AdmissionFuture<Resp>;
 
     /// Always ready: admission answers overload per request.
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
@@ -74,14 +74,14 @@ where
 
     fn call(&mut self, request: Req) -> Self::Future {
         let ticket = (self.classify)(&request);
-        ResponseFuture::new(Box::pin(self.scheduler.submit_request(ticket, request)))
+        AdmissionFuture::new(Box::pin(self.scheduler.submit_request(ticket, request)))
     }
 }
 
 /// The inner service's error as it was; the scheduler's own errors boxed.
-pub(crate) fn unwrap_service_error(err: Error) -> BoxError {
+pub(crate) fn unwrap_service_error(err: SchedulerError) -> BoxError {
     match err {
-        Error::Service(inner) => inner,
+        SchedulerError::Service(inner) => inner,
         other => Box::new(other),
     }
 }

@@ -136,8 +136,8 @@ pub(crate) type TenantHash = BuildHasherDefault<TenantHasher>;
 /// - `priority`: the class, higher served first (see
 ///   [`SchedulerConfig::classes`](crate::SchedulerConfig::classes)).
 /// - `deadline`: past it the request is answered
-///   [`DeadlineExceeded`](crate::Error::DeadlineExceeded) instead of being
-///   dispatched; within a tenant, earliest deadline first.
+///   [`DeadlineExceeded`](crate::SchedulerError::DeadlineExceeded) instead of
+///   being dispatched; within a tenant, earliest deadline first.
 /// - `cost`: what the request weighs for fairness and for cost-unit rate
 ///   limits (estimated tokens, say). At least 1.
 ///

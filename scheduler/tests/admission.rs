@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use keel_core::{Deadline, ErrorKind};
 use keel_scheduler::{
-    AdmissionLayer, AimdConfig, ClassConfig, ConcurrencyConfig, Error, LocalRateLimiter, Priority,
-    Rate, RateLimitConfig, Rejection, Scheduler, SchedulerBuilder, SchedulerConfig, SheddingConfig,
-    TenantConfig, TenantRates, Ticket,
+    AdmissionLayer, AimdConfig, ClassConfig, ConcurrencyConfig, LocalRateLimiter, Priority, Rate,
+    RateLimitConfig, Rejection, Scheduler, SchedulerBuilder, SchedulerConfig, SchedulerError,
+    SheddingConfig, TenantConfig, TenantRates, Ticket,
 };
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
@@ -89,7 +89,9 @@ async fn expired_requests_never_reach_the_service() {
     gate.add_permits(100);
     for handle in waiting {
         match handle.await.unwrap() {
-            Err(Error::DeadlineExceeded { waited }) => assert!(waited >= Duration::from_millis(10)),
+            Err(SchedulerError::DeadlineExceeded { waited }) => {
+                assert!(waited >= Duration::from_millis(10))
+            }
             other => panic!("expected DeadlineExceeded, got {other:?}"),
         }
     }
@@ -98,7 +100,7 @@ async fn expired_requests_never_reach_the_service() {
     let past = Ticket::new("c").deadline(Instant::now() - Duration::from_millis(1));
     assert!(matches!(
         scheduler.submit(past, 99).await,
-        Err(Error::DeadlineExceeded { .. })
+        Err(SchedulerError::DeadlineExceeded { .. })
     ));
     assert_eq!(*seen.lock(), vec![0], "only the unexpired request was sent");
     assert_eq!(scheduler.stats().queued, 0);
@@ -118,7 +120,7 @@ async fn requests_without_a_deadline_do_not_wait_forever() {
     let started = Instant::now();
     let waited = scheduler.submit(Ticket::new("a"), 1).await;
     assert!(
-        matches!(waited, Err(Error::DeadlineExceeded { .. })),
+        matches!(waited, Err(SchedulerError::DeadlineExceeded { .. })),
         "{waited:?}"
     );
     // Caught by the sweep, every eighth of `max_queue_time`.
@@ -132,7 +134,7 @@ async fn requests_without_a_deadline_do_not_wait_forever() {
     let ticket = Ticket::new("a").timeout(Duration::from_millis(700));
     assert!(matches!(
         scheduler.submit(ticket, 2).await,
-        Err(Error::DeadlineExceeded { .. })
+        Err(SchedulerError::DeadlineExceeded { .. })
     ));
     assert_eq!(started.elapsed(), Duration::from_millis(700));
     assert_eq!(*seen.lock(), vec![0]);
@@ -387,11 +389,11 @@ async fn a_failing_service_closes_the_scheduler() {
     }
     let scheduler = Scheduler::new(SchedulerConfig::new("t"), Broken).unwrap();
     let err = scheduler.submit(Ticket::new("a"), 1).await.unwrap_err();
-    assert!(matches!(err, Error::Closed { .. }), "{err:?}");
+    assert!(matches!(err, SchedulerError::Closed { .. }), "{err:?}");
     assert!(err.to_string().contains("model crashed"), "{err}");
     assert!(!err.is_retryable());
     let again = scheduler.submit(Ticket::new("a"), 2).await.unwrap_err();
-    assert!(matches!(again, Error::Closed { .. }));
+    assert!(matches!(again, SchedulerError::Closed { .. }));
 }
 
 /// A request for the layer: the tenant in a header, `n` in the body.
@@ -453,7 +455,9 @@ async fn the_layer_passes_inner_errors_through_and_boxes_its_own() {
         .call(http("a", 3))
         .await
         .unwrap_err();
-    let full = full.downcast_ref::<Error>().expect("an admission error");
+    let full = full
+        .downcast_ref::<SchedulerError>()
+        .expect("an admission error");
     assert_eq!(full.rejection(), Some(&Rejection::QueueFull));
     assert_eq!(busy.await.unwrap().unwrap(), 1);
     assert_eq!(waiting.await.unwrap().unwrap(), 2);
@@ -507,8 +511,13 @@ async fn a_carried_deadline_expires_the_request_while_it_waits() {
     Deadline::after(Duration::from_millis(50)).apply(&mut request);
     let err = service.clone().oneshot(request).await.unwrap_err();
     let waited = start.elapsed();
-    let err = err.downcast_ref::<Error>().expect("an admission error");
-    assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err:?}");
+    let err = err
+        .downcast_ref::<SchedulerError>()
+        .expect("an admission error");
+    assert!(
+        matches!(err, SchedulerError::DeadlineExceeded { .. }),
+        "{err:?}"
+    );
     assert_eq!(keel_core::KeelError::kind(err), ErrorKind::DeadlineExceeded);
     assert!(
         waited >= Duration::from_millis(50) && waited <= Duration::from_millis(55),
@@ -598,12 +607,12 @@ fn futures_and_handles_are_send_and_sync() {
         send(&scheduler.submit(Ticket::new("a"), 1));
     });
     send_sync::<Scheduler<u32, u32>>();
-    send_sync::<Error>();
+    send_sync::<SchedulerError>();
     send_sync::<keel_scheduler::Admission<u32, u32>>();
     send_sync::<keel_scheduler::Batcher<u32, u32>>();
     send_sync::<keel_scheduler::WorkerHandle>();
     fn send_only<T: Send>() {}
-    send_only::<keel_scheduler::ResponseFuture<u32>>();
+    send_only::<keel_scheduler::AdmissionFuture<u32>>();
     send_only::<keel_scheduler::BatchFuture<u32>>();
 }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_scheduler::{BatchConfig, Batcher, Error};
+use keel_scheduler::{BatchConfig, Batcher, SchedulerError};
 use parking_lot::Mutex;
 use proptest::prelude::*;
 use tokio::time::{Instant, sleep};
@@ -122,11 +122,11 @@ async fn a_failed_batch_fails_each_item_once() {
         .collect();
     for call in calls {
         match call.await.unwrap() {
-            ((1, _), Err(Error::Service(err))) => {
+            ((1, _), Err(SchedulerError::Service(err))) => {
                 let source = std::error::Error::source(&*err).expect("the batch's error");
                 assert_eq!(source.to_string(), "model overloaded");
             }
-            ((2, _), Err(Error::Service(err))) => {
+            ((2, _), Err(SchedulerError::Service(err))) => {
                 assert!(
                     err.to_string()
                         .contains("answered 1 items for a batch of 2"),

@@ -70,7 +70,7 @@ async fn offer(
             Err(err) => {
                 assert!(
                     err.rejection().is_some()
-                        || matches!(err, keel_scheduler::Error::DeadlineExceeded { .. }),
+                        || matches!(err, keel_scheduler::SchedulerError::DeadlineExceeded { .. }),
                     "{err}"
                 );
                 refused += 1;

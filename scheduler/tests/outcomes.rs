@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_scheduler::{
-    ConcurrencyConfig, Error, LocalRateLimiter, Priority, Rate, RateLimitConfig, SchedulerBuilder,
-    SchedulerConfig, SheddingConfig, TenantRates, Ticket,
+    ConcurrencyConfig, LocalRateLimiter, Priority, Rate, RateLimitConfig, SchedulerBuilder,
+    SchedulerConfig, SchedulerError, SheddingConfig, TenantRates, Ticket,
 };
 use parking_lot::Mutex;
 use proptest::prelude::*;
@@ -143,8 +143,8 @@ fn run_trace(
                         assert_eq!(answer, id, "answered with another request's response");
                         End::Completed
                     }
-                    Some(Err(Error::Rejected(_))) => End::Rejected,
-                    Some(Err(Error::DeadlineExceeded { .. })) => End::Expired,
+                    Some(Err(SchedulerError::Rejected(_))) => End::Rejected,
+                    Some(Err(SchedulerError::DeadlineExceeded { .. })) => End::Expired,
                     Some(Err(other)) => panic!("unexpected outcome {other:?}"),
                 };
                 (id, end)

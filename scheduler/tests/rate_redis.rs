@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_scheduler::{
-    Error, Rate, RateDecision, RateLimit, RateLimitConfig, RedisRateLimitConfig, RedisRateLimiter,
-    Rejection, Scheduler, SchedulerBuilder, SchedulerConfig, TenantId, TenantRates, Ticket,
+    Rate, RateDecision, RateLimit, RateLimitConfig, RedisRateLimitConfig, RedisRateLimiter,
+    Rejection, Scheduler, SchedulerBuilder, SchedulerConfig, SchedulerError, TenantId, TenantRates,
+    Ticket,
 };
 use keel_testkit::{Namespace, RedisServer, require_redis};
 use tokio::time::{Instant, timeout};
@@ -50,7 +51,7 @@ async fn the_shared_limit_holds_across_two_instances() {
                     while Instant::now() < stop {
                         match scheduler.submit(Ticket::new(&tenant), ()).await {
                             Ok(()) => allowed += 1,
-                            Err(Error::Rejected(Rejection::RateLimited { retry_after })) => {
+                            Err(SchedulerError::Rejected(Rejection::RateLimited { retry_after })) => {
                                 assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_millis(6));
                                 limited += 1;
                             }
@@ -112,7 +113,7 @@ async fn an_unreachable_redis_fails_open_or_closed_as_configured() {
             "fails open"
         );
         let err = closed.acquire(&tenant, 1).await.unwrap_err();
-        assert!(matches!(err, Error::RateLimiter { .. }), "{err:?}");
+        assert!(matches!(err, SchedulerError::RateLimiter { .. }), "{err:?}");
         assert!(err.is_retryable());
         assert!(
             started.elapsed() < Duration::from_secs(3),

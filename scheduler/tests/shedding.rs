@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_scheduler::{
-    ConcurrencyConfig, Error, Priority, Rejection, Scheduler, SchedulerConfig, SheddingConfig,
-    Ticket,
+    ConcurrencyConfig, Priority, Rejection, Scheduler, SchedulerConfig, SchedulerError,
+    SheddingConfig, Ticket,
 };
 use parking_lot::Mutex;
 use tokio::time::{Instant, sleep, sleep_until};
@@ -59,12 +59,12 @@ async fn offer(scheduler: Scheduler<Req, ()>, high: bool, rate: f64, start: Inst
     for call in calls {
         match call.await.unwrap() {
             Ok(()) => tally.completed += 1,
-            Err(Error::Rejected(Rejection::Overloaded { retry_after })) => {
+            Err(SchedulerError::Rejected(Rejection::Overloaded { retry_after })) => {
                 tally.overloaded += 1;
                 tally.retry_afters.push(retry_after);
             }
-            Err(Error::Rejected(Rejection::QueueFull)) => tally.queue_full += 1,
-            Err(Error::DeadlineExceeded { .. }) => tally.expired += 1,
+            Err(SchedulerError::Rejected(Rejection::QueueFull)) => tally.queue_full += 1,
+            Err(SchedulerError::DeadlineExceeded { .. }) => tally.expired += 1,
             Err(other) => panic!("unexpected outcome {other:?}"),
         }
     }

@@ -15,8 +15,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use keel_scheduler::{
-    ConcurrencyConfig, Error, Priority, Rejection, Scheduler, SchedulerConfig, SheddingConfig,
-    Ticket,
+    ConcurrencyConfig, Priority, Rejection, Scheduler, SchedulerConfig, SchedulerError,
+    SheddingConfig, Ticket,
 };
 use parking_lot::Mutex;
 use tokio::time::sleep;
@@ -140,8 +140,10 @@ fn many_submitters_and_cancellations_end_exactly_once() {
                                 assert_eq!(answer, id, "answered with another request's response");
                                 End::Completed
                             }
-                            Some(Err(Error::Rejected(Rejection::QueueFull))) => End::Rejected,
-                            Some(Err(Error::DeadlineExceeded { .. })) => End::Expired,
+                            Some(Err(SchedulerError::Rejected(Rejection::QueueFull))) => {
+                                End::Rejected
+                            }
+                            Some(Err(SchedulerError::DeadlineExceeded { .. })) => End::Expired,
                             Some(Err(other)) => panic!("unexpected outcome {other:?}"),
                         };
                         assert!(ends.lock().insert(id, end).is_none(), "{id} ended twice");

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_queue::{Job, JobId, Queue, QueueConfig, RedisQueue, RedisQueueConfig};
-use keel_scheduler::{Outcome, WorkItem, Worker, WorkerConfig, WorkerState};
+use keel_scheduler::{JobOutcome, WorkItem, Worker, WorkerConfig, WorkerState};
 use keel_testkit::{Namespace, RedisServer};
 use parking_lot::Mutex;
 use tokio::time::{Instant, sleep, timeout};
@@ -43,7 +43,7 @@ async fn three_redis_restarts_under_load_lose_nothing_and_run_nothing_twice() {
             async move {
                 sleep(Duration::from_millis(15)).await;
                 *seen.lock().entry(item.id.to_string()).or_default() += 1;
-                Ok::<_, Infallible>(Outcome::Ack)
+                Ok::<_, Infallible>(JobOutcome::Ack)
             }
         });
         // Outages of about a second, well inside the 10 s lease.

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use keel_queue::{Job, Queue, QueueConfig, RedisQueue, RedisQueueConfig};
-use keel_scheduler::{Outcome, WorkItem, Worker, WorkerConfig, WorkerState};
+use keel_scheduler::{JobOutcome, WorkItem, Worker, WorkerConfig, WorkerState};
 use keel_testkit::{Namespace, RedisServer};
 use tokio::time::{Instant, sleep, timeout};
 
@@ -37,7 +37,8 @@ async fn a_worker_resumes_after_redis_restarts() {
         config.redis.operation_timeout = Duration::from_millis(500);
         config.max_block = Duration::from_millis(500);
         let queue = RedisQueue::connect(config).await.expect("connect");
-        let handler = tower::service_fn(|_: WorkItem| async { Ok::<_, Infallible>(Outcome::Ack) });
+        let handler =
+            tower::service_fn(|_: WorkItem| async { Ok::<_, Infallible>(JobOutcome::Ack) });
         let worker_config = WorkerConfig::new("redis-worker")
             .concurrency(4)
             .lease(Duration::from_secs(5))

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use keel_queue::{Job, MemoryQueue, Queue, QueueConfig};
-use keel_scheduler::{Outcome, TypedItem, Worker, WorkerConfig, json_jobs};
+use keel_scheduler::{JobOutcome, TypedItem, Worker, WorkerConfig, json_jobs};
 use serde::Deserialize;
 use tokio::time::{sleep, timeout};
 
@@ -34,7 +34,7 @@ async fn poison_is_dead_lettered_once(queue: impl Queue + Clone) {
                 assert_eq!(item.job.text, "hello");
                 assert_eq!(item.item.attempt, 1);
                 seen.fetch_add(1, Ordering::Relaxed);
-                Ok::<_, Infallible>(Outcome::Ack)
+                Ok::<_, Infallible>(JobOutcome::Ack)
             }
         }));
         let worker = Worker::new(
@@ -113,7 +113,7 @@ async fn a_shared_handle_shuts_down_once_for_every_caller() {
     }
     let handler = tower::service_fn(|_: keel_scheduler::WorkItem| async {
         sleep(Duration::from_millis(200)).await;
-        Ok::<_, Infallible>(Outcome::Ack)
+        Ok::<_, Infallible>(JobOutcome::Ack)
     });
     let worker = Arc::new(
         Worker::new(

@@ -4,8 +4,8 @@ use std::fmt::Display;
 
 /// Asserts that `validate` refuses each config of `cases` with an error that
 /// names the case's field as `` `field` ``, the way Keel's config errors
-/// (`keel_core::ConfigError`, and every crate's `Error::InvalidConfig`)
-/// spell it.
+/// (`keel_core::ConfigError`, and each crate's `InvalidConfig` variant, as
+/// in `QueueError::InvalidConfig`) spell it.
 ///
 /// ```
 /// # #[derive(Debug)] struct Config { workers: usize }

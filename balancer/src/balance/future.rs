@@ -20,14 +20,15 @@ use tower_service::Service;
 use super::{Balancer, Shared, Snapshot};
 use crate::config::BalancerConfig;
 use crate::endpoint::{Common, Handle, LazyNow, Recorded};
-use crate::error::{Error, FailedResponse};
+use crate::error::{BalancerError, FailedResponse};
 use crate::policy::{Choice, Pick, choose};
 use crate::request::{AvoidEndpoints, DispatchTrace};
 
 /// The longest busy cooldown honoured, whatever `Retry-After` says.
 const MAX_BUSY_COOLDOWN: Duration = Duration::from_secs(60);
 
-type WaitFuture<S, Req> = Pin<Box<dyn Future<Output = Result<Dispatched<S, Req>, Error>> + Send>>;
+type WaitFuture<S, Req> =
+    Pin<Box<dyn Future<Output = Result<Dispatched<S, Req>, BalancerError>> + Send>>;
 
 /// A request that got a slot.
 pub(crate) struct Dispatched<S, Req> {
@@ -55,7 +56,7 @@ pin_project! {
     /// Dropping it cancels the request: the endpoint's future is dropped and
     /// its slot freed, or, while it still waits for a slot, it leaves the
     /// queue.
-    pub struct ResponseFuture<S, Req, C, T>
+    pub struct BalanceFuture<S, Req, C, T>
     where
         S: Service<Req>,
     {
@@ -74,12 +75,12 @@ pin_project! {
         Waiting { wait: WaitFuture<S, Req> },
         Ready { svc: S, request: Option<Req> },
         Called { #[pin] future: F },
-        Failed { error: Option<Error> },
+        Failed { error: Option<BalancerError> },
         Done,
     }
 }
 
-impl<S, Req, C, T> fmt::Debug for ResponseFuture<S, Req, C, T>
+impl<S, Req, C, T> fmt::Debug for BalanceFuture<S, Req, C, T>
 where
     S: Service<Req>,
 {
@@ -91,7 +92,7 @@ where
             State::Failed { .. } => "failed",
             State::Done => "done",
         };
-        f.debug_struct("ResponseFuture")
+        f.debug_struct("BalanceFuture")
             .field("state", &state)
             .field("handle", &self.handle)
             .finish_non_exhaustive()
@@ -153,7 +154,7 @@ fn record_dispatch<Req: RequestExtensions>(request: &Req, handle: &Handle) {
 pub(super) fn dispatch<K, S, C, T, Req>(
     balancer: &mut Balancer<K, S, C, T>,
     request: Req,
-) -> ResponseFuture<S, Req, C, T>
+) -> BalanceFuture<S, Req, C, T>
 where
     K: EndpointKey + Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
     S: Service<Req> + Clone + Send + Sync + 'static,
@@ -170,7 +171,7 @@ where
         && deadline.instant() <= now.instant()
     {
         common.metrics.deadline_exceeded.increment(1);
-        return balancer.failed(Error::DeadlineExceeded);
+        return balancer.failed(BalancerError::DeadlineExceeded);
     }
     let (acquired, read) = pick_and_acquire(
         &*shared.pick,
@@ -190,7 +191,7 @@ where
             );
             record_dispatch(&request, &handle);
             let timer = timer(config, deadline, &now);
-            ResponseFuture {
+            BalanceFuture {
                 state: State::Ready {
                     svc: balancer.snapshot.services[i].clone(),
                     request: Some(request),
@@ -205,7 +206,7 @@ where
             // Every endpoint is avoided, or discovery ended empty: waiting
             // cannot help.
             common.metrics.no_endpoints.increment(1);
-            balancer.failed(Error::NoEndpoints)
+            balancer.failed(BalancerError::NoEndpoints)
         }
         Acquired::Empty | Acquired::Full => {
             if config.max_wait.is_zero()
@@ -213,18 +214,18 @@ where
             {
                 return balancer.failed(if empty_fleet {
                     common.metrics.no_endpoints.increment(1);
-                    Error::NoEndpoints
+                    BalancerError::NoEndpoints
                 } else {
                     common.metrics.overloaded.increment(1);
                     tracing::debug!(balancer = %config.name, "every endpoint is at capacity; rejecting");
-                    Error::Overloaded {
+                    BalancerError::Overloaded {
                         waited: Duration::ZERO,
                     }
                 });
             }
             let rng = shared.rng();
             let wait = Box::pin(wait_for_slot(shared.clone(), request, rng, deadline));
-            ResponseFuture {
+            BalanceFuture {
                 state: State::Waiting { wait },
                 handle: None,
                 timer: None,
@@ -240,11 +241,11 @@ where
     C: Clone,
     T: Clone,
 {
-    fn failed<Req>(&self, error: Error) -> ResponseFuture<S, Req, C, T>
+    fn failed<Req>(&self, error: BalancerError) -> BalanceFuture<S, Req, C, T>
     where
         S: Service<Req>,
     {
-        ResponseFuture {
+        BalanceFuture {
             state: State::Failed { error: Some(error) },
             handle: None,
             timer: None,
@@ -270,7 +271,7 @@ async fn wait_for_slot<K, S, Req>(
     request: Req,
     mut rng: fastrand::Rng,
     deadline: Option<Deadline>,
-) -> Result<Dispatched<S, Req>, Error>
+) -> Result<Dispatched<S, Req>, BalancerError>
 where
     K: EndpointKey + Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
     S: Clone + Send + Sync + 'static,
@@ -316,7 +317,7 @@ where
                 }
                 Acquired::Empty if !empty_fleet || shared.ended.load(Ordering::Acquire) => {
                     common.metrics.no_endpoints.increment(1);
-                    return Err(Error::NoEndpoints);
+                    return Err(BalancerError::NoEndpoints);
                 }
                 Acquired::Empty | Acquired::Full => {}
             }
@@ -325,15 +326,15 @@ where
         if let Either::Right(_) = select(notified, sleep.as_mut()).await {
             return Err(if by_deadline {
                 common.metrics.deadline_exceeded.increment(1);
-                Error::DeadlineExceeded
+                BalancerError::DeadlineExceeded
             } else if shared.current().states.is_empty() {
                 common.metrics.no_endpoints.increment(1);
                 tracing::debug!(balancer = %config.name, waited = ?config.max_wait, "no endpoint discovered in time; rejecting");
-                Error::NoEndpoints
+                BalancerError::NoEndpoints
             } else {
                 common.metrics.overloaded.increment(1);
                 tracing::debug!(balancer = %config.name, waited = ?config.max_wait, "no slot freed in time; rejecting");
-                Error::Overloaded {
+                BalancerError::Overloaded {
                     waited: started.elapsed(),
                 }
             });
@@ -348,7 +349,7 @@ fn finish<Res, E, C, T>(
     classifier: &C,
     completion: &T,
     result: Result<Res, E>,
-) -> Result<T::Output, Error>
+) -> Result<T::Output, BalancerError>
 where
     E: Into<BoxError>,
     C: Classify<Res, E>,
@@ -361,7 +362,7 @@ where
             handle.set_outcome(Recorded::Success);
             match result {
                 Ok(response) => Ok(completion.track_completion(handle, response)),
-                Err(error) => Err(Error::Failed {
+                Err(error) => Err(BalancerError::Failed {
                     endpoint,
                     retryable: false,
                     source: error.into(),
@@ -374,7 +375,7 @@ where
                 .min(MAX_BUSY_COOLDOWN);
             handle.set_outcome(Recorded::Busy(cooldown));
             tracing::debug!(%endpoint, ?cooldown, "endpoint busy; routing around it");
-            Err(Error::Busy {
+            Err(BalancerError::Busy {
                 endpoint,
                 retry_after,
             })
@@ -385,7 +386,7 @@ where
                 Err(error) => error.into(),
                 Ok(_) => Box::new(FailedResponse) as BoxError,
             };
-            Err(Error::Failed {
+            Err(BalancerError::Failed {
                 endpoint,
                 retryable,
                 source,
@@ -398,7 +399,7 @@ where
             handle.set_outcome(Recorded::Cancelled);
             match result {
                 Ok(response) => Ok(completion.track_completion(handle, response)),
-                Err(error) => Err(Error::Failed {
+                Err(error) => Err(BalancerError::Failed {
                     endpoint,
                     retryable: true,
                     source: error.into(),
@@ -413,7 +414,7 @@ fn poll_timer(
     timer: &mut Option<Timer>,
     handle: &mut Option<Handle>,
     cx: &mut Context<'_>,
-) -> Option<Error> {
+) -> Option<BalancerError> {
     let t = timer.as_mut()?;
     if t.sleep.as_mut().poll(cx).is_pending() {
         return None;
@@ -424,23 +425,23 @@ fn poll_timer(
         TimerKind::Attempt(after) => {
             handle.set_outcome(Recorded::TimedOut);
             tracing::debug!(%endpoint, ?after, "attempt timed out; cancelling it");
-            Error::Timeout { endpoint, after }
+            BalancerError::Timeout { endpoint, after }
         }
         TimerKind::Deadline => {
             handle.common().metrics.deadline_exceeded.increment(1);
-            Error::DeadlineExceeded
+            BalancerError::DeadlineExceeded
         }
     })
 }
 
-impl<S, Req, C, T> Future for ResponseFuture<S, Req, C, T>
+impl<S, Req, C, T> Future for BalanceFuture<S, Req, C, T>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
     C: Classify<S::Response, S::Error>,
     T: TrackCompletion<Handle, S::Response>,
 {
-    type Output = Result<T::Output, Error>;
+    type Output = Result<T::Output, BalancerError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -507,7 +508,7 @@ where
                     this.state.set(State::Done);
                     return Poll::Ready(Err(error));
                 }
-                StateProj::Done => panic!("keel_balancer::ResponseFuture polled after completion"),
+                StateProj::Done => panic!("keel_balancer::BalanceFuture polled after completion"),
             }
         }
     }

@@ -21,10 +21,10 @@ use tower::discover::{Change, Discover};
 use tower::load::{CompleteOnResponse, TrackCompletion};
 use tower_service::Service;
 
-pub use self::future::ResponseFuture;
+pub use self::future::BalanceFuture;
 use crate::config::{BalancerConfig, Policy};
 use crate::endpoint::{Common, EndpointIndex, EndpointSnapshot, EndpointState, Handle, LoadReport};
-use crate::error::{Error, Result};
+use crate::error::{BalancerError, Result};
 use crate::policy::{Candidates, Pick};
 
 /// Per-key load reports; see [`BalancerBuilder::load_reports`].
@@ -51,7 +51,7 @@ type DiscoverStream<K, S> = Pin<Box<dyn Stream<Item = Result<Change<K, S>, BoxEr
 /// per-connection axum handler without a `Buffer`. `poll_ready` applies
 /// discovery changes and is always ready; backpressure comes from the
 /// capacity wait in the response future, which ends in
-/// [`Error::Overloaded`] instead of waiting forever.
+/// [`BalancerError::Overloaded`] instead of waiting forever.
 ///
 /// Endpoint services must be `Clone + Send + Sync` (a tonic `Channel`, a
 /// hyper client, `tower::buffer::Buffer`): each request drives a clone of
@@ -423,11 +423,11 @@ where
     Req: RequestExtensions + Send + 'static,
 {
     type Response = T::Output;
-    type Error = Error;
-    type Future = ResponseFuture<S, Req, C, T>;
+    type Error = BalancerError;
+    type Future = BalanceFuture<S, Req, C, T>;
 
     /// Applies discovery changes, weights and load reports; always ready.
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BalancerError>> {
         self.refresh();
         Poll::Ready(Ok(()))
     }
@@ -449,7 +449,7 @@ where
 /// use tower::discover::Change;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> keel_balancer::Result<()> {
+/// # async fn main() -> Result<(), keel_balancer::BalancerError> {
 /// // Discovery keys carry each endpoint's live weight and capacity
 /// // (keel-health's `Discover` hands out such keys and keeps them current).
 /// let keys = [EndpointId::new("node-a").with_capacity(16), EndpointId::new("node-b")];
@@ -637,7 +637,7 @@ impl<K, C, T> BalancerBuilder<K, C, T> {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the bad field.
+    /// [`BalancerError::InvalidConfig`] naming the bad field.
     pub fn build<D>(self, discover: D) -> Result<Balancer<K, D::Service, C, T>>
     where
         D: Discover<Key = K> + Send + 'static,

@@ -6,8 +6,8 @@ use std::time::Duration;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::future::ResponseFuture;
-use crate::error::Error;
+use super::future::DeadlineFuture;
+use crate::error::BalancerError;
 use keel_core::{Deadline, RequestExtensions};
 
 /// Gives each request a [`Deadline`] (unless it carries an earlier one) and
@@ -18,13 +18,13 @@ use keel_core::{Deadline, RequestExtensions};
 ///
 /// ```
 /// use std::time::Duration;
-/// use keel_balancer::{Balancer, DeadlineLayer, Error};
+/// use keel_balancer::{Balancer, DeadlineLayer, BalancerError};
 /// use keel_balancer::retry::{RetryConfig, RetryLayer};
 /// use tower::ServiceBuilder;
 /// use tower::discover::ServiceList;
 ///
-/// # fn main() -> keel_balancer::Result<()> {
-/// let nodes = vec![tower::service_fn(|_: http::Request<()>| async { Ok::<_, Error>(()) })];
+/// # fn main() -> Result<(), keel_balancer::BalancerError> {
+/// let nodes = vec![tower::service_fn(|_: http::Request<()>| async { Ok::<_, BalancerError>(()) })];
 /// let client = ServiceBuilder::new()
 ///     .layer(DeadlineLayer::new(Duration::from_secs(30)))
 ///     .layer(RetryLayer::new(RetryConfig::default())?)
@@ -92,14 +92,14 @@ impl<S> EnforceDeadline<S> {
 impl<S, Req> Service<Req> for EnforceDeadline<S>
 where
     S: Service<Req>,
-    S::Error: Into<Error>,
+    S::Error: Into<BalancerError>,
     Req: RequestExtensions,
 {
     type Response = S::Response;
-    type Error = Error;
-    type Future = ResponseFuture<S::Future>;
+    type Error = BalancerError;
+    type Future = DeadlineFuture<S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BalancerError>> {
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
@@ -110,8 +110,8 @@ where
         };
         match deadline {
             // Expired work is never dispatched.
-            Some(d) if d.is_expired() => ResponseFuture::expired(),
-            _ => ResponseFuture::new(self.inner.call(request), deadline),
+            Some(d) if d.is_expired() => DeadlineFuture::expired(),
+            _ => DeadlineFuture::new(self.inner.call(request), deadline),
         }
     }
 }

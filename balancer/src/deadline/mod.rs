@@ -4,5 +4,5 @@
 mod future;
 mod layer;
 
-pub use future::ResponseFuture;
+pub use future::DeadlineFuture;
 pub use layer::{DeadlineLayer, EnforceDeadline};

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{BalancerError, Result};
 use keel_core::BudgetConfig;
 use keel_core::validate;
 
@@ -86,11 +86,11 @@ impl HedgeConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the field.
+    /// [`BalancerError::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
         validate::non_empty("name", &self.name)?;
         if !(self.percentile >= 0.5 && self.percentile < 1.0) {
-            return Err(Error::config(
+            return Err(BalancerError::config(
                 "percentile",
                 "must be at least 0.5 and below 1.0",
             ));

@@ -22,7 +22,8 @@ impl HedgeLayer {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the bad field.
+    /// [`BalancerError::InvalidConfig`](crate::BalancerError::InvalidConfig)
+    /// naming the bad field.
     pub fn new(config: HedgeConfig) -> Result<Self> {
         Ok(HedgeLayer {
             shared: Arc::new(HedgeShared::new(config)?),

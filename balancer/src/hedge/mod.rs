@@ -16,7 +16,7 @@
 //! use tower::discover::ServiceList;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> keel_balancer::Result<()> {
+//! # async fn main() -> Result<(), keel_balancer::BalancerError> {
 //! let nodes: Vec<_> = (0..2)
 //!     .map(|n| tower::service_fn(move |_: http::Request<()>| async move { Ok::<_, std::io::Error>(n) }))
 //!     .collect();
@@ -34,6 +34,6 @@ mod layer;
 mod service;
 
 pub use config::HedgeConfig;
-pub use future::ResponseFuture;
+pub use future::HedgeFuture;
 pub use layer::HedgeLayer;
 pub use service::Hedge;

@@ -14,8 +14,8 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use super::config::HedgeConfig;
-use super::future::ResponseFuture;
-use crate::error::{Error, Result};
+use super::future::HedgeFuture;
+use crate::error::{BalancerError, Result};
 use crate::metrics::HedgeMetrics;
 use keel_core::{Deadline, RequestExtensions, RetryBudget};
 
@@ -122,7 +122,7 @@ impl<S> Hedge<S> {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the bad field.
+    /// [`BalancerError::InvalidConfig`] naming the bad field.
     pub fn new(inner: S, config: HedgeConfig) -> Result<Self> {
         Ok(Hedge {
             inner,
@@ -165,16 +165,16 @@ impl<S: fmt::Debug> fmt::Debug for Hedge<S> {
 
 impl<S, Req> Service<Req> for Hedge<S>
 where
-    S: Service<Req, Error = Error> + Clone + Send + 'static,
+    S: Service<Req, Error = BalancerError> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Response: Send + 'static,
     Req: RequestExtensions + Clone + Send + 'static,
 {
     type Response = S::Response;
-    type Error = Error;
-    type Future = ResponseFuture<S::Response>;
+    type Error = BalancerError;
+    type Future = HedgeFuture<S::Response>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BalancerError>> {
         self.inner.poll_ready(cx)
     }
 
@@ -195,7 +195,7 @@ where
         let mut ready = std::mem::replace(&mut self.inner, fresh);
         let primary = ready.call(request);
         let backup = self.inner.clone();
-        ResponseFuture {
+        HedgeFuture {
             inner: Box::pin(run(primary, backup, copy, delay, trace, shared)),
         }
     }
@@ -208,9 +208,9 @@ async fn run<S, Req>(
     delay: Option<Duration>,
     trace: DispatchTrace,
     shared: Arc<HedgeShared>,
-) -> Result<S::Response, Error>
+) -> Result<S::Response, BalancerError>
 where
-    S: Service<Req, Error = Error>,
+    S: Service<Req, Error = BalancerError>,
     Req: RequestExtensions,
 {
     let started = Instant::now();

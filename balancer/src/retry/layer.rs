@@ -21,7 +21,8 @@ impl RetryLayer {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the bad field.
+    /// [`BalancerError::InvalidConfig`](crate::BalancerError::InvalidConfig)
+    /// naming the bad field.
     pub fn new(config: RetryConfig) -> Result<Self> {
         Ok(RetryLayer {
             policy: RetryPolicy::new(config)?,
@@ -32,7 +33,8 @@ impl RetryLayer {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the bad field.
+    /// [`BalancerError::InvalidConfig`](crate::BalancerError::InvalidConfig)
+    /// naming the bad field.
     pub fn with_seed(config: RetryConfig, seed: u64) -> Result<Self> {
         Ok(RetryLayer {
             policy: RetryPolicy::with_seed(config, seed)?,

@@ -28,7 +28,7 @@
 //! use tower::discover::ServiceList;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> keel_balancer::Result<()> {
+//! # async fn main() -> Result<(), keel_balancer::BalancerError> {
 //! // Endpoint 0 is down; endpoint 1 answers.
 //! let nodes: Vec<_> = (0..2)
 //!     .map(|n| {

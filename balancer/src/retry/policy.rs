@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::{Instant, Sleep};
 
 use crate::balance::mix;
-use crate::error::{Error, GiveUp, Result};
+use crate::error::{BalancerError, GiveUp, Result};
 use crate::metrics::RetryMetrics;
 use crate::request::AvoidEndpoints;
 use keel_core::validate;
@@ -87,7 +87,7 @@ impl RetryConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the field.
+    /// [`BalancerError::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
         validate::non_empty("name", &self.name)?;
         validate::at_least("max_attempts", self.max_attempts, 1)?;
@@ -107,10 +107,10 @@ struct Shared {
 ///
 /// For each failed attempt, in order:
 ///
-/// 1. errors that are not [retryable](crate::Error::is_retryable) pass
-///    through untouched, spending no budget (including an inner layer's
-///    `RetriesExhausted`, and [`Error::NoEndpoints`] on a first attempt:
-///    a retry would find the same empty fleet);
+/// 1. errors that are not [retryable](crate::BalancerError::is_retryable)
+///    pass through untouched, spending no budget (including an inner layer's
+///    `RetriesExhausted`, and [`BalancerError::NoEndpoints`] on a first
+///    attempt: a retry would find the same empty fleet);
 /// 2. after `max_attempts`, give up;
 /// 3. draw a full-jitter backoff ([`Backoff`]); if sleeping it would pass
 ///    the request's [`Deadline`], give up;
@@ -118,14 +118,13 @@ struct Shared {
 /// 5. add the failed endpoint to the request's [`AvoidEndpoints`] and retry
 ///    after the backoff.
 ///
-/// Giving up returns [`Error::RetriesExhausted`] (never retryable) with the
-/// reason and the last failure as its source, so outer layers do not
+/// Giving up returns [`BalancerError::RetriesExhausted`] (never retryable)
+/// with the reason and the last failure as its source, so outer layers do not
 /// multiply attempts and the caller sees the real cause. Each request
 /// deposits once into the budget, when it enters the layer. When a retry
-/// finds every endpoint already failed by this request (the balancer
-/// answers [`Error::NoEndpoints`] without any upstream call), the policy
-/// gives up with [`GiveUp::NoEndpointLeft`] and the previous attempt's
-/// error.
+/// finds every endpoint already failed by this request (the balancer answers
+/// [`BalancerError::NoEndpoints`] without any upstream call), the policy
+/// gives up with [`GiveUp::NoEndpointLeft`] and the previous attempt's error.
 ///
 /// Requests must be `Clone` to be retried (an `http::Request<Bytes>` is).
 pub struct RetryPolicy {
@@ -135,7 +134,7 @@ pub struct RetryPolicy {
     rng: Option<fastrand::Rng>,
     /// The last retried failure of this request (not cloned: a clone
     /// starts a request of its own).
-    last: Option<Error>,
+    last: Option<BalancerError>,
 }
 
 impl Clone for RetryPolicy {
@@ -165,7 +164,7 @@ impl RetryPolicy {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the bad field.
+    /// [`BalancerError::InvalidConfig`] naming the bad field.
     pub fn new(config: RetryConfig) -> Result<Self> {
         Self::with_seed(config, fastrand::u64(..))
     }
@@ -175,7 +174,7 @@ impl RetryPolicy {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the bad field.
+    /// [`BalancerError::InvalidConfig`] naming the bad field.
     pub fn with_seed(config: RetryConfig, seed: u64) -> Result<Self> {
         config.validate()?;
         Ok(RetryPolicy {
@@ -211,7 +210,7 @@ impl RetryPolicy {
         self.shared.config.backoff.delay_with(self.attempts, rng)
     }
 
-    fn give_up<Res>(&self, result: &mut Result<Res, Error>, reason: GiveUp) {
+    fn give_up<Res>(&self, result: &mut Result<Res, BalancerError>, reason: GiveUp) {
         let metrics = &self.shared.metrics;
         match reason {
             GiveUp::Budget => metrics.gave_up_budget.increment(1),
@@ -219,9 +218,9 @@ impl RetryPolicy {
             GiveUp::MaxAttempts => metrics.gave_up_max_attempts.increment(1),
             GiveUp::NoEndpointLeft => metrics.gave_up_no_endpoint_left.increment(1),
         }
-        if let Err(error) = std::mem::replace(result, Err(Error::NoEndpoints)) {
+        if let Err(error) = std::mem::replace(result, Err(BalancerError::NoEndpoints)) {
             tracing::debug!(attempts = self.attempts, %reason, %error, "not retrying");
-            *result = Err(Error::RetriesExhausted {
+            *result = Err(BalancerError::RetriesExhausted {
                 attempts: self.attempts,
                 reason,
                 source: Box::new(error),
@@ -230,19 +229,23 @@ impl RetryPolicy {
     }
 }
 
-impl<Req, Res> tower::retry::Policy<Req, Res, Error> for RetryPolicy
+impl<Req, Res> tower::retry::Policy<Req, Res, BalancerError> for RetryPolicy
 where
     Req: RequestExtensions + Clone,
 {
     type Future = Sleep;
 
-    fn retry(&mut self, request: &mut Req, result: &mut Result<Res, Error>) -> Option<Sleep> {
+    fn retry(
+        &mut self,
+        request: &mut Req,
+        result: &mut Result<Res, BalancerError>,
+    ) -> Option<Sleep> {
         let error = match result {
             Ok(_) => return None,
             Err(error) => error,
         };
         self.attempts += 1;
-        if matches!(error, Error::NoEndpoints)
+        if matches!(error, BalancerError::NoEndpoints)
             && let Some(last) = self.last.take()
         {
             // A retry found every endpoint already failed: the cause is the
@@ -269,13 +272,13 @@ where
             self.give_up(result, GiveUp::Budget);
             return None;
         }
-        let failed = result.as_ref().err().and_then(Error::endpoint);
+        let failed = result.as_ref().err().and_then(BalancerError::endpoint);
         if let Some(endpoint) = failed {
             AvoidEndpoints::add(request, endpoint);
         }
         // Keep the failure (tower drops a retried result) to name it if the
         // retry finds no endpoint left.
-        self.last = std::mem::replace(result, Err(Error::NoEndpoints)).err();
+        self.last = std::mem::replace(result, Err(BalancerError::NoEndpoints)).err();
         self.shared.metrics.retries.increment(1);
         tracing::debug!(attempt = self.attempts + 1, ?backoff, avoid = ?failed, "retrying");
         Some(tokio::time::sleep_until(resume))
@@ -300,8 +303,8 @@ mod tests {
     use keel_testkit::assert_refused;
     use tower::retry::Policy;
 
-    fn failed(endpoint: u64) -> Result<(), Error> {
-        Err(Error::Busy {
+    fn failed(endpoint: u64) -> Result<(), BalancerError> {
+        Err(BalancerError::Busy {
             endpoint: EndpointIndex::new(endpoint),
             retry_after: None,
         })
@@ -312,7 +315,7 @@ mod tests {
         let mut template =
             RetryPolicy::with_seed(RetryConfig::default().max_attempts(3), 1).unwrap();
         let mut request = http::Extensions::new();
-        let _ = Policy::<_, (), Error>::clone_request(&mut template, &request);
+        let _ = Policy::<_, (), BalancerError>::clone_request(&mut template, &request);
         let mut session = template.clone();
         let mut result = failed(4);
         assert!(session.retry(&mut request, &mut result).is_some());
@@ -331,7 +334,7 @@ mod tests {
             &[EndpointIndex::new(4), EndpointIndex::new(5)]
         );
         match result {
-            Err(Error::RetriesExhausted {
+            Err(BalancerError::RetriesExhausted {
                 attempts: 3,
                 reason: GiveUp::MaxAttempts,
                 ..
@@ -347,7 +350,7 @@ mod tests {
         let mut template = RetryPolicy::with_seed(config, 9).unwrap();
         let mut request = http::Extensions::new();
         Deadline::after(Duration::from_millis(1)).apply(&mut request);
-        let _ = Policy::<_, (), Error>::clone_request(&mut template, &request);
+        let _ = Policy::<_, (), BalancerError>::clone_request(&mut template, &request);
         let mut session = template.clone();
         // A backoff drawn from [0, 5 s] lands past a 1 ms deadline unless it
         // is under 1 ms; seed 9 draws a long one.
@@ -355,7 +358,7 @@ mod tests {
         assert!(session.retry(&mut request, &mut result).is_none());
         assert!(matches!(
             result,
-            Err(Error::RetriesExhausted {
+            Err(BalancerError::RetriesExhausted {
                 reason: GiveUp::Deadline,
                 ..
             })
@@ -366,9 +369,9 @@ mod tests {
     async fn non_retryable_errors_pass_through() {
         let mut session = RetryPolicy::with_seed(RetryConfig::default(), 2).unwrap();
         let mut request = http::Extensions::new();
-        let mut result: Result<(), Error> = Err(Error::DeadlineExceeded);
+        let mut result: Result<(), BalancerError> = Err(BalancerError::DeadlineExceeded);
         assert!(session.retry(&mut request, &mut result).is_none());
-        assert!(matches!(result, Err(Error::DeadlineExceeded)));
+        assert!(matches!(result, Err(BalancerError::DeadlineExceeded)));
     }
 
     #[test]
@@ -399,25 +402,28 @@ mod tests {
         let config = RetryConfig::default().budget(BudgetConfig::default().ratio(0.0).floor(5));
         let mut template = RetryPolicy::with_seed(config, 4).unwrap();
         let mut request = http::Extensions::new();
-        let _ = Policy::<_, (), Error>::clone_request(&mut template, &request);
+        let _ = Policy::<_, (), BalancerError>::clone_request(&mut template, &request);
         let mut session = template.clone();
-        let mut result: Result<(), Error> = Err(Error::NoEndpoints);
+        let mut result: Result<(), BalancerError> = Err(BalancerError::NoEndpoints);
         assert!(session.retry(&mut request, &mut result).is_none());
-        assert!(matches!(result, Err(Error::NoEndpoints)), "passed through");
+        assert!(
+            matches!(result, Err(BalancerError::NoEndpoints)),
+            "passed through"
+        );
         assert_eq!(template.budget().stats().retries, 0, "no budget spent");
 
         // A retry that finds every endpoint already failed.
         let mut session = template.clone();
         let mut result = failed(1);
         assert!(session.retry(&mut request, &mut result).is_some());
-        let mut result: Result<(), Error> = Err(Error::NoEndpoints);
+        let mut result: Result<(), BalancerError> = Err(BalancerError::NoEndpoints);
         assert!(session.retry(&mut request, &mut result).is_none());
         match result {
-            Err(Error::RetriesExhausted {
+            Err(BalancerError::RetriesExhausted {
                 attempts: 1,
                 reason: GiveUp::NoEndpointLeft,
                 source,
-            }) => assert!(matches!(*source, Error::Busy { .. }), "{source:?}"),
+            }) => assert!(matches!(*source, BalancerError::Busy { .. }), "{source:?}"),
             other => panic!("{other:?}"),
         }
     }

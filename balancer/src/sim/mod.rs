@@ -17,12 +17,12 @@
 //! use keel_balancer::{BalancerConfig, Policy};
 //! use keel_balancer::sim::{self, Fleet, Scenario};
 //!
-//! # fn main() -> keel_balancer::Result<()> {
+//! # fn main() -> Result<(), keel_balancer::BalancerError> {
 //! let scenario = Scenario::slow_node().seconds(5);
 //! let report = sim::block_on(async {
 //!     let fleet = Fleet::new(&scenario.fleet, &scenario.script);
 //!     let (router, _balancer) = sim::keel_router(&fleet, BalancerConfig::default().policy(Policy::PeakEwma), None, 7)?;
-//!     Ok::<_, keel_balancer::Error>(sim::run(router, &fleet, &scenario.workload).await)
+//!     Ok::<_, keel_balancer::BalancerError>(sim::run(router, &fleet, &scenario.workload).await)
 //! })?;
 //! assert!(report.success_rate() > 0.99);
 //! println!("{}", report.summary());
@@ -58,7 +58,7 @@ use keel_core::{BoxError, ConfigError};
 
 use crate::balance::{Balancer, BalancerBuilder, mix};
 use crate::config::{BalancerConfig, Policy};
-use crate::error::{Error, Result};
+use crate::error::{BalancerError, Result};
 use crate::request::{AffinityKey, Prompt};
 use crate::retry::{RetryConfig, RetryLayer};
 
@@ -83,7 +83,7 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
 ///
 /// # Errors
 ///
-/// [`Error::InvalidConfig`] naming the bad field.
+/// [`BalancerError::InvalidConfig`] naming the bad field.
 pub fn keel_router(
     fleet: &Fleet,
     config: BalancerConfig,
@@ -116,8 +116,8 @@ pub fn keel_router(
 ///
 /// # Errors
 ///
-/// [`Error::InvalidConfig`] naming the bad field (of the balancer's or
-/// health's config).
+/// [`BalancerError::InvalidConfig`] naming the bad field (of the balancer's
+/// or health's config).
 pub fn keel_health_router(
     fleet: &Fleet,
     config: BalancerConfig,
@@ -125,8 +125,9 @@ pub fn keel_health_router(
     health: keel_health::HealthConfig,
     seed: u64,
 ) -> Result<(Router, keel_health::Health)> {
-    let invalid =
-        |e: keel_health::Error| Error::InvalidConfig(ConfigError::new("health", e.to_string()));
+    let invalid = |e: keel_health::HealthError| {
+        BalancerError::InvalidConfig(ConfigError::new("health", e.to_string()))
+    };
     let nodes: HashMap<String, SimNode> = fleet
         .nodes()
         .iter()
@@ -198,13 +199,13 @@ pub struct NaiveRetry {
     pub left: u32,
 }
 
-impl<Res> tower::retry::Policy<SimRequest, Res, Error> for NaiveRetry {
+impl<Res> tower::retry::Policy<SimRequest, Res, BalancerError> for NaiveRetry {
     type Future = std::future::Ready<()>;
 
     fn retry(
         &mut self,
         _: &mut SimRequest,
-        result: &mut Result<Res, Error>,
+        result: &mut Result<Res, BalancerError>,
     ) -> Option<Self::Future> {
         if result.is_err() && self.left > 0 {
             self.left -= 1;
@@ -255,7 +256,7 @@ struct Collector {
 }
 
 fn kind_of(error: &BoxError) -> String {
-    if let Some(e) = error.downcast_ref::<Error>() {
+    if let Some(e) = error.downcast_ref::<BalancerError>() {
         return e.label().to_owned();
     }
     if let Some(e) = error.downcast_ref::<SimError>() {

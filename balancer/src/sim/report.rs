@@ -15,9 +15,10 @@ pub struct Report {
     pub requests: u64,
     /// Requests answered successfully.
     pub succeeded: u64,
-    /// Failed requests by error kind ([`Error::label`](crate::Error::label),
-    /// `client_timeout` when the client gave up, or the node's error kind
-    /// for routers without Keel's error type).
+    /// Failed requests by error kind
+    /// ([`BalancerError::label`](crate::BalancerError::label),
+    /// `client_timeout` when the client gave up, or the node's error kind for
+    /// routers without Keel's error type).
     pub errors: BTreeMap<String, u64>,
     /// Attempts that reached a node (first tries, retries and hedges).
     pub attempts: u64,

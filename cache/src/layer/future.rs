@@ -12,23 +12,23 @@ use crate::error::BoxError;
 /// The response of a [`CacheService`](super::CacheService): from the cache,
 /// or from the inner service.
 #[must_use = "futures do nothing unless polled"]
-pub struct ResponseFuture<R> {
+pub struct CacheFuture<R> {
     inner: BoxFuture<'static, Result<R, BoxError>>,
 }
 
-impl<R> ResponseFuture<R> {
+impl<R> CacheFuture<R> {
     pub(crate) fn new(inner: BoxFuture<'static, Result<R, BoxError>>) -> Self {
-        ResponseFuture { inner }
+        CacheFuture { inner }
     }
 }
 
-impl<R> fmt::Debug for ResponseFuture<R> {
+impl<R> fmt::Debug for CacheFuture<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+        f.debug_struct("CacheFuture").finish_non_exhaustive()
     }
 }
 
-impl<R> Future for ResponseFuture<R> {
+impl<R> Future for CacheFuture<R> {
     type Output = Result<R, BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {

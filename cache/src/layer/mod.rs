@@ -5,7 +5,7 @@ mod service;
 
 use tower_layer::Layer;
 
-pub use self::future::ResponseFuture;
+pub use self::future::CacheFuture;
 pub use self::service::{CacheService, ServiceError};
 use crate::tiered::Tiered;
 

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use futures::FutureExt;
 use tower_service::Service;
 
-use super::future::ResponseFuture;
+use super::future::CacheFuture;
 use crate::codec::Codec;
 use crate::error::BoxError;
 use crate::tiered::Tiered;
@@ -127,7 +127,7 @@ where
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Response>;
+    type Future = CacheFuture<S::Response>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -136,11 +136,11 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         let inner = self.inner.clone();
         let Some(key) = (self.key)(&request) else {
-            return ResponseFuture::new(call_inner(inner, request).boxed());
+            return CacheFuture::new(call_inner(inner, request).boxed());
         };
         let cache = self.cache.clone();
         let codec = self.codec.clone();
-        ResponseFuture::new(
+        CacheFuture::new(
             async move {
                 let load =
                     move || async move { call_inner(inner, request).await.map_err(ServiceError) };
@@ -167,7 +167,7 @@ mod tests {
     use super::super::CacheLayer;
     use super::ServiceError;
     use crate::codec::{BytesCodec, HttpCodec, JsonCodec};
-    use crate::error::{Error, LoadFailed};
+    use crate::error::{CacheError, LoadFailed};
     use crate::tiered::{Tiered, TieredConfig};
     use crate::{Cache, MokaCache};
 
@@ -336,7 +336,7 @@ mod tests {
         let err = service.oneshot("k".into()).await.unwrap_err();
         let failed = err.downcast_ref::<LoadFailed<ServiceError>>().unwrap();
         assert!(
-            matches!(failed.cache_error(), Some(Error::Codec { .. })),
+            matches!(failed.cache_error(), Some(CacheError::Codec { .. })),
             "{failed:?}"
         );
     }

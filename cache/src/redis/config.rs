@@ -115,7 +115,8 @@ impl RedisCacheConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the field.
+    /// [`CacheError::InvalidConfig`](crate::CacheError::InvalidConfig) naming
+    /// the field.
     pub fn validate(&self) -> Result<()> {
         self.redis.validate()?;
         self.validate_own()
@@ -142,7 +143,7 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(
-            matches!(&err, crate::Error::InvalidConfig(e) if e.field == "operation_timeout"),
+            matches!(&err, crate::CacheError::InvalidConfig(e) if e.field == "operation_timeout"),
             "{err}"
         );
     }

@@ -1,24 +1,24 @@
 //! Redis failures, classified once by `keel_core::redis::RedisError` and
-//! turned into the cache's [`Error`] here.
+//! turned into the cache's [`CacheError`] here.
 
 use keel_core::redis::{RedisError, RedisErrorKind};
 
-use crate::error::Error;
+use crate::error::CacheError;
 
-impl From<RedisError> for Error {
+impl From<RedisError> for CacheError {
     fn from(err: RedisError) -> Self {
         match err.redis_kind() {
-            RedisErrorKind::Unavailable => Error::Unavailable {
+            RedisErrorKind::Unavailable => CacheError::Unavailable {
                 message: "redis cannot answer right now".into(),
                 source: Some(Box::new(err)),
             },
-            RedisErrorKind::Server | RedisErrorKind::Protocol => Error::Backend {
+            RedisErrorKind::Server | RedisErrorKind::Protocol => CacheError::Backend {
                 message: "redis refused the command".into(),
                 source: Some(Box::new(err)),
             },
             // A kind added to keel-core later: waiting is the safe guess for
             // a cache (a miss, never a failed request).
-            _ => Error::Unavailable {
+            _ => CacheError::Unavailable {
                 message: "redis failed".into(),
                 source: Some(Box::new(err)),
             },
@@ -26,9 +26,9 @@ impl From<RedisError> for Error {
     }
 }
 
-impl From<::redis::RedisError> for Error {
+impl From<::redis::RedisError> for CacheError {
     fn from(err: ::redis::RedisError) -> Self {
-        Error::from(RedisError::from(err))
+        CacheError::from(RedisError::from(err))
     }
 }
 
@@ -52,12 +52,12 @@ mod tests {
 
     #[test]
     fn loading_is_retryable_and_unavailable() {
-        let err = Error::from(server_error(
+        let err = CacheError::from(server_error(
             "LOADING Redis is loading the dataset in memory",
         ));
         assert!(err.is_retryable(), "{err:?}");
         assert_eq!(err.kind(), ErrorKind::Unavailable { retry_after: None });
-        assert!(matches!(err, Error::Unavailable { .. }));
+        assert!(matches!(err, CacheError::Unavailable { .. }));
         // The core classification is the source, for logs and `kind_of`.
         let source = std::error::Error::source(&err).expect("a source");
         assert!(source.is::<RedisError>());
@@ -65,10 +65,10 @@ mod tests {
 
     #[test]
     fn wrong_type_is_a_backend_error() {
-        let err = Error::from(server_error(
+        let err = CacheError::from(server_error(
             "WRONGTYPE Operation against a key holding the wrong kind of value",
         ));
-        assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+        assert!(matches!(err, CacheError::Backend { .. }), "{err:?}");
         assert!(!err.is_retryable());
         assert_eq!(err.kind(), ErrorKind::Internal);
     }
@@ -76,8 +76,8 @@ mod tests {
     #[test]
     fn refused_connections_are_unavailable() {
         let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        let err = Error::from(::redis::RedisError::from(io));
+        let err = CacheError::from(::redis::RedisError::from(io));
         assert!(err.is_retryable());
-        assert!(matches!(err, Error::Unavailable { .. }));
+        assert!(matches!(err, CacheError::Unavailable { .. }));
     }
 }

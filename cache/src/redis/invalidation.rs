@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use keel_core::redis::{RedisConfig, RedisPool};
 
 use super::{RedisCache, RedisCacheConfig, Request};
-use crate::error::{Error, Result};
+use crate::error::{CacheError, Result};
 use crate::invalidation::{BusEvent, InvalidationBus};
 use keel_core::validate;
 
@@ -126,7 +126,7 @@ impl RedisInvalidationConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the field.
+    /// [`CacheError::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
         self.redis.validate()?;
         self.validate_own()
@@ -138,7 +138,7 @@ impl RedisInvalidationConfig {
         validate::at_least_1ms("health_check_interval", self.health_check_interval)?;
         validate::at_least_1ms("reconnect_min", self.reconnect_min)?;
         if self.reconnect_max < self.reconnect_min {
-            return Err(Error::config(
+            return Err(CacheError::config(
                 "reconnect_max",
                 "must not be below `reconnect_min`",
             ));
@@ -157,7 +157,7 @@ impl RedisInvalidationConfig {
 /// while it was away are lost, as pub/sub does not keep them.
 ///
 /// ```no_run
-/// # async fn demo() -> keel_cache::Result<()> {
+/// # async fn demo() -> Result<(), keel_cache::CacheError> {
 /// use keel_cache::{
 ///     RedisCache, RedisCacheConfig, RedisInvalidationBus, RedisInvalidationConfig, Tiered,
 ///     TieredConfig,
@@ -194,7 +194,7 @@ impl RedisInvalidationBus {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad field.
+    /// [`CacheError::InvalidConfig`] naming a bad field.
     pub fn new(config: RedisInvalidationConfig) -> Result<Self> {
         config.validate()?;
         let pool = RedisPool::new(config.redis.clone().pool_size(1))?;
@@ -208,11 +208,11 @@ impl RedisInvalidationBus {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad field of the bus's own.
+    /// [`CacheError::InvalidConfig`] naming a bad field of the bus's own.
     pub fn with_pool(pool: RedisPool, config: RedisInvalidationConfig) -> Result<Self> {
         config.validate_own()?;
         let client = ::redis::Client::open(pool.config().url.as_str()).map_err(|err| {
-            Error::config(
+            CacheError::config(
                 "redis.url",
                 format!(
                     "not a usable redis URL ({}): {err}",
@@ -254,7 +254,7 @@ fn decode(payload: &[u8]) -> Option<BusEvent> {
 impl InvalidationBus for RedisInvalidationBus {
     async fn publish(&self, origin: &str, key: &str) -> Result<()> {
         if origin.contains('\n') {
-            return Err(Error::argument("origin", "must not contain a newline"));
+            return Err(CacheError::argument("origin", "must not contain a newline"));
         }
         let mut cmd = ::redis::cmd("PUBLISH");
         cmd.arg(&self.config.channel).arg(encode(origin, key));

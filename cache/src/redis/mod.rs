@@ -27,11 +27,11 @@
 //! from the pool (which checks it first).
 //!
 //! Failures are classified once, by [`keel_core::redis::RedisError`] (the
-//! `#[source]` of the cache's [`Error`]): a refused, dropped or timed-out
-//! connection and a server that is coming back (`LOADING`, `TRYAGAIN`,
-//! `MASTERDOWN`, a failover's `READONLY`) are [`Error::Unavailable`]
-//! (retryable), as in the queue and the rate limiter; any other error
-//! reply is [`Error::Backend`].
+//! `#[source]` of the cache's [`CacheError`]): a refused, dropped or
+//! timed-out connection and a server that is coming back (`LOADING`,
+//! `TRYAGAIN`, `MASTERDOWN`, a failover's `READONLY`) are
+//! [`CacheError::Unavailable`] (retryable), as in the queue and the rate
+//! limiter; any other error reply is [`CacheError::Backend`].
 //!
 //! # Batches and Redis Cluster
 //!
@@ -60,8 +60,8 @@ use parking_lot::Mutex;
 
 pub use self::config::RedisCacheConfig;
 pub use self::invalidation::{RedisInvalidationBus, RedisInvalidationConfig};
-use crate::cache::{Cache, Capabilities, normalize_ttl};
-use crate::error::{Error, Result};
+use crate::cache::{Cache, CacheCapabilities, normalize_ttl};
+use crate::error::{CacheError, Result};
 
 /// The frame's magic bytes.
 const MAGIC: [u8; 2] = [0xCA, 0xC4];
@@ -167,8 +167,8 @@ impl Drop for LaneGuard<'_> {
 /// by the cache's own [`operation_timeout`](RedisCacheConfig::operation_timeout)
 /// (50 ms by default); failures classified by
 /// [`keel_core::redis::RedisError`]: a `LOADING` server, a failover or a
-/// lost connection is [`Error::Unavailable`], retryable. `get_many` is one
-/// `MGET`; the client does not speak Redis Cluster (put a hash tag in the
+/// lost connection is [`CacheError::Unavailable`], retryable. `get_many` is
+/// one `MGET`; the client does not speak Redis Cluster (put a hash tag in the
 /// prefix, `"{emb}:"`, to keep every key in one slot).
 ///
 /// Cloning is cheap; clones share the connections.
@@ -221,7 +221,7 @@ impl RedisCache {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad field (including a URL the
+    /// [`CacheError::InvalidConfig`] naming a bad field (including a URL the
     /// client cannot parse).
     pub fn new(config: RedisCacheConfig) -> Result<Self> {
         config.validate()?;
@@ -238,7 +238,7 @@ impl RedisCache {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad field of the cache's own.
+    /// [`CacheError::InvalidConfig`] naming a bad field of the cache's own.
     pub fn with_pool(pool: RedisPool, config: RedisCacheConfig) -> Result<Self> {
         config.validate_own()?;
         Ok(RedisCache {
@@ -255,8 +255,9 @@ impl RedisCache {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad field; [`Error::Unavailable`]
-    /// naming the server (password redacted) when it does not answer.
+    /// [`CacheError::InvalidConfig`] naming a bad field;
+    /// [`CacheError::Unavailable`] naming the server (password redacted) when
+    /// it does not answer.
     ///
     /// # Cancel safety
     ///
@@ -315,11 +316,11 @@ impl RedisCache {
                 }
                 Err(_) => {}
             }
-            Ok::<T, Error>(result?)
+            Ok::<T, CacheError>(result?)
         };
         match tokio::time::timeout(limit, run).await {
             Ok(result) => result,
-            Err(_) => Err(Error::Timeout(limit)),
+            Err(_) => Err(CacheError::Timeout(limit)),
         }
     }
 
@@ -393,8 +394,8 @@ impl Cache for RedisCache {
         Ok(())
     }
 
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::default().shared(true).native_batch(true)
+    fn capabilities(&self) -> CacheCapabilities {
+        CacheCapabilities::default().shared(true).native_batch(true)
     }
 
     async fn ping(&self) -> Result<()> {

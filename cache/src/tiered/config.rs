@@ -7,7 +7,7 @@ use keel_core::ErrorKind;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::MAX_TTL;
-use crate::error::{Error, KINDS, Result, kind_named};
+use crate::error::{CacheError, KINDS, Result, kind_named};
 
 /// Settings of [`Tiered`](crate::Tiered).
 ///
@@ -72,7 +72,7 @@ pub struct TieredConfig {
     pub soft_timeout: Duration,
     /// Hard bound on one loader call: past it the load is abandoned and
     /// callers get a stale value if there is one, else
-    /// [`Error::LoadTimeout`]. Default 30 s.
+    /// [`CacheError::LoadTimeout`]. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub load_timeout: Duration,
     /// Loader errors to cache (negative caching), by the name of their
@@ -221,13 +221,13 @@ impl TieredConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the field.
+    /// [`CacheError::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
         let positive = |field: &'static str, value: Duration| {
             if value < Duration::from_millis(1) {
-                Err(Error::config(field, "must be at least 1 ms"))
+                Err(CacheError::config(field, "must be at least 1 ms"))
             } else if value > MAX_TTL {
-                Err(Error::config(field, "must be at most 10 years"))
+                Err(CacheError::config(field, "must be at most 10 years"))
             } else {
                 Ok(())
             }
@@ -238,10 +238,10 @@ impl TieredConfig {
         positive("l2_timeout", self.l2_timeout)?;
         positive("breaker_cooldown", self.breaker_cooldown)?;
         if self.stale_for > MAX_TTL {
-            return Err(Error::config("stale_for", "must be at most 10 years"));
+            return Err(CacheError::config("stale_for", "must be at most 10 years"));
         }
         if self.l1_ttl > self.ttl {
-            return Err(Error::config(
+            return Err(CacheError::config(
                 "l1_ttl",
                 format!(
                     "must not exceed `ttl` ({}): L1 may not outlive L2",
@@ -250,19 +250,25 @@ impl TieredConfig {
             ));
         }
         if self.l1_capacity_bytes == 0 {
-            return Err(Error::config("l1_capacity_bytes", "must be at least 1"));
+            return Err(CacheError::config(
+                "l1_capacity_bytes",
+                "must be at least 1",
+            ));
         }
         if !(0.0..=0.5).contains(&self.ttl_jitter) {
-            return Err(Error::config("ttl_jitter", "must be between 0 and 0.5"));
+            return Err(CacheError::config(
+                "ttl_jitter",
+                "must be between 0 and 0.5",
+            ));
         }
         if !(self.early_refresh_beta.is_finite() && self.early_refresh_beta >= 0.0) {
-            return Err(Error::config(
+            return Err(CacheError::config(
                 "early_refresh_beta",
                 "must be a finite number >= 0",
             ));
         }
         if self.soft_timeout > self.load_timeout {
-            return Err(Error::config(
+            return Err(CacheError::config(
                 "soft_timeout",
                 "must not exceed `load_timeout`",
             ));
@@ -270,7 +276,7 @@ impl TieredConfig {
         for (kind, ttl) in &self.negative_ttl {
             if kind_named(kind).is_none() {
                 let known: Vec<&str> = KINDS.iter().map(ErrorKind::as_str).collect();
-                return Err(Error::config(
+                return Err(CacheError::config(
                     "negative_ttl",
                     format!(
                         "`{kind}` is not an error kind; expected one of {}",
@@ -279,14 +285,14 @@ impl TieredConfig {
                 ));
             }
             if *ttl < Duration::from_millis(1) || *ttl > MAX_TTL {
-                return Err(Error::config(
+                return Err(CacheError::config(
                     "negative_ttl",
                     format!("the TTL of kind `{kind}` must be between 1 ms and 10 years"),
                 ));
             }
         }
         if self.breaker_failures == 0 {
-            return Err(Error::config("breaker_failures", "must be at least 1"));
+            return Err(CacheError::config("breaker_failures", "must be at least 1"));
         }
         Ok(())
     }
@@ -369,7 +375,7 @@ mod tests {
         for (config, field) in cases {
             let err = config.validate().unwrap_err();
             assert!(
-                matches!(&err, Error::InvalidConfig(e) if e.field == field),
+                matches!(&err, CacheError::InvalidConfig(e) if e.field == field),
                 "expected `{field}`, got {err}"
             );
         }

@@ -22,7 +22,7 @@ use futures::future::{BoxFuture, Shared};
 use parking_lot::Mutex;
 
 use super::entry::Entry;
-use crate::error::{Error, LoadFailed};
+use crate::error::{CacheError, LoadFailed};
 
 /// What a loader produced: the bytes, and whether to store them (a
 /// [`Codec`](crate::Codec) may decline to cache a value, such as an HTTP
@@ -37,7 +37,7 @@ pub(crate) enum Failure<E> {
     /// The loader returned an error.
     Load(Arc<E>),
     /// The loaded value did not encode.
-    Codec(Arc<Error>),
+    Codec(Arc<CacheError>),
     /// The loader exceeded the hard timeout.
     Timeout(Duration),
     /// The loader panicked.
@@ -59,11 +59,12 @@ impl<E> Failure<E> {
     pub(crate) fn into_load_failed(self) -> LoadFailed<E> {
         match self {
             Failure::Load(err) => LoadFailed::Loader(err),
-            Failure::Codec(err) => {
-                LoadFailed::Cache(Error::codec("the loaded value could not be encoded", err))
-            }
-            Failure::Timeout(limit) => LoadFailed::Cache(Error::LoadTimeout(limit)),
-            Failure::Panicked => LoadFailed::Cache(Error::LoaderPanicked),
+            Failure::Codec(err) => LoadFailed::Cache(CacheError::codec(
+                "the loaded value could not be encoded",
+                err,
+            )),
+            Failure::Timeout(limit) => LoadFailed::Cache(CacheError::LoadTimeout(limit)),
+            Failure::Panicked => LoadFailed::Cache(CacheError::LoaderPanicked),
         }
     }
 }

@@ -24,9 +24,9 @@ use self::breaker::Breaker;
 pub use self::config::TieredConfig;
 use self::entry::{Clock, Entry, Freshness};
 use self::flight::{Failure, Flights, Landing, Loaded, Outcome};
-use crate::cache::{Cache, Capabilities, MAX_TTL, normalize_ttl};
+use crate::cache::{Cache, CacheCapabilities, MAX_TTL, normalize_ttl};
 use crate::codec::{Codec, JsonCodec};
-use crate::error::{CachedFailure, Error, LoadFailed, Result, chain_message};
+use crate::error::{CacheError, CachedFailure, LoadFailed, Result, chain_message};
 use crate::invalidation::{BusEvent, InvalidationBus};
 use crate::metrics::TieredMetrics;
 use crate::moka::weight;
@@ -210,7 +210,7 @@ impl TieredBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad field, or naming
+    /// [`CacheError::InvalidConfig`] naming a bad field, or naming
     /// `invalidation` when a bus is set outside a Tokio runtime.
     pub fn build(self) -> Result<Tiered> {
         let TieredBuilder { config, l2, bus } = self;
@@ -231,7 +231,7 @@ impl TieredBuilder {
         let listener = match &bus {
             Some(bus) => {
                 let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
-                    Error::config(
+                    CacheError::config(
                         "invalidation",
                         "building a cache with an invalidation bus needs a Tokio runtime",
                     )
@@ -343,9 +343,9 @@ impl Tiered {
     ///
     /// [`LoadFailed::Loader`] with the loader's own error;
     /// [`LoadFailed::Cached`] with a remembered one (negative caching);
-    /// [`LoadFailed::Cache`] with [`Error::LoadTimeout`] when the loader
+    /// [`LoadFailed::Cache`] with [`CacheError::LoadTimeout`] when the loader
     /// exceeded `load_timeout` and nothing stale was there, or
-    /// [`Error::LoaderPanicked`].
+    /// [`CacheError::LoaderPanicked`].
     ///
     /// # Cancel safety
     ///
@@ -372,7 +372,7 @@ impl Tiered {
     /// # Errors
     ///
     /// As [`get_or_load`](Self::get_or_load), and [`LoadFailed::Cache`] with
-    /// [`Error::InvalidArgument`] for a zero or too long `ttl`.
+    /// [`CacheError::InvalidArgument`] for a zero or too long `ttl`.
     ///
     /// # Cancel safety
     ///
@@ -405,8 +405,8 @@ impl Tiered {
     /// # Errors
     ///
     /// As [`get_or_load`](Self::get_or_load), and [`LoadFailed::Cache`] with
-    /// [`Error::Codec`] when the value does not encode, or the cached bytes
-    /// do not decode, as `T`.
+    /// [`CacheError::Codec`] when the value does not encode, or the cached
+    /// bytes do not decode, as `T`.
     ///
     /// # Cancel safety
     ///
@@ -474,10 +474,10 @@ impl Tiered {
     ///
     /// # Errors
     ///
-    /// L1 is always cleared. [`Error::Unavailable`] or [`Error::Timeout`]
-    /// when L2 or the bus did not take the deletion (other instances may
-    /// serve their L1 copy for up to `l1_ttl`, and L2 may keep it until its
-    /// TTL); retry if that matters.
+    /// L1 is always cleared. [`CacheError::Unavailable`] or
+    /// [`CacheError::Timeout`] when L2 or the bus did not take the deletion
+    /// (other instances may serve their L1 copy for up to `l1_ttl`, and L2
+    /// may keep it until its TTL); retry if that matters.
     ///
     /// # Cancel safety
     ///
@@ -764,13 +764,16 @@ impl Inner {
         outcome: std::result::Result<Result<T>, tokio::time::error::Elapsed>,
         errors: &metrics::Counter,
     ) -> Result<T> {
-        let result = outcome.unwrap_or(Err(Error::Timeout(self.config.l2_timeout)));
+        let result = outcome.unwrap_or(Err(CacheError::Timeout(self.config.l2_timeout)));
         match &result {
             Ok(_) => self.breaker.success(),
             Err(err) => {
                 errors.increment(1);
                 tracing::debug!(cache = %self.config.name, error = %err, "l2 call failed");
-                if !matches!(err, Error::InvalidArgument { .. } | Error::Codec { .. }) {
+                if !matches!(
+                    err,
+                    CacheError::InvalidArgument { .. } | CacheError::Codec { .. }
+                ) {
                     self.breaker.failure();
                 }
             }
@@ -840,7 +843,7 @@ impl Inner {
             return Ok(());
         };
         let sent = tokio::time::timeout(self.config.l2_timeout, bus.publish(&self.id, key)).await;
-        match sent.unwrap_or(Err(Error::Timeout(self.config.l2_timeout))) {
+        match sent.unwrap_or(Err(CacheError::Timeout(self.config.l2_timeout))) {
             Ok(()) => {
                 self.metrics.invalidations_sent.increment(1);
                 Ok(())
@@ -957,23 +960,23 @@ impl Cache for Tiered {
         Ok(())
     }
 
-    /// Never [`shared`](Capabilities::shared): another instance's L1 may
+    /// Never [`shared`](CacheCapabilities::shared): another instance's L1 may
     /// serve its copy until an invalidation reaches it (or `l1_ttl`).
     /// Batches are native when L2's are.
-    fn capabilities(&self) -> Capabilities {
+    fn capabilities(&self) -> CacheCapabilities {
         let native_batch = self
             .inner
             .l2
             .as_ref()
             .is_some_and(|l2| l2.capabilities().native_batch);
-        Capabilities::default().native_batch(native_batch)
+        CacheCapabilities::default().native_batch(native_batch)
     }
 
     async fn ping(&self) -> Result<()> {
         match &self.inner.l2 {
             Some(l2) => tokio::time::timeout(self.inner.config.l2_timeout, l2.ping())
                 .await
-                .unwrap_or(Err(Error::Timeout(self.inner.config.l2_timeout))),
+                .unwrap_or(Err(CacheError::Timeout(self.inner.config.l2_timeout))),
             None => Ok(()),
         }
     }

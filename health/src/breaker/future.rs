@@ -9,13 +9,13 @@ use pin_project_lite::pin_project;
 use tokio::time::{Sleep, sleep};
 
 use super::{Breaker, error};
-use crate::error::Error;
+use crate::error::HealthError;
 use keel_core::BoxError;
 use keel_core::Classify;
 
 pin_project! {
     /// The response future of [`CircuitBreaker`](super::CircuitBreaker).
-    pub struct ResponseFuture<F, C> {
+    pub struct BreakerFuture<F, C> {
         #[pin]
         kind: Kind<F>,
         guard: Option<Guard<C>>,
@@ -25,20 +25,20 @@ pin_project! {
 pin_project! {
     #[project = KindProj]
     enum Kind<F> {
-        Rejected { error: Option<Error> },
+        Rejected { error: Option<HealthError> },
         Normal { #[pin] inner: F },
         Trial { #[pin] inner: F, #[pin] sleep: Sleep, timeout: Duration },
     }
 }
 
-impl<F, C> fmt::Debug for ResponseFuture<F, C> {
+impl<F, C> fmt::Debug for BreakerFuture<F, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match &self.kind {
             Kind::Rejected { .. } => "rejected",
             Kind::Normal { .. } => "normal",
             Kind::Trial { .. } => "trial",
         };
-        f.debug_struct("ResponseFuture")
+        f.debug_struct("BreakerFuture")
             .field("kind", &kind)
             .finish_non_exhaustive()
     }
@@ -73,16 +73,16 @@ impl<C> Drop for Guard<C> {
     }
 }
 
-impl<F, C> ResponseFuture<F, C> {
-    pub(super) fn rejected(error: Error) -> Self {
-        ResponseFuture {
+impl<F, C> BreakerFuture<F, C> {
+    pub(super) fn rejected(error: HealthError) -> Self {
+        BreakerFuture {
             kind: Kind::Rejected { error: Some(error) },
             guard: None,
         }
     }
 
     pub(super) fn normal(inner: F, breaker: Arc<Breaker>, generation: u64, classifier: C) -> Self {
-        ResponseFuture {
+        BreakerFuture {
             kind: Kind::Normal { inner },
             guard: Some(Guard {
                 breaker,
@@ -96,7 +96,7 @@ impl<F, C> ResponseFuture<F, C> {
 
     pub(super) fn trial(inner: F, breaker: Arc<Breaker>, generation: u64, classifier: C) -> Self {
         let timeout = breaker.config().trial_timeout;
-        ResponseFuture {
+        BreakerFuture {
             kind: Kind::Trial {
                 inner,
                 sleep: sleep(timeout),
@@ -113,7 +113,7 @@ impl<F, C> ResponseFuture<F, C> {
     }
 }
 
-impl<F, C, T, E> Future for ResponseFuture<F, C>
+impl<F, C, T, E> Future for BreakerFuture<F, C>
 where
     F: Future<Output = Result<T, E>>,
     E: Into<BoxError>,

@@ -19,7 +19,8 @@ impl CircuitBreakerLayer {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the bad field.
+    /// [`HealthError::InvalidConfig`](crate::HealthError::InvalidConfig)
+    /// naming the bad field.
     pub fn new(config: BreakerConfig) -> Result<Self> {
         CircuitBreakerLayer::with_classifier(config, DefaultClassifier)
     }
@@ -30,7 +31,8 @@ impl<C> CircuitBreakerLayer<C> {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the bad field.
+    /// [`HealthError::InvalidConfig`](crate::HealthError::InvalidConfig)
+    /// naming the bad field.
     pub fn with_classifier(config: BreakerConfig, classifier: C) -> Result<Self> {
         config.validate()?;
         Ok(CircuitBreakerLayer { config, classifier })

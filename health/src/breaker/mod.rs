@@ -4,13 +4,13 @@
 //! success resets every run; **busy answers touch nothing**: backpressure is
 //! not failure). When a class's run reaches its threshold the breaker
 //! opens: every request is answered at once with a retryable
-//! [`Error::Unavailable`], without touching the
+//! [`HealthError::Unavailable`], without touching the
 //! endpoint. After `open_for` (doubling on each consecutive re-open, up to
 //! `max_open_for`) it is half-open: at most `half_open_trials` trial requests
 //! go through, others are refused. When all trials succeed it closes; any
 //! failure re-opens it. It cannot stay stuck half-open: a trial running past
 //! `trial_timeout` is a failure (the caller gets
-//! [`Error::Timeout`]), and a trial whose future is
+//! [`HealthError::Timeout`]), and a trial whose future is
 //! dropped gives its slot back.
 //!
 //! ```
@@ -31,8 +31,8 @@
 //! }
 //! assert_eq!(svc.state(), BreakerState::Open);
 //! let refused = svc.ready().await.unwrap().call(()).await.unwrap_err();
-//! let refused = refused.downcast_ref::<keel_health::Error>().unwrap();
-//! assert!(matches!(refused, keel_health::Error::Unavailable { .. }));
+//! let refused = refused.downcast_ref::<keel_health::HealthError>().unwrap();
+//! assert!(matches!(refused, keel_health::HealthError::Unavailable { .. }));
 //! assert!(refused.is_retryable());
 //! # }
 //! ```
@@ -54,11 +54,11 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-pub use self::future::ResponseFuture;
+pub use self::future::BreakerFuture;
 pub use self::layer::CircuitBreakerLayer;
 pub use self::service::CircuitBreaker;
 use crate::config::BreakerConfig;
-use crate::error::Error;
+use crate::error::HealthError;
 use crate::metrics::BreakerMetrics;
 use keel_core::{FailureKind, Outcome};
 
@@ -106,7 +106,7 @@ struct Inner {
 pub(crate) enum Admission {
     Normal(u64),
     Trial(u64),
-    Rejected(Error),
+    Rejected(HealthError),
 }
 
 /// One breaker's state, shared by the clones of its service.

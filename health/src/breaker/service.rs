@@ -3,7 +3,7 @@ use std::task::{Context, Poll};
 
 use tower_service::Service;
 
-use super::{Admission, Breaker, BreakerState, ResponseFuture};
+use super::{Admission, Breaker, BreakerFuture, BreakerState};
 use keel_core::BoxError;
 use keel_core::{Classify, DefaultClassifier};
 
@@ -50,7 +50,7 @@ where
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, C>;
+    type Future = BreakerFuture<S::Future, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -58,14 +58,14 @@ where
 
     fn call(&mut self, request: Req) -> Self::Future {
         match self.breaker.admit() {
-            Admission::Rejected(error) => ResponseFuture::rejected(error),
-            Admission::Normal(generation) => ResponseFuture::normal(
+            Admission::Rejected(error) => BreakerFuture::rejected(error),
+            Admission::Normal(generation) => BreakerFuture::normal(
                 self.inner.call(request),
                 self.breaker.clone(),
                 generation,
                 self.classifier.clone(),
             ),
-            Admission::Trial(generation) => ResponseFuture::trial(
+            Admission::Trial(generation) => BreakerFuture::trial(
                 self.inner.call(request),
                 self.breaker.clone(),
                 generation,

@@ -12,7 +12,7 @@ pin_project! {
     /// The response future of [`Outlier`](super::Outlier): the inner future,
     /// recording the outcome when it completes.
     #[derive(Debug)]
-    pub struct ResponseFuture<F, C> {
+    pub struct OutlierFuture<F, C> {
         #[pin]
         inner: F,
         recorder: Recorder,
@@ -21,9 +21,9 @@ pin_project! {
     }
 }
 
-impl<F, C> ResponseFuture<F, C> {
+impl<F, C> OutlierFuture<F, C> {
     pub(crate) fn new(inner: F, recorder: Recorder, classifier: C, start: Instant) -> Self {
-        ResponseFuture {
+        OutlierFuture {
             inner,
             recorder,
             classifier,
@@ -32,7 +32,7 @@ impl<F, C> ResponseFuture<F, C> {
     }
 }
 
-impl<F, C, T, E> Future for ResponseFuture<F, C>
+impl<F, C, T, E> Future for OutlierFuture<F, C>
 where
     F: Future<Output = Result<T, E>>,
     C: Classify<T, E>,

@@ -38,6 +38,6 @@ mod future;
 mod layer;
 mod service;
 
-pub use self::future::ResponseFuture;
+pub use self::future::OutlierFuture;
 pub use self::layer::OutlierLayer;
 pub use self::service::Outlier;

@@ -4,7 +4,7 @@ use tokio::time::Instant;
 use tower::load::Load;
 use tower_service::Service;
 
-use super::ResponseFuture;
+use super::OutlierFuture;
 use crate::recorder::Recorder;
 use keel_core::{Classify, DefaultClassifier};
 
@@ -61,7 +61,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, C>;
+    type Future = OutlierFuture<S::Future, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -69,7 +69,7 @@ where
 
     fn call(&mut self, request: Req) -> Self::Future {
         let start = Instant::now();
-        ResponseFuture::new(
+        OutlierFuture::new(
             self.inner.call(request),
             self.recorder.clone(),
             self.classifier.clone(),

@@ -1,8 +1,12 @@
 //! How a job is written into and read back from an AMQP message: Keel's
 //! headers, properties and timestamps.
 
-#[allow(unused_imports)]
-use super::*;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+use crate::types::{Headers, JobId};
 
 /// Header keys Keel reserves on messages.
 pub(super) const H_ATTEMPTS: &str = "x-keel-attempts";

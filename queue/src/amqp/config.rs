@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::QueueConfig;
-use crate::error::{Error, Result};
+use crate::error::{QueueError, Result};
 use keel_core::validate;
 
 /// The longest queue name the RabbitMQ backend takes: every name it derives
@@ -133,12 +133,12 @@ impl AmqpQueueConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the field.
+    /// [`QueueError::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
         self.queue.validate()?;
         let name = &self.queue.name;
         if name.len() > MAX_NAME {
-            return Err(Error::config(
+            return Err(QueueError::config(
                 "queue.name",
                 format!(
                     "is {} bytes; RabbitMQ names are at most 255 bytes, and the longest name \
@@ -150,18 +150,24 @@ impl AmqpQueueConfig {
             ));
         }
         if name.starts_with("amq.") {
-            return Err(Error::config(
+            return Err(QueueError::config(
                 "queue.name",
                 "must not start with `amq.` (RabbitMQ reserves those names)",
             ));
         }
         if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
-            return Err(Error::config("url", "must be an amqp:// or amqps:// URL"));
+            return Err(QueueError::config(
+                "url",
+                "must be an amqp:// or amqps:// URL",
+            ));
         }
         validate::at_least("prefetch", self.prefetch, 1)?;
         validate::at_least_1ms("operation_timeout", self.operation_timeout)?;
         if self.heartbeat < Duration::from_secs(1) || self.heartbeat > Duration::from_secs(3600) {
-            return Err(Error::config("heartbeat", "must be between 1 s and 1 h"));
+            return Err(QueueError::config(
+                "heartbeat",
+                "must be between 1 s and 1 h",
+            ));
         }
         validate::at_least_1ms("release_idle_after", self.release_idle_after)?;
         Ok(())

@@ -1,6 +1,7 @@
-//! The RabbitMQ backend's errors, classified into [`crate::Error`] in one place.
+//! The RabbitMQ backend's errors, classified into [`crate::QueueError`] in
+//! one place.
 
-use crate::error::Error;
+use crate::error::QueueError;
 
 /// What can go wrong talking to RabbitMQ.
 #[derive(Debug)]
@@ -18,10 +19,10 @@ impl From<lapin::Error> for AmqpFailure {
     }
 }
 
-impl From<AmqpFailure> for Error {
+impl From<AmqpFailure> for QueueError {
     fn from(failure: AmqpFailure) -> Self {
         match failure {
-            AmqpFailure::Topology(err) => Error::Backend {
+            AmqpFailure::Topology(err) => QueueError::Backend {
                 message: "the broker refused the queue declaration: a queue with this name exists with other arguments (queue_type, capacity or max_attempts changed?); delete it or use another name".into(),
                 source: Some(err.into()),
             },
@@ -32,14 +33,14 @@ impl From<AmqpFailure> for Error {
                 | lapin::ErrorKind::InvalidChannel(_)
                 | lapin::ErrorKind::MissingHeartbeatError
                 | lapin::ErrorKind::RuntimeShutdownError(_)
-                | lapin::ErrorKind::ChannelsLimitReached => Error::unavailable(
+                | lapin::ErrorKind::ChannelsLimitReached => QueueError::unavailable(
                     "rabbitmq connection failed; it will be re-established on the next call",
                     err,
                 ),
                 lapin::ErrorKind::ProtocolError(_) if err.is_amqp_hard_error() => {
-                    Error::unavailable("rabbitmq closed the connection", err)
+                    QueueError::unavailable("rabbitmq closed the connection", err)
                 }
-                _ => Error::Backend {
+                _ => QueueError::Backend {
                     message: "rabbitmq answered with an error".into(),
                     source: Some(err.into()),
                 },

@@ -1,8 +1,16 @@
 //! Leases: what a receipt holds, and the keeper that requeues deliveries
 //! whose lease expired and gives idle prefetch back.
 
-#[allow(unused_imports)]
-use super::*;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Weak;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{AmqpQueue, Inner};
+use crate::error::{QueueError, Result};
+use crate::types::{Delivery, Receipt};
 
 /// One leased delivery: which link generation and level it came from, its
 /// delivery tag, and when its lease ends.
@@ -75,5 +83,48 @@ pub(super) async fn lease_keeper(inner: Weak<Inner>) {
             () = &mut changed => {}
             () = tokio::time::sleep_until(wake) => {}
         }
+    }
+}
+
+impl AmqpQueue {
+    /// Removes a valid lease, or says why the receipt is not valid.
+    pub(super) fn take_lease(&self, receipt: &Receipt) -> Result<Lease> {
+        let token = receipt
+            .as_str()
+            .strip_prefix("a:")
+            .and_then(|t| t.parse::<u64>().ok())
+            .ok_or_else(|| {
+                QueueError::InvalidReceipt(format!(
+                    "`{}` is not an amqp-queue receipt",
+                    receipt.as_str()
+                ))
+            })?;
+        let mut leases = self.inner.leases.lock();
+        match leases.map.get(&token) {
+            Some(lease) if lease.expires > Instant::now() => {
+                Ok(leases.map.remove(&token).expect("just seen"))
+            }
+            Some(_) => Err(QueueError::InvalidReceipt(
+                "the lease expired; the job is being redelivered".into(),
+            )),
+            None => Err(QueueError::InvalidReceipt(
+                "the lease expired or the delivery was already settled".into(),
+            )),
+        }
+    }
+
+    pub(super) fn renew_lease(&self, receipt: &Receipt, lease: Duration) -> Result<()> {
+        crate::types::check_lease(lease)?;
+        let mut held = self.take_lease(receipt)?;
+        let token = receipt.as_str()[2..]
+            .parse::<u64>()
+            .expect("validated by take_lease");
+        held.expires = Instant::now() + lease;
+        let mut leases = self.inner.leases.lock();
+        leases.expiry.push(Reverse((held.expires, token)));
+        leases.map.insert(token, held);
+        drop(leases);
+        self.inner.lease_changed.notify_waiters();
+        Ok(())
     }
 }

@@ -1,8 +1,21 @@
-//! One live connection: its channels, its consumers' prefetched
-//! deliveries, and the pump that fills them.
+//! One live connection: its channels and its consumers' prefetched
+//! deliveries; connecting (and reconnecting), and the time limit on every
+//! broker operation.
 
-#[allow(unused_imports)]
-use super::*;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection, ConnectionProperties};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::AmqpQueue;
+use super::error::AmqpFailure;
+use super::lease::Lease;
+use crate::error::{QueueError, Result};
 
 /// One live connection with its channels and prefetched deliveries.
 pub(super) struct Link {
@@ -70,29 +83,100 @@ impl Drop for Demand<'_> {
     }
 }
 
-/// Moves one level's deliveries into the link's buffer until the consumer ends.
-pub(super) async fn pump(link: Weak<Link>, level: usize, mut consumer: lapin::Consumer) {
-    while let Some(item) = consumer.next().await {
-        let Some(link) = link.upgrade() else {
-            return;
-        };
-        match item {
-            Ok(delivery) => {
-                link.buffers.lock()[level].push_back(delivery);
-                link.arrived.notify_waiters();
-            }
-            Err(err) => {
-                if link.consuming.load(Ordering::Acquire) {
-                    tracing::warn!(error = %err, level, "rabbitmq consumer failed; reconnecting on the next call");
-                    link.mark_broken();
+impl AmqpQueue {
+    /// Runs one broker operation under `operation_timeout`; a broker that
+    /// misses it is not trusted again.
+    pub(super) async fn timed<T>(
+        &self,
+        fut: impl Future<Output = std::result::Result<T, AmqpFailure>>,
+    ) -> Result<T> {
+        let limit = self.inner.config.operation_timeout;
+        match tokio::time::timeout(limit, fut).await {
+            Ok(result) => result.map_err(QueueError::from),
+            Err(_) => {
+                // A broker that does not answer in time is not trusted again:
+                // an abandoned publish would also shift the channel's confirm
+                // numbering. The next call reconnects.
+                if let Ok(mut slot) = self.inner.link.try_lock()
+                    && let Some(link) = slot.take()
+                {
+                    link.retire();
                 }
-                return;
+                Err(QueueError::Timeout(limit))
             }
         }
     }
-    if let Some(link) = link.upgrade()
-        && link.consuming.load(Ordering::Acquire)
-    {
-        link.mark_broken();
+
+    /// The current link, reconnecting if it is gone.
+    pub(super) async fn link(&self) -> Result<Arc<Link>> {
+        let mut slot = self.inner.link.lock().await;
+        if let Some(link) = slot.as_ref()
+            && link.usable()
+        {
+            return Ok(link.clone());
+        }
+        if let Some(old) = slot.take() {
+            old.retire();
+        }
+        let link = Arc::new(self.open_link().await?);
+        *slot = Some(link.clone());
+        Ok(link)
+    }
+
+    /// Connects, opens the publisher channel with confirms and declares
+    /// the topology.
+    async fn open_link(&self) -> Result<Link> {
+        let config = &self.inner.config;
+        let levels = usize::from(config.queue.priority_levels);
+        let generation = self.inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.timed(async {
+            let connection = Connection::connect(
+                &config.connect_url(),
+                ConnectionProperties::default()
+                    .with_connection_name(format!("keel-queue {}", self.name()).into()),
+            )
+            .await?;
+            let publisher = connection.create_channel().await?;
+            publisher
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            self.declare_topology(&publisher).await?;
+            Ok(Link {
+                generation,
+                connection: Arc::new(connection),
+                publisher,
+                declared_delays: Mutex::new(HashSet::new()),
+                channels: tokio::sync::OnceCell::new(),
+                consumers: tokio::sync::Mutex::new(Vec::new()),
+                consuming: AtomicBool::new(false),
+                waiting: AtomicUsize::new(0),
+                last_demand: Mutex::new(Instant::now()),
+                buffers: Mutex::new((0..levels).map(|_| VecDeque::new()).collect()),
+                arrived: Notify::new(),
+                broken: AtomicBool::new(false),
+            })
+        })
+        .await
+        .map_err(|err| match err {
+            QueueError::Unavailable { message, source } => QueueError::Unavailable {
+                message: format!(
+                    "rabbitmq at {} does not answer ({message}); is it running?",
+                    keel_core::redacted_url(&config.url)
+                ),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// The link a lease belongs to, if it is still the live one.
+    pub(super) async fn link_of(&self, lease: &Lease) -> Result<Arc<Link>> {
+        let link = self.link().await?;
+        if link.generation != lease.generation {
+            return Err(QueueError::InvalidReceipt(
+                "the connection was lost since this delivery; the broker requeued the job".into(),
+            ));
+        }
+        Ok(link)
     }
 }

@@ -28,7 +28,8 @@ use keel_core::validate;
 pub struct RedisQueueConfig {
     /// The server and its connection pool. Its `operation_timeout` bounds
     /// every queue operation (an operation that takes longer fails with
-    /// [`Error::Timeout`](crate::Error::Timeout)). Default: [`RedisConfig::default`].
+    /// [`QueueError::Timeout`](crate::QueueError::Timeout)). Default:
+    /// [`RedisConfig::default`].
     pub redis: RedisConfig,
     /// Settings shared by every backend.
     pub queue: QueueConfig,
@@ -103,7 +104,8 @@ impl RedisQueueConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the field.
+    /// [`QueueError::InvalidConfig`](crate::QueueError::InvalidConfig) naming
+    /// the field.
     pub fn validate(&self) -> Result<()> {
         self.queue.validate()?;
         self.redis.validate()?;

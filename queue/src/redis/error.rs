@@ -1,9 +1,10 @@
 //! The Redis backend's failures: classified once, by
-//! [`keel_core::redis::RedisError`], then mapped into [`crate::Error`] here.
+//! [`keel_core::redis::RedisError`], then mapped into [`crate::QueueError`]
+//! here.
 
 use keel_core::redis::{RedisError, RedisErrorKind};
 
-use crate::error::Error;
+use crate::error::QueueError;
 
 /// What can go wrong talking to Redis: the shared classification.
 pub(crate) type RedisFailure = RedisError;
@@ -16,19 +17,19 @@ pub(crate) fn protocol_failure(message: impl Into<String>) -> RedisFailure {
     )
 }
 
-impl From<RedisError> for Error {
+impl From<RedisError> for QueueError {
     /// `Unavailable` (connection refused, dropped or timed out, `LOADING`,
-    /// failover) is [`Error::Unavailable`] and retryable; anything else is
-    /// [`Error::Backend`]. The core error is kept as the source.
+    /// failover) is [`QueueError::Unavailable`] and retryable; anything else
+    /// is [`QueueError::Backend`]. The core error is kept as the source.
     fn from(err: RedisError) -> Self {
         if err.is_retryable() {
-            Error::Unavailable {
+            QueueError::Unavailable {
                 message: "redis connection failed; it will be re-established on the next call"
                     .into(),
                 source: Some(err.into()),
             }
         } else {
-            Error::Backend {
+            QueueError::Backend {
                 message: "redis answered with an error".into(),
                 source: Some(err.into()),
             }
@@ -48,7 +49,7 @@ mod tests {
             RedisErrorKind::Unavailable,
             "LOADING Redis is loading the dataset in memory",
         );
-        let err = Error::from(core);
+        let err = QueueError::from(core);
         assert!(err.is_retryable(), "{err:?}");
         assert_eq!(err.kind(), ErrorKind::Unavailable { retry_after: None });
         assert!(
@@ -61,8 +62,8 @@ mod tests {
 
     #[test]
     fn a_server_error_is_not_retryable() {
-        let err = Error::from(RedisError::new(RedisErrorKind::Server, "WRONGTYPE"));
+        let err = QueueError::from(RedisError::new(RedisErrorKind::Server, "WRONGTYPE"));
         assert!(!err.is_retryable());
-        assert!(!Error::from(protocol_failure("odd")).is_retryable());
+        assert!(!QueueError::from(protocol_failure("odd")).is_retryable());
     }
 }

@@ -124,13 +124,13 @@ use self::error::{RedisFailure, protocol_failure};
 use self::lanes::Lanes;
 use self::read::DEQUEUE_MAX;
 use self::receipt::{Lease, invalid_receipt, parse_receipt};
-use crate::error::{Error, Result};
+use crate::error::{QueueError, Result};
 use crate::ids::IdGen;
 use crate::metrics::QueueMetrics;
 use crate::queue::Queue;
 use crate::types::{
-    Capabilities, DeadLetter, Delivery, DequeueOptions, Enqueued, Headers, Job, JobId, Nack,
-    Priority, QueueStats, Receipt,
+    DeadLetter, Delivery, DequeueOptions, Enqueued, Headers, Job, JobId, Nack, Priority,
+    QueueCapabilities, QueueStats, Receipt,
 };
 
 const BACKEND: &str = "redis";
@@ -169,7 +169,7 @@ impl Scripts {
 /// Cloning is cheap; clones share the connection pools.
 ///
 /// ```no_run
-/// # async fn demo() -> keel_queue::Result<()> {
+/// # async fn demo() -> Result<(), keel_queue::QueueError> {
 /// use keel_queue::{Job, Queue, QueueConfig, RedisQueue, RedisQueueConfig};
 ///
 /// let queue = RedisQueue::connect(RedisQueueConfig::new(
@@ -271,7 +271,7 @@ fn encode_headers(headers: &Headers) -> Result<String> {
     if headers.is_empty() {
         return Ok(String::new());
     }
-    serde_json::to_string(headers).map_err(|err| Error::Codec {
+    serde_json::to_string(headers).map_err(|err| QueueError::Codec {
         message: "could not encode headers".into(),
         source: Some(err.into()),
     })
@@ -281,13 +281,13 @@ fn decode_headers(text: &[u8]) -> Result<Headers> {
     if text.is_empty() {
         return Ok(BTreeMap::new());
     }
-    serde_json::from_slice(text).map_err(|err| Error::Codec {
+    serde_json::from_slice(text).map_err(|err| QueueError::Codec {
         message: "stored headers are not valid JSON".into(),
         source: Some(err.into()),
     })
 }
 
-fn protocol(what: impl Into<String>) -> Error {
+fn protocol(what: impl Into<String>) -> QueueError {
     protocol_failure(what).into()
 }
 
@@ -297,8 +297,9 @@ impl RedisQueue {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad field; [`Error::Unavailable`]
-    /// or [`Error::Timeout`] when the server does not answer.
+    /// [`QueueError::InvalidConfig`] naming a bad field;
+    /// [`QueueError::Unavailable`] or [`QueueError::Timeout`] when the server
+    /// does not answer.
     ///
     /// # Cancel safety
     ///
@@ -319,7 +320,7 @@ impl RedisQueue {
     /// `blocking_connections` connections of their own.
     ///
     /// ```no_run
-    /// # async fn demo() -> keel_queue::Result<()> {
+    /// # async fn demo() -> Result<(), keel_queue::QueueError> {
     /// use keel_core::redis::{RedisConfig, RedisPool};
     /// use keel_queue::{QueueConfig, RedisQueue, RedisQueueConfig};
     ///
@@ -334,8 +335,9 @@ impl RedisQueue {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad field; [`Error::Unavailable`]
-    /// or [`Error::Timeout`] when the server does not answer.
+    /// [`QueueError::InvalidConfig`] naming a bad field;
+    /// [`QueueError::Unavailable`] or [`QueueError::Timeout`] when the server
+    /// does not answer.
     ///
     /// # Cancel safety
     ///
@@ -373,7 +375,7 @@ impl RedisQueue {
             }),
         };
         queue.ping().await.map_err(|err| match err {
-            Error::Unavailable { message, source } => Error::Unavailable {
+            QueueError::Unavailable { message, source } => QueueError::Unavailable {
                 message: format!(
                     "redis at {} does not answer ({message}); is it running?",
                     queue.inner.config.redis.redacted_url()
@@ -397,8 +399,8 @@ impl RedisQueue {
     ) -> Result<T> {
         let limit = self.inner.config.redis.operation_timeout;
         match tokio::time::timeout(limit, fut).await {
-            Ok(result) => result.map_err(Error::from),
-            Err(_) => Err(Error::Timeout(limit)),
+            Ok(result) => result.map_err(QueueError::from),
+            Err(_) => Err(QueueError::Timeout(limit)),
         }
     }
 
@@ -419,7 +421,9 @@ impl RedisQueue {
                 op(lane.conn).await
             })
             .await;
-        if let (Err(Error::Unavailable { .. } | Error::Timeout(_)), Some(index)) = (&result, used) {
+        if let (Err(QueueError::Unavailable { .. } | QueueError::Timeout(_)), Some(index)) =
+            (&result, used)
+        {
             lanes.forget(index);
         }
         result
@@ -504,7 +508,7 @@ impl RedisQueue {
                 }
                 "!" => {
                     self.inner.metrics.full.increment(1);
-                    return Err(Error::Full {
+                    return Err(QueueError::Full {
                         capacity: queue.capacity.unwrap_or(0),
                     });
                 }
@@ -711,7 +715,7 @@ impl Queue for RedisQueue {
         } else if receipts.len() == 1 {
             Err(invalid_receipt())
         } else {
-            Err(Error::InvalidReceipt(format!(
+            Err(QueueError::InvalidReceipt(format!(
                 "{invalid} of {} receipts were not valid (the rest were acked): the lease expired or the delivery was already settled",
                 receipts.len()
             )))
@@ -916,8 +920,8 @@ impl Queue for RedisQueue {
         Ok(())
     }
 
-    fn capabilities(&self) -> Capabilities {
-        Capabilities {
+    fn capabilities(&self) -> QueueCapabilities {
+        QueueCapabilities {
             backend: BACKEND,
             delay: true,
             priority_levels: self.inner.config.queue.priority_levels,

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use super::error::RedisFailure;
 use super::receipt::id_before;
 use super::{GROUP, RedisQueue, decode_headers, epoch_ms, from_epoch_ms, ms, protocol};
-use crate::error::{Error, Result};
+use crate::error::{QueueError, Result};
 use crate::types::{Delivery, Headers, JobId, Priority, Receipt};
 
 /// One stream entry as `XREADGROUP` answers it: its id and raw fields (`m`
@@ -235,7 +235,7 @@ impl RedisQueue {
                     }
                 }
                 Some(Value::ServerError(err)) => {
-                    housekeeping_failed = Some(Error::from(RedisFailure::from(
+                    housekeeping_failed = Some(QueueError::from(RedisFailure::from(
                         ::redis::RedisError::from(err),
                     )));
                 }
@@ -265,7 +265,7 @@ impl RedisQueue {
                     out.push(Vec::new());
                 }
                 Value::ServerError(err) => {
-                    failed.get_or_insert(Error::from(RedisFailure::from(
+                    failed.get_or_insert(QueueError::from(RedisFailure::from(
                         ::redis::RedisError::from(err),
                     )));
                     out.push(Vec::new());
@@ -546,7 +546,7 @@ impl RedisQueue {
                 Ok(())
             }
             Ok(Err(err)) => Err(RedisFailure::from(err).into()),
-            Err(_) => Err(Error::Timeout(limit)),
+            Err(_) => Err(QueueError::Timeout(limit)),
         }
     }
 }

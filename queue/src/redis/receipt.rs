@@ -1,6 +1,6 @@
 //! Receipts: what a delivery's receipt carries and how it is read back.
 
-use crate::error::{Error, Result};
+use crate::error::{QueueError, Result};
 use crate::types::Receipt;
 
 /// A receipt, parsed from `<level>:<entry id>|<attempt>|<lease end ms>`.
@@ -15,7 +15,7 @@ pub(super) struct Lease<'a> {
 
 pub(super) fn parse_receipt(receipt: &Receipt) -> Result<Lease<'_>> {
     let bad = || {
-        Error::InvalidReceipt(format!(
+        QueueError::InvalidReceipt(format!(
             "`{}` is not a redis-queue receipt",
             receipt.as_str()
         ))
@@ -48,8 +48,8 @@ pub(super) fn id_before(id: &str) -> Option<String> {
     })
 }
 
-pub(super) fn invalid_receipt() -> Error {
-    Error::InvalidReceipt("the lease expired or the delivery was already settled".into())
+pub(super) fn invalid_receipt() -> QueueError {
+    QueueError::InvalidReceipt("the lease expired or the delivery was already settled".into())
 }
 
 #[cfg(test)]
@@ -81,7 +81,7 @@ mod tests {
             assert!(
                 matches!(
                     parse_receipt(&Receipt::from_string(text)),
-                    Err(Error::InvalidReceipt(_))
+                    Err(QueueError::InvalidReceipt(_))
                 ),
                 "`{text}` was accepted"
             );

@@ -10,15 +10,15 @@
 //!
 //! # Contract of the producers and consumers
 //!
-//! A retryable error (`Error::is_retryable`) means back off briefly
+//! A retryable error (`QueueError::is_retryable`) means back off briefly
 //! ([`BACKOFF`]) and try again. Where the backend supports idempotency keys
-//! ([`Capabilities::idempotency`](keel_queue::Capabilities)), every job
-//! carries one, so a retried enqueue whose first try landed is answered as a
-//! duplicate rather than enqueued twice, and the harness asserts no job was
-//! enqueued twice. Where it does not, a retried enqueue after an unconfirmed
-//! one may enqueue the job twice: at-least-once. Jobs are told apart by
-//! payload, duplicates are allowed and reported, and loss is still asserted
-//! to be zero.
+//! ([`QueueCapabilities::idempotency`](keel_queue::QueueCapabilities)), every
+//! job carries one, so a retried enqueue whose first try landed is answered
+//! as a duplicate rather than enqueued twice, and the harness asserts no job
+//! was enqueued twice. Where it does not, a retried enqueue after an
+//! unconfirmed one may enqueue the job twice: at-least-once. Jobs are told
+//! apart by payload, duplicates are allowed and reported, and loss is still
+//! asserted to be zero.
 //!
 //! # The figure line
 //!
@@ -44,7 +44,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_queue::{Delivery, DequeueOptions, Error, Job, Queue, QueueStats, Receipt};
+use keel_queue::{Delivery, DequeueOptions, Job, Queue, QueueError, QueueStats, Receipt};
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
@@ -105,7 +105,7 @@ pub(crate) struct Tally {
 pub(crate) type Shared = Arc<Mutex<Tally>>;
 
 /// An error with its causes, for messages.
-pub(crate) fn chain(err: &Error) -> String {
+pub(crate) fn chain(err: &QueueError) -> String {
     let mut text = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(cause) = source {
@@ -116,11 +116,11 @@ pub(crate) fn chain(err: &Error) -> String {
 }
 
 impl Tally {
-    pub(crate) fn note_retryable(&mut self, op: &str, err: &Error) {
+    pub(crate) fn note_retryable(&mut self, op: &str, err: &QueueError) {
         let kind = match err {
-            Error::Timeout(_) => "timeout",
-            Error::Unavailable { .. } => "unavailable",
-            Error::Full { .. } => "full",
+            QueueError::Timeout(_) => "timeout",
+            QueueError::Unavailable { .. } => "unavailable",
+            QueueError::Full { .. } => "full",
             _ => "other",
         };
         let key = format!("{op}/{kind}");
@@ -323,7 +323,7 @@ pub(crate) async fn settle<Q: Queue + ?Sized>(
             return;
         }
         // Some leases expired before the ack, or the reply was lost.
-        Err(Error::InvalidReceipt(_)) => {}
+        Err(QueueError::InvalidReceipt(_)) => {}
         Err(err) if err.is_retryable() => tally.lock().note_retryable("ack", &err),
         Err(err) => {
             tally
@@ -355,7 +355,7 @@ pub(crate) async fn ack_one<Q: Queue + ?Sized>(
             }
             // The batch ack may have landed, or the lease expired (then the
             // job comes back): unknown.
-            Err(Error::InvalidReceipt(_)) => {
+            Err(QueueError::InvalidReceipt(_)) => {
                 tally.lock().unconfirmed.insert(id);
                 return;
             }
@@ -601,7 +601,7 @@ pub(crate) async fn hold<Q: Queue>(
 pub(crate) fn long_poll<Q: Queue + Clone>(
     queue: &Q,
     options: DequeueOptions,
-) -> JoinHandle<(Result<Vec<Delivery>, Error>, Duration)> {
+) -> JoinHandle<(Result<Vec<Delivery>, QueueError>, Duration)> {
     let queue = queue.clone();
     tokio::spawn(async move { timed(queue.dequeue(options)).await })
 }
@@ -610,7 +610,7 @@ pub(crate) fn long_poll<Q: Queue + Clone>(
 pub(crate) struct Call {
     pub(crate) op: &'static str,
     /// How many jobs a dequeue delivered (0 for the other calls).
-    pub(crate) result: Result<usize, Error>,
+    pub(crate) result: Result<usize, QueueError>,
     pub(crate) took: Duration,
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use keel_queue::MAX_PRIORITY_LEVELS;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Result, SchedulerError};
 
 /// One priority class.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -132,31 +132,31 @@ impl AimdConfig {
 
     fn validate(&self) -> Result<()> {
         if self.min == 0 {
-            return Err(Error::config(
+            return Err(SchedulerError::config(
                 "concurrency.adaptive.min",
                 "must be at least 1",
             ));
         }
         if self.min > self.max {
-            return Err(Error::config(
+            return Err(SchedulerError::config(
                 "concurrency.adaptive.min",
                 "must not exceed `concurrency.adaptive.max`",
             ));
         }
         if !(self.min..=self.max).contains(&self.initial) {
-            return Err(Error::config(
+            return Err(SchedulerError::config(
                 "concurrency.adaptive.initial",
                 "must lie between `min` and `max`",
             ));
         }
         if !(self.backoff_ratio > 0.0 && self.backoff_ratio < 1.0) {
-            return Err(Error::config(
+            return Err(SchedulerError::config(
                 "concurrency.adaptive.backoff_ratio",
                 "must be between 0 and 1 (exclusive)",
             ));
         }
         if self.latency_target.is_zero() {
-            return Err(Error::config(
+            return Err(SchedulerError::config(
                 "concurrency.adaptive.latency_target",
                 "must be greater than zero",
             ));
@@ -294,11 +294,11 @@ pub struct SchedulerConfig {
     /// The most requests one tenant may have waiting. Default 1,000.
     pub max_queued_per_tenant: usize,
     /// The longest a request may wait before it is answered
-    /// [`DeadlineExceeded`](crate::Error::DeadlineExceeded), so nothing
-    /// waits forever. A request with a deadline is answered at the earlier
-    /// of the two exactly; one without is caught by a sweep that runs every
-    /// eighth of `max_queue_time`, so it waits at most 9/8 of it (no timer
-    /// per request). Default 30 s.
+    /// [`DeadlineExceeded`](crate::SchedulerError::DeadlineExceeded), so
+    /// nothing waits forever. A request with a deadline is answered at the
+    /// earlier of the two exactly; one without is caught by a sweep that runs
+    /// every eighth of `max_queue_time`, so it waits at most 9/8 of it (no
+    /// timer per request). Default 30 s.
     #[serde(with = "humantime_serde")]
     pub max_queue_time: Duration,
     /// The scheduler's own deadline for every request: a request submitted
@@ -421,13 +421,13 @@ impl SchedulerConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the field.
+    /// [`SchedulerError::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
         if self.name.is_empty() {
-            return Err(Error::config("name", "must not be empty"));
+            return Err(SchedulerError::config("name", "must not be empty"));
         }
         if self.classes.is_empty() || self.classes.len() > usize::from(MAX_PRIORITY_LEVELS) {
-            return Err(Error::config(
+            return Err(SchedulerError::config(
                 "classes",
                 format!("must hold between 1 and {MAX_PRIORITY_LEVELS} classes"),
             ));
@@ -437,57 +437,75 @@ impl SchedulerConfig {
             .iter()
             .any(|c| !(0.0..=1.0).contains(&c.min_share))
         {
-            return Err(Error::config(
+            return Err(SchedulerError::config(
                 "classes.min_share",
                 "must be between 0 and 1",
             ));
         }
         if self.classes.iter().map(|c| c.min_share).sum::<f64>() > 1.0 + 1e-9 {
-            return Err(Error::config(
+            return Err(SchedulerError::config(
                 "classes.min_share",
                 "the shares of all classes must add up to at most 1",
             ));
         }
         if self.max_queued == 0 {
-            return Err(Error::config("max_queued", "must be at least 1"));
+            return Err(SchedulerError::config("max_queued", "must be at least 1"));
         }
         if self.max_queued_per_tenant == 0 {
-            return Err(Error::config("max_queued_per_tenant", "must be at least 1"));
+            return Err(SchedulerError::config(
+                "max_queued_per_tenant",
+                "must be at least 1",
+            ));
         }
         if self.max_queue_time.is_zero() {
-            return Err(Error::config("max_queue_time", "must be greater than zero"));
+            return Err(SchedulerError::config(
+                "max_queue_time",
+                "must be greater than zero",
+            ));
         }
         if self.request_timeout.is_some_and(|t| t.is_zero()) {
-            return Err(Error::config(
+            return Err(SchedulerError::config(
                 "request_timeout",
                 "must be greater than zero (or unset)",
             ));
         }
         if self.quantum == 0 {
-            return Err(Error::config("quantum", "must be at least 1"));
+            return Err(SchedulerError::config("quantum", "must be at least 1"));
         }
         if self.default_weight == 0 {
-            return Err(Error::config("default_weight", "must be at least 1"));
+            return Err(SchedulerError::config(
+                "default_weight",
+                "must be at least 1",
+            ));
         }
         for tenant in self.tenants.values() {
             if tenant.weight == Some(0) {
-                return Err(Error::config("tenants.weight", "must be at least 1"));
+                return Err(SchedulerError::config(
+                    "tenants.weight",
+                    "must be at least 1",
+                ));
             }
             if tenant.max_queued == Some(0) {
-                return Err(Error::config("tenants.max_queued", "must be at least 1"));
+                return Err(SchedulerError::config(
+                    "tenants.max_queued",
+                    "must be at least 1",
+                ));
             }
             if tenant.max_in_flight == Some(0) {
-                return Err(Error::config("tenants.max_in_flight", "must be at least 1"));
+                return Err(SchedulerError::config(
+                    "tenants.max_in_flight",
+                    "must be at least 1",
+                ));
             }
         }
         if self.concurrency.max_in_flight == Some(0) {
-            return Err(Error::config(
+            return Err(SchedulerError::config(
                 "concurrency.max_in_flight",
                 "must be at least 1 (or unset)",
             ));
         }
         if self.concurrency.max_in_flight_per_tenant == Some(0) {
-            return Err(Error::config(
+            return Err(SchedulerError::config(
                 "concurrency.max_in_flight_per_tenant",
                 "must be at least 1 (or unset)",
             ));
@@ -497,13 +515,13 @@ impl SchedulerConfig {
         }
         if self.shedding.enabled {
             if self.shedding.target.is_zero() {
-                return Err(Error::config(
+                return Err(SchedulerError::config(
                     "shedding.target",
                     "must be greater than zero",
                 ));
             }
             if self.shedding.interval.is_zero() {
-                return Err(Error::config(
+                return Err(SchedulerError::config(
                     "shedding.interval",
                     "must be greater than zero",
                 ));

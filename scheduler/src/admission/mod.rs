@@ -35,7 +35,7 @@ use self::pending::{Entry, Pending};
 use self::signal::Signal;
 use self::slot::{Left, Slot};
 use self::tenants::{TenantSlot, Tenants};
-use crate::error::{BoxError, Error, Rejection, Result};
+use crate::error::{BoxError, Rejection, Result, SchedulerError};
 use crate::metrics::SchedulerMetrics;
 use crate::rate::{RateDecision, RateLimit};
 use crate::ticket::{TenantId, Ticket};
@@ -57,17 +57,17 @@ const SWEEPS_PER_MAX_QUEUE_TIME: u32 = 8;
 ///
 /// [`Scheduler::submit`] answers exactly once, with one of:
 ///
-/// - the service's response (or its error, [`Error::Service`]): the request
-///   was dispatched;
-/// - [`Error::Rejected`]: refused before it reached the service —
+/// - the service's response (or its error, [`SchedulerError::Service`]): the
+///   request was dispatched;
+/// - [`SchedulerError::Rejected`]: refused before it reached the service —
 ///   [`RateLimited`](crate::Rejection::RateLimited) by the tenant's rate
 ///   limit, [`QueueFull`](crate::Rejection::QueueFull) by the queue bounds,
 ///   or [`Overloaded`](crate::Rejection::Overloaded) by queueing-delay
 ///   shedding, each with `retry_after` where known;
-/// - [`Error::DeadlineExceeded`]: its deadline (or
+/// - [`SchedulerError::DeadlineExceeded`]: its deadline (or
 ///   [`max_queue_time`](SchedulerConfig::max_queue_time)) passed while it
 ///   waited; it was never sent;
-/// - [`Error::Closed`]: the service failed in `poll_ready` and the
+/// - [`SchedulerError::Closed`]: the service failed in `poll_ready` and the
 ///   scheduler stopped.
 ///
 /// Dropping the future returned by `submit` takes the request out of the
@@ -97,7 +97,7 @@ const SWEEPS_PER_MAX_QUEUE_TIME: u32 = 8;
 /// use keel_scheduler::{Priority, Scheduler, SchedulerConfig, Ticket};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), keel_scheduler::Error> {
+/// # async fn main() -> Result<(), keel_scheduler::SchedulerError> {
 /// let echo = tower::service_fn(|prompt: String| async move {
 ///     Ok::<_, std::convert::Infallible>(prompt.len())
 /// });
@@ -177,7 +177,7 @@ impl SchedulerBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the bad field.
+    /// [`SchedulerError::InvalidConfig`] naming the bad field.
     ///
     /// # Panics
     ///
@@ -256,7 +256,7 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the bad field.
+    /// [`SchedulerError::InvalidConfig`] naming the bad field.
     ///
     /// # Panics
     ///
@@ -288,9 +288,10 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::Rejected`], [`Error::DeadlineExceeded`], [`Error::Service`],
-    /// [`Error::Closed`], or [`Error::RateLimiter`] when a shared limiter
-    /// cannot be reached and is configured to fail closed.
+    /// [`SchedulerError::Rejected`], [`SchedulerError::DeadlineExceeded`],
+    /// [`SchedulerError::Service`], [`SchedulerError::Closed`], or
+    /// [`SchedulerError::RateLimiter`] when a shared limiter cannot be
+    /// reached and is configured to fail closed.
     ///
     /// # Cancel safety
     ///
@@ -324,7 +325,7 @@ where
     /// use keel_scheduler::{Scheduler, SchedulerConfig, Ticket};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), keel_scheduler::Error> {
+    /// # async fn main() -> Result<(), keel_scheduler::SchedulerError> {
     /// let service = tower::service_fn(|request: http::Request<String>| async move {
     ///     // The deadline admission enforced comes down with the request.
     ///     assert!(Deadline::of(&request).is_some());
@@ -581,8 +582,8 @@ impl<Req, Resp> Shared<Req, Resp> {
         ticket
     }
 
-    fn closed_error(&self) -> Error {
-        Error::closed(
+    fn closed_error(&self) -> SchedulerError {
+        SchedulerError::closed(
             self.close_reason
                 .get()
                 .map_or("the dispatcher stopped", String::as_str)
@@ -772,7 +773,7 @@ where
             now = Some(at);
             if deadline <= at {
                 metrics.expired.increment(1);
-                return Err(Error::DeadlineExceeded {
+                return Err(SchedulerError::DeadlineExceeded {
                     waited: Duration::ZERO,
                 });
             }
@@ -853,7 +854,7 @@ where
                     if queued.take_back() {
                         metrics.expired.increment(1);
                         let waited = now.map_or(Duration::ZERO, |at| at.elapsed());
-                        return Err(Error::DeadlineExceeded { waited });
+                        return Err(SchedulerError::DeadlineExceeded { waited });
                     }
                     // Claimed at the same moment: its verdict is on the way.
                     poll_fn(|cx| slot.poll_verdict(cx)).await
@@ -873,11 +874,11 @@ where
                     permit.latency = Some(permit.dispatched.elapsed());
                 }
                 drop(permit);
-                result.map_err(Error::Service)
+                result.map_err(SchedulerError::Service)
             }
-            Verdict::Expired { waited } => Err(Error::DeadlineExceeded { waited }),
+            Verdict::Expired { waited } => Err(SchedulerError::DeadlineExceeded { waited }),
             Verdict::Shed { retry_after } => Err(Rejection::Overloaded { retry_after }.into()),
-            Verdict::Closed(reason) => Err(Error::closed(reason)),
+            Verdict::Closed(reason) => Err(SchedulerError::closed(reason)),
         }
     }
 

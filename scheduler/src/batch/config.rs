@@ -77,7 +77,8 @@ impl BatchConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the field.
+    /// [`SchedulerError::InvalidConfig`](crate::SchedulerError::InvalidConfig)
+    /// naming the field.
     pub fn validate(&self) -> Result<()> {
         validate::non_empty("name", &self.name)?;
         validate::at_least("max_batch_size", self.max_batch_size, 1)?;

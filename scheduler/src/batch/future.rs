@@ -7,7 +7,7 @@ use std::task::{Context, Poll, ready};
 
 use tokio::sync::oneshot;
 
-use crate::error::{BoxError, Error, Result};
+use crate::error::{BoxError, Result, SchedulerError};
 
 /// The answer to one item sent through [`Batcher`](crate::Batcher) as a
 /// `tower::Service`.
@@ -17,7 +17,7 @@ pub struct BatchFuture<Resp> {
 
 enum State<Resp> {
     Waiting(oneshot::Receiver<Result<Resp>>),
-    Failed(Option<Error>),
+    Failed(Option<SchedulerError>),
 }
 
 impl<Resp> BatchFuture<Resp> {
@@ -27,7 +27,7 @@ impl<Resp> BatchFuture<Resp> {
         }
     }
 
-    pub(super) fn failed(err: Error) -> Self {
+    pub(super) fn failed(err: SchedulerError) -> Self {
         BatchFuture {
             state: State::Failed(Some(err)),
         }
@@ -48,7 +48,7 @@ impl<Resp> Future for BatchFuture<Resp> {
         match &mut this.state {
             State::Waiting(rx) => {
                 let answer = ready!(Pin::new(rx).poll(cx))
-                    .unwrap_or_else(|_| Err(Error::closed("the batcher stopped")));
+                    .unwrap_or_else(|_| Err(SchedulerError::closed("the batcher stopped")));
                 Poll::Ready(answer.map_err(crate::service::unwrap_service_error))
             }
             State::Failed(err) => {

@@ -18,7 +18,7 @@ use tower::{Service, ServiceExt};
 
 pub use self::config::BatchConfig;
 pub use self::future::BatchFuture;
-use crate::error::{BoxError, Error, Result};
+use crate::error::{BoxError, Result, SchedulerError};
 use crate::metrics::BatchMetrics;
 
 /// One waiting item.
@@ -36,7 +36,7 @@ struct Item<Req, Resp> {
 /// arrival order. Its response must hold one answer per item, in the same
 /// order; each item gets its own (make the answer type a `Result` for
 /// per-item errors). A batch that fails as a whole answers every item with
-/// [`Error::Service`] sharing the one error as its source.
+/// [`SchedulerError::Service`] sharing the one error as its source.
 ///
 /// Each item is answered exactly once. An item whose submitter gave up
 /// before its batch was sent is left out of the batch; once sent, a batch
@@ -50,7 +50,7 @@ struct Item<Req, Resp> {
 /// use keel_scheduler::{BatchConfig, Batcher};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), keel_scheduler::Error> {
+/// # async fn main() -> Result<(), keel_scheduler::SchedulerError> {
 /// // Embeds a whole batch at once; here, the length of each text.
 /// let embed = tower::service_fn(|texts: Vec<(String, String)>| async move {
 ///     Ok::<_, std::convert::Infallible>(texts.into_iter().map(|(_, t)| t.len()).collect::<Vec<_>>())
@@ -100,7 +100,7 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the bad field.
+    /// [`SchedulerError::InvalidConfig`] naming the bad field.
     ///
     /// # Panics
     ///
@@ -130,9 +130,9 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::Service`] when the batch failed or answered the wrong
-    /// number of items; [`Error::Closed`] when the batch service failed in
-    /// `poll_ready`.
+    /// [`SchedulerError::Service`] when the batch failed or answered the
+    /// wrong number of items; [`SchedulerError::Closed`] when the batch
+    /// service failed in `poll_ready`.
     ///
     /// # Cancel safety
     ///
@@ -142,15 +142,15 @@ where
         let sender = self
             .tx
             .get_ref()
-            .ok_or_else(|| Error::closed("the batcher stopped"))?
+            .ok_or_else(|| SchedulerError::closed("the batcher stopped"))?
             .clone();
         let (reply, rx) = oneshot::channel();
         sender
             .send(Item { request, reply })
             .await
-            .map_err(|_| Error::closed("the batcher stopped"))?;
+            .map_err(|_| SchedulerError::closed("the batcher stopped"))?;
         rx.await
-            .unwrap_or_else(|_| Err(Error::closed("the batcher stopped")))
+            .unwrap_or_else(|_| Err(SchedulerError::closed("the batcher stopped")))
     }
 
     /// The configuration the batcher was built with.
@@ -171,14 +171,14 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
         self.tx
             .poll_reserve(cx)
-            .map_err(|_| Error::closed("the batcher stopped").into())
+            .map_err(|_| SchedulerError::closed("the batcher stopped").into())
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
         let (reply, rx) = oneshot::channel();
         match self.tx.send_item(Item { request, reply }) {
             Ok(()) => BatchFuture::waiting(rx),
-            Err(_) => BatchFuture::failed(Error::closed(
+            Err(_) => BatchFuture::failed(SchedulerError::closed(
                 "the batcher stopped (or `call` came without `poll_ready`)",
             )),
         }
@@ -223,7 +223,7 @@ async fn run<K, F, S, Req, Resp>(
             item = rx.recv() => {
                 let Some(item) = item else { break };
                 if let Some(reason) = &dead {
-                    let _ = item.reply.send(Err(Error::closed(reason.clone())));
+                    let _ = item.reply.send(Err(SchedulerError::closed(reason.clone())));
                     continue;
                 }
                 let key = key_of(&item.request);
@@ -274,7 +274,7 @@ async fn flush<S, Req, Resp>(
     }
     if let Some(reason) = dead {
         for reply in replies {
-            let _ = reply.send(Err(Error::closed(reason.clone())));
+            let _ = reply.send(Err(SchedulerError::closed(reason.clone())));
         }
         return;
     }
@@ -283,7 +283,7 @@ async fn flush<S, Req, Resp>(
         let reason = format!("the batch service failed: {err}");
         tracing::error!(error = %err, "batch service failed; the batcher answers every item with `Closed`");
         for reply in replies {
-            let _ = reply.send(Err(Error::closed(reason.clone())));
+            let _ = reply.send(Err(SchedulerError::closed(reason.clone())));
         }
         *dead = Some(reason);
         return;
@@ -306,15 +306,17 @@ async fn flush<S, Req, Resp>(
                     got: answers.len(),
                 });
                 for reply in replies {
-                    let _ =
-                        reply.send(Err(Error::Service(Box::new(SharedBatchError(err.clone())))));
+                    let _ = reply.send(Err(SchedulerError::Service(Box::new(SharedBatchError(
+                        err.clone(),
+                    )))));
                 }
             }
             Err(err) => {
                 let err = Arc::new(BatchFailed::Service(err.into()));
                 for reply in replies {
-                    let _ =
-                        reply.send(Err(Error::Service(Box::new(SharedBatchError(err.clone())))));
+                    let _ = reply.send(Err(SchedulerError::Service(Box::new(SharedBatchError(
+                        err.clone(),
+                    )))));
                 }
             }
         }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Result, SchedulerError};
 use keel_core::validate;
 
 /// A GCRA rate: `amount` per `per`, with bursts of up to `burst` at once.
@@ -66,13 +66,16 @@ impl Rate {
 
     fn validate(&self, field: &'static str) -> Result<()> {
         if self.amount == 0 {
-            return Err(Error::config(field, "`amount` must be at least 1"));
+            return Err(SchedulerError::config(field, "`amount` must be at least 1"));
         }
         if self.burst == 0 {
-            return Err(Error::config(field, "`burst` must be at least 1"));
+            return Err(SchedulerError::config(field, "`burst` must be at least 1"));
         }
         if self.emission_interval() < Duration::from_micros(1) {
-            return Err(Error::config(field, "`per / amount` must be at least 1 µs"));
+            return Err(SchedulerError::config(
+                field,
+                "`per / amount` must be at least 1 µs",
+            ));
         }
         Ok(())
     }
@@ -174,7 +177,7 @@ impl RateLimitConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the field.
+    /// [`SchedulerError::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
         validate::key_name("name", &self.name)?;
         for rates in std::iter::once(&self.default).chain(self.tenants.values()) {

@@ -87,7 +87,7 @@ impl Limiters {
 /// use keel_scheduler::{LocalRateLimiter, Rate, RateDecision, RateLimit, RateLimitConfig, TenantId, TenantRates};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> keel_scheduler::Result<()> {
+/// # async fn main() -> Result<(), keel_scheduler::SchedulerError> {
 /// let limiter = LocalRateLimiter::new(
 ///     RateLimitConfig::new("api").default_rates(TenantRates::default().requests(Rate::per_second(10).burst(2))),
 /// )?;
@@ -129,8 +129,8 @@ impl LocalRateLimiter {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the bad
-    /// field.
+    /// [`SchedulerError::InvalidConfig`](crate::SchedulerError::InvalidConfig)
+    /// naming the bad field.
     pub fn new(config: RateLimitConfig) -> Result<Self> {
         config.validate()?;
         let clock = TokioClock {

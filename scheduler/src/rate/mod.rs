@@ -50,8 +50,8 @@ pub trait RateLimit: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::RateLimiter`](crate::Error::RateLimiter) when a shared
-    /// store cannot be reached and the limiter fails closed.
+    /// [`SchedulerError::RateLimiter`](crate::SchedulerError::RateLimiter)
+    /// when a shared store cannot be reached and the limiter fails closed.
     ///
     /// # Cancel safety
     ///
@@ -75,8 +75,8 @@ pub trait RateLimit: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// [`Error::RateLimiter`](crate::Error::RateLimiter) when a shared
-    /// store cannot be reached.
+    /// [`SchedulerError::RateLimiter`](crate::SchedulerError::RateLimiter)
+    /// when a shared store cannot be reached.
     ///
     /// # Cancel safety
     ///

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::{Rate, RateLimitConfig};
 use super::{RateDecision, RateLimit};
-use crate::error::{Error, Result};
+use crate::error::{Result, SchedulerError};
 use crate::metrics::LimiterMetrics;
 use crate::ticket::TenantId;
 use keel_core::validate;
@@ -49,7 +49,7 @@ pub struct RedisRateLimitConfig {
     /// default) allows the request (an outage of the limiter must not
     /// become an outage of the service; failures are counted in
     /// `keel_rate_limiter_errors_total`), `false` answers
-    /// [`Error::RateLimiter`].
+    /// [`SchedulerError::RateLimiter`].
     pub fail_open: bool,
 }
 
@@ -100,7 +100,7 @@ impl RedisRateLimitConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the field.
+    /// [`SchedulerError::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
         self.redis.validate()?;
         self.validate_own()
@@ -134,12 +134,12 @@ impl RedisRateLimitConfig {
 /// check makes a new one. Failures are classified by
 /// [`keel_core::redis::RedisError`] (the same rules as the queue and the
 /// cache: `LOADING` or a dropped connection is retryable), kept as the
-/// source of [`Error::RateLimiter`].
+/// source of [`SchedulerError::RateLimiter`].
 ///
 /// ```no_run
 /// use keel_scheduler::{Rate, RateLimitConfig, RedisRateLimitConfig, RedisRateLimiter, TenantRates};
 ///
-/// # async fn demo() -> keel_scheduler::Result<()> {
+/// # async fn demo() -> Result<(), keel_scheduler::SchedulerError> {
 /// let limiter = RedisRateLimiter::connect(RedisRateLimitConfig::new(
 ///     "redis://127.0.0.1:6379",
 ///     RateLimitConfig::new("gateway").default_rates(TenantRates::default().requests(Rate::per_second(100))),
@@ -169,8 +169,8 @@ impl RedisRateLimiter {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad field;
-    /// [`Error::RateLimiter`] when the server does not answer.
+    /// [`SchedulerError::InvalidConfig`] naming a bad field;
+    /// [`SchedulerError::RateLimiter`] when the server does not answer.
     ///
     /// # Cancel safety
     ///
@@ -207,7 +207,7 @@ impl RedisRateLimiter {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming a bad field.
+    /// [`SchedulerError::InvalidConfig`] naming a bad field.
     pub fn with_pool(pool: RedisPool, mut config: RedisRateLimitConfig) -> Result<Self> {
         config.redis = pool.config().clone();
         config.validate_own()?;
@@ -309,17 +309,17 @@ fn micros(d: Duration) -> u64 {
 }
 
 /// The limiter's error, with the shared classification as its source.
-fn unavailable(message: &str, err: RedisError) -> Error {
-    Error::RateLimiter {
+fn unavailable(message: &str, err: RedisError) -> SchedulerError {
+    SchedulerError::RateLimiter {
         message: format!("{message} ({err})"),
         source: Some(err.into()),
     }
 }
 
-impl From<RedisError> for Error {
-    /// [`Error::RateLimiter`] with the core error as its source: retryable
-    /// when the core classification says waiting helps (`LOADING`, a
-    /// dropped connection), not for a script error.
+impl From<RedisError> for SchedulerError {
+    /// [`SchedulerError::RateLimiter`] with the core error as its source:
+    /// retryable when the core classification says waiting helps (`LOADING`,
+    /// a dropped connection), not for a script error.
     fn from(err: RedisError) -> Self {
         unavailable("redis failed", err)
     }
@@ -420,13 +420,13 @@ mod tests {
 
     #[test]
     fn loading_is_retryable_and_a_script_error_is_not() {
-        let loading = Error::from(RedisError::new(
+        let loading = SchedulerError::from(RedisError::new(
             RedisErrorKind::Unavailable,
             "LOADING Redis is loading the dataset in memory",
         ));
         assert!(loading.is_retryable(), "{loading:?}");
         assert_eq!(loading.kind(), ErrorKind::Unavailable { retry_after: None });
-        let script = Error::from(RedisError::new(RedisErrorKind::Server, "ERR script"));
+        let script = SchedulerError::from(RedisError::new(RedisErrorKind::Server, "ERR script"));
         assert!(!script.is_retryable(), "{script:?}");
         assert_eq!(script.kind(), ErrorKind::Internal);
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use keel_core::{Backoff, BudgetConfig, ConfigError, Jitter};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Result, SchedulerError};
 use keel_core::validate;
 
 /// The worker's default retry budget: 0.2 retries per job handled, plus a
@@ -213,7 +213,7 @@ impl WorkerConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming `settle_retry_min` or
+    /// [`SchedulerError::InvalidConfig`] naming `settle_retry_min` or
     /// `settle_retry_max`.
     pub fn settle_backoff(&self) -> Result<Backoff> {
         Backoff::new(self.settle_retry_min, self.settle_retry_max)
@@ -224,7 +224,7 @@ impl WorkerConfig {
                     "backoff.max" => "settle_retry_max",
                     other => other,
                 };
-                Error::InvalidConfig(ConfigError::new(field, err.reason))
+                SchedulerError::InvalidConfig(ConfigError::new(field, err.reason))
             })
     }
 
@@ -234,7 +234,8 @@ impl WorkerConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming `reconnect_min` or `reconnect_max`.
+    /// [`SchedulerError::InvalidConfig`] naming `reconnect_min` or
+    /// `reconnect_max`.
     pub fn reconnect_backoff(&self) -> Result<Backoff> {
         Backoff::new(self.reconnect_min, self.reconnect_max)
             .map(|backoff| backoff.jitter(Jitter::Equal))
@@ -244,7 +245,7 @@ impl WorkerConfig {
                     "backoff.max" => "reconnect_max",
                     other => other,
                 };
-                Error::InvalidConfig(ConfigError::new(field, err.reason))
+                SchedulerError::InvalidConfig(ConfigError::new(field, err.reason))
             })
     }
 
@@ -257,17 +258,17 @@ impl WorkerConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] naming the field.
+    /// [`SchedulerError::InvalidConfig`] naming the field.
     pub fn validate(&self) -> Result<()> {
         validate::non_empty("name", &self.name)?;
         validate::at_least("concurrency", self.concurrency, 1)?;
         validate::at_least("dequeue_batch", self.dequeue_batch, 1)?;
         if self.lease < Duration::from_millis(10) {
-            return Err(Error::config("lease", "must be at least 10 ms"));
+            return Err(SchedulerError::config("lease", "must be at least 10 ms"));
         }
         let renew = self.renew_every();
         if renew.is_zero() || renew >= self.lease {
-            return Err(Error::config(
+            return Err(SchedulerError::config(
                 "renew_interval",
                 "must be greater than zero and shorter than `lease`",
             ));
@@ -280,7 +281,7 @@ impl WorkerConfig {
                 "budget.floor" => "retry_budget.floor",
                 other => other,
             };
-            Error::InvalidConfig(ConfigError::new(field, err.reason))
+            SchedulerError::InvalidConfig(ConfigError::new(field, err.reason))
         })?;
         self.settle_backoff()?;
         Ok(validate::at_least("ack_batch", self.ack_batch, 1)?)

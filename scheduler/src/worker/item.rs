@@ -11,7 +11,7 @@ use crate::ticket::Ticket;
 /// One job, as handed to the handler service.
 ///
 /// The lease is the worker's business: the handler answers an
-/// [`Outcome`] and never acks or nacks itself.
+/// [`JobOutcome`] and never acks or nacks itself.
 ///
 /// It carries [`http::Extensions`] ([`RequestExtensions`]): a job with a
 /// deadline arrives with the matching [`keel_core::Deadline`] in them, so
@@ -133,12 +133,13 @@ impl WorkItem {
 ///
 /// A handler error (`Err` from the service) is a retry with the queue's
 /// backoff, except for admission outcomes: a
-/// [`Rejected`](crate::Error::Rejected) job is retried after the rejection's
-/// `retry_after`, and a job whose
-/// [`DeadlineExceeded`](crate::Error::DeadlineExceeded) is dead-lettered.
+/// [`Rejected`](crate::SchedulerError::Rejected) job is retried after the
+/// rejection's `retry_after`, and a job whose
+/// [`DeadlineExceeded`](crate::SchedulerError::DeadlineExceeded) is
+/// dead-lettered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Outcome {
+pub enum JobOutcome {
     /// Done: ack it.
     Ack,
     /// Failed, worth another try: nack it for a retry, after `after` or the
@@ -158,10 +159,10 @@ pub enum Outcome {
     },
 }
 
-impl Outcome {
+impl JobOutcome {
     /// Retry with the queue's backoff.
     pub fn retry(reason: impl Into<String>) -> Self {
-        Outcome::Retry {
+        JobOutcome::Retry {
             after: None,
             reason: reason.into(),
         }
@@ -169,7 +170,7 @@ impl Outcome {
 
     /// Retry after a fixed delay.
     pub fn retry_after(after: Duration, reason: impl Into<String>) -> Self {
-        Outcome::Retry {
+        JobOutcome::Retry {
             after: Some(after),
             reason: reason.into(),
         }
@@ -177,7 +178,7 @@ impl Outcome {
 
     /// Dead-letter now.
     pub fn abort(reason: impl Into<String>) -> Self {
-        Outcome::Abort {
+        JobOutcome::Abort {
             reason: reason.into(),
         }
     }

@@ -15,9 +15,9 @@ use tower::{Service, ServiceExt};
 
 use super::Counters;
 use super::config::WorkerConfig;
-use super::item::{Outcome, WorkItem};
+use super::item::{JobOutcome, WorkItem};
 use super::settle::{self, LeaseClock, PendingAck};
-use crate::error::{BoxError, Error};
+use crate::error::{BoxError, SchedulerError};
 use crate::metrics::WorkerMetrics;
 
 /// What every job task of one worker shares.
@@ -38,7 +38,7 @@ pub(super) struct JobContext {
 /// How a job's run ended, before settling.
 enum Ended {
     /// The handler answered (or panicked).
-    Handled(std::thread::Result<Result<Outcome, BoxError>>),
+    Handled(std::thread::Result<Result<JobOutcome, BoxError>>),
     /// Shutdown's grace period ran out first.
     Released,
     /// The lease could not be kept; someone else may hold the job now.
@@ -74,7 +74,7 @@ pub(super) async fn run<S>(
     job: Leased,
     permit: OwnedSemaphorePermit,
 ) where
-    S: Service<WorkItem, Response = Outcome> + Send + 'static,
+    S: Service<WorkItem, Response = JobOutcome> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
 {
@@ -116,9 +116,9 @@ pub(super) async fn run<S>(
         .record(started.elapsed().as_secs_f64());
 
     let settle = match ended {
-        Ended::Handled(Ok(Ok(Outcome::Ack))) => Settle::Ack,
-        Ended::Handled(Ok(Ok(Outcome::Retry { after, reason }))) => retry(&ctx, after, reason),
-        Ended::Handled(Ok(Ok(Outcome::Abort { reason }))) => {
+        Ended::Handled(Ok(Ok(JobOutcome::Ack))) => Settle::Ack,
+        Ended::Handled(Ok(Ok(JobOutcome::Retry { after, reason }))) => retry(&ctx, after, reason),
+        Ended::Handled(Ok(Ok(JobOutcome::Abort { reason }))) => {
             Settle::Nack(Nack::dead_letter(reason))
         }
         Ended::Handled(Ok(Err(err))) => from_error(&ctx, &err),
@@ -180,13 +180,13 @@ fn retry(ctx: &JobContext, after: Option<Duration>, reason: String) -> Settle {
 
 /// The settlement of a handler error.
 fn from_error(ctx: &JobContext, err: &BoxError) -> Settle {
-    match err.downcast_ref::<Error>() {
-        Some(Error::Rejected(rejection)) => retry(
+    match err.downcast_ref::<SchedulerError>() {
+        Some(SchedulerError::Rejected(rejection)) => retry(
             ctx,
             rejection.retry_after(),
             format!("admission: {rejection}"),
         ),
-        Some(Error::DeadlineExceeded { .. }) => Settle::Nack(Nack::dead_letter(
+        Some(SchedulerError::DeadlineExceeded { .. }) => Settle::Nack(Nack::dead_letter(
             "deadline exceeded before the job was dispatched",
         )),
         _ => {
@@ -232,8 +232,8 @@ async fn keep_lease(ctx: &JobContext, receipt: &Receipt, lease: &LeaseClock) -> 
                 lease.set(asked + ctx.config.lease);
                 ctx.metrics.renewals.increment(1);
             }
-            Err(keel_queue::Error::InvalidReceipt(why)) => return why,
-            Err(keel_queue::Error::Unsupported { backend, .. }) => {
+            Err(keel_queue::QueueError::InvalidReceipt(why)) => return why,
+            Err(keel_queue::QueueError::Unsupported { backend, .. }) => {
                 tracing::warn!(%backend, "the queue cannot extend leases; jobs longer than the lease may run twice");
                 std::future::pending::<()>().await;
             }

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 
 pub use self::config::WorkerConfig;
-pub use self::item::{Outcome, WorkItem};
+pub use self::item::{JobOutcome, WorkItem};
 use self::job::{JobContext, Leased};
 pub use self::typed::{JsonJobs, TypedItem, json_jobs};
 use crate::error::{BoxError, Result};
@@ -150,9 +150,10 @@ pub struct ShutdownReport {
 /// 3. run each job in its own task: the handler, with the lease extended
 ///    every third of its length while it runs (a job longer than its lease
 ///    is never handed to a second worker), and a caught panic;
-/// 4. settle: [`Outcome::Ack`] acks, [`Outcome::Retry`] and handler errors
-///    nack for a retry with backoff (bounded by the queue's `max_attempts`
-///    and the worker's retry budget), [`Outcome::Abort`] dead-letters.
+/// 4. settle: [`JobOutcome::Ack`] acks, [`JobOutcome::Retry`] and handler
+///    errors nack for a retry with backoff (bounded by the queue's
+///    `max_attempts` and the worker's retry budget), [`JobOutcome::Abort`]
+///    dead-letters.
 ///
 /// # Failures
 ///
@@ -179,7 +180,7 @@ pub struct ShutdownReport {
 /// ```
 /// use std::time::Duration;
 /// use keel_queue::{Job, MemoryQueue, Queue, QueueConfig};
-/// use keel_scheduler::{Outcome, WorkItem, Worker, WorkerConfig};
+/// use keel_scheduler::{JobOutcome, WorkItem, Worker, WorkerConfig};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -188,7 +189,7 @@ pub struct ShutdownReport {
 ///
 /// let handler = tower::service_fn(|item: WorkItem| async move {
 ///     println!("got {:?}", item.payload);
-///     Ok::<_, std::convert::Infallible>(Outcome::Ack)
+///     Ok::<_, std::convert::Infallible>(JobOutcome::Ack)
 /// });
 /// let worker = Worker::new(queue.clone(), WorkerConfig::new("demo"), handler)?.spawn();
 ///
@@ -217,7 +218,7 @@ impl<S> fmt::Debug for Worker<S> {
 
 impl<S> Worker<S>
 where
-    S: Service<WorkItem, Response = Outcome> + Clone + Send + 'static,
+    S: Service<WorkItem, Response = JobOutcome> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
 {
@@ -229,8 +230,8 @@ where
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) naming the bad
-    /// field.
+    /// [`SchedulerError::InvalidConfig`](crate::SchedulerError::InvalidConfig)
+    /// naming the bad field.
     pub fn new(queue: impl Queue, config: WorkerConfig, service: S) -> Result<Self> {
         config.validate()?;
         Ok(Worker {
@@ -382,7 +383,7 @@ async fn run<S>(
     health: watch::Sender<WorkerHealth>,
     report: watch::Sender<Option<ShutdownReport>>,
 ) where
-    S: Service<WorkItem, Response = Outcome> + Clone + Send + 'static,
+    S: Service<WorkItem, Response = JobOutcome> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
 {
@@ -437,7 +438,7 @@ async fn pull<S>(
     acks: mpsc::UnboundedSender<settle::PendingAck>,
 ) -> Pulled
 where
-    S: Service<WorkItem, Response = Outcome> + Clone + Send + 'static,
+    S: Service<WorkItem, Response = JobOutcome> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
 {

@@ -132,7 +132,7 @@ pub(super) async fn settler(ctx: Arc<JobContext>, mut rx: mpsc::UnboundedReceive
                 count_acked(&ctx, take as u64);
                 pending.drain(..take);
             }
-            Err(keel_queue::Error::InvalidReceipt(why)) => {
+            Err(keel_queue::QueueError::InvalidReceipt(why)) => {
                 failures = 0;
                 let invalid = invalid_count(&why, take);
                 tracing::warn!(reason = %why, invalid, "leases gone before their jobs were acked; they will be redelivered");
@@ -207,7 +207,7 @@ pub(super) async fn nack_or_ack(
                 counter.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            Err(keel_queue::Error::InvalidReceipt(why)) => {
+            Err(keel_queue::QueueError::InvalidReceipt(why)) => {
                 tracing::warn!(reason = %why, "lease gone before the job was settled; it will be redelivered");
             }
             Err(err) if err.is_retryable() => {

@@ -8,7 +8,7 @@ use futures::future::{Either, Ready, ready};
 use serde::de::DeserializeOwned;
 use tower::Service;
 
-use super::item::{Outcome, WorkItem};
+use super::item::{JobOutcome, WorkItem};
 
 /// A job whose JSON payload decoded as `T`, with the rest of its delivery.
 #[derive(Clone, Debug)]
@@ -33,7 +33,7 @@ pub struct TypedItem<T> {
 /// will not change.
 ///
 /// ```
-/// use keel_scheduler::{Outcome, TypedItem, json_jobs};
+/// use keel_scheduler::{JobOutcome, TypedItem, json_jobs};
 ///
 /// #[derive(serde::Deserialize)]
 /// struct Embed {
@@ -42,7 +42,7 @@ pub struct TypedItem<T> {
 ///
 /// let handler = json_jobs(tower::service_fn(|item: TypedItem<Embed>| async move {
 ///     assert!(!item.job.text.is_empty());
-///     Ok::<_, std::convert::Infallible>(Outcome::Ack)
+///     Ok::<_, std::convert::Infallible>(JobOutcome::Ack)
 /// }));
 /// # let _ = handler;
 /// ```
@@ -56,7 +56,7 @@ pub struct JsonJobs<S, T> {
 pub fn json_jobs<T, S>(inner: S) -> JsonJobs<S, T>
 where
     T: DeserializeOwned,
-    S: Service<TypedItem<T>, Response = Outcome>,
+    S: Service<TypedItem<T>, Response = JobOutcome>,
 {
     JsonJobs {
         inner,
@@ -85,11 +85,11 @@ impl<S: fmt::Debug, T> fmt::Debug for JsonJobs<S, T> {
 impl<S, T> Service<WorkItem> for JsonJobs<S, T>
 where
     T: DeserializeOwned,
-    S: Service<TypedItem<T>, Response = Outcome>,
+    S: Service<TypedItem<T>, Response = JobOutcome>,
 {
-    type Response = Outcome;
+    type Response = JobOutcome;
     type Error = S::Error;
-    type Future = Either<S::Future, Ready<Result<Outcome, S::Error>>>;
+    type Future = Either<S::Future, Ready<Result<JobOutcome, S::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -104,7 +104,7 @@ where
                     std::any::type_name::<T>()
                 );
                 tracing::warn!(job = %item.id, %reason, "dead-lettering a poison message");
-                Either::Right(ready(Ok(Outcome::Abort { reason })))
+                Either::Right(ready(Ok(JobOutcome::Abort { reason })))
             }
         }
     }
