@@ -116,6 +116,26 @@ async fn supported_or_refused<T: std::fmt::Debug>(
     supported
 }
 
+/// Whether leases expire on the backend ([`supported_or_refused`] with
+/// `extend_lease` as the attempt).
+async fn lease_expiry_or_refused(queue: &dyn Queue) -> bool {
+    supported_or_refused(
+        queue.capabilities().lease_expiry,
+        queue.extend_lease(&Receipt::from_string("none"), SHORT_LEASE),
+    )
+    .await
+}
+
+/// Whether the backend delays jobs ([`supported_or_refused`] with a
+/// delayed enqueue as the attempt).
+async fn delay_or_refused(queue: &dyn Queue) -> bool {
+    supported_or_refused(
+        queue.capabilities().delay,
+        queue.enqueue(Job::new("later").delay(Duration::from_millis(1))),
+    )
+    .await
+}
+
 fn caps(subject: &Subject) -> Capabilities {
     subject.queue.capabilities()
 }
@@ -254,13 +274,7 @@ pub async fn nack_retry_redelivers<F: Fn(QueueConfig) -> Fut, Fut: Future<Output
     make: F,
 ) {
     let s = subject(&make, "nack-retry", |c| c).await;
-    if !supported_or_refused(
-        caps(&s).delay,
-        s.queue
-            .enqueue(Job::new("later").delay(Duration::from_millis(1))),
-    )
-    .await
-    {
+    if !delay_or_refused(&*s.queue).await {
         return;
     }
     s.queue.enqueue(Job::new("flaky")).await.unwrap();
@@ -338,13 +352,7 @@ pub async fn lease_expiry_redelivers<F: Fn(QueueConfig) -> Fut, Fut: Future<Outp
     make: F,
 ) {
     let s = subject(&make, "lease-expiry", |c| c).await;
-    if !supported_or_refused(
-        caps(&s).lease_expiry,
-        s.queue
-            .extend_lease(&Receipt::from_string("none"), SHORT_LEASE),
-    )
-    .await
-    {
+    if !lease_expiry_or_refused(&*s.queue).await {
         return;
     }
     s.queue.enqueue(Job::new("abandoned")).await.unwrap();
@@ -369,13 +377,7 @@ pub async fn expired_receipt_is_invalid<
     make: F,
 ) {
     let s = subject(&make, "expired-receipt", |c| c).await;
-    if !supported_or_refused(
-        caps(&s).lease_expiry,
-        s.queue
-            .extend_lease(&Receipt::from_string("none"), SHORT_LEASE),
-    )
-    .await
-    {
+    if !lease_expiry_or_refused(&*s.queue).await {
         return;
     }
     s.queue.enqueue(Job::new("slow")).await.unwrap();
@@ -406,13 +408,7 @@ pub async fn extend_lease_keeps_job<F: Fn(QueueConfig) -> Fut, Fut: Future<Outpu
     make: F,
 ) {
     let s = subject(&make, "extend-lease", |c| c).await;
-    if !supported_or_refused(
-        caps(&s).lease_expiry,
-        s.queue
-            .extend_lease(&Receipt::from_string("none"), SHORT_LEASE),
-    )
-    .await
-    {
+    if !lease_expiry_or_refused(&*s.queue).await {
         return;
     }
     s.queue.enqueue(Job::new("long job")).await.unwrap();
@@ -619,13 +615,7 @@ pub async fn priority_order<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subj
 /// A delayed job is not delivered before its delay.
 pub async fn delayed_delivery<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subject>>(make: F) {
     let s = subject(&make, "delay", |c| c).await;
-    if !supported_or_refused(
-        caps(&s).delay,
-        s.queue
-            .enqueue(Job::new("later").delay(Duration::from_millis(1))),
-    )
-    .await
-    {
+    if !delay_or_refused(&*s.queue).await {
         return;
     }
     let delay = Duration::from_millis(600);
