@@ -23,6 +23,8 @@
 //!   acknowledged.
 //! - [`assert_refused`]: the check of a config test that each bad field is
 //!   refused by name.
+//! - [`block_on_paused`]: a current-thread runtime with paused time, for
+//!   property tests and other synchronous tests of time-driven code.
 //!
 //! Faults are deterministic: they happen exactly when the test calls for
 //! them, never at random.
@@ -63,6 +65,7 @@ mod namespace;
 mod proxy;
 #[cfg(feature = "redis")]
 mod redis_server;
+mod runtime;
 mod servers;
 
 pub use config::assert_refused;
@@ -72,6 +75,7 @@ pub use namespace::redis_cleanup;
 pub use proxy::{Direction, FaultProxy, Latency};
 #[cfg(feature = "redis")]
 pub use redis_server::RedisServer;
+pub use runtime::block_on_paused;
 #[cfg(feature = "amqp")]
 pub use servers::require_amqp;
 #[cfg(feature = "redis")]
