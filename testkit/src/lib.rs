@@ -23,6 +23,8 @@
 //!   acknowledged.
 //! - [`assert_refused`]: the check of a config test that each bad field is
 //!   refused by name.
+//! - [`redis_error_reply`]: the client error a Redis error reply becomes,
+//!   for tests of error classification.
 //! - [`block_on_paused`]: a current-thread runtime with paused time, for
 //!   property tests and other synchronous tests of time-driven code.
 //!
@@ -64,6 +66,8 @@ mod config;
 mod namespace;
 mod proxy;
 #[cfg(feature = "redis")]
+mod redis_reply;
+#[cfg(feature = "redis")]
 mod redis_server;
 mod runtime;
 mod servers;
@@ -73,6 +77,8 @@ pub use namespace::Namespace;
 #[cfg(feature = "redis")]
 pub use namespace::redis_cleanup;
 pub use proxy::{Direction, FaultProxy, Latency};
+#[cfg(feature = "redis")]
+pub use redis_reply::redis_error_reply;
 #[cfg(feature = "redis")]
 pub use redis_server::RedisServer;
 pub use runtime::block_on_paused;
