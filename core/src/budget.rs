@@ -379,7 +379,7 @@ mod tests {
             ratio_pct in 0u32..100,
             floor in 0u32..5,
         ) {
-            keel_testkit::block_on_paused(async {
+            keel_testkit::paused_runtime().block_on(async {
                 let ratio = f64::from(ratio_pct) / 100.0;
                 let b = budget(ratio, floor);
                 for (op, wait_ms) in ops {

@@ -133,7 +133,7 @@ proptest! {
 
     #[test]
     fn memory_queue_matches_the_model(ops in proptest::collection::vec(op(), 1..80)) {
-        keel_testkit::block_on_paused(async move {
+        keel_testkit::paused_runtime().block_on(async move {
             let queue = MemoryQueue::new(
                 QueueConfig::new("model").capacity(CAPACITY).max_attempts(MAX_ATTEMPTS),
             )

@@ -198,7 +198,7 @@ proptest! {
         max_wait_ms in 1..20u64,
     ) {
         let max_wait = Duration::from_millis(max_wait_ms);
-        keel_testkit::block_on_paused(async move {
+        keel_testkit::paused_runtime().block_on(async move {
             let (service, batches) = echo(Duration::from_millis(3));
             let config = BatchConfig::new("p").max_batch_size(max_batch_size).max_wait(max_wait);
             let batcher = Batcher::new(config, |r: &Req| r.0, service).unwrap();

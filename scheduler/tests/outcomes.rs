@@ -66,7 +66,7 @@ fn run_trace(
     max_in_flight: usize,
     max_queued: usize,
 ) -> Result<(), TestCaseError> {
-    keel_testkit::block_on_paused(async move {
+    keel_testkit::paused_runtime().block_on(async move {
         // id → times dispatched
         let seen: Arc<Mutex<HashMap<u32, u32>>> = Arc::default();
         // id → (deadline, latency)

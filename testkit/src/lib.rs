@@ -25,7 +25,7 @@
 //!   refused by name.
 //! - [`redis_error_reply`]: the client error a Redis error reply becomes,
 //!   for tests of error classification.
-//! - [`block_on_paused`]: a current-thread runtime with paused time, for
+//! - [`paused_runtime`]: a current-thread runtime with paused time, for
 //!   property tests and other synchronous tests of time-driven code.
 //!
 //! Faults are deterministic: they happen exactly when the test calls for
@@ -81,7 +81,7 @@ pub use proxy::{Direction, FaultProxy, Latency};
 pub use redis_reply::redis_error_reply;
 #[cfg(feature = "redis")]
 pub use redis_server::RedisServer;
-pub use runtime::block_on_paused;
+pub use runtime::paused_runtime;
 #[cfg(feature = "amqp")]
 pub use servers::require_amqp;
 #[cfg(feature = "redis")]
