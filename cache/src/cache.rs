@@ -249,13 +249,15 @@ forward!(Box);
 
 #[cfg(test)]
 mod tests {
+    use keel_core::ArgumentError;
+
     use super::*;
 
     #[test]
     fn ttl_edges() {
         assert!(matches!(
             normalize_ttl(Duration::ZERO),
-            Err(Error::InvalidArgument { name: "ttl", .. })
+            Err(Error::InvalidArgument(ArgumentError { name: "ttl", .. }))
         ));
         assert_eq!(
             normalize_ttl(Duration::from_nanos(1)).unwrap(),

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use keel_core::{ClassifyError, ConfigError, ErrorKind, FailureKind, KeelError};
+use keel_core::{ArgumentError, ClassifyError, ConfigError, ErrorKind, FailureKind, KeelError};
 
 /// What went wrong in a health operation or in the circuit breaker.
 ///
@@ -44,15 +44,10 @@ pub enum Error {
     /// [`ErrorKind::InvalidInput`].
     #[error("endpoint `{0}` is already registered; remove it first to replace it")]
     EndpointExists(String),
-    /// An argument is out of range (for example a non-positive weight).
-    /// Kind [`ErrorKind::InvalidInput`].
-    #[error("invalid argument `{name}`: {reason}")]
-    InvalidArgument {
-        /// The argument's name.
-        name: &'static str,
-        /// Why it was refused and what is accepted.
-        reason: String,
-    },
+    /// An argument is out of range (for example a non-positive weight);
+    /// the [`ArgumentError`] names it. Kind [`ErrorKind::InvalidInput`].
+    #[error(transparent)]
+    InvalidArgument(#[from] ArgumentError),
     /// A configuration field is invalid; the component was not built. The
     /// message names the field (dotted for nested sections, e.g.
     /// `outlier.window`) and what is accepted. Kind [`ErrorKind::Internal`].
@@ -81,7 +76,7 @@ impl KeelError for Error {
             },
             Error::Timeout(_) => ErrorKind::DeadlineExceeded,
             Error::UnknownEndpoint(_) => ErrorKind::NotFound,
-            Error::EndpointExists(_) | Error::InvalidArgument { .. } => ErrorKind::InvalidInput,
+            Error::EndpointExists(_) | Error::InvalidArgument(_) => ErrorKind::InvalidInput,
             Error::InvalidConfig(_) => ErrorKind::Internal,
         }
     }
@@ -94,7 +89,7 @@ impl KeelError for Error {
             Error::Unavailable { .. } | Error::Timeout(_) => true,
             Error::UnknownEndpoint(_)
             | Error::EndpointExists(_)
-            | Error::InvalidArgument { .. }
+            | Error::InvalidArgument(_)
             | Error::InvalidConfig(_) => false,
         }
     }
@@ -114,7 +109,7 @@ impl ClassifyError for Error {
             Error::Unavailable { .. }
             | Error::UnknownEndpoint(_)
             | Error::EndpointExists(_)
-            | Error::InvalidArgument { .. } => None,
+            | Error::InvalidArgument(_) => None,
             Error::InvalidConfig(_) => Some(FailureKind::Other),
         }
     }

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use keel_core::ArgumentError;
 use tokio::time::Instant;
 
 use crate::{
@@ -174,7 +175,7 @@ pub async fn bad_options_are_refused<F: Fn(QueueConfig) -> Fut, Fut: Future<Outp
 ) {
     let s = subject(&make, "bad-options", |c| c).await;
     let refused = |result: crate::Result<Vec<crate::Delivery>>| match result {
-        Err(Error::InvalidArgument { name, .. }) => name,
+        Err(Error::InvalidArgument(ArgumentError { name, .. })) => name,
         other => panic!("expected InvalidArgument, got {other:?}"),
     };
     let base = DequeueOptions::new(1).wait(Duration::ZERO);
@@ -200,7 +201,7 @@ pub async fn bad_options_are_refused<F: Fn(QueueConfig) -> Fut, Fut: Future<Outp
     if caps(&s).lease_expiry {
         for lease in [Duration::ZERO, crate::MAX_LEASE + Duration::from_secs(1)] {
             match s.queue.extend_lease(&got.receipt, lease).await {
-                Err(Error::InvalidArgument { name: "lease", .. }) => {}
+                Err(Error::InvalidArgument(ArgumentError { name: "lease", .. })) => {}
                 other => panic!("extend_lease({lease:?}) answered {other:?}"),
             }
         }
@@ -603,10 +604,10 @@ pub async fn priority_order<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Subj
     assert!(
         matches!(
             err,
-            Error::InvalidArgument {
+            Error::InvalidArgument(ArgumentError {
                 name: "priority",
                 ..
-            }
+            })
         ),
         "{err:?}"
     );
@@ -1131,7 +1132,7 @@ pub async fn caller_chosen_ids<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = S
         .enqueue(Job::new("x").id(crate::JobId::from_string("")))
         .await
     {
-        Err(Error::InvalidArgument { name: "id", .. }) => {}
+        Err(Error::InvalidArgument(ArgumentError { name: "id", .. })) => {}
         other => panic!("an empty id must be refused naming `id`, got {other:?}"),
     }
     let got = one(&*s.queue, SLACK, SHORT_LEASE).await;
@@ -1189,10 +1190,10 @@ pub async fn bad_jobs_are_refused<F: Fn(QueueConfig) -> Fut, Fut: Future<Output 
     let s = subject(&make, "bad-jobs", |c| c).await;
     if caps(&s).idempotency {
         match s.queue.enqueue(Job::new("x").idempotency_key("")).await {
-            Err(Error::InvalidArgument {
+            Err(Error::InvalidArgument(ArgumentError {
                 name: "idempotency_key",
                 ..
-            }) => {}
+            })) => {}
             other => panic!("an empty idempotency key must be refused, got {other:?}"),
         }
     }
@@ -1200,10 +1201,10 @@ pub async fn bad_jobs_are_refused<F: Fn(QueueConfig) -> Fut, Fut: Future<Output 
     let batch = vec![Job::new("fine"), Job::new("bad").priority(Priority(200))];
     assert!(matches!(
         s.queue.enqueue_batch(batch).await,
-        Err(Error::InvalidArgument {
+        Err(Error::InvalidArgument(ArgumentError {
             name: "priority",
             ..
-        })
+        }))
     ));
     nothing(&*s.queue, Duration::from_millis(200)).await;
     s.queue.enqueue(Job::new("ok")).await.unwrap();

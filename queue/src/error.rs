@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use keel_core::{ConfigError, ErrorKind, KeelError};
+use keel_core::{ArgumentError, ConfigError, ErrorKind, KeelError};
 
 /// A boxed error from a backend library, kept as the [`std::error::Error::source`].
 pub use keel_core::BoxError;
@@ -66,14 +66,9 @@ pub enum Error {
         source: Option<BoxError>,
     },
     /// An argument is out of range (for example a priority above the
-    /// configured levels).
-    #[error("invalid argument `{name}`: {reason}")]
-    InvalidArgument {
-        /// The argument's name.
-        name: &'static str,
-        /// Why it was refused.
-        reason: String,
-    },
+    /// configured levels); the [`ArgumentError`] names it.
+    #[error(transparent)]
+    InvalidArgument(#[from] ArgumentError),
     /// A configuration field is invalid; the component was not built. The
     /// [`ConfigError`] names the field.
     #[error(transparent)]
@@ -101,7 +96,7 @@ impl Error {
             Error::InvalidReceipt(_) => false,
             Error::Unsupported { .. } => false,
             Error::Codec { .. } => false,
-            Error::InvalidArgument { .. } => false,
+            Error::InvalidArgument(_) => false,
             Error::InvalidConfig(_) => false,
             Error::Backend { .. } => false,
         }
@@ -130,7 +125,7 @@ impl KeelError for Error {
             Error::InvalidReceipt(_) => ErrorKind::NotFound,
             Error::Unsupported { .. } => ErrorKind::Internal,
             Error::Codec { .. } => ErrorKind::InvalidInput,
-            Error::InvalidArgument { .. } => ErrorKind::InvalidInput,
+            Error::InvalidArgument(_) => ErrorKind::InvalidInput,
             Error::InvalidConfig(_) => ErrorKind::Internal,
             Error::Backend { .. } => ErrorKind::Internal,
         }

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
+use keel_core::ArgumentError;
 use keel_queue::{DequeueOptions, Error, Headers, Job, JobId, MemoryQueue, Queue, QueueConfig};
 use proptest::prelude::*;
 use tokio::time::timeout;
@@ -105,7 +106,7 @@ where
                 .map_err(|err| TestCaseError::fail(format!("ack: {err:?}")))?;
             Ok(())
         }
-        Err(Error::InvalidArgument { name, .. }) => {
+        Err(Error::InvalidArgument(ArgumentError { name, .. })) => {
             prop_assert!(["id", "headers", "payload"].contains(&name), "{name}");
             Ok(())
         }

@@ -770,7 +770,7 @@ impl Inner {
             Err(err) => {
                 errors.increment(1);
                 tracing::debug!(cache = %self.config.name, error = %err, "l2 call failed");
-                if !matches!(err, Error::InvalidArgument { .. } | Error::Codec { .. }) {
+                if !matches!(err, Error::InvalidArgument(_) | Error::Codec { .. }) {
                     self.breaker.failure();
                 }
             }
