@@ -87,43 +87,32 @@ pub trait Pick<K>: Send + Sync + 'static {
     }
 }
 
-impl<K, P: Pick<K> + ?Sized> Pick<K> for Arc<P> {
-    fn pick(
-        &self,
-        candidates: &Candidates<'_, K>,
-        request: &http::Extensions,
-        rng: &mut fastrand::Rng,
-    ) -> Option<usize> {
-        (**self).pick(candidates, request, rng)
-    }
+/// `Arc<P>` and `Box<P>` pick as `P` does, so a shared or boxed policy
+/// (`Box<dyn Pick<K>>`, as [`Policy::build`] answers) plugs in as is.
+macro_rules! forward_pick {
+    ($($ptr:ident),*) => {$(
+        impl<K, P: Pick<K> + ?Sized> Pick<K> for $ptr<P> {
+            fn pick(
+                &self,
+                candidates: &Candidates<'_, K>,
+                request: &http::Extensions,
+                rng: &mut fastrand::Rng,
+            ) -> Option<usize> {
+                (**self).pick(candidates, request, rng)
+            }
 
-    fn endpoints_changed(&self, endpoints: &Candidates<'_, K>) {
-        (**self).endpoints_changed(endpoints);
-    }
+            fn endpoints_changed(&self, endpoints: &Candidates<'_, K>) {
+                (**self).endpoints_changed(endpoints);
+            }
 
-    fn name(&self) -> &str {
-        (**self).name()
-    }
+            fn name(&self) -> &str {
+                (**self).name()
+            }
+        }
+    )*};
 }
 
-impl<K, P: Pick<K> + ?Sized> Pick<K> for Box<P> {
-    fn pick(
-        &self,
-        candidates: &Candidates<'_, K>,
-        request: &http::Extensions,
-        rng: &mut fastrand::Rng,
-    ) -> Option<usize> {
-        (**self).pick(candidates, request, rng)
-    }
-
-    fn endpoints_changed(&self, endpoints: &Candidates<'_, K>) {
-        (**self).endpoints_changed(endpoints);
-    }
-
-    fn name(&self) -> &str {
-        (**self).name()
-    }
-}
+forward_pick!(Arc, Box);
 
 impl Policy {
     /// The built-in [`Pick`] this policy names, for one balancer: to

@@ -75,14 +75,28 @@ fn tiered_config() -> TieredConfig {
         .l1_capacity_bytes(512 << 20)
 }
 
+/// What the L1 measurement reads through: a Keel cache (as `dyn Cache`)
+/// or raw moka.
+trait Reader: Clone + Send + Sync + 'static {
+    /// Whether `key` was found.
+    fn hit(&self, key: &str) -> impl Future<Output = bool> + Send;
+}
+
+impl Reader for Arc<dyn Cache> {
+    async fn hit(&self, key: &str) -> bool {
+        self.get(key).await.expect("get").is_some()
+    }
+}
+
+impl Reader for moka::future::Cache<String, Bytes> {
+    async fn hit(&self, key: &str) -> bool {
+        self.get(key).await.is_some()
+    }
+}
+
 /// `tasks` concurrent readers, `ops` gets in all, each task from its own
-/// offset in `keys`; answers ops/s.
-async fn keel_l1_run(
-    cache: &Arc<dyn Cache>,
-    keys: &Arc<Vec<String>>,
-    ops: usize,
-    tasks: usize,
-) -> f64 {
+/// offset in `keys`; every read must hit. Answers ops/s.
+async fn l1_run(cache: &impl Reader, keys: &Arc<Vec<String>>, ops: usize, tasks: usize) -> f64 {
     let start = Instant::now();
     let handles: Vec<_> = (0..tasks)
         .map(|t| {
@@ -91,44 +105,11 @@ async fn keel_l1_run(
                 let offset = t * keys.len() / tasks;
                 let mut found = 0usize;
                 for i in 0..ops / tasks {
-                    if cache
-                        .get(&keys[(offset + i) % keys.len()])
-                        .await
-                        .expect("get")
-                        .is_some()
-                    {
+                    if cache.hit(&keys[(offset + i) % keys.len()]).await {
                         found += 1;
                     }
                 }
                 assert_eq!(found, ops / tasks, "every read is an L1 hit");
-            })
-        })
-        .collect();
-    for handle in handles {
-        handle.await.expect("reader");
-    }
-    (ops / tasks * tasks) as f64 / start.elapsed().as_secs_f64()
-}
-
-async fn raw_l1_run(
-    cache: &moka::future::Cache<String, Bytes>,
-    keys: &Arc<Vec<String>>,
-    ops: usize,
-    tasks: usize,
-) -> f64 {
-    let start = Instant::now();
-    let handles: Vec<_> = (0..tasks)
-        .map(|t| {
-            let (cache, keys) = (cache.clone(), keys.clone());
-            tokio::spawn(async move {
-                let offset = t * keys.len() / tasks;
-                let mut found = 0usize;
-                for i in 0..ops / tasks {
-                    if cache.get(&keys[(offset + i) % keys.len()]).await.is_some() {
-                        found += 1;
-                    }
-                }
-                assert_eq!(found, ops / tasks, "every read is a hit");
             })
         })
         .collect();
@@ -168,24 +149,21 @@ async fn l1(args: &Args, tasks: usize, label: &str) -> f64 {
     let dyn_cache: Arc<dyn Cache> = Arc::new(tiered);
     let dyn_backend: Arc<dyn Cache> = Arc::new(backend);
     // Warm-up.
-    keel_l1_run(&dyn_cache, &keys, args.l1_ops / 4, tasks).await;
-    raw_l1_run(&raw, &keys, args.l1_ops / 4, tasks).await;
+    l1_run(&dyn_cache, &keys, args.l1_ops / 4, tasks).await;
+    l1_run(&raw, &keys, args.l1_ops / 4, tasks).await;
     // Paired runs, order alternating, so both sides of a pair see the same
     // interference; the median of the pairs' ratios counts.
     let mut ratios = Vec::with_capacity(args.runs);
     let mut backend_ratios = Vec::with_capacity(args.runs);
     for run in 0..args.runs {
         let (keel, raw_ops) = if run % 2 == 0 {
-            let keel = keel_l1_run(&dyn_cache, &keys, args.l1_ops, tasks).await;
-            (keel, raw_l1_run(&raw, &keys, args.l1_ops, tasks).await)
+            let keel = l1_run(&dyn_cache, &keys, args.l1_ops, tasks).await;
+            (keel, l1_run(&raw, &keys, args.l1_ops, tasks).await)
         } else {
-            let raw_ops = raw_l1_run(&raw, &keys, args.l1_ops, tasks).await;
-            (
-                keel_l1_run(&dyn_cache, &keys, args.l1_ops, tasks).await,
-                raw_ops,
-            )
+            let raw_ops = l1_run(&raw, &keys, args.l1_ops, tasks).await;
+            (l1_run(&dyn_cache, &keys, args.l1_ops, tasks).await, raw_ops)
         };
-        let backend_ops = keel_l1_run(&dyn_backend, &keys, args.l1_ops, tasks).await;
+        let backend_ops = l1_run(&dyn_backend, &keys, args.l1_ops, tasks).await;
         println!(
             "threads {label} l1 run {run}: keel Tiered::get {keel:.0} ops/s, raw moka get {raw_ops:.0} ops/s, \
              ratio {:.3} (keel MokaCache::get {backend_ops:.0} ops/s)",

@@ -250,13 +250,18 @@ forward!(Box);
 
 #[cfg(test)]
 mod tests {
+    use keel_core::ArgumentError;
+
     use super::*;
 
     #[test]
     fn ttl_edges() {
         assert!(matches!(
             normalize_ttl(Duration::ZERO),
-            Err(CacheError::InvalidArgument { name: "ttl", .. })
+            Err(CacheError::InvalidArgument(ArgumentError {
+                name: "ttl",
+                ..
+            }))
         ));
         assert_eq!(
             normalize_ttl(Duration::from_nanos(1)).unwrap(),

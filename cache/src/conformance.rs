@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use keel_core::ArgumentError;
 use tokio::time::Instant;
 
 use crate::{Cache, CacheCapabilities, CacheError, CacheExt};
@@ -159,7 +160,10 @@ pub async fn ttl_edges<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>
         .await
         .unwrap_err();
     assert!(
-        matches!(err, CacheError::InvalidArgument { name: "ttl", .. }),
+        matches!(
+            err,
+            CacheError::InvalidArgument(ArgumentError { name: "ttl", .. })
+        ),
         "zero TTL: {err:?}"
     );
     assert_eq!(s.cache.get("zero").await.unwrap(), None);
@@ -168,7 +172,7 @@ pub async fn ttl_edges<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>
         .set_many(&[("zero-many", "v".into())], Duration::ZERO)
         .await
         .unwrap_err();
-    assert!(matches!(err, CacheError::InvalidArgument { .. }), "{err:?}");
+    assert!(matches!(err, CacheError::InvalidArgument(_)), "{err:?}");
     assert_eq!(s.cache.get("zero-many").await.unwrap(), None);
     s.cache
         .set("tiny", "v".into(), Duration::from_nanos(1))
@@ -180,7 +184,7 @@ pub async fn ttl_edges<F: Fn(String) -> Fut, Fut: Future<Output = CacheSubject>>
         .set("forever", "v".into(), Duration::MAX)
         .await
         .unwrap_err();
-    assert!(matches!(err, CacheError::InvalidArgument { .. }), "{err:?}");
+    assert!(matches!(err, CacheError::InvalidArgument(_)), "{err:?}");
 }
 
 /// Arbitrary UTF-8 keys are stored verbatim and kept apart.

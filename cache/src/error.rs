@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_core::{ConfigError, ErrorKind, KeelError};
+use keel_core::{ArgumentError, ConfigError, ErrorKind, KeelError};
 
 /// A boxed, thread-safe error, as tower passes them around (the same type
 /// as [`keel_core::BoxError`]).
@@ -53,15 +53,10 @@ pub enum CacheError {
         #[source]
         source: Option<BoxError>,
     },
-    /// An argument is out of range (for example a zero TTL). Kind
-    /// [`ErrorKind::InvalidInput`].
-    #[error("invalid argument `{name}`: {reason}")]
-    InvalidArgument {
-        /// The argument's name.
-        name: &'static str,
-        /// Why it was refused.
-        reason: String,
-    },
+    /// An argument is out of range (for example a zero TTL); the
+    /// [`ArgumentError`] names it. Kind [`ErrorKind::InvalidInput`].
+    #[error(transparent)]
+    InvalidArgument(#[from] ArgumentError),
     /// A configuration field is invalid; the component was not built. The
     /// message names the field and what is accepted. Kind
     /// [`ErrorKind::Internal`].
@@ -101,7 +96,7 @@ impl CacheError {
             CacheError::Unavailable { .. } => true,
             CacheError::Timeout(_) => true,
             CacheError::Codec { .. } => false,
-            CacheError::InvalidArgument { .. } => false,
+            CacheError::InvalidArgument(_) => false,
             CacheError::InvalidConfig(_) => false,
             CacheError::Backend { .. } => false,
             CacheError::LoadTimeout(_) => true,
@@ -125,10 +120,7 @@ impl CacheError {
     }
 
     pub(crate) fn argument(name: &'static str, reason: impl Into<String>) -> Self {
-        CacheError::InvalidArgument {
-            name,
-            reason: reason.into(),
-        }
+        CacheError::InvalidArgument(ArgumentError::new(name, reason))
     }
 
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
@@ -142,7 +134,7 @@ impl KeelError for CacheError {
         match self {
             CacheError::Unavailable { .. } => ErrorKind::Unavailable { retry_after: None },
             CacheError::Timeout(_) | CacheError::LoadTimeout(_) => ErrorKind::DeadlineExceeded,
-            CacheError::InvalidArgument { .. } => ErrorKind::InvalidInput,
+            CacheError::InvalidArgument(_) => ErrorKind::InvalidInput,
             CacheError::Codec { .. }
             | CacheError::InvalidConfig(_)
             | CacheError::Backend { .. }

@@ -215,6 +215,21 @@ async fn breaker_closes(cache: &Tiered, calls: &Arc<AtomicUsize>) {
     }
 }
 
+/// Once Redis is back: the breaker closes, and a value written through
+/// the cache is read back from L2 (L1 flushed).
+async fn recovers(cache: &Tiered, calls: &Arc<AtomicUsize>) {
+    breaker_closes(cache, calls).await;
+    cache
+        .set("after", "v".into(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    cache.flush_l1();
+    assert_eq!(
+        cache.get("after").await.unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+}
+
 fn outage_config() -> TieredConfig {
     config()
         .l2_timeout(Duration::from_millis(150))
@@ -273,16 +288,7 @@ async fn redis_blackholed_then_back() {
     );
 
     proxy.restore();
-    breaker_closes(&cache, &calls).await;
-    cache
-        .set("after", "v".into(), Duration::from_secs(30))
-        .await
-        .unwrap();
-    cache.flush_l1();
-    assert_eq!(
-        cache.get("after").await.unwrap().as_deref(),
-        Some(&b"v"[..])
-    );
+    recovers(&cache, &calls).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,16 +323,7 @@ async fn redis_connections_cut() {
     loads_succeed(&cache, &calls, "refused", 20, Duration::from_millis(600)).await;
     assert!(cache.l2_breaker_open());
     proxy.restore();
-    breaker_closes(&cache, &calls).await;
-    cache
-        .set("after", "v".into(), Duration::from_secs(30))
-        .await
-        .unwrap();
-    cache.flush_l1();
-    assert_eq!(
-        cache.get("after").await.unwrap().as_deref(),
-        Some(&b"v"[..])
-    );
+    recovers(&cache, &calls).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,16 +346,7 @@ async fn redis_server_killed_and_restarted() {
     assert!(cache.l2_breaker_open());
 
     server.restart().await.expect("restart redis-server");
-    breaker_closes(&cache, &calls).await;
-    cache
-        .set("after", "v".into(), Duration::from_secs(30))
-        .await
-        .unwrap();
-    cache.flush_l1();
-    assert_eq!(
-        cache.get("after").await.unwrap().as_deref(),
-        Some(&b"v"[..])
-    );
+    recovers(&cache, &calls).await;
 }
 
 /// Waits (in real time, bounded) until `check` holds.

@@ -63,6 +63,15 @@ impl Origin {
         })
     }
 
+    /// Loads `key` through `cache` with [`loader`](Self::loader)`(value,
+    /// delay)`; the load must succeed.
+    async fn load(&self, cache: &Tiered, key: &str, value: &'static str, delay: Duration) -> Bytes {
+        cache
+            .get_or_load(key, self.loader(value, delay))
+            .await
+            .expect("the load succeeds")
+    }
+
     fn failing(&self, kind: Option<ErrorKind>) -> Loader<OriginError> {
         let calls = self.calls.clone();
         Box::new(move || {
@@ -152,37 +161,25 @@ async fn stampede_under_paused_time_and_errors_are_shared() {
 async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
     let cache = tiered(config().stale_for(Duration::from_secs(60)));
     let origin = Origin::default();
-    cache
-        .get_or_load("k", origin.loader("v1", Duration::ZERO))
-        .await
-        .unwrap();
+    origin.load(&cache, "k", "v1", Duration::ZERO).await;
     tokio::time::advance(Duration::from_secs(11)).await;
 
     // Stale: every caller gets v1 at once; one refresh runs.
     let start = Instant::now();
     for _ in 0..10 {
-        let got = cache
-            .get_or_load("k", origin.loader("v2", Duration::from_secs(1)))
-            .await
-            .unwrap();
+        let got = origin.load(&cache, "k", "v2", Duration::from_secs(1)).await;
         assert_eq!(&got[..], b"v1");
     }
     assert_eq!(start.elapsed(), Duration::ZERO, "stale hits do not wait");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(origin.calls(), 2, "one refresh for ten stale hits");
-    let got = cache
-        .get_or_load("k", origin.loader("v3", Duration::ZERO))
-        .await
-        .unwrap();
+    let got = origin.load(&cache, "k", "v3", Duration::ZERO).await;
     assert_eq!(&got[..], b"v2");
 
     // Past stale-until it is a miss: the caller waits for the load.
     tokio::time::advance(Duration::from_secs(75)).await;
     let start = Instant::now();
-    let got = cache
-        .get_or_load("k", origin.loader("v4", Duration::from_secs(1)))
-        .await
-        .unwrap();
+    let got = origin.load(&cache, "k", "v4", Duration::from_secs(1)).await;
     assert_eq!(&got[..], b"v4");
     assert!(start.elapsed() >= Duration::from_secs(1));
     assert_eq!(origin.calls(), 3);
@@ -196,26 +193,19 @@ async fn soft_timeout_waits_a_little_for_fresh_data() {
             .soft_timeout(Duration::from_millis(100)),
     );
     let origin = Origin::default();
-    cache
-        .get_or_load("k", origin.loader("v1", Duration::ZERO))
-        .await
-        .unwrap();
+    origin.load(&cache, "k", "v1", Duration::ZERO).await;
     tokio::time::advance(Duration::from_secs(11)).await;
 
     // A quick refresh arrives within the soft timeout: fresh data.
-    let got = cache
-        .get_or_load("k", origin.loader("v2", Duration::from_millis(50)))
-        .await
-        .unwrap();
+    let got = origin
+        .load(&cache, "k", "v2", Duration::from_millis(50))
+        .await;
     assert_eq!(&got[..], b"v2");
 
     // A slow refresh: stale data after the soft timeout, refresh goes on.
     tokio::time::advance(Duration::from_secs(11)).await;
     let start = Instant::now();
-    let got = cache
-        .get_or_load("k", origin.loader("v3", Duration::from_secs(5)))
-        .await
-        .unwrap();
+    let got = origin.load(&cache, "k", "v3", Duration::from_secs(5)).await;
     assert_eq!(&got[..], b"v2");
     assert_eq!(start.elapsed(), Duration::from_millis(100));
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -245,22 +235,15 @@ async fn hard_timeout_bounds_a_miss_and_stale_survives_a_hung_refresh() {
     assert_eq!(err.kind(), ErrorKind::DeadlineExceeded);
     assert_eq!(start.elapsed(), Duration::from_secs(1));
 
-    cache
-        .get_or_load("k", origin.loader("v1", Duration::ZERO))
-        .await
-        .unwrap();
+    origin.load(&cache, "k", "v1", Duration::ZERO).await;
     tokio::time::advance(Duration::from_secs(11)).await;
-    let got = cache
-        .get_or_load("k", origin.loader("hung", Duration::from_secs(3600)))
-        .await
-        .unwrap();
+    let got = origin
+        .load(&cache, "k", "hung", Duration::from_secs(3600))
+        .await;
     assert_eq!(&got[..], b"v1");
     tokio::time::sleep(Duration::from_secs(2)).await;
     // The hung refresh was abandoned at the hard timeout; stale still serves.
-    let got = cache
-        .get_or_load("k", origin.loader("v2", Duration::ZERO))
-        .await
-        .unwrap();
+    let got = origin.load(&cache, "k", "v2", Duration::ZERO).await;
     assert!(&got[..] == b"v1" || &got[..] == b"v2");
 }
 
@@ -297,10 +280,9 @@ async fn negative_caching_only_for_configured_kinds() {
     assert_eq!(cache.get("missing").await.unwrap(), None);
 
     tokio::time::advance(Duration::from_secs(6)).await;
-    let got = cache
-        .get_or_load("missing", origin.loader("now exists", Duration::ZERO))
-        .await
-        .unwrap();
+    let got = origin
+        .load(&cache, "missing", "now exists", Duration::ZERO)
+        .await;
     assert_eq!(&got[..], b"now exists");
     assert_eq!(origin.calls(), 2);
 
@@ -327,20 +309,18 @@ async fn ttl_jitter_spreads_expiry() {
     );
     let origin = Origin::default();
     for i in 0..100 {
-        cache
-            .get_or_load(&format!("k{i}"), origin.loader("v", Duration::ZERO))
-            .await
-            .unwrap();
+        origin
+            .load(&cache, &format!("k{i}"), "v", Duration::ZERO)
+            .await;
     }
     // TTLs are spread over 80..100 s: at 90 s about half are gone.
     tokio::time::advance(Duration::from_secs(90)).await;
     let mut reloaded = 0;
     for i in 0..100 {
         let before = origin.calls();
-        cache
-            .get_or_load(&format!("k{i}"), origin.loader("v", Duration::ZERO))
-            .await
-            .unwrap();
+        origin
+            .load(&cache, &format!("k{i}"), "v", Duration::ZERO)
+            .await;
         reloaded += origin.calls() - before;
     }
     assert!(
@@ -353,26 +333,21 @@ async fn ttl_jitter_spreads_expiry() {
 async fn early_refresh_renews_a_hot_key_before_it_expires() {
     let cache = tiered(config().early_refresh_beta(1.0));
     let origin = Origin::default();
-    cache
-        .get_or_load("hot", origin.loader("v1", Duration::from_secs(1)))
-        .await
-        .unwrap();
+    origin
+        .load(&cache, "hot", "v1", Duration::from_secs(1))
+        .await;
     // 0.5 s before expiry, a load of 1 s: most hits trigger a refresh.
     tokio::time::advance(Duration::from_millis(9_500)).await;
     for _ in 0..20 {
-        let got = cache
-            .get_or_load("hot", origin.loader("v2", Duration::from_secs(1)))
-            .await
-            .unwrap();
+        let got = origin
+            .load(&cache, "hot", "v2", Duration::from_secs(1))
+            .await;
         assert_eq!(&got[..], b"v1", "an early refresh never makes a hit wait");
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(origin.calls(), 2, "one early refresh");
     // The key never went missing: it was renewed before its expiry.
-    let got = cache
-        .get_or_load("hot", origin.loader("v3", Duration::ZERO))
-        .await
-        .unwrap();
+    let got = origin.load(&cache, "hot", "v3", Duration::ZERO).await;
     assert_eq!(&got[..], b"v2");
 }
 
@@ -382,13 +357,8 @@ async fn a_second_instance_reads_what_the_first_loaded_through_l2() {
     let a = Tiered::builder(config()).l2(l2.clone()).build().unwrap();
     let b = Tiered::builder(config()).l2(l2.clone()).build().unwrap();
     let origin = Origin::default();
-    a.get_or_load("k", origin.loader("from a", Duration::ZERO))
-        .await
-        .unwrap();
-    let got = b
-        .get_or_load("k", origin.loader("from b", Duration::ZERO))
-        .await
-        .unwrap();
+    origin.load(&a, "k", "from a", Duration::ZERO).await;
+    let got = origin.load(&b, "k", "from b", Duration::ZERO).await;
     assert_eq!(&got[..], b"from a");
     assert_eq!(origin.calls(), 1);
 }
@@ -414,10 +384,7 @@ async fn foreign_bytes_in_l2_are_a_counted_miss() {
         cache.flush_l1();
         assert_eq!(cache.get("k").await.unwrap(), None, "{garbage:?}");
     }
-    let got = cache
-        .get_or_load("k", origin.loader("fresh", Duration::ZERO))
-        .await
-        .unwrap();
+    let got = origin.load(&cache, "k", "fresh", Duration::ZERO).await;
     assert_eq!(&got[..], b"fresh");
     assert_eq!(origin.calls(), 1);
 }
@@ -438,10 +405,7 @@ async fn a_panicking_loader_is_a_load_error_and_the_key_recovers() {
         "{err:?}"
     );
     let origin = Origin::default();
-    let got = cache
-        .get_or_load("k", origin.loader("ok", Duration::ZERO))
-        .await
-        .unwrap();
+    let got = origin.load(&cache, "k", "ok", Duration::ZERO).await;
     assert_eq!(&got[..], b"ok");
 }
 
@@ -507,12 +471,8 @@ async fn invalidation_reaches_a_second_instance() {
     // Let both listeners subscribe (their first event flushes L1).
     tokio::time::sleep(Duration::from_millis(50)).await;
     let origin = Origin::default();
-    a.get_or_load("k", origin.loader("v1", Duration::ZERO))
-        .await
-        .unwrap();
-    b.get_or_load("k", origin.loader("unused", Duration::ZERO))
-        .await
-        .unwrap();
+    origin.load(&a, "k", "v1", Duration::ZERO).await;
+    origin.load(&b, "k", "unused", Duration::ZERO).await;
     assert_eq!(origin.calls(), 1, "b filled its L1 from L2");
 
     a.set("k", "v2".into(), Duration::from_secs(10))
@@ -525,10 +485,7 @@ async fn invalidation_reaches_a_second_instance() {
 
     a.invalidate("k").await.unwrap();
     eventually("b misses", async || b.get("k").await.unwrap().is_none()).await;
-    let got = b
-        .get_or_load("k", origin.loader("v3", Duration::ZERO))
-        .await
-        .unwrap();
+    let got = origin.load(&b, "k", "v3", Duration::ZERO).await;
     assert_eq!(&got[..], b"v3");
 }
 
@@ -567,10 +524,9 @@ async fn l2_outage_falls_through_to_origin_and_the_breaker_comes_back() {
     faults(&l2, |c| c.drop_rate(1.0));
     for i in 0..10 {
         let start = Instant::now();
-        let got = cache
-            .get_or_load(&format!("k{i}"), origin.loader("origin", Duration::ZERO))
-            .await
-            .unwrap();
+        let got = origin
+            .load(&cache, &format!("k{i}"), "origin", Duration::ZERO)
+            .await;
         assert_eq!(&got[..], b"origin");
         assert!(
             start.elapsed() <= Duration::from_millis(100),
@@ -588,29 +544,26 @@ async fn l2_outage_falls_through_to_origin_and_the_breaker_comes_back() {
 
     // Open: L2 is skipped entirely.
     for i in 10..20 {
-        cache
-            .get_or_load(&format!("k{i}"), origin.loader("origin", Duration::ZERO))
-            .await
-            .unwrap();
+        origin
+            .load(&cache, &format!("k{i}"), "origin", Duration::ZERO)
+            .await;
     }
     assert_eq!(l2.injected().calls, calls_when_open);
 
     // L2 fails fast instead: after the cooldown the probe fails, it stays open.
     faults(&l2, |c| c.error_rate(1.0));
     tokio::time::advance(Duration::from_secs(5)).await;
-    cache
-        .get_or_load("probe-1", origin.loader("origin", Duration::ZERO))
-        .await
-        .unwrap();
+    origin
+        .load(&cache, "probe-1", "origin", Duration::ZERO)
+        .await;
     assert!(cache.l2_breaker_open());
 
     // L2 is back: the next probe closes the breaker and L2 fills again.
     faults(&l2, |c| c);
     tokio::time::advance(Duration::from_secs(5)).await;
-    cache
-        .get_or_load("probe-2", origin.loader("origin", Duration::ZERO))
-        .await
-        .unwrap();
+    origin
+        .load(&cache, "probe-2", "origin", Duration::ZERO)
+        .await;
     assert!(!cache.l2_breaker_open());
     cache
         .set("after", "v".into(), Duration::from_secs(10))

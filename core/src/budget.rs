@@ -379,8 +379,7 @@ mod tests {
             ratio_pct in 0u32..100,
             floor in 0u32..5,
         ) {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
-            rt.block_on(async {
+            keel_testkit::paused_runtime().block_on(async {
                 let ratio = f64::from(ratio_pct) / 100.0;
                 let b = budget(ratio, floor);
                 for (op, wait_ms) in ops {

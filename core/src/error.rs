@@ -1,6 +1,7 @@
 //! The error vocabulary every Keel crate shares: one [`ErrorKind`] that an
-//! application maps to HTTP (or gRPC, or a job outcome) in one `match`, and
-//! the [`ConfigError`] every builder returns for a bad field.
+//! application maps to HTTP (or gRPC, or a job outcome) in one `match`, the
+//! [`ConfigError`] every builder returns for a bad field, and the
+//! [`ArgumentError`] every call returns for a bad argument.
 
 use std::fmt;
 use std::time::Duration;
@@ -221,6 +222,39 @@ impl KeelError for ConfigError {
 
 crate::register_error_kind!(ConfigError);
 
+/// An argument was refused; the call did nothing.
+///
+/// Every Keel call that checks its arguments (a TTL, a priority level, a
+/// job's headers) answers this, wrapped in its crate's `InvalidArgument`
+/// variant, naming the argument and what is accepted. Its kind is
+/// [`ErrorKind::InvalidInput`]: the same call cannot succeed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid argument `{name}`: {reason}")]
+pub struct ArgumentError {
+    /// The argument's name.
+    pub name: &'static str,
+    /// Why it was refused and what is accepted.
+    pub reason: String,
+}
+
+impl ArgumentError {
+    /// `name` was refused for `reason`.
+    pub fn new(name: &'static str, reason: impl Into<String>) -> Self {
+        ArgumentError {
+            name,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl KeelError for ArgumentError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::InvalidInput
+    }
+}
+
+crate::register_error_kind!(ArgumentError);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +269,8 @@ mod tests {
         assert_eq!(kind_of(&Outer(inner)), ErrorKind::Internal);
         let elapsed: BoxError = Box::new(tower::timeout::error::Elapsed::new());
         assert_eq!(kind_of(&Outer(elapsed)), ErrorKind::DeadlineExceeded);
+        let argument: BoxError = Box::new(ArgumentError::new("ttl", "must be > 0"));
+        assert_eq!(kind_of(&Outer(argument)), ErrorKind::InvalidInput);
         let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         assert_eq!(kind_of(&io), ErrorKind::Upstream);
         assert_eq!(find_kind(&io), None);

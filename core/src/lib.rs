@@ -25,7 +25,9 @@ pub use backoff::{Backoff, Jitter};
 pub use budget::{BudgetConfig, BudgetStats, RetryBudget};
 pub use deadline::{Deadline, RequestExtensions};
 pub use endpoint::{EndpointId, EndpointKey, Reporter};
-pub use error::{BoxError, ConfigError, ErrorKind, KeelError, KindProbe, find_kind, kind_of};
+pub use error::{
+    ArgumentError, BoxError, ConfigError, ErrorKind, KeelError, KindProbe, find_kind, kind_of,
+};
 pub use hash::{stable_hash, stable_hash_seeded};
 #[cfg(feature = "http")]
 pub use http::{HttpError, http_error, status_of};

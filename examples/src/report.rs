@@ -248,6 +248,27 @@ fn rejected(figures: &PhaseFigures) -> String {
         .join(", ")
 }
 
+/// How one side's figures read in one row of a phase's table.
+type Cell = fn(&PhaseFigures) -> String;
+
+/// The rows of each phase's table: a label, and its [`Cell`].
+const ROWS: [(&str, Cell); 12] = [
+    ("offered", |f| f.offered.to_string()),
+    ("completed", |f| f.completed.to_string()),
+    ("rejected", rejected),
+    ("expired", |f| f.expired.to_string()),
+    ("failed", |f| f.failed.to_string()),
+    ("lost", |f| f.lost.to_string()),
+    ("p50 latency ms", |f| format!("{:.1}", f.p50_ms)),
+    ("p99 latency ms", |f| format!("{:.1}", f.p99_ms)),
+    ("attempts/request", |f| {
+        format!("{:.2}", f.attempts_per_request)
+    }),
+    ("cache hit ratio", |f| format!("{:.2}", f.cache_hit_ratio)),
+    ("ejections", |f| f.ejections.to_string()),
+    ("max queue depth", |f| f.max_queue_depth.to_string()),
+];
+
 impl Report {
     /// The side-by-side table printed at the end of the demo.
     pub fn table(&self) -> String {
@@ -255,65 +276,8 @@ impl Report {
         for phase in &self.phases {
             let _ = writeln!(out, "\n== {} — {}", phase.name, phase.description);
             let _ = writeln!(out, "  {:<22} {:>28} {:>28}", "", "keel", "naive");
-            let rows: [(&str, String, String); 12] = [
-                (
-                    "offered",
-                    phase.keel.offered.to_string(),
-                    phase.naive.offered.to_string(),
-                ),
-                (
-                    "completed",
-                    phase.keel.completed.to_string(),
-                    phase.naive.completed.to_string(),
-                ),
-                ("rejected", rejected(&phase.keel), rejected(&phase.naive)),
-                (
-                    "expired",
-                    phase.keel.expired.to_string(),
-                    phase.naive.expired.to_string(),
-                ),
-                (
-                    "failed",
-                    phase.keel.failed.to_string(),
-                    phase.naive.failed.to_string(),
-                ),
-                (
-                    "lost",
-                    phase.keel.lost.to_string(),
-                    phase.naive.lost.to_string(),
-                ),
-                (
-                    "p50 latency ms",
-                    format!("{:.1}", phase.keel.p50_ms),
-                    format!("{:.1}", phase.naive.p50_ms),
-                ),
-                (
-                    "p99 latency ms",
-                    format!("{:.1}", phase.keel.p99_ms),
-                    format!("{:.1}", phase.naive.p99_ms),
-                ),
-                (
-                    "attempts/request",
-                    format!("{:.2}", phase.keel.attempts_per_request),
-                    format!("{:.2}", phase.naive.attempts_per_request),
-                ),
-                (
-                    "cache hit ratio",
-                    format!("{:.2}", phase.keel.cache_hit_ratio),
-                    format!("{:.2}", phase.naive.cache_hit_ratio),
-                ),
-                (
-                    "ejections",
-                    phase.keel.ejections.to_string(),
-                    phase.naive.ejections.to_string(),
-                ),
-                (
-                    "max queue depth",
-                    phase.keel.max_queue_depth.to_string(),
-                    phase.naive.max_queue_depth.to_string(),
-                ),
-            ];
-            for (name, keel, naive) in rows {
+            for (name, cell) in ROWS {
+                let (keel, naive) = (cell(&phase.keel), cell(&phase.naive));
                 let _ = writeln!(out, "  {name:<22} {keel:>28} {naive:>28}");
             }
         }

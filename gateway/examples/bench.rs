@@ -642,6 +642,21 @@ fn load_average() -> String {
         .unwrap_or_default()
 }
 
+/// The cells every report of a run starts with, in order: target, load,
+/// mode, requests ok, requests failed, req/s, p50 ms, p99 ms.
+fn cells(target: Target, phase: &Phase, outcome: &Outcome) -> [String; 8] {
+    [
+        target.label().to_owned(),
+        phase.load.label(),
+        if phase.stream { "stream" } else { "plain" }.to_owned(),
+        outcome.ok.to_string(),
+        outcome.failed.to_string(),
+        format!("{:.0}", outcome.rps()),
+        ms(outcome.p(0.5)),
+        ms(outcome.p(0.99)),
+    ]
+}
+
 fn ms(value: Option<f64>) -> String {
     value.map_or_else(|| "—".to_owned(), |v| format!("{v:.2}"))
 }
@@ -811,16 +826,10 @@ async fn run(args: Args) -> Result<(), String> {
                 }
             }
             let outcome = run_phase(endpoint, *phase).await;
+            let [target_label, load, mode, ok, failed, rps, p50, p99] =
+                cells(*target, phase, &outcome);
             println!(
-                "{:<14} {:<18} {:<9} ok {:>7} failed {:>5} {:>9.0} req/s  p50 {} ms  p99 {} ms  ttfb p50 {} ms  p99 {} ms  lag {:.1} ms{}",
-                target.label(),
-                phase.load.label(),
-                if phase.stream { "stream" } else { "plain" },
-                outcome.ok,
-                outcome.failed,
-                outcome.rps(),
-                ms(outcome.p(0.5)),
-                ms(outcome.p(0.99)),
+                "{target_label:<14} {load:<18} {mode:<9} ok {ok:>7} failed {failed:>5} {rps:>9} req/s  p50 {p50} ms  p99 {p99} ms  ttfb p50 {} ms  p99 {} ms  lag {:.1} ms{}",
                 ms(outcome.ttfb(0.5)),
                 ms(outcome.ttfb(0.99)),
                 outcome.lag.as_secs_f64() * 1e3,
@@ -859,17 +868,10 @@ async fn run(args: Args) -> Result<(), String> {
                 signed(added(mine, theirs))
             }
         };
+        let [target_label, load, mode, ok, failed, rps, p50, p99] = cells(*target, phase, outcome);
         let _ = writeln!(
             table,
-            "| {} | {} | {} | {} / {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            target.label(),
-            phase.load.label(),
-            if phase.stream { "stream" } else { "plain" },
-            outcome.ok,
-            outcome.failed,
-            outcome.rps(),
-            ms(outcome.p(0.5)),
-            ms(outcome.p(0.99)),
+            "| {target_label} | {load} | {mode} | {ok} / {failed} | {rps} | {p50} | {p99} | {} | {} | {} | {} | {} | {} |",
             plus(outcome.p(0.5), base.and_then(|b| b.p(0.5))),
             plus(outcome.p(0.99), base.and_then(|b| b.p(0.99))),
             ms(ttfb50),

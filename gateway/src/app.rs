@@ -26,7 +26,7 @@ use crate::config::{GatewayConfig, Tenant};
 use crate::durable::{Durable, GatewayJob};
 use crate::error::GatewayError;
 use crate::metrics;
-use crate::openai::{Usage, estimate_tokens, text_of};
+use crate::openai::{self, Usage, estimate_tokens, text_of};
 use crate::sse::{Observed, StreamEnd, StreamReport};
 use crate::stack::{Call, Prepared, Stack, limiter, prepare, rates};
 
@@ -134,11 +134,7 @@ impl Gateway {
     /// The routes: `/v1/chat/completions`, `/v1/completions`,
     /// `/v1/embeddings`, `/v1/models`, `/healthz`, `/readyz`, `/metrics`.
     pub fn router(&self) -> Router {
-        Router::new()
-            .route("/v1/chat/completions", post(chat))
-            .route("/v1/completions", post(completions))
-            .route("/v1/embeddings", post(embeddings))
-            .route("/v1/models", get(models))
+        openai::routes(post(chat), post(completions), post(embeddings), get(models))
             .route("/v1/jobs", post(submit_job))
             .route("/v1/jobs/{id}", get(job_status))
             .route("/healthz", get(|| async { "ok" }))

@@ -2,8 +2,25 @@
 //! and write. Unknown fields are kept (`extra`) so requests pass through
 //! unchanged.
 
+use axum::Router;
+use axum::routing::MethodRouter;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+/// The OpenAI endpoints that the gateway and the fake node both serve,
+/// each with its handler: chat and text completions, embeddings, models.
+pub(crate) fn routes<S: Clone + Send + Sync + 'static>(
+    chat: MethodRouter<S>,
+    completions: MethodRouter<S>,
+    embeddings: MethodRouter<S>,
+    models: MethodRouter<S>,
+) -> Router<S> {
+    Router::new()
+        .route("/v1/chat/completions", chat)
+        .route("/v1/completions", completions)
+        .route("/v1/embeddings", embeddings)
+        .route("/v1/models", models)
+}
 
 /// A chat message; `content` may be a string or an array of parts.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

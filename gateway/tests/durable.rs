@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use keel_gateway::fake_node::FakeNodeConfig;
 use serde_json::{Value, json};
-use support::{KEY, MODEL, start, total};
+use support::{KEY, MODEL, json_of, start, total};
 
 async fn wait_done(_client: &reqwest::Client, url: &str, id: &str) -> Value {
     support::wait_job(url, id, Duration::from_secs(10)).await
@@ -30,16 +30,13 @@ async fn a_queued_request_is_run_by_the_worker_and_its_result_kept() {
     assert_eq!(total(&setup.nodes, |s| s.completed), 1);
 
     // The envelope form, for an embedding.
-    let accepted: Value = client
-        .post(format!("{}/v1/jobs", setup.url))
-        .bearer_auth(KEY)
-        .json(&json!({"route": "/v1/embeddings", "body": {"model": MODEL, "input": "x"}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let accepted = json_of(
+        client
+            .post(format!("{}/v1/jobs", setup.url))
+            .bearer_auth(KEY)
+            .json(&json!({"route": "/v1/embeddings", "body": {"model": MODEL, "input": "x"}})),
+    )
+    .await;
     let record = wait_done(&client, &setup.url, accepted["id"].as_str().unwrap()).await;
     assert_eq!(
         record["result"]["data"][0]["object"], "embedding",

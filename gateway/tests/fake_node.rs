@@ -1,11 +1,14 @@
 //! keel-fake-node behaves as documented: slots, streaming, cancellation,
 //! modes. Real HTTP on loopback.
 
+mod support;
+
 use std::time::Duration;
 
 use futures::StreamExt;
 use keel_gateway::fake_node::{FakeNode, FakeNodeConfig, Mode};
 use serde_json::{Value, json};
+use support::json_of;
 
 fn chat(tokens: u32, stream: bool) -> Value {
     json!({
@@ -28,15 +31,12 @@ async fn node(config: FakeNodeConfig) -> (FakeNode, reqwest::Client) {
 async fn answers_with_usage_and_caches_prefixes() {
     let (node, client) = node(FakeNodeConfig::instant()).await;
     for _ in 0..2 {
-        let answer: Value = client
-            .post(format!("{}/v1/chat/completions", node.url()))
-            .json(&chat(5, false))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let answer = json_of(
+            client
+                .post(format!("{}/v1/chat/completions", node.url()))
+                .json(&chat(5, false)),
+        )
+        .await;
         assert_eq!(answer["usage"]["completion_tokens"], 5);
         // estimate_tokens: a token per word, one more per 4 bytes of a long word.
         assert_eq!(answer["usage"]["prompt_tokens"], 7);

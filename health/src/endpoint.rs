@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use keel_core::{EndpointId, FailureKind};
+use keel_core::{ArgumentError, EndpointId, FailureKind};
 
 use crate::error::{HealthError, Result};
 
@@ -100,16 +100,16 @@ impl Endpoint {
 
     pub(crate) fn check(&self) -> Result<()> {
         if self.id.as_str().is_empty() {
-            return Err(HealthError::InvalidArgument {
-                name: "id",
-                reason: "must not be empty".into(),
-            });
+            return Err(HealthError::InvalidArgument(ArgumentError::new(
+                "id",
+                "must not be empty",
+            )));
         }
         if !(self.weight > 0.0 && self.weight.is_finite()) {
-            return Err(HealthError::InvalidArgument {
-                name: "weight",
-                reason: format!("must be a finite number above 0, got {}", self.weight),
-            });
+            return Err(HealthError::InvalidArgument(ArgumentError::new(
+                "weight",
+                format!("must be a finite number above 0, got {}", self.weight),
+            )));
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use keel_core::{ClassifyError, ConfigError, ErrorKind, FailureKind, KeelError};
+use keel_core::{ArgumentError, ClassifyError, ConfigError, ErrorKind, FailureKind, KeelError};
 
 /// What went wrong in a health operation or in the circuit breaker.
 ///
@@ -44,15 +44,10 @@ pub enum HealthError {
     /// [`ErrorKind::InvalidInput`].
     #[error("endpoint `{0}` is already registered; remove it first to replace it")]
     EndpointExists(String),
-    /// An argument is out of range (for example a non-positive weight).
-    /// Kind [`ErrorKind::InvalidInput`].
-    #[error("invalid argument `{name}`: {reason}")]
-    InvalidArgument {
-        /// The argument's name.
-        name: &'static str,
-        /// Why it was refused and what is accepted.
-        reason: String,
-    },
+    /// An argument is out of range (for example a non-positive weight);
+    /// the [`ArgumentError`] names it. Kind [`ErrorKind::InvalidInput`].
+    #[error(transparent)]
+    InvalidArgument(#[from] ArgumentError),
     /// A configuration field is invalid; the component was not built. The
     /// message names the field (dotted for nested sections, e.g.
     /// `outlier.window`) and what is accepted. Kind [`ErrorKind::Internal`].
@@ -81,7 +76,7 @@ impl KeelError for HealthError {
             },
             HealthError::Timeout(_) => ErrorKind::DeadlineExceeded,
             HealthError::UnknownEndpoint(_) => ErrorKind::NotFound,
-            HealthError::EndpointExists(_) | HealthError::InvalidArgument { .. } => {
+            HealthError::EndpointExists(_) | HealthError::InvalidArgument(_) => {
                 ErrorKind::InvalidInput
             }
             HealthError::InvalidConfig(_) => ErrorKind::Internal,
@@ -96,7 +91,7 @@ impl KeelError for HealthError {
             HealthError::Unavailable { .. } | HealthError::Timeout(_) => true,
             HealthError::UnknownEndpoint(_)
             | HealthError::EndpointExists(_)
-            | HealthError::InvalidArgument { .. }
+            | HealthError::InvalidArgument(_)
             | HealthError::InvalidConfig(_) => false,
         }
     }
@@ -116,7 +111,7 @@ impl ClassifyError for HealthError {
             HealthError::Unavailable { .. }
             | HealthError::UnknownEndpoint(_)
             | HealthError::EndpointExists(_)
-            | HealthError::InvalidArgument { .. } => None,
+            | HealthError::InvalidArgument(_) => None,
             HealthError::InvalidConfig(_) => Some(FailureKind::Other),
         }
     }

@@ -26,8 +26,8 @@ pub use error::HealthError;
 // with their live weight, capacity and reporter, outcome classification,
 // and the error vocabulary.
 pub use keel_core::{
-    BoxError, Classify, ClassifyError, ConfigError, DefaultClassifier, EndpointId, EndpointKey,
-    ErrorKind, FailureKind, KeelError, Outcome, ResponseStatus, ResultClassifier,
+    ArgumentError, BoxError, Classify, ClassifyError, ConfigError, DefaultClassifier, EndpointId,
+    EndpointKey, ErrorKind, FailureKind, KeelError, Outcome, ResponseStatus, ResultClassifier,
 };
 pub use outlier::{Outlier, OutlierLayer};
 #[cfg(feature = "http")]

@@ -63,12 +63,7 @@ struct Seen {
 }
 
 fn run(fleet: usize, percent: u8, with_probe: bool, ops: Vec<Op>) -> Result<Seen, TestCaseError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    runtime.block_on(async move {
+    keel_testkit::paused_runtime().block_on(async move {
         let config = HealthConfig::new("prop")
             .tick(Duration::from_millis(100))
             .max_ejection_percent(percent)

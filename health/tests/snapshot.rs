@@ -15,12 +15,7 @@ use keel_health::{
 fn holding_a_borrow_never_blocks_health() {
     let (done, finished) = channel();
     let worker = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        runtime.block_on(async {
+        keel_testkit::paused_runtime().block_on(async {
             let config = HealthConfig::default()
                 .max_ejection_percent(100)
                 .outlier(OutlierConfig::default().consecutive_failures(Some(2)));

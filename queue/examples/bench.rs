@@ -23,6 +23,10 @@ use clap::Parser;
 use keel_queue::{DequeueOptions, Job, MemoryQueue, Priority, Queue, QueueConfig};
 use tokio::time::Instant;
 
+#[cfg(feature = "amqp")]
+#[path = "../tests/support/amqp.rs"]
+mod amqp_support;
+
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum Priorities {
     Normal,
@@ -327,32 +331,15 @@ async fn raw_amqp_cycle(url: &str, queue: &str, jobs: usize, batch: usize) -> f6
     rate
 }
 
-/// Deletes the queues and exchange an `AmqpQueue` named `name` declared.
-#[cfg(feature = "amqp")]
-async fn delete_amqp_topology(url: &str, name: &str) {
-    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-    let Ok(conn) = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await
-    else {
-        return;
-    };
-    let Ok(channel) = conn.create_channel().await else {
-        return;
-    };
-    for queue in ["p0", "p1", "p2", "dead"] {
-        let _ = channel
-            .queue_delete(
-                format!("{name}.{queue}").as_str().into(),
-                QueueDeleteOptions::default(),
-            )
-            .await;
-    }
-    let _ = channel
-        .exchange_delete(
-            format!("{name}.dlx").as_str().into(),
-            ExchangeDeleteOptions::default(),
-        )
-        .await;
-    let _ = conn.close(200, "bench done".into()).await;
+/// The names of run `run`'s Keel queue and raw queue on a server, unique
+/// to this process.
+#[cfg(any(feature = "redis", feature = "amqp"))]
+fn server_names(run: usize) -> (String, String) {
+    let pid = std::process::id();
+    (
+        format!("keel-bench-{pid}-{run}"),
+        format!("keel-bench-raw-{pid}-{run}"),
+    )
 }
 
 /// The Keel queue's settings for one run.
@@ -379,29 +366,23 @@ async fn measure(args: &Args) -> Result<(f64, f64), String> {
             }
             #[cfg(feature = "redis")]
             "redis" => {
-                let url =
-                    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-                let name = format!("keel-bench-{}-{run}", std::process::id());
+                let url = keel_testkit::redis_url();
+                let (name, raw_name) = server_names(run);
                 let queue = redis_keel_queue(&url, queue_config(args, &name)).await?;
                 let keel = keel_cycle(queue, args.jobs, args.batch, args.priorities).await;
                 redis_cleanup(&url, &name);
-                let raw = raw_redis_cycle(
-                    &url,
-                    &format!("keel-bench-raw-{}-{run}", std::process::id()),
-                    args.jobs,
-                    args.batch,
-                )
-                .await;
+                let raw = raw_redis_cycle(&url, &raw_name, args.jobs, args.batch).await;
                 (keel, raw)
             }
             #[cfg(feature = "amqp")]
             "amqp" => {
-                let url = std::env::var("AMQP_URL")
-                    .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-                let name = format!("keel-bench-{}-{run}", std::process::id());
+                let url = keel_testkit::amqp_url();
+                let (name, raw_name) = server_names(run);
+                let config = queue_config(args, &name);
+                let levels = config.priority_levels;
                 let queue = keel_queue::AmqpQueue::connect(keel_queue::AmqpQueueConfig::new(
                     url.as_str(),
-                    queue_config(args, &name),
+                    config,
                 ))
                 .await
                 .map_err(|e| e.to_string())?;
@@ -413,14 +394,9 @@ async fn measure(args: &Args) -> Result<(f64, f64), String> {
                 )
                 .await;
                 drop(queue);
-                delete_amqp_topology(&url, &name).await;
-                let raw = raw_amqp_cycle(
-                    &url,
-                    &format!("keel-bench-raw-{}-{run}", std::process::id()),
-                    args.jobs,
-                    args.batch,
-                )
-                .await;
+                // Best effort: a broker that went away keeps the queues.
+                let _ = amqp_support::delete_topology(&url, &name, levels).await;
+                let raw = raw_amqp_cycle(&url, &raw_name, args.jobs, args.batch).await;
                 (keel, raw)
             }
             other => {

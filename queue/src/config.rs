@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use keel_core::{Backoff, ConfigError, Jitter};
+use keel_core::{ArgumentError, Backoff, ConfigError, Jitter};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{QueueError, Result};
@@ -177,13 +177,13 @@ impl QueueConfig {
     /// Checks a job's priority against the configured levels.
     pub(crate) fn check_priority(&self, priority: crate::Priority) -> Result<()> {
         if priority.0 >= self.priority_levels {
-            return Err(QueueError::InvalidArgument {
-                name: "priority",
-                reason: format!(
+            return Err(QueueError::InvalidArgument(ArgumentError::new(
+                "priority",
+                format!(
                     "level {} is out of range; this queue has levels 0..{}",
                     priority.0, self.priority_levels
                 ),
-            });
+            )));
         }
         Ok(())
     }

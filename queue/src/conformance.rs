@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use keel_core::ArgumentError;
 use tokio::time::Instant;
 
 use crate::{
@@ -117,6 +118,26 @@ async fn supported_or_refused<T: std::fmt::Debug>(
     supported
 }
 
+/// Whether leases expire on the backend ([`supported_or_refused`] with
+/// `extend_lease` as the attempt).
+async fn lease_expiry_or_refused(queue: &dyn Queue) -> bool {
+    supported_or_refused(
+        queue.capabilities().lease_expiry,
+        queue.extend_lease(&Receipt::from_string("none"), SHORT_LEASE),
+    )
+    .await
+}
+
+/// Whether the backend delays jobs ([`supported_or_refused`] with a
+/// delayed enqueue as the attempt).
+async fn delay_or_refused(queue: &dyn Queue) -> bool {
+    supported_or_refused(
+        queue.capabilities().delay,
+        queue.enqueue(Job::new("later").delay(Duration::from_millis(1))),
+    )
+    .await
+}
+
 fn caps(subject: &QueueSubject) -> QueueCapabilities {
     subject.queue.capabilities()
 }
@@ -158,7 +179,7 @@ pub async fn bad_options_are_refused<
 ) {
     let s = subject(&make, "bad-options", |c| c).await;
     let refused = |result: crate::Result<Vec<crate::Delivery>>| match result {
-        Err(QueueError::InvalidArgument { name, .. }) => name,
+        Err(QueueError::InvalidArgument(ArgumentError { name, .. })) => name,
         other => panic!("expected InvalidArgument, got {other:?}"),
     };
     let base = DequeueOptions::new(1).wait(Duration::ZERO);
@@ -184,7 +205,7 @@ pub async fn bad_options_are_refused<
     if caps(&s).lease_expiry {
         for lease in [Duration::ZERO, crate::MAX_LEASE + Duration::from_secs(1)] {
             match s.queue.extend_lease(&got.receipt, lease).await {
-                Err(QueueError::InvalidArgument { name: "lease", .. }) => {}
+                Err(QueueError::InvalidArgument(ArgumentError { name: "lease", .. })) => {}
                 other => panic!("extend_lease({lease:?}) answered {other:?}"),
             }
         }
@@ -261,13 +282,7 @@ pub async fn nack_retry_redelivers<
     make: F,
 ) {
     let s = subject(&make, "nack-retry", |c| c).await;
-    if !supported_or_refused(
-        caps(&s).delay,
-        s.queue
-            .enqueue(Job::new("later").delay(Duration::from_millis(1))),
-    )
-    .await
-    {
+    if !delay_or_refused(&*s.queue).await {
         return;
     }
     s.queue.enqueue(Job::new("flaky")).await.unwrap();
@@ -351,13 +366,7 @@ pub async fn lease_expiry_redelivers<
     make: F,
 ) {
     let s = subject(&make, "lease-expiry", |c| c).await;
-    if !supported_or_refused(
-        caps(&s).lease_expiry,
-        s.queue
-            .extend_lease(&Receipt::from_string("none"), SHORT_LEASE),
-    )
-    .await
-    {
+    if !lease_expiry_or_refused(&*s.queue).await {
         return;
     }
     s.queue.enqueue(Job::new("abandoned")).await.unwrap();
@@ -382,13 +391,7 @@ pub async fn expired_receipt_is_invalid<
     make: F,
 ) {
     let s = subject(&make, "expired-receipt", |c| c).await;
-    if !supported_or_refused(
-        caps(&s).lease_expiry,
-        s.queue
-            .extend_lease(&Receipt::from_string("none"), SHORT_LEASE),
-    )
-    .await
-    {
+    if !lease_expiry_or_refused(&*s.queue).await {
         return;
     }
     s.queue.enqueue(Job::new("slow")).await.unwrap();
@@ -422,13 +425,7 @@ pub async fn extend_lease_keeps_job<
     make: F,
 ) {
     let s = subject(&make, "extend-lease", |c| c).await;
-    if !supported_or_refused(
-        caps(&s).lease_expiry,
-        s.queue
-            .extend_lease(&Receipt::from_string("none"), SHORT_LEASE),
-    )
-    .await
-    {
+    if !lease_expiry_or_refused(&*s.queue).await {
         return;
     }
     s.queue.enqueue(Job::new("long job")).await.unwrap();
@@ -630,10 +627,10 @@ pub async fn priority_order<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Queu
     assert!(
         matches!(
             err,
-            QueueError::InvalidArgument {
+            QueueError::InvalidArgument(ArgumentError {
                 name: "priority",
                 ..
-            }
+            })
         ),
         "{err:?}"
     );
@@ -644,13 +641,7 @@ pub async fn delayed_delivery<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Qu
     make: F,
 ) {
     let s = subject(&make, "delay", |c| c).await;
-    if !supported_or_refused(
-        caps(&s).delay,
-        s.queue
-            .enqueue(Job::new("later").delay(Duration::from_millis(1))),
-    )
-    .await
-    {
+    if !delay_or_refused(&*s.queue).await {
         return;
     }
     let delay = Duration::from_millis(600);
@@ -1174,7 +1165,7 @@ pub async fn caller_chosen_ids<F: Fn(QueueConfig) -> Fut, Fut: Future<Output = Q
         .enqueue(Job::new("x").id(crate::JobId::from_string("")))
         .await
     {
-        Err(QueueError::InvalidArgument { name: "id", .. }) => {}
+        Err(QueueError::InvalidArgument(ArgumentError { name: "id", .. })) => {}
         other => panic!("an empty id must be refused naming `id`, got {other:?}"),
     }
     let got = one(&*s.queue, SLACK, SHORT_LEASE).await;
@@ -1232,10 +1223,10 @@ pub async fn bad_jobs_are_refused<F: Fn(QueueConfig) -> Fut, Fut: Future<Output 
     let s = subject(&make, "bad-jobs", |c| c).await;
     if caps(&s).idempotency {
         match s.queue.enqueue(Job::new("x").idempotency_key("")).await {
-            Err(QueueError::InvalidArgument {
+            Err(QueueError::InvalidArgument(ArgumentError {
                 name: "idempotency_key",
                 ..
-            }) => {}
+            })) => {}
             other => panic!("an empty idempotency key must be refused, got {other:?}"),
         }
     }
@@ -1243,10 +1234,10 @@ pub async fn bad_jobs_are_refused<F: Fn(QueueConfig) -> Fut, Fut: Future<Output 
     let batch = vec![Job::new("fine"), Job::new("bad").priority(Priority(200))];
     assert!(matches!(
         s.queue.enqueue_batch(batch).await,
-        Err(QueueError::InvalidArgument {
+        Err(QueueError::InvalidArgument(ArgumentError {
             name: "priority",
             ..
-        })
+        }))
     ));
     nothing(&*s.queue, Duration::from_millis(200)).await;
     s.queue.enqueue(Job::new("ok")).await.unwrap();

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use keel_core::{ConfigError, ErrorKind, KeelError};
+use keel_core::{ArgumentError, ConfigError, ErrorKind, KeelError};
 
 /// A boxed error from a backend library, kept as the [`std::error::Error::source`].
 pub use keel_core::BoxError;
@@ -66,14 +66,9 @@ pub enum QueueError {
         source: Option<BoxError>,
     },
     /// An argument is out of range (for example a priority above the
-    /// configured levels).
-    #[error("invalid argument `{name}`: {reason}")]
-    InvalidArgument {
-        /// The argument's name.
-        name: &'static str,
-        /// Why it was refused.
-        reason: String,
-    },
+    /// configured levels); the [`ArgumentError`] names it.
+    #[error(transparent)]
+    InvalidArgument(#[from] ArgumentError),
     /// A configuration field is invalid; the component was not built. The
     /// [`ConfigError`] names the field.
     #[error(transparent)]
@@ -101,7 +96,7 @@ impl QueueError {
             QueueError::InvalidReceipt(_) => false,
             QueueError::Unsupported { .. } => false,
             QueueError::Codec { .. } => false,
-            QueueError::InvalidArgument { .. } => false,
+            QueueError::InvalidArgument(_) => false,
             QueueError::InvalidConfig(_) => false,
             QueueError::Backend { .. } => false,
         }
@@ -130,7 +125,7 @@ impl KeelError for QueueError {
             QueueError::InvalidReceipt(_) => ErrorKind::NotFound,
             QueueError::Unsupported { .. } => ErrorKind::Internal,
             QueueError::Codec { .. } => ErrorKind::InvalidInput,
-            QueueError::InvalidArgument { .. } => ErrorKind::InvalidInput,
+            QueueError::InvalidArgument(_) => ErrorKind::InvalidInput,
             QueueError::InvalidConfig(_) => ErrorKind::Internal,
             QueueError::Backend { .. } => ErrorKind::Internal,
         }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use keel_core::ArgumentError;
 
 /// String headers carried with a job (content type, trace context, tenant…).
 pub type Headers = BTreeMap<String, String>;
@@ -289,16 +290,16 @@ impl DequeueOptions {
     /// naming the field.
     pub fn validate(&self) -> crate::Result<()> {
         if self.max == 0 {
-            return Err(crate::QueueError::InvalidArgument {
-                name: "max",
-                reason: "must be at least 1".into(),
-            });
+            return Err(crate::QueueError::InvalidArgument(ArgumentError::new(
+                "max",
+                "must be at least 1",
+            )));
         }
         if self.wait > MAX_LEASE {
-            return Err(crate::QueueError::InvalidArgument {
-                name: "wait",
-                reason: format!("{:?} is longer than the most allowed, a year", self.wait),
-            });
+            return Err(crate::QueueError::InvalidArgument(ArgumentError::new(
+                "wait",
+                format!("{:?} is longer than the most allowed, a year", self.wait),
+            )));
         }
         check_lease(self.lease)
     }
@@ -307,13 +308,13 @@ impl DequeueOptions {
 /// Checks a lease length for `dequeue` and `extend_lease`.
 pub(crate) fn check_lease(lease: Duration) -> crate::Result<()> {
     if lease.is_zero() || lease > MAX_LEASE {
-        return Err(crate::QueueError::InvalidArgument {
-            name: "lease",
-            reason: format!(
+        return Err(crate::QueueError::InvalidArgument(ArgumentError::new(
+            "lease",
+            format!(
                 "{lease:?} is out of range: a lease is above zero and at most a year \
                  (extend a long job's lease as it runs instead)"
             ),
-        });
+        )));
     }
     Ok(())
 }
@@ -505,7 +506,10 @@ fn shown(text: &str) -> String {
 /// Checks a job against a backend's [`Limits`], naming the bad field.
 pub(crate) fn check_job(job: &Job, limits: &Limits) -> crate::Result<()> {
     let invalid = |name: &'static str, reason: String| {
-        Err(crate::QueueError::InvalidArgument { name, reason })
+        Err(crate::QueueError::InvalidArgument(ArgumentError {
+            name,
+            reason,
+        }))
     };
     if let Some(id) = &job.id {
         if !limits.caller_ids {

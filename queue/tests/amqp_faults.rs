@@ -35,14 +35,13 @@ use std::time::Duration;
 use amqp_support::{BrokerCounts, DeleteTopology, settled_broker_counts};
 use faults::{
     BATCH, Call, Figures, PROGRESS_LIMIT, Shared, StreamRun, TEST_LIMIT, Tally, ack_delivered,
-    assert_spike_and_recovery, chain, crash_holding, drain_with_consumer, enqueue_until_ok,
-    every_call_at_once, is_empty, job, long_poll, send_all, send_and_ack, sent_at_least,
-    spike_latency, stream_with_fault, take, timed,
+    assert_spike_and_recovery, blackhole, chain, crash_holding, cut_twice, enqueue_until_ok,
+    is_empty, job, send_all, send_and_ack, spike_latency, stream_with_fault, take, timed,
 };
 use keel_queue::{AmqpQueue, AmqpQueueConfig, DequeueOptions, Queue, QueueConfig, QueueError};
 use keel_testkit::{FaultProxy, Namespace, require_amqp};
 use parking_lot::Mutex;
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, timeout};
 
 /// Priority levels of every test queue (the default; jobs go to level 1).
 const LEVELS: u8 = 3;
@@ -54,6 +53,30 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(5);
 /// quorum queue writes it to disk first), so a few publish side by side to
 /// keep the stream at its pace.
 const PRODUCERS: u32 = 4;
+
+/// A test's own queue on the broker: where it is, and the guard that
+/// deletes its topology when the test ends (bind it first, so it drops
+/// after every handle).
+struct TestQueue {
+    url: String,
+    name: String,
+    _topology: DeleteTopology,
+}
+
+impl TestQueue {
+    /// The queue of the test `test` (in a [`Namespace`] of its own) on the
+    /// broker [`require_amqp`] finds.
+    async fn new(test: &str) -> TestQueue {
+        let url = require_amqp().await;
+        let name = Namespace::new(test).name("q");
+        let _topology = DeleteTopology::new(&url, &name, LEVELS);
+        TestQueue {
+            url,
+            name,
+            _topology,
+        }
+    }
+}
 
 /// A handle on the queue `name` at `url` with the given operation timeout.
 async fn connect(url: &str, name: &str, operation_timeout: Duration) -> AmqpQueue {
@@ -70,6 +93,14 @@ async fn connect(url: &str, name: &str, operation_timeout: Duration) -> AmqpQueu
     AmqpQueue::connect(config)
         .await
         .unwrap_or_else(|err| panic!("connect to rabbitmq at {url}: {}", chain(&err)))
+}
+
+/// A [`FaultProxy`] in front of the server at `url`, and the queue `name`
+/// connected through it (see [`connect`]).
+async fn proxied(url: &str, name: &str, operation_timeout: Duration) -> (FaultProxy, AmqpQueue) {
+    let proxy = FaultProxy::start_for_url(url).await.expect("start proxy");
+    let queue = connect(&proxy.url_for(url), name, operation_timeout).await;
+    (proxy, queue)
 }
 
 /// The broker's counts for `name` once every handle is gone, checked to be
@@ -91,13 +122,13 @@ async fn assert_broker_drained(url: &str, name: &str) -> BrokerCounts {
 /// jobs flow; the same handle resumes publishing and consuming on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_cut_mid_stream() {
-    let url = require_amqp().await;
-    let ns = Namespace::new("amqp_connection_cut_mid_stream");
-    let name = ns.name("q");
-    let _topology = DeleteTopology::new(&url, &name, LEVELS);
+    let TestQueue {
+        url,
+        name,
+        _topology,
+    } = TestQueue::new("amqp_connection_cut_mid_stream").await;
     timeout(TEST_LIMIT, async {
-        let proxy = FaultProxy::start_for_url(&url).await.expect("start proxy");
-        let queue = connect(&proxy.url_for(&url), &name, Duration::from_secs(2)).await;
+        let (proxy, queue) = proxied(&url, &name, Duration::from_secs(2)).await;
         let run = StreamRun {
             fault: "connection_cut_mid_stream",
             queue,
@@ -110,12 +141,7 @@ async fn connection_cut_mid_stream() {
         let accepted_at_cut = Arc::new(Mutex::new(0));
         let at_cut = accepted_at_cut.clone();
         let outcome = stream_with_fault(run, |tally| async move {
-            sent_at_least(&tally, 500).await;
-            assert!(fault_proxy.open_connections() > 0, "nothing to cut");
-            *at_cut.lock() = fault_proxy.connections_accepted();
-            fault_proxy.cut();
-            sleep(Duration::from_millis(200)).await;
-            fault_proxy.cut();
+            *at_cut.lock() = cut_twice(fault_proxy, &tally).await;
         })
         .await;
         let accepted_at_cut = *accepted_at_cut.lock();
@@ -148,13 +174,13 @@ async fn connection_cut_mid_stream() {
 /// throughput comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latency_spike() {
-    let url = require_amqp().await;
-    let ns = Namespace::new("amqp_latency_spike");
-    let name = ns.name("q");
-    let _topology = DeleteTopology::new(&url, &name, LEVELS);
+    let TestQueue {
+        url,
+        name,
+        _topology,
+    } = TestQueue::new("amqp_latency_spike").await;
     timeout(TEST_LIMIT, async {
-        let proxy = FaultProxy::start_for_url(&url).await.expect("start proxy");
-        let queue = connect(&proxy.url_for(&url), &name, Duration::from_secs(2)).await;
+        let (proxy, queue) = proxied(&url, &name, Duration::from_secs(2)).await;
         let run = StreamRun {
             fault: "latency_spike",
             queue,
@@ -186,10 +212,11 @@ async fn latency_spike() {
 async fn consumer_dropped_holding_leases() {
     const HELD: u32 = 50;
     const LEASE: Duration = Duration::from_secs(60);
-    let url = require_amqp().await;
-    let ns = Namespace::new("amqp_consumer_dropped_holding_leases");
-    let name = ns.name("q");
-    let _topology = DeleteTopology::new(&url, &name, LEVELS);
+    let TestQueue {
+        url,
+        name,
+        _topology,
+    } = TestQueue::new("amqp_consumer_dropped_holding_leases").await;
     timeout(TEST_LIMIT, async {
         // B only enqueues until A holds the jobs: a handle starts consuming
         // at its first dequeue.
@@ -244,10 +271,11 @@ async fn consumer_dropped_holding_leases() {
 async fn lease_expiry_without_crash() {
     const HELD: u32 = 20;
     const LEASE: Duration = Duration::from_secs(1);
-    let url = require_amqp().await;
-    let ns = Namespace::new("amqp_lease_expiry_without_crash");
-    let name = ns.name("q");
-    let _topology = DeleteTopology::new(&url, &name, LEVELS);
+    let TestQueue {
+        url,
+        name,
+        _topology,
+    } = TestQueue::new("amqp_lease_expiry_without_crash").await;
     timeout(TEST_LIMIT, async {
         let consumer_b = connect(&url, &name, Duration::from_secs(2)).await;
         let tally: Shared = Arc::default();
@@ -345,13 +373,13 @@ async fn blackhole_then_restore() {
     const SLACK: Duration = Duration::from_millis(500);
     const OUTAGE: Duration = Duration::from_secs(1);
     const JOBS_EACH_SIDE: u32 = 100;
-    let url = require_amqp().await;
-    let ns = Namespace::new("amqp_blackhole_then_restore");
-    let name = ns.name("q");
-    let _topology = DeleteTopology::new(&url, &name, LEVELS);
+    let TestQueue {
+        url,
+        name,
+        _topology,
+    } = TestQueue::new("amqp_blackhole_then_restore").await;
     timeout(TEST_LIMIT, async {
-        let proxy = FaultProxy::start_for_url(&url).await.expect("start proxy");
-        let queue = connect(&proxy.url_for(&url), &name, OP_TIMEOUT).await;
+        let (proxy, queue) = proxied(&url, &name, OP_TIMEOUT).await;
         let tally: Shared = Arc::default();
         let lease = Duration::from_secs(2);
         let drain = DequeueOptions::new(BATCH).wait(Duration::ZERO).lease(lease);
@@ -362,59 +390,43 @@ async fn blackhole_then_restore() {
         // long poll on the empty queue when the network goes.
         let before = drain.wait(Duration::from_millis(200));
         send_and_ack(&queue, &tally, 0..JOBS_EACH_SIDE, before).await;
-        let waiting = long_poll(&queue, drain.wait(Duration::from_secs(1)));
-        sleep(Duration::from_millis(100)).await;
-
-        proxy.blackhole();
-        let outage_ends = Instant::now() + OUTAGE;
-        let mut slowest = Duration::ZERO;
-        let mut failures = 0u32;
         let next = JOBS_EACH_SIDE;
-        while Instant::now() < outage_ends {
-            for Call { op, result, took } in every_call_at_once(&queue, next, drain).await {
-                match result {
-                    // A dequeue serves what this handle already holds, so
-                    // through a black hole it may answer nothing rather
-                    // than fail.
-                    Ok(0) if op == "dequeue" => {}
-                    Ok(n) if op == "dequeue" => {
-                        problems.push(format!("dequeue delivered {n} jobs through a black hole"));
-                    }
-                    Ok(_) => problems.push(format!(
-                        "{op} answered Ok through a black hole (in {took:?})"
-                    )),
-                    Err(err) => {
-                        failures += 1;
-                        if !matches!(err, QueueError::Timeout(_) | QueueError::Unavailable { .. })
-                            || !err.is_retryable()
-                        {
-                            problems.push(format!(
-                                "{op}: not a retryable Timeout/Unavailable: {err:?}"
-                            ));
-                        }
-                        tally.lock().note_retryable(op, &err);
+        let outage = blackhole(&proxy, &queue, &tally, next, drain, OUTAGE, |call| {
+            let Call { op, result, took } = call;
+            match result {
+                // A dequeue serves what this handle already holds, so
+                // through a black hole it may answer nothing rather than
+                // fail.
+                Ok(0) if *op == "dequeue" => {}
+                Ok(n) if *op == "dequeue" => {
+                    problems.push(format!("dequeue delivered {n} jobs through a black hole"));
+                }
+                Ok(_) => problems.push(format!(
+                    "{op} answered Ok through a black hole (in {took:?})"
+                )),
+                Err(err) => {
+                    if !matches!(err, QueueError::Timeout(_) | QueueError::Unavailable { .. })
+                        || !err.is_retryable()
+                    {
+                        problems.push(format!(
+                            "{op}: not a retryable Timeout/Unavailable: {err:?}"
+                        ));
                     }
                 }
-                if took > OP_TIMEOUT + SLACK {
-                    problems.push(format!(
-                        "{op} took {took:?} through a black hole (operation timeout \
-                         {OP_TIMEOUT:?})"
-                    ));
-                }
-                slowest = slowest.max(took);
             }
-        }
-        let (polled, poll_took) = timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("a long poll hung through the black hole")
-            .expect("the polling task panicked");
-        proxy.restore();
-        let restored_at = Instant::now();
+            if *took > OP_TIMEOUT + SLACK {
+                problems.push(format!(
+                    "{op} took {took:?} through a black hole (operation timeout \
+                     {OP_TIMEOUT:?})"
+                ));
+            }
+        })
+        .await;
 
         // After: the same handle recovers on its own. The enqueue tried
         // during the outage is tried again; without idempotency keys, it
         // may land twice (it cannot here: the black hole dropped its bytes).
-        let give_up = restored_at + PROGRESS_LIMIT;
+        let give_up = outage.restored_at + PROGRESS_LIMIT;
         let failed_enqueues = |t: &Tally| -> u64 {
             t.retryable
                 .iter()
@@ -430,22 +442,14 @@ async fn blackhole_then_restore() {
         }
         let first = first.map(drop).map_err(|err| chain(&err));
         let recovered = first.is_ok() || enqueue_until_ok(&queue, &tally, next, give_up).await;
-        let recovered_in = restored_at.elapsed();
+        let recovered_in = outage.restored_at.elapsed();
         let failed_after_restore = failed_enqueues(&tally.lock()) - failed_in_outage;
         for id in next + 1..2 * JOBS_EACH_SIDE {
             if !recovered || !enqueue_until_ok(&queue, &tally, id, give_up).await {
                 break;
             }
         }
-        let stats = drain_with_consumer(
-            &queue,
-            &tally,
-            DequeueOptions::new(BATCH)
-                .wait(Duration::from_millis(200))
-                .lease(lease),
-            restored_at + Duration::from_secs(10),
-        )
-        .await;
+        let stats = outage.drain_after(&queue, &tally, lease).await;
         drop(queue);
         let connections = proxy.connections_accepted();
         drop(proxy);
@@ -455,21 +459,16 @@ async fn blackhole_then_restore() {
         let figures = Figures::from_tally("blackhole_then_restore", &tally);
         println!("{figures}");
         eprintln!(
-            "fault=blackhole_then_restore failures_in_outage={failures} slowest_op={slowest:?} \
-             long_poll={poll_took:?} ({}) first_call_after_restore={first:?} in {first_took:?} \
+            "fault=blackhole_then_restore {outage} first_call_after_restore={first:?} in {first_took:?} \
              recovered_in={recovered_in:?} connections={connections} duplicates={:?} \
              retryable={:?} broker={counts:?}",
-            match &polled {
-                Ok(d) => format!("ok, {} jobs", d.len()),
-                Err(err) => format!("{err}"),
-            },
             tally.duplicated(),
             tally.retryable
         );
         for (error, n) in &tally.errors {
             eprintln!("  {n} x {error}");
         }
-        match &polled {
+        match &outage.polled {
             Ok(deliveries) if deliveries.is_empty() => {}
             Ok(deliveries) => problems.push(format!(
                 "the long poll delivered {} jobs through a black hole",
@@ -478,10 +477,13 @@ async fn blackhole_then_restore() {
             Err(err) if err.is_retryable() => {}
             Err(err) => problems.push(format!("the long poll: not retryable: {}", chain(err))),
         }
-        if poll_took > Duration::from_secs(1) + OP_TIMEOUT + SLACK {
-            problems.push(format!("a 1 s long poll took {poll_took:?} to give up"));
+        if outage.poll_took > Duration::from_secs(1) + OP_TIMEOUT + SLACK {
+            problems.push(format!(
+                "a 1 s long poll took {:?} to give up",
+                outage.poll_took
+            ));
         }
-        if failures == 0 {
+        if outage.failures == 0 {
             problems.push("no operation failed through the black hole".into());
         }
         if let Err(err) = &first {

@@ -9,6 +9,7 @@ mod amqp_support;
 use std::time::Duration;
 
 use amqp_support::DeleteTopology;
+use keel_core::ArgumentError;
 use keel_queue::{
     AmqpQueue, AmqpQueueConfig, DequeueOptions, Job, Nack, Queue, QueueConfig, QueueError,
 };
@@ -124,10 +125,10 @@ async fn a_300_byte_header_name_is_refused_and_the_queue_works_on() {
         .unwrap();
     let long = "h".repeat(300);
     match queue.enqueue(Job::new("x").header(long, "v")).await {
-        Err(QueueError::InvalidArgument {
+        Err(QueueError::InvalidArgument(ArgumentError {
             name: "headers",
             reason,
-        }) => {
+        })) => {
             assert!(reason.contains("255 bytes"), "{reason}");
         }
         other => panic!("a 300-byte header name must be refused, got {other:?}"),
@@ -136,10 +137,10 @@ async fn a_300_byte_header_name_is_refused_and_the_queue_works_on() {
         assert!(
             matches!(
                 queue.enqueue(Job::new("x").header(reserved, "v")).await,
-                Err(QueueError::InvalidArgument {
+                Err(QueueError::InvalidArgument(ArgumentError {
                     name: "headers",
                     ..
-                })
+                }))
             ),
             "{reserved} is reserved"
         );
@@ -147,7 +148,10 @@ async fn a_300_byte_header_name_is_refused_and_the_queue_works_on() {
     let id = keel_queue::JobId::from_string("i".repeat(256));
     assert!(matches!(
         queue.enqueue(Job::new("x").id(id)).await,
-        Err(QueueError::InvalidArgument { name: "id", .. })
+        Err(QueueError::InvalidArgument(ArgumentError {
+            name: "id",
+            ..
+        }))
     ));
     // A 255-byte header name and an `x-` header of the caller's arrive.
     let fits = "h".repeat(255);

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
+use keel_core::ArgumentError;
 use keel_queue::{
     DequeueOptions, Headers, Job, JobId, MemoryQueue, Queue, QueueConfig, QueueError,
 };
@@ -107,7 +108,7 @@ where
                 .map_err(|err| TestCaseError::fail(format!("ack: {err:?}")))?;
             Ok(())
         }
-        Err(QueueError::InvalidArgument { name, .. }) => {
+        Err(QueueError::InvalidArgument(ArgumentError { name, .. })) => {
             prop_assert!(["id", "headers", "payload"].contains(&name), "{name}");
             Ok(())
         }

@@ -135,12 +135,7 @@ proptest! {
 
     #[test]
     fn memory_queue_matches_the_model(ops in proptest::collection::vec(op(), 1..80)) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        rt.block_on(async move {
+        keel_testkit::paused_runtime().block_on(async move {
             let queue = MemoryQueue::new(
                 QueueConfig::new("model").capacity(CAPACITY).max_attempts(MAX_ATTEMPTS),
             )

@@ -28,8 +28,8 @@ use std::time::Duration;
 
 use faults::{
     BATCH, Call, Figures, Outcome, PROGRESS_LIMIT, Shared, StreamRun, TEST_LIMIT, Tally,
-    ack_delivered, assert_spike_and_recovery, crash_holding, drain_with_consumer, enqueue_until_ok,
-    every_call_at_once, is_empty, job, long_poll, send_all, send_and_ack, sent_at_least,
+    ack_delivered, assert_spike_and_recovery, blackhole, crash_holding, cut_twice,
+    drain_with_consumer, enqueue_until_ok, is_empty, job, send_all, send_and_ack, sent_at_least,
     spike_latency, stream_with_fault, timed,
 };
 use keel_queue::{DequeueOptions, Queue, QueueConfig, QueueError, RedisQueue, RedisQueueConfig};
@@ -73,6 +73,14 @@ async fn connect(url: &str, name: &str, operation_timeout: Duration) -> RedisQue
         .unwrap_or_else(|err| panic!("connect to {url}: {err}"))
 }
 
+/// A [`FaultProxy`] in front of the server at `url`, and the queue `name`
+/// connected through it (see [`connect`]).
+async fn proxied(url: &str, name: &str, operation_timeout: Duration) -> (FaultProxy, RedisQueue) {
+    let proxy = FaultProxy::start_for_url(url).await.expect("start proxy");
+    let queue = connect(&proxy.url_for(url), name, operation_timeout).await;
+    (proxy, queue)
+}
+
 /// [`stream_with_fault`], then the Redis-only check: the jobs the queue
 /// holds (stream lengths plus the delayed set), read from the server itself
 /// at `direct_url`, are back at zero.
@@ -104,8 +112,7 @@ async fn connection_cut_mid_stream() {
         let url = server.url();
         let ns = Namespace::new("connection_cut_mid_stream");
         let name = ns.name("q");
-        let proxy = FaultProxy::start_for_url(&url).await.expect("start proxy");
-        let queue = connect(&proxy.url_for(&url), &name, Duration::from_secs(2)).await;
+        let (proxy, queue) = proxied(&url, &name, Duration::from_secs(2)).await;
         let run = StreamRun {
             fault: "connection_cut_mid_stream",
             queue,
@@ -118,12 +125,7 @@ async fn connection_cut_mid_stream() {
         let accepted_at_cut = Arc::new(Mutex::new(0));
         let at_cut = accepted_at_cut.clone();
         let outcome = stream_and_count(run, &url, &name, |tally| async move {
-            sent_at_least(&tally, 500).await;
-            assert!(fault_proxy.open_connections() > 0, "nothing to cut");
-            *at_cut.lock() = fault_proxy.connections_accepted();
-            fault_proxy.cut();
-            sleep(Duration::from_millis(200)).await;
-            fault_proxy.cut();
+            *at_cut.lock() = cut_twice(fault_proxy, &tally).await;
         })
         .await;
         let accepted_at_cut = *accepted_at_cut.lock();
@@ -219,8 +221,7 @@ async fn latency_spike() {
         let url = server.url();
         let ns = Namespace::new("latency_spike");
         let name = ns.name("q");
-        let proxy = FaultProxy::start_for_url(&url).await.expect("start proxy");
-        let queue = connect(&proxy.url_for(&url), &name, Duration::from_secs(2)).await;
+        let (proxy, queue) = proxied(&url, &name, Duration::from_secs(2)).await;
         let run = StreamRun {
             fault: "latency_spike",
             queue,
@@ -306,8 +307,7 @@ async fn blackhole_then_restore() {
         let url = server.url();
         let ns = Namespace::new("blackhole_then_restore");
         let name = ns.name("q");
-        let proxy = FaultProxy::start_for_url(&url).await.expect("start proxy");
-        let queue = connect(&proxy.url_for(&url), &name, OP_TIMEOUT).await;
+        let (proxy, queue) = proxied(&url, &name, OP_TIMEOUT).await;
         let tally: Shared = Arc::default();
         let lease = Duration::from_secs(2);
         let drain = DequeueOptions::new(BATCH).wait(Duration::ZERO).lease(lease);
@@ -315,78 +315,53 @@ async fn blackhole_then_restore() {
         // Before: jobs flow, and are consumed. Then a consumer waits in a
         // long poll on the empty queue when the network goes.
         send_and_ack(&queue, &tally, 0..JOBS_EACH_SIDE, drain).await;
-        let waiting = long_poll(&queue, drain.wait(Duration::from_secs(1)));
-        sleep(Duration::from_millis(100)).await;
-
-        proxy.blackhole();
-        let outage_ends = Instant::now() + OUTAGE;
-        let mut slowest = Duration::ZERO;
-        let mut failures = 0u32;
         let mut next = JOBS_EACH_SIDE;
-        while Instant::now() < outage_ends {
-            for Call { op, result, took } in every_call_at_once(&queue, next, drain).await {
-                let err = result.expect_err("an operation succeeded through a black hole");
-                assert!(
-                    matches!(err, QueueError::Timeout(_) | QueueError::Unavailable { .. }),
-                    "{op}: {err:?}"
-                );
-                assert!(err.is_retryable(), "{op}: {err}");
-                tally.lock().note_retryable(op, &err);
-                failures += 1;
-                slowest = slowest.max(took);
-            }
-        }
-        let (polled, poll_took) = timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("a long poll hung through the black hole")
-            .expect("the polling task panicked");
-        proxy.restore();
-        let restored_at = Instant::now();
+        let outage = blackhole(&proxy, &queue, &tally, next, drain, OUTAGE, |call| {
+            let Call { op, result, .. } = call;
+            let err = result
+                .as_ref()
+                .expect_err("an operation succeeded through a black hole");
+            assert!(
+                matches!(err, QueueError::Timeout(_) | QueueError::Unavailable { .. }),
+                "{op}: {err:?}"
+            );
+            assert!(err.is_retryable(), "{op}: {err}");
+        })
+        .await;
 
         // After: the same queue recovers on its own. The enqueue tried
         // during the outage is retried with its idempotency key.
-        let give_up = restored_at + PROGRESS_LIMIT;
+        let give_up = outage.restored_at + PROGRESS_LIMIT;
         assert!(enqueue_until_ok(&queue, &tally, next, give_up).await);
-        let recovered_in = restored_at.elapsed();
+        let recovered_in = outage.restored_at.elapsed();
         next += 1;
         for id in next..2 * JOBS_EACH_SIDE {
             assert!(enqueue_until_ok(&queue, &tally, id, give_up).await);
         }
-        let stats = drain_with_consumer(
-            &queue,
-            &tally,
-            DequeueOptions::new(BATCH)
-                .wait(Duration::from_millis(200))
-                .lease(lease),
-            restored_at + Duration::from_secs(10),
-        )
-        .await;
+        let stats = outage.drain_after(&queue, &tally, lease).await;
 
         let tally = Tally::take(tally);
         let figures = Figures::from_tally("blackhole_then_restore", &tally);
         println!("{figures}");
         eprintln!(
-            "fault=blackhole_then_restore failures_in_outage={failures} slowest_op={slowest:?} \
-             long_poll={poll_took:?} ({}) recovered_in={recovered_in:?} retryable={:?}",
-            match &polled {
-                Ok(d) => format!("ok, {} jobs", d.len()),
-                Err(err) => format!("{err}"),
-            },
+            "fault=blackhole_then_restore {outage} recovered_in={recovered_in:?} retryable={:?}",
             tally.retryable
         );
         assert!(tally.fatal.is_empty(), "failures: {:#?}", tally.fatal);
-        assert!(failures > 0);
-        match &polled {
+        assert!(outage.failures > 0);
+        match &outage.polled {
             Ok(deliveries) => assert!(deliveries.is_empty(), "a delivery through a black hole"),
             Err(err) => assert!(err.is_retryable(), "{err}"),
         }
         assert!(
-            poll_took <= Duration::from_secs(1) + OP_TIMEOUT + SLACK,
-            "a 1 s long poll took {poll_took:?} to give up"
+            outage.poll_took <= Duration::from_secs(1) + OP_TIMEOUT + SLACK,
+            "a 1 s long poll took {:?} to give up",
+            outage.poll_took
         );
         assert!(
-            slowest <= OP_TIMEOUT + SLACK,
-            "an operation took {slowest:?} to fail (operation timeout {OP_TIMEOUT:?})"
+            outage.slowest <= OP_TIMEOUT + SLACK,
+            "an operation took {:?} to fail (operation timeout {OP_TIMEOUT:?})",
+            outage.slowest
         );
         assert_eq!(figures.lost(), 0, "jobs never acked: {:?}", tally.missing());
         assert_eq!(figures.sent, 2 * JOBS_EACH_SIDE as usize);
@@ -470,9 +445,7 @@ async fn blackhole_with_a_command_in_flight() {
         let stats = drain_with_consumer(
             &queue,
             &tally,
-            DequeueOptions::new(BATCH)
-                .wait(Duration::from_millis(200))
-                .lease(Duration::from_secs(2)),
+            Duration::from_secs(2),
             Instant::now() + Duration::from_secs(10),
         )
         .await;

@@ -197,13 +197,8 @@ proptest! {
         max_batch_size in 1..8usize,
         max_wait_ms in 1..20u64,
     ) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
         let max_wait = Duration::from_millis(max_wait_ms);
-        rt.block_on(async move {
+        keel_testkit::paused_runtime().block_on(async move {
             let (service, batches) = echo(Duration::from_millis(3));
             let config = BatchConfig::new("p").max_batch_size(max_batch_size).max_wait(max_wait);
             let batcher = Batcher::new(config, |r: &Req| r.0, service).unwrap();

@@ -66,12 +66,7 @@ fn run_trace(
     max_in_flight: usize,
     max_queued: usize,
 ) -> Result<(), TestCaseError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    rt.block_on(async move {
+    keel_testkit::paused_runtime().block_on(async move {
         // id → times dispatched
         let seen: Arc<Mutex<HashMap<u32, u32>>> = Arc::default();
         // id → (deadline, latency)

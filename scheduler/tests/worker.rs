@@ -17,6 +17,9 @@ use tower::ServiceBuilder;
 /// Handler calls per job id.
 type Calls = Arc<Mutex<HashMap<JobId, u32>>>;
 
+/// The id and attempt of each job a handler saw, in order.
+type Attempts = Arc<Mutex<Vec<(JobId, u32)>>>;
+
 fn queue(max_attempts: u32) -> MemoryQueue {
     MemoryQueue::new(
         QueueConfig::new("w")
@@ -39,6 +42,19 @@ async fn until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
         assert!(Instant::now() < give_up, "timed out waiting for: {what}");
         sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Worker `b` on `queue`, whose handler acks every job and records its id
+/// and attempt, in order.
+fn recording_worker(queue: &MemoryQueue) -> (WorkerHandle, Attempts) {
+    let attempts: Attempts = Arc::default();
+    let seen = attempts.clone();
+    let ok = tower::service_fn(move |item: WorkItem| {
+        seen.lock().push((item.id.clone(), item.attempt));
+        async { Ok::<_, Infallible>(JobOutcome::Ack) }
+    });
+    let b = Worker::new(queue.clone(), config("b"), ok).unwrap().spawn();
+    (b, attempts)
 }
 
 async fn queue_is_empty(queue: &MemoryQueue) -> bool {
@@ -99,13 +115,7 @@ async fn a_killed_workers_job_is_completed_by_another_after_the_lease() {
     let killed_at = Instant::now();
     a.kill();
 
-    let attempts: Arc<Mutex<Vec<(JobId, u32)>>> = Arc::default();
-    let seen = attempts.clone();
-    let ok = tower::service_fn(move |item: WorkItem| {
-        seen.lock().push((item.id.clone(), item.attempt));
-        async { Ok::<_, Infallible>(JobOutcome::Ack) }
-    });
-    let b = Worker::new(queue.clone(), config("b"), ok).unwrap().spawn();
+    let (b, attempts) = recording_worker(&queue);
     until(Duration::from_secs(10), "B completed the job", || {
         b.stats().acked == 1
     })
@@ -357,13 +367,7 @@ async fn a_job_released_at_shutdown_on_its_last_attempt_is_not_dead_lettered() {
     );
 
     // The next worker gets it on the same attempt, and can still finish it.
-    let attempts: Arc<Mutex<Vec<(JobId, u32)>>> = Arc::default();
-    let seen = attempts.clone();
-    let ok = tower::service_fn(move |item: WorkItem| {
-        seen.lock().push((item.id.clone(), item.attempt));
-        async { Ok::<_, Infallible>(JobOutcome::Ack) }
-    });
-    let b = Worker::new(queue.clone(), config("b"), ok).unwrap().spawn();
+    let (b, attempts) = recording_worker(&queue);
     until(Duration::from_secs(5), "B completed the job", || {
         b.stats().acked == 1
     })

@@ -23,6 +23,10 @@
 //!   acknowledged.
 //! - [`assert_refused`]: the check of a config test that each bad field is
 //!   refused by name.
+//! - [`redis_error_reply`]: the client error a Redis error reply becomes,
+//!   for tests of error classification.
+//! - [`paused_runtime`]: a current-thread runtime with paused time, for
+//!   property tests and other synchronous tests of time-driven code.
 //!
 //! Faults are deterministic: they happen exactly when the test calls for
 //! them, never at random.
@@ -62,7 +66,10 @@ mod config;
 mod namespace;
 mod proxy;
 #[cfg(feature = "redis")]
+mod redis_reply;
+#[cfg(feature = "redis")]
 mod redis_server;
+mod runtime;
 mod servers;
 
 pub use config::assert_refused;
@@ -71,7 +78,10 @@ pub use namespace::Namespace;
 pub use namespace::redis_cleanup;
 pub use proxy::{Direction, FaultProxy, Latency};
 #[cfg(feature = "redis")]
+pub use redis_reply::redis_error_reply;
+#[cfg(feature = "redis")]
 pub use redis_server::RedisServer;
+pub use runtime::paused_runtime;
 #[cfg(feature = "amqp")]
 pub use servers::require_amqp;
 #[cfg(feature = "redis")]

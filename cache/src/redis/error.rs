@@ -35,24 +35,13 @@ impl From<::redis::RedisError> for CacheError {
 #[cfg(test)]
 mod tests {
     use keel_core::{ErrorKind, KeelError};
+    use keel_testkit::redis_error_reply;
 
     use super::*;
 
-    /// A RESP error reply, parsed as the client parses it.
-    fn server_error(text: &str) -> ::redis::RedisError {
-        let reply = format!("-{text}\r\n");
-        match ::redis::parse_redis_value(reply.as_bytes()) {
-            Ok(value) => match value.extract_error() {
-                Err(err) => err,
-                Ok(_) => panic!("{text} parsed as a value"),
-            },
-            Err(err) => panic!("{text}: {err}"),
-        }
-    }
-
     #[test]
     fn loading_is_retryable_and_unavailable() {
-        let err = CacheError::from(server_error(
+        let err = CacheError::from(redis_error_reply(
             "LOADING Redis is loading the dataset in memory",
         ));
         assert!(err.is_retryable(), "{err:?}");
@@ -65,7 +54,7 @@ mod tests {
 
     #[test]
     fn wrong_type_is_a_backend_error() {
-        let err = CacheError::from(server_error(
+        let err = CacheError::from(redis_error_reply(
             "WRONGTYPE Operation against a key holding the wrong kind of value",
         ));
         assert!(matches!(err, CacheError::Backend { .. }), "{err:?}");

@@ -772,7 +772,7 @@ impl Inner {
                 tracing::debug!(cache = %self.config.name, error = %err, "l2 call failed");
                 if !matches!(
                     err,
-                    CacheError::InvalidArgument { .. } | CacheError::Codec { .. }
+                    CacheError::InvalidArgument(_) | CacheError::Codec { .. }
                 ) {
                     self.breaker.failure();
                 }

@@ -152,19 +152,9 @@ fn coming_back(err: &::redis::RedisError) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use keel_testkit::redis_error_reply;
 
-    fn server_error(text: &str) -> ::redis::RedisError {
-        // Parse a real RESP error reply, as the client would.
-        let reply = format!("-{text}\r\n");
-        match ::redis::parse_redis_value(reply.as_bytes()) {
-            Ok(value) => match value.extract_error() {
-                Err(err) => err,
-                Ok(_) => panic!("{text} parsed as a value"),
-            },
-            Err(err) => panic!("{text}: {err}"),
-        }
-    }
+    use super::*;
 
     #[test]
     fn loading_and_failover_are_retryable() {
@@ -175,7 +165,7 @@ mod tests {
             "CLUSTERDOWN The cluster is down",
             "READONLY You can't write against a read only replica.",
         ] {
-            let err = RedisError::from(server_error(text));
+            let err = RedisError::from(redis_error_reply(text));
             assert_eq!(err.redis_kind(), RedisErrorKind::Unavailable, "{text}");
             assert!(err.is_retryable());
             assert_eq!(err.kind(), ErrorKind::Unavailable { retry_after: None });
@@ -184,7 +174,7 @@ mod tests {
 
     #[test]
     fn wrong_type_is_not_retryable() {
-        let err = RedisError::from(server_error(
+        let err = RedisError::from(redis_error_reply(
             "WRONGTYPE Operation against a key holding the wrong kind of value",
         ));
         assert_eq!(err.redis_kind(), RedisErrorKind::Server);

@@ -17,15 +17,11 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use super::{Mode, State};
 use crate::openai::{
-    ChatRequest, CompletionRequest, EmbeddingRequest, Usage, estimate_tokens, text_of,
+    self, ChatRequest, CompletionRequest, EmbeddingRequest, Usage, estimate_tokens, text_of,
 };
 
 pub(crate) fn router(state: Arc<State>) -> Router {
-    Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/completions", post(completions))
-        .route("/v1/embeddings", post(embeddings))
-        .route("/v1/models", get(models))
+    openai::routes(post(chat), post(completions), post(embeddings), get(models))
         .route("/healthz", get(healthz))
         .route("/health", get(healthz))
         .route("/admin/mode", post(set_mode))

@@ -162,17 +162,25 @@ pub fn total(nodes: &[FakeNode], stat: impl Fn(keel_gateway::fake_node::Stats) -
     nodes.iter().map(|n| stat(n.stats())).sum()
 }
 
-/// `GET {url}{path}` with the test key, as JSON.
-pub async fn get_json(url: &str, path: &str) -> serde_json::Value {
-    reqwest::Client::new()
-        .get(format!("{url}{path}"))
-        .bearer_auth(KEY)
+/// Sends `request` and reads the answer as JSON.
+pub async fn json_of(request: reqwest::RequestBuilder) -> serde_json::Value {
+    request
         .send()
         .await
-        .expect("the gateway answers")
+        .expect("the server answers")
         .json()
         .await
         .expect("a JSON answer")
+}
+
+/// `GET {url}{path}` with the test key, as JSON.
+pub async fn get_json(url: &str, path: &str) -> serde_json::Value {
+    json_of(
+        reqwest::Client::new()
+            .get(format!("{url}{path}"))
+            .bearer_auth(KEY),
+    )
+    .await
 }
 
 /// Polls `GET /v1/jobs/{id}` until the job leaves `queued` (at most

@@ -1,6 +1,6 @@
-//! RabbitMQ test support shared by the `amqp_*` test files: deleting a test
-//! queue's broker objects when the test ends, and reading what the broker
-//! itself holds for it.
+//! RabbitMQ test support shared by the `amqp_*` test files and the bench:
+//! deleting a test queue's broker objects when the test ends, and reading
+//! what the broker itself holds for it.
 //!
 //! Included with `#[path = "support/amqp.rs"] mod amqp_support;`. It knows
 //! the backend's topology (see `AmqpQueue`'s module docs): for a queue `q`
@@ -58,38 +58,42 @@ impl Drop for DeleteTopology {
                 .build()
                 .expect("runtime");
             runtime.block_on(async move {
-                let channel = match Connection::connect(&url, ConnectionProperties::default()).await
-                {
-                    Ok(conn) => conn.create_channel().await.map(|channel| (conn, channel)),
-                    Err(err) => Err(err),
-                };
-                let (conn, channel) = match channel {
-                    Ok(pair) => pair,
-                    Err(err) => {
-                        // Cleanup after the test's own assertions: say so
-                        // loudly rather than fail a test that passed.
-                        eprintln!("could not delete the test queues of `{name}` at {url}: {err}");
-                        return;
-                    }
-                };
-                let mut queues = ready_queues(&name, levels);
-                queues.push(dead_queue(&name));
-                for queue in queues {
-                    let _ = channel
-                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                        .await;
+                if let Err(err) = delete_topology(&url, &name, levels).await {
+                    // Cleanup after the test's own assertions: say so
+                    // loudly rather than fail a test that passed.
+                    eprintln!("could not delete the test queues of `{name}` at {url}: {err}");
                 }
-                let _ = channel
-                    .exchange_delete(
-                        format!("{name}.dlx").as_str().into(),
-                        ExchangeDeleteOptions::default(),
-                    )
-                    .await;
-                let _ = conn.close(200, "test done".into()).await;
             });
         });
         let _ = cleanup.join();
     }
+}
+
+/// Deletes the ready queues, the dead letters and the dead-letter exchange
+/// of the queue `name` with `levels` priority levels on the broker at
+/// `url`; a missing one is no error.
+///
+/// # Errors
+///
+/// When the broker cannot be reached.
+pub(crate) async fn delete_topology(url: &str, name: &str, levels: u8) -> Result<(), lapin::Error> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let channel = conn.create_channel().await?;
+    let mut queues = ready_queues(name, levels);
+    queues.push(dead_queue(name));
+    for queue in queues {
+        let _ = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = channel
+        .exchange_delete(
+            format!("{name}.dlx").as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await;
+    let _ = conn.close(200, "deleted".into()).await;
+    Ok(())
 }
 
 /// What the broker holds for a test queue.

@@ -651,20 +651,114 @@ pub(crate) async fn every_call_at_once<Q: Queue + ?Sized>(
     ]
 }
 
-/// Runs a consumer with `options` until every sent job is acked and the
-/// queue is empty, or `deadline`; answers the last stats seen (see
-/// [`drained`]).
+/// Runs a consumer (batches of [`BATCH`], 200 ms long polls, leases of
+/// `lease`) until every sent job is acked and the queue is empty, or
+/// `deadline`; answers the last stats seen (see [`drained`]).
 pub(crate) async fn drain_with_consumer<Q: Queue + Clone>(
     queue: &Q,
     tally: &Shared,
-    options: DequeueOptions,
+    lease: Duration,
     deadline: Instant,
 ) -> Option<QueueStats> {
+    let options = DequeueOptions::new(BATCH)
+        .wait(Duration::from_millis(200))
+        .lease(lease);
     let consumer = tokio::spawn(consume(queue.clone(), tally.clone(), options, deadline));
     let stats = drained(queue, tally, deadline).await;
     consumer.abort();
     let _ = consumer.await;
     stats
+}
+
+/// What [`blackhole`] saw.
+pub(crate) struct Blackhole {
+    /// Calls that failed during the outage.
+    pub(crate) failures: u32,
+    /// The slowest call during the outage.
+    pub(crate) slowest: Duration,
+    /// What the long poll that was waiting when the network went answered.
+    pub(crate) polled: Result<Vec<Delivery>, QueueError>,
+    /// How long that long poll took.
+    pub(crate) poll_took: Duration,
+    /// When the network came back.
+    pub(crate) restored_at: Instant,
+}
+
+impl Blackhole {
+    /// Runs a consumer until every sent job is acked and the queue is
+    /// empty (see [`drain_with_consumer`]), at most until 10 s after the
+    /// network came back.
+    pub(crate) async fn drain_after<Q: Queue + Clone>(
+        &self,
+        queue: &Q,
+        tally: &Shared,
+        lease: Duration,
+    ) -> Option<QueueStats> {
+        let deadline = self.restored_at + Duration::from_secs(10);
+        drain_with_consumer(queue, tally, lease, deadline).await
+    }
+}
+
+/// The outage's part of a details line: `failures_in_outage=.. slowest_op=..
+/// long_poll=.. (ok, n jobs | the error)`.
+impl fmt::Display for Blackhole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "failures_in_outage={} slowest_op={:?} long_poll={:?} (",
+            self.failures, self.slowest, self.poll_took
+        )?;
+        match &self.polled {
+            Ok(deliveries) => write!(f, "ok, {} jobs)", deliveries.len()),
+            Err(err) => write!(f, "{err})"),
+        }
+    }
+}
+
+/// The black-hole fault on an idle queue: a consumer waits in a 1 s long
+/// poll, then `proxy` swallows every byte for `outage` while
+/// [`every_call_at_once`] (enqueueing job `id`, dequeueing with `drain`)
+/// runs over and over. `check` judges every call (panicking, or noting a
+/// problem, where the backend got one wrong), and each failed call is noted
+/// in `tally` as a retryable error. Then the network is restored.
+pub(crate) async fn blackhole<Q: Queue + Clone>(
+    proxy: &keel_testkit::FaultProxy,
+    queue: &Q,
+    tally: &Shared,
+    id: u32,
+    drain: DequeueOptions,
+    outage: Duration,
+    mut check: impl FnMut(&Call),
+) -> Blackhole {
+    let waiting = long_poll(queue, drain.wait(Duration::from_secs(1)));
+    sleep(Duration::from_millis(100)).await;
+
+    proxy.blackhole();
+    let outage_ends = Instant::now() + outage;
+    let mut slowest = Duration::ZERO;
+    let mut failures = 0u32;
+    while Instant::now() < outage_ends {
+        for call in every_call_at_once(queue, id, drain).await {
+            check(&call);
+            if let Err(err) = &call.result {
+                failures += 1;
+                tally.lock().note_retryable(call.op, err);
+            }
+            slowest = slowest.max(call.took);
+        }
+    }
+    let (polled, poll_took) = timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("a long poll hung through the black hole")
+        .expect("the polling task panicked");
+    proxy.restore();
+    Blackhole {
+        failures,
+        slowest,
+        polled,
+        poll_took,
+        restored_at: Instant::now(),
+    }
 }
 
 // --------------------------------------------------------------- stream --
@@ -805,6 +899,19 @@ where
         figures,
         after_fault: finished - recovered_at,
     }
+}
+
+/// The connection-cut fault: once 500 jobs are sent, every open connection
+/// through `proxy` is reset twice, 200 ms apart. Answers how many
+/// connections the proxy had accepted before the cuts.
+pub(crate) async fn cut_twice(proxy: &keel_testkit::FaultProxy, tally: &Shared) -> u64 {
+    sent_at_least(tally, 500).await;
+    assert!(proxy.open_connections() > 0, "nothing to cut");
+    let accepted = proxy.connections_accepted();
+    proxy.cut();
+    sleep(Duration::from_millis(200)).await;
+    proxy.cut();
+    accepted
 }
 
 /// The latency-spike fault: once 500 jobs are sent, 300 ms each way through

@@ -728,6 +728,12 @@ mod tests {
         p.insert_at(class, at, e, |_| true);
     }
 
+    /// One class with no minimum share, and two tenants `a` and `b`.
+    fn two_tenants() -> (Pending<u32, TenantId>, TenantId, TenantId) {
+        let p = Pending::new(vec![0.0], 1);
+        (p, TenantId::new("a"), TenantId::new("b"))
+    }
+
     fn pop_any(p: &mut Pending<u32, TenantId>) -> Option<Popped<u32, TenantId>> {
         p.pop(|_| true, |_| true)
     }
@@ -777,8 +783,7 @@ mod tests {
     #[test]
     fn round_robin_interleaves_equal_tenants() {
         let now = Instant::now();
-        let mut p = Pending::<u32, TenantId>::new(vec![0.0], 1);
-        let (a, b) = (TenantId::new("a"), TenantId::new("b"));
+        let (mut p, a, b) = two_tenants();
         for i in 0..10 {
             push(&mut p, 0, &a, 1, entry(i, 1, now, None));
         }
@@ -792,8 +797,7 @@ mod tests {
     #[test]
     fn weights_and_costs_share_by_cost() {
         let now = Instant::now();
-        let mut p = Pending::<u32, TenantId>::new(vec![0.0], 1);
-        let (a, b) = (TenantId::new("a"), TenantId::new("b"));
+        let (mut p, a, b) = two_tenants();
         // `a` sends cost-10 requests with weight 1, `b` cost-1 with weight 3.
         for i in 0..1_000 {
             push(&mut p, 0, &a, 1, entry(i, 10, now, None));
@@ -815,8 +819,7 @@ mod tests {
     #[test]
     fn huge_costs_do_not_loop() {
         let now = Instant::now();
-        let mut p = Pending::<u32, TenantId>::new(vec![0.0], 1);
-        let (a, b) = (TenantId::new("a"), TenantId::new("b"));
+        let (mut p, a, b) = two_tenants();
         push(&mut p, 0, &a, 1, entry(1, 1_000_000_000, now, None));
         push(&mut p, 0, &b, 1, entry(2, 999_999_999, now, None));
         assert_eq!(drain(&mut p).len(), 2);
@@ -840,11 +843,10 @@ mod tests {
     #[test]
     fn parked_tenants_wait_for_unpark() {
         let now = Instant::now();
-        let mut p = Pending::<u32, TenantId>::new(vec![0.0], 1);
-        let (a, b) = (TenantId::new("a"), TenantId::new("b"));
-        push(&mut p, 0, &a, 1, entry(1, 1, now, None));
-        push(&mut p, 0, &a, 1, entry(2, 1, now, None));
-        push(&mut p, 0, &b, 1, entry(3, 1, now, None));
+        let (mut p, a, b) = two_tenants();
+        for (tenant, value) in [(&a, 1), (&a, 2), (&b, 3)] {
+            push(&mut p, 0, tenant, 1, entry(value, 1, now, None));
+        }
         let first = p.pop(|t| t.as_str() == "b", |_| true).unwrap();
         assert_eq!(first.entry.value, 3);
         assert!(pop_any(&mut p).is_none(), "a is parked");
@@ -887,11 +889,10 @@ mod tests {
     #[test]
     fn restored_requests_keep_their_place() {
         let now = Instant::now();
-        let mut p = Pending::<u32, TenantId>::new(vec![0.0], 1);
-        let (a, b) = (TenantId::new("a"), TenantId::new("b"));
-        push(&mut p, 0, &a, 1, entry(1, 1, now, None));
-        push(&mut p, 0, &a, 1, entry(2, 1, now, None));
-        push(&mut p, 0, &b, 1, entry(3, 1, now, None));
+        let (mut p, a, b) = two_tenants();
+        for (tenant, value) in [(&a, 1), (&a, 2), (&b, 3)] {
+            push(&mut p, 0, tenant, 1, entry(value, 1, now, None));
+        }
         let first = pop_any(&mut p).unwrap();
         assert_eq!(first.entry.value, 1);
         let at = Pending::locate(&mut p.classes[first.class], &first.meta, |t| {
@@ -905,8 +906,7 @@ mod tests {
     #[test]
     fn requests_given_up_are_skipped_uncharged_and_purged() {
         let now = Instant::now();
-        let mut p = Pending::<u32, TenantId>::new(vec![0.0], 1);
-        let (a, b) = (TenantId::new("a"), TenantId::new("b"));
+        let (mut p, a, b) = two_tenants();
         for i in 0..4 {
             push(&mut p, 0, &a, 1, entry(i, 1, now, None));
         }
