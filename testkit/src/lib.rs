@@ -21,6 +21,10 @@
 //!   [`restart`](RedisServer::restart): empty, or, started
 //!   [with persistence on](RedisServer::start_with_args), with every write it
 //!   acknowledged.
+//! - [`RedisCluster`]: a Redis Cluster of the test's own (3 masters, 3
+//!   replicas, on free ports) whose nodes it can
+//!   [`kill`](RedisCluster::kill) to see a replica promoted, and
+//!   [`restart`](RedisCluster::restart).
 //! - [`assert_refused`]: the check of a config test that each bad field is
 //!   refused by name.
 //!
@@ -62,6 +66,8 @@ mod config;
 mod namespace;
 mod proxy;
 #[cfg(feature = "redis")]
+mod redis_cluster;
+#[cfg(feature = "redis")]
 mod redis_server;
 mod servers;
 
@@ -70,6 +76,8 @@ pub use namespace::Namespace;
 #[cfg(feature = "redis")]
 pub use namespace::redis_cleanup;
 pub use proxy::{Direction, FaultProxy, Latency};
+#[cfg(feature = "redis")]
+pub use redis_cluster::{RedisCluster, SLOTS, key_slot};
 #[cfg(feature = "redis")]
 pub use redis_server::RedisServer;
 #[cfg(feature = "amqp")]
