@@ -72,12 +72,14 @@ mod redis_server;
 mod servers;
 
 pub use config::assert_refused;
+#[cfg(feature = "redis")]
+pub use keel_core::redis::{SLOTS, key_slot};
 pub use namespace::Namespace;
 #[cfg(feature = "redis")]
 pub use namespace::redis_cleanup;
 pub use proxy::{Direction, FaultProxy, Latency};
 #[cfg(feature = "redis")]
-pub use redis_cluster::{RedisCluster, SLOTS, key_slot};
+pub use redis_cluster::RedisCluster;
 #[cfg(feature = "redis")]
 pub use redis_server::RedisServer;
 #[cfg(feature = "amqp")]

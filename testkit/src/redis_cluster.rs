@@ -5,17 +5,17 @@ use std::fmt;
 use std::io;
 use std::net::Ipv4Addr;
 use std::process::Stdio;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use keel_core::redis::{SLOTS, key_slot};
 
 use crate::redis_server::{INSTALL_HINT, RedisServer, free_port};
 
 /// Masters in the cluster; each has one replica.
 const MASTERS: usize = 3;
-
-/// Slots of a Redis Cluster.
-pub const SLOTS: u16 = 16384;
 
 /// How long a node may go unanswered before the others mark it failed
 /// (`cluster-node-timeout`, in milliseconds): short, so a failover takes a
@@ -117,6 +117,35 @@ impl RedisCluster {
         let mut cluster = RedisCluster { nodes };
         cluster.create().await?;
         cluster.wait_healthy(CREATE_TIMEOUT).await?;
+        Ok(cluster)
+    }
+
+    /// A cluster shared by the tests of this process that run at the same
+    /// time: the first caller starts it, later callers get the same one
+    /// while any handle is alive, and it is stopped (every node killed and
+    /// its directory removed) when the last handle is dropped. A test that
+    /// needs a cluster only as a place to put data (a conformance suite,
+    /// one case per test, each in its own namespace) uses it to avoid
+    /// starting six servers per case; a test that kills nodes
+    /// [starts its own](Self::start).
+    ///
+    /// # Errors
+    ///
+    /// As for [`start`](Self::start).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancelling the future kills any node it started; another caller then
+    /// starts the cluster.
+    pub async fn shared() -> io::Result<Arc<RedisCluster>> {
+        static SHARED: tokio::sync::Mutex<Weak<RedisCluster>> =
+            tokio::sync::Mutex::const_new(Weak::new());
+        let mut shared = SHARED.lock().await;
+        if let Some(cluster) = shared.upgrade() {
+            return Ok(cluster);
+        }
+        let cluster = Arc::new(RedisCluster::start().await?);
+        *shared = Arc::downgrade(&cluster);
         Ok(cluster)
     }
 
@@ -439,44 +468,6 @@ impl View {
     }
 }
 
-/// The Redis Cluster slot of `key`: CRC16 (XMODEM) of the key, or of its
-/// hash tag (what is between the first `{` and the next `}`, when not
-/// empty), modulo 16384.
-///
-/// ```
-/// use keel_testkit::key_slot;
-///
-/// assert_eq!(key_slot(b"foo"), 12182);
-/// assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"{user1000}.followers"));
-/// ```
-#[must_use]
-pub fn key_slot(key: &[u8]) -> u16 {
-    let hashed = match key.iter().position(|&b| b == b'{') {
-        Some(open) => match key[open + 1..].iter().position(|&b| b == b'}') {
-            Some(len) if len > 0 => &key[open + 1..open + 1 + len],
-            _ => key,
-        },
-        None => key,
-    };
-    crc16(hashed) % SLOTS
-}
-
-/// CRC16-CCITT (XMODEM), the one Redis Cluster uses.
-fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &byte in bytes {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
 /// A free port whose cluster bus port (port + 10000) is free too.
 fn cluster_port() -> io::Result<u16> {
     for _ in 0..100 {
@@ -529,16 +520,6 @@ async fn ask(url: &str, cmd: redis::Cmd) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn slots_match_redis() {
-        // Values from `CLUSTER KEYSLOT`.
-        assert_eq!(key_slot(b"foo"), 12182);
-        assert_eq!(key_slot(b"bar"), 5061);
-        assert_eq!(key_slot(b"somekey"), 11058);
-        assert_eq!(key_slot(b"{foo}bar"), 12182);
-        assert_eq!(key_slot(b"a{b}{c}"), key_slot(b"b"));
-    }
 
     #[test]
     fn parses_cluster_nodes() {

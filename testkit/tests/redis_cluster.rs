@@ -135,3 +135,18 @@ async fn dropping_the_cluster_kills_every_node() {
         assert!(!dir.exists(), "{} was not removed", dir.display());
     }
 }
+
+#[tokio::test]
+async fn a_shared_cluster_lives_while_a_handle_does() {
+    let (a, b) = tokio::join!(RedisCluster::shared(), RedisCluster::shared());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(std::sync::Arc::ptr_eq(&a, &b));
+    let addr = a.node(0).addr();
+    drop(a);
+    assert!(tokio::net::TcpStream::connect(addr).await.is_ok());
+    drop(b);
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "{addr} still accepts connections after the last handle was dropped"
+    );
+}

@@ -248,8 +248,18 @@ impl RedisRateLimiter {
         let limit = self.config.operation_timeout;
         let mut taken = None;
         let attempt = async {
-            let connection = taken.insert(self.pool.deadpool().get().await?);
-            let answer: T = invocation.invoke_async(&mut **connection).await?;
+            let answer: T = match self.pool.deadpool() {
+                Some(pool) => {
+                    let connection = taken.insert(pool.get().await?);
+                    invocation.invoke_async(&mut **connection).await?
+                }
+                // A cluster connection multiplexes and reconnects to each
+                // node by itself: nothing to take out of a pool.
+                None => {
+                    let mut connection = self.pool.connection().await?;
+                    invocation.invoke_async(&mut connection).await?
+                }
+            };
             Ok::<_, RedisError>(answer)
         };
         match tokio::time::timeout(limit, attempt).await {
