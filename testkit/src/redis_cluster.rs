@@ -266,7 +266,7 @@ impl RedisCluster {
     }
 
     /// The index of the node that is master for `key`'s slot, as the first
-    /// running node sees it (see [`master_for_slot`](Self::master_for_slot)).
+    /// node that answers sees it (see [`master_for_slot`](Self::master_for_slot)).
     ///
     /// # Errors
     ///
@@ -275,12 +275,12 @@ impl RedisCluster {
     /// # Cancel safety
     ///
     /// Cancel safe: it only reads.
-    pub async fn master_for_key(&mut self, key: impl AsRef<[u8]>) -> io::Result<usize> {
+    pub async fn master_for_key(&self, key: impl AsRef<[u8]>) -> io::Result<usize> {
         self.master_for_slot(key_slot(key.as_ref())).await
     }
 
-    /// The index of the node that is master for `slot`, as the first running
-    /// node sees it in `CLUSTER NODES`. Right after a [`kill`](Self::kill),
+    /// The index of the node that is master for `slot`, as the first node
+    /// that answers sees it in `CLUSTER NODES`. Right after a [`kill`](Self::kill),
     /// that may still be the killed node: call
     /// [`wait_healthy`](Self::wait_healthy) first.
     ///
@@ -292,12 +292,10 @@ impl RedisCluster {
     /// # Cancel safety
     ///
     /// Cancel safe: it only reads.
-    pub async fn master_for_slot(&mut self, slot: u16) -> io::Result<usize> {
+    pub async fn master_for_slot(&self, slot: u16) -> io::Result<usize> {
         let mut last_error = io::Error::other("no node of the cluster is running");
+        // A killed node refuses the connection at once: ask the next.
         for index in 0..self.nodes.len() {
-            if !self.nodes[index].is_running() {
-                continue;
-            }
             match self.view_of(index).await {
                 Ok(view) => {
                     let Some(port) = view.master_for(slot) else {

@@ -41,9 +41,9 @@
 //! On a Redis Cluster (a pool built from
 //! [`RedisConfig::cluster`](keel_core::redis::RedisConfig::cluster), with
 //! the `cluster` feature), each key goes to the master of its slot, so the
-//! cache spreads over every shard. Batches are grouped per slot: `get_many`
-//! is one `MGET` per slot and `set_many` one pipeline per slot, sent
-//! concurrently, so a batch of keys of one slot is still one round trip.
+//! cache spreads over every shard. Batches are grouped per slot (the
+//! cache computes each key's slot): `get_many` is one `MGET` per slot and
+//! `set_many` one pipeline per slot, sent concurrently, so a batch of keys of one slot is still one round trip.
 //! Keys carry a hash tag only if the prefix does: a prefix such as
 //! `"{emb}:"` keeps every key of the cache in one slot, so every batch is
 //! one round trip, at the price of putting the whole cache on one shard.
@@ -52,6 +52,7 @@ mod config;
 mod error;
 mod invalidation;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -60,7 +61,7 @@ use std::time::Duration;
 use ::redis::FromRedisValue;
 use async_trait::async_trait;
 use bytes::Bytes;
-use keel_core::redis::{RedisConnection, RedisError, RedisPool};
+use keel_core::redis::{RedisConnection, RedisError, RedisErrorKind, RedisPool, key_slot};
 use parking_lot::Mutex;
 
 pub use self::config::RedisCacheConfig;
@@ -371,12 +372,56 @@ impl Cache for RedisCache {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut cmd = ::redis::cmd("MGET");
-        for key in keys {
-            cmd.arg(self.key(key));
+        if !self.inner.lanes.pool.is_cluster() {
+            let mut cmd = ::redis::cmd("MGET");
+            for key in keys {
+                cmd.arg(self.key(key));
+            }
+            let raw: Vec<Option<Vec<u8>>> = self.query(Request::Cmd(&cmd)).await?;
+            return Ok(raw.into_iter().map(|r| self.decode(r)).collect());
         }
-        let raw: Vec<Option<Vec<u8>>> = self.query(Request::Cmd(&cmd)).await?;
-        Ok(raw.into_iter().map(|r| self.decode(r)).collect())
+        // One `MGET` per slot, sent concurrently, the answers put back in
+        // the caller's order. (The cluster client can split an `MGET`
+        // itself, but miscounts the parts when a failover moves slots
+        // under it.)
+        let mut slots: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        let full: Vec<Vec<u8>> = keys.iter().map(|key| self.key(key)).collect();
+        for (index, key) in full.iter().enumerate() {
+            slots.entry(key_slot(key)).or_default().push(index);
+        }
+        let cmds: Vec<(&Vec<usize>, ::redis::Cmd)> = slots
+            .values()
+            .map(|indices| {
+                let mut cmd = ::redis::cmd("MGET");
+                for &index in indices {
+                    cmd.arg(&full[index]);
+                }
+                (indices, cmd)
+            })
+            .collect();
+        let answers = futures::future::try_join_all(
+            cmds.iter()
+                .map(|(_, cmd)| self.query::<Vec<Option<Vec<u8>>>>(Request::Cmd(cmd))),
+        )
+        .await?;
+        let mut out = vec![None; keys.len()];
+        for ((indices, _), raw) in cmds.iter().zip(answers) {
+            if raw.len() != indices.len() {
+                return Err(RedisError::new(
+                    RedisErrorKind::Protocol,
+                    format!(
+                        "MGET of {} keys answered {} values",
+                        indices.len(),
+                        raw.len()
+                    ),
+                )
+                .into());
+            }
+            for (&index, value) in indices.iter().zip(raw) {
+                out[index] = self.decode(value);
+            }
+        }
+        Ok(out)
     }
 
     async fn set_many(&self, entries: &[(&str, Bytes)], ttl: Duration) -> Result<()> {
@@ -394,13 +439,9 @@ impl Cache for RedisCache {
         }
         // A cluster pipeline must stay in one slot: one per slot, sent
         // concurrently.
-        let mut slots: std::collections::BTreeMap<u16, Vec<(Vec<u8>, &Bytes)>> =
-            std::collections::BTreeMap::new();
+        let mut slots: BTreeMap<u16, Vec<(Vec<u8>, &Bytes)>> = BTreeMap::new();
         for (key, value) in keyed {
-            slots
-                .entry(keel_core::redis::key_slot(&key))
-                .or_default()
-                .push((key, value));
+            slots.entry(key_slot(&key)).or_default().push((key, value));
         }
         let pipes: Vec<::redis::Pipeline> = slots
             .values()
