@@ -1,7 +1,8 @@
 //! The Redis backend on a Redis Cluster of the tests' own: the conformance
 //! suite (keys spread over the shards, keys all in one slot through a
-//! hash-tagged prefix, and `PrefixCache` over it), the invalidation bus
-//! across nodes, and a master's failover.
+//! hash-tagged prefix, `PrefixCache` over it, and `Tiered` with the
+//! cluster as L2), the invalidation bus across nodes and between two
+//! `Tiered` instances, and a master's failover.
 #![cfg(feature = "cluster")]
 
 use std::sync::Arc;
@@ -238,4 +239,93 @@ async fn a_master_failover_is_retryable_and_the_bus_moves_to_another_node() {
             key: "k".into()
         }
     );
+}
+
+#[cfg(feature = "moka")]
+mod tiered {
+    use super::*;
+    use keel_cache::{Tiered, TieredConfig};
+
+    fn config(name: &str) -> TieredConfig {
+        TieredConfig::new(name)
+            .ttl(Duration::from_secs(30))
+            .l1_ttl(Duration::from_secs(30))
+            .ttl_jitter(0.0)
+            .l2_timeout(Duration::from_millis(600))
+    }
+
+    keel_cache::cache_conformance!(tiered_redis_cluster, |namespace: String| async move {
+        let (l2, cluster) = cluster_cache(&namespace).await;
+        let tiered = Tiered::builder(config("conformance"))
+            .l2(l2)
+            .build()
+            .unwrap();
+        Subject::new(tiered).with_guard(cluster)
+    });
+
+    /// Waits (in real time, bounded) until `check` holds.
+    async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+        let start = Instant::now();
+        while !check().await {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{what} did not happen within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Two instances (their subscriptions on different nodes) share the
+    /// cluster as L2 and invalidate each other's L1.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_tiered_instances_share_the_cluster_and_its_invalidations() {
+        let cluster = RedisCluster::shared().await.unwrap();
+        let prefix = format!("tiered-{}:", uuid::Uuid::new_v4().simple());
+        let channel = format!("{prefix}channel");
+        let instance = |rotate: usize| {
+            let mut seeds = cluster.urls();
+            seeds.rotate_left(rotate);
+            let pool = RedisPool::new(
+                RedisConfig::cluster(seeds)
+                    .connect_timeout(Duration::from_secs(2))
+                    .operation_timeout(Duration::from_secs(1)),
+            )
+            .unwrap();
+            let l2 = RedisCache::with_pool(
+                pool.clone(),
+                RedisCacheConfig::default()
+                    .prefix(&prefix)
+                    .operation_timeout(Duration::from_millis(500)),
+            )
+            .unwrap();
+            Tiered::builder(config("instances"))
+                .l2(l2)
+                .invalidation(bus_on(pool, &channel))
+                .build()
+                .unwrap()
+        };
+        let (a, b) = (instance(0), instance(3));
+        // Let both subscriptions come up, so the updates below travel as
+        // invalidations (one that came up late would flush its L1 instead,
+        // and the checks would hold all the same).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        a.set("k", "v1".into(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(b.get("k").await.unwrap().as_deref(), Some(&b"v1"[..]));
+        // B now holds v1 in its L1; an update through A reaches it.
+        a.set("k", "v2".into(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        eventually("b sees v2", async || {
+            b.get("k").await.unwrap().as_deref() == Some(&b"v2"[..])
+        })
+        .await;
+        a.invalidate("k").await.unwrap();
+        eventually("b misses after invalidate", async || {
+            b.get("k").await.unwrap().is_none()
+        })
+        .await;
+    }
 }
