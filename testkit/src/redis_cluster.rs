@@ -209,7 +209,8 @@ impl RedisCluster {
         self.nodes.len()
     }
 
-    /// Always `false`: a cluster has nodes. (For `len`'s sake.)
+    /// Whether the cluster has no nodes: never, it has six (the companion
+    /// of [`len`](Self::len)).
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()

@@ -85,8 +85,7 @@ impl Cluster {
                     .with_source(elapsed)),
                 }
             })
-            .await
-            .map_err(|err| err.context(format!("cannot reach the redis {}", self.seeds)))?;
+            .await?;
         Ok(made.clone())
     }
 }

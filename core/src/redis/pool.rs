@@ -185,10 +185,18 @@ impl RedisPool {
             .with_source(elapsed)),
         };
         answer.map_err(|err| {
-            err.context(format!(
-                "redis at {} does not answer; is it running? (start it with: redis-server --daemonize yes)",
-                self.config.redacted_url()
-            ))
+            if self.is_cluster() {
+                err.context(format!(
+                    "the redis {} does not answer; are its masters running and is \
+                     `CLUSTER INFO` on them `cluster_state:ok`?",
+                    self.config.redacted_url()
+                ))
+            } else {
+                err.context(format!(
+                    "redis at {} does not answer; is it running? (start it with: redis-server --daemonize yes)",
+                    self.config.redacted_url()
+                ))
+            }
         })
     }
 
@@ -359,6 +367,11 @@ mod tests {
                 .connect_timeout(Duration::from_millis(300));
         let err = RedisPool::connect(config).await.unwrap_err();
         let text = err.to_string();
+        assert_eq!(
+            text.matches("127.0.0.1:2").count(),
+            1,
+            "the seeds once: {text}"
+        );
         assert!(
             text.contains("127.0.0.1:1")
                 && text.contains("127.0.0.1:2")
