@@ -21,6 +21,10 @@
 //!   [`restart`](RedisServer::restart): empty, or, started
 //!   [with persistence on](RedisServer::start_with_args), with every write it
 //!   acknowledged.
+//! - [`RedisCluster`]: a Redis Cluster of the test's own (3 masters, 3
+//!   replicas, on free ports) whose nodes it can
+//!   [`kill`](RedisCluster::kill) to see a replica promoted, and
+//!   [`restart`](RedisCluster::restart).
 //! - [`assert_refused`]: the check of a config test that each bad field is
 //!   refused by name.
 //! - [`redis_error_reply`]: the client error a Redis error reply becomes,
@@ -65,6 +69,7 @@
 mod config;
 mod namespace;
 mod proxy;
+mod redis_cluster;
 #[cfg(feature = "redis")]
 mod redis_reply;
 #[cfg(feature = "redis")]
@@ -73,10 +78,13 @@ mod runtime;
 mod servers;
 
 pub use config::assert_refused;
+#[cfg(feature = "redis")]
+pub use keel_core::redis::{SLOTS, key_slot};
 pub use namespace::Namespace;
 #[cfg(feature = "redis")]
 pub use namespace::redis_cleanup;
 pub use proxy::{Direction, FaultProxy, Latency};
+pub use redis_cluster::RedisCluster;
 #[cfg(feature = "redis")]
 pub use redis_reply::redis_error_reply;
 #[cfg(feature = "redis")]

@@ -21,7 +21,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 const SPAWN_ATTEMPTS: usize = 5;
 
 /// The command that installs `redis-server` on Debian and Ubuntu.
-const INSTALL_HINT: &str = "apt-get install -y redis-server";
+pub(crate) const INSTALL_HINT: &str = "apt-get install -y redis-server";
 
 /// A `redis-server` process of its own, on a free port of `127.0.0.1`, with
 /// its working directory in a temporary directory and persistence off.
@@ -118,6 +118,19 @@ impl RedisServer {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
+        Self::start_on(args, free_port).await
+    }
+
+    /// Like [`start_with_args`](Self::start_with_args), on ports chosen by
+    /// `pick` (called again for each attempt).
+    pub(crate) async fn start_on<I, S>(
+        args: I,
+        pick: fn() -> io::Result<u16>,
+    ) -> io::Result<RedisServer>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
         let dir = tempfile::Builder::new().prefix("keel-redis-").tempdir()?;
         let mut server = RedisServer {
             port: 0,
@@ -127,7 +140,7 @@ impl RedisServer {
         };
         let mut last_error = None;
         for _ in 0..SPAWN_ATTEMPTS {
-            server.port = free_port()?;
+            server.port = pick()?;
             match server.spawn_and_wait().await {
                 Ok(()) => return Ok(server),
                 Err(SpawnError::Exited(error)) => last_error = Some(error),
@@ -341,7 +354,7 @@ enum SpawnError {
 }
 
 /// A port that was free on `127.0.0.1` a moment ago.
-fn free_port() -> io::Result<u16> {
+pub(crate) fn free_port() -> io::Result<u16> {
     let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     Ok(listener.local_addr()?.port())
 }

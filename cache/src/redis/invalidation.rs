@@ -1,6 +1,7 @@
 //! Cross-instance invalidation over Redis pub/sub.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -156,6 +157,12 @@ impl RedisInvalidationConfig {
 /// [`BusEvent::Subscribed`], so the cache drops its whole L1: messages sent
 /// while it was away are lost, as pub/sub does not keep them.
 ///
+/// On a Redis Cluster (a [`RedisConfig::cluster`](keel_core::redis::RedisConfig::cluster)
+/// config, feature `cluster`), a `PUBLISH` on any node reaches the
+/// subscribers of every node, so a subscription holds one connection to
+/// one node; when it is lost, the next attempt goes to the next seed node,
+/// so a dead node does not keep the bus down.
+///
 /// ```no_run
 /// # async fn demo() -> Result<(), keel_cache::CacheError> {
 /// use keel_cache::{
@@ -174,7 +181,9 @@ impl RedisInvalidationConfig {
 #[derive(Clone)]
 pub struct RedisInvalidationBus {
     config: RedisInvalidationConfig,
-    client: ::redis::Client,
+    /// Where subscriptions go: the server, or each seed node of a cluster
+    /// in turn.
+    clients: Arc<[::redis::Client]>,
     publisher: RedisCache,
 }
 
@@ -211,22 +220,32 @@ impl RedisInvalidationBus {
     /// [`CacheError::InvalidConfig`] naming a bad field of the bus's own.
     pub fn with_pool(pool: RedisPool, config: RedisInvalidationConfig) -> Result<Self> {
         config.validate_own()?;
-        let client = ::redis::Client::open(pool.config().url.as_str()).map_err(|err| {
-            CacheError::config(
-                "redis.url",
-                format!(
-                    "not a usable redis URL ({}): {err}",
-                    pool.config().redacted_url()
-                ),
-            )
-        })?;
+        let (field, urls) = if pool.is_cluster() {
+            ("redis.cluster_urls", pool.config().cluster_urls.clone())
+        } else {
+            ("redis.url", vec![pool.config().url.clone()])
+        };
+        let clients = urls
+            .iter()
+            .map(|url| {
+                ::redis::Client::open(url.as_str()).map_err(|err| {
+                    CacheError::config(
+                        field,
+                        format!(
+                            "not a usable redis URL ({}): {err}",
+                            keel_core::redacted_url(url)
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<Arc<[_]>>>()?;
         let publisher = RedisCache::with_pool(
             pool,
             RedisCacheConfig::default().operation_timeout(config.operation_timeout),
         )?;
         Ok(RedisInvalidationBus {
             config,
-            client,
+            clients,
             publisher,
         })
     }
@@ -267,7 +286,7 @@ impl InvalidationBus for RedisInvalidationBus {
     fn subscribe(&self) -> BoxStream<'static, BusEvent> {
         let (sender, receiver) = mpsc::channel(1024);
         tokio::spawn(subscription(
-            self.client.clone(),
+            Arc::clone(&self.clients),
             self.config.clone(),
             self.publisher.pool().config().connect_timeout,
             sender,
@@ -281,13 +300,14 @@ impl InvalidationBus for RedisInvalidationBus {
 
 /// Keeps one subscription alive until the receiving side is dropped.
 async fn subscription(
-    client: ::redis::Client,
+    clients: Arc<[::redis::Client]>,
     config: RedisInvalidationConfig,
     connect_timeout: Duration,
     sender: mpsc::Sender<BusEvent>,
 ) {
     let mut backoff = config.reconnect_min;
-    loop {
+    for attempt in 0.. {
+        let client = &clients[attempt % clients.len()];
         let connect = async {
             let pubsub = client.get_async_pubsub().await?;
             let (mut sink, stream) = pubsub.split();

@@ -35,27 +35,33 @@
 //!
 //! # Batches and Redis Cluster
 //!
-//! Batches are one round trip: `get_many` is one `MGET`, `set_many` one
-//! pipeline of `SET PX`. This backend talks to a single Redis (or a
-//! replicated primary), not a Cluster: its client does not follow cluster
-//! redirections. Keys carry a hash tag only if the prefix does: a prefix
-//! such as `"{emb}:"` keeps every key of the cache (and so every `MGET`) in
-//! one slot, at the price of putting the whole cache on one shard.
+//! On a single server, batches are one round trip: `get_many` is one
+//! `MGET`, `set_many` one pipeline of `SET PX`.
+//!
+//! On a Redis Cluster (a pool built from
+//! [`RedisConfig::cluster`](keel_core::redis::RedisConfig::cluster), with
+//! the `cluster` feature), each key goes to the master of its slot, so the
+//! cache spreads over every shard. Batches are grouped per slot (the
+//! cache computes each key's slot): `get_many` is one `MGET` per slot and
+//! `set_many` one pipeline per slot, sent concurrently, so a batch of keys of one slot is still one round trip.
+//! Keys carry a hash tag only if the prefix does: a prefix such as
+//! `"{emb}:"` keeps every key of the cache in one slot, so every batch is
+//! one round trip, at the price of putting the whole cache on one shard.
 
 mod config;
 mod error;
 mod invalidation;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ::redis::FromRedisValue;
-use ::redis::aio::MultiplexedConnection;
 use async_trait::async_trait;
 use bytes::Bytes;
-use keel_core::redis::{RedisError, RedisPool};
+use keel_core::redis::{RedisConnection, RedisError, RedisErrorKind, RedisPool, key_slot};
 use parking_lot::Mutex;
 
 pub use self::config::RedisCacheConfig;
@@ -93,11 +99,11 @@ fn ttl_ms(ttl: Duration) -> Result<u64> {
 
 /// Multiplexed connections shared by all operations, so an operation does
 /// not pay a checkout (deadpool's health-check `PING`) each time. Each lane
-/// holds a clone of a pooled connection; the connection itself stays in the
-/// pool, shared with the pool's other users.
+/// holds a clone of a pooled connection (or of the cluster connection); the
+/// connection itself stays in the pool, shared with the pool's other users.
 struct Lanes {
     pool: RedisPool,
-    lanes: Mutex<Vec<Option<MultiplexedConnection>>>,
+    lanes: Mutex<Vec<Option<RedisConnection>>>,
     next: AtomicUsize,
 }
 
@@ -111,7 +117,7 @@ impl Lanes {
         }
     }
 
-    async fn get(&self) -> std::result::Result<(usize, MultiplexedConnection), RedisError> {
+    async fn get(&self) -> std::result::Result<(usize, RedisConnection), RedisError> {
         let index = {
             let lanes = self.lanes.lock();
             self.next.fetch_add(1, Ordering::Relaxed) % lanes.len()
@@ -119,10 +125,8 @@ impl Lanes {
         if let Some(conn) = self.lanes.lock()[index].clone() {
             return Ok((index, conn));
         }
-        let pooled = self.pool.deadpool().get().await?;
-        // A clone shares the connection; the pooled handle goes back now.
-        let conn = MultiplexedConnection::clone(&pooled);
-        drop(pooled);
+        // A clone that shares the connection; the pooled handle went back.
+        let conn = self.pool.connection().await?;
         self.lanes.lock()[index] = Some(conn.clone());
         Ok((index, conn))
     }
@@ -167,9 +171,9 @@ impl Drop for LaneGuard<'_> {
 /// by the cache's own [`operation_timeout`](RedisCacheConfig::operation_timeout)
 /// (50 ms by default); failures classified by
 /// [`keel_core::redis::RedisError`]: a `LOADING` server, a failover or a
-/// lost connection is [`CacheError::Unavailable`], retryable. `get_many` is
-/// one `MGET`; the client does not speak Redis Cluster (put a hash tag in the
-/// prefix, `"{emb}:"`, to keep every key in one slot).
+/// lost connection is [`CacheError::Unavailable`], retryable. `get_many` is one
+/// `MGET`, one per slot on a Redis Cluster (put a hash tag in the prefix,
+/// `"{emb}:"`, to keep every key in one slot).
 ///
 /// Cloning is cheap; clones share the connections.
 ///
@@ -369,28 +373,88 @@ impl Cache for RedisCache {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut cmd = ::redis::cmd("MGET");
-        for key in keys {
-            cmd.arg(self.key(key));
+        if !self.inner.lanes.pool.is_cluster() {
+            let mut cmd = ::redis::cmd("MGET");
+            for key in keys {
+                cmd.arg(self.key(key));
+            }
+            let raw: Vec<Option<Vec<u8>>> = self.query(Request::Cmd(&cmd)).await?;
+            return Ok(raw.into_iter().map(|r| self.decode(r)).collect());
         }
-        let raw: Vec<Option<Vec<u8>>> = self.query(Request::Cmd(&cmd)).await?;
-        Ok(raw.into_iter().map(|r| self.decode(r)).collect())
+        // One `MGET` per slot, sent concurrently, the answers put back in
+        // the caller's order. (The cluster client can split an `MGET`
+        // itself, but miscounts the parts when a failover moves slots
+        // under it.)
+        let mut slots: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        let full: Vec<Vec<u8>> = keys.iter().map(|key| self.key(key)).collect();
+        for (index, key) in full.iter().enumerate() {
+            slots.entry(key_slot(key)).or_default().push(index);
+        }
+        let cmds: Vec<(&Vec<usize>, ::redis::Cmd)> = slots
+            .values()
+            .map(|indices| {
+                let mut cmd = ::redis::cmd("MGET");
+                for &index in indices {
+                    cmd.arg(&full[index]);
+                }
+                (indices, cmd)
+            })
+            .collect();
+        let answers = futures::future::try_join_all(
+            cmds.iter()
+                .map(|(_, cmd)| self.query::<Vec<Option<Vec<u8>>>>(Request::Cmd(cmd))),
+        )
+        .await?;
+        let mut out = vec![None; keys.len()];
+        for ((indices, _), raw) in cmds.iter().zip(answers) {
+            if raw.len() != indices.len() {
+                return Err(RedisError::new(
+                    RedisErrorKind::Protocol,
+                    format!(
+                        "MGET of {} keys answered {} values",
+                        indices.len(),
+                        raw.len()
+                    ),
+                )
+                .into());
+            }
+            for (&index, value) in indices.iter().zip(raw) {
+                out[index] = self.decode(value);
+            }
+        }
+        Ok(out)
     }
 
     async fn set_many(&self, entries: &[(&str, Bytes)], ttl: Duration) -> Result<()> {
         let ms = ttl_ms(ttl)?;
-        for chunk in entries.chunks(SET_CHUNK) {
-            let mut pipe = ::redis::pipe();
-            for (key, value) in chunk {
-                pipe.cmd("SET")
-                    .arg(self.key(key))
-                    .arg(frame(value))
-                    .arg("PX")
-                    .arg(ms)
-                    .ignore();
+        let keyed: Vec<(Vec<u8>, &Bytes)> = entries
+            .iter()
+            .map(|(key, value)| (self.key(key), value))
+            .collect();
+        if !self.inner.lanes.pool.is_cluster() {
+            for chunk in keyed.chunks(SET_CHUNK) {
+                self.query::<()>(Request::Pipe(&set_pipe(chunk, ms)))
+                    .await?;
             }
-            self.query::<()>(Request::Pipe(&pipe)).await?;
+            return Ok(());
         }
+        // A cluster pipeline must stay in one slot: one per slot, sent
+        // concurrently.
+        let mut slots: BTreeMap<u16, Vec<(Vec<u8>, &Bytes)>> = BTreeMap::new();
+        for (key, value) in keyed {
+            slots.entry(key_slot(&key)).or_default().push((key, value));
+        }
+        let pipes: Vec<::redis::Pipeline> = slots
+            .values()
+            .flat_map(|entries| entries.chunks(SET_CHUNK))
+            .map(|chunk| set_pipe(chunk, ms))
+            .collect();
+        futures::future::try_join_all(
+            pipes
+                .iter()
+                .map(|pipe| self.query::<()>(Request::Pipe(pipe))),
+        )
+        .await?;
         Ok(())
     }
 
@@ -403,6 +467,20 @@ impl Cache for RedisCache {
             .await
             .map(drop)
     }
+}
+
+/// One pipeline of `SET key frame PX ms` for `entries`.
+fn set_pipe(entries: &[(Vec<u8>, &Bytes)], ms: u64) -> ::redis::Pipeline {
+    let mut pipe = ::redis::pipe();
+    for (key, value) in entries {
+        pipe.cmd("SET")
+            .arg(key)
+            .arg(frame(value))
+            .arg("PX")
+            .arg(ms)
+            .ignore();
+    }
+    pipe
 }
 
 #[cfg(test)]

@@ -12,8 +12,11 @@ pub enum RedisErrorKind {
     /// The server cannot be used right now and waiting helps: connection
     /// refused, dropped or timed out, no pooled connection in time, or the
     /// server is coming back (`LOADING`, `TRYAGAIN`, `MASTERDOWN`,
-    /// `CLUSTERDOWN`, a failover's `READONLY`), also when that answer came
-    /// for a command inside a pipeline or an aborted transaction.
+    /// `CLUSTERDOWN`, a failover's `READONLY`), or a cluster moved the slot
+    /// (`MOVED`, `ASK`: the cluster client follows those itself, so one
+    /// reaches the caller only when its retries ran out mid-resharding),
+    /// also when that answer came for a command inside a pipeline or an
+    /// aborted transaction.
     Unavailable,
     /// The server answered a command with an error that waiting does not
     /// fix (a wrong type, a script error).
@@ -170,6 +173,26 @@ mod tests {
             assert!(err.is_retryable());
             assert_eq!(err.kind(), ErrorKind::Unavailable { retry_after: None });
         }
+    }
+
+    #[test]
+    fn cluster_redirections_are_retryable() {
+        for text in [
+            "MOVED 3999 127.0.0.1:6381",
+            "ASK 3999 127.0.0.1:6381",
+            "CLUSTERDOWN Hash slot not served",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+        ] {
+            let err = RedisError::from(redis_error_reply(text));
+            assert_eq!(err.redis_kind(), RedisErrorKind::Unavailable, "{text}");
+            assert!(err.is_retryable(), "{text}");
+        }
+        // Keys of several slots in one command: waiting does not fix it.
+        let err = RedisError::from(redis_error_reply(
+            "CROSSSLOT Keys in request don't hash to the same slot",
+        ));
+        assert_eq!(err.redis_kind(), RedisErrorKind::Server);
+        assert!(!err.is_retryable());
     }
 
     #[test]

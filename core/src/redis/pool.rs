@@ -10,13 +10,22 @@ use super::error::{RedisError, RedisErrorKind};
 use crate::error::ConfigError;
 use crate::validate;
 
-/// A pool of multiplexed connections to one Redis server. Cheap to clone;
-/// clones share the connections.
+/// A pool of multiplexed connections to one Redis server, or (feature
+/// `cluster`, from a [`RedisConfig::cluster`] config) a cluster client's
+/// connections to every node of a Redis Cluster. Cheap to clone; clones
+/// share the connections.
 ///
 /// Build one per server and hand it to every component that talks to that
 /// server (`RedisQueue::with_pool`, `RedisCache::with_pool`,
 /// `RedisRateLimiter::with_pool`), so a gateway using all three opens one
 /// pool, not three.
+///
+/// On a cluster, each command goes to the master of its key's slot; the
+/// client follows `MOVED` and `ASK` redirections and, after a failover,
+/// finds the promoted replica by itself (a command that still fails is
+/// [`Unavailable`](RedisErrorKind::Unavailable), retryable). Components
+/// that do not run on a cluster yet refuse such a pool when built, naming
+/// `redis.cluster_urls`.
 ///
 /// ```no_run
 /// use keel_core::redis::{RedisConfig, RedisPool};
@@ -29,8 +38,79 @@ use crate::validate;
 /// ```
 #[derive(Clone, Debug)]
 pub struct RedisPool {
-    pool: deadpool_redis::Pool,
+    backend: Backend,
     config: Arc<RedisConfig>,
+}
+
+/// What the pool's connections go to.
+#[derive(Clone, Debug)]
+enum Backend {
+    Single(deadpool_redis::Pool),
+    #[cfg(feature = "cluster")]
+    Cluster(Arc<super::cluster::Cluster>),
+}
+
+/// A connection handed out by [`RedisPool::connection`]: a clone of a
+/// multiplexed connection that stays shared with the pool, to one server or
+/// (feature `cluster`) to a whole cluster. Not part of the stable API: it
+/// exposes the `redis` release Keel builds with.
+#[doc(hidden)]
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum RedisConnection {
+    /// One server.
+    Single(::redis::aio::MultiplexedConnection),
+    /// A Redis Cluster.
+    #[cfg(feature = "cluster")]
+    Cluster(::redis::cluster_async::ClusterConnection),
+}
+
+impl std::fmt::Debug for RedisConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedisConnection::Single(_) => f.write_str("RedisConnection::Single"),
+            #[cfg(feature = "cluster")]
+            RedisConnection::Cluster(_) => f.write_str("RedisConnection::Cluster"),
+        }
+    }
+}
+
+impl ::redis::aio::ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a ::redis::Cmd,
+    ) -> ::redis::RedisFuture<'a, ::redis::Value> {
+        match self {
+            RedisConnection::Single(connection) => connection.req_packed_command(cmd),
+            #[cfg(feature = "cluster")]
+            RedisConnection::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a ::redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> ::redis::RedisFuture<'a, Vec<::redis::Value>> {
+        match self {
+            RedisConnection::Single(connection) => {
+                connection.req_packed_commands(cmd, offset, count)
+            }
+            #[cfg(feature = "cluster")]
+            RedisConnection::Cluster(connection) => {
+                connection.req_packed_commands(cmd, offset, count)
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConnection::Single(connection) => connection.get_db(),
+            #[cfg(feature = "cluster")]
+            RedisConnection::Cluster(connection) => connection.get_db(),
+        }
+    }
 }
 
 impl RedisPool {
@@ -43,9 +123,17 @@ impl RedisPool {
     /// cannot parse).
     pub fn new(config: RedisConfig) -> Result<Self, ConfigError> {
         config.validate()?;
-        let pool = build(&config, config.pool_size, Some(config.operation_timeout))?;
+        let backend = if config.is_cluster() {
+            cluster_backend(&config)?
+        } else {
+            Backend::Single(build(
+                &config,
+                config.pool_size,
+                Some(config.operation_timeout),
+            )?)
+        };
         Ok(RedisPool {
-            pool,
+            backend,
             config: Arc::new(config),
         })
     }
@@ -70,7 +158,8 @@ impl RedisPool {
         Ok(pool)
     }
 
-    /// Sends `PING` and waits at most `connect_timeout` for `PONG`.
+    /// Sends `PING` (on a cluster, to every master) and waits at most
+    /// `connect_timeout` for `PONG`.
     ///
     /// # Errors
     ///
@@ -81,7 +170,7 @@ impl RedisPool {
     /// Cancel safe.
     pub async fn ping(&self) -> Result<(), RedisError> {
         let attempt = async {
-            let mut connection = self.pool.get().await?;
+            let mut connection = self.connection().await?;
             ::redis::cmd("PING")
                 .query_async::<String>(&mut connection)
                 .await?;
@@ -96,16 +185,60 @@ impl RedisPool {
             .with_source(elapsed)),
         };
         answer.map_err(|err| {
-            err.context(format!(
-                "redis at {} does not answer; is it running? (start it with: redis-server --daemonize yes)",
-                self.config.redacted_url()
-            ))
+            if self.is_cluster() {
+                err.context(format!(
+                    "the redis {} does not answer; are its masters running and is \
+                     `CLUSTER INFO` on them `cluster_state:ok`?",
+                    self.config.redacted_url()
+                ))
+            } else {
+                err.context(format!(
+                    "redis at {} does not answer; is it running? (start it with: redis-server --daemonize yes)",
+                    self.config.redacted_url()
+                ))
+            }
         })
     }
 
     /// The configuration the pool was built with.
     pub fn config(&self) -> &RedisConfig {
         &self.config
+    }
+
+    /// Whether the pool talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        match self.backend {
+            Backend::Single(_) => false,
+            #[cfg(feature = "cluster")]
+            Backend::Cluster(_) => true,
+        }
+    }
+
+    /// A connection shared with the pool: a clone of a pooled multiplexed
+    /// connection (taken and given back at once, so the caller does not
+    /// hold a pool slot), or of the cluster connection. For Keel's own
+    /// backends; not part of the stable API.
+    ///
+    /// # Errors
+    ///
+    /// [`RedisError`] (retryable) when no connection could be had within
+    /// `connect_timeout`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    #[doc(hidden)]
+    pub async fn connection(&self) -> Result<RedisConnection, RedisError> {
+        match &self.backend {
+            Backend::Single(pool) => {
+                let pooled = pool.get().await?;
+                Ok(RedisConnection::Single(
+                    ::redis::aio::MultiplexedConnection::clone(&pooled),
+                ))
+            }
+            #[cfg(feature = "cluster")]
+            Backend::Cluster(cluster) => cluster.connection().await.map(RedisConnection::Cluster),
+        }
     }
 
     /// A separate pool of `size` connections to the same server whose
@@ -115,19 +248,61 @@ impl RedisPool {
     ///
     /// # Errors
     ///
-    /// [`ConfigError`] when `size` is 0.
+    /// [`ConfigError`] when `size` is 0, or naming `redis.cluster_urls`
+    /// when the pool is a cluster's.
     #[doc(hidden)]
     pub fn blocking_pool(&self, size: usize) -> Result<deadpool_redis::Pool, ConfigError> {
+        self.single_server("a blocking reader")?;
         validate::at_least("blocking_connections", size, 1)?;
         build(&self.config, size, None)
     }
 
-    /// The underlying pool, for Keel's own backends. Not part of the stable
-    /// API: its type follows the `deadpool-redis` release Keel builds with.
+    /// The underlying pool of a single server, for Keel's own backends that
+    /// do not run on a cluster: `None` for a cluster's pool. Not part of the
+    /// stable API: its type follows the `deadpool-redis` release Keel builds
+    /// with.
     #[doc(hidden)]
-    pub fn deadpool(&self) -> &deadpool_redis::Pool {
-        &self.pool
+    pub fn deadpool(&self) -> Option<&deadpool_redis::Pool> {
+        match &self.backend {
+            Backend::Single(pool) => Some(pool),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster(_) => None,
+        }
     }
+
+    /// The single server's pool, or, on a cluster, the refusal of
+    /// `component`, which does not run on one, naming `redis.cluster_urls`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] for `redis.cluster_urls` when the pool is a
+    /// cluster's.
+    #[doc(hidden)]
+    pub fn single_server(&self, component: &str) -> Result<&deadpool_redis::Pool, ConfigError> {
+        self.deadpool().ok_or_else(|| {
+            ConfigError::new(
+                "redis.cluster_urls",
+                format!(
+                    "{component} does not run on a Redis Cluster yet; give it a pool for a \
+                     single server (a `url` and no `cluster_urls`)"
+                ),
+            )
+        })
+    }
+}
+
+#[cfg(feature = "cluster")]
+fn cluster_backend(config: &RedisConfig) -> Result<Backend, ConfigError> {
+    super::cluster::Cluster::new(config).map(|cluster| Backend::Cluster(Arc::new(cluster)))
+}
+
+#[cfg(not(feature = "cluster"))]
+fn cluster_backend(_config: &RedisConfig) -> Result<Backend, ConfigError> {
+    // `validate` refuses cluster configs without the feature.
+    Err(ConfigError::new(
+        "redis.cluster_urls",
+        "Redis Cluster support is not compiled in; enable keel-core's `cluster` feature",
+    ))
 }
 
 fn build(
@@ -179,6 +354,28 @@ mod tests {
         let text = err.to_string();
         assert!(
             text.contains("127.0.0.1:1") && !text.contains("secret"),
+            "{text}"
+        );
+        assert!(err.is_retryable(), "{err:?}");
+    }
+
+    #[cfg(feature = "cluster")]
+    #[tokio::test]
+    async fn an_unreachable_cluster_names_its_seeds_and_is_retryable() {
+        let config =
+            RedisConfig::cluster(["redis://:secret@127.0.0.1:1", "redis://:secret@127.0.0.1:2"])
+                .connect_timeout(Duration::from_millis(300));
+        let err = RedisPool::connect(config).await.unwrap_err();
+        let text = err.to_string();
+        assert_eq!(
+            text.matches("127.0.0.1:2").count(),
+            1,
+            "the seeds once: {text}"
+        );
+        assert!(
+            text.contains("127.0.0.1:1")
+                && text.contains("127.0.0.1:2")
+                && !text.contains("secret"),
             "{text}"
         );
         assert!(err.is_retryable(), "{err:?}");

@@ -352,6 +352,7 @@ impl RedisQueue {
 
     async fn open(pool: RedisPool, config: RedisQueueConfig, lanes: usize) -> Result<Self> {
         // Blocking reads take up to `max_block`; our own timeout bounds them.
+        let single = pool.single_server("the redis queue")?.clone();
         let blocking = pool.blocking_pool(config.blocking_connections)?;
         let ids = IdGen::new();
         let prefix = format!("keel:{{{}}}", config.queue.name);
@@ -367,7 +368,7 @@ impl RedisQueue {
                 started: Instant::now(),
                 server_ahead_ms: AtomicI64::new(i64::MAX),
                 read_down_to: AtomicUsize::new(0),
-                lanes: Lanes::new(pool.deadpool().clone(), lanes),
+                lanes: Lanes::new(single, lanes),
                 blocking,
                 scripts: Scripts::new(),
                 metrics: QueueMetrics::new(BACKEND, &config.queue.name),

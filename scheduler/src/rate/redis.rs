@@ -131,7 +131,12 @@ impl RedisRateLimitConfig {
 /// A check is bounded by `operation_timeout`. When Redis cannot be reached
 /// the answer follows [`fail_open`](RedisRateLimitConfig::fail_open); a
 /// connection that failed or hung is taken out of the pool, and the next
-/// check makes a new one. Failures are classified by
+/// check makes a new one. On a Redis Cluster (a pool from
+/// [`RedisConfig::cluster`](keel_core::redis::RedisConfig::cluster),
+/// feature `cluster`) each check goes to the master of the tenant's slot;
+/// while a master fails over, that master's tenants get the `fail_open`
+/// answer, and their state survives on the promoted replica as far as
+/// replication had carried it. Failures are classified by
 /// [`keel_core::redis::RedisError`] (the same rules as the queue and the
 /// cache: `LOADING` or a dropped connection is retryable), kept as the
 /// source of [`SchedulerError::RateLimiter`].
@@ -248,8 +253,18 @@ impl RedisRateLimiter {
         let limit = self.config.operation_timeout;
         let mut taken = None;
         let attempt = async {
-            let connection = taken.insert(self.pool.deadpool().get().await?);
-            let answer: T = invocation.invoke_async(&mut **connection).await?;
+            let answer: T = match self.pool.deadpool() {
+                Some(pool) => {
+                    let connection = taken.insert(pool.get().await?);
+                    invocation.invoke_async(&mut **connection).await?
+                }
+                // A cluster connection multiplexes and reconnects to each
+                // node by itself: nothing to take out of a pool.
+                None => {
+                    let mut connection = self.pool.connection().await?;
+                    invocation.invoke_async(&mut connection).await?
+                }
+            };
             Ok::<_, RedisError>(answer)
         };
         match tokio::time::timeout(limit, attempt).await {
