@@ -18,6 +18,8 @@ use keel_core::redis::{RedisConfig, RedisPool, key_slot};
 use keel_testkit::RedisCluster;
 use tokio::time::Instant;
 
+mod support;
+
 /// The longest a failover may take here: the nodes notice a dead master
 /// after one second, the election takes a second or two more.
 const FAILOVER_WITHIN: Duration = Duration::from_secs(20);
@@ -179,13 +181,11 @@ async fn a_master_failover_is_retryable_and_the_bus_moves_to_another_node() {
         .await
         .unwrap();
     // Acknowledged by every master's replica, so the failover keeps them.
-    let acked: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(900)
-        .query_async(&mut pool.connection().await.unwrap())
-        .await
-        .unwrap();
-    assert_eq!(acked, 1);
+    keel_testkit::assert_replicated(
+        &mut pool.connection().await.unwrap(),
+        Duration::from_millis(900),
+    )
+    .await;
     let victim = 0;
     let mut on_victim = None;
     for key in &keys {
@@ -267,17 +267,6 @@ mod tiered {
     });
 
     /// Waits (in real time, bounded) until `check` holds.
-    async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-        let start = Instant::now();
-        while !check().await {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "{what} did not happen within 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
     /// Two instances (their subscriptions on different nodes) share the
     /// cluster as L2 and invalidate each other's L1.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,17 +307,6 @@ mod tiered {
             .unwrap();
         assert_eq!(b.get("k").await.unwrap().as_deref(), Some(&b"v1"[..]));
         // B now holds v1 in its L1; an update through A reaches it.
-        a.set("k", "v2".into(), Duration::from_secs(30))
-            .await
-            .unwrap();
-        eventually("b sees v2", async || {
-            b.get("k").await.unwrap().as_deref() == Some(&b"v2"[..])
-        })
-        .await;
-        a.invalidate("k").await.unwrap();
-        eventually("b misses after invalidate", async || {
-            b.get("k").await.unwrap().is_none()
-        })
-        .await;
+        support::update_and_invalidation_reach(&a, &b, "k").await;
     }
 }

@@ -18,7 +18,7 @@ use keel_testkit::{FaultProxy, Namespace, RedisServer, redis_cleanup, require_re
 use tokio::time::Instant;
 
 mod support;
-use support::Counting;
+use support::{Counting, eventually};
 
 fn config() -> TieredConfig {
     TieredConfig::new("redis-test")
@@ -350,17 +350,6 @@ async fn redis_server_killed_and_restarted() {
 }
 
 /// Waits (in real time, bounded) until `check` holds.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let start = Instant::now();
-    while !check().await {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{what} did not happen within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn bus(url: &str, channel: &str) -> RedisInvalidationBus {
     RedisInvalidationBus::new(
         RedisInvalidationConfig::new(url)

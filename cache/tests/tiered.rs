@@ -444,16 +444,6 @@ async fn typed_loads_round_trip() {
 }
 
 /// Waits (in small real-time steps) until `check` holds.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..200 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{what} did not happen within 2 s");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidation_reaches_a_second_instance() {
     let l2 = Arc::new(MokaCache::new(Default::default()).unwrap());
@@ -475,16 +465,7 @@ async fn invalidation_reaches_a_second_instance() {
     origin.load(&b, "k", "unused", Duration::ZERO).await;
     assert_eq!(origin.calls(), 1, "b filled its L1 from L2");
 
-    a.set("k", "v2".into(), Duration::from_secs(10))
-        .await
-        .unwrap();
-    eventually("b sees v2", async || {
-        b.get("k").await.unwrap().as_deref() == Some(&b"v2"[..])
-    })
-    .await;
-
-    a.invalidate("k").await.unwrap();
-    eventually("b misses", async || b.get("k").await.unwrap().is_none()).await;
+    support::update_and_invalidation_reach(&a, &b, "k").await;
     let got = origin.load(&b, "k", "v3", Duration::ZERO).await;
     assert_eq!(&got[..], b"v3");
 }

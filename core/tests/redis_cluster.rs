@@ -43,13 +43,7 @@ async fn a_cluster_pool_follows_slots_and_failovers() {
     }
     // Every master's replica has them (`WAIT` goes to every master and
     // answers the smallest count), so the failover keeps them.
-    let acked: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(900)
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    assert_eq!(acked, 1);
+    keel_testkit::assert_replicated(&mut con, Duration::from_millis(900)).await;
     let mut masters: Vec<usize> = Vec::new();
     for key in keys() {
         let master = cluster.master_for_key(&key).await.unwrap();

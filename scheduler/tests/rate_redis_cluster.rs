@@ -136,13 +136,11 @@ async fn a_master_failover_fails_closed_and_keeps_the_tenant_state() {
         );
         // The replica has the tenant's state before its master dies.
         let pool = RedisPool::connect(cluster_config(&cluster)).await.unwrap();
-        let acked: i64 = redis::cmd("WAIT")
-            .arg(1)
-            .arg(900)
-            .query_async(&mut pool.connection().await.unwrap())
-            .await
-            .unwrap();
-        assert_eq!(acked, 1);
+        keel_testkit::assert_replicated(
+            &mut pool.connection().await.unwrap(),
+            Duration::from_millis(900),
+        )
+        .await;
 
         cluster.kill(victim);
         let started = Instant::now();

@@ -424,6 +424,31 @@ struct View {
     ranges: Vec<(u16, u16, u16)>,
 }
 
+/// Waits (Redis `WAIT 1`, up to `timeout`) until the writes made so far on
+/// `connection` are acknowledged by a replica, and panics otherwise: after
+/// it a master can be killed without losing them. On a cluster connection
+/// `WAIT` goes to every master and answers the smallest count.
+///
+/// # Panics
+///
+/// When the command fails or no replica acknowledged in time.
+pub async fn assert_replicated<C: redis::aio::ConnectionLike>(
+    connection: &mut C,
+    timeout: Duration,
+) {
+    let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(millis)
+        .query_async(connection)
+        .await
+        .expect("WAIT answers");
+    assert_eq!(
+        acked, 1,
+        "no replica acknowledged the writes within {timeout:?}"
+    );
+}
+
 impl View {
     fn parse(text: &str) -> View {
         let mut ranges = Vec::new();

@@ -60,13 +60,7 @@ async fn a_killed_master_is_replaced_by_its_replica_with_its_keys() {
             .await
             .unwrap();
         // Acknowledged by the replica too, so the failover keeps it.
-        let replicas: i64 = redis::cmd("WAIT")
-            .arg(1)
-            .arg(4000)
-            .query_async(&mut con)
-            .await
-            .unwrap();
-        assert_eq!(replicas, 1, "{key} not replicated");
+        keel_testkit::assert_replicated(&mut con, Duration::from_millis(4000)).await;
         if !masters.contains(&master) {
             masters.push(master);
         }

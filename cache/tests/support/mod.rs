@@ -1,5 +1,9 @@
-//! A `metrics` recorder that keeps counters, so tests can check what was
-//! counted.
+//! What the cache tests share: a `metrics` recorder that keeps counters,
+//! so tests can check what was counted, and waiting for what another
+//! instance sees.
+
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,4 +58,40 @@ impl Recorder for Counting {
     fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
         Histogram::noop()
     }
+}
+
+/// Polls `check` every 20 ms until it holds; panics naming `what` after
+/// 10 s.
+pub(crate) async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let start = tokio::time::Instant::now();
+    while !check().await {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "{what} did not happen within 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// An update of `key` through `a` reaches `b` (which holds the old value in
+/// its L1), and so does an invalidation of it.
+#[cfg(feature = "moka")]
+pub(crate) async fn update_and_invalidation_reach(
+    a: &keel_cache::Tiered,
+    b: &keel_cache::Tiered,
+    key: &str,
+) {
+    use keel_cache::Cache;
+    a.set(key, "v2".into(), std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    eventually("b sees v2", async || {
+        b.get(key).await.unwrap().as_deref() == Some(&b"v2"[..])
+    })
+    .await;
+    a.invalidate(key).await.unwrap();
+    eventually("b misses after invalidate", async || {
+        b.get(key).await.unwrap().is_none()
+    })
+    .await;
 }
