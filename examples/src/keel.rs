@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use keel_balancer::hedge::{HedgeConfig, HedgeLayer};
 use keel_balancer::retry::{RetryConfig, RetryLayer};
 use keel_balancer::{Balancer, Deadline, DefaultClassifier, Policy};
 use keel_cache::Tiered;
@@ -155,8 +156,17 @@ impl KeelPipeline {
             .attempt_timeout(Duration::from_millis(1_500))
             .classifier(DefaultClassifier)
             .build(discover)?;
+        // Interactive traffic is hedged: a copy goes to another node once
+        // the first is slower than the recent p95, within a budget, so the
+        // first requests to a node that just turned slow (or hung) do not
+        // wait for the balancer's estimate to catch up.
         let service = ServiceBuilder::new()
             .layer(RetryLayer::new(RetryConfig::default())?)
+            .layer(HedgeLayer::new(
+                HedgeConfig::default()
+                    .percentile(0.95)
+                    .window(Duration::from_secs(1)),
+            )?)
             .service(balancer);
         let limiter = LocalRateLimiter::new(
             RateLimitConfig::new("demo")
