@@ -1,0 +1,22 @@
+//! `keel-embed-node`: all-MiniLM-L6-v2 behind an OpenAI-compatible
+//! `/v1/embeddings`, micro-batched (feature `real-model`).
+//!
+//! Prints `listening on <addr>` on its first line of stdout, then serves
+//! until SIGTERM or Ctrl-C. `keel-embed-node --help` lists the settings.
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match keel_gateway::embed_node::cli::main().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            let mut message = format!("keel-embed-node: {err}");
+            let mut source = std::error::Error::source(&err);
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("{message}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
