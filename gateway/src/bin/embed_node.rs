@@ -6,17 +6,5 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match keel_gateway::embed_node::cli::main().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            let mut message = format!("keel-embed-node: {err}");
-            let mut source = std::error::Error::source(&err);
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            eprintln!("{message}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    keel_gateway::embed_node::cli::main().await
 }

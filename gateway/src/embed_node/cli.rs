@@ -64,17 +64,35 @@ impl Args {
     }
 }
 
-/// Parses the command line, loads the model, prints `listening on ADDR` as
-/// the first line of stdout, and serves until SIGTERM or Ctrl-C. Logs go to
-/// stderr (`RUST_LOG`, default `info`).
+/// The binary's `main`: [`run`] on the parsed command line; on an error,
+/// prints it with its causes on stderr and exits with status 1.
+pub async fn main() -> std::process::ExitCode {
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            let mut message = format!("keel-embed-node: {err}");
+            let mut source = std::error::Error::source(&err);
+            while let Some(cause) = source {
+                message.push_str(": ");
+                message.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            eprintln!("{message}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads the model `args` describe, prints `listening on ADDR` as the first
+/// line of stdout, and serves until SIGTERM or Ctrl-C. Logs go to stderr
+/// (`RUST_LOG`, default `info`).
 ///
 /// # Errors
 ///
 /// What [`EmbedNode::start`] answers: a refused setting, missing model
 /// files (the message names the script that fetches them), a device that
 /// cannot be used, an address that cannot be bound.
-pub async fn main() -> Result<(), EmbedError> {
-    let args = Args::parse();
+pub async fn run(args: Args) -> Result<(), EmbedError> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
