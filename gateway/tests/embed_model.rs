@@ -173,9 +173,10 @@ async fn concurrent_callers_share_forward_passes_and_get_their_own_rows() {
     let stats = node.stats();
     assert_eq!(stats.inputs, items.len() as u64);
     assert!(
-        stats.forward_passes < items.len() as u64 / 2,
-        "{} callers took {} forward passes",
+        stats.batches <= 2 && stats.forward_passes < items.len() as u64 / 2,
+        "{} callers took {} batches, {} forward passes",
         items.len(),
+        stats.batches,
         stats.forward_passes
     );
     assert!(stats.padding_tokens > 0, "{stats:?}");
@@ -263,7 +264,7 @@ async fn the_openai_answer_shape_usage_and_base64() {
         .unwrap();
     for name in [
         "keel_embed_requests_total",
-        "keel_embed_forward_seconds",
+        "keel_embed_batch_seconds",
         "keel_embed_tokens_total",
         "keel_batch_size",
     ] {

@@ -10,7 +10,7 @@ use clap::Parser;
 use super::{EmbedError, EmbedNode, EmbedNodeConfig};
 
 /// An OpenAI-compatible embedding server running all-MiniLM-L6-v2 with
-/// candle, micro-batched: concurrent inputs share one forward pass.
+/// candle, micro-batched: inputs of concurrent requests share forward passes.
 ///
 /// The model files come from `gateway/embed/fetch-model.sh`.
 #[derive(Debug, Parser)]
@@ -29,15 +29,15 @@ pub struct Args {
     /// `cpu`, `cuda` or `cuda:N` (CUDA needs the build in gateway/embed-cuda/).
     #[arg(long, env = "KEEL_EMBED_DEVICE", default_value = "cpu")]
     pub device: String,
-    /// Inputs in one forward pass at most; 1 turns micro-batching off.
+    /// Inputs in one batch at most; 1 turns micro-batching off.
     #[arg(long, default_value_t = 32)]
     pub max_batch_size: usize,
     /// How long a batch's first input waits for more.
     #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
     pub max_wait: Duration,
-    /// Forward passes at once.
+    /// Batches embedded at once.
     #[arg(long, default_value_t = 1)]
-    pub forward_passes: usize,
+    pub concurrent_batches: usize,
     /// Inputs queued at most; a request beyond is answered 503.
     #[arg(long, default_value_t = 1024)]
     pub max_queued: usize,
@@ -57,7 +57,7 @@ impl Args {
         config.device = self.device.clone();
         config.max_batch_size = self.max_batch_size;
         config.max_wait = self.max_wait;
-        config.forward_passes = self.forward_passes;
+        config.concurrent_batches = self.concurrent_batches;
         config.max_queued = self.max_queued;
         config.max_inputs = self.max_inputs;
         config

@@ -37,18 +37,18 @@ pub struct EmbedNodeConfig {
     pub model_dir: PathBuf,
     /// `cpu`, `cuda` or `cuda:N`. Default `cpu`.
     pub device: String,
-    /// Inputs gathered into one forward pass at most, from any number of
+    /// Inputs gathered into one batch at most, from any number of
     /// requests; 1 turns micro-batching off (one forward pass per input).
     /// Default 32.
     pub max_batch_size: usize,
-    /// How long the first input of a batch waits for more before its
-    /// forward pass starts (a full batch starts at once). While a forward
+    /// How long the first input of a batch waits for more before the
+    /// batch starts (a full batch starts at once). While a forward
     /// pass runs, arrivals gather for the next one anyway. Default 5 ms.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
-    /// Forward passes at once. Default 1: on CPU one pass already uses
-    /// every core.
-    pub forward_passes: usize,
+    /// Batches embedded at once. Default 1: on CPU one forward pass
+    /// already uses every core.
+    pub concurrent_batches: usize,
     /// Inputs waiting for or inside a forward pass at most; a request that
     /// would go beyond is answered 503 with `Retry-After` (backpressure).
     /// Default 1,024.
@@ -65,7 +65,7 @@ impl Default for EmbedNodeConfig {
             device: "cpu".to_owned(),
             max_batch_size: 32,
             max_wait: Duration::from_millis(5),
-            forward_passes: 1,
+            concurrent_batches: 1,
             max_queued: 1_024,
             max_inputs: 1_024,
         }
@@ -92,7 +92,7 @@ impl EmbedNodeConfig {
         validate::non_empty("model", &self.model)?;
         validate::non_empty("device", &self.device)?;
         validate::at_least("max_batch_size", self.max_batch_size, 1)?;
-        validate::at_least("forward_passes", self.forward_passes, 1)?;
+        validate::at_least("concurrent_batches", self.concurrent_batches, 1)?;
         validate::at_least("max_inputs", self.max_inputs, 1)?;
         if self.max_queued < self.max_inputs {
             return Err(ConfigError::new(

@@ -12,8 +12,9 @@
 //! keel-scheduler [`Batcher`]: inputs that arrive together (up to
 //! [`max_batch_size`](EmbedNodeConfig::max_batch_size), the first waiting
 //! at most [`max_wait`](EmbedNodeConfig::max_wait)) are padded to the
-//! longest and run in one forward pass, and each caller is answered with
-//! its own rows. While a forward pass runs, the next batch gathers.
+//! longest and run in one forward pass (or a few, by length, when padding
+//! short inputs to a long one would cost more), and each caller is
+//! answered with its own rows. While a batch runs, the next one gathers.
 //!
 //! | route | what |
 //! | --- | --- |
@@ -39,7 +40,8 @@
 //! | `keel_embed_inputs_total` | counter | inputs embedded |
 //! | `keel_embed_tokens_total` | counter | tokens read by the model, pads not counted |
 //! | `keel_embed_padding_tokens_total` | counter | pad positions in forward passes |
-//! | `keel_embed_forward_seconds` | histogram | one forward pass, tokenizing included |
+//! | `keel_embed_batch_seconds` | histogram | one batch: tokenizing and its forward passes |
+//! | `keel_embed_forward_passes_total` | counter | forward passes |
 //! | `keel_embed_queued` | gauge | inputs waiting for or inside a forward pass |
 //!
 //! ```no_run
@@ -84,7 +86,11 @@ pub struct Stats {
     pub failed: u64,
     /// Inputs embedded.
     pub inputs: u64,
-    /// Forward passes run.
+    /// Batches run: inputs the batcher gathered, from any number of
+    /// requests, embedded together.
+    pub batches: u64,
+    /// Forward passes run: a batch takes one, or a few when its inputs'
+    /// lengths differ enough that padding them all would cost more.
     pub forward_passes: u64,
     /// Tokens read by the model, pads not counted.
     pub tokens: u64,
@@ -99,6 +105,7 @@ struct Counters {
     busy: AtomicU64,
     failed: AtomicU64,
     inputs: AtomicU64,
+    batches: AtomicU64,
     forward_passes: AtomicU64,
     tokens: AtomicU64,
     padding_tokens: AtomicU64,
@@ -230,6 +237,7 @@ impl EmbedNode {
             busy: get(&c.busy),
             failed: get(&c.failed),
             inputs: get(&c.inputs),
+            batches: get(&c.batches),
             forward_passes: get(&c.forward_passes),
             tokens: get(&c.tokens),
             padding_tokens: get(&c.padding_tokens),
@@ -250,7 +258,7 @@ impl Drop for EmbedNode {
 }
 
 /// The batcher in front of the model: batches of up to `max_batch_size`
-/// inputs, `forward_passes` of them at once, each on a blocking thread.
+/// inputs, `concurrent_batches` of them at once, each on a blocking thread.
 fn batcher(
     config: &EmbedNodeConfig,
     embedder: Arc<Embedder>,
@@ -263,17 +271,20 @@ fn batcher(
         let model = model.clone();
         async move {
             let started = Instant::now();
-            let embeddings = tokio::task::spawn_blocking(move || embedder.embed(&texts))
-                .await
-                .map_err(EmbedError::inference)??;
+            let (embeddings, passes) =
+                tokio::task::spawn_blocking(move || embedder.embed_counted(&texts))
+                    .await
+                    .map_err(EmbedError::inference)??;
             let tokens: usize = embeddings.iter().map(|e| e.tokens).sum();
-            let longest = embeddings.iter().map(|e| e.tokens).max().unwrap_or(0);
-            let padding = longest * embeddings.len() - tokens;
-            Counters::add(&counters.forward_passes, 1);
+            let padding = passes.positions - tokens;
+            Counters::add(&counters.batches, 1);
+            Counters::add(&counters.forward_passes, passes.passes as u64);
             Counters::add(&counters.tokens, tokens as u64);
             Counters::add(&counters.padding_tokens, padding as u64);
-            metrics::histogram!("keel_embed_forward_seconds", "model" => model.clone())
+            metrics::histogram!("keel_embed_batch_seconds", "model" => model.clone())
                 .record(started.elapsed().as_secs_f64());
+            metrics::counter!("keel_embed_forward_passes_total", "model" => model.clone())
+                .increment(passes.passes as u64);
             metrics::counter!("keel_embed_tokens_total", "model" => model.clone())
                 .increment(tokens as u64);
             metrics::counter!("keel_embed_padding_tokens_total", "model" => model)
@@ -282,7 +293,7 @@ fn batcher(
         }
     };
     let service = ServiceBuilder::new()
-        .concurrency_limit(config.forward_passes)
+        .concurrency_limit(config.concurrent_batches)
         .service_fn(forward);
     let batch = BatchConfig::new(config.model.clone())
         .max_batch_size(config.max_batch_size)
