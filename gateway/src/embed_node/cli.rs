@@ -49,18 +49,17 @@ pub struct Args {
 impl Args {
     /// The node configuration these arguments describe.
     pub fn config(&self) -> EmbedNodeConfig {
-        let mut config = EmbedNodeConfig::default();
-        config.model = self.model.clone();
-        if let Some(dir) = &self.model_dir {
-            config.model_dir = dir.clone();
+        let defaults = EmbedNodeConfig::default();
+        EmbedNodeConfig {
+            model: self.model.clone(),
+            model_dir: self.model_dir.clone().unwrap_or(defaults.model_dir),
+            device: self.device.clone(),
+            max_batch_size: self.max_batch_size,
+            max_wait: self.max_wait,
+            concurrent_batches: self.concurrent_batches,
+            max_queued: self.max_queued,
+            max_inputs: self.max_inputs,
         }
-        config.device = self.device.clone();
-        config.max_batch_size = self.max_batch_size;
-        config.max_wait = self.max_wait;
-        config.concurrent_batches = self.concurrent_batches;
-        config.max_queued = self.max_queued;
-        config.max_inputs = self.max_inputs;
-        config
     }
 }
 
