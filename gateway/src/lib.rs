@@ -3,6 +3,8 @@
 pub mod app;
 pub mod config;
 pub mod durable;
+#[cfg(feature = "real-model")]
+pub mod embed_node;
 pub mod error;
 pub mod fake_node;
 pub mod metrics;

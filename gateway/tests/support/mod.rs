@@ -2,6 +2,9 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+#[cfg(feature = "real-model")]
+pub mod embed;
+
 use std::time::Duration;
 
 use keel_gateway::config::{KeyConfig, ModelConfig, Tenant};
