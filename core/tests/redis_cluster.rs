@@ -34,12 +34,7 @@ async fn a_cluster_pool_follows_slots_and_failovers() {
     // Keys of every master, through one connection.
     let mut con = pool.connection().await.unwrap();
     for key in keys() {
-        redis::cmd("SET")
-            .arg(&key)
-            .arg(format!("v-{key}"))
-            .query_async::<()>(&mut con)
-            .await
-            .unwrap();
+        keel_testkit::set_marked(&mut con, &key).await;
     }
     // Every master's replica has them (`WAIT` goes to every master and
     // answers the smallest count), so the failover keeps them.

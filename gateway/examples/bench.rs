@@ -34,6 +34,9 @@
 //! latency is at 500 req/s, LiteLLM's at 50 req/s, and the ratio is
 //! `keel_added_p50_ms / litellm_added_p50_ms`.
 
+#[path = "common/machine.rs"]
+mod machine;
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -624,18 +627,6 @@ fn gateway_config(node: SocketAddr) -> String {
     )
 }
 
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned())
-}
-
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -696,7 +687,7 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
     println!(
         "machine: {} × {} ({} logical CPUs), load average {}",
-        cpu_model(),
+        machine::cpu_model(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         load_average()

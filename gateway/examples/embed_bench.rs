@@ -24,6 +24,9 @@
 //! The last line printed is one JSON object, from the 32-caller phases:
 //! `{"batched_per_s": N, "unbatched_per_s": N, "ratio": R}`.
 
+#[path = "common/machine.rs"]
+mod machine;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,15 +106,7 @@ fn sentences() -> Vec<String> {
 }
 
 fn cpu() -> String {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let model = machine::cpu_model();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!("{model}, {cores} cores")
 }

@@ -8,6 +8,7 @@ pub mod embed_node;
 pub mod error;
 pub mod fake_node;
 pub mod metrics;
+mod node_server;
 pub mod openai;
 pub mod pool;
 pub mod sse;

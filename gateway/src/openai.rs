@@ -9,6 +9,16 @@ use serde_json::{Map, Value};
 
 /// The OpenAI endpoints that the gateway and the fake node both serve,
 /// each with its handler: chat and text completions, embeddings, models.
+/// A `GET /v1/models` answer listing one model.
+pub(crate) fn one_model_list(id: &str, created: u64, owned_by: &str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    axum::Json(serde_json::json!({
+        "object": "list",
+        "data": [{"id": id, "object": "model", "created": created, "owned_by": owned_by}],
+    }))
+    .into_response()
+}
+
 pub(crate) fn routes<S: Clone + Send + Sync + 'static>(
     chat: MethodRouter<S>,
     completions: MethodRouter<S>,

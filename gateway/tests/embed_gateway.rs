@@ -96,13 +96,7 @@ async fn load(url: &str, run: Duration, round: &str) -> (u64, u64) {
             })
         })
         .collect();
-    let mut totals = (0, 0);
-    for caller in callers {
-        let (ok, failed) = caller.await.unwrap();
-        totals.0 += ok;
-        totals.1 += failed;
-    }
-    totals
+    support::sum_callers(callers).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

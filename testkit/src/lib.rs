@@ -84,7 +84,7 @@ pub use namespace::Namespace;
 #[cfg(feature = "redis")]
 pub use namespace::redis_cleanup;
 pub use proxy::{Direction, FaultProxy, Latency};
-pub use redis_cluster::{RedisCluster, assert_replicated};
+pub use redis_cluster::{RedisCluster, assert_replicated, set_marked};
 #[cfg(feature = "redis")]
 pub use redis_reply::redis_error_reply;
 #[cfg(feature = "redis")]

@@ -424,6 +424,20 @@ struct View {
     ranges: Vec<(u16, u16, u16)>,
 }
 
+/// Sets `key` to `v-{key}`, the value a test reads back after a failover.
+///
+/// # Panics
+///
+/// When the `SET` fails.
+pub async fn set_marked<C: redis::aio::ConnectionLike>(connection: &mut C, key: &str) {
+    redis::cmd("SET")
+        .arg(key)
+        .arg(format!("v-{key}"))
+        .query_async::<()>(connection)
+        .await
+        .unwrap_or_else(|err| panic!("SET {key}: {err}"));
+}
+
 /// Waits (Redis `WAIT 1`, up to `timeout`) until the writes made so far on
 /// `connection` are acknowledged by a replica, and panics otherwise: after
 /// it a master can be killed without losing them. On a cluster connection

@@ -53,12 +53,7 @@ async fn a_killed_master_is_replaced_by_its_replica_with_its_keys() {
     for key in keys() {
         let master = cluster.master_for_key(&key).await.unwrap();
         let mut con = connect(&urls[master]).await;
-        redis::cmd("SET")
-            .arg(&key)
-            .arg(format!("v-{key}"))
-            .query_async::<()>(&mut con)
-            .await
-            .unwrap();
+        keel_testkit::set_marked(&mut con, &key).await;
         // Acknowledged by the replica too, so the failover keeps it.
         keel_testkit::assert_replicated(&mut con, Duration::from_millis(4000)).await;
         if !masters.contains(&master) {

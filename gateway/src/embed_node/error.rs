@@ -75,16 +75,10 @@ impl EmbedError {
 }
 
 impl KeelError for EmbedError {
+    /// Every failure of the node's own (a missing model, a bad device, a
+    /// failed forward pass) is internal to it.
     fn kind(&self) -> ErrorKind {
-        match self {
-            EmbedError::InvalidConfig(_)
-            | EmbedError::Listen(_)
-            | EmbedError::ModelMissing { .. }
-            | EmbedError::InvalidModel { .. }
-            | EmbedError::Device { .. }
-            | EmbedError::Tokenize(_)
-            | EmbedError::Inference(_) => ErrorKind::Internal,
-        }
+        ErrorKind::Internal
     }
 
     fn is_retryable(&self) -> bool {

@@ -14,7 +14,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use keel_core::{ErrorKind, HttpError};
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::time::Instant;
 
 use super::{Counters, State};
@@ -267,16 +267,7 @@ fn base64_of(vector: &[f32]) -> String {
 }
 
 async fn models(Shared(state): Shared<Arc<State>>) -> Response {
-    axum::Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.config.model,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "keel-embed-node",
-        }],
-    }))
-    .into_response()
+    crate::openai::one_model_list(&state.config.model, state.created, "keel-embed-node")
 }
 
 async fn healthz() -> Response {

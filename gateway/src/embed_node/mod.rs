@@ -196,14 +196,7 @@ impl EmbedNode {
             config,
         });
         let app = handlers::router(state.clone());
-        let server = tokio::spawn(async move {
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            if let Err(err) = axum::serve(listener, app).await {
-                tracing::warn!(%err, "embedding node stopped");
-            }
-        });
+        let server = crate::node_server::spawn(listener, app, "embedding node");
         Ok(EmbedNode {
             state,
             embedder,

@@ -491,16 +491,7 @@ pub(crate) fn embed(text: &str, dims: usize) -> Vec<f32> {
 const FAKE_MODEL_CREATED: u64 = 1_700_000_000;
 
 async fn models(Shared(state): Shared<Arc<State>>) -> Response {
-    axum::Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.config.model,
-            "object": "model",
-            "created": FAKE_MODEL_CREATED,
-            "owned_by": "keel-fake-node",
-        }],
-    }))
-    .into_response()
+    crate::openai::one_model_list(&state.config.model, FAKE_MODEL_CREATED, "keel-fake-node")
 }
 
 async fn healthz(Shared(state): Shared<Arc<State>>) -> Response {

@@ -148,14 +148,7 @@ impl FakeNode {
         let addr = listener.local_addr()?;
         let state = Arc::new(State::new(config));
         let app = handlers::router(state.clone());
-        let server = tokio::spawn(async move {
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            if let Err(err) = axum::serve(listener, app).await {
-                tracing::warn!(%err, "fake node stopped");
-            }
-        });
+        let server = crate::node_server::spawn(listener, app, "fake node");
         Ok(FakeNode {
             state,
             addr,

@@ -2,16 +2,15 @@
 //! one loaded model per test binary, `keel-embed-node` processes, and a
 //! gateway in front of them.
 
-use std::io::BufRead;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use keel_gateway::GatewayConfig;
 use keel_gateway::config::{KeyConfig, ModelConfig, Tenant};
 use keel_gateway::embed_node::{Embedder, FETCH_SCRIPT, default_model_dir};
-use keel_gateway::{Gateway, GatewayConfig};
 use serde::Deserialize;
 
-use super::{KEY, Setup, wait_ready};
+use super::{KEY, Setup};
 
 /// The model id the nodes answer with, and the gateway's model name.
 pub const EMBED_MODEL: &str = "all-minilm-l6-v2";
@@ -84,28 +83,13 @@ impl EmbedProcess {
     /// Starts the binary with `args` added and waits for its address.
     pub fn start(args: &[&str]) -> EmbedProcess {
         require_model();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keel-embed-node"))
-            .args(["--listen", "127.0.0.1:0", "--model", EMBED_MODEL])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("keel-embed-node starts");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| {
-                panic!("keel-embed-node prints its address first, not {line:?} (see its stderr)")
-            })
-            .to_owned();
-        EmbedProcess {
-            child,
-            url: format!("http://{addr}"),
-        }
+        let (child, url) = super::spawn_announcing(
+            std::process::Command::new(env!("CARGO_BIN_EXE_keel-embed-node"))
+                .args(["--listen", "127.0.0.1:0", "--model", EMBED_MODEL])
+                .args(args),
+            "keel-embed-node",
+        );
+        EmbedProcess { child, url }
     }
 
     /// SIGKILL: the process dies mid-request, connections cut.
@@ -130,19 +114,5 @@ pub async fn gateway(upstreams: Vec<String>, tweak: impl FnOnce(&mut GatewayConf
     config.tenants = vec![Tenant::new("acme")];
     config.keys = vec![KeyConfig::new(KEY, "acme")];
     tweak(&mut config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let gateway = Gateway::new(config).await.expect("a valid config");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(gateway.serve(listener, async {
-        let _ = rx.await;
-    }));
-    let setup = Setup {
-        nodes: Vec::new(),
-        url,
-        gateway: server,
-        shutdown: Some(tx),
-    };
-    wait_ready(&setup.url, 0).await;
-    setup
+    super::serve(config, Vec::new()).await
 }

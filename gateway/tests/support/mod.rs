@@ -42,28 +42,16 @@ impl GatewayProcess {
     /// Starts the binary on `config` (its `listen` replaced by a free
     /// loopback port) and returns once it is ready.
     pub async fn start(mut config: GatewayConfig) -> GatewayProcess {
-        use std::io::BufRead;
         config.listen = "127.0.0.1:0".parse().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gateway.toml");
         std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keel-gateway"))
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("keel-gateway starts");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("keel-gateway prints its address first, not {line:?}"))
-            .to_owned();
-        let url = format!("http://{addr}");
+        let (child, url) = spawn_announcing(
+            std::process::Command::new(env!("CARGO_BIN_EXE_keel-gateway"))
+                .arg("--config")
+                .arg(&path),
+            "keel-gateway",
+        );
         wait_ready(&url, config.models.len()).await;
         GatewayProcess {
             child,
@@ -90,6 +78,42 @@ impl Drop for GatewayProcess {
     }
 }
 
+/// Spawns `command` (logs at `warn`, stdout piped) and reads the
+/// `listening on ADDR` line it prints first; returns the child and
+/// `http://ADDR`.
+pub fn spawn_announcing(
+    command: &mut std::process::Command,
+    what: &str,
+) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = command
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("{what} does not start: {err}"));
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("{what} prints its address first, not {line:?} (see its stderr)"))
+        .to_owned();
+    (child, format!("http://{addr}"))
+}
+
+/// Waits for load callers, each answering `(ok, failed)`, and adds them up.
+pub async fn sum_callers(callers: Vec<tokio::task::JoinHandle<(u64, u64)>>) -> (u64, u64) {
+    let mut totals = (0, 0);
+    for caller in callers {
+        let (ok, failed) = caller.await.unwrap();
+        totals.0 += ok;
+        totals.1 += failed;
+    }
+    totals
+}
+
 /// The configuration [`start`] gives a gateway in front of `nodes`: one
 /// model, tenant `acme`, key [`KEY`], probes every 100 ms.
 pub fn config_for(nodes: &[FakeNode]) -> GatewayConfig {
@@ -114,6 +138,12 @@ pub async fn start(
     }
     let mut config = config_for(&nodes);
     tweak(&mut config);
+    serve(config, nodes).await
+}
+
+/// Serves a gateway on `config` (in this process, on a free loopback port)
+/// in front of `nodes`; ready when this returns.
+pub async fn serve(config: GatewayConfig, nodes: Vec<FakeNode>) -> Setup {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let gateway = Gateway::new(config).await.expect("a valid config");
@@ -127,7 +157,7 @@ pub async fn start(
         gateway: server,
         shutdown: Some(tx),
     };
-    wait_ready(&setup.url, n).await;
+    wait_ready(&setup.url, setup.nodes.len()).await;
     setup
 }
 
