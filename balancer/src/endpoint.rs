@@ -729,14 +729,18 @@ impl Handle {
     /// endpoint's peak-EWMA estimate like a slow first token would. A body
     /// carrying the handle calls it at every data frame.
     pub fn mark_progress(&mut self) {
-        if self.answered.first_ns.is_none() {
-            self.mark_answered();
-            return;
-        }
         let now_ns = self.state.common().ns_of(Instant::now());
-        let gap = now_ns.saturating_sub(self.answered.last_ns);
-        self.answered.longest_gap_ns = self.answered.longest_gap_ns.max(gap);
-        self.answered.last_ns = now_ns;
+        match self.answered.first_ns {
+            None => {
+                self.answered.first_ns = Some(now_ns);
+                self.answered.last_ns = now_ns;
+            }
+            Some(_) => {
+                let gap = now_ns.saturating_sub(self.answered.last_ns);
+                self.answered.longest_gap_ns = self.answered.longest_gap_ns.max(gap);
+                self.answered.last_ns = now_ns;
+            }
+        }
     }
 
     /// The endpoint this handle holds a slot on.
