@@ -21,7 +21,7 @@ use crate::endpoint::Handle;
 ///     cached_blocks: usize,
 /// }
 ///
-/// let builder = Balancer::<usize>::builder()
+/// let builder = Balancer::<usize, ()>::builder()
 ///     .policy(Policy::PrefixAffinity(PrefixConfig::default()))
 ///     .track_completion(ReportCachedPrefix::new(|answer: &Answer| {
 ///         Some(answer.cached_blocks)
