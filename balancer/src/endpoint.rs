@@ -670,6 +670,9 @@ pub struct Handle {
     answered: Answered,
     deadline: Option<Instant>,
     outcome: Recorded,
+    /// What prefix affinity claimed the endpoint had cached of the prompt
+    /// (leading blocks, prompt blocks), until the answer reports it.
+    prefix_claim: Option<(usize, usize)>,
 }
 
 /// When an answer started and how long it stalled at most afterwards.
@@ -692,6 +695,34 @@ impl Handle {
             answered: Answered::default(),
             deadline,
             outcome: Recorded::Cancelled,
+            prefix_claim: None,
+        }
+    }
+
+    pub(crate) fn with_prefix_claim(mut self, claim: Option<(usize, usize)>) -> Self {
+        self.prefix_claim = claim;
+        self
+    }
+
+    /// Tells the balancer how many leading blocks of the prompt the
+    /// endpoint had in its prefix (KV) cache when it served this request
+    /// (blocks of [`PrefixConfig::block_bytes`](crate::PrefixConfig::block_bytes);
+    /// an OpenAI-compatible server reports it as
+    /// `usage.prompt_tokens_details.cached_tokens`, about 16 tokens a
+    /// 64-byte block). With [`Policy::PrefixAffinity`](crate::Policy::PrefixAffinity),
+    /// the endpoint's prefix index learns from it how much the node keeps:
+    /// less than the index claimed means the node evicted what the index
+    /// remembers, and the index shrinks; at least as much lets it grow
+    /// back. Without reports the index keeps
+    /// [`PrefixConfig::index_blocks`](crate::PrefixConfig::index_blocks).
+    /// Only the first call counts; with another policy it does nothing.
+    /// [`ReportCachedPrefix`](crate::ReportCachedPrefix) calls it for
+    /// every response.
+    pub fn report_cached_prefix(&mut self, cached_blocks: usize) {
+        if let Some((claimed, len)) = self.prefix_claim.take()
+            && let Some(index) = self.state.prefix.get()
+        {
+            index.lock().learn(claimed, len, cached_blocks);
         }
     }
 

@@ -2,6 +2,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod balance;
+mod completion;
 mod config;
 pub mod deadline;
 mod endpoint;
@@ -16,6 +17,7 @@ pub mod retry;
 pub mod sim;
 
 pub use balance::{BalanceFuture, Balancer, BalancerBuilder, LoadReports};
+pub use completion::ReportCachedPrefix;
 pub use config::{BalancerConfig, HashConfig, Policy, PrefixConfig};
 pub use deadline::DeadlineLayer;
 pub use endpoint::{EndpointIndex, EndpointSnapshot, Handle, LoadReport};

@@ -2,7 +2,7 @@
 //! candidates it picks from, the built-in policies, the hash ring and the
 //! prefix index.
 
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -155,6 +155,9 @@ pub struct Candidates<'a, K> {
     now: LazyNow<'a>,
     /// The sum of every endpoint's weight, read on first need.
     weight_sum: OnceCell<f64>,
+    /// What prefix affinity claimed for its pick: (leading blocks the
+    /// picked endpoint's index held, the prompt's blocks).
+    prefix_claim: Cell<Option<(usize, usize)>>,
 }
 
 impl<'a, K> Candidates<'a, K> {
@@ -172,6 +175,7 @@ impl<'a, K> Candidates<'a, K> {
             avoid,
             now: LazyNow::new(common),
             weight_sum: OnceCell::new(),
+            prefix_claim: Cell::new(None),
         }
     }
 
@@ -211,6 +215,12 @@ impl<'a, K> Candidates<'a, K> {
     /// The position of the endpoint with this index, if it is in the set.
     pub fn position_of(&self, index: EndpointIndex) -> Option<usize> {
         self.positions.get(&index).copied()
+    }
+
+    /// What prefix affinity's last pick claimed the endpoint had cached:
+    /// (leading blocks, prompt blocks).
+    pub(crate) fn prefix_claim(&self) -> Option<(usize, usize)> {
+        self.prefix_claim.get()
     }
 
     /// The clock reading made while picking, if any.
@@ -831,14 +841,19 @@ fn prefix<K>(
     // least loaded gets it (and learns the prefix, so a hot prefix spreads
     // over as many endpoints as its load needs).
     let bound = (config.balance_rel * min).max(min + f64::from(config.balance_abs));
-    let chosen =
+    let (chosen, claimed) =
         if best.1 > 0 && best.1 as f64 >= config.min_match * blocks.len() as f64 && best.2 <= bound
         {
-            best.0
+            (best.0, best.1)
         } else {
-            least
+            let matched = candidates.states[least]
+                .prefix
+                .get()
+                .map_or(0, |index| index.lock().matched(blocks));
+            (least, matched)
         };
     index_of(chosen).lock().insert(blocks);
+    candidates.prefix_claim.set(Some((claimed, blocks.len())));
     Some(chosen)
 }
 
@@ -867,19 +882,35 @@ type BlockSet = HashSet<u64, BuildHasherDefault<IdentityHasher>>;
 /// The blocks recently sent to one endpoint: an approximate LRU of two
 /// generations (the current one rotates out when it holds half the
 /// capacity; a block seen again is copied into the current generation).
+///
+/// The capacity is learned from what the endpoint reports it had cached
+/// ([`Handle::report_cached_prefix`](crate::Handle::report_cached_prefix)):
+/// an answer that had less of the prompt cached than the index claimed
+/// halves it (the node evicted what the index still remembers), an answer
+/// with at least as much grows it by the prompt's length, up to
+/// [`PrefixConfig::index_blocks`] (TCP's AIMD on the node's cache size).
+/// Without reports it stays at `index_blocks`.
 #[derive(Debug)]
 pub(crate) struct PrefixIndex {
     current: BlockSet,
     previous: BlockSet,
+    /// The learned capacity, halved: `current` rotates at this size.
     half: usize,
+    /// `index_blocks / 2`: the most `half` grows to.
+    max_half: usize,
 }
+
+/// The least a learned index keeps per generation.
+const MIN_HALF: usize = 8;
 
 impl PrefixIndex {
     pub(crate) fn new(capacity: usize) -> Self {
+        let half = (capacity / 2).max(1);
         PrefixIndex {
             current: BlockSet::default(),
             previous: BlockSet::default(),
-            half: (capacity / 2).max(1),
+            half,
+            max_half: half,
         }
     }
 
@@ -900,6 +931,23 @@ impl PrefixIndex {
                 }
                 self.current.insert(block);
             }
+        }
+    }
+
+    /// Learns from one answer: the index claimed `claimed` leading blocks
+    /// of a `len`-block prompt when it routed it here, and the endpoint
+    /// says it had `cached`.
+    pub(crate) fn learn(&mut self, claimed: usize, len: usize, cached: usize) {
+        if cached < claimed {
+            // The node evicted blocks the index still claims: remember
+            // less, and drop the older generation at once.
+            self.half = (self.half / 2).max(MIN_HALF.min(self.max_half));
+            self.previous = std::mem::take(&mut self.current);
+            if self.previous.len() > self.half {
+                self.previous.clear();
+            }
+        } else if cached > 0 || claimed > 0 {
+            self.half = (self.half + len.max(1).div_ceil(2)).min(self.max_half);
         }
     }
 }
@@ -1178,6 +1226,40 @@ mod tests {
             "two rotations forgot the oldest chain"
         );
         assert_eq!(index.matched(&[20, 21, 22, 23]), 4);
+    }
+
+    #[test]
+    fn prefix_index_learns_the_nodes_cache_size() {
+        let mut index = PrefixIndex::new(1024);
+        assert_eq!(index.half, 512);
+        // The node had 4 of the 16 blocks the index claimed: it evicted
+        // them. The index halves and forgets its older generation.
+        index.insert(&(0..16).collect::<Vec<_>>());
+        index.learn(16, 16, 4);
+        assert_eq!(index.half, 256);
+        assert_eq!(
+            index.matched(&(0..16).collect::<Vec<_>>()),
+            16,
+            "the newest chain stays"
+        );
+        for _ in 0..10 {
+            index.learn(16, 16, 0);
+        }
+        assert_eq!(index.half, MIN_HALF, "never below the floor");
+        // Answers that had what was claimed grow it back, by half a prompt
+        // each, up to index_blocks.
+        index.learn(16, 16, 16);
+        assert_eq!(index.half, MIN_HALF + 8);
+        index.learn(0, 16, 0);
+        assert_eq!(
+            index.half,
+            MIN_HALF + 8,
+            "no claim, nothing cached: no news"
+        );
+        for _ in 0..1000 {
+            index.learn(4, 16, 16);
+        }
+        assert_eq!(index.half, 512);
     }
 
     proptest! {

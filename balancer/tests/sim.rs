@@ -2,8 +2,9 @@
 //! under paused time.
 
 use keel_balancer::retry::RetryConfig;
-use keel_balancer::sim::{self, Fleet, Report, Scenario};
-use keel_balancer::{BalancerConfig, HashConfig, Policy, PrefixConfig};
+use keel_balancer::sim::{self, Fleet, Report, Router, Scenario, SimClassifier};
+use keel_balancer::{BalancerBuilder, BalancerConfig, HashConfig, Policy, PrefixConfig};
+use tower::{BoxError, ServiceExt};
 
 const SEED: u64 = 7;
 
@@ -168,9 +169,7 @@ async fn prefix_affinity_gets_more_cache_hits_and_lower_p50_than_round_robin_and
 /// The prefix trace on defaults: prefix affinity keeps ≥ 90 % of prompt
 /// blocks cached, at least as many as bounded-load hashing on the system
 /// prompt, with a p99 no worse than P2C-EWMA's, and no node serving more
-/// than 1.7× another (over the full 20 s the spread is 1.41–1.53 for seeds
-/// 1–4; this 5 s run of seed 7 gives 1.65: the 1.5 aimed for is not held
-/// on every seed).
+/// than 1.5× another.
 #[tokio::test(start_paused = true)]
 async fn prefix_affinity_on_defaults_beats_hashing_on_the_prefix_trace() {
     let scenario = Scenario::prefix_trace().seconds(5).seed(SEED);
@@ -195,7 +194,34 @@ async fn prefix_affinity_on_defaults_beats_hashing_on_the_prefix_trace() {
     );
     let served: Vec<u64> = prefix.nodes.iter().map(|n| n.served).collect();
     let (most, least) = (served.iter().max().unwrap(), served.iter().min().unwrap());
-    assert!(*most as f64 <= 1.7 * *least as f64, "node loads {served:?}");
+    assert!(*most as f64 <= 1.5 * *least as f64, "node loads {served:?}");
+}
+
+/// The nodes' answers say how much of each prompt they had cached; the
+/// prefix index learns from them what the 4-prompt LRUs evicted, and
+/// stops sending prompts after prefixes a node no longer holds. Without
+/// the reports (a 65,536-block index that remembers everything it routed)
+/// the same trace misses more.
+#[tokio::test(start_paused = true)]
+async fn the_prefix_index_learns_what_the_nodes_evicted() {
+    let scenario = Scenario::prefix_trace().seconds(5).seed(SEED);
+    let config = keel(&scenario, Policy::PrefixAffinity(PrefixConfig::default()));
+    let learning = run_keel(&scenario, config.clone(), true).await;
+    let fleet = Fleet::new(&scenario.fleet, &scenario.script);
+    let unreported = BalancerBuilder::from_config(config)
+        .classifier(SimClassifier::default())
+        .seed(SEED)
+        .build(fleet.discover())
+        .unwrap();
+    let router = Router::new(unreported.map_err(BoxError::from));
+    let remembering = sim::run(router, &fleet, &scenario.workload).await;
+    eprintln!("without reports: {}", remembering.summary());
+    assert!(
+        learning.cache_hit_rate >= 0.99 && learning.cache_hit_rate > remembering.cache_hit_rate,
+        "hit rate {} learning vs {} remembering",
+        learning.cache_hit_rate,
+        remembering.cache_hit_rate
+    );
 }
 
 #[tokio::test(start_paused = true)]

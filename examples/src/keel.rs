@@ -13,7 +13,7 @@ use keel_balancer::hedge::{HedgeConfig, HedgeLayer};
 use keel_balancer::retry::{RetryConfig, RetryLayer};
 use keel_balancer::{Balancer, Deadline, DefaultClassifier, Policy};
 use keel_cache::Tiered;
-use keel_core::{ErrorKind, KeelError};
+use keel_core::{BudgetConfig, ErrorKind, KeelError};
 use keel_health::{ActiveConfig, Endpoint, Health, HealthConfig, HealthState, OutlierConfig};
 use keel_scheduler::{
     ConcurrencyConfig, LocalRateLimiter, Priority, Rate, RateLimitConfig, SchedulerBuilder,
@@ -153,19 +153,25 @@ impl KeelPipeline {
         let balancer = Balancer::builder()
             .policy(Policy::PeakEwma)
             .max_wait(Duration::from_millis(300))
-            .attempt_timeout(Duration::from_millis(1_500))
+            .attempt_timeout(Duration::from_millis(800))
             .classifier(DefaultClassifier)
             .build(discover)?;
         // Interactive traffic is hedged: a copy goes to another node once
         // the first is slower than the recent p95, within a budget, so the
         // first requests to a node that just turned slow (or hung) do not
-        // wait for the balancer's estimate to catch up.
+        // wait for the balancer's estimate to catch up. Hedging at p95
+        // spends about 5 % of requests on the ordinary tail, so the budget
+        // is 10 %: at 5 % it is spent before a node hangs, and the requests
+        // caught on the hung node wait out their attempt timeout instead.
+        // That timeout is 800 ms, 20 times the nodes' median, leaving a
+        // retry inside the 2 s interactive deadline.
         let service = ServiceBuilder::new()
             .layer(RetryLayer::new(RetryConfig::default())?)
             .layer(HedgeLayer::new(
                 HedgeConfig::default()
                     .percentile(0.95)
-                    .window(Duration::from_secs(1)),
+                    .window(Duration::from_secs(1))
+                    .budget(BudgetConfig::default().ratio(0.1).floor(5)),
             )?)
             .service(balancer);
         let limiter = LocalRateLimiter::new(

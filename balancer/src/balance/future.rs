@@ -100,7 +100,9 @@ where
 }
 
 enum Acquired {
-    Slot(usize),
+    /// A slot on this position, and what prefix affinity claimed it had
+    /// cached of the prompt (leading blocks, prompt blocks).
+    Slot(usize, Option<(usize, usize)>),
     Full,
     Empty,
 }
@@ -120,7 +122,8 @@ fn pick_and_acquire<K: 'static, S, Req: RequestExtensions>(
         match choose(pick, &candidates, ext, rng) {
             Choice::Pick(i) => {
                 if snapshot.states[i].try_acquire() {
-                    return (Acquired::Slot(i), candidates.read_clock());
+                    let claim = candidates.prefix_claim();
+                    return (Acquired::Slot(i, claim), candidates.read_clock());
                 }
             }
             Choice::Full => return (Acquired::Full, candidates.read_clock()),
@@ -183,12 +186,13 @@ where
     let now = now.with(read);
     let empty_fleet = balancer.snapshot.states.is_empty();
     match acquired {
-        Acquired::Slot(i) => {
+        Acquired::Slot(i, claim) => {
             let handle = Handle::new(
                 balancer.snapshot.states[i].clone(),
                 now.ns(),
                 deadline.map(|d| d.instant()),
-            );
+            )
+            .with_prefix_claim(claim);
             record_dispatch(&request, &handle);
             let timer = timer(config, deadline, &now);
             BalanceFuture {
@@ -300,12 +304,13 @@ where
                 pick_and_acquire(&*shared.pick, &snapshot, common, &request, &mut rng);
             let now = LazyNow::new(common).with(read);
             match acquired {
-                Acquired::Slot(i) => {
+                Acquired::Slot(i, claim) => {
                     let handle = Handle::new(
                         snapshot.states[i].clone(),
                         now.ns(),
                         deadline.map(|d| d.instant()),
-                    );
+                    )
+                    .with_prefix_claim(claim);
                     record_dispatch(&request, &handle);
                     let timer = timer(config, deadline, &now);
                     return Ok(Dispatched {

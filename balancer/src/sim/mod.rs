@@ -57,6 +57,7 @@ pub use scenario::{PromptShape, Scenario, Workload};
 use keel_core::{BoxError, ConfigError};
 
 use crate::balance::{Balancer, BalancerBuilder, mix};
+use crate::completion::ReportCachedPrefix;
 use crate::config::{BalancerConfig, Policy};
 use crate::error::{BalancerError, Result};
 use crate::request::{AffinityKey, Prompt};
@@ -77,8 +78,20 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
         .block_on(future)
 }
 
+/// The balancer of [`keel_router`]: every answer reports the blocks the
+/// node had cached ([`SimResponse::cached_blocks`]) to prefix affinity's
+/// index.
+pub type SimBalancer =
+    Balancer<usize, SimNode, SimClassifier, ReportCachedPrefix<fn(&SimResponse) -> Option<usize>>>;
+
+/// What a simulated node's answer says it had cached, for
+/// [`ReportCachedPrefix`].
+pub fn report_cached_prefix() -> ReportCachedPrefix<fn(&SimResponse) -> Option<usize>> {
+    ReportCachedPrefix::new(|response: &SimResponse| Some(response.cached_blocks as usize))
+}
+
 /// A Keel stack over `fleet`: a [`Balancer`] with `config` (seeded, with
-/// the [`SimClassifier`]), under a [`RetryLayer`] when `retry` is given.
+/// the [`SimClassifier`], answers reporting their cached prefix), under a [`RetryLayer`] when `retry` is given.
 /// Returns the router and the balancer (to inspect its endpoints).
 ///
 /// # Errors
@@ -89,9 +102,10 @@ pub fn keel_router(
     config: BalancerConfig,
     retry: Option<RetryConfig>,
     seed: u64,
-) -> Result<(Router, Balancer<usize, SimNode, SimClassifier>)> {
+) -> Result<(Router, SimBalancer)> {
     let balancer = BalancerBuilder::from_config(config)
         .classifier(SimClassifier)
+        .track_completion(report_cached_prefix())
         .seed(seed)
         .build(fleet.discover())?;
     let router = match retry {
@@ -161,6 +175,7 @@ pub fn keel_health_router(
     );
     let balancer = BalancerBuilder::from_config(config)
         .classifier(SimClassifier)
+        .track_completion(report_cached_prefix())
         .seed(seed)
         .build(discover)?;
     let router = match retry {
