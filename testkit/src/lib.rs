@@ -25,6 +25,11 @@
 //!   replicas, on free ports) whose nodes it can
 //!   [`kill`](RedisCluster::kill) to see a replica promoted, and
 //!   [`restart`](RedisCluster::restart).
+//! - [`RabbitCluster`]: a three-node RabbitMQ cluster of the test's own (on
+//!   free ports, beside the system's RabbitMQ) whose nodes it can
+//!   [`kill`](RabbitCluster::kill), for instance the
+//!   [leader of a quorum queue](RabbitCluster::leader_of), and
+//!   [`restart`](RabbitCluster::restart).
 //! - [`assert_refused`]: the check of a config test that each bad field is
 //!   refused by name.
 //! - [`redis_error_reply`]: the client error a Redis error reply becomes,
@@ -69,6 +74,8 @@
 mod config;
 mod namespace;
 mod proxy;
+#[cfg(feature = "amqp")]
+mod rabbit_cluster;
 mod redis_cluster;
 #[cfg(feature = "redis")]
 mod redis_reply;
@@ -84,6 +91,8 @@ pub use namespace::Namespace;
 #[cfg(feature = "redis")]
 pub use namespace::redis_cleanup;
 pub use proxy::{Direction, FaultProxy, Latency};
+#[cfg(feature = "amqp")]
+pub use rabbit_cluster::RabbitCluster;
 pub use redis_cluster::{RedisCluster, assert_replicated, set_marked};
 #[cfg(feature = "redis")]
 pub use redis_reply::redis_error_reply;
