@@ -42,6 +42,12 @@ pub enum AmqpQueueType {
 pub struct AmqpQueueConfig {
     /// The broker, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`.
     pub url: String,
+    /// Other nodes of the same RabbitMQ cluster, tried in order after
+    /// `url` when it does not answer. Each reconnect starts with the node
+    /// after the one the lost connection went to, so a handle whose node
+    /// died moves to a live one on its next call. With quorum queues every
+    /// node serves every queue, whichever node leads it. Default empty.
+    pub fallback_urls: Vec<String>,
     /// Settings shared by every backend.
     pub queue: QueueConfig,
     /// Quorum (default) or classic queues.
@@ -72,6 +78,7 @@ impl Default for AmqpQueueConfig {
     fn default() -> Self {
         AmqpQueueConfig {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            fallback_urls: Vec::new(),
             queue: QueueConfig::default(),
             queue_type: AmqpQueueType::Quorum,
             prefetch: 64,
@@ -98,6 +105,27 @@ impl AmqpQueueConfig {
         self
     }
 
+    /// Sets [`fallback_urls`](Self::fallback_urls): the other nodes of
+    /// the cluster `url` belongs to.
+    pub fn fallback_urls<I, S>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.fallback_urls = urls.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// `url`, then `fallback_urls`: every node a connection may go to.
+    pub(crate) fn all_urls(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.url.as_str()).chain(self.fallback_urls.iter().map(String::as_str))
+    }
+
+    /// How many nodes a connection may go to.
+    pub(crate) fn url_count(&self) -> usize {
+        1 + self.fallback_urls.len()
+    }
+
     /// Sets [`prefetch`](Self::prefetch).
     pub fn prefetch(mut self, prefetch: u16) -> Self {
         self.prefetch = prefetch;
@@ -110,17 +138,13 @@ impl AmqpQueueConfig {
         self
     }
 
-    /// The URL with the heartbeat applied (unless it sets one itself).
-    pub(crate) fn connect_url(&self) -> String {
-        if self.url.contains("heartbeat=") {
-            return self.url.clone();
+    /// `url` with the heartbeat applied (unless it sets one itself).
+    pub(crate) fn connect_url(&self, url: &str) -> String {
+        if url.contains("heartbeat=") {
+            return url.to_owned();
         }
-        let sep = if self.url.contains('?') { '&' } else { '?' };
-        format!(
-            "{}{sep}heartbeat={}",
-            self.url,
-            self.heartbeat.as_secs().max(1)
-        )
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}heartbeat={}", self.heartbeat.as_secs().max(1))
     }
 
     /// Sets [`operation_timeout`](Self::operation_timeout).
@@ -155,10 +179,16 @@ impl AmqpQueueConfig {
                 "must not start with `amq.` (RabbitMQ reserves those names)",
             ));
         }
-        if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
+        if !is_amqp_url(&self.url) {
             return Err(QueueError::config(
                 "url",
                 "must be an amqp:// or amqps:// URL",
+            ));
+        }
+        if let Some(position) = self.fallback_urls.iter().position(|url| !is_amqp_url(url)) {
+            return Err(QueueError::config(
+                "fallback_urls",
+                format!("entry {position} must be an amqp:// or amqps:// URL"),
             ));
         }
         validate::at_least("prefetch", self.prefetch, 1)?;
@@ -178,6 +208,14 @@ impl fmt::Debug for AmqpQueueConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpQueueConfig")
             .field("url", &keel_core::redacted_url(&self.url))
+            .field(
+                "fallback_urls",
+                &self
+                    .fallback_urls
+                    .iter()
+                    .map(|url| keel_core::redacted_url(url))
+                    .collect::<Vec<_>>(),
+            )
             .field("queue", &self.queue)
             .field("queue_type", &self.queue_type)
             .field("prefetch", &self.prefetch)
@@ -185,5 +223,62 @@ impl fmt::Debug for AmqpQueueConfig {
             .field("release_idle_after", &self.release_idle_after)
             .field("heartbeat", &self.heartbeat)
             .finish()
+    }
+}
+
+fn is_amqp_url(url: &str) -> bool {
+    url.starts_with("amqp://") || url.starts_with("amqps://")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_testkit::assert_refused;
+
+    fn config() -> AmqpQueueConfig {
+        AmqpQueueConfig::new("amqp://u:secret@127.0.0.1:5672/%2f", QueueConfig::new("q"))
+    }
+
+    #[test]
+    fn refuses_bad_fields_by_name() {
+        assert_refused(
+            AmqpQueueConfig::validate,
+            [
+                (
+                    AmqpQueueConfig::new("http://127.0.0.1", QueueConfig::new("q")),
+                    "url",
+                ),
+                (
+                    config().fallback_urls(["amqp://127.0.0.1:5673", "127.0.0.1:5674"]),
+                    "fallback_urls",
+                ),
+                (config().prefetch(0), "prefetch"),
+                (config().heartbeat(Duration::ZERO), "heartbeat"),
+            ],
+        );
+    }
+
+    #[test]
+    fn lists_every_node_and_hides_their_passwords() {
+        let config = config().fallback_urls(["amqps://u:other@10.0.0.2:5671/%2f"]);
+        assert!(config.validate().is_ok());
+        assert_eq!(config.url_count(), 2);
+        assert_eq!(
+            config.all_urls().collect::<Vec<_>>(),
+            [
+                "amqp://u:secret@127.0.0.1:5672/%2f",
+                "amqps://u:other@10.0.0.2:5671/%2f"
+            ]
+        );
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("secret") && !shown.contains("other"),
+            "{shown}"
+        );
+        let parsed: AmqpQueueConfig = serde_json::from_str(
+            r#"{"url":"amqp://a:1/%2f","fallback_urls":["amqp://b:2/%2f"],"queue":{"name":"q"}}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.fallback_urls, ["amqp://b:2/%2f"]);
     }
 }

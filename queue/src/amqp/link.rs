@@ -123,15 +123,72 @@ impl AmqpQueue {
         Ok(link)
     }
 
-    /// Connects, opens the publisher channel with confirms and declares
-    /// the topology.
+    /// Connects to the first node that answers, starting with the one
+    /// after the node of the last connection (so a handle whose node died
+    /// moves on), and opens the link there.
     async fn open_link(&self) -> Result<Link> {
+        let config = &self.inner.config;
+        let count = config.url_count();
+        let start = self.inner.next_url.load(Ordering::Acquire) % count;
+        let mut last_error = None;
+        for offset in 0..count {
+            let index = (start + offset) % count;
+            let url = config.all_urls().nth(index).unwrap_or(&config.url);
+            match self.open_link_to(url).await {
+                Ok(link) => {
+                    self.inner
+                        .next_url
+                        .store((index + 1) % count, Ordering::Release);
+                    return Ok(link);
+                }
+                // Another node may answer; anything else (a refused
+                // declaration) would be the same on every node.
+                Err(err @ (QueueError::Unavailable { .. } | QueueError::Timeout(_))) => {
+                    tracing::debug!(
+                        url = %keel_core::redacted_url(url),
+                        error = %err,
+                        "rabbitmq node does not answer"
+                    );
+                    last_error = Some((url, err));
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        let Some((url, err)) = last_error else {
+            return Err(QueueError::Unavailable {
+                message: "no rabbitmq url to connect to".into(),
+                source: None,
+            });
+        };
+        let tried = if count > 1 {
+            format!(
+                "none of the {count} rabbitmq nodes answers (the last, {}",
+                keel_core::redacted_url(url)
+            )
+        } else {
+            format!(
+                "rabbitmq at {} does not answer (",
+                keel_core::redacted_url(url)
+            )
+        };
+        Err(match err {
+            QueueError::Unavailable { message, source } => QueueError::Unavailable {
+                message: format!("{tried}: {message}); is it running?"),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Connects to `url`, opens the publisher channel with confirms and
+    /// declares the topology.
+    async fn open_link_to(&self, url: &str) -> Result<Link> {
         let config = &self.inner.config;
         let levels = usize::from(config.queue.priority_levels);
         let generation = self.inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
         self.timed(async {
             let connection = Connection::connect(
-                &config.connect_url(),
+                &config.connect_url(url),
                 ConnectionProperties::default()
                     .with_connection_name(format!("keel-queue {}", self.name()).into()),
             )
@@ -157,16 +214,6 @@ impl AmqpQueue {
             })
         })
         .await
-        .map_err(|err| match err {
-            QueueError::Unavailable { message, source } => QueueError::Unavailable {
-                message: format!(
-                    "rabbitmq at {} does not answer ({message}); is it running?",
-                    keel_core::redacted_url(&config.url)
-                ),
-                source,
-            },
-            other => other,
-        })
     }
 
     /// The link a lease belongs to, if it is still the live one.

@@ -59,6 +59,10 @@
 //! misses it is not trusted again (the connection is closed). After the
 //! connection drops or times out, the next call reconnects, redeclares the topology and
 //! restarts consumption: publishing and consuming resume on their own.
+//! Given the other nodes of a cluster (`fallback_urls`), a reconnect
+//! starts with the node after the lost connection's and takes the first
+//! that answers, so a handle whose node died resumes on a live one; with
+//! quorum queues the surviving majority keeps every confirmed job.
 //! Receipts from before the drop answer `InvalidReceipt` (the broker has
 //! already requeued those jobs).
 
@@ -76,7 +80,7 @@ mod topology;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -140,6 +144,9 @@ struct Inner {
     metrics: QueueMetrics,
     link: tokio::sync::Mutex<Option<Arc<Link>>>,
     generation: AtomicU64,
+    /// Index (into `url`, then `fallback_urls`) of the node the next
+    /// connection tries first.
+    next_url: AtomicUsize,
     leases: Mutex<Leases>,
     lease_changed: Arc<Notify>,
 }
@@ -177,6 +184,7 @@ impl AmqpQueue {
                 config,
                 link: tokio::sync::Mutex::new(None),
                 generation: AtomicU64::new(0),
+                next_url: AtomicUsize::new(0),
                 leases: Mutex::new(Leases::default()),
                 lease_changed: Arc::new(Notify::new()),
             }),
