@@ -7,7 +7,6 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -57,9 +56,10 @@ const INSTALL_HINT: &str = "apt-get install -y rabbitmq-server";
 /// the system RabbitMQ's when it is readable (so the system's
 /// `rabbitmqctl` can inspect the nodes too), a random one otherwise.
 ///
-/// [`start`](Self::start) boots the three nodes side by side; the second
-/// and third find the first through RabbitMQ's classic-config peer
-/// discovery and join it as they boot. A node that booted on its own
+/// [`start`](Self::start) boots the first node, then the other two side by
+/// side, which find the first through RabbitMQ's classic-config peer
+/// discovery and join it as they boot (a node whose first boot fails is
+/// booted once more from empty data). A node that booted on its own
 /// anyway is joined with `rabbitmqctl stop_app`, `join_cluster` and
 /// `start_app`. It returns once every node takes AMQP connections and the
 /// first node counts all three as running.
@@ -72,8 +72,9 @@ const INSTALL_HINT: &str = "apt-get install -y rabbitmq-server";
 /// rejoins the cluster.
 ///
 /// Dropping it kills every node and removes their directories. A node also
-/// dies on its own within a second or two of the test process ending, so
-/// no node outlives a test run that was killed.
+/// dies on its own within a second or two of the test process ending (and
+/// its directory goes a second later), so nothing outlives a test run that
+/// was killed.
 ///
 /// # Example
 ///
@@ -212,13 +213,25 @@ impl RabbitCluster {
             dir,
         };
         let started = Instant::now();
-        for index in 0..NODES {
+        // The seed boots first: a node that joins one still creating its
+        // tables can fail its boot (`table_attributes_mismatch`).
+        cluster.spawn(0)?;
+        cluster.wait_listening(0, started + BOOT_TIMEOUT).await?;
+        for index in 1..NODES {
             cluster.spawn(index)?;
         }
-        for index in 0..NODES {
-            cluster
-                .wait_listening(index, started + BOOT_TIMEOUT)
-                .await?;
+        for index in 1..NODES {
+            let deadline = Instant::now() + BOOT_TIMEOUT;
+            if let Err(error) = cluster.wait_listening(index, deadline).await {
+                // Two nodes joining at once can still trip over each
+                // other; a second boot from empty data joins alone.
+                tracing::debug!(%error, "rabbitmq node failed its first boot; booting it again");
+                let _ = std::fs::remove_dir_all(cluster.nodes[index].dir.join("mnesia"));
+                cluster.spawn(index)?;
+                cluster
+                    .wait_listening(index, Instant::now() + BOOT_TIMEOUT)
+                    .await?;
+            }
         }
         cluster.form().await?;
         tracing::debug!(
@@ -229,31 +242,25 @@ impl RabbitCluster {
         Ok(cluster)
     }
 
-    /// A cluster shared by the tests of this process that run at the same
-    /// time: the first caller starts it, later callers get the same one
-    /// while any handle is alive, and it is stopped when the last handle is
-    /// dropped. For tests that need a cluster only as a place to put queues
-    /// (a conformance suite, one queue per case); a test that kills nodes
-    /// [starts its own](Self::start).
+    /// One cluster for every test of this process that needs a cluster
+    /// only as a place to put queues (a conformance suite, one queue per
+    /// case): the first caller starts it, later callers get the same one,
+    /// whichever runtime they run on. It lives as long as the process: its
+    /// nodes and directory go within about two seconds of the process
+    /// ending (the nodes watch the process; see the type's docs). A test
+    /// that kills nodes [starts its own](Self::start).
     ///
     /// # Errors
     ///
-    /// As for [`start`](Self::start).
+    /// As for [`start`](Self::start); the next caller tries again.
     ///
     /// # Cancel safety
     ///
     /// Cancelling the future kills any node it started; another caller then
     /// starts the cluster.
-    pub async fn shared() -> io::Result<Arc<RabbitCluster>> {
-        static SHARED: tokio::sync::Mutex<Weak<RabbitCluster>> =
-            tokio::sync::Mutex::const_new(Weak::new());
-        let mut shared = SHARED.lock().await;
-        if let Some(cluster) = shared.upgrade() {
-            return Ok(cluster);
-        }
-        let cluster = Arc::new(RabbitCluster::start().await?);
-        *shared = Arc::downgrade(&cluster);
-        Ok(cluster)
+    pub async fn shared() -> io::Result<&'static RabbitCluster> {
+        static SHARED: tokio::sync::OnceCell<RabbitCluster> = tokio::sync::OnceCell::const_new();
+        SHARED.get_or_try_init(RabbitCluster::start).await
     }
 
     /// The AMQP URL of every node,
@@ -416,14 +423,20 @@ impl RabbitCluster {
         let node = &mut self.nodes[index];
         let output = std::fs::File::create(node.dir.join("output.log"))?;
         let output_err = output.try_clone()?;
-        // The watchdog shares the node's process group and kills it when
-        // the test process is gone, so a killed test run leaks no node.
-        let script = "test_pid=$1; shift; \
-                      ( while kill -0 \"$test_pid\" 2>/dev/null; do sleep 1; done; kill -KILL 0 ) & \
+        // The watchdog shares the node's process group and, once the test
+        // process is gone, kills the group and (from a session of its own,
+        // which outlives the group) removes the cluster's directory: a test
+        // run that was killed, or a cluster that is never dropped, leaks
+        // nothing.
+        let script = "test_pid=$1; dir=$2; shift 2; \
+                      ( while kill -0 \"$test_pid\" 2>/dev/null; do sleep 1; done; \
+                        setsid sh -c 'sleep 1; rm -rf \"$0\"' \"$dir\" </dev/null >/dev/null 2>&1 & \
+                        kill -9 0 ) & \
                       exec \"$@\"";
         let child = Command::new("sh")
             .args(["-c", script, "keel-rabbit-node"])
             .arg(std::process::id().to_string())
+            .arg(self.dir.path())
             .arg(&env.server)
             .env("HOME", &env.home)
             .env("RABBITMQ_CONF_ENV_FILE", &env.env_file)

@@ -36,7 +36,7 @@ impl AmqpQueue {
         props = props.with_headers(table);
         let dead = self.dead_queue();
         let confirm = self.publish(link, &dead, &delivery.payload, props).await?;
-        if let Stored::Unroutable = self.confirmed(confirm).await? {
+        if let Stored::Unroutable = self.confirmed(link, &dead, confirm).await? {
             return Err(unroutable(&dead));
         }
         self.inner.metrics.dead_lettered.increment(1);
@@ -120,7 +120,7 @@ impl AmqpQueue {
                     level as u8,
                 );
                 let confirm = self.publish(&link, &target, &delivery.data, props).await?;
-                if let Stored::Unroutable = self.confirmed(confirm).await? {
+                if let Stored::Unroutable = self.confirmed(&link, &target, confirm).await? {
                     return Err(unroutable(&target));
                 }
                 self.timed(async {

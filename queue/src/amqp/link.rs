@@ -197,7 +197,7 @@ impl AmqpQueue {
             publisher
                 .confirm_select(ConfirmSelectOptions::default())
                 .await?;
-            self.declare_topology(&publisher).await?;
+            self.declare_topology(&connection, &publisher).await?;
             Ok(Link {
                 generation,
                 connection: Arc::new(connection),

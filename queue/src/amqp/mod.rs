@@ -10,7 +10,7 @@
 //! | `q.delay.p<level>.<ms>ms` | durable queue with a message TTL | jobs waiting out a delay; they dead-letter back into `q.p<level>` (this broker has no delay plugin) and the queue expires when unused |
 //! | `q.dlx` | fanout exchange | the broker's dead-lettering (delivery limit) |
 //! | `q.dead` | durable queue bound to `q.dlx` | dead letters, with their reason |
-//! | `q.delays` | durable classic queue | the name of every delay queue declared, each record expiring with its queue, so `purge` and `delete` find delay queues any handle made |
+//! | `q.delays` | durable classic queue | the name of every delay queue declared, each record expiring with its queue, so `purge` and `delete` find delay queues any handle made (on a cluster it lives on one node: while that node is down, delayed enqueues, `purge` and `delete` fail, and jobs flow on) |
 //!
 //! Ready queues carry `x-max-length` = `capacity` with `x-overflow:
 //! reject-publish` (so a full queue refuses the publish and `enqueue` answers

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use lapin::options::BasicPublishOptions;
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation};
 
 use super::codec::{epoch_ms, now_ms, properties};
@@ -58,11 +59,11 @@ impl AmqpQueue {
             let confirm = self
                 .publish(&link, &target, &job.payload, props.clone())
                 .await?;
-            pending.push((id, job, props, confirm));
+            pending.push((id, job, props, target, confirm));
         }
         let mut out = Vec::with_capacity(pending.len());
-        for (id, job, props, confirm) in pending {
-            if let Stored::Unroutable = self.confirmed(confirm).await? {
+        for (id, job, props, target, confirm) in pending {
+            if let Stored::Unroutable = self.confirmed(&link, &target, confirm).await? {
                 let level = usize::from(job.priority.0);
                 self.store(&link, level, job.delay, &job.payload, props)
                     .await?;
@@ -102,22 +103,73 @@ impl AmqpQueue {
         .await
     }
 
-    /// Waits for the broker's confirm of one publish.
-    pub(super) async fn confirmed(&self, confirm: lapin::PublisherConfirm) -> Result<Stored> {
+    /// Waits for the broker's confirm of one publish to `target`.
+    pub(super) async fn confirmed(
+        &self,
+        link: &Link,
+        target: &str,
+        confirm: lapin::PublisherConfirm,
+    ) -> Result<Stored> {
         match self.timed(async { Ok(confirm.await?) }).await? {
             Confirmation::Ack(None) => Ok(Stored::Yes),
             Confirmation::Ack(Some(_)) => Ok(Stored::Unroutable),
-            Confirmation::Nack(_) => {
-                self.inner.metrics.full.increment(1);
-                Err(QueueError::Full {
-                    capacity: self.inner.config.queue.capacity.unwrap_or(0),
-                })
-            }
+            Confirmation::Nack(_) => Err(self.refused(link, target).await),
             Confirmation::NotRequested => Err(QueueError::Backend {
                 message: "the broker did not confirm the publish".into(),
                 source: None,
             }),
         }
+    }
+
+    /// What a negative confirm of a publish to `target` means. A ready
+    /// queue at capacity refuses publishes (`x-overflow: reject-publish`):
+    /// `Full`. Otherwise the broker could not store the job: a quorum
+    /// queue refuses publishes while it has no leader, and on RabbitMQ 3.10
+    /// a channel that published across its leader's death goes on being
+    /// refused long after a new leader is elected, until the channel is
+    /// replaced. So the link is retired (the next call reconnects, to the
+    /// next node when several are configured) and the answer is
+    /// `Unavailable`, which a retry resolves.
+    async fn refused(&self, link: &Link, target: &str) -> QueueError {
+        let levels = usize::from(self.inner.config.queue.priority_levels);
+        if let Some(capacity) = self.inner.config.queue.capacity
+            && (0..levels).any(|level| self.ready_queue(level) == target)
+            && let Ok(ready) = self.ready_count(link, target).await
+            // A quorum queue takes one message past `x-max-length`.
+            && ready.saturating_add(1) >= capacity
+        {
+            self.inner.metrics.full.increment(1);
+            return QueueError::Full { capacity };
+        }
+        link.retire();
+        QueueError::Unavailable {
+            message: format!(
+                "rabbitmq refused to store the job in `{target}` though it is not full (a quorum \
+                 queue without a leader while a node fails?); the connection is replaced on the \
+                 next call"
+            ),
+            source: None,
+        }
+    }
+
+    /// How many messages the broker holds ready in `queue`.
+    async fn ready_count(&self, link: &Link, queue: &str) -> Result<u64> {
+        self.timed(async {
+            let channel = link.connection.create_channel().await?;
+            let declared = channel
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            let _ = channel.close(200, "count".into()).await;
+            Ok(u64::from(declared?.message_count()))
+        })
+        .await
     }
 
     /// Publishes to `target` and waits for the confirm; a delay queue that
@@ -134,7 +186,7 @@ impl AmqpQueue {
         for first in [true, false] {
             let target = self.route(link, level, delay).await?;
             let confirm = self.publish(link, &target, payload, props.clone()).await?;
-            match self.confirmed(confirm).await? {
+            match self.confirmed(link, &target, confirm).await? {
                 Stored::Yes => return Ok(()),
                 Stored::Unroutable if first && target != self.ready_queue(level) => {
                     link.declared_delays.lock().remove(&target);

@@ -9,8 +9,9 @@ use lapin::options::{
     BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 
 use super::codec::{int, ms, text};
 use super::error::AmqpFailure;
@@ -54,6 +55,7 @@ impl AmqpQueue {
     /// declared idempotently on a new connection's publisher channel.
     pub(super) async fn declare_topology(
         &self,
+        connection: &Connection,
         publisher: &Channel,
     ) -> std::result::Result<(), AmqpFailure> {
         let config = &self.inner.config;
@@ -92,16 +94,7 @@ impl AmqpQueue {
                 FieldTable::default(),
             )
             .await?;
-        let mut registry_args = FieldTable::default();
-        registry_args.insert("x-queue-type".into(), text("classic"));
-        publisher
-            .queue_declare(
-                self.registry_queue().as_str().into(),
-                durable,
-                registry_args,
-            )
-            .await
-            .map_err(AmqpFailure::Topology)?;
+        self.declare_registry(connection).await?;
         for level in 0..levels {
             let mut args = self.queue_args();
             args.insert("x-dead-letter-exchange".into(), text(&dlx));
@@ -128,6 +121,51 @@ impl AmqpQueue {
                 .map_err(AmqpFailure::Topology)?;
         }
         Ok(())
+    }
+
+    /// Declares the registry of delay queues, on a channel of its own.
+    ///
+    /// The registry is a classic queue (its records expire one by one,
+    /// which quorum queues on RabbitMQ 3.10 cannot do), so on a cluster it
+    /// lives on one node. While that node is down the broker refuses to
+    /// declare it (`NOT_FOUND`, home node down); the handle connects anyway,
+    /// since jobs never pass through the registry: ready, dead and delay
+    /// queues are quorum queues that survive the node. Only delayed
+    /// enqueues, `purge` and `delete`, which write or read the registry,
+    /// fail until the node is back.
+    async fn declare_registry(
+        &self,
+        connection: &Connection,
+    ) -> std::result::Result<(), AmqpFailure> {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), text("classic"));
+        let channel = connection.create_channel().await?;
+        let declared = channel
+            .queue_declare(
+                self.registry_queue().as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await;
+        match declared {
+            Ok(_) => {
+                let _ = channel.close(200, "registry declared".into()).await;
+                Ok(())
+            }
+            Err(err) if is_not_found(&err) => {
+                tracing::warn!(
+                    queue = %self.registry_queue(),
+                    error = %err,
+                    "the registry of delay queues is unavailable (its node is down?); \
+                     delayed enqueues, purge and delete fail until it is back"
+                );
+                Ok(())
+            }
+            Err(err) => Err(AmqpFailure::Topology(err)),
+        }
     }
 
     /// Where a job goes now: its ready queue, or a delay queue.
@@ -181,10 +219,11 @@ impl AmqpQueue {
         let record = BasicProperties::default()
             .with_delivery_mode(2)
             .with_expiration(delay_ms.saturating_add(120_000).to_string().as_str().into());
+        let registry = self.registry_queue();
         let confirm = self
-            .publish(link, &self.registry_queue(), name.as_bytes(), record)
+            .publish(link, &registry, name.as_bytes(), record)
             .await?;
-        if let Stored::Unroutable = self.confirmed(confirm).await? {
+        if let Stored::Unroutable = self.confirmed(link, &registry, confirm).await? {
             return Err(unroutable(&self.registry_queue()));
         }
         link.declared_delays.lock().insert(name.clone());
@@ -235,4 +274,14 @@ impl AmqpQueue {
             Err(err) => Err(QueueError::from(AmqpFailure::from(err))),
         }
     }
+}
+
+/// Whether the broker answered `NOT_FOUND`: on a declaration of a queue
+/// that exists, that its home node is down.
+fn is_not_found(err: &lapin::Error) -> bool {
+    matches!(
+        err.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    )
 }
