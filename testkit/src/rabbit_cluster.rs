@@ -72,9 +72,9 @@ const INSTALL_HINT: &str = "apt-get install -y rabbitmq-server";
 /// rejoins the cluster.
 ///
 /// Dropping it kills every node and removes their directories. A node also
-/// dies on its own within a second or two of the test process ending (and
-/// its directory goes a second later), so nothing outlives a test run that
-/// was killed.
+/// dies on its own within about two seconds of the test process ending
+/// (and its directory goes a second later), so nothing outlives a test run
+/// that was killed.
 ///
 /// # Example
 ///
@@ -246,7 +246,7 @@ impl RabbitCluster {
     /// only as a place to put queues (a conformance suite, one queue per
     /// case): the first caller starts it, later callers get the same one,
     /// whichever runtime they run on. It lives as long as the process: its
-    /// nodes and directory go within about two seconds of the process
+    /// nodes and directory go within about three seconds of the process
     /// ending (the nodes watch the process; see the type's docs). A test
     /// that kills nodes [starts its own](Self::start).
     ///
@@ -425,13 +425,13 @@ impl RabbitCluster {
         let output_err = output.try_clone()?;
         // The watchdog shares the node's process group and, once the test
         // process is gone, kills the group and (from a session of its own,
-        // which outlives the group) removes the cluster's directory: a test
-        // run that was killed, or a cluster that is never dropped, leaks
-        // nothing.
+        // which outlives the group, given a second to leave it) removes the
+        // cluster's directory: a test run that was killed, or a cluster that
+        // is never dropped, leaks nothing.
         let script = "test_pid=$1; dir=$2; shift 2; \
                       ( while kill -0 \"$test_pid\" 2>/dev/null; do sleep 1; done; \
-                        setsid sh -c 'sleep 1; rm -rf \"$0\"' \"$dir\" </dev/null >/dev/null 2>&1 & \
-                        kill -9 0 ) & \
+                        setsid sh -c 'sleep 2; rm -rf \"$0\"' \"$dir\" </dev/null >/dev/null 2>&1 & \
+                        sleep 1; kill -9 0 ) & \
                       exec \"$@\"";
         let child = Command::new("sh")
             .args(["-c", script, "keel-rabbit-node"])
