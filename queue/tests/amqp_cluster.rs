@@ -238,7 +238,7 @@ async fn killing_the_quorum_leader_loses_no_confirmed_job() {
         .await
         .expect("producer and consumer did not resume after the kill");
     eprintln!(
-        "publishing and consuming resumed {:?} after the kill",
+        "publishing and consuming had resumed by {:?} after the kill",
         killed_at.elapsed()
     );
 
