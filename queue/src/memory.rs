@@ -181,7 +181,14 @@ impl MemoryQueue {
         &self.shared.config
     }
 
-    /// Adds one job; `now` and `wall` are read once per batch.
+    /// Checks one job's priority and fields.
+    fn check(&self, job: &Job) -> Result<()> {
+        self.shared.config.check_priority(job.priority)?;
+        crate::types::check_job(job, &crate::types::Limits::NONE)
+    }
+
+    /// Adds one job that passed [`check`](Self::check); `now` and `wall`
+    /// are read once per batch.
     fn insert(
         &self,
         state: &mut State,
@@ -190,8 +197,6 @@ impl MemoryQueue {
         wall: SystemTime,
     ) -> Result<Enqueued> {
         let config = &self.shared.config;
-        config.check_priority(job.priority)?;
-        crate::types::check_job(&job, &crate::types::Limits::NONE)?;
         if let Some(key) = &job.idempotency_key {
             state.expire_dedup(now);
             if let Some((id, _)) = state.dedup.get(key) {
@@ -273,12 +278,17 @@ impl MemoryQueue {
 }
 
 fn receipt_for(seq: u64, token: u64) -> Receipt {
-    let mut text = String::with_capacity(44);
-    text.push_str("m:");
-    text.push_str(itoa::Buffer::new().format(seq));
-    text.push(':');
-    text.push_str(itoa::Buffer::new().format(token));
-    Receipt::from_string(text)
+    // "m:" + two u64s + ':' fits the receipt's inline buffer for any job
+    // this process will see; built on the stack, no allocation.
+    let mut text = [0u8; 43];
+    let (mut a, mut b) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let (seq, token) = (a.format(seq).as_bytes(), b.format(token).as_bytes());
+    let len = 2 + seq.len() + 1 + token.len();
+    text[..2].copy_from_slice(b"m:");
+    text[2..2 + seq.len()].copy_from_slice(seq);
+    text[2 + seq.len()] = b':';
+    text[3 + seq.len()..len].copy_from_slice(token);
+    Receipt::from_short(std::str::from_utf8(&text[..len]).expect("ASCII"))
 }
 
 fn parse_receipt(receipt: &Receipt) -> Result<(u64, u64)> {
@@ -288,12 +298,27 @@ fn parse_receipt(receipt: &Receipt) -> Result<(u64, u64)> {
             receipt.as_str()
         ))
     };
-    let rest = receipt.as_str().strip_prefix("m:").ok_or_else(bad)?;
-    let (seq, token) = rest.split_once(':').ok_or_else(bad)?;
+    let rest = receipt.as_bytes().strip_prefix(b"m:").ok_or_else(bad)?;
+    let colon = rest.iter().position(|&b| b == b':').ok_or_else(bad)?;
+    let (seq, token) = (&rest[..colon], &rest[colon + 1..]);
     Ok((
-        seq.parse().map_err(|_| bad())?,
-        token.parse().map_err(|_| bad())?,
+        parse_u64(seq).ok_or_else(bad)?,
+        parse_u64(token).ok_or_else(bad)?,
     ))
+}
+
+/// Decimal digits to a `u64`; `None` for anything else or an overflow.
+fn parse_u64(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        let d = d.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 impl State {
@@ -448,7 +473,7 @@ impl State {
                 let Some(seq) = self.ready[level].pop_front() else {
                     break;
                 };
-                let Some(record) = self.jobs.get(&seq) else {
+                let Some(record) = self.jobs.get_mut(&seq) else {
                     continue;
                 };
                 if record.deadline.is_some_and(|d| d <= wall) {
@@ -457,7 +482,6 @@ impl State {
                 }
                 let token = self.next_token;
                 self.next_token += 1;
-                let record = self.jobs.get_mut(&seq).expect("checked above");
                 record.attempts += 1;
                 record.place = Place::Leased { token, expires };
                 leased.push((seq, token));
@@ -488,6 +512,7 @@ impl State {
 #[async_trait]
 impl Queue for MemoryQueue {
     async fn enqueue(&self, job: Job) -> Result<Enqueued> {
+        self.check(&job)?;
         let now = Instant::now();
         let enqueued = self.insert(&mut self.shared.state.lock(), job, now, SystemTime::now())?;
         if !enqueued.duplicate {
@@ -500,8 +525,7 @@ impl Queue for MemoryQueue {
         // Checked up front, as the other backends do: a bad job stops the
         // batch before any of it is enqueued.
         for job in &jobs {
-            self.shared.config.check_priority(job.priority)?;
-            crate::types::check_job(job, &crate::types::Limits::NONE)?;
+            self.check(job)?;
         }
         let (now, wall) = (Instant::now(), SystemTime::now());
         let mut out = Vec::with_capacity(jobs.len());
@@ -757,5 +781,43 @@ impl Queue for MemoryQueue {
 
     async fn ping(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receipts_round_trip() {
+        for (seq, token) in [(0, 0), (7, 12_345), (u64::MAX, u64::MAX)] {
+            let receipt = receipt_for(seq, token);
+            assert_eq!(receipt.as_str(), format!("m:{seq}:{token}"));
+            assert_eq!(parse_receipt(&receipt).unwrap(), (seq, token));
+        }
+    }
+
+    #[test]
+    fn foreign_receipts_are_invalid() {
+        for text in [
+            "",
+            "m:",
+            "m:1",
+            "m:1:",
+            "m::2",
+            "m:1:2:3",
+            "m:a:2",
+            "m:-1:2",
+            "x:1:2",
+            "m:18446744073709551616:1",
+        ] {
+            assert!(
+                matches!(
+                    parse_receipt(&Receipt::from_string(text)),
+                    Err(QueueError::InvalidReceipt(_))
+                ),
+                "{text:?}"
+            );
+        }
     }
 }
