@@ -14,6 +14,9 @@
 //! a list (`--threads 1,2,4`), each measured in the same run on its own
 //! runtime, with a `threads N: ... ratio R` line each; the JSON line is the
 //! **last** count's. Without it, Tokio's default (one thread per core).
+//!
+//! `--only keel` or `--only raw` runs one side alone (memory backend), for
+//! profiling; then no JSON line is printed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,6 +65,10 @@ struct Args {
     /// line reports the last). Default: one per core.
     #[arg(long, value_delimiter = ',')]
     threads: Vec<usize>,
+    /// Run only one side (`keel` or `raw`), for profiling; the JSON line is
+    /// printed only when both run. Memory backend only.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 /// One full cycle through a Keel queue; answers jobs per second.
@@ -433,6 +440,26 @@ fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, String> {
     builder.enable_all().build().map_err(|e| e.to_string())
 }
 
+/// One side alone, for profiling (`--only`).
+async fn only(args: &Args, side: &str, label: &str) -> Result<(), String> {
+    if args.backend != "memory" {
+        return Err("--only is for --backend memory".to_owned());
+    }
+    for run in 1..=args.runs {
+        let rate = match side {
+            "keel" => {
+                let queue = MemoryQueue::new(queue_config(args, &format!("bench-{run}")))
+                    .map_err(|e| e.to_string())?;
+                keel_cycle(Arc::new(queue), args.jobs, args.batch, args.priorities).await
+            }
+            "raw" => raw_memory_cycle(args.jobs, args.batch).await,
+            other => return Err(format!("--only takes keel or raw, not {other}")),
+        };
+        println!("threads {label} run {run}: {side} {rate:.0} jobs/s");
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), String> {
     let args = Args::parse();
     let counts: Vec<Option<usize>> = if args.threads.is_empty() {
@@ -441,6 +468,12 @@ fn main() -> Result<(), String> {
         args.threads.iter().map(|&n| Some(n)).collect()
     };
     let label = |n: Option<usize>| n.map_or_else(|| "default".to_owned(), |n| n.to_string());
+    if let Some(side) = &args.only {
+        for &n in &counts {
+            runtime(n)?.block_on(only(&args, side, &label(n)))?;
+        }
+        return Ok(());
+    }
     println!(
         "backend {}: {} jobs of 256 bytes per run, batches of {}, 1 producer + 1 consumer, best of {} runs, priorities {:?}, capacity {}, threads {}",
         args.backend,
