@@ -6,6 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arrayvec::ArrayString;
 use bytes::Bytes;
 use keel_core::ArgumentError;
 
@@ -91,38 +92,23 @@ impl fmt::Display for JobId {
 /// longer text on the heap in `H`.
 #[derive(Clone)]
 enum Text<H, const N: usize> {
-    Inline { len: u8, bytes: [u8; N] },
+    Inline(ArrayString<N>),
     Heap(H),
 }
 
 impl<H: std::ops::Deref<Target = str>, const N: usize> Text<H, N> {
     /// `text` inline, or `None` when it is longer than `N` bytes.
     fn inline(text: &str) -> Option<Self> {
-        let len = text.len();
-        if len > N {
-            return None;
-        }
-        let mut bytes = [0u8; N];
-        bytes[..len].copy_from_slice(text.as_bytes());
-        Some(Text::Inline {
-            len: len as u8,
-            bytes,
-        })
+        ArrayString::from(text).ok().map(Text::Inline)
     }
 
     fn as_bytes(&self) -> &[u8] {
-        match self {
-            Text::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            Text::Heap(heap) => heap.as_bytes(),
-        }
+        self.as_str().as_bytes()
     }
 
     fn as_str(&self) -> &str {
         match self {
-            // Built from a `&str`, so always UTF-8.
-            Text::Inline { .. } => {
-                std::str::from_utf8(self.as_bytes()).expect("inline text is UTF-8")
-            }
+            Text::Inline(text) => text,
             Text::Heap(heap) => heap,
         }
     }
