@@ -488,7 +488,8 @@ fn flush<'a>(
     if acks.is_empty() {
         return;
     }
-    if let Err(mpsc::error::SendError(acks)) = settler.send(std::mem::take(acks)) {
+    let next = Acks::with_capacity(ctx.config.ack_batch.min(1_024));
+    if let Err(mpsc::error::SendError(acks)) = settler.send(std::mem::replace(acks, next)) {
         for (receipt, until) in acks.receipts.into_iter().zip(acks.untils) {
             settling.push(settle::nack_or_ack(ctx, receipt, until, None).boxed());
         }
@@ -742,6 +743,11 @@ where
                     for _ in 0..answered {
                         ctx.metrics.job_seconds.record(each);
                     }
+                    // Let the settler (woken on this thread) send the acks
+                    // now, while their receipts are fresh, instead of after
+                    // the next batches: a backend that answers `dequeue`
+                    // at once would otherwise never give way to it.
+                    tokio::task::yield_now().await;
                 }
             }
             Event::Dequeued(Err(err)) => {

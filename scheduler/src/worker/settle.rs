@@ -2,6 +2,7 @@
 //! every settlement retried with backoff for as long as the job's lease
 //! lasts.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -32,6 +33,14 @@ pub(super) struct Acks {
 }
 
 impl Acks {
+    /// Room for `n` acks.
+    pub(super) fn with_capacity(n: usize) -> Self {
+        Acks {
+            receipts: Vec::with_capacity(n),
+            untils: Vec::with_capacity(n),
+        }
+    }
+
     pub(super) fn push(&mut self, receipt: Receipt, until: Instant) {
         self.receipts.push(receipt);
         self.untils.push(until);
@@ -44,14 +53,35 @@ impl Acks {
     pub(super) fn is_empty(&self) -> bool {
         self.receipts.is_empty()
     }
+}
 
-    fn append(&mut self, mut more: Acks) {
-        if self.is_empty() {
-            *self = more;
-        } else {
-            self.receipts.append(&mut more.receipts);
-            self.untils.append(&mut more.untils);
-        }
+/// Acks taken from the channel, oldest first (a ring, so taking a batch
+/// off the front moves nothing).
+#[derive(Debug, Default)]
+struct Pending {
+    receipts: VecDeque<Receipt>,
+    untils: VecDeque<Instant>,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.receipts.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.receipts.is_empty()
+    }
+
+    fn append(&mut self, acks: Acks) {
+        self.receipts.extend(acks.receipts);
+        self.untils.extend(acks.untils);
+    }
+
+    /// The oldest receipts, at most `max`, as one slice (fewer where the
+    /// ring wraps around).
+    fn front(&self, max: usize) -> &[Receipt] {
+        let (front, _) = self.receipts.as_slices();
+        &front[..front.len().min(max)]
     }
 
     fn drain_front(&mut self, n: usize) {
@@ -89,7 +119,7 @@ async fn renew_if_short(ctx: &JobContext, receipt: &Receipt, until: &mut Instant
 /// back. Ends when every sender is gone and nothing is left.
 pub(super) async fn settler(ctx: Arc<JobContext>, mut rx: mpsc::UnboundedReceiver<Acks>) {
     let max = ctx.config.ack_batch;
-    let mut pending = Acks::default();
+    let mut pending = Pending::default();
     let mut failures = 0u32;
     let mut open = true;
     loop {
@@ -126,8 +156,9 @@ pub(super) async fn settler(ctx: Arc<JobContext>, mut rx: mpsc::UnboundedReceive
         if pending.is_empty() {
             continue;
         }
-        let take = pending.len().min(max);
-        match ctx.queue.ack_batch(&pending.receipts[..take]).await {
+        let front = pending.front(max);
+        let take = front.len();
+        match ctx.queue.ack_batch(front).await {
             Ok(()) => {
                 failures = 0;
                 count_acked(&ctx, take as u64);
@@ -146,7 +177,7 @@ pub(super) async fn settler(ctx: Arc<JobContext>, mut rx: mpsc::UnboundedReceive
                 let delay = ctx.settle_backoff.delay(failures);
                 tracing::debug!(error = %err, failures, retry_in = ?delay, "acking failed; trying again while the leases last");
                 tokio::time::sleep(delay).await;
-                for (receipt, until) in pending.receipts.iter().zip(&mut pending.untils) {
+                for (receipt, until) in pending.receipts.iter().zip(pending.untils.iter_mut()) {
                     renew_if_short(&ctx, receipt, until).await;
                 }
             }
