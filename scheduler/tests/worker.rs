@@ -302,14 +302,15 @@ async fn a_batch_past_a_busy_service_and_a_panicking_call_loses_nothing() {
     .await;
     let stats = worker.stats();
     assert_eq!((stats.panics, stats.retried), (1, 1), "{stats:?}");
-    let calls = calls.lock();
-    assert_eq!(calls.len(), 8);
-    assert_eq!(
-        calls.values().sum::<u32>(),
-        9,
-        "one retry, nothing run twice: {calls:?}"
-    );
-    drop(calls);
+    {
+        let calls = calls.lock();
+        assert_eq!(calls.len(), 8);
+        assert_eq!(
+            calls.values().sum::<u32>(),
+            9,
+            "one retry, nothing run twice: {calls:?}"
+        );
+    }
     assert!(queue_is_empty(&queue).await);
     worker.shutdown().await;
 }
