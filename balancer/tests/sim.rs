@@ -324,21 +324,28 @@ fn health_config() -> keel_health::HealthConfig {
         )
 }
 
+/// The scenario's fleet behind peak-EWMA with the retry budget and
+/// keel-health in the loop ([`health_config`]).
+fn with_health(scenario: &Scenario, seed: u64) -> (Fleet, sim::Router, keel_health::Health) {
+    let fleet = Fleet::new(&scenario.fleet, &scenario.script);
+    let (router, health) = sim::keel_health_router(
+        &fleet,
+        keel(scenario, Policy::PeakEwma),
+        Some(RetryConfig::default()),
+        health_config(),
+        seed,
+    )
+    .unwrap();
+    (fleet, router, health)
+}
+
 /// One seed of the outage-and-recovery scenario with health in the loop:
 /// the p99 ratio (5 s after recovery vs the 10 s before the outage), and
 /// asserts that no node left rotation once the fleet was healthy again and
 /// that the budget never burst.
 async fn recovery_run(seed: u64) -> f64 {
     let scenario = Scenario::outage_and_recovery().seed(seed);
-    let fleet = Fleet::new(&scenario.fleet, &scenario.script);
-    let (router, health) = sim::keel_health_router(
-        &fleet,
-        keel(&scenario, Policy::PeakEwma),
-        Some(RetryConfig::default()),
-        health_config(),
-        seed,
-    )
-    .unwrap();
+    let (fleet, router, health) = with_health(&scenario, seed);
     // Watch for nodes leaving rotation once the fleet is healthy again
     // (20 s; probes and slow start take it from there).
     let mut watch = health.subscribe();
@@ -410,15 +417,7 @@ async fn a_readmitted_node_takes_no_more_than_its_slow_start_share() {
     scenario.script = Script::new()
         .at(Duration::from_secs(5), 0, Fault::Failing)
         .at(Duration::from_secs(10), 0, Fault::Recover);
-    let fleet = Fleet::new(&scenario.fleet, &scenario.script);
-    let (router, health) = sim::keel_health_router(
-        &fleet,
-        keel(&scenario, Policy::PeakEwma),
-        Some(RetryConfig::default()),
-        health_config(),
-        SEED,
-    )
-    .unwrap();
+    let (fleet, router, health) = with_health(&scenario, SEED);
     // When node-0 is back in rotation after its recovery.
     let mut watch = health.subscribe();
     let monitor = tokio::spawn(async move {
