@@ -83,9 +83,33 @@
 //! wake stream (a read elsewhere gave jobs back by rewinding), a long poll,
 //! never a busy loop, up to the next delayed job or lease expiry (looked
 //! at again at least every second while jobs are leased). Blocking
-//! connections come from their own small pool, so waiting consumers never
-//! starve producers of connections. A dropped `dequeue` future discards its
+//! connections come from their own small pool (to the master of the
+//! queue's slot on a cluster), so waiting consumers never starve producers
+//! of connections. A dropped `dequeue` future discards its
 //! blocking connection rather than returning it mid-command.
+//!
+//! # Redis Cluster
+//!
+//! With the `cluster` feature, a [`RedisConfig::cluster`](keel_core::redis::RedisConfig::cluster)
+//! config (or a cluster's [`RedisPool`]) is accepted. Every key of a queue
+//! carries the hash tag `{name}`, so the whole queue lives in one slot:
+//! each transaction, pipeline and script touches that slot only, and goes
+//! through the cluster connection to its master, following `MOVED` and
+//! `ASK` and finding a promoted replica after a failover by itself. Each
+//! script declares the key `keel:{name}:delayed` (which routes it) and
+//! builds every other key it touches from the same prefix, hence in the same
+//! slot (`common.lua` refuses a call whose declared key is not the
+//! prefix's). `delete` scans for the queue's keys inside a script, so the
+//! scan runs on the node that holds them.
+//!
+//! Blocking reads (`XREAD BLOCK`) never go through the cluster connection,
+//! where they would hold up every command to that node behind them: they
+//! take dedicated connections to the master of the queue's slot, looked up
+//! with `CLUSTER SLOTS` on first use and again after a read was redirected
+//! (`MOVED`) or failed, so waiting consumers follow a failover too.
+//!
+//! One queue is bounded by one node's CPU; queues with different names
+//! spread over the masters.
 //!
 //! # Entries it did not write
 //!
@@ -116,13 +140,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ::redis::Script;
 use async_trait::async_trait;
 use bytes::Bytes;
-use keel_core::redis::RedisPool;
+use keel_core::redis::{RedisConnection, RedisPool};
 use tokio::time::Instant;
 
 pub use self::config::RedisQueueConfig;
 use self::error::{RedisFailure, protocol_failure};
 use self::lanes::Lanes;
-use self::read::DEQUEUE_MAX;
+use self::read::{Blocking, DEQUEUE_MAX};
 use self::receipt::{Lease, invalid_receipt, parse_receipt};
 use crate::error::{QueueError, Result};
 use crate::ids::IdGen;
@@ -204,7 +228,7 @@ struct Inner {
     /// last housekeeping answer; `i64::MAX` until known.
     server_ahead_ms: AtomicI64,
     lanes: Lanes,
-    blocking: deadpool_redis::Pool,
+    blocking: Blocking,
     scripts: Scripts,
     metrics: QueueMetrics,
 }
@@ -352,8 +376,7 @@ impl RedisQueue {
 
     async fn open(pool: RedisPool, config: RedisQueueConfig, lanes: usize) -> Result<Self> {
         // Blocking reads take up to `max_block`; our own timeout bounds them.
-        let single = pool.single_server("the redis queue")?.clone();
-        let blocking = pool.blocking_pool(config.blocking_connections)?;
+        let blocking = Blocking::new(pool.clone(), config.blocking_connections);
         let ids = IdGen::new();
         let prefix = format!("keel:{{{}}}", config.queue.name);
         let queue = RedisQueue {
@@ -368,7 +391,7 @@ impl RedisQueue {
                 started: Instant::now(),
                 server_ahead_ms: AtomicI64::new(i64::MAX),
                 read_down_to: AtomicUsize::new(0),
-                lanes: Lanes::new(single, lanes),
+                lanes: Lanes::new(&pool, lanes),
                 blocking,
                 scripts: Scripts::new(),
                 metrics: QueueMetrics::new(BACKEND, &config.queue.name),
@@ -410,7 +433,7 @@ impl RedisQueue {
     /// out of the pool).
     async fn on_lane<T, F, Fut>(&self, op: F) -> Result<T>
     where
-        F: FnOnce(::redis::aio::MultiplexedConnection) -> Fut,
+        F: FnOnce(RedisConnection) -> Fut,
         Fut: Future<Output = std::result::Result<T, RedisFailure>>,
     {
         let lanes = &self.inner.lanes;
@@ -895,24 +918,17 @@ impl Queue for RedisQueue {
     async fn delete(&self) -> Result<()> {
         // Every key of the queue starts with `keel:{name}:`; a prefix scan
         // finds them all, whatever made them (delayed bodies, idempotency
-        // keys, the dead letters). Bounded batches, never one long command.
+        // keys, the dead letters). Bounded batches, never one long command;
+        // each a script, so on a cluster it runs on the queue's node.
         let pattern = format!("{}:*", glob_escape(&self.inner.prefix));
-        let mut cursor = 0u64;
+        let mut cursor = "0".to_owned();
         loop {
-            let (next, keys): (u64, Vec<String>) = self
-                .command(
-                    ::redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1_000),
-                )
+            let (next, _removed): (String, u64) = self
+                .invoke(&self.inner.scripts.admin, |inv| {
+                    inv.arg("delete-step").arg(&cursor).arg(&pattern).arg(1_000);
+                })
                 .await?;
-            if !keys.is_empty() {
-                let _: u64 = self.command(::redis::cmd("UNLINK").arg(&keys)).await?;
-            }
-            if next == 0 {
+            if next == "0" {
                 break;
             }
             cursor = next;
