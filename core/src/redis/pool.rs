@@ -279,7 +279,7 @@ impl RedisPool {
     #[doc(hidden)]
     pub async fn blocking_pool_for_key(
         &self,
-        key: &[u8],
+        #[cfg_attr(not(feature = "cluster"), allow(unused_variables))] key: &[u8],
         size: usize,
     ) -> Result<deadpool_redis::Pool, RedisError> {
         let invalid = |err: ConfigError| {
