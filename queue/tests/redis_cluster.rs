@@ -12,12 +12,16 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use keel_core::redis::{RedisConfig, RedisPool};
 use keel_queue::conformance::{QueueSubject, namespace};
-use keel_queue::{DequeueOptions, Job, Queue, QueueConfig, RedisQueue, RedisQueueConfig};
-use keel_testkit::RedisCluster;
+use keel_queue::{
+    DequeueOptions, Job, Queue, QueueConfig, QueueError, RedisQueue, RedisQueueConfig,
+};
+use keel_testkit::{RedisCluster, RedisServer};
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 fn cluster_config(cluster: &RedisCluster) -> RedisConfig {
@@ -199,4 +203,206 @@ async fn delete_finds_the_queue_on_its_node() {
     first.delete().await.unwrap();
     assert_eq!(seen.len(), rest.len());
     let _keep: Arc<RedisCluster> = cluster;
+}
+
+/// With `replica_acks` set and no replica to confirm, an enqueue fails
+/// (retryable, saying what to check) instead of returning `Ok` for a write
+/// only the master holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_acks_without_replicas_fail_the_enqueue() {
+    let server = RedisServer::start().await.expect("start a redis-server");
+    for job in [Job::new("plain"), Job::new("keyed").idempotency_key("k")] {
+        let queue = RedisQueue::connect(
+            RedisQueueConfig::new(server.url(), QueueConfig::new(namespace("no-replica")))
+                .replica_acks(1, Duration::from_millis(50)),
+        )
+        .await
+        .unwrap();
+        let err = queue.enqueue(job).await.unwrap_err();
+        assert!(err.is_retryable(), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("only 0 of 1 replicas confirmed") && text.contains("INFO replication"),
+            "{text}"
+        );
+    }
+}
+
+/// Jobs the failover test enqueues in all.
+const FAILOVER_JOBS: u64 = 1_000;
+/// Jobs confirmed before the master is killed.
+const KILL_AFTER: u64 = 300;
+/// The longest a failover (and the old master's return as a replica) may
+/// take here.
+const FAILOVER_WITHIN: Duration = Duration::from_secs(30);
+
+/// `enqueue` with `replica_acks` returns `Ok` only for jobs a replica
+/// holds: the queue's slot master is killed (`SIGKILL`) under a producer
+/// and a consumer, its replica takes over, and every job whose enqueue
+/// returned `Ok` is delivered, none lost. Neither the producer nor the
+/// consumer is rebuilt: they retry retryable errors and carry on against
+/// the promoted replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_acked_jobs_survive_a_master_failover() {
+    let mut cluster = RedisCluster::start().await.expect("start a redis cluster");
+    let name = namespace("cluster-failover");
+    let master = cluster.master_for_key(queue_key(&name)).await.unwrap();
+    let queue = RedisQueue::connect(
+        RedisQueueConfig::with_redis(cluster_config(&cluster), QueueConfig::new(&name))
+            .replica_acks(1, Duration::from_millis(500))
+            .max_block(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap();
+
+    let confirmed = Arc::new(Mutex::new(BTreeSet::<u64>::new()));
+    let enqueue_errors = Arc::new(AtomicU64::new(0));
+    let producer = {
+        let (queue, confirmed, errors) = (queue.clone(), confirmed.clone(), enqueue_errors.clone());
+        tokio::spawn(async move {
+            let give_up = Instant::now() + Duration::from_secs(90);
+            for i in 0..FAILOVER_JOBS {
+                // Half the jobs go through the enqueue script (idempotency
+                // key), half through the plain transaction.
+                let job = || {
+                    let job = Job::new(i.to_string());
+                    if i % 2 == 0 {
+                        job.idempotency_key(format!("job-{i}"))
+                    } else {
+                        job
+                    }
+                };
+                loop {
+                    match queue.enqueue(job()).await {
+                        Ok(_) => {
+                            confirmed.lock().insert(i);
+                            break;
+                        }
+                        Err(err) => {
+                            assert!(err.is_retryable(), "enqueue failed for good: {err:?}");
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            assert!(Instant::now() < give_up, "enqueues failed for 90 s: {err}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    let delivered = Arc::new(Mutex::new(BTreeSet::<u64>::new()));
+    let deliveries = Arc::new(AtomicU64::new(0));
+    let consumer_errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let (queue, delivered, deliveries, errors, stop) = (
+            queue.clone(),
+            delivered.clone(),
+            deliveries.clone(),
+            consumer_errors.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let options = DequeueOptions::new(32)
+                .wait(Duration::from_millis(500))
+                .lease(Duration::from_secs(5));
+            while !stop.load(Ordering::Relaxed) {
+                let batch = match queue.dequeue(options).await {
+                    Ok(batch) => batch,
+                    Err(err) => {
+                        assert!(err.is_retryable(), "dequeue failed for good: {err:?}");
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                for delivery in &batch {
+                    let i: u64 = std::str::from_utf8(&delivery.payload)
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    delivered.lock().insert(i);
+                    deliveries.fetch_add(1, Ordering::Relaxed);
+                }
+                let receipts: Vec<_> = batch.into_iter().map(|d| d.receipt).collect();
+                match queue.ack_batch(&receipts).await {
+                    // A lost ack only means a second delivery.
+                    Ok(()) | Err(QueueError::InvalidReceipt(_)) => {}
+                    Err(err) => {
+                        assert!(err.is_retryable(), "ack failed for good: {err:?}");
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+
+    // Kill the queue's master once enough jobs are confirmed.
+    let wait_for = Instant::now() + Duration::from_secs(60);
+    while (confirmed.lock().len() as u64) < KILL_AFTER {
+        assert!(
+            Instant::now() < wait_for,
+            "the producer is stuck before the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let confirmed_at_kill = confirmed.lock().len();
+    cluster.kill(master);
+    let killed = Instant::now();
+    cluster
+        .wait_healthy(FAILOVER_WITHIN)
+        .await
+        .expect("a replica takes over");
+    let promoted_after = killed.elapsed();
+    // The promoted replica has no replica of its own until the old master
+    // comes back as one: until then every enqueue fails (nothing confirms).
+    cluster
+        .restart(master)
+        .await
+        .expect("restart the old master");
+    cluster
+        .wait_healthy(FAILOVER_WITHIN)
+        .await
+        .expect("the old master rejoins as a replica");
+    assert_ne!(
+        cluster.master_for_key(queue_key(&name)).await.unwrap(),
+        master,
+        "the slot moved to the promoted replica"
+    );
+
+    tokio::time::timeout(Duration::from_secs(120), producer)
+        .await
+        .expect("the producer finishes")
+        .expect("the producer did not panic");
+    let confirmed = confirmed.lock().clone();
+    let drain_until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let missing = confirmed.difference(&delivered.lock()).count();
+        if missing == 0 || Instant::now() >= drain_until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    consumer.await.expect("the consumer did not panic");
+    let delivered = delivered.lock().clone();
+    let lost: Vec<u64> = confirmed.difference(&delivered).copied().collect();
+    println!(
+        "failover: enqueued Ok {} (of {FAILOVER_JOBS}; {} before the kill), enqueue errors {}, \
+         delivered {} distinct in {} deliveries, lost {}, consumer errors retried {}, \
+         replica promoted after {promoted_after:?}",
+        confirmed.len(),
+        confirmed_at_kill,
+        enqueue_errors.load(Ordering::Relaxed),
+        delivered.len(),
+        deliveries.load(Ordering::Relaxed),
+        lost.len(),
+        consumer_errors.load(Ordering::Relaxed),
+    );
+    assert_eq!(confirmed.len() as u64, FAILOVER_JOBS);
+    assert!(
+        lost.is_empty(),
+        "jobs confirmed by a replica were lost: {lost:?}"
+    );
+    queue.delete().await.unwrap();
 }
