@@ -406,3 +406,86 @@ async fn replica_acked_jobs_survive_a_master_failover() {
     );
     queue.delete().await.unwrap();
 }
+
+/// A sharded queue over three Redis queues (`name#0` … `name#2`, three
+/// slots): jobs spread evenly, each is delivered once, keyed jobs dedup
+/// across handles, and stats and `delete` cover every shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_queue_spreads_over_slots() {
+    use keel_queue::ShardedQueue;
+
+    let cluster = RedisCluster::shared().await.expect("start a redis cluster");
+    let name = namespace("cluster-sharded");
+    let open = || async {
+        let mut shards = Vec::new();
+        for i in 0..3 {
+            shards.push(cluster_queue(&cluster, QueueConfig::new(format!("{name}#{i}"))).await);
+        }
+        ShardedQueue::new(shards).unwrap()
+    };
+    let (producer, consumer) = (open().await, open().await);
+    for i in 0..30 {
+        producer
+            .enqueue(Job::new(format!("single-{i}")))
+            .await
+            .unwrap();
+    }
+    for b in 0..27 {
+        let jobs = (0..10)
+            .map(|i| Job::new(format!("batch-{b}-{i}")))
+            .collect();
+        producer.enqueue_batch(jobs).await.unwrap();
+    }
+    let first = producer
+        .enqueue(Job::new("keyed").idempotency_key("k"))
+        .await
+        .unwrap();
+    let again = consumer
+        .enqueue(Job::new("keyed").idempotency_key("k"))
+        .await
+        .unwrap();
+    assert!(again.duplicate && again.id == first.id, "{again:?}");
+    for shard in producer.shards() {
+        let ready = shard.stats().await.unwrap().ready;
+        assert!(
+            (90..=101).contains(&ready),
+            "round-robin spreads jobs: {ready}"
+        );
+    }
+    assert_eq!(consumer.stats().await.unwrap().ready, 301);
+    let mut seen = BTreeSet::new();
+    while seen.len() < 301 {
+        let batch = consumer
+            .dequeue(DequeueOptions::new(64).wait(Duration::from_secs(2)))
+            .await
+            .unwrap();
+        assert!(
+            !batch.is_empty(),
+            "jobs missing: {} of 301 seen",
+            seen.len()
+        );
+        for delivery in &batch {
+            let payload = String::from_utf8(delivery.payload.to_vec()).unwrap();
+            assert!(seen.insert(payload), "a job was delivered twice");
+        }
+        let receipts: Vec<_> = batch.into_iter().map(|d| d.receipt).collect();
+        consumer.ack_batch(&receipts).await.unwrap();
+    }
+    let stats = consumer.stats().await.unwrap();
+    assert_eq!((stats.ready, stats.in_flight), (0, 0));
+    // A waiting dequeue wakes on a job in any shard.
+    let waiter = {
+        let consumer = consumer.clone();
+        tokio::spawn(async move {
+            consumer
+                .dequeue(DequeueOptions::new(1).wait(Duration::from_secs(5)))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    producer.enqueue(Job::new("late")).await.unwrap();
+    let got = waiter.await.unwrap().unwrap();
+    assert_eq!(got.len(), 1);
+    consumer.ack(&got[0].receipt).await.unwrap();
+    producer.delete().await.unwrap();
+}
