@@ -13,21 +13,27 @@ use crate::endpoint::Handle;
 /// learns what the node evicted; then finishes the request as
 /// [`CompleteOnResponse`](tower::load::CompleteOnResponse) does.
 ///
+/// An OpenAI-compatible server (vLLM, SGLang) says how many prompt tokens
+/// it had cached in `usage.prompt_tokens_details.cached_tokens`:
+///
 /// ```
 /// use keel_balancer::{Balancer, Policy, PrefixConfig, ReportCachedPrefix};
 ///
-/// /// An answer that says how many prompt blocks the node had cached.
-/// struct Answer {
-///     cached_blocks: usize,
-/// }
-///
+/// let prefix = PrefixConfig::default();
+/// let blocks = prefix.clone();
 /// let builder = Balancer::<usize, ()>::builder()
-///     .policy(Policy::PrefixAffinity(PrefixConfig::default()))
-///     .track_completion(ReportCachedPrefix::new(|answer: &Answer| {
-///         Some(answer.cached_blocks)
-///     }));
+///     .policy(Policy::PrefixAffinity(prefix))
+///     .track_completion(ReportCachedPrefix::new(
+///         move |answer: &http::Response<serde_json::Value>| {
+///             let cached = &answer.body()["usage"]["prompt_tokens_details"]["cached_tokens"];
+///             cached.as_u64().map(|tokens| blocks.blocks_of_tokens(tokens))
+///         },
+///     ));
 /// # let _ = builder;
 /// ```
+///
+/// (`Balancer::<K, ()>::builder()`: the endpoint service type comes from
+/// the `Discover` given to `build`.)
 #[derive(Clone, Copy)]
 pub struct ReportCachedPrefix<F> {
     cached_blocks: F,

@@ -143,6 +143,10 @@ impl HashConfig {
     }
 }
 
+/// Bytes of prompt text per token, roughly, for English text and BPE
+/// tokenizers.
+const BYTES_PER_TOKEN: u64 = 4;
+
 /// Settings of [`Policy::PrefixAffinity`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -177,8 +181,11 @@ pub struct PrefixConfig {
     /// ([`Handle::report_cached_prefix`](crate::Handle::report_cached_prefix),
     /// [`ReportCachedPrefix`](crate::ReportCachedPrefix)), each endpoint's
     /// index learns the node's cache size below this: on the simulator's
-    /// prefix trace (nodes keep 4 prompts) it lifts the hit rate from 96 %
-    /// to 99.5 % and cuts p99 from 62 ms to 27 ms.
+    /// prefix trace (nodes keep 4 prompts; 20 s at 5,000 req/s) it lifts
+    /// the hit rate from 96.5 % to 99.8 % and cuts p99 from 62 ms to
+    /// 26 ms. Where the prompts in use outnumber what the whole fleet can
+    /// cache, there is little to learn, and reports neither help nor hurt
+    /// much.
     pub index_blocks: usize,
 }
 
@@ -212,6 +219,24 @@ impl PrefixConfig {
         self.balance_abs = abs;
         self.balance_rel = rel;
         self
+    }
+
+    /// The prompt blocks `tokens` prompt tokens fill, for
+    /// [`Handle::report_cached_prefix`](crate::Handle::report_cached_prefix)
+    /// from a server that reports cached tokens: at about 4 bytes a token,
+    /// rounded up (a server's cached tokens are whole blocks of its own,
+    /// which rarely line up with [`block_bytes`](Self::block_bytes)).
+    ///
+    /// ```
+    /// use keel_balancer::PrefixConfig;
+    ///
+    /// // 64-byte blocks hold about 16 tokens.
+    /// assert_eq!(PrefixConfig::default().blocks_of_tokens(1_024), 64);
+    /// assert_eq!(PrefixConfig::default().blocks_of_tokens(1_030), 65);
+    /// ```
+    pub fn blocks_of_tokens(&self, tokens: u64) -> usize {
+        let bytes = tokens.saturating_mul(BYTES_PER_TOKEN);
+        usize::try_from(bytes.div_ceil(self.block_bytes.max(1) as u64)).unwrap_or(usize::MAX)
     }
 
     /// Sets [`index_blocks`](Self::index_blocks).

@@ -707,13 +707,14 @@ impl Handle {
     /// Tells the balancer how many leading blocks of the prompt the
     /// endpoint had in its prefix (KV) cache when it served this request
     /// (blocks of [`PrefixConfig::block_bytes`](crate::PrefixConfig::block_bytes);
-    /// an OpenAI-compatible server reports it as
-    /// `usage.prompt_tokens_details.cached_tokens`, about 16 tokens a
-    /// 64-byte block). With [`Policy::PrefixAffinity`](crate::Policy::PrefixAffinity),
+    /// an OpenAI-compatible server reports tokens, as
+    /// `usage.prompt_tokens_details.cached_tokens`:
+    /// [`PrefixConfig::blocks_of_tokens`](crate::PrefixConfig::blocks_of_tokens)
+    /// converts them). With [`Policy::PrefixAffinity`](crate::Policy::PrefixAffinity),
     /// the endpoint's prefix index learns from it how much the node keeps:
-    /// less than the index claimed means the node evicted what the index
-    /// remembers, and the index shrinks; at least as much lets it grow
-    /// back. Without reports the index keeps
+    /// more than one block less than the index claimed means the node
+    /// evicted what the index remembers, and the endpoint's index halves;
+    /// about as much grows it back by half the prompt's length. Without reports the index keeps
     /// [`PrefixConfig::index_blocks`](crate::PrefixConfig::index_blocks).
     /// Only the first call counts; with another policy it does nothing.
     /// [`ReportCachedPrefix`](crate::ReportCachedPrefix) calls it for

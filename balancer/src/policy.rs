@@ -885,9 +885,11 @@ type BlockSet = HashSet<u64, BuildHasherDefault<IdentityHasher>>;
 ///
 /// The capacity is learned from what the endpoint reports it had cached
 /// ([`Handle::report_cached_prefix`](crate::Handle::report_cached_prefix)):
-/// an answer that had less of the prompt cached than the index claimed
-/// halves it (the node evicted what the index still remembers), an answer
-/// with at least as much grows it by the prompt's length, up to
+/// an answer that had more than one block less of the prompt cached than
+/// the index claimed halves it (the node evicted what the index still
+/// remembers; one block of slack because servers cache whole blocks and
+/// the prompt's last block is usually partial), an answer with about as
+/// much grows it by half the prompt's length, up to
 /// [`PrefixConfig::index_blocks`] (TCP's AIMD on the node's cache size).
 /// Without reports it stays at `index_blocks`.
 #[derive(Debug)]
@@ -938,7 +940,7 @@ impl PrefixIndex {
     /// of a `len`-block prompt when it routed it here, and the endpoint
     /// says it had `cached`.
     pub(crate) fn learn(&mut self, claimed: usize, len: usize, cached: usize) {
-        if cached < claimed {
+        if cached + 1 < claimed {
             // The node evicted blocks the index still claims: remember
             // less, and drop the older generation at once.
             self.half = (self.half / 2).max(MIN_HALF.min(self.max_half));
@@ -1233,7 +1235,10 @@ mod tests {
         let mut index = PrefixIndex::new(1024);
         assert_eq!(index.half, 512);
         // The node had 4 of the 16 blocks the index claimed: it evicted
-        // them. The index halves and forgets its older generation.
+        // them. The index halves and forgets its older generation. One
+        // block short is not an eviction (a partial last block).
+        index.learn(16, 16, 15);
+        assert_eq!(index.half, 512);
         index.insert(&(0..16).collect::<Vec<_>>());
         index.learn(16, 16, 4);
         assert_eq!(index.half, 256);

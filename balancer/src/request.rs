@@ -57,11 +57,22 @@ impl AffinityKey {
 /// [`stable_hash_seeded`] seeded by block *i − 1*'s hash, the first seeded
 /// by 0) and remembers, per endpoint, the blocks it recently sent there.
 ///
+/// What to put in it: the text the model server tokenizes, in the order it
+/// does — for an OpenAI chat request, the messages as the server's chat
+/// template renders them, or at least their contents concatenated in
+/// order (system prompt first). Requests that share a system prompt then
+/// share leading blocks.
+///
 /// Cloning is cheap ([`Bytes`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Prompt(pub Bytes);
 
 impl Prompt {
+    /// A prompt of `text` (a `String`, `&'static str`, `Vec<u8>` or `Bytes`).
+    pub fn new(text: impl Into<Bytes>) -> Self {
+        Prompt(text.into())
+    }
+
     /// Puts this prompt in `request`'s extensions.
     pub fn apply<R: RequestExtensions + ?Sized>(self, request: &mut R) {
         request.extensions_mut().insert(self);

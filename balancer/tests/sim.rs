@@ -324,21 +324,28 @@ fn health_config() -> keel_health::HealthConfig {
         )
 }
 
+/// The scenario's fleet behind peak-EWMA with the retry budget and
+/// keel-health in the loop ([`health_config`]).
+fn with_health(scenario: &Scenario, seed: u64) -> (Fleet, sim::Router, keel_health::Health) {
+    let fleet = Fleet::new(&scenario.fleet, &scenario.script);
+    let (router, health) = sim::keel_health_router(
+        &fleet,
+        keel(scenario, Policy::PeakEwma),
+        Some(RetryConfig::default()),
+        health_config(),
+        seed,
+    )
+    .unwrap();
+    (fleet, router, health)
+}
+
 /// One seed of the outage-and-recovery scenario with health in the loop:
 /// the p99 ratio (5 s after recovery vs the 10 s before the outage), and
 /// asserts that no node left rotation once the fleet was healthy again and
 /// that the budget never burst.
 async fn recovery_run(seed: u64) -> f64 {
     let scenario = Scenario::outage_and_recovery().seed(seed);
-    let fleet = Fleet::new(&scenario.fleet, &scenario.script);
-    let (router, health) = sim::keel_health_router(
-        &fleet,
-        keel(&scenario, Policy::PeakEwma),
-        Some(RetryConfig::default()),
-        health_config(),
-        seed,
-    )
-    .unwrap();
+    let (fleet, router, health) = with_health(&scenario, seed);
     // Watch for nodes leaving rotation once the fleet is healthy again
     // (20 s; probes and slow start take it from there).
     let mut watch = health.subscribe();
@@ -394,4 +401,65 @@ async fn recovery_from_a_total_outage_causes_no_second_outage() {
         ratios[1] <= 1.5,
         "p99 ratios after/before recovery {ratios:?}"
     );
+}
+
+/// A node that failed for 5 s and recovers is readmitted by health's
+/// probes and ramps up under slow start (weight 0.1 to 1 over 10 s): in
+/// each of its first five seconds back it takes at most 1.5× the share of
+/// dispatches its slow-start weight gives it — peak-EWMA does not pile onto
+/// the fresh, idle-looking endpoint.
+#[tokio::test(start_paused = true)]
+async fn a_readmitted_node_takes_no_more_than_its_slow_start_share() {
+    use keel_balancer::sim::{Fault, Script};
+    use std::time::Duration;
+    let mut scenario = Scenario::healthy().seed(SEED);
+    scenario.workload = scenario.workload.rate(2_000.0);
+    scenario.script = Script::new()
+        .at(Duration::from_secs(5), 0, Fault::Failing)
+        .at(Duration::from_secs(10), 0, Fault::Recover);
+    let (fleet, router, health) = with_health(&scenario, SEED);
+    // When node-0 is back in rotation after its recovery.
+    let mut watch = health.subscribe();
+    let monitor = tokio::spawn(async move {
+        let start = tokio::time::Instant::now();
+        while watch.changed().await.is_ok() {
+            let at = start.elapsed();
+            let back = watch
+                .borrow()
+                .iter()
+                .any(|s| s.endpoint.id().as_str() == "node-0" && s.state.is_in_rotation());
+            if at > Duration::from_secs(10) && back {
+                return Some(at);
+            }
+        }
+        None
+    });
+    let report = sim::run(router, &fleet, &scenario.workload).await;
+    drop(health);
+    let back = monitor
+        .await
+        .unwrap()
+        .expect("node-0 is readmitted after it recovers");
+    assert!(back < Duration::from_secs(12), "readmitted at {back:?}");
+    let first = back.as_secs() as usize + 1;
+    for second in first..first + 5 {
+        let all: u64 = report
+            .nodes
+            .iter()
+            .map(|n| n.calls_by_second.get(second).copied().unwrap_or(0))
+            .sum();
+        let mine = report.nodes[0].calls_by_second[second];
+        let share = mine as f64 / all as f64;
+        // The slow-start weight at the middle of this second.
+        let ramp = (second as f64 + 0.5 - back.as_secs_f64()) / 10.0;
+        let weight = ramp.clamp(0.1, 1.0);
+        let weight_share = weight / (weight + 9.0);
+        eprintln!(
+            "second {second}: node-0 took {mine} of {all} ({share:.4}), slow-start share {weight_share:.4}"
+        );
+        assert!(
+            share <= 1.5 * weight_share,
+            "second {second}: share {share:.4} vs slow-start share {weight_share:.4}"
+        );
+    }
 }

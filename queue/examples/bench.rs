@@ -10,10 +10,23 @@
 //! bounded mpsc for memory). The last line printed is one JSON object:
 //! `{"backend": "...", "keel_jobs_per_s": N, "raw_jobs_per_s": N, "ratio": R}`.
 //!
+//! `--backend redis-cluster` (feature `cluster`) starts a disposable Redis
+//! Cluster of the test kit (3 masters, 3 replicas, all on this machine) and
+//! runs the cycle there on a `ShardedQueue` of `--shards N` Redis queues
+//! (`name#0` … `name#N-1`, N hash slots; one queue, one slot, one master
+//! when N is 1); the raw side is the same `XADD` / `XREADGROUP` / `XACK`
+//! pipelines through the cluster client on N hash-tagged streams (the
+//! producer's batches round-robin over them, the consumer reads them in
+//! turn), producer and consumer on connections of their own. Its JSON line
+//! also carries `"shards": N`.
+//!
 //! `--threads` sets the Tokio worker threads: one count (`--threads 2`) or
 //! a list (`--threads 1,2,4`), each measured in the same run on its own
 //! runtime, with a `threads N: ... ratio R` line each; the JSON line is the
 //! **last** count's. Without it, Tokio's default (one thread per core).
+//!
+//! `--only keel` or `--only raw` runs one side alone (memory backend), for
+//! profiling; then no JSON line is printed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +48,7 @@ enum Priorities {
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// memory, redis or amqp.
+    /// memory, redis, redis-cluster or amqp.
     #[arg(long, default_value = "memory")]
     backend: String,
     /// Jobs per measured run.
@@ -62,6 +75,13 @@ struct Args {
     /// line reports the last). Default: one per core.
     #[arg(long, value_delimiter = ',')]
     threads: Vec<usize>,
+    /// Run only one side (`keel` or `raw`), for profiling; the JSON line is
+    /// printed only when both run. Memory backend only.
+    #[arg(long)]
+    only: Option<String>,
+    /// Shards of the queue for `--backend redis-cluster`.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
 }
 
 /// One full cycle through a Keel queue; answers jobs per second.
@@ -216,6 +236,112 @@ async fn raw_redis_cycle(url: &str, key: &str, jobs: usize, batch: usize) -> f64
         .arg(key)
         .query_async(&mut *conn)
         .await;
+    rate
+}
+
+/// The raw cycle on a Redis Cluster: `XADD` pipelines from a producer on
+/// one cluster connection, `XREADGROUP BLOCK` + `XACK` from a consumer on
+/// another (a blocking read must not share the producer's connection).
+#[cfg(feature = "cluster")]
+async fn raw_cluster_cycle(seeds: &[String], keys: &[String], jobs: usize, batch: usize) -> f64 {
+    use keel_core::redis::{RedisConfig, RedisPool};
+    let connect = || async {
+        RedisPool::connect(RedisConfig::cluster(seeds.iter().cloned()))
+            .await
+            .expect("connect to the redis cluster")
+            .connection()
+            .await
+            .expect("cluster connection")
+    };
+    let (mut producer_conn, mut conn) = (connect().await, connect().await);
+    for key in keys {
+        let _: Result<(), _> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(key)
+            .arg("g")
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+    }
+    let payload = vec![7u8; 256];
+    let start = Instant::now();
+    let producer = {
+        let keys = keys.to_vec();
+        tokio::spawn(async move {
+            let mut sent = 0;
+            let mut next = 0;
+            while sent < jobs {
+                let n = batch.min(jobs - sent);
+                let key = &keys[next % keys.len()];
+                next += 1;
+                let mut pipe = redis::pipe();
+                for _ in 0..n {
+                    pipe.cmd("XADD")
+                        .arg(key)
+                        .arg("*")
+                        .arg("p")
+                        .arg(&payload[..])
+                        .ignore();
+                }
+                let () = pipe.query_async(&mut producer_conn).await.expect("xadd");
+                sent += n;
+            }
+        })
+    };
+    let mut acked = 0;
+    let mut turn = 0;
+    let mut empty_since: Option<Instant> = None;
+    while acked < jobs {
+        type Reply = Vec<(String, Vec<(String, Vec<(String, Vec<u8>)>)>)>;
+        let key = &keys[turn % keys.len()];
+        turn += 1;
+        // One stream: a blocking read. Several: each in turn without
+        // blocking (a blocking read of an empty one would stall the rest).
+        let block = if keys.len() == 1 { 1000 } else { 0 };
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP").arg("g").arg("c").arg("COUNT").arg(batch);
+        if block > 0 {
+            read.arg("BLOCK").arg(block);
+        }
+        let reply: Option<Reply> = read
+            .arg("STREAMS")
+            .arg(key)
+            .arg(">")
+            .query_async(&mut conn)
+            .await
+            .expect("xreadgroup");
+        let entries = reply
+            .and_then(|mut r| r.pop())
+            .map(|(_, e)| e)
+            .unwrap_or_default();
+        if entries.is_empty() {
+            let since = *empty_since.get_or_insert_with(Instant::now);
+            assert!(
+                since.elapsed() < Duration::from_secs(5),
+                "raw consumer starved for 5 s"
+            );
+            if block == 0 && turn % keys.len() == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            continue;
+        }
+        empty_since = None;
+        let ids: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
+        let () = redis::cmd("XACK")
+            .arg(key)
+            .arg("g")
+            .arg(&ids)
+            .query_async(&mut conn)
+            .await
+            .expect("xack");
+        acked += entries.len();
+    }
+    producer.await.expect("producer");
+    let rate = jobs as f64 / start.elapsed().as_secs_f64();
+    for key in keys {
+        let _: Result<(), _> = redis::cmd("DEL").arg(key).query_async(&mut conn).await;
+    }
     rate
 }
 
@@ -374,6 +500,43 @@ async fn measure(args: &Args) -> Result<(f64, f64), String> {
                 let raw = raw_redis_cycle(&url, &raw_name, args.jobs, args.batch).await;
                 (keel, raw)
             }
+            #[cfg(feature = "cluster")]
+            "redis-cluster" => {
+                let cluster = keel_testkit::RedisCluster::shared()
+                    .await
+                    .map_err(|e| format!("could not start a redis cluster: {e}"))?;
+                let (name, raw_name) = server_names(run);
+                let pool = keel_core::redis::RedisPool::new(
+                    keel_core::redis::RedisConfig::cluster(cluster.urls()),
+                )
+                .map_err(|e| e.to_string())?;
+                let mut shards = Vec::with_capacity(args.shards);
+                for i in 0..args.shards {
+                    let config = queue_config(args, &format!("{name}#{i}"));
+                    shards.push(
+                        keel_queue::RedisQueue::with_pool(
+                            pool.clone(),
+                            keel_queue::RedisQueueConfig::with_redis(pool.config().clone(), config),
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?,
+                    );
+                }
+                let queue = keel_queue::ShardedQueue::new(shards).map_err(|e| e.to_string())?;
+                let keel = keel_cycle(
+                    Arc::new(queue.clone()),
+                    args.jobs,
+                    args.batch,
+                    args.priorities,
+                )
+                .await;
+                queue.delete().await.map_err(|e| e.to_string())?;
+                let keys: Vec<String> = (0..args.shards)
+                    .map(|i| format!("{{{raw_name}#{i}}}:stream"))
+                    .collect();
+                let raw = raw_cluster_cycle(&cluster.urls(), &keys, args.jobs, args.batch).await;
+                (keel, raw)
+            }
             #[cfg(feature = "amqp")]
             "amqp" => {
                 let url = keel_testkit::amqp_url();
@@ -401,9 +564,14 @@ async fn measure(args: &Args) -> Result<(f64, f64), String> {
             }
             other => {
                 return Err(format!(
-                    "--backend {other}: unknown or not compiled in (memory{}{})",
+                    "--backend {other}: unknown or not compiled in (memory{}{}{})",
                     if cfg!(feature = "redis") {
                         ", redis"
+                    } else {
+                        ""
+                    },
+                    if cfg!(feature = "cluster") {
+                        ", redis-cluster"
                     } else {
                         ""
                     },
@@ -433,6 +601,26 @@ fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, String> {
     builder.enable_all().build().map_err(|e| e.to_string())
 }
 
+/// One side alone, for profiling (`--only`).
+async fn only(args: &Args, side: &str, label: &str) -> Result<(), String> {
+    if args.backend != "memory" {
+        return Err("--only is for --backend memory".to_owned());
+    }
+    for run in 1..=args.runs {
+        let rate = match side {
+            "keel" => {
+                let queue = MemoryQueue::new(queue_config(args, &format!("bench-{run}")))
+                    .map_err(|e| e.to_string())?;
+                keel_cycle(Arc::new(queue), args.jobs, args.batch, args.priorities).await
+            }
+            "raw" => raw_memory_cycle(args.jobs, args.batch).await,
+            other => return Err(format!("--only takes keel or raw, not {other}")),
+        };
+        println!("threads {label} run {run}: {side} {rate:.0} jobs/s");
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), String> {
     let args = Args::parse();
     let counts: Vec<Option<usize>> = if args.threads.is_empty() {
@@ -441,6 +629,12 @@ fn main() -> Result<(), String> {
         args.threads.iter().map(|&n| Some(n)).collect()
     };
     let label = |n: Option<usize>| n.map_or_else(|| "default".to_owned(), |n| n.to_string());
+    if let Some(side) = &args.only {
+        for &n in &counts {
+            runtime(n)?.block_on(only(&args, side, &label(n)))?;
+        }
+        return Ok(());
+    }
     println!(
         "backend {}: {} jobs of 256 bytes per run, batches of {}, 1 producer + 1 consumer, best of {} runs, priorities {:?}, capacity {}, threads {}",
         args.backend,
@@ -467,8 +661,13 @@ fn main() -> Result<(), String> {
         last = (keel, raw);
     }
     let (keel, raw) = last;
+    let shards = if args.backend == "redis-cluster" {
+        format!(", \"shards\": {}", args.shards)
+    } else {
+        String::new()
+    };
     println!(
-        "{{\"backend\": \"{}\", \"keel_jobs_per_s\": {:.0}, \"raw_jobs_per_s\": {:.0}, \"ratio\": {:.3}}}",
+        "{{\"backend\": \"{}\"{shards}, \"keel_jobs_per_s\": {:.0}, \"raw_jobs_per_s\": {:.0}, \"ratio\": {:.3}}}",
         args.backend,
         keel,
         raw,

@@ -8,6 +8,7 @@ mod ids;
 mod memory;
 pub mod metrics;
 mod queue;
+mod sharded;
 mod types;
 
 #[cfg(feature = "amqp")]
@@ -31,6 +32,7 @@ pub use error::{BoxError, QueueError};
 pub use ext::{CONTENT_TYPE, JSON, QueueExt, TypedDelivery, deliveries_of};
 pub use memory::MemoryQueue;
 pub use queue::Queue;
+pub use sharded::ShardedQueue;
 pub use types::{
     DeadLetter, Delivery, DequeueOptions, Enqueued, Headers, Job, JobId, MAX_LEASE, Nack, Priority,
     QueueCapabilities, QueueStats, Receipt,

@@ -133,12 +133,100 @@ impl Ord for LeaseBatch {
     }
 }
 
+/// The records of a queue's jobs by sequence number: a window of
+/// consecutive numbers in enqueue order, so the usual first-in, first-out
+/// flow writes and reads records in memory order (a hash map scattered
+/// them, and a large backlog cost a cache miss per job), and a map for
+/// the few that outlive the window (long delays, long leases).
+#[derive(Debug, Default)]
+struct Jobs {
+    /// `window[i]` holds sequence number `base + i`; `None` once gone.
+    window: VecDeque<Option<Record>>,
+    base: u64,
+    /// Records in `window`.
+    in_window: usize,
+    /// Records numbered below `base`. Keyed by our own sequence numbers,
+    /// so a fast non-keyed hash is safe.
+    old: HashMap<u64, Record, foldhash::fast::RandomState>,
+}
+
+impl Jobs {
+    /// No jobs; the next one pushed is numbered `base`.
+    fn starting_at(base: u64) -> Self {
+        Jobs {
+            base,
+            ..Jobs::default()
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.in_window + self.old.len()
+    }
+
+    /// Adds the record numbered `seq`, the next number after the last push.
+    fn push(&mut self, seq: u64, record: Record) {
+        debug_assert_eq!(seq, self.base + self.window.len() as u64);
+        self.window.push_back(Some(record));
+        self.in_window += 1;
+    }
+
+    fn get(&self, seq: u64) -> Option<&Record> {
+        match seq.checked_sub(self.base) {
+            Some(i) => self.window.get(usize::try_from(i).ok()?)?.as_ref(),
+            None => self.old.get(&seq),
+        }
+    }
+
+    fn get_mut(&mut self, seq: u64) -> Option<&mut Record> {
+        match seq.checked_sub(self.base) {
+            Some(i) => self.window.get_mut(usize::try_from(i).ok()?)?.as_mut(),
+            None => self.old.get_mut(&seq),
+        }
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<Record> {
+        let Some(i) = seq.checked_sub(self.base) else {
+            return self.old.remove(&seq);
+        };
+        let record = self.window.get_mut(usize::try_from(i).ok()?)?.take()?;
+        self.in_window -= 1;
+        self.trim();
+        Some(record)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&Record) -> bool) {
+        for slot in &mut self.window {
+            if slot.as_ref().is_some_and(|record| !keep(record)) {
+                *slot = None;
+                self.in_window -= 1;
+            }
+        }
+        self.old.retain(|_, record| keep(record));
+        self.trim();
+    }
+
+    /// Drops empty slots at the front; moves records at the front to `old`
+    /// while empty slots outnumber the records, so the window stays at
+    /// most about twice the size of what it holds.
+    fn trim(&mut self) {
+        while let Some(front) = self.window.front() {
+            if front.is_some() && self.window.len() <= 2 * self.in_window + 64 {
+                break;
+            }
+            if let Some(Some(record)) = self.window.pop_front() {
+                self.in_window -= 1;
+                self.old.insert(self.base, record);
+            }
+            self.base += 1;
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     next_seq: u64,
     next_token: u64,
-    /// Keyed by our own sequence numbers, so a fast non-keyed hash is safe.
-    jobs: HashMap<u64, Record, foldhash::fast::RandomState>,
+    jobs: Jobs,
     /// One FIFO per priority level, index = level.
     ready: Vec<VecDeque<u64>>,
     delayed: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -181,7 +269,14 @@ impl MemoryQueue {
         &self.shared.config
     }
 
-    /// Adds one job; `now` and `wall` are read once per batch.
+    /// Checks one job's priority and fields.
+    fn check(&self, job: &Job) -> Result<()> {
+        self.shared.config.check_priority(job.priority)?;
+        crate::types::check_job(job, &crate::types::Limits::NONE)
+    }
+
+    /// Adds one job that passed [`check`](Self::check); `now` and `wall`
+    /// are read once per batch.
     fn insert(
         &self,
         state: &mut State,
@@ -190,8 +285,6 @@ impl MemoryQueue {
         wall: SystemTime,
     ) -> Result<Enqueued> {
         let config = &self.shared.config;
-        config.check_priority(job.priority)?;
-        crate::types::check_job(&job, &crate::types::Limits::NONE)?;
         if let Some(key) = &job.idempotency_key {
             state.expire_dedup(now);
             if let Some((id, _)) = state.dedup.get(key) {
@@ -242,7 +335,7 @@ impl MemoryQueue {
             }
             None => state.ready[usize::from(job.priority.0)].push_back(seq),
         }
-        state.jobs.insert(seq, record);
+        state.jobs.push(seq, record);
         self.shared.metrics.enqueued.increment(1);
         Ok(Enqueued {
             id,
@@ -257,7 +350,7 @@ impl MemoryQueue {
         now: Instant,
     ) -> Result<(u64, &'s mut Record)> {
         let (seq, token) = parse_receipt(receipt)?;
-        let record = state.jobs.get_mut(&seq).ok_or_else(|| {
+        let record = state.jobs.get_mut(seq).ok_or_else(|| {
             QueueError::InvalidReceipt("the job was already acked, nacked or dead-lettered".into())
         })?;
         match record.place {
@@ -273,12 +366,17 @@ impl MemoryQueue {
 }
 
 fn receipt_for(seq: u64, token: u64) -> Receipt {
-    let mut text = String::with_capacity(44);
-    text.push_str("m:");
-    text.push_str(itoa::Buffer::new().format(seq));
-    text.push(':');
-    text.push_str(itoa::Buffer::new().format(token));
-    Receipt::from_string(text)
+    // "m:" + two u64s + ':' fits the receipt's inline buffer for any job
+    // this process will see; built on the stack, no allocation.
+    let mut text = [0u8; 43];
+    let (mut a, mut b) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let (seq, token) = (a.format(seq).as_bytes(), b.format(token).as_bytes());
+    let len = 2 + seq.len() + 1 + token.len();
+    text[..2].copy_from_slice(b"m:");
+    text[2..2 + seq.len()].copy_from_slice(seq);
+    text[2 + seq.len()] = b':';
+    text[3 + seq.len()..len].copy_from_slice(token);
+    Receipt::from_short(std::str::from_utf8(&text[..len]).expect("ASCII"))
 }
 
 fn parse_receipt(receipt: &Receipt) -> Result<(u64, u64)> {
@@ -288,12 +386,27 @@ fn parse_receipt(receipt: &Receipt) -> Result<(u64, u64)> {
             receipt.as_str()
         ))
     };
-    let rest = receipt.as_str().strip_prefix("m:").ok_or_else(bad)?;
-    let (seq, token) = rest.split_once(':').ok_or_else(bad)?;
+    let rest = receipt.as_bytes().strip_prefix(b"m:").ok_or_else(bad)?;
+    let colon = rest.iter().position(|&b| b == b':').ok_or_else(bad)?;
+    let (seq, token) = (&rest[..colon], &rest[colon + 1..]);
     Ok((
-        seq.parse().map_err(|_| bad())?,
-        token.parse().map_err(|_| bad())?,
+        parse_u64(seq).ok_or_else(bad)?,
+        parse_u64(token).ok_or_else(bad)?,
     ))
+}
+
+/// Decimal digits to a `u64`; `None` for anything else or an overflow.
+fn parse_u64(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        let d = d.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 impl State {
@@ -302,7 +415,7 @@ impl State {
     fn purge_waiting(&mut self) -> u64 {
         let before = self.jobs.len();
         self.jobs
-            .retain(|_, record| matches!(record.place, Place::Leased { .. }));
+            .retain(|record| matches!(record.place, Place::Leased { .. }));
         for level in &mut self.ready {
             level.clear();
         }
@@ -326,7 +439,7 @@ impl State {
     }
 
     fn make_ready(&mut self, seq: u64, now: Instant) {
-        if let Some(record) = self.jobs.get_mut(&seq) {
+        if let Some(record) = self.jobs.get_mut(seq) {
             record.place = Place::Ready;
             record.ready_since = now;
             self.ready[usize::from(record.priority.0)].push_back(seq);
@@ -334,7 +447,7 @@ impl State {
     }
 
     fn make_delayed(&mut self, seq: u64, due: Instant) {
-        if let Some(record) = self.jobs.get_mut(&seq) {
+        if let Some(record) = self.jobs.get_mut(seq) {
             record.place = Place::Delayed;
             self.delayed.push(Reverse((due, seq)));
             self.delayed_count += 1;
@@ -342,7 +455,7 @@ impl State {
     }
 
     fn kill(&mut self, seq: u64, reason: String, metrics: &QueueMetrics) {
-        if let Some(record) = self.jobs.remove(&seq) {
+        if let Some(record) = self.jobs.remove(seq) {
             tracing::debug!(job = %record.id, %reason, "job dead-lettered");
             metrics.dead_lettered.increment(1);
             self.dead.push_back(DeadLetter {
@@ -403,7 +516,7 @@ impl State {
         config: &QueueConfig,
         metrics: &QueueMetrics,
     ) {
-        let Some(record) = self.jobs.get(&seq) else {
+        let Some(record) = self.jobs.get(seq) else {
             return;
         };
         if record.place != (Place::Leased { token, expires }) {
@@ -448,7 +561,7 @@ impl State {
                 let Some(seq) = self.ready[level].pop_front() else {
                     break;
                 };
-                let Some(record) = self.jobs.get(&seq) else {
+                let Some(record) = self.jobs.get_mut(seq) else {
                     continue;
                 };
                 if record.deadline.is_some_and(|d| d <= wall) {
@@ -457,7 +570,6 @@ impl State {
                 }
                 let token = self.next_token;
                 self.next_token += 1;
-                let record = self.jobs.get_mut(&seq).expect("checked above");
                 record.attempts += 1;
                 record.place = Place::Leased { token, expires };
                 leased.push((seq, token));
@@ -488,6 +600,7 @@ impl State {
 #[async_trait]
 impl Queue for MemoryQueue {
     async fn enqueue(&self, job: Job) -> Result<Enqueued> {
+        self.check(&job)?;
         let now = Instant::now();
         let enqueued = self.insert(&mut self.shared.state.lock(), job, now, SystemTime::now())?;
         if !enqueued.duplicate {
@@ -500,8 +613,7 @@ impl Queue for MemoryQueue {
         // Checked up front, as the other backends do: a bad job stops the
         // batch before any of it is enqueued.
         for job in &jobs {
-            self.shared.config.check_priority(job.priority)?;
-            crate::types::check_job(job, &crate::types::Limits::NONE)?;
+            self.check(job)?;
         }
         let (now, wall) = (Instant::now(), SystemTime::now());
         let mut out = Vec::with_capacity(jobs.len());
@@ -548,7 +660,7 @@ impl Queue for MemoryQueue {
         let now = Instant::now();
         let mut state = self.shared.state.lock();
         let (seq, _) = Self::leased(&mut state, receipt, now)?;
-        state.jobs.remove(&seq);
+        state.jobs.remove(seq);
         state.leased_count -= 1;
         self.shared.metrics.acked.increment(1);
         Ok(())
@@ -563,7 +675,7 @@ impl Queue for MemoryQueue {
             for receipt in receipts {
                 match Self::leased(&mut state, receipt, now) {
                     Ok((seq, _)) => {
-                        state.jobs.remove(&seq);
+                        state.jobs.remove(seq);
                         state.leased_count -= 1;
                     }
                     Err(QueueError::InvalidReceipt(why)) => {
@@ -605,7 +717,7 @@ impl Queue for MemoryQueue {
                 Nack::Release { reason } => {
                     // The delivery is not counted: the next one repeats its
                     // attempt number.
-                    let record = state.jobs.get_mut(&seq).expect("leased() found it");
+                    let record = state.jobs.get_mut(seq).expect("leased() found it");
                     record.attempts = record.attempts.saturating_sub(1);
                     tracing::debug!(job = %record.id, %reason, "job released");
                     self.shared.metrics.released.increment(1);
@@ -653,7 +765,7 @@ impl Queue for MemoryQueue {
                 .ready
                 .iter()
                 .filter_map(|level| level.front())
-                .filter_map(|seq| state.jobs.get(seq))
+                .filter_map(|&seq| state.jobs.get(seq))
                 .map(|record| record.ready_since)
                 .min();
             QueueStats {
@@ -688,7 +800,7 @@ impl Queue for MemoryQueue {
                 state.next_seq += 1;
                 let priority =
                     Priority(dead.priority.0.min(self.shared.config.priority_levels - 1));
-                state.jobs.insert(
+                state.jobs.push(
                     seq,
                     Record {
                         id: dead.id,
@@ -730,6 +842,7 @@ impl Queue for MemoryQueue {
             // The counters carry on, so no earlier receipt names a new job.
             *state = State {
                 next_seq: state.next_seq,
+                jobs: Jobs::starting_at(state.next_seq),
                 next_token: state.next_token,
                 ready: (0..levels).map(|_| VecDeque::new()).collect(),
                 ..State::default()
@@ -757,5 +870,127 @@ impl Queue for MemoryQueue {
 
     async fn ping(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn record(attempts: u32) -> Record {
+        Record {
+            id: JobId::from_str("x"),
+            payload: Bytes::new(),
+            headers: Headers::new(),
+            priority: Priority::NORMAL,
+            attempts,
+            enqueued_at: SystemTime::UNIX_EPOCH,
+            deadline: None,
+            ready_since: Instant::now(),
+            place: Place::Ready,
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Push,
+        /// Removes the live record at this position (modulo their count).
+        Remove(usize),
+        /// Removes a number that may be gone or never pushed.
+        RemoveAny(u64),
+        /// Keeps the records whose number is not a multiple of this.
+        Retain(u64),
+    }
+
+    proptest! {
+        /// The window-and-map store answers like a plain map, whatever the
+        /// order of removals, and its window stays bounded by what it holds.
+        #[test]
+        fn jobs_behave_like_a_map(
+            start in 0u64..1_000,
+            ops in proptest::collection::vec(
+                prop_oneof![
+                    4 => Just(Op::Push),
+                    3 => any::<usize>().prop_map(Op::Remove),
+                    1 => (0u64..3_000).prop_map(Op::RemoveAny),
+                    1 => (2u64..5).prop_map(Op::Retain),
+                ],
+                0..600,
+            ),
+        ) {
+            let mut jobs = Jobs::starting_at(start);
+            let mut model = std::collections::BTreeMap::new();
+            let mut next = start;
+            for op in ops {
+                match op {
+                    Op::Push => {
+                        jobs.push(next, record(next as u32));
+                        model.insert(next, next as u32);
+                        next += 1;
+                    }
+                    Op::Remove(i) if !model.is_empty() => {
+                        let seq = *model.keys().nth(i % model.len()).unwrap();
+                        prop_assert_eq!(jobs.remove(seq).map(|r| r.attempts), model.remove(&seq));
+                    }
+                    Op::Remove(_) => {}
+                    Op::RemoveAny(seq) => {
+                        prop_assert_eq!(jobs.remove(seq).map(|r| r.attempts), model.remove(&seq));
+                    }
+                    Op::Retain(m) => {
+                        jobs.retain(|r| u64::from(r.attempts) % m != 0);
+                        model.retain(|seq, _| seq % m != 0);
+                    }
+                }
+                prop_assert_eq!(jobs.len(), model.len());
+                // Empty, or a live record first and no more than about
+                // twice as many slots as records.
+                prop_assert!(jobs.window.front().is_none_or(Option::is_some));
+                prop_assert!(jobs.window.len() <= 2 * jobs.in_window + 64);
+                for seq in start.saturating_sub(2)..next + 2 {
+                    prop_assert_eq!(jobs.get(seq).map(|r| r.attempts), model.get(&seq).copied());
+                }
+            }
+            // What is left can still be reached and removed.
+            for (seq, attempts) in model {
+                prop_assert_eq!(jobs.get_mut(seq).map(|r| r.attempts), Some(attempts));
+                prop_assert_eq!(jobs.remove(seq).map(|r| r.attempts), Some(attempts));
+            }
+            prop_assert_eq!(jobs.len(), 0);
+            prop_assert!(jobs.window.is_empty() && jobs.old.is_empty());
+        }
+    }
+
+    #[test]
+    fn receipts_round_trip() {
+        for (seq, token) in [(0, 0), (7, 12_345), (u64::MAX, u64::MAX)] {
+            let receipt = receipt_for(seq, token);
+            assert_eq!(receipt.as_str(), format!("m:{seq}:{token}"));
+            assert_eq!(parse_receipt(&receipt).unwrap(), (seq, token));
+        }
+    }
+
+    #[test]
+    fn foreign_receipts_are_invalid() {
+        for text in [
+            "",
+            "m:",
+            "m:1",
+            "m:1:",
+            "m::2",
+            "m:1:2:3",
+            "m:a:2",
+            "m:-1:2",
+            "x:1:2",
+            "m:18446744073709551616:1",
+        ] {
+            assert!(
+                matches!(
+                    parse_receipt(&Receipt::from_string(text)),
+                    Err(QueueError::InvalidReceipt(_))
+                ),
+                "{text:?}"
+            );
+        }
     }
 }

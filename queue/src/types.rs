@@ -6,6 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arrayvec::ArrayString;
 use bytes::Bytes;
 use keel_core::ArgumentError;
 
@@ -16,19 +17,22 @@ pub type Headers = BTreeMap<String, String>;
 ///
 /// Opaque: compare and print it, but do not parse it.
 ///
-/// Cloning is cheap (a shared string), as every delivery carries one.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct JobId(Arc<str>);
+/// Cloning is cheap, as every delivery carries one: ids of up to
+/// 38 bytes (every id the backends make) are held inline, longer ones
+/// as a shared string.
+#[derive(Clone)]
+pub struct JobId(Text<Arc<str>, 38>);
 
 impl JobId {
     /// Wraps a backend-chosen identifier. For backend implementors.
     pub fn from_string(id: impl Into<String>) -> Self {
-        JobId(Arc::from(id.into()))
+        let id = id.into();
+        JobId(Text::inline(&id).unwrap_or_else(|| Text::Heap(Arc::from(id))))
     }
 
-    /// Copies `id` into a new identifier (one allocation).
+    /// Copies `id` into a new identifier (no allocation when it is short).
     pub(crate) fn from_str(id: &str) -> Self {
-        JobId(Arc::from(id))
+        JobId(Text::inline(id).unwrap_or_else(|| Text::Heap(Arc::from(id))))
     }
 
     /// A new random identifier (UUID v4, simple form).
@@ -42,19 +46,71 @@ impl JobId {
 
     /// The identifier as text.
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_str()
+    }
+}
+
+impl PartialEq for JobId {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for JobId {}
+
+impl PartialOrd for JobId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for JobId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl std::hash::Hash for JobId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
     }
 }
 
 impl fmt::Debug for JobId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "JobId({})", self.0)
+        write!(f, "JobId({})", self.as_str())
     }
 }
 
 impl fmt::Display for JobId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
+    }
+}
+
+/// Short text held inline (no allocation to make, clone or drop it), or
+/// longer text on the heap in `H`.
+#[derive(Clone)]
+enum Text<H, const N: usize> {
+    Inline(ArrayString<N>),
+    Heap(H),
+}
+
+impl<H: std::ops::Deref<Target = str>, const N: usize> Text<H, N> {
+    /// `text` inline, or `None` when it is longer than `N` bytes.
+    fn inline(text: &str) -> Option<Self> {
+        ArrayString::from(text).ok().map(Text::Inline)
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        self.as_str().as_bytes()
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            Text::Inline(text) => text,
+            Text::Heap(heap) => heap,
+        }
     }
 }
 
@@ -63,24 +119,49 @@ impl fmt::Display for JobId {
 ///
 /// A receipt is valid from `dequeue` until the lease expires or the job is
 /// acked or nacked. Opaque: each backend encodes what it needs.
-#[derive(Clone, PartialEq, Eq, Hash)]
-pub struct Receipt(String);
+#[derive(Clone)]
+pub struct Receipt(Text<String, 46>);
 
 impl Receipt {
     /// Wraps a backend-encoded receipt. For backend implementors.
     pub fn from_string(receipt: impl Into<String>) -> Self {
-        Receipt(receipt.into())
+        Receipt(Text::Heap(receipt.into()))
+    }
+
+    /// Copies a short receipt inline (no allocation), a long one to the
+    /// heap.
+    pub(crate) fn from_short(receipt: &str) -> Self {
+        Receipt(Text::inline(receipt).unwrap_or_else(|| Text::Heap(receipt.to_owned())))
     }
 
     /// The encoded receipt.
     pub fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_str()
+    }
+
+    /// The encoded receipt's bytes (no UTF-8 check).
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl PartialEq for Receipt {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Receipt {}
+
+impl std::hash::Hash for Receipt {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
     }
 }
 
 impl fmt::Debug for Receipt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Receipt({})", self.0)
+        write!(f, "Receipt({})", self.as_str())
     }
 }
 
@@ -582,4 +663,37 @@ pub(crate) fn check_job(job: &Job, limits: &Limits) -> crate::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::hash::{BuildHasher, RandomState};
+
+    #[test]
+    fn short_and_long_ids_compare_and_hash_by_text() {
+        let hasher = RandomState::new();
+        for text in ["", "a", &"x".repeat(38), &"y".repeat(39), &"z".repeat(200)] {
+            let (a, b) = (JobId::from_str(text), JobId::from_string(text));
+            assert_eq!(a.as_str(), text);
+            assert_eq!(a, b);
+            assert_eq!(hasher.hash_one(&a), hasher.hash_one(text));
+            assert_eq!(a.to_string(), text);
+        }
+        assert!(JobId::from_str("a") < JobId::from_str(&"b".repeat(50)));
+        assert!(JobId::from_str(&"a".repeat(50)) < JobId::from_str("b"));
+    }
+
+    #[test]
+    fn receipts_compare_by_text_however_held() {
+        let hasher = RandomState::new();
+        for text in ["m:1:2", &"r".repeat(46), &"r".repeat(47)] {
+            let (short, long) = (Receipt::from_short(text), Receipt::from_string(text));
+            assert_eq!(short, long);
+            assert_eq!(short.as_str(), text);
+            assert_eq!(short.as_bytes(), text.as_bytes());
+            assert_eq!(hasher.hash_one(&short), hasher.hash_one(&long));
+        }
+        assert_ne!(Receipt::from_short("m:1:2"), Receipt::from_short("m:1:3"));
+    }
 }

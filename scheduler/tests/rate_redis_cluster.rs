@@ -177,30 +177,3 @@ async fn a_master_failover_fails_closed_and_keeps_the_tenant_state() {
     .await
     .expect("bounded in time");
 }
-
-/// The Redis queue does not run on a cluster yet: given a cluster's pool,
-/// it refuses at build time, naming the field, instead of failing on
-/// redirections later.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_queue_refuses_a_cluster_pool() {
-    use keel_queue::{QueueConfig, RedisQueue, RedisQueueConfig};
-
-    // Built without touching the network: the refusal needs no cluster.
-    let pool = RedisPool::new(RedisConfig::cluster(["redis://127.0.0.1:1"])).unwrap();
-    let err = RedisQueue::with_pool(
-        pool.clone(),
-        RedisQueueConfig::with_redis(pool.config().clone(), QueueConfig::new("jobs")),
-    )
-    .await
-    .unwrap_err();
-    match err {
-        keel_queue::QueueError::InvalidConfig(config) => {
-            assert_eq!(config.field, "redis.cluster_urls", "{config}");
-            assert!(
-                config.reason.contains("does not run on a Redis Cluster"),
-                "{config}"
-            );
-        }
-        other => panic!("expected InvalidConfig, got {other:?}"),
-    }
-}

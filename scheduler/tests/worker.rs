@@ -262,6 +262,60 @@ async fn pulls_only_when_the_service_is_ready() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_batch_past_a_busy_service_and_a_panicking_call_loses_nothing() {
+    let queue = queue(5);
+    for i in 0..8 {
+        queue.enqueue(Job::new(format!("{i}"))).await.unwrap();
+    }
+    let calls: Calls = Arc::default();
+    let seen = calls.clone();
+    // One job at a time downstream, so jobs past the first of a batch find
+    // the service busy and wait for it; job "3" panics in `call` itself
+    // (not in its future) the first time.
+    let handler = ServiceBuilder::new()
+        .concurrency_limit(1)
+        .service_fn(move |item: WorkItem| {
+            let n = {
+                let mut calls = seen.lock();
+                let n = calls.entry(item.id.clone()).or_default();
+                *n += 1;
+                *n
+            };
+            if &item.payload[..] == b"3" && n == 1 {
+                panic!("cannot even start this one");
+            }
+            async {
+                sleep(Duration::from_millis(100)).await;
+                Ok::<_, Infallible>(JobOutcome::Ack)
+            }
+        });
+    let worker = Worker::new(
+        queue.clone(),
+        config("w").concurrency(4).dequeue_batch(4),
+        handler,
+    )
+    .unwrap()
+    .spawn();
+    until(Duration::from_secs(60), "all acked", || {
+        worker.stats().acked == 8
+    })
+    .await;
+    let stats = worker.stats();
+    assert_eq!((stats.panics, stats.retried), (1, 1), "{stats:?}");
+    {
+        let calls = calls.lock();
+        assert_eq!(calls.len(), 8);
+        assert_eq!(
+            calls.values().sum::<u32>(),
+            9,
+            "one retry, nothing run twice: {calls:?}"
+        );
+    }
+    assert!(queue_is_empty(&queue).await);
+    worker.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_spent_retry_budget_delays_retries() {
     let queue = queue(100);
     for i in 0..3 {

@@ -316,6 +316,8 @@ pub struct NodeReport {
     pub cached_blocks: u64,
     /// The most requests it had in flight at once.
     pub peak_in_flight: u32,
+    /// Attempts that reached it, per simulated second of the run.
+    pub calls_by_second: Vec<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -329,6 +331,7 @@ struct NodeStats {
     prompt_blocks: AtomicU64,
     cached_blocks: AtomicU64,
     peak: AtomicU32,
+    calls_by_second: Mutex<Vec<u64>>,
 }
 
 /// In-flight counts across the fleet, for the bounded-load check.
@@ -461,10 +464,9 @@ impl InFlight {
         let mine = node.in_flight.fetch_add(1, Relaxed) + 1;
         let total = node.probe.total.fetch_add(1, Relaxed) + 1;
         node.probe.dispatch_loads.lock().push((mine, total));
-        bump(
-            &mut node.probe.attempts_by_second.lock(),
-            node.probe.second(Instant::now()),
-        );
+        let second = node.probe.second(Instant::now());
+        bump(&mut node.probe.attempts_by_second.lock(), second);
+        bump(&mut node.stats.calls_by_second.lock(), second);
         node.stats.peak.fetch_max(mine, Relaxed);
         node.stats.calls.fetch_add(1, Relaxed);
         InFlight {
@@ -708,6 +710,7 @@ impl Fleet {
                     prompt_blocks: s.prompt_blocks.load(Relaxed),
                     cached_blocks: s.cached_blocks.load(Relaxed),
                     peak_in_flight: s.peak.load(Relaxed),
+                    calls_by_second: s.calls_by_second.lock().clone(),
                 }
             })
             .collect()

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
+use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Value};
 use tokio::sync::OnceCell;
 
 use super::config::RedisConfig;
@@ -26,6 +27,9 @@ pub(super) struct Cluster {
     connection: OnceCell<ClusterConnection>,
     connect_timeout: Duration,
     seeds: String,
+    /// The first seed's connection settings (credentials, TLS), used for
+    /// connections to one node of the cluster.
+    first_seed: ConnectionInfo,
 }
 
 impl fmt::Debug for Cluster {
@@ -56,8 +60,24 @@ impl Cluster {
                     ),
                 )
             })?;
+        let first_seed = config
+            .cluster_urls
+            .first()
+            .map(String::as_str)
+            .unwrap_or_default()
+            .into_connection_info()
+            .map_err(|err| {
+                ConfigError::new(
+                    "redis.cluster_urls",
+                    format!(
+                        "the first seed is not a usable URL ({}): {err}",
+                        config.redacted_url()
+                    ),
+                )
+            })?;
         Ok(Cluster {
             client,
+            first_seed,
             connection: OnceCell::new(),
             connect_timeout: config.connect_timeout,
             seeds: config.redacted_url(),
@@ -87,5 +107,75 @@ impl Cluster {
             })
             .await?;
         Ok(made.clone())
+    }
+}
+
+impl Cluster {
+    /// How to connect to the master that serves `slot` as a node of the
+    /// cluster sees it now (`CLUSTER SLOTS`), with the first seed's
+    /// credentials and TLS settings.
+    pub(super) async fn master_info(&self, slot: u16) -> Result<ConnectionInfo, RedisError> {
+        let mut connection = self.connection().await?;
+        let ranges: Vec<Vec<Value>> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut connection)
+            .await?;
+        for range in ranges {
+            let mut items = range.into_iter();
+            let (Some(start), Some(end), Some(master)) = (items.next(), items.next(), items.next())
+            else {
+                continue;
+            };
+            let (start, end): (u16, u16) = (
+                redis::from_redis_value(start)?,
+                redis::from_redis_value(end)?,
+            );
+            if !(start..=end).contains(&slot) {
+                continue;
+            }
+            let mut master = redis::from_redis_value::<Vec<Value>>(master)?.into_iter();
+            let (Some(host), Some(port)) = (master.next(), master.next()) else {
+                break;
+            };
+            let (host, port): (String, u16) = (
+                redis::from_redis_value(host)?,
+                redis::from_redis_value(port)?,
+            );
+            let addr = match self.first_seed.addr().clone() {
+                // A node that does not know its own address answers `?` or
+                // nothing: it is then the seed's host.
+                ConnectionAddr::Tcp(seed_host, _) => {
+                    ConnectionAddr::Tcp(usable_host(host, seed_host), port)
+                }
+                ConnectionAddr::TcpTls {
+                    host: seed_host,
+                    insecure,
+                    tls_params,
+                    ..
+                } => ConnectionAddr::TcpTls {
+                    host: usable_host(host, seed_host),
+                    port,
+                    insecure,
+                    tls_params,
+                },
+                other => other,
+            };
+            return Ok(self.first_seed.clone().set_addr(addr));
+        }
+        Err(RedisError::new(
+            RedisErrorKind::Unavailable,
+            format!(
+                "no master of the redis {} serves slot {slot} now (a failover may be under way)",
+                self.seeds
+            ),
+        ))
+    }
+}
+
+fn usable_host(host: String, seed_host: String) -> String {
+    if host.is_empty() || host == "?" {
+        seed_host
+    } else {
+        host
     }
 }

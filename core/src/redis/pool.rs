@@ -257,6 +257,45 @@ impl RedisPool {
         build(&self.config, size, None)
     }
 
+    /// A separate pool of `size` connections for commands that block (as
+    /// [`blocking_pool`](Self::blocking_pool)) on `key`: to the server, or,
+    /// on a cluster, to the master that serves `key`'s slot as the cluster
+    /// sees it now (`CLUSTER SLOTS`), with the first seed's credentials and
+    /// TLS settings. A blocking command must not share the cluster
+    /// connection: it would hold up every command to that node behind it.
+    /// After a failover or a resharding (a `MOVED` answer, a refused or
+    /// dropped connection) the pool points at the wrong node: ask again.
+    ///
+    /// # Errors
+    ///
+    /// [`RedisError`] of kind [`Protocol`](RedisErrorKind::Protocol)
+    /// wrapping the [`ConfigError`] of a bad `size`;
+    /// [`Unavailable`](RedisErrorKind::Unavailable) (retryable) when no
+    /// node answers or no master serves the slot (a failover under way).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: nothing is kept from a cancelled call.
+    #[doc(hidden)]
+    pub async fn blocking_pool_for_key(
+        &self,
+        #[cfg_attr(not(feature = "cluster"), allow(unused_variables))] key: &[u8],
+        size: usize,
+    ) -> Result<deadpool_redis::Pool, RedisError> {
+        let invalid = |err: ConfigError| {
+            RedisError::new(RedisErrorKind::Protocol, "invalid redis config").with_source(err)
+        };
+        match &self.backend {
+            Backend::Single(_) => self.blocking_pool(size).map_err(invalid),
+            #[cfg(feature = "cluster")]
+            Backend::Cluster(cluster) => {
+                validate::at_least("blocking_connections", size, 1).map_err(invalid)?;
+                let info = cluster.master_info(super::key_slot(key)).await?;
+                build_to(&self.config, info, "redis.cluster_urls", size, None).map_err(invalid)
+            }
+        }
+    }
+
     /// The underlying pool of a single server, for Keel's own backends that
     /// do not run on a cluster: `None` for a cluster's pool. Not part of the
     /// stable API: its type follows the `deadpool-redis` release Keel builds
@@ -310,16 +349,33 @@ fn build(
     size: usize,
     response_timeout: Option<Duration>,
 ) -> Result<deadpool_redis::Pool, ConfigError> {
+    build_to(
+        config,
+        config.url.as_str(),
+        "redis.url",
+        size,
+        response_timeout,
+    )
+}
+
+/// A pool of `size` connections to `server` with `config`'s timeouts; a
+/// server the client cannot use is blamed on `field`.
+fn build_to(
+    config: &RedisConfig,
+    server: impl ::redis::IntoConnectionInfo,
+    field: &'static str,
+    size: usize,
+    response_timeout: Option<Duration>,
+) -> Result<deadpool_redis::Pool, ConfigError> {
     let connection = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
         .set_response_timeout(response_timeout);
-    let manager = deadpool_redis::Manager::new_with_config(config.url.as_str(), connection)
-        .map_err(|err| {
-            ConfigError::new(
-                "redis.url",
-                format!("not a usable redis URL ({}): {err}", config.redacted_url()),
-            )
-        })?;
+    let manager = deadpool_redis::Manager::new_with_config(server, connection).map_err(|err| {
+        ConfigError::new(
+            field,
+            format!("not a usable redis URL ({}): {err}", config.redacted_url()),
+        )
+    })?;
     deadpool_redis::Pool::builder(manager)
         .max_size(size)
         .runtime(deadpool_redis::Runtime::Tokio1)

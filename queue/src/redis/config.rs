@@ -42,6 +42,30 @@ pub struct RedisQueueConfig {
     /// (bounds how long a dropped connection can go unnoticed). Default 5 s.
     #[serde(with = "humantime_serde")]
     pub max_block: Duration,
+    /// Replicas that must confirm every enqueued job before `enqueue`
+    /// returns `Ok`: the write is followed, in the same round trip and on
+    /// the same connection, by Redis `WAIT <replica_acks>
+    /// <replica_ack_timeout>`, and fewer confirmations in time fail the
+    /// enqueue with a retryable [`QueueError::Unavailable`](crate::QueueError::Unavailable)
+    /// (the job was written and may still be delivered: retry with an
+    /// idempotency key to avoid a second copy).
+    ///
+    /// Without it (`None`, the default), `Ok` means the master applied the
+    /// write: replication is asynchronous, so a master that dies before its
+    /// replicas received the write (typically the last few milliseconds of
+    /// writes, more while a replica lags) loses those jobs when a replica
+    /// is promoted in its place. With it, a job whose enqueue returned `Ok`
+    /// survives the loss of its master as long as a confirming replica is
+    /// promoted (on a Redis Cluster, the replicas of the queue's slot
+    /// master). `WAIT` blocks the connection it runs on: while replicas lag,
+    /// the commands behind it on that connection wait too, so keep the
+    /// timeout short.
+    pub replica_acks: Option<u32>,
+    /// How long an enqueue waits for [`replica_acks`](Self::replica_acks)
+    /// confirmations; shorter than the connection's `operation_timeout`,
+    /// which bounds the whole enqueue. Default 500 ms.
+    #[serde(with = "humantime_serde")]
+    pub replica_ack_timeout: Duration,
 }
 
 impl Default for RedisQueueConfig {
@@ -51,6 +75,8 @@ impl Default for RedisQueueConfig {
             queue: QueueConfig::default(),
             blocking_connections: 16,
             max_block: Duration::from_secs(5),
+            replica_acks: None,
+            replica_ack_timeout: Duration::from_millis(500),
         }
     }
 }
@@ -99,6 +125,16 @@ impl RedisQueueConfig {
         self
     }
 
+    /// Sets [`replica_acks`](Self::replica_acks) and
+    /// [`replica_ack_timeout`](Self::replica_ack_timeout): every enqueue
+    /// returns `Ok` only after `replicas` replicas confirmed it within
+    /// `timeout`.
+    pub fn replica_acks(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replica_acks = Some(replicas);
+        self.replica_ack_timeout = timeout;
+        self
+    }
+
     /// Checks every field, naming the first bad one (`redis.url`,
     /// `redis.pool_size`, … for the connection).
     ///
@@ -115,7 +151,23 @@ impl RedisQueueConfig {
     /// The fields of this config that are not the connection's.
     pub(crate) fn validate_own(&self) -> Result<()> {
         validate::at_least("blocking_connections", self.blocking_connections, 1)?;
-        Ok(validate::at_least_1ms("max_block", self.max_block)?)
+        validate::at_least_1ms("max_block", self.max_block)?;
+        if let Some(replicas) = self.replica_acks {
+            validate::at_least("replica_acks", replicas, 1)?;
+            validate::at_least_1ms("replica_ack_timeout", self.replica_ack_timeout)?;
+            if self.replica_ack_timeout >= self.redis.operation_timeout {
+                return Err(keel_core::ConfigError::new(
+                    "replica_ack_timeout",
+                    format!(
+                        "{:?} is not shorter than redis.operation_timeout ({:?}), which bounds \
+                         the whole enqueue; shorten it or raise the operation timeout",
+                        self.replica_ack_timeout, self.redis.operation_timeout
+                    ),
+                )
+                .into());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -132,8 +184,26 @@ mod tests {
         assert!(err.to_string().contains("`redis.url`"), "{err}");
         let err = base.clone().pool_size(0).validate().unwrap_err();
         assert!(err.to_string().contains("redis.pool_size"), "{err}");
-        let err = base.blocking_connections(0).validate().unwrap_err();
+        let err = base.clone().blocking_connections(0).validate().unwrap_err();
         assert!(err.to_string().contains("blocking_connections"), "{err}");
+        let err = base
+            .clone()
+            .replica_acks(0, Duration::from_millis(100))
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("`replica_acks`"), "{err}");
+        let err = base
+            .clone()
+            .operation_timeout(Duration::from_millis(500))
+            .replica_acks(1, Duration::from_millis(500))
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("`replica_ack_timeout`"), "{err}");
+        assert!(
+            base.replica_acks(1, Duration::from_millis(100))
+                .validate()
+                .is_ok()
+        );
     }
 
     #[test]

@@ -33,8 +33,25 @@
 //! crash is the server's persistence setting: with `appendonly yes` and
 //! `appendfsync always` it is on disk; with the defaults (`everysec`) up to
 //! a second of writes can be lost on a crash; with persistence off (as in
-//! our tests) a restart empties the queue. Replication is asynchronous
-//! unless you add `WAIT`.
+//! our tests) a restart empties the queue.
+//!
+//! Replication is asynchronous: without
+//! [`replica_acks`](RedisQueueConfig::replica_acks), `Ok` does not wait for
+//! a replica, so when a master dies and a replica is promoted (Redis
+//! Sentinel, or a Redis Cluster failover) the jobs whose writes had not
+//! reached that replica are lost: typically the last few milliseconds of
+//! enqueues, more while the replica lags. With `replica_acks: Some(n)`
+//! every enqueue's write is followed in the same round trip, on the same
+//! connection, by `WAIT n <replica_ack_timeout>`, and `Ok` means `n`
+//! replicas hold the job; fewer in time fail the enqueue with a retryable
+//! `Unavailable` (the job was written and may still be delivered). A job
+//! confirmed so survives its master's loss when a confirming replica is
+//! promoted, which is what Redis Cluster's failover picks (the replica
+//! with the most data). The cost is one replication round trip per
+//! enqueue call (batch with `enqueue_batch` to share it), and, while no
+//! replica answers, failed enqueues; with one replica per master, a master
+//! promoted after a failover has no replica until another joins, so
+//! enqueues fail until then.
 //!
 //! # Leases and crashed consumers
 //!
@@ -83,9 +100,33 @@
 //! wake stream (a read elsewhere gave jobs back by rewinding), a long poll,
 //! never a busy loop, up to the next delayed job or lease expiry (looked
 //! at again at least every second while jobs are leased). Blocking
-//! connections come from their own small pool, so waiting consumers never
-//! starve producers of connections. A dropped `dequeue` future discards its
+//! connections come from their own small pool (to the master of the
+//! queue's slot on a cluster), so waiting consumers never starve producers
+//! of connections. A dropped `dequeue` future discards its
 //! blocking connection rather than returning it mid-command.
+//!
+//! # Redis Cluster
+//!
+//! With the `cluster` feature, a [`RedisConfig::cluster`](keel_core::redis::RedisConfig::cluster)
+//! config (or a cluster's [`RedisPool`]) is accepted. Every key of a queue
+//! carries the hash tag `{name}`, so the whole queue lives in one slot:
+//! each transaction, pipeline and script touches that slot only, and goes
+//! through the cluster connection to its master, following `MOVED` and
+//! `ASK` and finding a promoted replica after a failover by itself. Each
+//! script declares the key `keel:{name}:delayed` (which routes it) and
+//! builds every other key it touches from the same prefix, hence in the same
+//! slot (`common.lua` refuses a call whose declared key is not the
+//! prefix's). `delete` scans for the queue's keys inside a script, so the
+//! scan runs on the node that holds them.
+//!
+//! Blocking reads (`XREAD BLOCK`) never go through the cluster connection,
+//! where they would hold up every command to that node behind them: they
+//! take dedicated connections to the master of the queue's slot, looked up
+//! with `CLUSTER SLOTS` on first use and again after a read was redirected
+//! (`MOVED`) or failed, so waiting consumers follow a failover too.
+//!
+//! One queue is bounded by one node's CPU; queues with different names
+//! spread over the masters.
 //!
 //! # Entries it did not write
 //!
@@ -116,13 +157,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ::redis::Script;
 use async_trait::async_trait;
 use bytes::Bytes;
-use keel_core::redis::RedisPool;
+use keel_core::redis::{RedisConnection, RedisPool};
 use tokio::time::Instant;
 
 pub use self::config::RedisQueueConfig;
 use self::error::{RedisFailure, protocol_failure};
 use self::lanes::Lanes;
-use self::read::DEQUEUE_MAX;
+use self::read::{Blocking, DEQUEUE_MAX};
 use self::receipt::{Lease, invalid_receipt, parse_receipt};
 use crate::error::{QueueError, Result};
 use crate::ids::IdGen;
@@ -204,7 +245,7 @@ struct Inner {
     /// last housekeeping answer; `i64::MAX` until known.
     server_ahead_ms: AtomicI64,
     lanes: Lanes,
-    blocking: deadpool_redis::Pool,
+    blocking: Blocking,
     scripts: Scripts,
     metrics: QueueMetrics,
 }
@@ -352,8 +393,7 @@ impl RedisQueue {
 
     async fn open(pool: RedisPool, config: RedisQueueConfig, lanes: usize) -> Result<Self> {
         // Blocking reads take up to `max_block`; our own timeout bounds them.
-        let single = pool.single_server("the redis queue")?.clone();
-        let blocking = pool.blocking_pool(config.blocking_connections)?;
+        let blocking = Blocking::new(pool.clone(), config.blocking_connections);
         let ids = IdGen::new();
         let prefix = format!("keel:{{{}}}", config.queue.name);
         let queue = RedisQueue {
@@ -368,7 +408,7 @@ impl RedisQueue {
                 started: Instant::now(),
                 server_ahead_ms: AtomicI64::new(i64::MAX),
                 read_down_to: AtomicUsize::new(0),
-                lanes: Lanes::new(single, lanes),
+                lanes: Lanes::new(&pool, lanes),
                 blocking,
                 scripts: Scripts::new(),
                 metrics: QueueMetrics::new(BACKEND, &config.queue.name),
@@ -410,7 +450,7 @@ impl RedisQueue {
     /// out of the pool).
     async fn on_lane<T, F, Fut>(&self, op: F) -> Result<T>
     where
-        F: FnOnce(::redis::aio::MultiplexedConnection) -> Fut,
+        F: FnOnce(RedisConnection) -> Fut,
         Fut: Future<Output = std::result::Result<T, RedisFailure>>,
     {
         let lanes = &self.inner.lanes;
@@ -452,6 +492,77 @@ impl RedisQueue {
             .await
     }
 
+    /// Runs `script` (the queue's key and prefix first, then `args`) as an
+    /// `EVALSHA` in a pipeline, followed by `WAIT` for `replicas` on the
+    /// same connection when set; answers the pipeline's replies (`(T,)`, or
+    /// `(T, confirmations)` with `WAIT`). A server without the script gets
+    /// it loaded, and the pipeline runs again.
+    async fn eval_pipeline<R: ::redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        replicas: Option<u32>,
+        args: impl FnOnce(&mut ::redis::Cmd),
+    ) -> Result<R> {
+        let mut cmd = ::redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash())
+            .arg(1)
+            .arg(&self.inner.route_key)
+            .arg(&self.inner.prefix);
+        args(&mut cmd);
+        let mut pipe = ::redis::pipe();
+        pipe.add_command(cmd);
+        if let Some(replicas) = replicas {
+            self.add_wait(&mut pipe, replicas);
+        }
+        let pipe = &pipe;
+        for first in [true, false] {
+            let answer = self
+                .on_lane(|mut conn| async move {
+                    match pipe.query_async::<R>(&mut conn).await {
+                        Ok(answer) => Ok(Some(answer)),
+                        Err(err) if first && err.code() == Some("NOSCRIPT") => {
+                            script.prepare_invoke().load_async(&mut conn).await?;
+                            Ok(None)
+                        }
+                        Err(err) => Err(err.into()),
+                    }
+                })
+                .await?;
+            if let Some(answer) = answer {
+                return Ok(answer);
+            }
+        }
+        Err(protocol("NOSCRIPT right after loading the script"))
+    }
+
+    /// Appends `WAIT replicas timeout` to a pipeline of writes.
+    fn add_wait(&self, pipe: &mut ::redis::Pipeline, replicas: u32) {
+        pipe.cmd("WAIT")
+            .arg(replicas)
+            .arg(ms(self.inner.config.replica_ack_timeout));
+    }
+
+    /// Fails an enqueue of `jobs` jobs that fewer replicas than asked
+    /// confirmed in time.
+    fn check_replicas(&self, confirmed: u32, jobs: usize) -> Result<()> {
+        let config = &self.inner.config;
+        let wanted = config.replica_acks.unwrap_or(0);
+        if confirmed >= wanted {
+            return Ok(());
+        }
+        Err(QueueError::Unavailable {
+            message: format!(
+                "redis applied the enqueue of {jobs} job(s) but only {confirmed} of \
+                 {wanted} replicas confirmed it within {:?}: the jobs may be delivered, or lost \
+                 if the master fails before its replicas catch up; enqueue them again (with \
+                 idempotency keys, so a copy that survived is answered as a duplicate), and \
+                 check that the master's replicas are connected (`INFO replication`)",
+                config.replica_ack_timeout
+            ),
+            source: None,
+        })
+    }
+
     async fn enqueue_chunk(&self, jobs: Vec<Job>) -> Result<Vec<Enqueued>> {
         let queue = &self.inner.config.queue;
         let mut encoded = Vec::with_capacity(jobs.len());
@@ -472,31 +583,42 @@ impl RedisQueue {
         {
             return self.append_ready(&jobs, encoded).await;
         }
-        let rows: Vec<String> = self
-            .invoke(&self.inner.scripts.enqueue, |inv| {
-                let now = epoch_ms(SystemTime::now());
-                inv.arg(queue.capacity.unwrap_or(0))
-                    .arg(queue.priority_levels)
-                    .arg(ms(queue.dedup_window))
-                    .arg(now)
-                    .arg(jobs.len());
-                for (job, (id, headers)) in jobs.iter().zip(&encoded) {
-                    let meta = format!("{id}|0|{now}|{}", job.priority.0);
-                    inv.arg(id.as_str())
-                        .arg(job.priority.0)
-                        .arg(job.delay.map_or(0, ms))
-                        .arg(job.idempotency_key.as_deref().unwrap_or(""))
-                        .arg(&job.payload[..])
-                        .arg(headers.as_str())
-                        .arg(
-                            job.deadline
-                                .map(|d| epoch_ms(d).to_string())
-                                .unwrap_or_default(),
-                        )
-                        .arg(meta);
-                }
-            })
-            .await?;
+        let now = epoch_ms(SystemTime::now());
+        let args = |cmd: &mut ::redis::Cmd| {
+            cmd.arg(queue.capacity.unwrap_or(0))
+                .arg(queue.priority_levels)
+                .arg(ms(queue.dedup_window))
+                .arg(now)
+                .arg(jobs.len());
+            for (job, (id, headers)) in jobs.iter().zip(&encoded) {
+                let meta = format!("{id}|0|{now}|{}", job.priority.0);
+                cmd.arg(id.as_str())
+                    .arg(job.priority.0)
+                    .arg(job.delay.map_or(0, ms))
+                    .arg(job.idempotency_key.as_deref().unwrap_or(""))
+                    .arg(&job.payload[..])
+                    .arg(headers.as_str())
+                    .arg(
+                        job.deadline
+                            .map(|d| epoch_ms(d).to_string())
+                            .unwrap_or_default(),
+                    )
+                    .arg(meta);
+            }
+        };
+        let script = &self.inner.scripts.enqueue;
+        let rows: Vec<String> = match self.inner.config.replica_acks {
+            None => {
+                let (rows,) = self.eval_pipeline(script, None, args).await?;
+                rows
+            }
+            Some(replicas) => {
+                let (rows, confirmed): (Vec<String>, u32) =
+                    self.eval_pipeline(script, Some(replicas), args).await?;
+                self.check_replicas(confirmed, jobs.len())?;
+                rows
+            }
+        };
         let mut out = Vec::with_capacity(rows.len());
         for (status, (id, _)) in rows.into_iter().zip(encoded) {
             match status.as_str() {
@@ -567,7 +689,15 @@ impl RedisQueue {
     ) -> Result<Vec<Enqueued>> {
         let now = epoch_ms(SystemTime::now());
         let mut pipe = ::redis::pipe();
-        pipe.atomic();
+        let replicas = self.inner.config.replica_acks;
+        if replicas.is_some() {
+            // MULTI/EXEC written out, so that WAIT can follow in the same
+            // round trip on the same connection (inside a transaction it
+            // would not wait).
+            pipe.cmd("MULTI").ignore();
+        } else {
+            pipe.atomic();
+        }
         for (job, (id, headers)) in jobs.iter().zip(&encoded) {
             let level = job.priority.0;
             let cmd = pipe
@@ -586,10 +716,26 @@ impl RedisQueue {
             }
             cmd.ignore();
         }
-        let pipe = &pipe;
-        let () = self
-            .on_lane(|mut conn| async move { Ok(pipe.query_async(&mut conn).await?) })
-            .await?;
+        if let Some(replicas) = replicas {
+            pipe.cmd("EXEC");
+            self.add_wait(&mut pipe, replicas);
+            let pipe = &pipe;
+            let (applied, confirmed): (Vec<::redis::Value>, u32) = self
+                .on_lane(|mut conn| async move { Ok(pipe.query_async(&mut conn).await?) })
+                .await?;
+            if let Some(::redis::Value::ServerError(err)) = applied
+                .into_iter()
+                .find(|reply| matches!(reply, ::redis::Value::ServerError(_)))
+            {
+                return Err(RedisFailure::from(::redis::RedisError::from(err)).into());
+            }
+            self.check_replicas(confirmed, jobs.len())?;
+        } else {
+            let pipe = &pipe;
+            let () = self
+                .on_lane(|mut conn| async move { Ok(pipe.query_async(&mut conn).await?) })
+                .await?;
+        }
         self.inner.metrics.enqueued.increment(jobs.len() as u64);
         Ok(encoded
             .into_iter()
@@ -895,24 +1041,17 @@ impl Queue for RedisQueue {
     async fn delete(&self) -> Result<()> {
         // Every key of the queue starts with `keel:{name}:`; a prefix scan
         // finds them all, whatever made them (delayed bodies, idempotency
-        // keys, the dead letters). Bounded batches, never one long command.
+        // keys, the dead letters). Bounded batches, never one long command;
+        // each a script, so on a cluster it runs on the queue's node.
         let pattern = format!("{}:*", glob_escape(&self.inner.prefix));
-        let mut cursor = 0u64;
+        let mut cursor = "0".to_owned();
         loop {
-            let (next, keys): (u64, Vec<String>) = self
-                .command(
-                    ::redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1_000),
-                )
+            let (next, _removed): (String, u64) = self
+                .invoke(&self.inner.scripts.admin, |inv| {
+                    inv.arg("delete-step").arg(&cursor).arg(&pattern).arg(1_000);
+                })
                 .await?;
-            if !keys.is_empty() {
-                let _: u64 = self.command(::redis::cmd("UNLINK").arg(&keys)).await?;
-            }
-            if next == 0 {
+            if next == "0" {
                 break;
             }
             cursor = next;

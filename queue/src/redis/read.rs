@@ -7,6 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ::redis::Value;
 use bytes::Bytes;
+use keel_core::redis::RedisPool;
+use parking_lot::Mutex;
 
 use super::error::RedisFailure;
 use super::receipt::id_before;
@@ -42,6 +44,50 @@ enum Undeliverable {
     Late(String),
     /// It is not an entry this library wrote (the entry id, and why).
     Malformed(String, String),
+}
+
+/// Where blocking reads go: a small pool of dedicated connections to the
+/// server or, on a Redis Cluster, to the master of the queue's slot, so a
+/// waiting consumer never holds up the shared connection's other commands.
+/// Made on first use; on a cluster, made again (the slot's master looked up
+/// anew) after a read failed or was redirected, which is how reads follow a
+/// failover or a resharding.
+pub(super) struct Blocking {
+    redis: RedisPool,
+    size: usize,
+    current: Mutex<Option<deadpool_redis::Pool>>,
+}
+
+impl Blocking {
+    pub(super) fn new(redis: RedisPool, size: usize) -> Self {
+        Blocking {
+            redis,
+            size,
+            current: Mutex::new(None),
+        }
+    }
+
+    /// The pool for blocking reads of `key`.
+    async fn pool(&self, key: &str) -> std::result::Result<deadpool_redis::Pool, RedisFailure> {
+        if let Some(pool) = self.current.lock().clone() {
+            return Ok(pool);
+        }
+        let pool = self
+            .redis
+            .blocking_pool_for_key(key.as_bytes(), self.size)
+            .await?;
+        *self.current.lock() = Some(pool.clone());
+        Ok(pool)
+    }
+
+    /// After a failed or redirected read on a cluster: the slot's master is
+    /// looked up again on the next read. (A single server's pool replaces
+    /// its broken connections by itself.)
+    fn forget(&self) {
+        if self.redis.is_cluster() {
+            self.current.lock().take();
+        }
+    }
 }
 
 /// Takes a blocking connection out of its pool if the read is abandoned,
@@ -510,18 +556,29 @@ impl RedisQueue {
     /// or for a read elsewhere to give entries back (the wake stream).
     pub(super) async fn block_for_new(&self, last_ids: &[String], block: Duration) -> Result<()> {
         let inner = &self.inner;
-        let conn =
-            match tokio::time::timeout(inner.config.redis.operation_timeout, inner.blocking.get())
-                .await
-            {
-                Ok(Ok(conn)) => conn,
-                // Every blocking connection is busy (or Redis is unreachable):
-                // wait without one; the next look at the queue reports errors.
-                _ => {
-                    tokio::time::sleep(block).await;
-                    return Ok(());
-                }
-            };
+        let timeout = inner.config.redis.operation_timeout;
+        // Every blocking connection is busy, or Redis is unreachable: wait
+        // without one; the next look at the queue reports errors.
+        let Ok(Ok(pool)) =
+            tokio::time::timeout(timeout, inner.blocking.pool(&inner.route_key)).await
+        else {
+            tokio::time::sleep(block).await;
+            return Ok(());
+        };
+        let conn = match tokio::time::timeout(timeout, pool.get()).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(deadpool_redis::PoolError::Timeout(deadpool_redis::TimeoutType::Wait))) => {
+                tokio::time::sleep(block).await;
+                return Ok(());
+            }
+            _ => {
+                // The node does not answer: on a cluster, it may have lost
+                // its slots to a replica; look the master up again.
+                inner.blocking.forget();
+                tokio::time::sleep(block).await;
+                return Ok(());
+            }
+        };
         let mut guard = DetachOnDrop(Some(conn));
         let mut cmd = ::redis::cmd("XREAD");
         cmd.arg("COUNT")
@@ -545,8 +602,19 @@ impl RedisQueue {
                 guard.0.take(); // healthy: back to the pool
                 Ok(())
             }
-            Ok(Err(err)) => Err(RedisFailure::from(err).into()),
-            Err(_) => Err(QueueError::Timeout(limit)),
+            Ok(Err(err)) => {
+                inner.blocking.forget();
+                if err.code() == Some("MOVED") {
+                    // The slot moved (a failover or a resharding): the next
+                    // wait goes to its new master; look at the queue now.
+                    return Ok(());
+                }
+                Err(RedisFailure::from(err).into())
+            }
+            Err(_) => {
+                inner.blocking.forget();
+                Err(QueueError::Timeout(limit))
+            }
         }
     }
 }

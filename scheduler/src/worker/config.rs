@@ -43,8 +43,9 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     /// Most jobs taken per `dequeue`, up to the free handler slots. The
     /// worker only dequeues after the service said it is ready; jobs past
-    /// the first of a batch wait for readiness in their own task, with
-    /// their leases renewed. Default 1 (strict backpressure).
+    /// the first of a batch are called while the service stays ready, and
+    /// otherwise wait for readiness (on a clone of it), with their leases
+    /// renewed. Default 1 (strict backpressure).
     pub dequeue_batch: usize,
     /// The lease taken on each job. Default 30 s.
     #[serde(with = "humantime_serde")]

@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use keel_core::{Deadline, RequestExtensions};
-use keel_queue::{Delivery, Headers, JobId, Priority};
+use keel_queue::{Delivery, Headers, JobId, Priority, Receipt};
 
 use crate::ticket::Ticket;
 
@@ -60,11 +60,19 @@ impl From<Delivery> for WorkItem {
     /// The delivery's fields, and its deadline as a [`Deadline`] in the
     /// extensions.
     fn from(delivery: Delivery) -> Self {
+        WorkItem::split(delivery).0
+    }
+}
+
+impl WorkItem {
+    /// The work item of a delivery, and the delivery's receipt (moved, not
+    /// copied).
+    pub(crate) fn split(delivery: Delivery) -> (Self, Receipt) {
         let mut extensions = http::Extensions::new();
         if let Some(at) = delivery.deadline {
             extensions.insert(deadline_of(at));
         }
-        WorkItem {
+        let item = WorkItem {
             id: delivery.id,
             payload: delivery.payload,
             headers: delivery.headers,
@@ -73,7 +81,8 @@ impl From<Delivery> for WorkItem {
             priority: delivery.priority,
             deadline: delivery.deadline,
             extensions,
-        }
+        };
+        (item, delivery.receipt)
     }
 }
 

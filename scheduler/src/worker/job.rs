@@ -1,14 +1,17 @@
-//! One job's life in a worker: run the handler, keep the lease, settle.
+//! One job's life in a worker: run the handler, keep the lease, say how
+//! to settle it. The worker's own task polls every job of a worker (no task
+//! per job); settling is the worker's business (see `super::pull`).
 
+use std::any::Any;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
 use keel_core::{Backoff, RetryBudget};
-use keel_queue::{Delivery, Nack, Queue, Receipt};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use keel_queue::{Nack, Queue, Receipt};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
@@ -16,11 +19,10 @@ use tower::{Service, ServiceExt};
 use super::Counters;
 use super::config::WorkerConfig;
 use super::item::{JobOutcome, WorkItem};
-use super::settle::{self, LeaseClock, PendingAck};
 use crate::error::{BoxError, SchedulerError};
 use crate::metrics::WorkerMetrics;
 
-/// What every job task of one worker shares.
+/// What every job of one worker shares.
 pub(super) struct JobContext {
     pub(super) queue: Arc<dyn Queue>,
     pub(super) config: WorkerConfig,
@@ -35,6 +37,52 @@ pub(super) struct JobContext {
     pub(super) release: CancellationToken,
 }
 
+/// When a running job's lease ends, as last renewed: written by the
+/// renewal beside the handler, read when the job is settled.
+#[derive(Debug)]
+pub(super) struct LeaseClock {
+    base: Instant,
+    /// Nanoseconds after `base`.
+    until: AtomicU64,
+}
+
+impl LeaseClock {
+    /// A lease ending at `until`, measured from `base` (no later than
+    /// `until`; the batch's `dequeue` time, so making one reads no clock).
+    pub(super) fn new(base: Instant, until: Instant) -> Self {
+        let clock = LeaseClock {
+            base,
+            until: AtomicU64::new(0),
+        };
+        clock.set(until);
+        clock
+    }
+
+    pub(super) fn set(&self, until: Instant) {
+        let nanos = until.saturating_duration_since(self.base).as_nanos();
+        self.until
+            .store(nanos.min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+    }
+
+    pub(super) fn until(&self) -> Instant {
+        self.base + Duration::from_nanos(self.until.load(Ordering::Relaxed))
+    }
+}
+
+/// How a job's handler was started by the worker's loop.
+pub(super) enum Start<S: Service<WorkItem>> {
+    /// Called on the worker's service, which was ready (and polled once:
+    /// it waits).
+    Called(Pin<Box<S::Future>>),
+    /// The service was not ready: this clone waits for readiness, then
+    /// takes the item.
+    NotReady(S, WorkItem),
+    /// The service failed in `poll_ready`.
+    Failed(BoxError),
+    /// `poll_ready` or `call` panicked.
+    Panicked(Box<dyn Any + Send>),
+}
+
 /// How a job's run ended, before settling.
 enum Ended {
     /// The handler answered (or panicked).
@@ -46,119 +94,102 @@ enum Ended {
 }
 
 /// What to tell the queue.
-enum Settle {
+pub(super) enum Settle {
     Ack,
     Nack(Nack),
 }
 
-/// A delivery with what its task needs to settle it.
-pub(super) struct Leased {
-    pub(super) delivery: Delivery,
-    /// When the lease ends (from just before the `dequeue` that took it).
+/// A job whose handler is done (or was cancelled).
+pub(super) struct Finished {
+    pub(super) receipt: Receipt,
+    /// When its lease ends, as last renewed.
     pub(super) lease_until: Instant,
-    /// Where acks go to be coalesced.
-    pub(super) acks: mpsc::UnboundedSender<PendingAck>,
+    /// `None` when the lease was lost: nothing to settle.
+    pub(super) settle: Option<Settle>,
+    /// When the handler was started.
+    pub(super) dispatched: Instant,
 }
 
-/// Runs one job: the handler (after waiting for readiness unless `ready`),
-/// lease renewal beside it, then the ack or nack.
-#[tracing::instrument(
-    name = "job",
-    skip_all,
-    fields(worker = %ctx.config.name, id = %job.delivery.id, attempt = job.delivery.attempt),
-)]
+/// Runs one job's handler, with its lease extended beside it every
+/// `renew_every` and a caught panic, and says how to settle it. The
+/// renewal and the release at shutdown are only polled while the handler
+/// waits, so a handler that answers at once costs neither a timer nor a
+/// clock reading.
 pub(super) async fn run<S>(
-    ctx: Arc<JobContext>,
-    mut service: S,
-    ready: bool,
-    job: Leased,
-    permit: OwnedSemaphorePermit,
-) where
+    ctx: &JobContext,
+    start: Start<S>,
+    receipt: Receipt,
+    lease: LeaseClock,
+    dispatched: Instant,
+) -> Finished
+where
     S: Service<WorkItem, Response = JobOutcome> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
 {
-    let Leased {
-        delivery,
-        lease_until,
-        acks,
-    } = job;
-    let lease = Arc::new(LeaseClock::new(lease_until));
-    let receipt = delivery.receipt.clone();
-    let item = WorkItem::from(delivery);
-    ctx.metrics.started.increment(1);
-    ctx.counters.started.fetch_add(1, Ordering::Relaxed);
-    ctx.metrics.in_flight.increment(1.0);
-    ctx.budget.deposit();
-    let started = Instant::now();
-
     let handler = async move {
-        if !ready {
-            ServiceExt::<WorkItem>::ready(&mut service)
-                .await
-                .map_err(Into::into)?;
+        match start {
+            Start::Called(call) => call.await.map_err(Into::into),
+            Start::NotReady(mut service, item) => {
+                ServiceExt::<WorkItem>::ready(&mut service)
+                    .await
+                    .map_err(Into::into)?;
+                service.call(item).await.map_err(Into::into)
+            }
+            Start::Failed(err) => Err(err),
+            Start::Panicked(panic) => std::panic::resume_unwind(panic),
         }
-        service.call(item).await.map_err(Into::into)
     };
     // A panic anywhere in the handler (readiness, call or its future) is
     // caught here and becomes a retry.
     let handler = AssertUnwindSafe(handler).catch_unwind();
-    let renew = keep_lease(&ctx, &receipt, &lease);
     let ended = tokio::select! {
         biased;
         result = handler => Ended::Handled(result),
         () = ctx.release.cancelled() => Ended::Released,
-        lost = renew => Ended::LeaseLost(lost),
+        lost = keep_lease(ctx, &receipt, &lease) => Ended::LeaseLost(lost),
     };
-    ctx.metrics.in_flight.decrement(1.0);
-    ctx.metrics
-        .job_seconds
-        .record(started.elapsed().as_secs_f64());
-
     let settle = match ended {
-        Ended::Handled(Ok(Ok(JobOutcome::Ack))) => Settle::Ack,
-        Ended::Handled(Ok(Ok(JobOutcome::Retry { after, reason }))) => retry(&ctx, after, reason),
-        Ended::Handled(Ok(Ok(JobOutcome::Abort { reason }))) => {
-            Settle::Nack(Nack::dead_letter(reason))
-        }
-        Ended::Handled(Ok(Err(err))) => from_error(&ctx, &err),
-        Ended::Handled(Err(panic)) => {
-            let message = panic_message(&*panic);
-            tracing::error!(panic = %message, "job handler panicked; the job will be retried");
-            ctx.metrics.panics.increment(1);
-            ctx.counters.panics.fetch_add(1, Ordering::Relaxed);
-            retry(&ctx, None, format!("handler panicked: {message}"))
-        }
+        Ended::Handled(result) => Some(settle_of(ctx, result)),
         Ended::Released => {
             // Not a failure of the job: hand it back without spending an
             // attempt, so a clean shutdown never dead-letters a job on its
             // last attempt.
             tracing::info!("shutdown grace over; releasing the job to the queue");
-            Settle::Nack(Nack::release("released at worker shutdown"))
+            Some(Settle::Nack(Nack::release("released at worker shutdown")))
         }
         Ended::LeaseLost(why) => {
             tracing::warn!(reason = %why, "lease lost while the handler ran; cancelled it (the job is redelivered)");
             ctx.metrics.lease_lost.increment(1);
             ctx.counters.lease_lost.fetch_add(1, Ordering::Relaxed);
-            return;
+            None
         }
     };
-    // The handler slot is free once the handler is done; settling does not
-    // hold it.
-    drop(permit);
-    match settle {
-        Settle::Ack => {
-            let ack = PendingAck {
-                receipt,
-                lease: lease.clone(),
-            };
-            if let Err(mpsc::error::SendError(ack)) = acks.send(ack) {
-                // The settler is gone (never while the worker runs): ack
-                // here, under the same rules.
-                settle::nack_or_ack(&ctx, &ack.receipt, &lease, None).await;
-            }
+    Finished {
+        receipt,
+        lease_until: lease.until(),
+        settle,
+        dispatched,
+    }
+}
+
+/// How to settle a job whose handler answered (or panicked).
+pub(super) fn settle_of(
+    ctx: &JobContext,
+    result: std::thread::Result<Result<JobOutcome, BoxError>>,
+) -> Settle {
+    match result {
+        Ok(Ok(JobOutcome::Ack)) => Settle::Ack,
+        Ok(Ok(JobOutcome::Retry { after, reason })) => retry(ctx, after, reason),
+        Ok(Ok(JobOutcome::Abort { reason })) => Settle::Nack(Nack::dead_letter(reason)),
+        Ok(Err(err)) => from_error(ctx, &err),
+        Err(panic) => {
+            let message = panic_message(&*panic);
+            tracing::error!(panic = %message, "job handler panicked; the job will be retried");
+            ctx.metrics.panics.increment(1);
+            ctx.counters.panics.fetch_add(1, Ordering::Relaxed);
+            retry(ctx, None, format!("handler panicked: {message}"))
         }
-        Settle::Nack(nack) => settle::nack_or_ack(&ctx, &receipt, &lease, Some(nack)).await,
     }
 }
 

@@ -7,21 +7,30 @@ mod settle;
 mod typed;
 
 use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use keel_core::RetryBudget;
-use keel_queue::{DequeueOptions, Queue};
-use tokio::sync::{Semaphore, mpsc, watch};
-use tokio::task::{AbortHandle, JoinSet};
+use keel_queue::{Delivery, DequeueOptions, Queue, Receipt};
+use tokio::sync::{mpsc, watch};
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tower::{Service, ServiceExt};
+use tower::Service;
+use tracing::Instrument;
 
 pub use self::config::WorkerConfig;
 pub use self::item::{JobOutcome, WorkItem};
-use self::job::{JobContext, Leased};
+use self::job::{JobContext, LeaseClock, Settle, Start};
+use self::settle::Acks;
 pub use self::typed::{JsonJobs, TypedItem, json_jobs};
 use crate::error::{BoxError, Result};
 use crate::metrics::WorkerMetrics;
@@ -147,13 +156,25 @@ pub struct ShutdownReport {
 ///    be ready (`poll_ready`): backpressure comes *before* `dequeue`, so a
 ///    busy worker leaves jobs in the queue for other workers;
 /// 2. `dequeue` with a long poll and a lease;
-/// 3. run each job in its own task: the handler, with the lease extended
-///    every third of its length while it runs (a job longer than its lease
-///    is never handed to a second worker), and a caught panic;
-/// 4. settle: [`JobOutcome::Ack`] acks, [`JobOutcome::Retry`] and handler
-///    errors nack for a retry with backoff (bounded by the queue's
-///    `max_attempts` and the worker's retry budget), [`JobOutcome::Abort`]
-///    dead-letters.
+/// 3. run each job: the handler, with the lease extended every third of
+///    its length while it runs (a job longer than its lease is never
+///    handed to a second worker), and a caught panic;
+/// 4. settle: [`JobOutcome::Ack`] acks (acks are gathered per batch and
+///    sent together, one `ack_batch` per round trip),
+///    [`JobOutcome::Retry`] and handler errors nack for a retry with
+///    backoff (bounded by the queue's `max_attempts` and the worker's
+///    retry budget), [`JobOutcome::Abort`] dead-letters.
+///
+/// # Where handlers run
+///
+/// Handlers run on the worker's own task, not on a task each: the worker
+/// calls the service for every job of a batch and polls each handler
+/// future beside its loop (a handler that answers at once costs no
+/// allocation, timer or clock reading of its own). Handlers wait
+/// concurrently, up to `concurrency` of them, but they share one task, so a
+/// handler that does heavy CPU work or blocks should move it off the
+/// runtime (`tokio::task::spawn_blocking`) or spawn it, or run several
+/// workers; a handler that awaits I/O (the usual case) needs nothing.
 ///
 /// # Failures
 ///
@@ -224,9 +245,9 @@ where
 {
     /// A worker consuming `queue` with `service`.
     ///
-    /// The service is cloned per job (the ready instance is used for the
-    /// job it was readied for); wrap a service that is not `Clone` in
-    /// `tower::buffer`.
+    /// The service is called for each job while it says it is ready, and
+    /// cloned only for a job that finds it not ready (that clone waits for
+    /// readiness); wrap a service that is not `Clone` in `tower::buffer`.
     ///
     /// # Errors
     ///
@@ -429,64 +450,207 @@ struct Pulled {
     failures: u32,
 }
 
+/// Settlements other than coalesced acks (nacks, and acks made one by one
+/// when the settler is gone), polled by the worker's own task.
+type Settling<'a> = FuturesUnordered<BoxFuture<'a, ()>>;
+
+/// A `dequeue` in flight.
+type Fetching<'a> = BoxFuture<'a, std::result::Result<Vec<Delivery>, keel_queue::QueueError>>;
+
+/// What woke the pulling loop.
+enum Event {
+    Stop,
+    Finished(job::Finished),
+    Settled,
+    Dequeued(std::result::Result<Vec<Delivery>, keel_queue::QueueError>),
+    Resume,
+    Ready(std::result::Result<(), BoxError>),
+    Flush,
+}
+
+/// What woke the drain.
+enum Drain {
+    Finished(job::Finished),
+    Settled,
+    GraceOver,
+    Bound,
+    Flush,
+}
+
+/// Hands the acks gathered so far to the settler (one send per batch);
+/// if it is gone (never while the worker runs), acks them one by one.
+fn flush<'a>(
+    ctx: &'a JobContext,
+    acks: &mut Acks,
+    settler: &mpsc::UnboundedSender<Acks>,
+    settling: &mut Settling<'a>,
+) {
+    if acks.is_empty() {
+        return;
+    }
+    let next = Acks::with_capacity(ctx.config.ack_batch.min(1_024));
+    if let Err(mpsc::error::SendError(acks)) = settler.send(std::mem::replace(acks, next)) {
+        for (receipt, until) in acks.receipts.into_iter().zip(acks.untils) {
+            settling.push(settle::nack_or_ack(ctx, receipt, until, None).boxed());
+        }
+    }
+}
+
+/// Books a job whose handler is done: its ack joins the next batch, a
+/// nack is settled beside the loop, a lost lease needs nothing.
+fn book<'a>(
+    ctx: &'a JobContext,
+    receipt: Receipt,
+    lease_until: Instant,
+    settle: Option<Settle>,
+    acks: &mut Acks,
+    settler: &mpsc::UnboundedSender<Acks>,
+    settling: &mut Settling<'a>,
+) {
+    match settle {
+        Some(Settle::Ack) => {
+            acks.push(receipt, lease_until);
+            if acks.len() >= ctx.config.ack_batch {
+                flush(ctx, acks, settler, settling);
+            }
+        }
+        Some(Settle::Nack(nack)) => {
+            settling.push(settle::nack_or_ack(ctx, receipt, lease_until, Some(nack)).boxed());
+        }
+        None => {}
+    }
+}
+
+/// Books a job that finished beside the loop.
+fn finish<'a>(
+    ctx: &'a JobContext,
+    done: job::Finished,
+    acks: &mut Acks,
+    settler: &mpsc::UnboundedSender<Acks>,
+    settling: &mut Settling<'a>,
+) {
+    ctx.metrics.in_flight.decrement(1.0);
+    ctx.metrics
+        .job_seconds
+        .record(done.dispatched.elapsed().as_secs_f64());
+    book(
+        ctx,
+        done.receipt,
+        done.lease_until,
+        done.settle,
+        acks,
+        settler,
+        settling,
+    );
+}
+
+/// Calls the service (which said it is ready) with one item; a panic in
+/// `call` becomes the job's panic.
+fn call<S>(service: &mut S, item: WorkItem) -> Start<S>
+where
+    S: Service<WorkItem>,
+{
+    match std::panic::catch_unwind(AssertUnwindSafe(|| Box::pin(service.call(item)))) {
+        Ok(call) => Start::Called(call),
+        Err(panic) => Start::Panicked(panic),
+    }
+}
+
+/// Starts the handler of a job past the first of its batch: called at
+/// once when the service is still ready (one poll), else a clone waits
+/// for readiness beside the loop.
+fn start_next<S>(cx: &mut Context<'_>, service: &mut S, item: WorkItem) -> Start<S>
+where
+    S: Service<WorkItem> + Clone,
+    S::Error: Into<BoxError>,
+{
+    match std::panic::catch_unwind(AssertUnwindSafe(|| service.poll_ready(cx))) {
+        Ok(Poll::Ready(Ok(()))) => call(service, item),
+        Ok(Poll::Ready(Err(err))) => Start::Failed(err.into()),
+        Ok(Poll::Pending) => Start::NotReady(service.clone(), item),
+        Err(panic) => Start::Panicked(panic),
+    }
+}
+
 /// The main loop, then the drain of in-flight jobs.
+///
+/// Every job runs on this task, in a `FuturesUnordered` beside the
+/// `dequeue` in flight: no task, service clone, allocation or timer per
+/// job when the service stays ready and the handler answers without
+/// waiting. Acks go to the settler in batches.
 async fn pull<S>(
     ctx: &Arc<JobContext>,
     mut service: S,
     stop: &CancellationToken,
     health: &watch::Sender<WorkerHealth>,
-    acks: mpsc::UnboundedSender<settle::PendingAck>,
+    settler: mpsc::UnboundedSender<Acks>,
 ) -> Pulled
 where
     S: Service<WorkItem, Response = JobOutcome> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
 {
+    let ctx: &JobContext = ctx;
     let config = &ctx.config;
-    let slots = Arc::new(Semaphore::new(config.concurrency));
-    let mut jobs = JoinSet::new();
+    let mut running = FuturesUnordered::new();
+    let mut settling: Settling<'_> = FuturesUnordered::new();
+    let mut acks = Acks::default();
+    // The `dequeue` in flight: when it was asked, and for how many jobs.
+    let mut fetch: Option<(Instant, usize, Fetching<'_>)> = None;
+    // The pause after a failed `dequeue`.
+    let mut pause: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    let cancelled = stop.cancelled();
+    tokio::pin!(cancelled);
     let mut failures = 0u32;
     let mut failed = false;
     tracing::info!(worker = %config.name, concurrency = config.concurrency, "worker started");
     loop {
-        while jobs.try_join_next().is_some() {}
-        // 1. A free handler slot.
-        let first = tokio::select! {
+        let free = config.concurrency.saturating_sub(running.len());
+        // In order: stop; jobs finishing (they free slots); settlements;
+        // the `dequeue` in flight; readiness for the next one (a free
+        // slot first, then the service: backpressure comes *before*
+        // `dequeue`); and, only when nothing else is ready, the acks
+        // gathered so far.
+        let event = tokio::select! {
             biased;
-            () = stop.cancelled() => break,
-            permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-        };
-        // 2. The service ready to take a job.
-        let ready = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            ready = ServiceExt::<WorkItem>::ready(&mut service) => ready.map(|_| ()).map_err(Into::<BoxError>::into),
-        };
-        if let Err(err) = ready {
-            tracing::error!(worker = %config.name, error = %err, "the handler service failed; the worker stops pulling");
-            publish(health, WorkerState::Failed, failures, Some(err.to_string()));
-            failed = true;
-            break;
-        }
-        let mut permits = vec![first];
-        while permits.len() < config.dequeue_batch {
-            match slots.clone().try_acquire_owned() {
-                Ok(permit) => permits.push(permit),
-                Err(_) => break,
+            () = &mut cancelled => Event::Stop,
+            Some(done) = running.next(), if !running.is_empty() => Event::Finished(done),
+            Some(()) = settling.next(), if !settling.is_empty() => Event::Settled,
+            got = async { fetch.as_mut().expect("guarded").2.as_mut().await }, if fetch.is_some() => Event::Dequeued(got),
+            () = async { pause.as_mut().expect("guarded").as_mut().await }, if pause.is_some() => Event::Resume,
+            ready = std::future::poll_fn(|cx| service.poll_ready(cx)), if fetch.is_none() && pause.is_none() && free > 0 => {
+                Event::Ready(ready.map_err(Into::into))
             }
-        }
-        // 3. Jobs.
-        let options = DequeueOptions::new(permits.len())
-            .wait(config.poll_wait)
-            .lease(config.lease);
-        let asked = Instant::now();
-        let dequeued = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            dequeued = ctx.queue.dequeue(options) => dequeued,
+            () = std::future::ready(()), if !acks.is_empty() => Event::Flush,
         };
-        match dequeued {
-            Ok(deliveries) => {
+        match event {
+            Event::Stop => break,
+            Event::Finished(done) => {
+                finish(ctx, done, &mut acks, &settler, &mut settling);
+                // The jobs that finished meanwhile, without another turn
+                // of the loop each.
+                while let Some(Some(done)) = running.next().now_or_never() {
+                    finish(ctx, done, &mut acks, &settler, &mut settling);
+                }
+            }
+            Event::Settled => {}
+            Event::Resume => pause = None,
+            Event::Flush => flush(ctx, &mut acks, &settler, &mut settling),
+            Event::Ready(Err(err)) => {
+                tracing::error!(worker = %config.name, error = %err, "the handler service failed; the worker stops pulling");
+                publish(health, WorkerState::Failed, failures, Some(err.to_string()));
+                failed = true;
+                break;
+            }
+            Event::Ready(Ok(())) => {
+                let max = free.min(config.dequeue_batch);
+                let options = DequeueOptions::new(max)
+                    .wait(config.poll_wait)
+                    .lease(config.lease);
+                fetch = Some((Instant::now(), max, ctx.queue.dequeue(options)));
+            }
+            Event::Dequeued(Ok(deliveries)) => {
+                let (asked, max, _) = fetch.take().expect("a dequeue was in flight");
                 if failures > 0 {
                     tracing::info!(worker = %config.name, after = failures, "broker reachable again; resuming");
                     ctx.metrics.reconnects.increment(1);
@@ -495,30 +659,99 @@ where
                     failures = 0;
                     publish(health, WorkerState::Running, 0, None);
                 }
-                for (i, delivery) in deliveries.into_iter().enumerate() {
-                    let Some(permit) = permits.pop() else {
-                        // A backend answered more than asked: leave the
-                        // extra job to its lease rather than overrun.
-                        tracing::warn!(worker = %config.name, "dequeue answered more jobs than asked");
-                        break;
-                    };
-                    // The instance that was made ready serves the first
-                    // job; the others wait for readiness in their task.
-                    let (svc, ready) = if i == 0 {
-                        let fresh = service.clone();
-                        (std::mem::replace(&mut service, fresh), true)
-                    } else {
-                        (service.clone(), false)
-                    };
-                    let leased = Leased {
-                        delivery,
-                        lease_until: asked + config.lease,
-                        acks: acks.clone(),
-                    };
-                    jobs.spawn(job::run(ctx.clone(), svc, ready, leased, permit));
+                if deliveries.len() > max {
+                    // Leave the extra jobs to their leases rather than
+                    // overrun.
+                    tracing::warn!(worker = %config.name, "dequeue answered more jobs than asked");
+                }
+                let taken = deliveries.len().min(max);
+                if taken == 0 {
+                    continue;
+                }
+                ctx.metrics.started.increment(taken as u64);
+                ctx.counters
+                    .started
+                    .fetch_add(taken as u64, Ordering::Relaxed);
+                ctx.budget.deposit_many(taken as u64);
+                let dispatched = Instant::now();
+                let lease_until = asked + config.lease;
+                let mut deliveries = deliveries.into_iter().take(taken);
+                // Each handler is called and polled once here, with this
+                // task's context: one that answers at once is booked
+                // without a future of its own; one that waits joins
+                // `running`.
+                // Moved in as `&mut` (`FuturesUnordered::push` takes
+                // `&self`, and a shared borrow held across the `await`
+                // would ask the jobs to be `Sync`).
+                let (service, running, acks, settling, settler) = (
+                    &mut service,
+                    &mut running,
+                    &mut acks,
+                    &mut settling,
+                    &settler,
+                );
+                let answered = std::future::poll_fn(move |cx| {
+                    let mut answered = 0u32;
+                    for (i, delivery) in deliveries.by_ref().enumerate() {
+                        let (item, receipt) = WorkItem::split(delivery);
+                        let span = tracing::info_span!("job", worker = %config.name, id = %item.id, attempt = item.attempt);
+                        let entered = span.enter();
+                        // The instance that was made ready serves the
+                        // first job; the others are called while it stays
+                        // ready.
+                        let start = if i == 0 {
+                            call(service, item)
+                        } else {
+                            start_next(cx, service, item)
+                        };
+                        let start = match start {
+                            Start::Called(mut call) => {
+                                match std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                    call.as_mut().poll(cx)
+                                })) {
+                                    Ok(Poll::Pending) => Start::Called(call),
+                                    Ok(Poll::Ready(result)) => {
+                                        let settle = job::settle_of(ctx, Ok(result.map_err(Into::into)));
+                                        answered += 1;
+                                        book(ctx, receipt, lease_until, Some(settle), acks, settler, settling);
+                                        continue;
+                                    }
+                                    Err(panic) => {
+                                        let settle = job::settle_of(ctx, Err(panic));
+                                        answered += 1;
+                                        book(ctx, receipt, lease_until, Some(settle), acks, settler, settling);
+                                        continue;
+                                    }
+                                }
+                            }
+                            other => other,
+                        };
+                        drop(entered);
+                        ctx.metrics.in_flight.increment(1.0);
+                        let lease = LeaseClock::new(asked, lease_until);
+                        running.push(
+                            job::run(ctx, start, receipt, lease, dispatched).instrument(span),
+                        );
+                    }
+                    Poll::Ready(answered)
+                })
+                .await;
+                if answered > 0 {
+                    // Jobs answered at once are timed together: each
+                    // records its share of the pass.
+                    let each = dispatched.elapsed().as_secs_f64() / f64::from(taken as u32);
+                    for _ in 0..answered {
+                        ctx.metrics.job_seconds.record(each);
+                    }
+                    // Let the settler (woken on this thread) send the acks
+                    // now, while their receipts are fresh, instead of after
+                    // the next batches: a backend that answers `dequeue`
+                    // at once would otherwise never give way to it.
+                    tokio::task::yield_now().await;
                 }
             }
-            Err(err) => {
+            Event::Dequeued(Err(err)) => {
+                fetch = None;
                 failures = failures.saturating_add(1);
                 ctx.metrics.broker_errors.increment(1);
                 ctx.counters.broker_errors.fetch_add(1, Ordering::Relaxed);
@@ -531,50 +764,56 @@ where
                     failures,
                     Some(err.to_string()),
                 );
-                drop(permits);
-                tokio::select! {
-                    biased;
-                    () = stop.cancelled() => break,
-                    () = tokio::time::sleep(delay) => {}
-                }
+                pause = Some(Box::pin(tokio::time::sleep(delay)));
             }
         }
     }
+    // A `dequeue` in flight is cancelled: what it had not answered stays
+    // in the queue.
+    drop(fetch);
 
-    // Drain: no more pulling; in-flight jobs get the grace period.
-    while jobs.try_join_next().is_some() {}
+    // Drain: no more pulling; in-flight jobs get the grace period, then
+    // are released; their settlements get a bound of their own.
     if !failed {
         publish(health, WorkerState::Draining, failures, None);
     }
-    tracing::info!(worker = %config.name, in_flight = jobs.len(), "worker draining");
-    let grace_over = Instant::now() + config.shutdown_grace;
+    tracing::info!(worker = %config.name, in_flight = running.len(), "worker draining");
+    let grace = tokio::time::sleep(config.shutdown_grace);
+    tokio::pin!(grace);
+    let mut bound: Option<Pin<Box<tokio::time::Sleep>>> = None;
     let mut finished = 0u64;
     let released_before = ctx.counters.released.load(Ordering::Relaxed);
-    loop {
-        tokio::select! {
+    while !(running.is_empty() && settling.is_empty() && acks.is_empty()) {
+        let event = tokio::select! {
             biased;
-            done = jobs.join_next() => match done {
-                Some(_) => finished += 1,
-                None => break,
-            },
-            () = tokio::time::sleep_until(grace_over) => {
+            Some(done) = running.next(), if !running.is_empty() => Drain::Finished(done),
+            Some(()) = settling.next(), if !settling.is_empty() => Drain::Settled,
+            () = &mut grace, if bound.is_none() => Drain::GraceOver,
+            () = async { bound.as_mut().expect("guarded").as_mut().await }, if bound.is_some() => Drain::Bound,
+            () = std::future::ready(()), if !acks.is_empty() => Drain::Flush,
+        };
+        match event {
+            Drain::Finished(done) => {
+                if bound.is_none() {
+                    finished += 1;
+                }
+                finish(ctx, done, &mut acks, &settler, &mut settling);
+            }
+            Drain::Settled => {}
+            Drain::Flush => flush(ctx, &mut acks, &settler, &mut settling),
+            Drain::GraceOver => {
                 ctx.release.cancel();
+                // Released jobs only need their nack; bound that too.
+                bound = Some(Box::pin(tokio::time::sleep(Duration::from_secs(10))));
+            }
+            Drain::Bound => {
+                tracing::warn!(worker = %config.name, left = running.len() + settling.len(), "releases did not finish in time; their leases will expire");
                 break;
             }
         }
     }
-    // Released jobs only need their nack; bound that too.
-    let settle_bound = Instant::now() + Duration::from_secs(10);
-    while !jobs.is_empty() {
-        tokio::select! {
-            done = jobs.join_next() => if done.is_none() { break },
-            () = tokio::time::sleep_until(settle_bound) => {
-                tracing::warn!(worker = %config.name, left = jobs.len(), "releases did not finish in time; their leases will expire");
-                jobs.abort_all();
-                break;
-            }
-        }
-    }
+    drop(running);
+    drop(settling);
     let released = ctx.counters.released.load(Ordering::Relaxed) - released_before;
     ctx.metrics.connected.set(0.0);
     Pulled {

@@ -2,8 +2,9 @@
 //! every settlement retried with backoff for as long as the job's lease
 //! lasts.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use keel_queue::{Nack, Queue, Receipt};
@@ -16,53 +17,84 @@ use super::job::JobContext;
 /// an answer that arrives after it would be refused anyway.
 const LEASE_MARGIN: Duration = Duration::from_millis(20);
 
-/// When a job's lease ends, as last renewed; shared by the task that
-/// renews it and the one that settles it.
-#[derive(Debug)]
-pub(super) struct LeaseClock {
-    base: Instant,
-    /// Nanoseconds after `base`.
-    until: AtomicU64,
+/// Whether a settlement sent at `now` can still be taken by a lease that
+/// ends at `until`.
+fn live(until: Instant, now: Instant) -> bool {
+    now + LEASE_MARGIN < until
 }
 
-impl LeaseClock {
-    pub(super) fn new(until: Instant) -> Self {
-        let base = Instant::now();
-        let clock = LeaseClock {
-            base,
-            until: AtomicU64::new(0),
-        };
-        clock.set(until);
-        clock
+/// Acks waiting for their round trip, as the worker's loop hands them
+/// over (one send per batch, not per job): each receipt with when its
+/// lease ends.
+#[derive(Debug, Default)]
+pub(super) struct Acks {
+    pub(super) receipts: Vec<Receipt>,
+    pub(super) untils: Vec<Instant>,
+}
+
+impl Acks {
+    /// Room for `n` acks.
+    pub(super) fn with_capacity(n: usize) -> Self {
+        Acks {
+            receipts: Vec::with_capacity(n),
+            untils: Vec::with_capacity(n),
+        }
     }
 
-    pub(super) fn set(&self, until: Instant) {
-        let nanos = until.saturating_duration_since(self.base).as_nanos();
-        self.until
-            .store(nanos.min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+    pub(super) fn push(&mut self, receipt: Receipt, until: Instant) {
+        self.receipts.push(receipt);
+        self.untils.push(until);
     }
 
-    pub(super) fn until(&self) -> Instant {
-        self.base + Duration::from_nanos(self.until.load(Ordering::Relaxed))
+    pub(super) fn len(&self) -> usize {
+        self.receipts.len()
     }
 
-    /// Whether a settlement sent now can still be taken.
-    fn live(&self) -> bool {
-        Instant::now() + LEASE_MARGIN < self.until()
+    pub(super) fn is_empty(&self) -> bool {
+        self.receipts.is_empty()
     }
 }
 
-/// One ack waiting for its round trip.
-pub(super) struct PendingAck {
-    pub(super) receipt: Receipt,
-    pub(super) lease: Arc<LeaseClock>,
+/// Acks taken from the channel, oldest first (a ring, so taking a batch
+/// off the front moves nothing).
+#[derive(Debug, Default)]
+struct Pending {
+    receipts: VecDeque<Receipt>,
+    untils: VecDeque<Instant>,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.receipts.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.receipts.is_empty()
+    }
+
+    fn append(&mut self, acks: Acks) {
+        self.receipts.extend(acks.receipts);
+        self.untils.extend(acks.untils);
+    }
+
+    /// The oldest receipts, at most `max`, as one slice (fewer where the
+    /// ring wraps around).
+    fn front(&self, max: usize) -> &[Receipt] {
+        let (front, _) = self.receipts.as_slices();
+        &front[..front.len().min(max)]
+    }
+
+    fn drain_front(&mut self, n: usize) {
+        self.receipts.drain(..n);
+        self.untils.drain(..n);
+    }
 }
 
 /// Extends the lease when less than a third of it is left, so a long
 /// outage of settlements does not run it out while the backend answers
 /// extensions. Errors are left to the caller's next look.
-async fn renew_if_short(ctx: &JobContext, receipt: &Receipt, lease: &LeaseClock) {
-    let left = lease.until().saturating_duration_since(Instant::now());
+async fn renew_if_short(ctx: &JobContext, receipt: &Receipt, until: &mut Instant) {
+    let left = until.saturating_duration_since(Instant::now());
     if left >= ctx.config.lease / 3 {
         return;
     }
@@ -73,7 +105,7 @@ async fn renew_if_short(ctx: &JobContext, receipt: &Receipt, lease: &LeaseClock)
         .await
         .is_ok()
     {
-        lease.set(asked + ctx.config.lease);
+        *until = asked + ctx.config.lease;
         ctx.metrics.renewals.increment(1);
     }
 }
@@ -85,9 +117,9 @@ async fn renew_if_short(ctx: &JobContext, receipt: &Receipt, lease: &LeaseClock)
 /// meanwhile, for as long as each job's lease lasts (renewing leases that
 /// run short); an ack whose lease ran out is dropped, and its job comes
 /// back. Ends when every sender is gone and nothing is left.
-pub(super) async fn settler(ctx: Arc<JobContext>, mut rx: mpsc::UnboundedReceiver<PendingAck>) {
+pub(super) async fn settler(ctx: Arc<JobContext>, mut rx: mpsc::UnboundedReceiver<Acks>) {
     let max = ctx.config.ack_batch;
-    let mut pending: Vec<PendingAck> = Vec::with_capacity(max);
+    let mut pending = Pending::default();
     let mut failures = 0u32;
     let mut open = true;
     loop {
@@ -96,22 +128,25 @@ pub(super) async fn settler(ctx: Arc<JobContext>, mut rx: mpsc::UnboundedReceive
                 return;
             }
             match rx.recv().await {
-                Some(ack) => pending.push(ack),
+                Some(acks) => pending.append(acks),
                 None => return,
             }
         }
         while open && pending.len() < max {
             match rx.try_recv() {
-                Ok(ack) => pending.push(ack),
+                Ok(acks) => pending.append(acks),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => open = false,
             }
         }
         // Leases that ran out cannot be acked: those jobs come back.
-        let before = pending.len();
-        pending.retain(|ack| ack.lease.live());
-        let expired = (before - pending.len()) as u64;
-        if expired > 0 {
+        let now = Instant::now();
+        if pending.untils.iter().any(|&until| !live(until, now)) {
+            let before = pending.len();
+            let mut keep = pending.untils.iter().map(|&until| live(until, now));
+            pending.receipts.retain(|_| keep.next().unwrap_or(false));
+            pending.untils.retain(|&until| live(until, now));
+            let expired = (before - pending.len()) as u64;
             tracing::warn!(
                 count = expired,
                 "leases ran out before their acks got through; those jobs come back"
@@ -121,16 +156,13 @@ pub(super) async fn settler(ctx: Arc<JobContext>, mut rx: mpsc::UnboundedReceive
         if pending.is_empty() {
             continue;
         }
-        let take = pending.len().min(max);
-        let receipts: Vec<Receipt> = pending[..take]
-            .iter()
-            .map(|ack| ack.receipt.clone())
-            .collect();
-        match ctx.queue.ack_batch(&receipts).await {
+        let front = pending.front(max);
+        let take = front.len();
+        match ctx.queue.ack_batch(front).await {
             Ok(()) => {
                 failures = 0;
                 count_acked(&ctx, take as u64);
-                pending.drain(..take);
+                pending.drain_front(take);
             }
             Err(keel_queue::QueueError::InvalidReceipt(why)) => {
                 failures = 0;
@@ -138,22 +170,22 @@ pub(super) async fn settler(ctx: Arc<JobContext>, mut rx: mpsc::UnboundedReceive
                 tracing::warn!(reason = %why, invalid, "leases gone before their jobs were acked; they will be redelivered");
                 count_acked(&ctx, (take - invalid) as u64);
                 count_settle_errors(&ctx, invalid as u64);
-                pending.drain(..take);
+                pending.drain_front(take);
             }
             Err(err) if err.is_retryable() => {
                 failures = failures.saturating_add(1);
                 let delay = ctx.settle_backoff.delay(failures);
                 tracing::debug!(error = %err, failures, retry_in = ?delay, "acking failed; trying again while the leases last");
                 tokio::time::sleep(delay).await;
-                for ack in &pending {
-                    renew_if_short(&ctx, &ack.receipt, &ack.lease).await;
+                for (receipt, until) in pending.receipts.iter().zip(pending.untils.iter_mut()) {
+                    renew_if_short(&ctx, receipt, until).await;
                 }
             }
             Err(err) => {
                 failures = 0;
                 tracing::warn!(error = %err, count = take, "acking failed for good; the jobs come back after their leases");
                 count_settle_errors(&ctx, take as u64);
-                pending.drain(..take);
+                pending.drain_front(take);
             }
         }
     }
@@ -182,16 +214,16 @@ fn count_settle_errors(ctx: &JobContext, n: u64) {
 /// short).
 pub(super) async fn nack_or_ack(
     ctx: &JobContext,
-    receipt: &Receipt,
-    lease: &LeaseClock,
+    receipt: Receipt,
+    mut until: Instant,
     nack: Option<Nack>,
 ) {
     let queue: &dyn Queue = &*ctx.queue;
     let mut failures = 0u32;
     loop {
         let result = match &nack {
-            Some(nack) => queue.nack(receipt, nack.clone()).await,
-            None => queue.ack(receipt).await,
+            Some(nack) => queue.nack(&receipt, nack.clone()).await,
+            None => queue.ack(&receipt).await,
         };
         match result {
             Ok(()) => {
@@ -213,14 +245,12 @@ pub(super) async fn nack_or_ack(
             Err(err) if err.is_retryable() => {
                 failures = failures.saturating_add(1);
                 // Never sleep past the lease: the last try lands inside it.
-                let left = lease
-                    .until()
-                    .saturating_duration_since(Instant::now() + LEASE_MARGIN);
+                let left = until.saturating_duration_since(Instant::now() + LEASE_MARGIN);
                 let delay = ctx.settle_backoff.delay(failures).min(left / 2);
                 if !delay.is_zero() {
                     tracing::debug!(error = %err, failures, retry_in = ?delay, "settling failed; trying again while the lease lasts");
                     tokio::time::sleep(delay).await;
-                    renew_if_short(ctx, receipt, lease).await;
+                    renew_if_short(ctx, &receipt, &mut until).await;
                     continue;
                 }
                 tracing::warn!(error = %err, "settling failed until the lease ran out; the job comes back");
@@ -249,12 +279,23 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_lease_clock_tells_whether_a_settlement_can_land() {
-        let clock = LeaseClock::new(Instant::now() + Duration::from_secs(1));
-        assert!(clock.live());
+    async fn a_lease_end_tells_whether_a_settlement_can_land() {
+        let until = Instant::now() + Duration::from_secs(1);
+        assert!(live(until, Instant::now()));
         tokio::time::advance(Duration::from_millis(990)).await;
-        assert!(!clock.live(), "inside the margin");
-        clock.set(Instant::now() + Duration::from_secs(5));
-        assert!(clock.live());
+        assert!(!live(until, Instant::now()), "inside the margin");
+        assert!(live(
+            Instant::now() + Duration::from_secs(5),
+            Instant::now()
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_clock_keeps_its_renewals() {
+        let base = Instant::now();
+        let clock = super::super::job::LeaseClock::new(base, base + Duration::from_secs(1));
+        assert_eq!(clock.until(), base + Duration::from_secs(1));
+        clock.set(base + Duration::from_secs(7));
+        assert_eq!(clock.until(), base + Duration::from_secs(7));
     }
 }

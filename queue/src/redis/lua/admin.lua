@@ -4,6 +4,10 @@
 --   'replay', id...               -> replayed count
 --   'purge'                       -> purged count
 --   'purge-waiting', levels, limit -> waiting jobs removed (at most limit)
+--   'delete-step', cursor, pattern, count -> {next cursor, keys removed}: one
+--       SCAN step over the node's keys matching the queue's prefix, unlinking
+--       them (run as a script so that, on a Redis Cluster, it runs on the
+--       node holding the queue's slot)
 local action = ARGV[2]
 local now = now_ms()
 if action == 'stats' then
@@ -80,6 +84,13 @@ elseif action == 'purge-waiting' then
     removed = removed + #slots
   end
   return removed
+elseif action == 'delete-step' then
+  local found = redis.call('SCAN', ARGV[3], 'MATCH', ARGV[4], 'COUNT', tonumber(ARGV[5]))
+  local keys = found[2]
+  for i = 1, #keys, 500 do
+    redis.call('UNLINK', unpack(keys, i, math.min(i + 499, #keys)))
+  end
+  return {found[1], #keys}
 elseif action == 'purge' then
   local n = redis.call('XLEN', K_DEAD)
   redis.call('UNLINK', K_DEAD, K_DEAD_INDEX)

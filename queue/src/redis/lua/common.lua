@@ -7,6 +7,10 @@
 -- delivered with a lease of L ms is pending under the consumer named `L`,
 -- and its lease has expired once its idle time reaches L.
 local prefix = ARGV[1]
+if KEYS[1] ~= prefix .. ':delayed' then
+  return redis.error_reply('ERR keel-queue script called with key ' .. tostring(KEYS[1]) ..
+    ' for prefix ' .. tostring(prefix) .. ' (the declared key must be <prefix>:delayed)')
+end
 local GROUP = 'keel'
 local K_DELAYED = prefix .. ':delayed'
 local K_DEAD = prefix .. ':dead'
