@@ -71,11 +71,14 @@
 //! The shared servers can be started with [`START_REDIS`] and
 //! [`START_RABBITMQ`]; the repository's `.ci/run` starts both.
 
+#[cfg(any(feature = "redis", feature = "amqp"))]
+mod command;
 mod config;
 mod namespace;
 mod proxy;
 #[cfg(feature = "amqp")]
 mod rabbit_cluster;
+#[cfg(feature = "redis")]
 mod redis_cluster;
 #[cfg(feature = "redis")]
 mod redis_reply;
@@ -93,6 +96,7 @@ pub use namespace::redis_cleanup;
 pub use proxy::{Direction, FaultProxy, Latency};
 #[cfg(feature = "amqp")]
 pub use rabbit_cluster::RabbitCluster;
+#[cfg(feature = "redis")]
 pub use redis_cluster::{RedisCluster, assert_replicated, set_marked};
 #[cfg(feature = "redis")]
 pub use redis_reply::redis_error_reply;

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::command::succeed_within;
+
 /// Nodes in the cluster.
 const NODES: usize = 3;
 
@@ -578,29 +580,7 @@ impl RabbitCluster {
             .stdin(Stdio::null())
             .kill_on_drop(true);
         let shown = format!("rabbitmqctl -n {node} {}", args.join(" "));
-        let output = match tokio::time::timeout(CTL_TIMEOUT, command.output()).await {
-            Ok(Ok(output)) => output,
-            Ok(Err(error)) => {
-                return Err(io::Error::new(
-                    error.kind(),
-                    format!("cannot run `{shown}`: {error}"),
-                ));
-            }
-            Err(_elapsed) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("`{shown}` did not finish within {CTL_TIMEOUT:?}"),
-                ));
-            }
-        };
-        if !output.status.success() {
-            return Err(io::Error::other(format!(
-                "`{shown}` failed ({}):\n{}{}",
-                output.status,
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            )));
-        }
+        let output = succeed_within(&mut command, &shown, CTL_TIMEOUT, None).await?;
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 }

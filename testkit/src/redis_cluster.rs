@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use keel_core::redis::{SLOTS, key_slot};
 
+use crate::command::succeed_within;
 use crate::redis_server::{INSTALL_HINT, RedisServer, free_port};
 
 /// Masters in the cluster; each has one replica.
@@ -160,38 +161,15 @@ impl RedisCluster {
             .args(["--cluster-replicas", "1", "--cluster-yes"])
             .stdin(Stdio::null())
             .kill_on_drop(true);
-        let output = match tokio::time::timeout(CREATE_TIMEOUT, command.output()).await {
-            Ok(Ok(output)) => output,
-            Ok(Err(error)) if error.kind() == io::ErrorKind::NotFound => {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!(
-                        "`redis-cli` is not on PATH ({error}); install it with `{INSTALL_HINT}` \
-                         (it comes with redis-server, in the redis-tools package)"
-                    ),
-                ));
-            }
-            Ok(Err(error)) => {
-                return Err(io::Error::new(
-                    error.kind(),
-                    format!("cannot run redis-cli --cluster create: {error}"),
-                ));
-            }
-            Err(_elapsed) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("redis-cli --cluster create did not finish within {CREATE_TIMEOUT:?}"),
-                ));
-            }
-        };
-        if !output.status.success() {
-            return Err(io::Error::other(format!(
-                "redis-cli --cluster create failed ({}):\n{}{}",
-                output.status,
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            )));
-        }
+        succeed_within(
+            &mut command,
+            "redis-cli --cluster create",
+            CREATE_TIMEOUT,
+            Some(&format!(
+                "install it with `{INSTALL_HINT}` (it comes with redis-server, in the redis-tools package)"
+            )),
+        )
+        .await?;
         Ok(())
     }
 
