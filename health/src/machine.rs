@@ -316,7 +316,9 @@ impl Machine {
     /// One active check of `id` ended.
     pub(crate) fn probe(&mut self, id: &str, check: Check, now: Time) -> Vec<Effect> {
         let active = self.config.active.clone();
-        let uneject = self.config.outlier.uneject_on_probe;
+        // Only a registry that runs active checks probes an ejected
+        // endpoint; without them an ejection ends on its timer alone.
+        let uneject = self.probing && self.config.outlier.uneject_on_probe;
         let next_healthy = self.jittered(active.interval);
         let next_unhealthy = self.jittered(active.unhealthy_interval);
         let Some(node) = self.nodes.get_mut(id) else {
@@ -783,11 +785,18 @@ mod tests {
                         let was = &before[id];
                         prop_assert_eq!(was.state, *from);
                         // Back from an ejection only after its time (or
-                        // kept in rotation when a removal shrank the share).
+                        // kept in rotation when a removal shrank the share,
+                        // or, with active checks and `uneject_on_probe`,
+                        // after `healthy_threshold` passing checks).
                         if *from == HealthState::Ejected && *to != HealthState::Ejected {
                             let until = was.eject_until.unwrap();
+                            let unejected = probing
+                                && config.outlier.uneject_on_probe
+                                && *reason == Reason::ProbePassed
+                                && passes[id] >= config.active.healthy_threshold;
                             prop_assert!(
                                 now >= until
+                                    || unejected
                                     || (removal && matches!(reason, Reason::PanicRetained(_))),
                                 "{} left its ejection at {:?}, before {:?}",
                                 id,
