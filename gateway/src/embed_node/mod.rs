@@ -68,6 +68,8 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tower::ServiceBuilder;
 
+use crate::node_server::NodeServer;
+
 pub use config::EmbedNodeConfig;
 pub use error::{EmbedError, FETCH_SCRIPT};
 pub use model::{DEFAULT_MODEL_DIR, Embedder, Embedding, MODEL_DIR_ENV, default_model_dir};
@@ -137,8 +139,7 @@ struct State {
 pub struct EmbedNode {
     state: Arc<State>,
     embedder: Arc<Embedder>,
-    addr: SocketAddr,
-    server: tokio::task::JoinHandle<()>,
+    server: NodeServer,
 }
 
 impl EmbedNode {
@@ -181,7 +182,6 @@ impl EmbedNode {
         listener: tokio::net::TcpListener,
     ) -> Result<EmbedNode, EmbedError> {
         config.validate()?;
-        let addr = listener.local_addr().map_err(EmbedError::Listen)?;
         crate::metrics::install();
         let counters = Arc::new(Counters::default());
         let batcher = batcher(&config, embedder.clone(), counters.clone())?;
@@ -196,23 +196,23 @@ impl EmbedNode {
             config,
         });
         let app = handlers::router(state.clone());
-        let server = crate::node_server::spawn(listener, app, "embedding node");
+        let server =
+            NodeServer::start(listener, app, "embedding node").map_err(EmbedError::Listen)?;
         Ok(EmbedNode {
             state,
             embedder,
-            addr,
             server,
         })
     }
 
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// `http://<addr>`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     /// The model it serves.
@@ -240,13 +240,7 @@ impl EmbedNode {
     /// Stops serving at once: the listener closes and every open
     /// connection is cut, as if the process had died.
     pub fn crash(&self) {
-        self.server.abort();
-    }
-}
-
-impl Drop for EmbedNode {
-    fn drop(&mut self) {
-        self.server.abort();
+        self.server.crash();
     }
 }
 

@@ -37,6 +37,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
+use crate::node_server::NodeServer;
+
 pub use config::FakeNodeConfig;
 
 /// What the node does with the next requests; switch it with
@@ -117,8 +119,7 @@ pub(crate) struct State {
 #[derive(Debug)]
 pub struct FakeNode {
     state: Arc<State>,
-    addr: SocketAddr,
-    server: tokio::task::JoinHandle<()>,
+    server: NodeServer,
 }
 
 impl FakeNode {
@@ -145,25 +146,20 @@ impl FakeNode {
         config
             .validate()
             .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?;
-        let addr = listener.local_addr()?;
         let state = Arc::new(State::new(config));
         let app = handlers::router(state.clone());
-        let server = crate::node_server::spawn(listener, app, "fake node");
-        Ok(FakeNode {
-            state,
-            addr,
-            server,
-        })
+        let server = NodeServer::start(listener, app, "fake node")?;
+        Ok(FakeNode { state, server })
     }
 
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// `http://<addr>`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     /// Switches what the node does with the next requests.
@@ -179,13 +175,7 @@ impl FakeNode {
     /// Stops serving at once: the listener closes and every open
     /// connection is cut, as if the process had died.
     pub fn crash(&self) {
-        self.server.abort();
-    }
-}
-
-impl Drop for FakeNode {
-    fn drop(&mut self) {
-        self.server.abort();
+        self.server.crash();
     }
 }
 
