@@ -9,7 +9,8 @@
 //!
 //! 1. **L1 hits**: `get` ops/s of `Tiered` (through `dyn Cache`) on keys in
 //!    L1, against `get` on a raw `moka::future::Cache<String, Bytes>` with
-//!    the same keys and values. One task per Tokio worker thread, each
+//!    the same keys and values (`Tiered` keeps its L1 in moka's synchronous
+//!    cache; a raw `moka::sync::Cache` is printed as context). One task per Tokio worker thread, each
 //!    reading the keys round-robin from its own offset; `--threads` gives
 //!    one count or a list (`--threads 1,2,4`), each measured in the same
 //!    run on its own runtime, and a `threads N: median l1 ratio R` line
@@ -94,6 +95,12 @@ impl Reader for moka::future::Cache<String, Bytes> {
     }
 }
 
+impl Reader for moka::sync::Cache<String, Bytes> {
+    async fn hit(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+}
+
 /// `tasks` concurrent readers, `ops` gets in all, each task from its own
 /// offset in `keys`; every read must hit. Answers ops/s.
 async fn l1_run(cache: &impl Reader, keys: &Arc<Vec<String>>, ops: usize, tasks: usize) -> f64 {
@@ -130,12 +137,19 @@ async fn l1(args: &Args, tasks: usize, label: &str) -> f64 {
         .weigher(|k: &String, v: &Bytes| (k.len() + v.len() + 64) as u32)
         .time_to_live(Duration::from_secs(600))
         .build();
+    // For context: moka's synchronous cache, which `Tiered` keeps as L1.
+    let raw_sync: moka::sync::Cache<String, Bytes> = moka::sync::Cache::builder()
+        .max_capacity(512 << 20)
+        .weigher(|k: &String, v: &Bytes| (k.len() + v.len() + 64) as u32)
+        .time_to_live(Duration::from_secs(600))
+        .build();
     for key in keys.iter() {
         tiered
             .set(key, value(), Duration::from_secs(600))
             .await
             .expect("set");
         raw.insert(key.clone(), value()).await;
+        raw_sync.insert(key.clone(), value());
     }
     // For context: Keel's moka backend on its own.
     let backend =
@@ -155,6 +169,7 @@ async fn l1(args: &Args, tasks: usize, label: &str) -> f64 {
     // interference; the median of the pairs' ratios counts.
     let mut ratios = Vec::with_capacity(args.runs);
     let mut backend_ratios = Vec::with_capacity(args.runs);
+    let mut sync_ratios = Vec::with_capacity(args.runs);
     for run in 0..args.runs {
         let (keel, raw_ops) = if run % 2 == 0 {
             let keel = l1_run(&dyn_cache, &keys, args.l1_ops, tasks).await;
@@ -164,17 +179,21 @@ async fn l1(args: &Args, tasks: usize, label: &str) -> f64 {
             (l1_run(&dyn_cache, &keys, args.l1_ops, tasks).await, raw_ops)
         };
         let backend_ops = l1_run(&dyn_backend, &keys, args.l1_ops, tasks).await;
+        let sync_ops = l1_run(&raw_sync, &keys, args.l1_ops, tasks).await;
         println!(
             "threads {label} l1 run {run}: keel Tiered::get {keel:.0} ops/s, raw moka get {raw_ops:.0} ops/s, \
-             ratio {:.3} (keel MokaCache::get {backend_ops:.0} ops/s)",
+             ratio {:.3} (keel MokaCache::get {backend_ops:.0} ops/s, raw moka::sync get {sync_ops:.0} ops/s)",
             keel / raw_ops
         );
         ratios.push(keel / raw_ops);
         backend_ratios.push(backend_ops / raw_ops);
+        sync_ratios.push(sync_ops / raw_ops);
     }
     println!(
-        "threads {label} l1 context: MokaCache (no freshness check, no L2) median ratio {:.3}",
-        median(&mut backend_ratios)
+        "threads {label} l1 context: MokaCache (no freshness check, no L2) median ratio {:.3}; \
+         raw moka::sync::Cache median ratio {:.3}",
+        median(&mut backend_ratios),
+        median(&mut sync_ratios)
     );
     median(&mut ratios)
 }
