@@ -123,6 +123,7 @@ impl CacheError {
         CacheError::InvalidArgument(ArgumentError::new(name, reason))
     }
 
+    #[cfg_attr(not(feature = "moka"), allow(dead_code))] // used by `Tiered`
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
         CacheError::InvalidConfig(ConfigError::new(field, reason))
     }
@@ -308,6 +309,7 @@ pub struct CachedFailure {
 }
 
 impl CachedFailure {
+    #[cfg_attr(not(feature = "moka"), allow(dead_code))] // used by `Tiered`
     pub(crate) fn new(kind: ErrorKind, message: String) -> Self {
         CachedFailure { kind, message }
     }
@@ -336,6 +338,7 @@ impl KeelError for CachedFailure {
 keel_core::register_error_kind!(CachedFailure);
 
 /// `err`'s message followed by its sources', joined by `": "`.
+#[cfg_attr(not(feature = "moka"), allow(dead_code))] // used by `Tiered`
 pub(crate) fn chain_message(err: &(dyn std::error::Error + 'static)) -> String {
     let mut message = err.to_string();
     let mut source = err.source();
@@ -354,6 +357,7 @@ pub(crate) fn chain_message(err: &(dyn std::error::Error + 'static)) -> String {
 /// Every [`ErrorKind`] by its [`as_str`](ErrorKind::as_str) name, for
 /// negative caching by kind name in configs and in the L2 envelope. A
 /// kind's `retry_after`, if any, is not kept.
+#[cfg_attr(not(feature = "moka"), allow(dead_code))] // used by `Tiered`
 pub(crate) const KINDS: [ErrorKind; 10] = [
     ErrorKind::RateLimited { retry_after: None },
     ErrorKind::Overloaded { retry_after: None },
@@ -368,6 +372,7 @@ pub(crate) const KINDS: [ErrorKind; 10] = [
 ];
 
 /// The kind named `name` (an [`ErrorKind::as_str`]).
+#[cfg_attr(not(feature = "moka"), allow(dead_code))] // used by `Tiered`
 pub(crate) fn kind_named(name: &str) -> Option<ErrorKind> {
     KINDS.into_iter().find(|kind| kind.as_str() == name)
 }

@@ -74,8 +74,10 @@ impl Drop for Listener {
 /// `moka::future::Cache::get`; moka runs its housekeeping on the calling
 /// thread either way. A write finding moka's write log full waits on the
 /// thread (moka retries every few microseconds) where the future cache
-/// would yield; writes are fills and invalidations, not hits.
-type L1 = moka::sync::Cache<String, Entry>;
+/// would yield; writes are fills and invalidations, not hits. Keys hash
+/// with foldhash (seeded per instance) rather than SipHash, the largest
+/// part of a hit's own work.
+type L1 = moka::sync::Cache<String, Entry, foldhash::quality::RandomState>;
 
 struct Inner {
     config: TieredConfig,
@@ -225,7 +227,7 @@ impl TieredBuilder {
         config.validate()?;
         let clock = Clock::new();
         let metrics = TieredMetrics::new(&config.name);
-        let l1 = L1::builder()
+        let l1 = moka::sync::Cache::builder()
             .max_capacity(config.l1_capacity_bytes)
             .weigher(|key: &String, entry: &Entry| {
                 let negative = entry.negative.as_ref().map_or(0, |n| n.message.len());
@@ -234,7 +236,7 @@ impl TieredBuilder {
             // One TTL for all of L1 (cheaper per read than a per-entry
             // expiry); each read checks the entry's own freshness too.
             .time_to_live(config.l1_ttl)
-            .build();
+            .build_with_hasher(foldhash::quality::RandomState::default());
         let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
         let listener = match &bus {
             Some(bus) => {
