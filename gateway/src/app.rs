@@ -107,7 +107,7 @@ impl Gateway {
                 },
             );
         }
-        let key_limits = limiter(&stack.redis, key_rates, "keys[]")?;
+        let key_limits = limiter(&config, &stack.redis, key_rates, "keys[]")?;
         let durable = Durable::open(&config, &stack).await?;
         let cache = Tiered::builder(
             TieredConfig::new("gateway")

@@ -198,7 +198,10 @@ async fn remote_backends(
     queue_config: QueueConfig,
 ) -> Result<(Arc<dyn Queue>, Arc<dyn Cache>), ConfigError> {
     let pool = stack.redis.clone().ok_or_else(|| {
-        ConfigError::new("redis_url", "durable mode on redis or amqp needs redis_url")
+        ConfigError::new(
+            "redis_url",
+            "durable mode on redis or amqp needs redis_url (or redis_cluster_urls)",
+        )
     })?;
     let results = keel_cache::RedisCache::with_pool(
         pool.clone(),
@@ -206,14 +209,14 @@ async fn remote_backends(
             .prefix(format!("keel:gw:{}:", config.durable.queue))
             .operation_timeout(Duration::from_millis(500)),
     )
-    .map_err(|err| ConfigError::new("redis_url", err.to_string()))?;
+    .map_err(|err| ConfigError::new(config.redis_field(), err.to_string()))?;
     let queue: Arc<dyn Queue> = match config.durable.backend {
         DurableBackend::Redis => {
             let settings =
-                keel_queue::RedisQueueConfig::with_redis(pool.config().clone(), queue_config);
+                crate::config::redis_queue_config(&config.durable, pool.config().clone());
             let queue = keel_queue::RedisQueue::with_pool(pool, settings)
                 .await
-                .map_err(|err| ConfigError::new("durable.queue", err.to_string()))?;
+                .map_err(|err| crate::config::queue_config_error(&err))?;
             Arc::new(queue)
         }
         _ => amqp_queue(config, queue_config).await?,
