@@ -154,7 +154,7 @@ pub(crate) fn prepare(call: Call<'_>) -> Result<Prepared, http::Error> {
 }
 
 /// The Redis pool of this process (limits, the durable queue, job
-/// results), when `redis_url` (feature `redis`) or
+/// results, the cache's L2), when `redis_url` (feature `redis`) or
 /// `redis_cluster_urls` (feature `cluster`) is set: one server's pool or a
 /// cluster client following redirections and failovers.
 #[cfg(feature = "redis")]

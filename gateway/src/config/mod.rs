@@ -4,7 +4,7 @@
 //! ```toml
 //! listen = "127.0.0.1:8080"
 //! # State shared by replicas and workers (limits, durable queue, job
-//! # results): one server (feature `redis`) ...
+//! # results, the cache's L2): one server (feature `redis`) ...
 //! # redis_url = "redis://10.0.0.5:6379"
 //! # ... or a Redis Cluster's seed nodes (feature `cluster`), not both.
 //! # redis_cluster_urls = ["redis://10.0.0.5:6379", "redis://10.0.0.6:6379"]
@@ -96,9 +96,10 @@ pub struct GatewayConfig {
     #[serde(with = "humantime_serde")]
     pub ejection_time: Duration,
     /// Redis for the state gateway replicas and workers share (`redis://…`):
-    /// token limits, the durable queue and job results; unset (and no
-    /// [`redis_cluster_urls`](Self::redis_cluster_urls)): limits are this
-    /// process's own. Feature `redis`. Env: `KEEL_REDIS_URL`.
+    /// token limits, the durable queue and job results, and the response
+    /// cache's second tier; unset (and no
+    /// [`redis_cluster_urls`](Self::redis_cluster_urls)): limits and the
+    /// cache are this process's own. Feature `redis`. Env: `KEEL_REDIS_URL`.
     pub redis_url: Option<String>,
     /// The same shared state on a Redis Cluster: seed nodes of it
     /// (`["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]`, any nodes; the
