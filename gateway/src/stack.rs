@@ -185,7 +185,8 @@ pub(crate) fn limiter(
     #[cfg(feature = "redis")]
     if let Some(pool) = redis {
         use keel_scheduler::{RedisRateLimitConfig, RedisRateLimiter};
-        let settings = RedisRateLimitConfig::with_redis(pool.config().clone(), limits);
+        let settings = RedisRateLimitConfig::with_redis(pool.config().clone(), limits)
+            .fail_open(config.limits_fail_open);
         let limiter = RedisRateLimiter::with_pool(pool.clone(), settings)
             .map_err(|err| ConfigError::new(config.redis_field(), err.to_string()))?;
         return Ok(Arc::new(limiter));

@@ -109,6 +109,16 @@ pub struct GatewayConfig {
     /// Feature `cluster`. Default empty. Env: `KEEL_REDIS_CLUSTER_URLS`
     /// (comma-separated).
     pub redis_cluster_urls: Vec<String>,
+    /// What a tenant's or key's limit check answers when the shared Redis
+    /// cannot answer it in time (250 ms): an outage, or the seconds of a
+    /// Redis Cluster failover, during which the cluster client holds back
+    /// commands for every slot while it relearns the topology. `true` (the
+    /// default) admits the request, so an outage of the limiter is not an
+    /// outage of the gateway, and limits are exceeded while it lasts;
+    /// `false` refuses it (503) instead, so limits hold through it. Either
+    /// way `keel_rate_limiter_errors_total` counts it. No effect on limits
+    /// kept in this process (no shared Redis).
+    pub limits_fail_open: bool,
     /// Durable mode: requests sent with `x-keel-mode: queue` (or to
     /// `POST /v1/jobs`) go through a keel-queue and are answered 202 with a
     /// job id. Default: an in-memory queue served by a worker inside the
@@ -140,6 +150,7 @@ impl Default for GatewayConfig {
             ejection_time: Duration::from_secs(30),
             redis_url: None,
             redis_cluster_urls: Vec::new(),
+            limits_fail_open: true,
             durable: DurableConfig::default(),
             models: Vec::new(),
             tenants: Vec::new(),
@@ -176,6 +187,7 @@ impl std::fmt::Debug for GatewayConfig {
                     .map(|url| keel_core::redacted_url(url))
                     .collect::<Vec<_>>(),
             )
+            .field("limits_fail_open", &self.limits_fail_open)
             .field("durable", &self.durable)
             .field("models", &self.models)
             .field("tenants", &self.tenants)

@@ -31,6 +31,7 @@ fn a_good_file_loads() {
     ));
     assert_eq!(config.tenants[0].priority, PriorityClass::High);
     assert_eq!(config.default_timeout, Duration::from_secs(30));
+    assert!(config.limits_fail_open, "limits fail open unless told");
     assert!(config.redis_cluster_urls.is_empty());
 }
 
