@@ -480,3 +480,25 @@ pub async fn two_gateways_share_a_token_limit(
     run
 }
 
+/// The sum of the samples of metric `name` whose labels contain `label`
+/// (`""`: all) in the Prometheus text at `{url}/metrics`; 0 when it has
+/// none.
+pub async fn metric(url: &str, name: &str, label: &str) -> f64 {
+    let text = reqwest::Client::new()
+        .get(format!("{url}/metrics"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("the process answers /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                && line.contains(label)
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
