@@ -28,7 +28,7 @@ use crate::error::GatewayError;
 use crate::metrics;
 use crate::openai::{self, Usage, estimate_tokens, text_of};
 use crate::sse::{Observed, StreamEnd, StreamReport};
-use crate::stack::{Call, Prepared, Stack, limiter, prepare, rates};
+use crate::stack::{Call, Prepared, SharedRedis, Stack, limiter, prepare, rates};
 
 /// The header a client sets to bound a request's time, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "x-keel-timeout-ms";
@@ -107,17 +107,9 @@ impl Gateway {
                 },
             );
         }
-        let key_limits = limiter(&stack.redis, key_rates, "keys[]")?;
+        let key_limits = limiter(&config, &stack.redis, key_rates, "keys[]")?;
         let durable = Durable::open(&config, &stack).await?;
-        let cache = Tiered::builder(
-            TieredConfig::new("gateway")
-                .ttl(config.cache_ttl)
-                .l1_capacity_bytes(config.cache_bytes)
-                .load_timeout(config.max_timeout)
-                .soft_timeout(config.max_timeout),
-        )
-        .build()
-        .map_err(|err| ConfigError::new("cache_ttl", err.to_string()))?;
+        let cache = response_cache(&config, &stack.redis)?;
         Ok(Gateway {
             shared: Arc::new(Shared {
                 config,
@@ -185,6 +177,46 @@ impl Gateway {
             }
         }
     }
+}
+
+/// The prefix of the response cache's keys in the shared Redis.
+#[cfg(feature = "redis")]
+const CACHE_PREFIX: &str = "keel:gw:cache:";
+/// How long one read or write of the response cache's L2 may take: an
+/// answer from Redis slower than this is worth less than one from the
+/// origin, and past it the request goes on as a miss.
+#[cfg(feature = "redis")]
+const L2_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// The response cache: in this process (L1), and with a shared Redis, over
+/// a Redis L2 on the same pool, so replicas share the answers any of them
+/// loaded. A slow or failed L2 read is a miss and a failed write is
+/// dropped (both counted; a breaker skips a dead L2): the answer then comes
+/// from the origin, never an error. No invalidation bus: cached answers are
+/// a function of the request alone and the gateway never rewrites one, so
+/// there is nothing to invalidate; entries leave by their TTL.
+fn response_cache(config: &GatewayConfig, redis: &SharedRedis) -> Result<Tiered, ConfigError> {
+    let settings = TieredConfig::new("gateway")
+        .ttl(config.cache_ttl)
+        .l1_capacity_bytes(config.cache_bytes)
+        .load_timeout(config.max_timeout)
+        .soft_timeout(config.max_timeout);
+    let builder = Tiered::builder(settings);
+    #[cfg(feature = "redis")]
+    let builder = match redis {
+        Some(pool) => builder.l2(keel_cache::RedisCache::with_pool(
+            pool.clone(),
+            keel_cache::RedisCacheConfig::default()
+                .prefix(CACHE_PREFIX)
+                .operation_timeout(L2_TIMEOUT),
+        )
+        .map_err(|err| ConfigError::new(config.redis_field(), err.to_string()))?),
+        None => builder,
+    };
+    let _ = redis;
+    builder
+        .build()
+        .map_err(|err| ConfigError::new("cache_ttl", err.to_string()))
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {

@@ -4,6 +4,21 @@
 //! Redis and RabbitMQ) calls the upstream through the same admission →
 //! retry → balancer → health stack and stores the result, which
 //! `GET /v1/jobs/{id}` returns until `result_ttl` passes.
+//!
+//! # What a 202 promises
+//!
+//! The job's record (`queued`) is written and the queue accepted the job:
+//! on Redis, its master applied the write, or with
+//! [`replica_acks`](crate::config::DurableConfig::replica_acks) a replica
+//! holds it too, so it survives a failover. A record or an enqueue that
+//! fails is answered with the error (503 while Redis is unavailable or a
+//! failover is under way), never a 202 for a job that was not queued. A
+//! worker acks a job only once its final record (`completed`, `failed`) is
+//! written; a record it cannot write sends the job back to run again, so a
+//! job runs at least once and the record of its last run is the one kept.
+//! The records themselves are written without waiting for a replica: a
+//! record written in the moment before its master dies can be lost with
+//! it (the job then reads as `queued`, or unknown).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,12 +128,16 @@ impl Durable {
             serde_json::to_vec(&job).map_err(|err| GatewayError::BadRequest(err.to_string()))?;
         let priority = crate::stack::priority(job.priority);
         // The record first: a fast worker's result must not be overwritten.
-        store(
+        // Without it the client could not follow the job: refuse instead.
+        if let Err(err) = store(
             &*self.results,
             self.ttl,
             &JobRecord::Queued { id: id.clone() },
         )
-        .await;
+        .await
+        {
+            return Err(GatewayError::keel(&err));
+        }
         if let Err(err) = self
             .queue
             .enqueue(Job::new(payload).priority(priority))
@@ -158,15 +177,36 @@ fn key_of(id: &str) -> String {
     format!("job:{id}")
 }
 
-async fn store(results: &dyn Cache, ttl: Duration, record: &JobRecord) {
+/// Writes `record` (logged when it fails).
+///
+/// # Errors
+///
+/// The result store's, when the record could not be written.
+async fn store(
+    results: &dyn Cache,
+    ttl: Duration,
+    record: &JobRecord,
+) -> Result<(), keel_cache::CacheError> {
     let id = match record {
         JobRecord::Queued { id }
         | JobRecord::Completed { id, .. }
         | JobRecord::Failed { id, .. } => id,
     };
     let bytes = Bytes::from(serde_json::to_vec(record).expect("a record serializes"));
-    if let Err(err) = results.set(&key_of(id), bytes, ttl).await {
+    let written = results.set(&key_of(id), bytes, ttl).await;
+    if let Err(err) = &written {
         tracing::warn!(%err, job = %id, "could not store the job's record");
+    }
+    written
+}
+
+/// The job's outcome once its final record is written: `settled` if the
+/// record is stored, else a retry, so a result the store lost (its Redis
+/// master failing over, say) is never acked away: the job runs again.
+fn unless_unstored(written: Result<(), keel_cache::CacheError>, settled: JobOutcome) -> JobOutcome {
+    match written {
+        Ok(()) => settled,
+        Err(err) => JobOutcome::retry(format!("could not store the job's record: {err}")),
     }
 }
 
@@ -198,7 +238,10 @@ async fn remote_backends(
     queue_config: QueueConfig,
 ) -> Result<(Arc<dyn Queue>, Arc<dyn Cache>), ConfigError> {
     let pool = stack.redis.clone().ok_or_else(|| {
-        ConfigError::new("redis_url", "durable mode on redis or amqp needs redis_url")
+        ConfigError::new(
+            "redis_url",
+            "durable mode on redis or amqp needs redis_url (or redis_cluster_urls)",
+        )
     })?;
     let results = keel_cache::RedisCache::with_pool(
         pool.clone(),
@@ -206,14 +249,14 @@ async fn remote_backends(
             .prefix(format!("keel:gw:{}:", config.durable.queue))
             .operation_timeout(Duration::from_millis(500)),
     )
-    .map_err(|err| ConfigError::new("redis_url", err.to_string()))?;
+    .map_err(|err| ConfigError::new(config.redis_field(), err.to_string()))?;
     let queue: Arc<dyn Queue> = match config.durable.backend {
         DurableBackend::Redis => {
             let settings =
-                keel_queue::RedisQueueConfig::with_redis(pool.config().clone(), queue_config);
+                crate::config::redis_queue_config(&config.durable, pool.config().clone());
             let queue = keel_queue::RedisQueue::with_pool(pool, settings)
                 .await
-                .map_err(|err| ConfigError::new("durable.queue", err.to_string()))?;
+                .map_err(|err| crate::config::queue_config_error(&err))?;
             Arc::new(queue)
         }
         _ => amqp_queue(config, queue_config).await?,
@@ -378,8 +421,8 @@ impl Runner {
         let id = job.id.clone();
         let Some(pool) = self.pools.get(&job.model) else {
             let error = serde_json::json!({"message": format!("unknown model `{}`", job.model), "type": "invalid_request_error", "code": "model_not_found"});
-            store(&*self.results, self.ttl, &JobRecord::Failed { id, error }).await;
-            return JobOutcome::abort("unknown model");
+            let written = store(&*self.results, self.ttl, &JobRecord::Failed { id, error }).await;
+            return unless_unstored(written, JobOutcome::abort("unknown model"));
         };
         let prepared = prepare(Call {
             path: &job.path,
@@ -404,13 +447,13 @@ impl Runner {
                 }
                 let error = GatewayError::keel(&err);
                 let body = serde_json::json!({"message": error.to_string(), "type": "server_error", "code": error.label()});
-                store(
+                let written = store(
                     &*self.results,
                     self.ttl,
                     &JobRecord::Failed { id, error: body },
                 )
                 .await;
-                return JobOutcome::abort(format!("failed: {err}"));
+                return unless_unstored(written, JobOutcome::abort(format!("failed: {err}")));
             }
         };
         let (head, body) = answer.into_parts();
@@ -423,7 +466,7 @@ impl Runner {
         }
         let result = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        store(
+        let written = store(
             &*self.results,
             self.ttl,
             &JobRecord::Completed {
@@ -433,6 +476,6 @@ impl Runner {
             },
         )
         .await;
-        JobOutcome::Ack
+        unless_unstored(written, JobOutcome::Ack)
     }
 }

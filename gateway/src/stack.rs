@@ -96,7 +96,7 @@ impl Stack {
             );
         }
         let redis = shared_redis(config)?;
-        let tenant_limits = limiter(&redis, tenant_rates, "tenants[]")?;
+        let tenant_limits = limiter(config, &redis, tenant_rates, "tenants[]")?;
         let admission = SchedulerBuilder::new(scheduler)
             .rate_limit(tenant_limits.clone())
             .build(PoolRouter {
@@ -154,7 +154,9 @@ pub(crate) fn prepare(call: Call<'_>) -> Result<Prepared, http::Error> {
 }
 
 /// The Redis pool of this process (limits, the durable queue, job
-/// results), when `redis_url` is set and the `redis` feature is built.
+/// results, the cache's L2), when `redis_url` (feature `redis`) or
+/// `redis_cluster_urls` (feature `cluster`) is set: one server's pool or a
+/// cluster client following redirections and failovers.
 #[cfg(feature = "redis")]
 pub(crate) type SharedRedis = Option<keel_core::redis::RedisPool>;
 /// Without the `redis` feature there is no shared Redis.
@@ -163,9 +165,9 @@ pub(crate) type SharedRedis = Option<std::convert::Infallible>;
 
 fn shared_redis(config: &GatewayConfig) -> Result<SharedRedis, ConfigError> {
     #[cfg(feature = "redis")]
-    if let Some(url) = &config.redis_url {
-        let pool =
-            keel_core::redis::RedisPool::new(keel_core::redis::RedisConfig::new(url.clone()))?;
+    if let Some(redis) = config.redis_config() {
+        let pool = keel_core::redis::RedisPool::new(redis)
+            .map_err(|err| ConfigError::new(config.redis_field(), err.reason))?;
         return Ok(Some(pool));
     }
     let _ = config;
@@ -175,6 +177,7 @@ fn shared_redis(config: &GatewayConfig) -> Result<SharedRedis, ConfigError> {
 /// A limiter for `limits`: shared by every replica through Redis when
 /// there is a shared Redis, else in this process.
 pub(crate) fn limiter(
+    config: &GatewayConfig,
     redis: &SharedRedis,
     limits: RateLimitConfig,
     field: &'static str,
@@ -182,12 +185,13 @@ pub(crate) fn limiter(
     #[cfg(feature = "redis")]
     if let Some(pool) = redis {
         use keel_scheduler::{RedisRateLimitConfig, RedisRateLimiter};
-        let config = RedisRateLimitConfig::with_redis(pool.config().clone(), limits);
-        let limiter = RedisRateLimiter::with_pool(pool.clone(), config)
-            .map_err(|err| ConfigError::new("redis_url", err.to_string()))?;
+        let settings = RedisRateLimitConfig::with_redis(pool.config().clone(), limits)
+            .fail_open(config.limits_fail_open);
+        let limiter = RedisRateLimiter::with_pool(pool.clone(), settings)
+            .map_err(|err| ConfigError::new(config.redis_field(), err.to_string()))?;
         return Ok(Arc::new(limiter));
     }
-    let _ = redis;
+    let _ = (config, redis);
     let limiter =
         LocalRateLimiter::new(limits).map_err(|err| ConfigError::new(field, err.to_string()))?;
     Ok(Arc::new(limiter))

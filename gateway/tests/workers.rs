@@ -6,52 +6,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use keel_gateway::GatewayConfig;
 use keel_gateway::config::DurableBackend;
 use keel_gateway::fake_node::FakeNodeConfig;
 use keel_testkit::{Namespace, require_redis};
-use support::{start, total};
-
-struct Worker(Child);
-
-impl Worker {
-    fn spawn(config: &std::path::Path) -> Worker {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keel-worker"))
-            .arg("--config")
-            .arg(config)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("keel-worker starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.starts_with("listening on"),
-            "keel-worker said {line:?}"
-        );
-        Worker(child)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.0.kill(); // SIGKILL
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+use support::{WorkerChild, start, total};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_workers_lose_no_job_on_redis() {
@@ -101,11 +62,9 @@ async fn killed_workers_lose_no_job(
         written = config.clone();
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.toml");
-    std::fs::write(&path, toml::to_string(&written).unwrap()).unwrap();
-    let mut first = Worker::spawn(&path);
-    let _second = Worker::spawn(&path);
+    let (_dir, path) = support::config_file(&written);
+    let mut first = WorkerChild::spawn(&path);
+    let _second = WorkerChild::spawn(&path);
 
     let mut ids = Vec::new();
     for n in 0..300 {
@@ -114,7 +73,7 @@ async fn killed_workers_lose_no_job(
             first.kill();
         }
         if n == 200 {
-            first = Worker::spawn(&path);
+            first = WorkerChild::spawn(&path);
         }
     }
     for id in &ids {

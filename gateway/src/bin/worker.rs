@@ -6,8 +6,8 @@
 //! keel-worker --config gateway.toml --listen 127.0.0.1:9100
 //! ```
 //!
-//! It reads the gateway's configuration file (models, tenants, `redis_url`,
-//! `[durable]`). SIGTERM stops pulling, lets in-flight jobs finish, and
+//! It reads the gateway's configuration file (models, tenants, `redis_url`
+//! or `redis_cluster_urls`, `[durable]`). SIGTERM stops pulling, lets in-flight jobs finish, and
 //! hands the rest back to the queue without spending an attempt.
 
 use std::net::SocketAddr;

@@ -3,6 +3,15 @@
 //!
 //! ```toml
 //! listen = "127.0.0.1:8080"
+//! # State shared by replicas and workers (limits, durable queue, job
+//! # results, the cache's L2): one server (feature `redis`) ...
+//! # redis_url = "redis://10.0.0.5:6379"
+//! # ... or a Redis Cluster's seed nodes (feature `cluster`), not both.
+//! # redis_cluster_urls = ["redis://10.0.0.5:6379", "redis://10.0.0.6:6379"]
+//!
+//! # [durable]
+//! # backend = "redis"        # keel-worker processes run the jobs
+//! # replica_acks = 1         # 202 only once a replica holds the job
 //!
 //! [[models]]
 //! name = "llama-3-8b"
@@ -37,6 +46,8 @@ use keel_core::ConfigError;
 use serde::{Deserialize, Serialize};
 
 pub use durable::{DurableBackend, DurableConfig};
+#[cfg(feature = "redis")]
+pub(crate) use durable::{queue_config_error, redis_queue_config};
 pub use model::ModelConfig;
 pub use tenant::{KeyConfig, PriorityClass, Tenant, hash_key};
 
@@ -84,9 +95,30 @@ pub struct GatewayConfig {
     /// this. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub ejection_time: Duration,
-    /// Redis for limits shared by gateway replicas and the durable queue
-    /// (`redis://…`); unset: limits are local. Env: `KEEL_REDIS_URL`.
+    /// Redis for the state gateway replicas and workers share (`redis://…`):
+    /// token limits, the durable queue and job results, and the response
+    /// cache's second tier; unset (and no
+    /// [`redis_cluster_urls`](Self::redis_cluster_urls)): limits and the
+    /// cache are this process's own. Feature `redis`. Env: `KEEL_REDIS_URL`.
     pub redis_url: Option<String>,
+    /// The same shared state on a Redis Cluster: seed nodes of it
+    /// (`["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]`, any nodes; the
+    /// client finds the rest and follows failovers). Each tenant's limits,
+    /// the durable queue and each cached answer live in one slot, on that
+    /// slot's master. Set this or [`redis_url`](Self::redis_url), not both.
+    /// Feature `cluster`. Default empty. Env: `KEEL_REDIS_CLUSTER_URLS`
+    /// (comma-separated).
+    pub redis_cluster_urls: Vec<String>,
+    /// What a tenant's or key's limit check answers when the shared Redis
+    /// cannot answer it in time (250 ms): an outage, or the seconds of a
+    /// Redis Cluster failover, during which the cluster client holds back
+    /// commands for every slot while it relearns the topology. `true` (the
+    /// default) admits the request, so an outage of the limiter is not an
+    /// outage of the gateway, and limits are exceeded while it lasts;
+    /// `false` refuses it (503) instead, so limits hold through it. Either
+    /// way `keel_rate_limiter_errors_total` counts it. No effect on limits
+    /// kept in this process (no shared Redis).
+    pub limits_fail_open: bool,
     /// Durable mode: requests sent with `x-keel-mode: queue` (or to
     /// `POST /v1/jobs`) go through a keel-queue and are answered 202 with a
     /// job id. Default: an in-memory queue served by a worker inside the
@@ -117,6 +149,8 @@ impl Default for GatewayConfig {
             probe_interval: Duration::from_secs(2),
             ejection_time: Duration::from_secs(30),
             redis_url: None,
+            redis_cluster_urls: Vec::new(),
+            limits_fail_open: true,
             durable: DurableConfig::default(),
             models: Vec::new(),
             tenants: Vec::new(),
@@ -145,6 +179,15 @@ impl std::fmt::Debug for GatewayConfig {
                 "redis_url",
                 &self.redis_url.as_deref().map(keel_core::redacted_url),
             )
+            .field(
+                "redis_cluster_urls",
+                &self
+                    .redis_cluster_urls
+                    .iter()
+                    .map(|url| keel_core::redacted_url(url))
+                    .collect::<Vec<_>>(),
+            )
+            .field("limits_fail_open", &self.limits_fail_open)
             .field("durable", &self.durable)
             .field("models", &self.models)
             .field("tenants", &self.tenants)
@@ -214,8 +257,9 @@ impl GatewayConfig {
         })
     }
 
-    /// Applies `KEEL_LISTEN`, `KEEL_REDIS_URL` and `KEEL_AMQP_URL` (the
-    /// durable queue's broker) from `env`.
+    /// Applies `KEEL_LISTEN`, `KEEL_REDIS_URL`, `KEEL_REDIS_CLUSTER_URLS`
+    /// (comma-separated seed nodes) and `KEEL_AMQP_URL` (the durable
+    /// queue's broker) from `env`. An empty value unsets the field.
     ///
     /// # Errors
     ///
@@ -228,6 +272,14 @@ impl GatewayConfig {
         }
         if let Some(url) = env("KEEL_REDIS_URL") {
             self.redis_url = Some(url).filter(|url| !url.is_empty());
+        }
+        if let Some(urls) = env("KEEL_REDIS_CLUSTER_URLS") {
+            self.redis_cluster_urls = urls
+                .split(',')
+                .map(str::trim)
+                .filter(|url| !url.is_empty())
+                .map(str::to_owned)
+                .collect();
         }
         if let Some(url) = env("KEEL_AMQP_URL") {
             self.durable.url = Some(url).filter(|url| !url.is_empty());
@@ -265,10 +317,21 @@ impl GatewayConfig {
                 "must be between 0.0 and 1.0",
             ));
         }
+        if self.redis_url.is_some() && !self.redis_cluster_urls.is_empty() {
+            return Err(ConfigError::new(
+                "redis_cluster_urls",
+                "set either redis_url (one Redis server) or redis_cluster_urls (the seed nodes \
+                 of a Redis Cluster), not both",
+            ));
+        }
         if let Some(url) = &self.redis_url {
             validate_redis_url(url)?;
         }
-        self.durable.validate(self.redis_url.is_some())?;
+        if !self.redis_cluster_urls.is_empty() {
+            validate_redis_cluster_urls(&self.redis_cluster_urls)?;
+        }
+        self.durable.validate(self.has_shared_redis())?;
+        self.validate_durable_redis()?;
         if self.models.is_empty() {
             return Err(ConfigError::new("models", "name at least one model"));
         }
@@ -306,6 +369,58 @@ impl GatewayConfig {
     }
 }
 
+impl GatewayConfig {
+    /// Whether replicas share state through Redis (`redis_url` or
+    /// `redis_cluster_urls` is set).
+    pub fn has_shared_redis(&self) -> bool {
+        self.redis_url.is_some() || !self.redis_cluster_urls.is_empty()
+    }
+
+    /// The field that names the shared Redis, for errors about it.
+    #[cfg(feature = "redis")]
+    pub(crate) fn redis_field(&self) -> &'static str {
+        if self.redis_cluster_urls.is_empty() {
+            "redis_url"
+        } else {
+            "redis_cluster_urls"
+        }
+    }
+
+    /// The connection settings of the shared Redis (a single server or a
+    /// cluster), if there is one.
+    #[cfg(feature = "redis")]
+    pub(crate) fn redis_config(&self) -> Option<keel_core::redis::RedisConfig> {
+        if !self.redis_cluster_urls.is_empty() {
+            return Some(keel_core::redis::RedisConfig::cluster(
+                self.redis_cluster_urls.iter().cloned(),
+            ));
+        }
+        self.redis_url
+            .as_ref()
+            .map(|url| keel_core::redis::RedisConfig::new(url.clone()))
+    }
+
+    /// What the Redis queue would refuse at start (replica acks against
+    /// the connection's timeout), refused now with the gateway's names.
+    #[cfg(feature = "redis")]
+    fn validate_durable_redis(&self) -> Result<(), ConfigError> {
+        let Some(redis) = self.redis_config() else {
+            return Ok(());
+        };
+        if self.durable.backend != DurableBackend::Redis {
+            return Ok(());
+        }
+        durable::redis_queue_config(&self.durable, redis)
+            .validate()
+            .map_err(|err| durable::queue_config_error(&err))
+    }
+
+    #[cfg(not(feature = "redis"))]
+    fn validate_durable_redis(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+}
+
 #[cfg(feature = "redis")]
 fn validate_redis_url(url: &str) -> Result<(), ConfigError> {
     keel_core::redis::RedisConfig::new(url)
@@ -318,6 +433,22 @@ fn validate_redis_url(_: &str) -> Result<(), ConfigError> {
     Err(ConfigError::new(
         "redis_url",
         "this build has no Redis support; rebuild with `--features redis` or leave it unset",
+    ))
+}
+
+#[cfg(feature = "cluster")]
+fn validate_redis_cluster_urls(urls: &[String]) -> Result<(), ConfigError> {
+    keel_core::redis::RedisConfig::cluster(urls.iter().cloned())
+        .validate()
+        .map_err(|err| ConfigError::new("redis_cluster_urls", err.reason))
+}
+
+#[cfg(not(feature = "cluster"))]
+fn validate_redis_cluster_urls(_: &[String]) -> Result<(), ConfigError> {
+    Err(ConfigError::new(
+        "redis_cluster_urls",
+        "this build has no Redis Cluster support; rebuild keel-gateway with `--features \
+         cluster`, or give one server's redis_url instead",
     ))
 }
 

@@ -38,14 +38,21 @@ pub struct GatewayProcess {
     _dir: tempfile::TempDir,
 }
 
+/// Writes `config` as a TOML file in a new temporary directory (removed
+/// when the returned guard is dropped); returns the guard and the path.
+pub fn config_file(config: &GatewayConfig) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, toml::to_string(config).unwrap()).unwrap();
+    (dir, path)
+}
+
 impl GatewayProcess {
     /// Starts the binary on `config` (its `listen` replaced by a free
     /// loopback port) and returns once it is ready.
     pub async fn start(mut config: GatewayConfig) -> GatewayProcess {
         config.listen = "127.0.0.1:0".parse().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("gateway.toml");
-        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+        let (dir, path) = config_file(&config);
         let (child, url) = spawn_announcing(
             std::process::Command::new(env!("CARGO_BIN_EXE_keel-gateway"))
                 .arg("--config")
@@ -75,6 +82,42 @@ impl Drop for GatewayProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A `keel-worker` process (the binary) on a gateway's config file, with
+/// its `/healthz` and `/metrics` on a free loopback port; killed with
+/// SIGKILL when dropped.
+pub struct WorkerChild {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl WorkerChild {
+    /// Starts the binary on the config file at `config` and returns once
+    /// it listens (it has connected its queue by then).
+    pub fn spawn(config: &std::path::Path) -> WorkerChild {
+        let (child, url) = spawn_announcing(
+            std::process::Command::new(env!("CARGO_BIN_EXE_keel-worker"))
+                .arg("--config")
+                .arg(config)
+                .arg("--listen")
+                .arg("127.0.0.1:0"),
+            "keel-worker",
+        );
+        WorkerChild { child, url }
+    }
+
+    /// Kills it with SIGKILL (no drain) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for WorkerChild {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -252,4 +295,210 @@ pub async fn enqueue_chat(url: &str, content: &str) -> String {
     let body: serde_json::Value = accepted.json().await.expect("a JSON answer");
     assert_eq!(body["status"], "queued");
     body["id"].as_str().expect("a job id").to_owned()
+}
+
+/// A chat request with key `key` whose prompt (`hello`) is estimated at 1
+/// token, asking for `max_tokens` (the fake node answers exactly that many,
+/// so it costs 1 + `max_tokens` tokens, as reserved).
+pub fn chat_as(url: &str, key: &str, max_tokens: u32, stream: bool) -> reqwest::RequestBuilder {
+    chat_with(&reqwest::Client::new(), url, key, max_tokens, stream)
+}
+
+/// [`chat_as`] on `client` (its connections reused).
+pub fn chat_with(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    max_tokens: u32,
+    stream: bool,
+) -> reqwest::RequestBuilder {
+    client
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&serde_json::json!({
+            "model": MODEL,
+            "stream": stream,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "hello"}],
+        }))
+}
+
+/// [`chat_as`] with [`KEY`].
+pub fn chat(url: &str, max_tokens: u32, stream: bool) -> reqwest::RequestBuilder {
+    chat_as(url, KEY, max_tokens, stream)
+}
+
+/// What callers pressing on one token limit saw.
+#[derive(Debug, Default)]
+pub struct LimitRun {
+    /// Requests answered 200.
+    pub admitted: u64,
+    /// Requests answered 429.
+    pub limited: u64,
+    /// Requests answered anything else, by status.
+    pub other: std::collections::BTreeMap<u16, u64>,
+    /// Requests that got no answer (a transport error or 30 s without one).
+    pub unanswered: u64,
+    /// From the first request to the last answer.
+    pub elapsed: Duration,
+}
+
+impl LimitRun {
+    /// Tokens admitted (100 a request).
+    pub fn admitted_tokens(&self) -> f64 {
+        self.admitted as f64 * 100.0
+    }
+
+    /// What GCRA allows over the run on the server's clock, for
+    /// `tokens_per_minute` with a bucket of one minute's tokens: the burst
+    /// plus the rate times the elapsed time.
+    pub fn allowed_tokens(&self, tokens_per_minute: u64) -> f64 {
+        let rate = tokens_per_minute as f64 / 60.0;
+        tokens_per_minute as f64 + rate * self.elapsed.as_secs_f64()
+    }
+
+    /// Asserts the limit was reached and the tokens admitted are within
+    /// `tolerance` (0.02 for 2 %) of what it allows, give or take one
+    /// request; returns admitted / allowed.
+    pub fn assert_within(&self, tokens_per_minute: u64, tolerance: f64) -> f64 {
+        let allowed = self.allowed_tokens(tokens_per_minute);
+        let admitted = self.admitted_tokens();
+        assert!(self.limited > 0, "the limit was never reached: {self:?}");
+        assert!(
+            admitted <= allowed * (1.0 + tolerance) + 100.0
+                && admitted >= allowed * (1.0 - tolerance) - 100.0,
+            "admitted {admitted} tokens, the limit allows {allowed:.0} over {:.2}s ({self:?})",
+            self.elapsed.as_secs_f64()
+        );
+        admitted / allowed
+    }
+}
+
+/// `callers` callers per URL in `urls` send 100-token chat requests
+/// ([`chat_as`] with `key`, `max_tokens` 99, each bounded to 30 s) for
+/// `run`, each pausing `pause` after every answer, and count the answers.
+pub async fn press_on_limit(
+    urls: &[String],
+    key: &str,
+    callers: usize,
+    run: Duration,
+    pause: Duration,
+) -> LimitRun {
+    let started = tokio::time::Instant::now();
+    let tasks: Vec<_> = urls
+        .iter()
+        .flat_map(|url| (0..callers).map(move |_| url.clone()))
+        .map(|url| {
+            let key = key.to_owned();
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let mut seen = LimitRun::default();
+                while started.elapsed() < run {
+                    let status = chat_with(&client, &url, &key, 99, false)
+                        .timeout(Duration::from_secs(30))
+                        .send()
+                        .await
+                        .map(|answer| answer.status().as_u16());
+                    match status {
+                        Ok(200) => seen.admitted += 1,
+                        Ok(429) => seen.limited += 1,
+                        Ok(other) => *seen.other.entry(other).or_default() += 1,
+                        Err(_) => seen.unanswered += 1,
+                    }
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut total = LimitRun::default();
+    for task in tasks {
+        let seen = task.await.unwrap();
+        total.admitted += seen.admitted;
+        total.limited += seen.limited;
+        for (status, count) in seen.other {
+            *total.other.entry(status).or_default() += count;
+        }
+        total.unanswered += seen.unanswered;
+    }
+    total.elapsed = started.elapsed();
+    total
+}
+
+/// Two `keel-gateway` processes, each in front of the same two instant
+/// fake nodes, sharing the Redis that `shared` puts in their config;
+/// tenant `tenant` (key [`KEY`]) may use 3,000 tokens a minute. Twelve
+/// callers press on the limit for 2 s: the tokens admitted through both
+/// must be within 2 % of what one limit allows (GCRA on the server's
+/// clock: the burst plus the rate times the elapsed time).
+pub async fn two_gateways_share_a_token_limit(
+    shared: impl FnOnce(&mut GatewayConfig),
+    tenant: &str,
+) -> LimitRun {
+    // 3,000 tokens a minute (50 a second), a bucket of one minute's
+    // tokens; every request costs 1 (prompt) + 99 (max_tokens) = 100
+    // tokens, as used.
+    let nodes = [
+        FakeNode::start(FakeNodeConfig::instant(), "127.0.0.1:0")
+            .await
+            .unwrap(),
+        FakeNode::start(FakeNodeConfig::instant(), "127.0.0.1:0")
+            .await
+            .unwrap(),
+    ];
+    let mut config = config_for(&nodes);
+    shared(&mut config);
+    config.tenants[0].name = tenant.to_owned();
+    config.tenants[0].tokens_per_minute = Some(3_000);
+    config.keys[0].tenant = tenant.to_owned();
+    let a = GatewayProcess::start(config.clone()).await;
+    let b = GatewayProcess::start(config).await;
+    let run = press_on_limit(
+        &[a.url.clone(), b.url.clone()],
+        KEY,
+        6,
+        Duration::from_secs(2),
+        Duration::ZERO,
+    )
+    .await;
+    assert!(
+        run.other.is_empty() && run.unanswered == 0,
+        "only 200 and 429 are expected: {run:?}"
+    );
+    let ratio = run.assert_within(3_000, 0.02);
+    println!(
+        "shared limit: {} admitted, {} limited over {:.2}s; {:.0} tokens admitted of {:.0} allowed ({ratio:.3})",
+        run.admitted,
+        run.limited,
+        run.elapsed.as_secs_f64(),
+        run.admitted_tokens(),
+        run.allowed_tokens(3_000),
+    );
+    drop((a, b));
+    run
+}
+
+/// The sum of the samples of metric `name` whose labels contain `label`
+/// (`""`: all) in the Prometheus text at `{url}/metrics`; 0 when it has
+/// none.
+pub async fn metric(url: &str, name: &str, label: &str) -> f64 {
+    let text = reqwest::Client::new()
+        .get(format!("{url}/metrics"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .expect("the process answers /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                && line.contains(label)
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
