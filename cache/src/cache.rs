@@ -1,6 +1,8 @@
 //! The [`Cache`] trait every backend and decorator implements.
 
 use std::fmt::Debug;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -216,30 +218,84 @@ pub trait Cache: Debug + Send + Sync + 'static {
     async fn ping(&self) -> Result<()>;
 }
 
+/// The future of a forwarded call: the pointee's own boxed future.
+type Forwarded<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+// Written out rather than with `#[async_trait]`, which would box a second
+// future around the pointee's on every call through `Arc<dyn Cache>`. The
+// signatures are the ones `#[async_trait]` gives the trait's methods.
 macro_rules! forward {
     ($ptr:ident) => {
-        #[async_trait]
         impl<T: Cache + ?Sized> Cache for $ptr<T> {
-            async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-                (**self).get(key).await
+            fn get<'life0, 'life1, 'async_trait>(
+                &'life0 self,
+                key: &'life1 str,
+            ) -> Forwarded<'async_trait, Option<Bytes>>
+            where
+                'life0: 'async_trait,
+                'life1: 'async_trait,
+                Self: 'async_trait,
+            {
+                (**self).get(key)
             }
-            async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {
-                (**self).set(key, value, ttl).await
+            fn set<'life0, 'life1, 'async_trait>(
+                &'life0 self,
+                key: &'life1 str,
+                value: Bytes,
+                ttl: Duration,
+            ) -> Forwarded<'async_trait, ()>
+            where
+                'life0: 'async_trait,
+                'life1: 'async_trait,
+                Self: 'async_trait,
+            {
+                (**self).set(key, value, ttl)
             }
-            async fn delete(&self, key: &str) -> Result<()> {
-                (**self).delete(key).await
+            fn delete<'life0, 'life1, 'async_trait>(
+                &'life0 self,
+                key: &'life1 str,
+            ) -> Forwarded<'async_trait, ()>
+            where
+                'life0: 'async_trait,
+                'life1: 'async_trait,
+                Self: 'async_trait,
+            {
+                (**self).delete(key)
             }
-            async fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
-                (**self).get_many(keys).await
+            fn get_many<'life0, 'life1, 'life2, 'async_trait>(
+                &'life0 self,
+                keys: &'life1 [&'life2 str],
+            ) -> Forwarded<'async_trait, Vec<Option<Bytes>>>
+            where
+                'life0: 'async_trait,
+                'life1: 'async_trait,
+                'life2: 'async_trait,
+                Self: 'async_trait,
+            {
+                (**self).get_many(keys)
             }
-            async fn set_many(&self, entries: &[(&str, Bytes)], ttl: Duration) -> Result<()> {
-                (**self).set_many(entries, ttl).await
+            fn set_many<'life0, 'life1, 'life2, 'async_trait>(
+                &'life0 self,
+                entries: &'life1 [(&'life2 str, Bytes)],
+                ttl: Duration,
+            ) -> Forwarded<'async_trait, ()>
+            where
+                'life0: 'async_trait,
+                'life1: 'async_trait,
+                'life2: 'async_trait,
+                Self: 'async_trait,
+            {
+                (**self).set_many(entries, ttl)
             }
             fn capabilities(&self) -> CacheCapabilities {
                 (**self).capabilities()
             }
-            async fn ping(&self) -> Result<()> {
-                (**self).ping().await
+            fn ping<'life0, 'async_trait>(&'life0 self) -> Forwarded<'async_trait, ()>
+            where
+                'life0: 'async_trait,
+                Self: 'async_trait,
+            {
+                (**self).ping()
             }
         }
     };
