@@ -48,11 +48,18 @@ async fn shared_cluster() -> &'static RabbitCluster {
     })
 }
 
+/// Longest one broker operation of a conformance case may take.
+const CASE_OPERATION_TIMEOUT: Duration = Duration::from_secs(20);
+
 async fn subject(config: QueueConfig) -> QueueSubject {
     let cluster = shared_cluster().await;
     // Deletes the case's queues and exchange when the case ends.
     let guard = DeleteTopology::new(cluster.url(0), config.name.clone(), config.priority_levels);
-    let queue = AmqpQueue::connect(cluster_config(cluster, 0, config))
+    // The cases check meaning, not latency: three Erlang nodes share the
+    // machine with the rest of the suite, and a quorum queue's delete (a
+    // Raft round on every member) has taken over the default 5 s there.
+    let config = cluster_config(cluster, 0, config).operation_timeout(CASE_OPERATION_TIMEOUT);
+    let queue = AmqpQueue::connect(config)
         .await
         .expect("connect to the rabbitmq cluster");
     QueueSubject::new(queue).with_guard(guard)
