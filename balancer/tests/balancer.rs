@@ -5,6 +5,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -413,4 +414,32 @@ fn public_futures_are_send() {
         assert_send(&b);
         future.await.unwrap();
     });
+}
+
+/// Clones of a balancer over a static list, first used at once from
+/// several threads: none may see the list's end before its endpoints and
+/// fail with `NoEndpoints` (each clone's `poll_ready` races the one that
+/// drains the discovery stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clones_racing_the_first_discovery_all_find_endpoints() {
+    for round in 0..300 {
+        let (nodes, _) = nodes(2, Behavior::Ok(Duration::ZERO));
+        let config = BalancerConfig::default().policy(Policy::RoundRobin);
+        let b = balancer(&nodes, config);
+        let barrier = Arc::new(tokio::sync::Barrier::new(4));
+        let callers: Vec<_> = (0..4)
+            .map(|n| {
+                let mut b = b.clone();
+                let barrier = barrier.clone();
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    b.ready().await?.call(request(n)).await
+                })
+            })
+            .collect();
+        for caller in callers {
+            let answer = caller.await.unwrap();
+            assert!(answer.is_ok(), "round {round}: {answer:?}");
+        }
+    }
 }

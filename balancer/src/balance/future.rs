@@ -165,6 +165,11 @@ where
     T: Clone,
     Req: RequestExtensions + Send + 'static,
 {
+    if balancer.snapshot.states.is_empty() {
+        // Another clone may have published the first endpoints (and the
+        // stream's end) since this one's `poll_ready`.
+        balancer.refresh();
+    }
     let shared = &balancer.shared;
     let config = &shared.config;
     let common = &shared.common;

@@ -139,6 +139,7 @@ where
         let waker = control.waker.clone();
         let mut cx = Context::from_waker(&waker);
         let mut changes = Vec::new();
+        let mut ended = false;
         loop {
             match control.discover.as_mut().poll_next(&mut cx) {
                 Poll::Ready(Some(Ok(change))) => changes.push(change),
@@ -152,17 +153,26 @@ where
                 Poll::Ready(None) => {
                     tracing::debug!(balancer = %self.config.name, "discovery stream ended; the endpoint set is final");
                     control.ended = true;
-                    self.ended.store(true, Ordering::Release);
+                    ended = true;
                     break;
                 }
                 Poll::Pending => break,
             }
         }
-        if changes.is_empty() {
-            return;
+        if !changes.is_empty() {
+            self.publish(&mut control, changes);
         }
+        // Only once the final set is published: a caller that sees the
+        // stream ended must find its last endpoints in the snapshot.
+        if ended {
+            self.ended.store(true, Ordering::Release);
+        }
+    }
+
+    /// Applies `changes` and publishes the new endpoint set.
+    fn publish(&self, control: &mut Control<K, S>, changes: Vec<Change<K, S>>) {
         let current = self.snapshot.read().clone();
-        let next = self.apply(&mut control, &current, changes);
+        let next = self.apply(control, &current, changes);
         self.pick
             .endpoints_changed(&next.candidates(None, &self.common));
         self.common.metrics.endpoints.set(next.states.len() as f64);
