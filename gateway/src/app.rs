@@ -309,7 +309,9 @@ async fn submit_job(State(shared): State<Arc<Shared>>, request: Request) -> Resp
                 Some("/v1/embeddings" | "embeddings") => Route::Embeddings,
                 _ => {
                     return GatewayError::BadRequest(
-                        "`route` must be /v1/chat/completions, /v1/completions or /v1/embeddings"
+                        "POST /v1/jobs takes {\"route\": \"/v1/chat/completions\", \"body\": {…}}: \
+                         `route` (missing or unknown here) is /v1/chat/completions, \
+                         /v1/completions or /v1/embeddings, and `body` the request for it"
                             .into(),
                     )
                     .into_response();
@@ -318,8 +320,12 @@ async fn submit_job(State(shared): State<Arc<Shared>>, request: Request) -> Resp
             match envelope.get("body") {
                 Some(body) => (route, body.to_string()),
                 None => {
-                    return GatewayError::BadRequest("missing required field `body`".into())
-                        .into_response();
+                    return GatewayError::BadRequest(
+                        "POST /v1/jobs takes {\"route\": …, \"body\": {…}}: `body`, the \
+                         request for `route` (what you would send to that route), is missing"
+                            .into(),
+                    )
+                    .into_response();
                 }
             }
         }

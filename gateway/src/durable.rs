@@ -136,7 +136,10 @@ impl Durable {
         )
         .await
         {
-            return Err(GatewayError::keel(&err));
+            return Err(GatewayError::keel(&err).context(
+                "could not store the job's record in the result store, so nothing was queued; \
+                 send the job again",
+            ));
         }
         if let Err(err) = self
             .queue
@@ -146,7 +149,12 @@ impl Durable {
             if let Err(cleanup) = self.results.delete(&key_of(&id)).await {
                 tracing::warn!(%cleanup, job = %id, "could not remove the record of a job that was not queued");
             }
-            return Err(GatewayError::keel(&err));
+            // The queue may have taken the job all the same (a write no
+            // replica confirmed in time): name it, so the client can look.
+            return Err(GatewayError::keel(&err).context(&format!(
+                "job `{id}` was not confirmed queued; it may still run, and GET /v1/jobs/{id} \
+                 shows its result if it does"
+            )));
         }
         let body = serde_json::json!({"id": id, "object": "job", "status": "queued"});
         Ok((http::StatusCode::ACCEPTED, axum::Json(body)).into_response())

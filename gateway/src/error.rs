@@ -51,6 +51,18 @@ impl GatewayError {
         }
     }
 
+    /// The same error with `context` (what the gateway was doing, what the
+    /// client can do) before its message; the status is unchanged.
+    pub fn context(self, context: &str) -> Self {
+        match self {
+            GatewayError::Keel { kind, message } => GatewayError::Keel {
+                kind,
+                message: format!("{context}: {message}"),
+            },
+            other => other,
+        }
+    }
+
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {

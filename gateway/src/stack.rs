@@ -166,11 +166,18 @@ pub(crate) type SharedRedis = Option<std::convert::Infallible>;
 fn shared_redis(config: &GatewayConfig) -> Result<SharedRedis, ConfigError> {
     #[cfg(feature = "redis")]
     if let Some(redis) = config.redis_config() {
+        let shared = if redis.is_cluster() {
+            format!("a Redis Cluster ({} seed nodes)", redis.cluster_urls.len())
+        } else {
+            format!("one Redis server ({})", keel_core::redacted_url(&redis.url))
+        };
         let pool = keel_core::redis::RedisPool::new(redis)
             .map_err(|err| ConfigError::new(config.redis_field(), err.reason))?;
+        tracing::info!("shared state (limits, durable jobs, cache L2) on {shared}");
         return Ok(Some(pool));
     }
     let _ = config;
+    tracing::info!("no shared Redis: limits and the cache are this process's own");
     Ok(None)
 }
 

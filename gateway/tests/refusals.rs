@@ -67,7 +67,25 @@ async fn refusals_make_no_upstream_call() {
             400,
             "invalid_request",
         ),
+        // A job envelope without its route, or without the request.
+        (
+            client
+                .post(format!("{}/v1/jobs", setup.url))
+                .bearer_auth(KEY)
+                .json(&good),
+            400,
+            "invalid_request",
+        ),
+        (
+            client
+                .post(format!("{}/v1/jobs", setup.url))
+                .bearer_auth(KEY)
+                .json(&json!({"route": "/v1/chat/completions"})),
+            400,
+            "invalid_request",
+        ),
     ];
+    let mut jobs_refused = 0;
     for (request, status, code) in cases {
         let answer = request.send().await.unwrap();
         assert_eq!(answer.status(), status);
@@ -80,7 +98,21 @@ async fn refusals_make_no_upstream_call() {
                 .is_some_and(|m| !m.is_empty())
         );
         assert!(body["error"]["type"].is_string());
+        if body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("/v1/jobs"))
+        {
+            jobs_refused += 1;
+            // The refusal shows the envelope it wants.
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("\"route\"") && m.contains("\"body\"")),
+                "{body}"
+            );
+        }
     }
+    assert_eq!(jobs_refused, 2, "both job envelopes were refused as such");
     assert_eq!(
         total(&setup.nodes, |s| s.requests),
         0,

@@ -76,9 +76,14 @@ impl Tenant {
                 format!("tenant `{}`: weight must be above 0", self.name),
             ));
         }
-        if self.requests_per_minute == Some(0) || self.tokens_per_minute == Some(0) {
+        if let Some(field) = zero_limit(
+            self.requests_per_minute,
+            self.tokens_per_minute,
+            "tenants[].requests_per_minute",
+            "tenants[].tokens_per_minute",
+        ) {
             return Err(ConfigError::new(
-                "tenants[].requests_per_minute",
+                field,
                 format!(
                     "tenant `{}`: a limit of 0 admits nothing; leave it unset for no limit",
                     self.name
@@ -161,9 +166,14 @@ impl KeyConfig {
                 format!("keys[{index}] names unknown tenant `{}`", self.tenant),
             ));
         }
-        if self.requests_per_minute == Some(0) || self.tokens_per_minute == Some(0) {
+        if let Some(field) = zero_limit(
+            self.requests_per_minute,
+            self.tokens_per_minute,
+            "keys[].requests_per_minute",
+            "keys[].tokens_per_minute",
+        ) {
             return Err(ConfigError::new(
-                "keys[].requests_per_minute",
+                field,
                 format!("keys[{index}]: a limit of 0 admits nothing; leave it unset for no limit"),
             ));
         }
@@ -184,4 +194,20 @@ pub fn hash_key(key: &str) -> String {
         .iter()
         .map(|byte| format!("{byte:02x}"))
         .collect()
+}
+
+/// The field of a limit set to 0 (which would admit nothing), if any.
+fn zero_limit(
+    requests: Option<u32>,
+    tokens: Option<u64>,
+    requests_field: &'static str,
+    tokens_field: &'static str,
+) -> Option<&'static str> {
+    if requests == Some(0) {
+        Some(requests_field)
+    } else if tokens == Some(0) {
+        Some(tokens_field)
+    } else {
+        None
+    }
 }

@@ -50,7 +50,7 @@ fn bad_fields_are_named() {
         (GOOD.replace("9f86d0", "zz86d0"), "keys[].sha256"),
         (
             GOOD.replace("tokens_per_minute = 1000", "tokens_per_minute = 0"),
-            "tenants[].requests_per_minute",
+            "tenants[].tokens_per_minute",
         ),
     ];
     for (text, field) in cases {
