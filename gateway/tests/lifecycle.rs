@@ -29,7 +29,13 @@ async fn load(url: &str, run: Duration) -> (u64, u64) {
                 while Instant::now() < stop {
                     match chat(&url).send().await.map(|r| r.status().as_u16()) {
                         Ok(200) => ok += 1,
-                        _ => failed += 1,
+                        other => {
+                            // The first few, so a failed bound says why.
+                            if failed < 3 {
+                                eprintln!("a caller's request failed: {other:?}");
+                            }
+                            failed += 1;
+                        }
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
