@@ -165,11 +165,6 @@ where
     T: Clone,
     Req: RequestExtensions + Send + 'static,
 {
-    if balancer.snapshot.states.is_empty() {
-        // Another clone may have published the first endpoints (and the
-        // stream's end) since this one's `poll_ready`.
-        balancer.refresh();
-    }
     let shared = &balancer.shared;
     let config = &shared.config;
     let common = &shared.common;
@@ -211,9 +206,14 @@ where
                 completion: balancer.completion.clone(),
             }
         }
-        Acquired::Empty if !empty_fleet || shared.ended.load(Ordering::Acquire) => {
+        Acquired::Empty
+            if !empty_fleet
+                || (shared.ended.load(Ordering::Acquire) && shared.current().states.is_empty()) =>
+        {
             // Every endpoint is avoided, or discovery ended empty: waiting
-            // cannot help.
+            // cannot help. (This handle's set may predate the final one,
+            // which another clone published since its `poll_ready`: then
+            // the wait below picks from the shared set.)
             common.metrics.no_endpoints.increment(1);
             balancer.failed(BalancerError::NoEndpoints)
         }
