@@ -104,8 +104,12 @@ impl moka::Expiry<String, Stored> for PerEntryTtl {
     }
 }
 
-/// An in-process cache on [moka](https://docs.rs/moka)'s future cache, with
-/// capacity bounded by size (bytes of keys and values) and a TTL per entry.
+/// An in-process cache on [moka](https://docs.rs/moka)'s synchronous cache
+/// (a `get` is a plain call, no future to build and poll; keys hash with
+/// seeded foldhash), with capacity bounded by size (bytes of keys and
+/// values) and a TTL per entry. moka runs its housekeeping on the calling
+/// thread; a write that finds moka's write log full waits on the thread
+/// (moka retries every few microseconds).
 ///
 /// Cloning is cheap and clones share the entries; separate `MokaCache`s never
 /// share anything ([`CacheCapabilities::shared`] is `false`). moka keeps its
@@ -125,7 +129,7 @@ impl moka::Expiry<String, Stored> for PerEntryTtl {
 /// ```
 #[derive(Clone)]
 pub struct MokaCache {
-    inner: moka::future::Cache<String, Stored>,
+    inner: moka::sync::Cache<String, Stored, foldhash::quality::RandomState>,
     config: MokaCacheConfig,
 }
 
@@ -148,11 +152,11 @@ impl MokaCache {
     /// a bad field.
     pub fn new(config: MokaCacheConfig) -> Result<Self> {
         config.validate()?;
-        let inner = moka::future::Cache::builder()
+        let inner = moka::sync::Cache::builder()
             .max_capacity(config.max_capacity_bytes)
             .weigher(|key: &String, stored: &Stored| weight(key, stored.value.len()))
             .expire_after(PerEntryTtl)
-            .build();
+            .build_with_hasher(foldhash::quality::RandomState::default());
         Ok(MokaCache { inner, config })
     }
 
@@ -170,19 +174,17 @@ impl MokaCache {
 #[async_trait]
 impl Cache for MokaCache {
     async fn get(&self, key: &str) -> Result<Option<Bytes>> {
-        Ok(self.inner.get(key).await.map(|stored| stored.value))
+        Ok(self.inner.get(key).map(|stored| stored.value))
     }
 
     async fn set(&self, key: &str, value: Bytes, ttl: Duration) -> Result<()> {
         let ttl = normalize_ttl(ttl)?;
-        self.inner
-            .insert(key.to_owned(), Stored { value, ttl })
-            .await;
+        self.inner.insert(key.to_owned(), Stored { value, ttl });
         Ok(())
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
-        self.inner.invalidate(key).await;
+        self.inner.invalidate(key);
         Ok(())
     }
 
@@ -216,7 +218,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        cache.inner.run_pending_tasks().await;
+        cache.inner.run_pending_tasks();
         assert!(
             cache.weighted_size() <= 64 * 1024,
             "holds {} bytes over a 64 KiB capacity",
