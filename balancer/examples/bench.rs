@@ -51,6 +51,7 @@ use clap::Parser;
 use keel_balancer::{
     AffinityKey, Balancer, HashConfig, Policy, PrefixConfig, Prompt, RequestExtensions,
 };
+use keel_testkit::{bench_runtime, thread_list};
 use tokio::time::Instant;
 use tower::buffer::Buffer;
 use tower::discover::ServiceList;
@@ -352,19 +353,11 @@ fn main() {
         "16 in-process endpoints, {requests} requests per task per run, ready + call + await; \
          threads {}: N tasks on N worker threads share one balancer \
          (keel: a clone per task; tower: owned at 1, behind a Buffer above 1)",
-        counts
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
+        thread_list(&counts)
     );
     let mut last = None;
     for &n in &counts {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let runtime = bench_runtime(Some(n));
         let label = format!("threads {n} ");
         let best = runtime.block_on(rows(&args, Drivers::Tasks(n), &label));
         let held = Tower::for_drivers(Drivers::Tasks(n));

@@ -39,6 +39,7 @@ use clap::Parser;
 use keel_cache::{
     Cache, MokaCache, MokaCacheConfig, RedisCache, RedisCacheConfig, Tiered, TieredConfig,
 };
+use keel_testkit::{bench_runtime, thread_list};
 use tokio::time::Instant;
 
 #[derive(Debug, Parser)]
@@ -361,17 +362,9 @@ async fn cleanup(url: &str, prefix: &str) {
     }
 }
 
-fn runtime(threads: usize) -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 fn main() {
     let args = Args::parse();
-    let url = runtime(1).block_on(keel_testkit::require_redis());
+    let url = bench_runtime(Some(1)).block_on(keel_testkit::require_redis());
     // (worker threads, concurrent readers) per L1 measurement.
     let counts: Vec<(usize, usize)> = if args.threads.is_empty() {
         vec![(2, 1)]
@@ -386,19 +379,15 @@ fn main() {
         args.l2_ops,
         args.stampede,
         args.runs,
-        counts
-            .iter()
-            .map(|(n, _)| n.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
+        thread_list(counts.iter().map(|(n, _)| n))
     );
     let mut l1_ratio = 0.0;
     for &(threads, tasks) in &counts {
         let label = threads.to_string();
-        l1_ratio = runtime(threads).block_on(l1(&args, tasks, &label));
+        l1_ratio = bench_runtime(Some(threads)).block_on(l1(&args, tasks, &label));
         println!("threads {label}: median l1 ratio {l1_ratio:.3}");
     }
-    let rt = runtime(counts.last().map_or(2, |&(n, _)| n));
+    let rt = bench_runtime(Some(counts.last().map_or(2, |&(n, _)| n)));
     rt.block_on(async {
         let prefix = format!("keel-bench-cache-{}:", std::process::id());
         let l2_ratio = l2(&args, &url, &prefix).await;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use keel_gateway::fake_node::{FakeNode, FakeNodeConfig};
 use keel_testkit::{Namespace, RedisCluster};
-use support::{GatewayProcess, KEY, MODEL, total};
+use support::{GatewayProcess, KEY, total};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_share_one_token_limit_on_a_redis_cluster() {
@@ -31,18 +31,10 @@ async fn two_gateways_share_one_token_limit_on_a_redis_cluster() {
     .expect("bounded in time");
 }
 
-/// A deterministic chat request (`temperature` 0) for `prompt`.
+/// [`support::deterministic_chat`] with [`KEY`], bounded to 10 s.
 fn deterministic(url: &str, prompt: &str) -> reqwest::RequestBuilder {
-    reqwest::Client::new()
-        .post(format!("{url}/v1/chat/completions"))
-        .bearer_auth(KEY)
+    support::deterministic_chat(&reqwest::Client::new(), url, KEY, prompt)
         .timeout(Duration::from_secs(10))
-        .json(&serde_json::json!({
-            "model": MODEL,
-            "temperature": 0,
-            "max_tokens": 4,
-            "messages": [{"role": "user", "content": prompt}],
-        }))
 }
 
 /// Sends `request` and returns its status, its `x-keel-cache` header and

@@ -27,7 +27,7 @@ use std::time::Duration;
 use keel_gateway::GatewayConfig;
 use keel_gateway::config::{DurableBackend, KeyConfig, ModelConfig, Tenant};
 use keel_gateway::fake_node::{FakeNode, FakeNodeConfig};
-use keel_testkit::RedisCluster;
+use keel_testkit::{Failover, RedisCluster};
 use support::{GatewayProcess, MODEL, WorkerChild, metric, total};
 use tokio::time::Instant;
 
@@ -138,19 +138,9 @@ async fn produce(url: String, producer: usize, until: Instant) -> Produced {
     seen
 }
 
-/// A deterministic chat request (`temperature` 0) for `prompt`, which the
-/// gateway's cache answers when it can.
+/// [`support::deterministic_chat`] as a cache reader, bounded to 30 s.
 fn deterministic(client: &reqwest::Client, url: &str, prompt: &str) -> reqwest::RequestBuilder {
-    client
-        .post(format!("{url}/v1/chat/completions"))
-        .bearer_auth(READER_KEY)
-        .timeout(Duration::from_secs(30))
-        .json(&serde_json::json!({
-            "model": MODEL,
-            "temperature": 0,
-            "max_tokens": 4,
-            "messages": [{"role": "user", "content": prompt}],
-        }))
+    support::deterministic_chat(client, url, READER_KEY, prompt).timeout(Duration::from_secs(30))
 }
 
 /// Sends deterministic requests until `until`, one every 20 ms, switching
@@ -317,24 +307,16 @@ async fn failover() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let runs_at_kill = total(&job_nodes, |s| s.completed);
-    cluster.kill(victim);
-    let killed = Instant::now();
-    cluster
-        .wait_healthy(FAILOVER_WITHIN)
+    // Until the old master rejoins (as a replica of the promoted one),
+    // every replica-acked enqueue is refused.
+    let Failover {
+        killed_at: killed,
+        promoted_at: promoted,
+        rejoined_at: whole,
+    } = cluster
+        .fail_over(victim, FAILOVER_WITHIN)
         .await
-        .expect("a replica takes over");
-    let promoted = Instant::now();
-    // The promoted replica has no replica until the old master rejoins as
-    // one: until then every replica-acked enqueue is refused.
-    cluster
-        .restart(victim)
-        .await
-        .expect("restart the old master");
-    cluster
-        .wait_healthy(FAILOVER_WITHIN)
-        .await
-        .expect("the old master rejoins as a replica");
-    let whole = Instant::now();
+        .expect("a replica takes over and the old master rejoins");
     assert_ne!(
         master_of(&cluster, &format!("keel:{{{QUEUE}}}:delayed")).await,
         victim,

@@ -33,6 +33,7 @@ use clap::Parser;
 use keel_health::{
     Endpoint, FailureKind, Health, HealthConfig, Outcome, OutlierConfig, OutlierLayer, Recorder,
 };
+use keel_testkit::{bench_runtime, thread_list};
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
@@ -200,19 +201,11 @@ fn main() {
         args.ops,
         args.endpoints,
         args.runs,
-        counts
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
+        thread_list(&counts)
     );
     let mut last = None;
     for &threads in &counts {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let runtime = bench_runtime(Some(threads));
         let (health, record, baseline) = runtime.block_on(measure(&args, threads));
         println!(
             "threads {threads}: record {record:.1} ns/outcome, baseline {baseline:.1} ns/increment, ratio {:.2}",

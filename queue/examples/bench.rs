@@ -34,6 +34,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::Parser;
 use keel_queue::{DequeueOptions, Job, MemoryQueue, Priority, Queue, QueueConfig};
+use keel_testkit::{bench_runtime, thread_list};
 use tokio::time::Instant;
 
 #[cfg(feature = "amqp")]
@@ -593,14 +594,6 @@ async fn measure(args: &Args) -> Result<(f64, f64), String> {
     Ok((best_keel, best_raw))
 }
 
-fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, String> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = threads {
-        builder.worker_threads(threads.max(1));
-    }
-    builder.enable_all().build().map_err(|e| e.to_string())
-}
-
 /// One side alone, for profiling (`--only`).
 async fn only(args: &Args, side: &str, label: &str) -> Result<(), String> {
     if args.backend != "memory" {
@@ -631,7 +624,7 @@ fn main() -> Result<(), String> {
     let label = |n: Option<usize>| n.map_or_else(|| "default".to_owned(), |n| n.to_string());
     if let Some(side) = &args.only {
         for &n in &counts {
-            runtime(n)?.block_on(only(&args, side, &label(n)))?;
+            bench_runtime(n).block_on(only(&args, side, &label(n)))?;
         }
         return Ok(());
     }
@@ -644,15 +637,11 @@ fn main() -> Result<(), String> {
         args.priorities,
         args.capacity
             .map_or("unbounded".to_owned(), |c| c.to_string()),
-        counts
-            .iter()
-            .map(|&n| label(n))
-            .collect::<Vec<_>>()
-            .join(",")
+        thread_list(counts.iter().map(|&n| label(n)))
     );
     let mut last = (0.0, 0.0);
     for &n in &counts {
-        let (keel, raw) = runtime(n)?.block_on(measure(&args))?;
+        let (keel, raw) = bench_runtime(n).block_on(measure(&args))?;
         println!(
             "threads {}: keel {keel:.0} jobs/s, raw {raw:.0} jobs/s, ratio {:.3}",
             label(n),

@@ -33,6 +33,7 @@ use std::future::{Ready, ready};
 
 use clap::Parser;
 use keel_scheduler::{Scheduler, SchedulerConfig, TenantId, Ticket};
+use keel_testkit::{bench_runtime, thread_list};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tower::{Service, ServiceExt};
@@ -155,14 +156,6 @@ async fn mpsc_hand_off(args: &Args) -> f64 {
     rate
 }
 
-fn runtime(threads: Option<usize>) -> tokio::runtime::Runtime {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = threads {
-        builder.worker_threads(threads);
-    }
-    builder.enable_all().build().expect("runtime")
-}
-
 /// The best rates of one thread count so far.
 #[derive(Default, Clone, Copy)]
 struct Best {
@@ -178,7 +171,7 @@ fn main() {
         args.threads.iter().map(|&n| Some(n.max(1))).collect()
     };
     let label = |n: Option<usize>| n.map_or_else(|| "default".to_owned(), |n| n.to_string());
-    let runtimes: Vec<_> = counts.iter().map(|&n| runtime(n)).collect();
+    let runtimes: Vec<_> = counts.iter().map(|&n| bench_runtime(n)).collect();
     if let Some(side) = &args.only {
         for (rt, &n) in runtimes.iter().zip(&counts) {
             rt.block_on(async {
@@ -199,11 +192,7 @@ fn main() {
         args.items,
         args.submitters,
         args.tenants,
-        counts
-            .iter()
-            .map(|&n| label(n))
-            .collect::<Vec<_>>()
-            .join(",")
+        thread_list(counts.iter().map(|&n| label(n)))
     );
     let warm = Args {
         items: args.items / 4,

@@ -97,12 +97,12 @@ pub use proxy::{Direction, FaultProxy, Latency};
 #[cfg(feature = "amqp")]
 pub use rabbit_cluster::RabbitCluster;
 #[cfg(feature = "redis")]
-pub use redis_cluster::{RedisCluster, assert_replicated, set_marked};
+pub use redis_cluster::{Failover, RedisCluster, assert_replicated, set_marked};
 #[cfg(feature = "redis")]
 pub use redis_reply::redis_error_reply;
 #[cfg(feature = "redis")]
 pub use redis_server::RedisServer;
-pub use runtime::paused_runtime;
+pub use runtime::{bench_runtime, paused_runtime, thread_list};
 #[cfg(feature = "amqp")]
 pub use servers::require_amqp;
 #[cfg(feature = "redis")]

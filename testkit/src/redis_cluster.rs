@@ -32,6 +32,17 @@ const QUERY_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often [`RedisCluster::wait_healthy`] asks again.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
+/// When the steps of [`RedisCluster::fail_over`] ended.
+#[derive(Clone, Copy, Debug)]
+pub struct Failover {
+    /// The master was killed.
+    pub killed_at: Instant,
+    /// Its replica was promoted and every node agreed.
+    pub promoted_at: Instant,
+    /// The old master had rejoined (as a replica) and every node agreed.
+    pub rejoined_at: Instant,
+}
+
 /// A local Redis Cluster of its own: 3 masters and 3 replicas on free
 /// ports of `127.0.0.1`, each node with `--cluster-enabled yes`,
 /// `--appendonly yes` and its `nodes.conf` in its own temporary directory.
@@ -242,6 +253,40 @@ impl RedisCluster {
     /// As for [`RedisServer::restart`].
     pub async fn restart(&mut self, index: usize) -> io::Result<()> {
         self.nodes[index].restart().await
+    }
+
+    /// A whole failover of master `index`: kills it, waits (up to `within`)
+    /// until its replica is promoted and the cluster agrees, restarts it and
+    /// waits (up to `within` again) until it has rejoined as a replica of
+    /// the promoted node. Answers when each step ended, for tests that
+    /// judge what clients saw in each phase.
+    ///
+    /// # Errors
+    ///
+    /// As for [`wait_healthy`](Self::wait_healthy) and
+    /// [`restart`](Self::restart), with what failed.
+    ///
+    /// # Panics
+    ///
+    /// If `index` is not below [`len`](Self::len).
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: a cancelled call may leave the node killed.
+    pub async fn fail_over(&mut self, index: usize, within: Duration) -> io::Result<Failover> {
+        self.kill(index);
+        let killed_at = Instant::now();
+        self.wait_healthy(within).await?;
+        let promoted_at = Instant::now();
+        // The promoted replica has no replica of its own until the old
+        // master rejoins as one.
+        self.restart(index).await?;
+        self.wait_healthy(within).await?;
+        Ok(Failover {
+            killed_at,
+            promoted_at,
+            rejoined_at: Instant::now(),
+        })
     }
 
     /// The index of the node that is master for `key`'s slot, as the first

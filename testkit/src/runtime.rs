@@ -1,4 +1,4 @@
-//! A runtime for synchronous tests that drive Tokio's clock.
+//! Tokio runtimes for tests (paused time) and benches (one per thread count).
 
 /// A current-thread Tokio runtime whose clock starts paused, so sleeps and
 /// timeouts auto-advance and a run is deterministic. For tests that cannot
@@ -26,4 +26,42 @@ pub fn paused_runtime() -> tokio::runtime::Runtime {
         .start_paused(true)
         .build()
         .expect("a current-thread runtime with paused time builds")
+}
+
+/// The multi-thread runtime a bench measures one thread count on:
+/// `threads` worker threads (at least one), or Tokio's default (one per
+/// core) for `None`. Every `--threads` bench of the workspace builds its
+/// runtimes here.
+///
+/// ```
+/// let runtime = keel_testkit::bench_runtime(Some(2));
+/// assert_eq!(runtime.metrics().num_workers(), 2);
+/// ```
+///
+/// # Panics
+///
+/// If the runtime cannot be built.
+#[must_use]
+pub fn bench_runtime(threads: Option<usize>) -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads.max(1));
+    }
+    builder
+        .enable_all()
+        .build()
+        .expect("a multi-thread runtime builds")
+}
+
+/// A bench's `--threads` list as it prints it: `1,2,4`.
+///
+/// ```
+/// assert_eq!(keel_testkit::thread_list([1, 2, 4]), "1,2,4");
+/// ```
+pub fn thread_list<T: std::fmt::Display>(counts: impl IntoIterator<Item = T>) -> String {
+    counts
+        .into_iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }

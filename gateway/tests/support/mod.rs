@@ -328,6 +328,26 @@ pub fn chat(url: &str, max_tokens: u32, stream: bool) -> reqwest::RequestBuilder
     chat_as(url, KEY, max_tokens, stream)
 }
 
+/// A deterministic chat request (`temperature` 0, 4 tokens) for `prompt`
+/// with key `key` on `client`, which the gateway's cache answers when it
+/// can.
+pub fn deterministic_chat(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    prompt: &str,
+) -> reqwest::RequestBuilder {
+    client
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&serde_json::json!({
+            "model": MODEL,
+            "temperature": 0,
+            "max_tokens": 4,
+            "messages": [{"role": "user", "content": prompt}],
+        }))
+}
+
 /// What callers pressing on one token limit saw.
 #[derive(Debug, Default)]
 pub struct LimitRun {
